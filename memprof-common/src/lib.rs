@@ -1,0 +1,246 @@
+//! Wire types shared by the kernel programs and the agent.
+//!
+//! Every record in the `EVENTS` ring buffer starts with an [`EventHeader`]. The header carries
+//! [`EVENT_VERSION`] and a [`EventKind`] value; the agent checks both and the record length before
+//! reading the body, so a kernel object and an agent from different builds fail loudly instead of
+//! misreading bytes. All types are `#[repr(C)]` with fixed-width fields and explicit padding: no
+//! `usize`, no pointers, no Rust enums cross the boundary.
+#![no_std]
+
+/// Version of the ring-buffer record layout. Bump on any change to the types below.
+pub const EVENT_VERSION: u16 = 1;
+
+/// Maximum number of frames the kernel records per user stack (the kernel's
+/// `PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// Default size of the `EVENTS` ring buffer in bytes (a power of two, as the kernel requires).
+pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
+
+/// Default number of distinct user stacks the `STACKS` map holds.
+pub const DEFAULT_STACK_ENTRIES: u32 = 32 * 1024;
+
+/// Default number of threads that can be inside an allocator call at once.
+pub const DEFAULT_INFLIGHT_ENTRIES: u32 = 16 * 1024;
+
+/// Stack id recorded when the kernel could not capture the stack (see [`Counter::StackLost`]).
+pub const NO_STACK: i32 = -1;
+
+/// What a ring-buffer record describes. Stable values: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum EventKind {
+    /// A successful allocation: [`AllocEvent`].
+    Alloc = 1,
+    /// A release of a block: [`FreeEvent`].
+    Free = 2,
+    /// A `realloc` whose block was announced as freed at entry failed, so the block lives on:
+    /// [`FreeEvent`] carrying the old address.
+    ReallocFailed = 3,
+    /// An anonymous mapping was created outside any allocator call: [`AllocEvent`].
+    Mmap = 4,
+    /// A range was unmapped outside any allocator call: [`UnmapEvent`].
+    Munmap = 5,
+    /// A mapping was moved or resized outside any allocator call: [`RemapEvent`].
+    Mremap = 6,
+    /// An executable file mapping appeared (a library was loaded); the agent refreshes its view of
+    /// the address space: header only.
+    ExecMap = 7,
+}
+
+impl EventKind {
+    /// Decodes a wire value; `None` for values this build does not know.
+    pub const fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::Alloc,
+            2 => Self::Free,
+            3 => Self::ReallocFailed,
+            4 => Self::Mmap,
+            5 => Self::Munmap,
+            6 => Self::Mremap,
+            7 => Self::ExecMap,
+            _ => return None,
+        })
+    }
+}
+
+/// The allocator entry point behind an event. Stable values: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum AllocFn {
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    Reallocarray = 4,
+    Free = 5,
+    PosixMemalign = 6,
+    AlignedAlloc = 7,
+    Memalign = 8,
+    Valloc = 9,
+    Pvalloc = 10,
+    Mmap = 11,
+    Munmap = 12,
+    Mremap = 13,
+}
+
+impl AllocFn {
+    /// Every entry point, in wire order.
+    pub const ALL: [Self; 13] = [
+        Self::Malloc,
+        Self::Calloc,
+        Self::Realloc,
+        Self::Reallocarray,
+        Self::Free,
+        Self::PosixMemalign,
+        Self::AlignedAlloc,
+        Self::Memalign,
+        Self::Valloc,
+        Self::Pvalloc,
+        Self::Mmap,
+        Self::Munmap,
+        Self::Mremap,
+    ];
+
+    /// Decodes a wire value; `None` for values this build does not know.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        if v == 0 || v as usize > Self::ALL.len() {
+            return None;
+        }
+        Some(Self::ALL[v as usize - 1])
+    }
+
+    /// The C name of the function.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Malloc => "malloc",
+            Self::Calloc => "calloc",
+            Self::Realloc => "realloc",
+            Self::Reallocarray => "reallocarray",
+            Self::Free => "free",
+            Self::PosixMemalign => "posix_memalign",
+            Self::AlignedAlloc => "aligned_alloc",
+            Self::Memalign => "memalign",
+            Self::Valloc => "valloc",
+            Self::Pvalloc => "pvalloc",
+            Self::Mmap => "mmap",
+            Self::Munmap => "munmap",
+            Self::Mremap => "mremap",
+        }
+    }
+}
+
+/// Counters the kernel programs keep in the per-CPU `COUNTERS` array. Stable indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Counter {
+    /// Events dropped because the ring buffer was full.
+    RingFull = 0,
+    /// Allocations whose stack could not be stored (map full, hash collision, fault).
+    StackLost = 1,
+    /// Allocator calls not traced because the in-flight map was full.
+    InflightFull = 2,
+    /// Allocator returns with no matching entry state (probe attached mid-call).
+    OrphanReturn = 3,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// First bytes of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// [`EVENT_VERSION`] of the producer.
+    pub version: u16,
+    /// An [`EventKind`] value.
+    pub kind: u16,
+    /// Process id (thread group id).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// An [`AllocFn`] value: the entry point that produced the record.
+    pub func: u32,
+    /// `bpf_ktime_get_ns()` when the record was produced (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+}
+
+/// A block came into existence (`EventKind::Alloc`, `EventKind::Mmap`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocEvent {
+    pub header: EventHeader,
+    /// Start address of the block.
+    pub addr: u64,
+    /// Requested size in bytes (calloc: nmemb * size).
+    pub size: u64,
+    /// Id in the `STACKS` map, or [`NO_STACK`].
+    pub stack_id: i32,
+    pub _pad: u32,
+}
+
+/// A block was released (`EventKind::Free`, `EventKind::ReallocFailed`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeEvent {
+    pub header: EventHeader,
+    pub addr: u64,
+}
+
+/// A range was unmapped (`EventKind::Munmap`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnmapEvent {
+    pub header: EventHeader,
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// A mapping moved or changed size (`EventKind::Mremap`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemapEvent {
+    pub header: EventHeader,
+    pub old_addr: u64,
+    pub old_len: u64,
+    pub new_addr: u64,
+    pub new_len: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), made of integers, with explicit padding.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::AllocEvent {}
+    unsafe impl aya::Pod for super::FreeEvent {}
+    unsafe impl aya::Pod for super::UnmapEvent {}
+    unsafe impl aya::Pod for super::RemapEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(size_of::<EventHeader>(), 24);
+        assert_eq!(size_of::<AllocEvent>(), 48);
+        assert_eq!(size_of::<FreeEvent>(), 32);
+        assert_eq!(size_of::<UnmapEvent>(), 40);
+        assert_eq!(size_of::<RemapEvent>(), 56);
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        for f in AllocFn::ALL {
+            assert_eq!(AllocFn::from_u32(f as u32), Some(f));
+        }
+        assert_eq!(AllocFn::from_u32(0), None);
+        assert_eq!(AllocFn::from_u32(14), None);
+        for k in 1..=7 {
+            assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
+        }
+        assert_eq!(EventKind::from_u16(8), None);
+    }
+}

@@ -1,0 +1,408 @@
+//! Kernel programs: uprobes on the target's allocator entry points and uretprobes on their
+//! returns, which turn calls into ring-buffer records (see `memprof_common`).
+//!
+//! Per-thread entry state lives in `INFLIGHT`, keyed by `pid_tgid`. The outermost allocator call
+//! on a thread owns the bytes: a call made while another one is in flight on the same thread
+//! (glibc's `posix_memalign` calling `malloc`, `malloc` calling `mmap`, `reallocarray` calling
+//! `realloc`) only bumps a depth counter, so nothing is counted twice. Return probes must be
+//! attached before entry probes (the agent does so) or an entry without its return would leave
+//! the thread marked as in flight.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
+};
+use memprof_common::{
+    AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
+    DEFAULT_STACK_ENTRIES, EVENT_VERSION, EventHeader, EventKind, FreeEvent, NO_STACK, RemapEvent,
+    UnmapEvent,
+};
+
+/// Process the programs report on; set by the agent at load time.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_ENTRIES, 0);
+
+#[map]
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Arguments of an allocator call in flight on one thread.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Inflight {
+    /// `AllocFn` of the outermost call.
+    func: u32,
+    /// Number of nested allocator calls currently inside the outermost one.
+    depth: u32,
+    /// Requested size (mmap/mremap: length; mremap: new length).
+    size: u64,
+    /// realloc: the old block; posix_memalign: the out pointer; mmap: flags; mremap: old address.
+    arg: u64,
+    /// mremap: old length.
+    arg2: u64,
+}
+
+const MAP_ANONYMOUS: u64 = 0x20;
+const PROT_EXEC: u64 = 0x4;
+const MAP_FAILED: u64 = u64::MAX;
+
+#[inline(always)]
+fn target() -> u32 {
+    // SAFETY: a read of a global the loader patches; volatile so it is not folded to 0.
+    unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, func: u32, id: u64) -> EventHeader {
+    EventHeader {
+        version: EVENT_VERSION,
+        kind: kind as u16,
+        tgid: (id >> 32) as u32,
+        tid: id as u32,
+        func,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+#[inline(always)]
+fn emit<T: 'static>(event: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(0);
+        }
+        None => count(Counter::RingFull),
+    }
+}
+
+/// The calling thread's `pid_tgid` if it belongs to the target process.
+#[inline(always)]
+fn traced_thread() -> Option<u64> {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32 == target()).then_some(id)
+}
+
+/// Records the arguments of an allocator call, or bumps the depth of the call already in flight.
+#[inline(always)]
+fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
+    let id = traced_thread()?;
+    if let Some(state) = INFLIGHT.get_ptr_mut(id) {
+        // SAFETY: the entry belongs to this thread; only this thread touches it.
+        unsafe { (*state).depth += 1 };
+        return None;
+    }
+    let state = Inflight {
+        func: func as u32,
+        depth: 0,
+        size,
+        arg,
+        arg2,
+    };
+    if INFLIGHT.insert(id, state, BPF_NOEXIST as u64).is_err() {
+        count(Counter::InflightFull);
+        return None;
+    }
+    Some(id)
+}
+
+/// Ends the calling thread's allocator call; returns its state when it was the outermost one.
+#[inline(always)]
+fn leave() -> Option<(u64, Inflight)> {
+    let id = traced_thread()?;
+    let Some(state) = INFLIGHT.get_ptr_mut(id) else {
+        count(Counter::OrphanReturn);
+        return None;
+    };
+    // SAFETY: the entry belongs to this thread; only this thread touches it.
+    let state = unsafe {
+        if (*state).depth > 0 {
+            (*state).depth -= 1;
+            return None;
+        }
+        *state
+    };
+    let _ = INFLIGHT.remove(id);
+    Some((id, state))
+}
+
+/// Whether the calling thread is inside a traced allocator call.
+#[inline(always)]
+fn in_flight(id: u64) -> bool {
+    INFLIGHT.get_ptr(id).is_some()
+}
+
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C) -> i32 {
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as i32,
+        Err(_) => {
+            count(Counter::StackLost);
+            NO_STACK
+        }
+    }
+}
+
+#[inline(always)]
+fn emit_alloc(
+    ctx: &RetProbeContext,
+    kind: EventKind,
+    func: u32,
+    id: u64,
+    addr: u64,
+    size: u64,
+) {
+    let stack_id = stack_id(ctx);
+    emit(AllocEvent {
+        header: header(kind, func, id),
+        addr,
+        size,
+        stack_id,
+        _pad: 0,
+    });
+}
+
+#[inline(always)]
+fn emit_free(kind: EventKind, func: u32, id: u64, addr: u64) {
+    emit(FreeEvent {
+        header: header(kind, func, id),
+        addr,
+    });
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+// ---- entry probes: one line each over `enter` ----
+
+#[uprobe]
+pub fn malloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Malloc, arg(&ctx, 0), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn valloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Valloc, arg(&ctx, 0), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn pvalloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Pvalloc, arg(&ctx, 0), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn calloc_entry(ctx: ProbeContext) -> u32 {
+    enter(
+        AllocFn::Calloc,
+        arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)),
+        0,
+        0,
+    );
+    0
+}
+
+#[uprobe]
+pub fn memalign_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Memalign, arg(&ctx, 1), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::AlignedAlloc, arg(&ctx, 1), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0), 0);
+    0
+}
+
+#[uprobe]
+pub fn realloc_entry(ctx: ProbeContext) -> u32 {
+    realloc_common(AllocFn::Realloc, arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+#[uprobe]
+pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
+    let (nmemb, size) = (arg(&ctx, 1), arg(&ctx, 2));
+    // On overflow the call fails without touching the block; size 0 would mean "free".
+    // No `checked_mul` (nor a division check, which LLVM folds back into one): both lower to a
+    // 128-bit multiply the BPF backend lacks. A factor of 2^32 or more with a nonzero other
+    // factor cannot be satisfied by any allocator, so it is reported as the largest size.
+    let total = if nmemb == 0 || size == 0 {
+        0
+    } else if nmemb >> 32 != 0 || size >> 32 != 0 {
+        u64::MAX
+    } else {
+        nmemb * size
+    };
+    realloc_common(AllocFn::Reallocarray, arg(&ctx, 0), total);
+    0
+}
+
+/// realloc(p, n) = free(p) + alloc(n). The free is announced at entry, before the allocator can
+/// hand the block to another thread; a failed call is reported back as `ReallocFailed`.
+#[inline(always)]
+fn realloc_common(func: AllocFn, old: u64, size: u64) {
+    if let Some(id) = enter(func, size, old, 0)
+        && old != 0
+    {
+        emit_free(EventKind::Free, func as u32, id, old);
+    }
+}
+
+#[uprobe]
+pub fn mmap_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Mmap, arg(&ctx, 1), arg(&ctx, 3), 0);
+    0
+}
+
+#[uprobe]
+pub fn mremap_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Mremap, arg(&ctx, 2), arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+/// `free` has no return probe: the block is released at entry, unless the call is made by an
+/// allocator in flight on this thread (which owns the accounting).
+#[uprobe]
+pub fn free_entry(ctx: ProbeContext) -> u32 {
+    let addr = arg(&ctx, 0);
+    if addr == 0 {
+        return 0;
+    }
+    if let Some(id) = traced_thread()
+        && !in_flight(id)
+    {
+        emit_free(EventKind::Free, AllocFn::Free as u32, id, addr);
+    }
+    0
+}
+
+#[uprobe]
+pub fn munmap_entry(ctx: ProbeContext) -> u32 {
+    if let Some(id) = traced_thread()
+        && !in_flight(id)
+    {
+        emit(UnmapEvent {
+            header: header(EventKind::Munmap, AllocFn::Munmap as u32, id),
+            addr: arg(&ctx, 0),
+            len: arg(&ctx, 1),
+        });
+    }
+    0
+}
+
+// ---- the one return probe shared by every allocator ----
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let Some((id, state)) = leave() else {
+        return 0;
+    };
+    let ret: u64 = ctx.ret();
+    // Match on the raw value: `AllocFn::from_u32` has a bounds check whose panic path the
+    // verifier rejects.
+    const REALLOC: u32 = AllocFn::Realloc as u32;
+    const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
+    const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
+    const MMAP: u32 = AllocFn::Mmap as u32;
+    const MREMAP: u32 = AllocFn::Mremap as u32;
+    let func = state.func;
+    match func {
+        REALLOC | REALLOCARRAY => {
+            if ret != 0 {
+                emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
+            } else if state.arg != 0 && state.size != 0 {
+                emit_free(EventKind::ReallocFailed, func, id, state.arg);
+            }
+        }
+        POSIX_MEMALIGN => {
+            // Returns 0 on success and stores the block through the out pointer.
+            if ret as u32 == 0 {
+                // SAFETY: reads user memory through the helper, which checks the access.
+                if let Ok(addr) = unsafe { bpf_probe_read_user(state.arg as *const u64) } {
+                    emit_alloc(&ctx, EventKind::Alloc, func, id, addr, state.size);
+                }
+            }
+        }
+        MMAP => {
+            if ret != MAP_FAILED && state.arg & MAP_ANONYMOUS != 0 {
+                emit_alloc(&ctx, EventKind::Mmap, func, id, ret, state.size);
+            }
+        }
+        MREMAP => {
+            if ret != MAP_FAILED {
+                emit(RemapEvent {
+                    header: header(EventKind::Mremap, func, id),
+                    old_addr: state.arg,
+                    old_len: state.arg2,
+                    new_addr: ret,
+                    new_len: state.size,
+                });
+            }
+        }
+        _ => {
+            if ret != 0 {
+                emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
+            }
+        }
+    }
+    0
+}
+
+/// A file mapped executable (a library being loaded) tells the agent to refresh its view of the
+/// target's address space before the next stack is resolved. The loader maps libraries with its
+/// own `mmap`, which no libc probe sees, hence the syscall tracepoint.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    let Some(id) = traced_thread() else {
+        return 0;
+    };
+    // struct syscall_trace_enter: common header (8 bytes), int nr, unsigned long args[6] at 16.
+    // SAFETY: offsets inside the tracepoint record, checked by the helper.
+    let (prot, flags) = unsafe {
+        (
+            ctx.read_at::<u64>(16 + 2 * 8).unwrap_or(0),
+            ctx.read_at::<u64>(16 + 3 * 8).unwrap_or(0),
+        )
+    };
+    if prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS == 0 {
+        emit(header(EventKind::ExecMap, AllocFn::Mmap as u32, id));
+    }
+    0
+}
+
+#[cfg(all(not(test), target_arch = "bpf"))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,229 @@
+//! Decoding of ring-buffer records into typed events.
+//!
+//! Every record is checked for length and [`EVENT_VERSION`] before a byte of its body is read; a
+//! record this build does not understand is an error the caller counts, never a misread.
+
+use memprof_common::{
+    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, FreeEvent, RemapEvent, UnmapEvent,
+};
+
+/// One decoded record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Alloc(Alloc),
+    /// A block released; `func` tells whether by `free` or by a `realloc` taking it over.
+    Free {
+        tid: u32,
+        func: AllocFn,
+        addr: u64,
+    },
+    /// The `realloc` on `tid` failed: the block it took over at entry lives on.
+    ReallocFailed {
+        tid: u32,
+    },
+    Munmap {
+        addr: u64,
+        len: u64,
+    },
+    Mremap {
+        old_addr: u64,
+        old_len: u64,
+        new_addr: u64,
+        new_len: u64,
+    },
+    /// A library was mapped: the address-space view is stale.
+    ExecMap,
+}
+
+/// A successful allocation (`kind == Heap`) or anonymous mapping (`kind == Mmap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alloc {
+    pub tid: u32,
+    pub func: AllocFn,
+    pub mmap: bool,
+    pub addr: u64,
+    pub size: u64,
+    pub stack_id: i32,
+    pub ts_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {got} bytes is shorter than the {need} its kind needs")]
+    Short { got: usize, need: usize },
+    #[error("record has layout version {0}, this build reads version {EVENT_VERSION}")]
+    Version(u16),
+    #[error("record has unknown kind {0}")]
+    Kind(u16),
+    #[error("record names unknown allocator function {0}")]
+    Func(u32),
+}
+
+/// Reads a `T` from the front of `bytes` after checking the length.
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: length checked above; T is a repr(C) integer-only wire type, any bit pattern is
+    // valid, and read_unaligned copes with the ring's alignment.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    if header.version != EVENT_VERSION {
+        return Err(DecodeError::Version(header.version));
+    }
+    let kind = EventKind::from_u16(header.kind).ok_or(DecodeError::Kind(header.kind))?;
+    let func = AllocFn::from_u32(header.func).ok_or(DecodeError::Func(header.func))?;
+    let tid = header.tid;
+    Ok(match kind {
+        EventKind::Alloc | EventKind::Mmap => {
+            let e: AllocEvent = read(bytes)?;
+            Event::Alloc(Alloc {
+                tid,
+                func,
+                mmap: kind == EventKind::Mmap,
+                addr: e.addr,
+                size: e.size,
+                stack_id: e.stack_id,
+                ts_ns: header.ts_ns,
+            })
+        }
+        EventKind::Free => {
+            let e: FreeEvent = read(bytes)?;
+            Event::Free {
+                tid,
+                func,
+                addr: e.addr,
+            }
+        }
+        EventKind::ReallocFailed => {
+            read::<FreeEvent>(bytes)?;
+            Event::ReallocFailed { tid }
+        }
+        EventKind::Munmap => {
+            let e: UnmapEvent = read(bytes)?;
+            Event::Munmap {
+                addr: e.addr,
+                len: e.len,
+            }
+        }
+        EventKind::Mremap => {
+            let e: RemapEvent = read(bytes)?;
+            Event::Mremap {
+                old_addr: e.old_addr,
+                old_len: e.old_len,
+                new_addr: e.new_addr,
+                new_len: e.new_len,
+            }
+        }
+        EventKind::ExecMap => Event::ExecMap,
+    })
+}
+
+/// Test and benchmark helper: the bytes the kernel would write for `value`.
+pub fn encode<T: Copy>(value: &T) -> Vec<u8> {
+    // SAFETY: T is a plain-old-data wire type; we copy its bytes.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: EventKind, func: AllocFn) -> EventHeader {
+        EventHeader {
+            version: EVENT_VERSION,
+            kind: kind as u16,
+            tgid: 7,
+            tid: 8,
+            func: func as u32,
+            ts_ns: 99,
+        }
+    }
+
+    #[test]
+    fn decodes_alloc() {
+        let bytes = encode(&AllocEvent {
+            header: header(EventKind::Alloc, AllocFn::Calloc),
+            addr: 0x1000,
+            size: 48,
+            stack_id: 3,
+            _pad: 0,
+        });
+        assert_eq!(
+            decode(&bytes),
+            Ok(Event::Alloc(Alloc {
+                tid: 8,
+                func: AllocFn::Calloc,
+                mmap: false,
+                addr: 0x1000,
+                size: 48,
+                stack_id: 3,
+                ts_ns: 99
+            }))
+        );
+    }
+
+    #[test]
+    fn rejects_short_records() {
+        let bytes = encode(&AllocEvent {
+            header: header(EventKind::Alloc, AllocFn::Malloc),
+            ..Default::default()
+        });
+        assert_eq!(
+            decode(&bytes[..40]),
+            Err(DecodeError::Short { got: 40, need: 48 })
+        );
+        assert_eq!(
+            decode(&bytes[..10]),
+            Err(DecodeError::Short { got: 10, need: 24 })
+        );
+    }
+
+    #[test]
+    fn rejects_other_versions_and_kinds() {
+        let mut h = header(EventKind::Free, AllocFn::Free);
+        h.version = EVENT_VERSION + 1;
+        let bytes = encode(&FreeEvent { header: h, addr: 1 });
+        assert_eq!(decode(&bytes), Err(DecodeError::Version(EVENT_VERSION + 1)));
+        let mut h = header(EventKind::Free, AllocFn::Free);
+        h.kind = 77;
+        assert_eq!(
+            decode(&encode(&FreeEvent { header: h, addr: 1 })),
+            Err(DecodeError::Kind(77))
+        );
+        let mut h = header(EventKind::Free, AllocFn::Free);
+        h.func = 0;
+        assert_eq!(
+            decode(&encode(&FreeEvent { header: h, addr: 1 })),
+            Err(DecodeError::Func(0))
+        );
+    }
+
+    #[test]
+    fn decodes_remap() {
+        let bytes = encode(&RemapEvent {
+            header: header(EventKind::Mremap, AllocFn::Mremap),
+            old_addr: 1,
+            old_len: 2,
+            new_addr: 3,
+            new_len: 4,
+        });
+        assert_eq!(
+            decode(&bytes),
+            Ok(Event::Mremap {
+                old_addr: 1,
+                old_len: 2,
+                new_addr: 3,
+                new_len: 4
+            })
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! memprof: traces the memory allocations of a Linux process with eBPF.
+//!
+//! Pipeline: kernel probes (`memprof-ebpf`) → ring buffer → [`event`] decoding → [`table`] of
+//! live allocations → [`report`] → text or NDJSON. Everything below [`load`] and [`session`] is
+//! free of aya types and testable without root.
+
+pub mod cli;
+pub mod event;
+pub mod load;
+pub mod maps;
+pub mod report;
+pub mod session;
+pub mod stacks;
+pub mod symbolize;
+pub mod table;
+pub mod target;

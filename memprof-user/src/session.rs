@@ -1,0 +1,273 @@
+//! One trace from attach to final report: the ingest loop (ring buffer → decode → table), stack
+//! capture while the process lives, periodic snapshots, and the end conditions (process exit,
+//! `--duration`, SIGINT/SIGTERM).
+
+use std::{
+    io::{self, Write as _},
+    os::fd::{AsRawFd as _, RawFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use memprof_common::NO_STACK;
+use serde::Serialize;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    event::{Event, decode},
+    load::Tracer,
+    maps::AddressSpace,
+    report::{self, Inputs, Report},
+    stacks::StackStore,
+    symbolize::Symbolizer,
+    table::Table,
+};
+
+/// How the user asked the trace to run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub json: bool,
+    pub duration: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub min_age: Duration,
+    pub top: Option<usize>,
+}
+
+/// Why the trace ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The process exited; `status` is its wait status when memprof is its parent.
+    Exited {
+        status: Option<i32>,
+    },
+    Duration,
+    Signal,
+}
+
+pub struct Session {
+    pid: u32,
+    tracer: Tracer,
+    table: Table,
+    stacks: StackStore,
+    space: AddressSpace,
+    space_stale: bool,
+    symbolizer: Symbolizer,
+    decode_errors: u64,
+    start_ns: u64,
+    settings: Settings,
+    /// Whether memprof spawned the process (and so reaps it).
+    parent: bool,
+    pidfd: PidFd,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Session {
+    pub fn new(pid: u32, tracer: Tracer, settings: Settings, parent: bool, pidfd: PidFd) -> Self {
+        Self {
+            pidfd,
+            pid,
+            tracer,
+            table: Table::new(),
+            stacks: StackStore::new(),
+            space: AddressSpace::read(pid).unwrap_or_default(),
+            space_stale: false,
+            symbolizer: Symbolizer::new(),
+            decode_errors: 0,
+            start_ns: monotonic_ns(),
+            settings,
+            parent,
+        }
+    }
+
+    /// Runs until the process exits, the duration elapses or a signal arrives.
+    pub async fn run(&mut self) -> Result<End> {
+        let ring_fd: RawFd = self.tracer.events.as_raw_fd();
+        // SAFETY: the ring buffer's fd outlives this AsyncFd, which is dropped at the end of
+        // this function.
+        let ring = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("failed to poll the ring buffer")?;
+        // SAFETY: as above, the pidfd outlives the registration.
+        let exited = unsafe { AsyncFd::register_with_interest(self.pidfd.0, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("failed to poll the process")?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let deadline = self
+            .settings
+            .duration
+            .map(|d| tokio::time::Instant::now() + d);
+        let mut ticker = self.settings.interval.map(|i| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+
+        let end = loop {
+            tokio::select! {
+                guard = ring.readable() => {
+                    let mut guard = guard?;
+                    self.drain();
+                    guard.clear_ready();
+                }
+                _ = exited.readable() => {
+                    break End::Exited { status: self.reap() };
+                }
+                _ = sigint.recv() => break End::Signal,
+                _ = sigterm.recv() => break End::Signal,
+                _ = sleep_until(deadline) => break End::Duration,
+                _ = tick(&mut ticker) => {
+                    self.drain();
+                    let snap = self.snapshot();
+                    self.emit(&snap)?;
+                }
+            }
+        };
+        // Every event of the process was submitted before it went away: take them all.
+        self.drain();
+        drop(ring);
+        drop(exited);
+        Ok(end)
+    }
+
+    /// The wait status of our exited child, or `None` when memprof is not its parent.
+    fn reap(&self) -> Option<i32> {
+        if !self.parent {
+            return None;
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        (r == self.pid as i32).then_some(status)
+    }
+
+    /// Takes every record waiting in the ring buffer.
+    pub fn drain(&mut self) {
+        loop {
+            let decoded = match self.tracer.events.next() {
+                Some(item) => decode(&item),
+                None => break,
+            };
+            match decoded {
+                Ok(event) => self.observe(&event),
+                Err(_) => self.decode_errors += 1,
+            }
+        }
+    }
+
+    fn observe(&mut self, event: &Event) {
+        match event {
+            Event::Alloc(a) if a.stack_id != NO_STACK && !self.stacks.contains(a.stack_id) => {
+                self.learn_stack(a.stack_id);
+            }
+            Event::ExecMap => self.space_stale = true,
+            _ => {}
+        }
+        self.table.apply(event);
+    }
+
+    /// Reads a new stack from the kernel and normalizes it while the process is alive.
+    fn learn_stack(&mut self, id: i32) {
+        let ips = self.tracer.stack(id);
+        if (self.space_stale || !StackStore::covered(&self.space, &ips))
+            && let Ok(space) = AddressSpace::read(self.pid)
+        {
+            self.space = space;
+            self.space_stale = false;
+        }
+        self.stacks.insert(id, &ips, &self.space);
+    }
+
+    pub fn snapshot(&mut self) -> Report {
+        let now = monotonic_ns();
+        let inputs = Inputs {
+            pid: self.pid,
+            table: &self.table,
+            stacks: &self.stacks,
+            kernel: self.tracer.losses(),
+            decode_errors: self.decode_errors,
+            now_ns: now,
+            elapsed_s: (now - self.start_ns) as f64 / 1e9,
+            min_age_ns: self.settings.min_age.as_nanos() as u64,
+            top: self
+                .settings
+                .top
+                .or(if self.settings.json { None } else { Some(10) }),
+        };
+        report::snapshot(&inputs, &mut self.symbolizer)
+    }
+
+    /// Writes a snapshot or report to stdout in the chosen format.
+    pub fn emit(&self, report: &Report) -> io::Result<()> {
+        if self.settings.json {
+            write_json_line(report)
+        } else {
+            let mut out = io::stdout().lock();
+            writeln!(out, "{}", report::render_text(report))?;
+            out.flush()
+        }
+    }
+}
+
+/// Writes one NDJSON line to stdout.
+pub fn write_json_line<T: Serialize>(value: &T) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A pidfd: readable once the process has exited. Opened before tracing starts, so a process
+/// that exits at any later time is still seen to exit.
+pub struct PidFd(RawFd);
+
+impl PidFd {
+    pub fn open(pid: u32) -> Result<Self> {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                anyhow::bail!("no such process: pid {pid}");
+            }
+            return Err(err).context("pidfd_open failed");
+        }
+        Ok(Self(fd as RawFd))
+    }
+}
+
+impl Drop for PidFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}

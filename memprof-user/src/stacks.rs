@@ -1,0 +1,108 @@
+//! Interned call stacks, normalized to (module, file offset) when first seen.
+
+use std::collections::HashMap;
+
+use crate::maps::AddressSpace;
+
+/// One frame of a stored stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    /// The absolute address the kernel recorded (a return address).
+    pub addr: u64,
+    /// Index into [`StackStore::modules`], or `None` when no file mapping held the address.
+    pub module: Option<u32>,
+    /// Offset of `addr` in the module file.
+    pub file_offset: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct StackStore {
+    stacks: HashMap<i32, Vec<RawFrame>>,
+    modules: Vec<String>,
+    module_ids: HashMap<String, u32>,
+}
+
+impl StackStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn contains(&self, id: i32) -> bool {
+        self.stacks.contains_key(&id)
+    }
+
+    /// Whether every address of `ips` lies in a file mapping of `space`.
+    pub fn covered(space: &AddressSpace, ips: &[u64]) -> bool {
+        ips.iter().all(|ip| space.find(*ip).is_some())
+    }
+
+    /// Stores stack `id` with frames `ips` (innermost first), normalized against `space`.
+    pub fn insert(&mut self, id: i32, ips: &[u64], space: &AddressSpace) {
+        let frames = ips
+            .iter()
+            .map(|&addr| match space.find(addr) {
+                Some(m) => RawFrame {
+                    addr,
+                    module: Some(self.intern(&m.path)),
+                    file_offset: addr - m.start + m.offset,
+                },
+                None => RawFrame {
+                    addr,
+                    module: None,
+                    file_offset: 0,
+                },
+            })
+            .collect();
+        self.stacks.insert(id, frames);
+    }
+
+    fn intern(&mut self, path: &str) -> u32 {
+        if let Some(id) = self.module_ids.get(path) {
+            return *id;
+        }
+        let id = self.modules.len() as u32;
+        self.modules.push(path.to_string());
+        self.module_ids.insert(path.to_string(), id);
+        id
+    }
+
+    pub fn get(&self, id: i32) -> Option<&[RawFrame]> {
+        self.stacks.get(&id).map(Vec::as_slice)
+    }
+
+    pub fn modules(&self) -> &[String] {
+        &self.modules
+    }
+
+    pub fn len(&self) -> usize {
+        self.stacks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stacks.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_to_file_offsets() {
+        let space = AddressSpace::parse(
+            "1000-2000 r-xp 00003000 08:01 9 /bin/app\n5000-6000 r-xp 00000000 08:01 10 /lib/x.so\n",
+        );
+        let mut store = StackStore::new();
+        store.insert(4, &[0x1010, 0x5020, 0x9999], &space);
+        let frames = store.get(4).unwrap();
+        assert_eq!(frames[0].file_offset, 0x3010);
+        assert_eq!(
+            store.modules()[frames[0].module.unwrap() as usize],
+            "/bin/app"
+        );
+        assert_eq!(frames[1].file_offset, 0x20);
+        assert_eq!(frames[2].module, None);
+        assert!(!StackStore::covered(&space, &[0x1010, 0x9999]));
+        assert!(StackStore::covered(&space, &[0x1010, 0x5fff]));
+    }
+}

@@ -1,0 +1,122 @@
+//! Symbolization of normalized frames with blazesym: function, module, and file:line where the
+//! module carries debug information. Results are cached per (module, offset); a frame that cannot
+//! be named keeps `function: null` (outputs count them).
+
+use std::collections::HashMap;
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer as Blaze,
+    source::{Elf, Source},
+};
+use serde::Serialize;
+
+use crate::stacks::{RawFrame, StackStore};
+
+/// A frame as outputs show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    pub function: Option<String>,
+    pub module: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The absolute address, as `0x...`.
+    pub addr: String,
+}
+
+#[derive(Clone, Debug)]
+struct Resolved {
+    function: Option<String>,
+    file: Option<String>,
+    line: Option<u32>,
+}
+
+pub struct Symbolizer {
+    blaze: Blaze,
+    cache: HashMap<(u32, u64), Resolved>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::new(),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Symbolizes a stored stack.
+    pub fn frames(&mut self, store: &StackStore, frames: &[RawFrame]) -> Vec<Frame> {
+        self.prepare(store, frames);
+        frames
+            .iter()
+            .map(|f| {
+                let module = f.module.map(|m| store.modules()[m as usize].clone());
+                let r = f
+                    .module
+                    .and_then(|m| self.cache.get(&(m, lookup_offset(f))));
+                Frame {
+                    function: r.and_then(|r| r.function.clone()),
+                    module,
+                    file: r.and_then(|r| r.file.clone()),
+                    line: r.and_then(|r| r.line),
+                    addr: format!("{:#x}", f.addr),
+                }
+            })
+            .collect()
+    }
+
+    /// Resolves, one batch per module, the frames not yet in the cache.
+    fn prepare(&mut self, store: &StackStore, frames: &[RawFrame]) {
+        let mut todo: HashMap<u32, Vec<u64>> = HashMap::new();
+        for f in frames {
+            if let Some(m) = f.module {
+                let off = lookup_offset(f);
+                if !self.cache.contains_key(&(m, off)) {
+                    todo.entry(m).or_default().push(off);
+                }
+            }
+        }
+        for (module, mut offsets) in todo {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let src = Source::Elf(Elf::new(&store.modules()[module as usize]));
+            let results = self
+                .blaze
+                .symbolize(&src, Input::FileOffset(&offsets))
+                .unwrap_or_default();
+            for (i, off) in offsets.iter().enumerate() {
+                let resolved = match results.get(i) {
+                    Some(Symbolized::Sym(sym)) => {
+                        let (file, line) = sym
+                            .code_info
+                            .as_ref()
+                            .map(|ci| (Some(ci.to_path().display().to_string()), ci.line))
+                            .unwrap_or((None, None));
+                        Resolved {
+                            function: Some(sym.name.to_string()),
+                            file,
+                            line,
+                        }
+                    }
+                    _ => Resolved {
+                        function: None,
+                        file: None,
+                        line: None,
+                    },
+                };
+                self.cache.insert((module, *off), resolved);
+            }
+        }
+    }
+}
+
+/// Every recorded frame is a return address: look up the byte before it, which lies in the call
+/// instruction, so a call at the very end of a function is not attributed to the next one.
+fn lookup_offset(f: &RawFrame) -> u64 {
+    f.file_offset.saturating_sub(1)
+}

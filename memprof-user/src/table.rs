@@ -1,0 +1,399 @@
+//! The live-allocation table of one traced process, and its running totals.
+//!
+//! Heap blocks (the malloc family) are keyed by address. Anonymous mappings made outside any
+//! allocator call are kept as address ranges, because `munmap` and `mremap` may cut or move any
+//! part of one. The two never mix: a mapping made inside `malloc` is that malloc's block.
+
+use std::collections::{BTreeMap, HashMap};
+
+use memprof_common::AllocFn;
+use serde::Serialize;
+
+use crate::event::{Alloc, Event};
+
+/// One outstanding block or mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveAlloc {
+    pub size: u64,
+    pub ts_ns: u64,
+    pub stack_id: i32,
+    pub func: AllocFn,
+}
+
+/// Counts for the malloc family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HeapTotals {
+    pub allocs: u64,
+    pub frees: u64,
+    pub bytes_allocated: u64,
+    pub bytes_freed: u64,
+    pub outstanding_allocs: u64,
+    pub outstanding_bytes: u64,
+    /// Highest `outstanding_bytes` seen during the trace.
+    pub peak_outstanding_bytes: u64,
+    /// Frees of blocks not allocated during the trace (allocated before attach).
+    pub unmatched_frees: u64,
+    /// Allocations returned at an address the table still held: the block's free was never seen.
+    pub reused_addresses: u64,
+}
+
+/// Counts for anonymous mappings made outside allocator calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmapTotals {
+    pub maps: u64,
+    pub unmaps: u64,
+    pub bytes_mapped: u64,
+    pub bytes_unmapped: u64,
+    pub outstanding_maps: u64,
+    pub outstanding_bytes: u64,
+}
+
+/// A `realloc` in progress: the block it took over (if the table knew it).
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    addr: u64,
+    block: Option<LiveAlloc>,
+}
+
+#[derive(Debug, Default)]
+pub struct Table {
+    heap: HashMap<u64, LiveAlloc>,
+    /// Mappings keyed by start address; `size` is the length.
+    maps: BTreeMap<u64, LiveAlloc>,
+    reallocs: HashMap<u32, Pending>,
+    pub heap_totals: HeapTotals,
+    pub mmap_totals: MmapTotals,
+}
+
+impl Table {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: &Event) {
+        match *event {
+            Event::Alloc(a) if a.mmap => self.map(a.addr, a.size, live(&a)),
+            Event::Alloc(a) => self.alloc(&a),
+            Event::Free { tid, func, addr } => match func {
+                AllocFn::Realloc | AllocFn::Reallocarray => {
+                    let block = self.remove_heap(addr);
+                    self.reallocs.insert(tid, Pending { addr, block });
+                }
+                _ => match self.remove_heap(addr) {
+                    Some(block) => self.count_free(block.size),
+                    None => self.heap_totals.unmatched_frees += 1,
+                },
+            },
+            Event::ReallocFailed { tid } => {
+                if let Some(Pending {
+                    addr,
+                    block: Some(block),
+                }) = self.reallocs.remove(&tid)
+                {
+                    self.insert_heap(addr, block);
+                }
+            }
+            Event::Munmap { addr, len } => self.unmap(addr, len),
+            Event::Mremap {
+                old_addr,
+                old_len,
+                new_addr,
+                new_len,
+            } => self.remap(old_addr, old_len, new_addr, new_len),
+            Event::ExecMap => {}
+        }
+    }
+
+    fn alloc(&mut self, a: &Alloc) {
+        if matches!(a.func, AllocFn::Realloc | AllocFn::Reallocarray) {
+            // The block the realloc took over is now really gone.
+            match self.reallocs.remove(&a.tid) {
+                Some(Pending {
+                    block: Some(old), ..
+                }) => self.count_free(old.size),
+                Some(Pending { block: None, .. }) => self.heap_totals.unmatched_frees += 1,
+                None => {}
+            }
+        }
+        let t = &mut self.heap_totals;
+        t.allocs += 1;
+        t.bytes_allocated += a.size;
+        self.insert_heap(a.addr, live(a));
+    }
+
+    fn insert_heap(&mut self, addr: u64, block: LiveAlloc) {
+        if let Some(old) = self.heap.insert(addr, block) {
+            // The free of `old` was never seen (lost, or made by an unprobed path).
+            self.heap_totals.reused_addresses += 1;
+            self.sub_outstanding(old.size);
+        }
+        let t = &mut self.heap_totals;
+        t.outstanding_allocs += 1;
+        t.outstanding_bytes += block.size;
+        t.peak_outstanding_bytes = t.peak_outstanding_bytes.max(t.outstanding_bytes);
+    }
+
+    fn remove_heap(&mut self, addr: u64) -> Option<LiveAlloc> {
+        let block = self.heap.remove(&addr)?;
+        self.sub_outstanding(block.size);
+        Some(block)
+    }
+
+    fn sub_outstanding(&mut self, size: u64) {
+        let t = &mut self.heap_totals;
+        t.outstanding_allocs -= 1;
+        t.outstanding_bytes -= size;
+    }
+
+    fn count_free(&mut self, size: u64) {
+        self.heap_totals.frees += 1;
+        self.heap_totals.bytes_freed += size;
+    }
+
+    fn map(&mut self, addr: u64, len: u64, region: LiveAlloc) {
+        // A fixed mapping replaces whatever it overlaps.
+        self.cut(addr, len);
+        let t = &mut self.mmap_totals;
+        t.maps += 1;
+        t.bytes_mapped += len;
+        t.outstanding_maps += 1;
+        t.outstanding_bytes += len;
+        self.maps.insert(addr, region);
+    }
+
+    fn unmap(&mut self, addr: u64, len: u64) {
+        let removed = self.cut(addr, len);
+        if removed > 0 {
+            self.mmap_totals.unmaps += 1;
+            self.mmap_totals.bytes_unmapped += removed;
+        }
+    }
+
+    fn remap(&mut self, old_addr: u64, old_len: u64, new_addr: u64, new_len: u64) {
+        // The moved range keeps its origin (stack, time) when it was ours.
+        let origin = self.region_at(old_addr);
+        let removed = self.cut(old_addr, old_len);
+        if let Some(origin) = origin.filter(|_| removed > 0) {
+            let t = &mut self.mmap_totals;
+            t.outstanding_bytes += new_len;
+            t.outstanding_maps += 1;
+            if new_len > removed {
+                t.bytes_mapped += new_len - removed;
+            } else {
+                t.bytes_unmapped += removed - new_len;
+            }
+            self.cut(new_addr, new_len);
+            self.maps.insert(
+                new_addr,
+                LiveAlloc {
+                    size: new_len,
+                    ..origin
+                },
+            );
+        }
+    }
+
+    fn region_at(&self, addr: u64) -> Option<LiveAlloc> {
+        let (&start, region) = self.maps.range(..=addr).next_back()?;
+        (addr < start + region.size).then_some(*region)
+    }
+
+    /// Removes `[addr, addr + len)` from the tracked mappings, splitting those that straddle its
+    /// ends. Returns the number of tracked bytes removed.
+    fn cut(&mut self, addr: u64, len: u64) -> u64 {
+        let end = addr.saturating_add(len);
+        let overlapping: Vec<(u64, LiveAlloc)> = self
+            .maps
+            .range(..end)
+            .rev()
+            .take_while(|(start, r)| *start + r.size > addr)
+            .map(|(s, r)| (*s, *r))
+            .collect();
+        let mut removed = 0;
+        for (start, region) in overlapping {
+            self.maps.remove(&start);
+            let region_end = start + region.size;
+            let t = &mut self.mmap_totals;
+            t.outstanding_maps -= 1;
+            t.outstanding_bytes -= region.size;
+            removed += region_end.min(end) - start.max(addr);
+            for (piece_start, piece_end) in [(start, addr), (end, region_end)] {
+                if piece_start < piece_end {
+                    let size = piece_end - piece_start;
+                    self.maps.insert(piece_start, LiveAlloc { size, ..region });
+                    let t = &mut self.mmap_totals;
+                    t.outstanding_maps += 1;
+                    t.outstanding_bytes += size;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Outstanding heap blocks, as (address, block).
+    pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, &LiveAlloc)> {
+        self.heap.iter().map(|(a, b)| (*a, b))
+    }
+
+    /// Outstanding mappings, as (start address, region).
+    pub fn map_regions(&self) -> impl Iterator<Item = (u64, &LiveAlloc)> {
+        self.maps.iter().map(|(a, b)| (*a, b))
+    }
+}
+
+fn live(a: &Alloc) -> LiveAlloc {
+    LiveAlloc {
+        size: a.size,
+        ts_ns: a.ts_ns,
+        stack_id: a.stack_id,
+        func: a.func,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(func: AllocFn, addr: u64, size: u64) -> Event {
+        Event::Alloc(Alloc {
+            tid: 1,
+            func,
+            mmap: func == AllocFn::Mmap,
+            addr,
+            size,
+            stack_id: 5,
+            ts_ns: 10,
+        })
+    }
+
+    fn free(func: AllocFn, addr: u64) -> Event {
+        Event::Free { tid: 1, func, addr }
+    }
+
+    #[test]
+    fn malloc_free_and_unmatched() {
+        let mut t = Table::new();
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+        t.apply(&alloc(AllocFn::Calloc, 0x20, 50));
+        t.apply(&free(AllocFn::Free, 0x10));
+        t.apply(&free(AllocFn::Free, 0x999));
+        let h = t.heap_totals;
+        assert_eq!(
+            (h.allocs, h.frees, h.bytes_allocated, h.bytes_freed),
+            (2, 1, 150, 100)
+        );
+        assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (1, 50));
+        assert_eq!(h.peak_outstanding_bytes, 150);
+        assert_eq!(h.unmatched_frees, 1);
+    }
+
+    #[test]
+    fn realloc_moves_block_to_new_caller() {
+        let mut t = Table::new();
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+        t.apply(&free(AllocFn::Realloc, 0x10));
+        t.apply(&alloc(AllocFn::Realloc, 0x40, 3000));
+        let h = t.heap_totals;
+        assert_eq!((h.allocs, h.frees, h.bytes_freed), (2, 1, 100));
+        assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (1, 3000));
+        let blocks: Vec<_> = t.heap_blocks().map(|(a, b)| (a, b.func)).collect();
+        assert_eq!(blocks, vec![(0x40, AllocFn::Realloc)]);
+    }
+
+    #[test]
+    fn failed_realloc_restores_block() {
+        let mut t = Table::new();
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+        t.apply(&free(AllocFn::Realloc, 0x10));
+        assert_eq!(t.heap_totals.outstanding_bytes, 0);
+        t.apply(&Event::ReallocFailed { tid: 1 });
+        let h = t.heap_totals;
+        assert_eq!(
+            (h.frees, h.outstanding_allocs, h.outstanding_bytes),
+            (0, 1, 100)
+        );
+        assert_eq!(
+            t.heap_blocks().next().map(|(_, b)| b.func),
+            Some(AllocFn::Malloc)
+        );
+    }
+
+    #[test]
+    fn realloc_of_unknown_block_is_one_unmatched_free() {
+        let mut t = Table::new();
+        t.apply(&free(AllocFn::Realloc, 0x10));
+        t.apply(&alloc(AllocFn::Realloc, 0x10, 64));
+        let h = t.heap_totals;
+        assert_eq!(
+            (h.unmatched_frees, h.frees, h.outstanding_bytes),
+            (1, 0, 64)
+        );
+    }
+
+    #[test]
+    fn reused_address_replaces_block() {
+        let mut t = Table::new();
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 30));
+        let h = t.heap_totals;
+        assert_eq!(
+            (
+                h.reused_addresses,
+                h.outstanding_allocs,
+                h.outstanding_bytes
+            ),
+            (1, 1, 30)
+        );
+    }
+
+    #[test]
+    fn munmap_splits_and_trims_mappings() {
+        let mut t = Table::new();
+        t.apply(&alloc(AllocFn::Mmap, 0x10000, 0x10000));
+        // Punch a hole in the middle: two pieces remain.
+        t.apply(&Event::Munmap {
+            addr: 0x14000,
+            len: 0x4000,
+        });
+        let m = t.mmap_totals;
+        assert_eq!((m.outstanding_maps, m.outstanding_bytes), (2, 0xc000));
+        assert_eq!((m.unmaps, m.bytes_unmapped), (1, 0x4000));
+        // Unmap across the tail of the first piece and the head of the second.
+        t.apply(&Event::Munmap {
+            addr: 0x13000,
+            len: 0x6000,
+        });
+        let regions: Vec<_> = t.map_regions().map(|(a, r)| (a, r.size)).collect();
+        assert_eq!(regions, vec![(0x10000, 0x3000), (0x19000, 0x7000)]);
+        assert_eq!(t.mmap_totals.outstanding_bytes, 0xa000);
+        // Unmapping something never tracked changes nothing.
+        t.apply(&Event::Munmap {
+            addr: 0x1,
+            len: 0x1000,
+        });
+        assert_eq!(t.mmap_totals.unmaps, 2);
+    }
+
+    #[test]
+    fn mremap_moves_and_resizes() {
+        let mut t = Table::new();
+        t.apply(&alloc(AllocFn::Mmap, 0x10000, 0x2000));
+        t.apply(&Event::Mremap {
+            old_addr: 0x10000,
+            old_len: 0x2000,
+            new_addr: 0x50000,
+            new_len: 0x5000,
+        });
+        let regions: Vec<_> = t
+            .map_regions()
+            .map(|(a, r)| (a, r.size, r.stack_id))
+            .collect();
+        assert_eq!(regions, vec![(0x50000, 0x5000, 5)]);
+        let m = t.mmap_totals;
+        assert_eq!(
+            (m.maps, m.bytes_mapped, m.outstanding_bytes),
+            (1, 0x5000, 0x5000)
+        );
+    }
+}

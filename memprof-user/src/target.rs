@@ -1,0 +1,317 @@
+//! The process to trace: checks made before anything is loaded (privileges, kernel support, the
+//! pid, the command), finding the allocator library it uses, and spawning a command stopped
+//! before `exec` so tracing starts at its first allocation.
+
+use std::{
+    env,
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::maps::AddressSpace;
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Fails with a one-line explanation when the effective capability set `cap_eff` cannot load
+/// and attach the programs.
+pub fn check_capabilities(cap_eff: u64, euid: u32) -> Result<()> {
+    let has = |c: u32| cap_eff & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let who = if euid == 0 {
+        "running as root but".to_string()
+    } else {
+        format!("not running as root (uid {euid}) and")
+    };
+    bail!(
+        "{who} missing capabilit{} {}; run memprof with sudo (or grant CAP_BPF and CAP_PERFMON)",
+        if missing.len() == 1 { "y" } else { "ies" },
+        missing.join(", ")
+    )
+}
+
+/// The effective capability mask from `/proc/self/status`.
+pub fn effective_capabilities() -> Result<u64> {
+    let status =
+        fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
+    parse_cap_eff(&status).ok_or_else(|| anyhow!("no CapEff line in /proc/self/status"))
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+}
+
+/// Fails when the kernel lacks what the programs need, looking under `sys` (normally `/sys`).
+pub fn check_kernel(sys: &Path) -> Result<()> {
+    if !sys.join("kernel/btf/vmlinux").exists() {
+        bail!(
+            "the kernel exposes no BTF ({} is missing); memprof needs a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y",
+            sys.join("kernel/btf/vmlinux").display()
+        );
+    }
+    if !sys.join("bus/event_source/devices/uprobe").exists() {
+        bail!(
+            "the kernel has no uprobe support ({} is missing); memprof needs CONFIG_UPROBE_EVENTS=y",
+            sys.join("bus/event_source/devices/uprobe").display()
+        );
+    }
+    Ok(())
+}
+
+/// The library file to probe in running process `pid`: its libc, as a path that resolves inside
+/// the process's own root.
+pub fn library_of_pid(pid: u32) -> Result<PathBuf> {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no such process: pid {pid}");
+    }
+    let space = AddressSpace::read(pid)
+        .with_context(|| format!("failed to read the memory map of pid {pid}"))?;
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim();
+    match space.find_library("libc.so.6") {
+        Some(m) => Ok(PathBuf::from(format!("/proc/{pid}/root{}", m.path))),
+        None => {
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            if elf_is_static(&exe).unwrap_or(false) {
+                bail!(
+                    "pid {pid} ({comm}) runs a static binary ({}); memprof traces processes \
+                     that use a shared libc",
+                    exe.display()
+                );
+            }
+            bail!("pid {pid} ({comm}) maps no libc.so.6; memprof traces processes that use glibc")
+        }
+    }
+}
+
+/// Whether the ELF file at `path` has no program interpreter (statically linked).
+pub fn elf_is_static(path: &Path) -> Result<bool> {
+    let data = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let obj = object::File::parse(&*data)
+        .with_context(|| format!("{} is not an ELF executable", path.display()))?;
+    Ok(interpreter(&obj).is_none())
+}
+
+fn interpreter(obj: &object::File<'_>) -> Option<String> {
+    use object::{elf, read::elf::ProgramHeader as _};
+    match obj {
+        object::File::Elf64(elf_file) => {
+            let endian = elf_file.endian();
+            elf_file.elf_program_headers().iter().find_map(|ph| {
+                (ph.p_type(endian) == elf::PT_INTERP)
+                    .then(|| ph.data(endian, elf_file.data()).ok())
+                    .flatten()
+                    .map(|d| {
+                        String::from_utf8_lossy(d)
+                            .trim_end_matches('\0')
+                            .to_string()
+                    })
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Finds `program` the way `execvp` would.
+pub fn resolve_command(program: &str) -> Result<PathBuf> {
+    let candidate = Path::new(program);
+    if program.contains('/') {
+        if candidate.is_file() {
+            return Ok(candidate.to_path_buf());
+        }
+        bail!("command not found: {program}");
+    }
+    let path = env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| anyhow!("command not found: {program}"))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The ELF the kernel will really run for `path`: follows `#!` lines (one level, and
+/// `/usr/bin/env NAME`).
+fn executed_elf(path: &Path) -> Result<PathBuf> {
+    let head = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    if !head.starts_with(b"#!") {
+        return Ok(path.to_path_buf());
+    }
+    let line = head[2..].split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let interp = words
+        .next()
+        .ok_or_else(|| anyhow!("{} has an empty #! line", path.display()))?;
+    if Path::new(interp).file_name().is_some_and(|n| n == "env")
+        && let Some(name) = words.find(|w| !w.starts_with('-'))
+    {
+        return resolve_command(name);
+    }
+    Ok(PathBuf::from(interp))
+}
+
+/// The libc a spawned `command` will use. Fails for static binaries and non-glibc programs.
+pub fn library_for_command(command: &Path) -> Result<PathBuf> {
+    let elf = executed_elf(command)?;
+    let data = fs::read(&elf).with_context(|| format!("failed to read {}", elf.display()))?;
+    let obj = object::File::parse(&*data)
+        .with_context(|| format!("{} is not an ELF executable", elf.display()))?;
+    let Some(interp) = interpreter(&obj) else {
+        bail!(
+            "{} is a static binary; memprof traces programs that use a shared libc",
+            elf.display()
+        );
+    };
+    if !interp.contains("ld-linux") {
+        bail!(
+            "{} uses the loader {interp}, not glibc's; memprof traces glibc programs",
+            elf.display()
+        );
+    }
+    // A glibc program loads the system libc, the same file this (glibc) process maps.
+    let own = AddressSpace::read(std::process::id()).context("failed to read /proc/self/maps")?;
+    own.find_library("libc.so.6")
+        .map(|m| PathBuf::from(&m.path))
+        .ok_or_else(|| anyhow!("cannot find the system libc.so.6 (memprof itself maps none)"))
+}
+
+/// A command forked and stopped before `exec`.
+pub struct Spawned {
+    pub pid: u32,
+}
+
+/// Forks; the child stops itself with SIGSTOP, then (once continued) redirects stdout to stderr
+/// if asked and executes `argv`. Must be called before any thread is started.
+pub fn spawn_stopped(path: &Path, argv: &[String], stdout_to_stderr: bool) -> Result<Spawned> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let c_args: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("argument contains a NUL byte")?;
+    let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+    c_argv.push(std::ptr::null());
+
+    // SAFETY: single-threaded at this point; the child only makes async-signal-safe calls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork failed: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        unsafe {
+            libc::raise(libc::SIGSTOP);
+            if stdout_to_stderr {
+                libc::dup2(2, 1);
+            }
+            libc::execv(c_path.as_ptr(), c_argv.as_ptr());
+            let msg = b"memprof: exec failed\n";
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+    if r != pid || !libc::WIFSTOPPED(status) {
+        bail!("the command did not stop before exec (status {status:#x})");
+    }
+    Ok(Spawned { pid: pid as u32 })
+}
+
+impl Spawned {
+    /// Lets the stopped child run (it executes the command).
+    pub fn resume(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
+    }
+
+    /// Kills and reaps the child (setup failed).
+    pub fn abort(&self) {
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGKILL);
+            libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities() {
+        let all = (1u64 << 41) - 1;
+        assert!(check_capabilities(all, 0).is_ok());
+        assert!(check_capabilities(1 << CAP_SYS_ADMIN, 0).is_ok());
+        let e = check_capabilities(all & !(1 << CAP_BPF) & !(1 << CAP_SYS_ADMIN), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing capability CAP_BPF;"), "{e}");
+        let e = check_capabilities(0, 1000).unwrap_err().to_string();
+        assert!(e.contains("not running as root (uid 1000)"), "{e}");
+        assert!(e.contains("CAP_BPF, CAP_PERFMON"), "{e}");
+    }
+
+    #[test]
+    fn cap_eff_line() {
+        assert_eq!(
+            parse_cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"),
+            Some(0x1ff_ffff_ffff)
+        );
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn kernel_support_checks() {
+        let dir = std::env::temp_dir().join(format!("memprof-sys-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("bus/event_source/devices/uprobe")).unwrap();
+        let e = check_kernel(&dir).unwrap_err().to_string();
+        assert!(e.contains("no BTF"), "{e}");
+        fs::create_dir_all(dir.join("kernel/btf")).unwrap();
+        fs::write(dir.join("kernel/btf/vmlinux"), b"").unwrap();
+        assert!(check_kernel(&dir).is_ok());
+        fs::remove_dir_all(dir.join("bus")).unwrap();
+        let e = check_kernel(&dir).unwrap_err().to_string();
+        assert!(e.contains("no uprobe support"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn command_lookup() {
+        assert!(resolve_command("sh").is_ok());
+        let e = resolve_command("memprof-no-such-command")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "command not found: memprof-no-such-command");
+        assert!(resolve_command("/nonexistent/x").is_err());
+    }
+
+    #[test]
+    fn own_executable_is_dynamic() {
+        let exe = std::env::current_exe().unwrap();
+        assert!(!elf_is_static(&exe).unwrap());
+        assert!(library_for_command(&exe).is_ok());
+    }
+}
