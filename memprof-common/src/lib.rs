@@ -18,13 +18,34 @@ pub const MAX_STACK_DEPTH: usize = 127;
 pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
 
 /// Default number of distinct user stacks the `STACKS` map holds.
-pub const DEFAULT_STACK_ENTRIES: u32 = 32 * 1024;
+pub const DEFAULT_STACK_ENTRIES: u32 = 64 * 1024;
 
 /// Default number of threads that can be inside an allocator call at once.
 pub const DEFAULT_INFLIGHT_ENTRIES: u32 = 16 * 1024;
 
-/// Stack id recorded when the kernel could not capture the stack (see [`Counter::StackLost`]).
-pub const NO_STACK: i32 = -1;
+/// Stack key recorded when the kernel could not capture the stack (see [`Counter::StackLost`]).
+pub const NO_STACK: u64 = 0;
+
+/// A user stack as the kernel stores it in the `STACKS` map: return addresses, innermost first,
+/// zero-filled after the last frame. Stacks are keyed by a 64-bit hash of their frames, so a key
+/// names one stack for the whole trace (unlike `bpf_get_stackid` ids, which collide per bucket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackTrace {
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+
+impl StackTrace {
+    /// The recorded frames.
+    pub fn frames(&self) -> &[u64] {
+        let n = self
+            .ips
+            .iter()
+            .position(|ip| *ip == 0)
+            .unwrap_or(MAX_STACK_DEPTH);
+        &self.ips[..n]
+    }
+}
 
 /// What a ring-buffer record describes. Stable values: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,7 +156,7 @@ impl AllocFn {
 pub enum Counter {
     /// Events dropped because the ring buffer was full.
     RingFull = 0,
-    /// Allocations whose stack could not be stored (map full, hash collision, fault).
+    /// Allocations whose stack could not be captured or stored (map full, fault).
     StackLost = 1,
     /// Allocator calls not traced because the in-flight map was full.
     InflightFull = 2,
@@ -173,9 +194,8 @@ pub struct AllocEvent {
     pub addr: u64,
     /// Requested size in bytes (calloc: nmemb * size).
     pub size: u64,
-    /// Id in the `STACKS` map, or [`NO_STACK`].
-    pub stack_id: i32,
-    pub _pad: u32,
+    /// Key in the `STACKS` map, or [`NO_STACK`].
+    pub stack: u64,
 }
 
 /// A block was released (`EventKind::Free`, `EventKind::ReallocFailed`).
@@ -214,6 +234,7 @@ mod pod {
     unsafe impl aya::Pod for super::FreeEvent {}
     unsafe impl aya::Pod for super::UnmapEvent {}
     unsafe impl aya::Pod for super::RemapEvent {}
+    unsafe impl aya::Pod for super::StackTrace {}
 }
 
 #[cfg(test)]

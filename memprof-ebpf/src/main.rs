@@ -11,16 +11,17 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    EbpfContext as _,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
-    DEFAULT_STACK_ENTRIES, EVENT_VERSION, EventHeader, EventKind, FreeEvent, NO_STACK, RemapEvent,
-    UnmapEvent,
+    DEFAULT_STACK_ENTRIES, EVENT_VERSION, EventHeader, EventKind, FreeEvent, MAX_STACK_DEPTH,
+    NO_STACK, RemapEvent, StackTrace, UnmapEvent,
 };
 
 /// Process the programs report on; set by the agent at load time.
@@ -30,8 +31,14 @@ static TARGET_TGID: u32 = 0;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
+/// Stacks keyed by a hash of their frames: content-addressed, so a key never changes meaning.
 #[map]
-static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_ENTRIES, 0);
+static STACKS: HashMap<u64, StackTrace> =
+    HashMap::with_max_entries(DEFAULT_STACK_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Per-CPU scratch space for capturing a stack (too big for the BPF stack).
+#[map]
+static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
@@ -152,33 +159,64 @@ fn in_flight(id: u64) -> bool {
     INFLIGHT.get_ptr(id).is_some()
 }
 
+/// Captures the user stack and returns its key in `STACKS`, or `NO_STACK`.
+///
+/// At a return probe the instruction pointer is the return address in the allocator's caller,
+/// so the stack starts at the caller and holds no allocator frame.
 #[inline(always)]
-fn stack_id<C: StackIdContext>(ctx: &C) -> i32 {
-    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as i32,
-        Err(_) => {
+fn stack_key(ctx: &RetProbeContext) -> u64 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackLost);
+        return NO_STACK;
+    };
+    // SAFETY: the helper writes at most `size` bytes into the per-CPU buffer and zero-fills the
+    // rest.
+    let len = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            size_of::<StackTrace>() as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if len <= 0 {
+        count(Counter::StackLost);
+        return NO_STACK;
+    }
+    let frames = len as usize / 8;
+    // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
+    let ips = unsafe { &(*buf).ips };
+    let mut hash: u64 = frames as u64;
+    for (i, ip) in ips.iter().enumerate().take(MAX_STACK_DEPTH) {
+        if i >= frames {
+            break;
+        }
+        hash = (hash.rotate_left(5) ^ *ip).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    // Zero is `NO_STACK`.
+    let key = hash | 1;
+    if STACKS.get_ptr(key).is_none() {
+        // SAFETY: as above.
+        let trace = unsafe { &*buf };
+        // Another CPU may have inserted the same stack meanwhile: that is a success too.
+        if let Err(e) = STACKS.insert(key, trace, BPF_NOEXIST as u64)
+            && e != -17
+        {
             count(Counter::StackLost);
-            NO_STACK
+            return NO_STACK;
         }
     }
+    key
 }
 
 #[inline(always)]
-fn emit_alloc(
-    ctx: &RetProbeContext,
-    kind: EventKind,
-    func: u32,
-    id: u64,
-    addr: u64,
-    size: u64,
-) {
-    let stack_id = stack_id(ctx);
+fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: u64, size: u64) {
+    let stack = stack_key(ctx);
     emit(AllocEvent {
         header: header(kind, func, id),
         addr,
         size,
-        stack_id,
-        _pad: 0,
+        stack,
     });
 }
 

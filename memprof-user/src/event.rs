@@ -43,7 +43,8 @@ pub struct Alloc {
     pub mmap: bool,
     pub addr: u64,
     pub size: u64,
-    pub stack_id: i32,
+    /// Key of the stack in the `STACKS` map, or `NO_STACK`.
+    pub stack: u64,
     pub ts_ns: u64,
 }
 
@@ -91,7 +92,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 mmap: kind == EventKind::Mmap,
                 addr: e.addr,
                 size: e.size,
-                stack_id: e.stack_id,
+                stack: e.stack,
                 ts_ns: header.ts_ns,
             })
         }
@@ -154,8 +155,7 @@ mod tests {
             header: header(EventKind::Alloc, AllocFn::Calloc),
             addr: 0x1000,
             size: 48,
-            stack_id: 3,
-            _pad: 0,
+            stack: 3,
         });
         assert_eq!(
             decode(&bytes),
@@ -165,7 +165,7 @@ mod tests {
                 mmap: false,
                 addr: 0x1000,
                 size: 48,
-                stack_id: 3,
+                stack: 3,
                 ts_ns: 99
             }))
         );

@@ -10,10 +10,10 @@ use std::{collections::HashMap, fs, num::NonZeroU32, path::Path};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
-use memprof_common::{COUNTER_SLOTS, Counter};
+use memprof_common::{COUNTER_SLOTS, Counter, StackTrace};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use crate::report::KernelLosses;
@@ -77,7 +77,7 @@ pub struct Tracer {
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
     pub events: RingBuf<MapData>,
-    stacks: StackTraceMap<MapData>,
+    stacks: AyaHashMap<MapData, u64, StackTrace>,
     counters: PerCpuArray<MapData, u64>,
     pub attach: AttachReport,
 }
@@ -102,7 +102,7 @@ impl Tracer {
             .context("failed to load the eBPF programs")?;
         let attach = attach_all(&mut ebpf, opts)?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
-        let stacks = StackTraceMap::try_from(take(&mut ebpf, "STACKS")?)?;
+        let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         Ok(Self {
             _ebpf: ebpf,
@@ -113,10 +113,10 @@ impl Tracer {
         })
     }
 
-    /// The frames of stack `id`, innermost first; empty if the map no longer holds it.
-    pub fn stack(&self, id: i32) -> Vec<u64> {
-        match self.stacks.get(&(id as u32), 0) {
-            Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
+    /// The frames of stack `key`, innermost first; empty if the map does not hold it.
+    pub fn stack(&self, key: u64) -> Vec<u64> {
+        match self.stacks.get(&key, 0) {
+            Ok(trace) => trace.frames().to_vec(),
             Err(_) => Vec::new(),
         }
     }

@@ -118,14 +118,14 @@ struct Group {
 
 /// Builds a snapshot record; [`finish`] turns one into the final report.
 pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
-    let mut groups: HashMap<(i32, AllocFn, bool), Group> = HashMap::new();
+    let mut groups: HashMap<(u64, AllocFn, bool), Group> = HashMap::new();
     let mut add = |block: &LiveAlloc, mmap: bool| {
         let age = inputs.now_ns.saturating_sub(block.ts_ns);
         if age < inputs.min_age_ns {
             return;
         }
         let g = groups
-            .entry((block.stack_id, block.func, mmap))
+            .entry((block.stack, block.func, mmap))
             .or_insert(Group {
                 oldest_ns: u64::MAX,
                 ..Group::default()
@@ -150,8 +150,8 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
     let mut unknown_frames = 0;
     let leaks = ranked
         .into_iter()
-        .map(|((stack_id, func, mmap), g)| {
-            let stack = match inputs.stacks.get(stack_id).filter(|_| stack_id != NO_STACK) {
+        .map(|((stack, func, mmap), g)| {
+            let stack = match inputs.stacks.get(stack).filter(|_| stack != NO_STACK) {
                 Some(frames) => symbolizer.frames(inputs.stacks, frames),
                 None => Vec::new(),
             };
@@ -317,14 +317,14 @@ mod tests {
     use super::*;
     use crate::event::{Alloc, Event};
 
-    fn alloc(addr: u64, size: u64, stack_id: i32, ts_ns: u64) -> Event {
+    fn alloc(addr: u64, size: u64, stack: u64, ts_ns: u64) -> Event {
         Event::Alloc(Alloc {
             tid: 1,
             func: AllocFn::Malloc,
             mmap: false,
             addr,
             size,
-            stack_id,
+            stack,
             ts_ns,
         })
     }

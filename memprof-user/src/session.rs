@@ -170,8 +170,8 @@ impl Session {
 
     fn observe(&mut self, event: &Event) {
         match event {
-            Event::Alloc(a) if a.stack_id != NO_STACK && !self.stacks.contains(a.stack_id) => {
-                self.learn_stack(a.stack_id);
+            Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
+                self.learn_stack(a.stack);
             }
             Event::ExecMap => self.space_stale = true,
             _ => {}
@@ -180,15 +180,15 @@ impl Session {
     }
 
     /// Reads a new stack from the kernel and normalizes it while the process is alive.
-    fn learn_stack(&mut self, id: i32) {
-        let ips = self.tracer.stack(id);
+    fn learn_stack(&mut self, key: u64) {
+        let ips = self.tracer.stack(key);
         if (self.space_stale || !StackStore::covered(&self.space, &ips))
             && let Ok(space) = AddressSpace::read(self.pid)
         {
             self.space = space;
             self.space_stale = false;
         }
-        self.stacks.insert(id, &ips, &self.space);
+        self.stacks.insert(key, &ips, &self.space);
     }
 
     pub fn snapshot(&mut self) -> Report {

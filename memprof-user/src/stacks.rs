@@ -17,7 +17,7 @@ pub struct RawFrame {
 
 #[derive(Debug, Default)]
 pub struct StackStore {
-    stacks: HashMap<i32, Vec<RawFrame>>,
+    stacks: HashMap<u64, Vec<RawFrame>>,
     modules: Vec<String>,
     module_ids: HashMap<String, u32>,
 }
@@ -27,7 +27,7 @@ impl StackStore {
         Self::default()
     }
 
-    pub fn contains(&self, id: i32) -> bool {
+    pub fn contains(&self, id: u64) -> bool {
         self.stacks.contains_key(&id)
     }
 
@@ -37,7 +37,7 @@ impl StackStore {
     }
 
     /// Stores stack `id` with frames `ips` (innermost first), normalized against `space`.
-    pub fn insert(&mut self, id: i32, ips: &[u64], space: &AddressSpace) {
+    pub fn insert(&mut self, id: u64, ips: &[u64], space: &AddressSpace) {
         let frames = ips
             .iter()
             .map(|&addr| match space.find(addr) {
@@ -66,7 +66,7 @@ impl StackStore {
         id
     }
 
-    pub fn get(&self, id: i32) -> Option<&[RawFrame]> {
+    pub fn get(&self, id: u64) -> Option<&[RawFrame]> {
         self.stacks.get(&id).map(Vec::as_slice)
     }
 

@@ -16,7 +16,8 @@ use crate::event::{Alloc, Event};
 pub struct LiveAlloc {
     pub size: u64,
     pub ts_ns: u64,
-    pub stack_id: i32,
+    /// Key of the allocation's stack (`NO_STACK` when not captured).
+    pub stack: u64,
     pub func: AllocFn,
 }
 
@@ -246,7 +247,7 @@ fn live(a: &Alloc) -> LiveAlloc {
     LiveAlloc {
         size: a.size,
         ts_ns: a.ts_ns,
-        stack_id: a.stack_id,
+        stack: a.stack,
         func: a.func,
     }
 }
@@ -262,7 +263,7 @@ mod tests {
             mmap: func == AllocFn::Mmap,
             addr,
             size,
-            stack_id: 5,
+            stack: 5,
             ts_ns: 10,
         })
     }
@@ -385,10 +386,7 @@ mod tests {
             new_addr: 0x50000,
             new_len: 0x5000,
         });
-        let regions: Vec<_> = t
-            .map_regions()
-            .map(|(a, r)| (a, r.size, r.stack_id))
-            .collect();
+        let regions: Vec<_> = t.map_regions().map(|(a, r)| (a, r.size, r.stack)).collect();
         assert_eq!(regions, vec![(0x50000, 0x5000, 5)]);
         let m = t.mmap_totals;
         assert_eq!(
