@@ -53,7 +53,10 @@ pub struct Session {
     table: Table,
     stacks: StackStore,
     space: AddressSpace,
+    /// Set when a library was mapped since `space` was read.
     space_stale: bool,
+    /// When `space` was last read (CLOCK_MONOTONIC ns).
+    space_read_ns: u64,
     symbolizer: Symbolizer,
     decode_errors: u64,
     start_ns: u64,
@@ -82,8 +85,10 @@ impl Session {
             tracer,
             table: Table::new(),
             stacks: StackStore::new(),
-            space: AddressSpace::read(pid).unwrap_or_default(),
-            space_stale: false,
+            // Read at the first stack: a spawned command has not executed yet.
+            space: AddressSpace::default(),
+            space_stale: true,
+            space_read_ns: 0,
             symbolizer: Symbolizer::new(),
             decode_errors: 0,
             start_ns: monotonic_ns(),
@@ -180,13 +185,21 @@ impl Session {
     }
 
     /// Reads a new stack from the kernel and normalizes it while the process is alive.
+    ///
+    /// The address-space view is re-read when a library was mapped since the last read, or when
+    /// a frame falls outside every known mapping. The latter is rate-limited: without frame
+    /// pointers deeper frames are often garbage that no re-read would place.
     fn learn_stack(&mut self, key: u64) {
+        const REREAD_NS: u64 = 50_000_000;
         let ips = self.tracer.stack(key);
-        if (self.space_stale || !StackStore::covered(&self.space, &ips))
-            && let Ok(space) = AddressSpace::read(self.pid)
-        {
+        let now = monotonic_ns();
+        let reread = self.space_stale
+            || (!StackStore::covered(&self.space, &ips)
+                && now.saturating_sub(self.space_read_ns) > REREAD_NS);
+        if reread && let Ok(space) = AddressSpace::read(self.pid) {
             self.space = space;
             self.space_stale = false;
+            self.space_read_ns = now;
         }
         self.stacks.insert(key, &ips, &self.space);
     }

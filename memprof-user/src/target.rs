@@ -32,15 +32,17 @@ pub fn check_capabilities(cap_eff: u64, euid: u32) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let who = if euid == 0 {
-        "running as root but".to_string()
-    } else {
-        format!("not running as root (uid {euid}) and")
-    };
+    let plural = if missing.len() == 1 { "y" } else { "ies" };
+    let missing = missing.join(", ");
+    if euid == 0 {
+        bail!(
+            "running as root but missing capabilit{plural} {missing} (reduced capability set); \
+             give memprof CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN"
+        )
+    }
     bail!(
-        "{who} missing capabilit{} {}; run memprof with sudo (or grant CAP_BPF and CAP_PERFMON)",
-        if missing.len() == 1 { "y" } else { "ies" },
-        missing.join(", ")
+        "not running as root (uid {euid}) and missing capabilit{plural} {missing}; run memprof \
+         with sudo"
     )
 }
 
