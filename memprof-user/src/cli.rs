@@ -113,7 +113,7 @@ pub fn run() -> Result<i32> {
 }
 
 fn trace(args: TraceArgs) -> Result<i32> {
-    if args.pid.is_some() == !args.command.is_empty() {
+    if args.pid.is_some() != args.command.is_empty() {
         bail!("give either --pid PID or -- COMMAND [ARGS...]");
     }
     // SAFETY: geteuid cannot fail.

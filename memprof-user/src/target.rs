@@ -269,7 +269,7 @@ mod tests {
         let e = check_capabilities(all & !(1 << CAP_BPF) & !(1 << CAP_SYS_ADMIN), 0)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("missing capability CAP_BPF;"), "{e}");
+        assert!(e.contains("missing capability CAP_BPF (reduced"), "{e}");
         let e = check_capabilities(0, 1000).unwrap_err().to_string();
         assert!(e.contains("not running as root (uid 1000)"), "{e}");
         assert!(e.contains("CAP_BPF, CAP_PERFMON"), "{e}");

@@ -1,0 +1,182 @@
+//! Developer tasks for the memprof workspace, run as `cargo xtask <command>`.
+//!
+//! xtask only orchestrates: it installs the toolchain (`setup`), and runs cargo, the C compiler
+//! and the memprof binary. The eBPF object is normally built by `memprof-user/build.rs`;
+//! `build-ebpf` builds it standalone for working on the kernel side.
+
+mod setup;
+mod util;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::util::{Workspace, ensure_root, run};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args...]
+
+commands:
+  setup                 install what building and testing need (apt packages, the pinned
+                        nightly with rust-src, bpf-linker) and mount tracefs; needs root
+  build-ebpf [ARGS]     build the eBPF object standalone into target/ebpf (ARGS go to cargo build)
+  test [ARGS] [-- HARNESS_ARGS]
+                        setup, build memprof, run all tests serially; needs root.
+                        ARGS go to cargo test (e.g. a test-name filter), HARNESS_ARGS to the
+                        test binaries (e.g. --nocapture)
+  demo [MEMPROF_ARGS]   setup, build memprof, trace the bundled demo/leaky_cache.c workload;
+                        MEMPROF_ARGS go to `memprof trace` (e.g. --json); needs root
+";
+
+/// Crates tested by `cargo xtask test`. Not `--workspace`: that selects every member,
+/// including `memprof-ebpf`, which only builds for the BPF target.
+const TEST_PACKAGES: &[&str] = &["memprof-common", "memprof-user", "xtask"];
+
+/// Flags aya-build passes for the kernel object: debug info carries the BTF the loader needs.
+const EBPF_RUSTFLAGS: &[&str] = &[
+    "--cfg=bpf_target_arch=\"x86_64\"",
+    "-Cdebuginfo=2",
+    "-Clink-arg=--btf",
+];
+
+/// Set by the outer cargo and rustup for xtask; inherited, they would pin the nested nightly
+/// build to the host toolchain.
+const HOST_TOOLCHAIN_VARS: &[&str] = &[
+    "RUSTC",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO",
+    "RUSTUP_TOOLCHAIN",
+];
+
+/// The bundled demo workload: `demo/<name>.c`, built into `target/demo/<name>`.
+const DEMO_PROGRAM: &str = "leaky_cache";
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> Result<()> {
+    let mut args = std::env::args_os().skip(1);
+    let Some(command) = args.next() else {
+        eprint!("{USAGE}");
+        bail!("no command given");
+    };
+    let rest: Vec<OsString> = args.collect();
+    let ws = Workspace::locate();
+    match command.to_str() {
+        Some("setup") => {
+            no_args("setup", &rest)?;
+            setup::setup()
+        }
+        Some("build-ebpf") => build_ebpf(&ws, &rest),
+        Some("test") => test(&ws, &rest),
+        Some("demo") => demo(&ws, &rest),
+        Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprint!("{USAGE}");
+            bail!("unknown command {command:?}")
+        }
+    }
+}
+
+fn no_args(command: &str, rest: &[OsString]) -> Result<()> {
+    if let Some(arg) = rest.first() {
+        bail!("`cargo xtask {command}` takes no arguments, got {arg:?}");
+    }
+    Ok(())
+}
+
+/// Builds the kernel programs with the pinned nightly, the way aya-build does from
+/// `memprof-user/build.rs`, but into a target directory of their own.
+fn build_ebpf(ws: &Workspace, extra: &[OsString]) -> Result<()> {
+    let target_dir = ws.target_dir().join("ebpf");
+    let mut cmd = ws.command("rustup");
+    cmd.args(["run", setup::NIGHTLY, "cargo", "build"])
+        .args(["--package", "memprof-ebpf", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .args(extra)
+        .env("CARGO_ENCODED_RUSTFLAGS", EBPF_RUSTFLAGS.join("\x1f"));
+    for var in HOST_TOOLCHAIN_VARS {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd).context(
+        "building the eBPF object failed; `cargo xtask setup` (as root) installs the pinned \
+         nightly and bpf-linker",
+    )?;
+    let object = target_dir.join("bpfel-unknown-none/release/memprof");
+    eprintln!("ebpf object: {}", object.display());
+    Ok(())
+}
+
+/// `cargo build --release -p memprof-user`, with the eBPF object built by its build.rs.
+fn build_memprof(ws: &Workspace) -> Result<()> {
+    let mut cmd = ws.cargo();
+    cmd.args(["build", "--release", "--package", "memprof-user"])
+        // The build script skips the eBPF object when this is set (for check/clippy); the
+        // tests and the demo need the real one.
+        .env_remove("AYA_BUILD_SKIP");
+    run(&mut cmd)
+}
+
+fn test(ws: &Workspace, extra: &[OsString]) -> Result<()> {
+    ensure_root("test", "the tests load eBPF programs")?;
+    setup::setup()?;
+    build_memprof(ws)?;
+
+    let split = extra.iter().position(|arg| arg == "--");
+    let (cargo_args, harness_args) = match split {
+        Some(i) => (&extra[..i], &extra[i + 1..]),
+        None => (extra, &[][..]),
+    };
+    let mut cmd = ws.cargo();
+    cmd.args(["test", "--release"]);
+    for package in TEST_PACKAGES {
+        cmd.args(["--package", package]);
+    }
+    // Run every test binary even when one fails, so a run shows all failures.
+    if !cargo_args.iter().any(|arg| arg == "--no-fail-fast") {
+        cmd.arg("--no-fail-fast");
+    }
+    cmd.args(cargo_args)
+        .args(["--", "--test-threads=1"])
+        .args(harness_args)
+        .env_remove("AYA_BUILD_SKIP");
+    run(&mut cmd)
+}
+
+fn demo(ws: &Workspace, memprof_args: &[OsString]) -> Result<()> {
+    ensure_root("demo", "memprof loads eBPF programs")?;
+    setup::setup()?;
+    build_memprof(ws)?;
+
+    let source = ws.root.join("demo").join(format!("{DEMO_PROGRAM}.c"));
+    let out_dir = ws.target_dir().join("demo");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("failed to create {}", out_dir.display()))?;
+    let program = out_dir.join(DEMO_PROGRAM);
+    let mut cc = ws.command("cc");
+    cc.args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&program)
+        .arg(&source);
+    run(&mut cc)?;
+
+    let memprof = ws.target_dir().join("release/memprof");
+    let mut trace = ws.command(&memprof);
+    trace
+        .arg("trace")
+        .args(memprof_args)
+        .arg("--")
+        .arg(&program);
+    run(&mut trace)
+}
