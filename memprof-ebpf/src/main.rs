@@ -307,13 +307,16 @@ pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
 }
 
 /// realloc(p, n) = free(p) + alloc(n). The free is announced at entry, before the allocator can
-/// hand the block to another thread; a failed call is reported back as `ReallocFailed`.
+/// hand the block to another thread. With n > 0 it is provisional (tagged with the realloc): the
+/// agent settles it at the return, or restores the block on `ReallocFailed`. realloc(p, 0)
+/// frees p whatever it returns, so that free is final (tagged `free`).
 #[inline(always)]
 fn realloc_common(func: AllocFn, old: u64, size: u64) {
     if let Some(id) = enter(func, size, old, 0)
         && old != 0
     {
-        emit_free(EventKind::Free, func as u32, id, old);
+        let tag = if size == 0 { AllocFn::Free } else { func };
+        emit_free(EventKind::Free, tag as u32, id, old);
     }
 }
 

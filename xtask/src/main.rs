@@ -152,7 +152,73 @@ fn test(ws: &Workspace, extra: &[OsString]) -> Result<()> {
         .args(["--", "--test-threads=1"])
         .args(harness_args)
         .env_remove("AYA_BUILD_SKIP");
-    run(&mut cmd)
+    run_counting_tests(&mut cmd)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one line totalling every test binary's
+/// `test result:` line (doc-test binaries with no tests come last and would otherwise close the
+/// log with "0 passed").
+fn run_counting_tests(cmd: &mut std::process::Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("+ {}", util::display(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("failed to start cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("failed to read cargo test output")?;
+            println!("{line}");
+            if let Some((p, f)) = parse_test_result(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait().context("failed to wait for cargo test")?;
+    println!("\ntests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// `(passed, failed)` from a libtest summary such as
+/// `test result: ok. 27 passed; 0 failed; 0 ignored; ...`.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    // Parts look like "ok. 27 passed", "0 failed": the number is the word before the name.
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';').find_map(|part| {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            match words[..] {
+                [.., n, w] if w == word => n.parse().ok(),
+                _ => None,
+            }
+        })
+    };
+    Some((count("passed")?, count("failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn parses_libtest_summary() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 27 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some((27, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
 
 fn demo(ws: &Workspace, memprof_args: &[OsString]) -> Result<()> {
