@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 1;
+pub const EVENT_VERSION: u16 = 2;
 
 /// Maximum number of frames the kernel records per user stack (the kernel's
 /// `PERF_MAX_STACK_DEPTH`).
@@ -67,6 +67,10 @@ pub enum EventKind {
     /// An executable file mapping appeared (a library was loaded); the agent refreshes its view of
     /// the address space: header only.
     ExecMap = 7,
+    /// A thread entered a function named by `--phase`: [`PhaseEvent`].
+    PhaseEnter = 8,
+    /// A thread returned from a function named by `--phase`: [`PhaseEvent`].
+    PhaseLeave = 9,
 }
 
 impl EventKind {
@@ -80,6 +84,8 @@ impl EventKind {
             5 => Self::Munmap,
             6 => Self::Mremap,
             7 => Self::ExecMap,
+            8 => Self::PhaseEnter,
+            9 => Self::PhaseLeave,
             _ => return None,
         })
     }
@@ -179,7 +185,7 @@ pub struct EventHeader {
     pub tgid: u32,
     /// Thread id.
     pub tid: u32,
-    /// An [`AllocFn`] value: the entry point that produced the record.
+    /// An [`AllocFn`] value: the entry point that produced the record (0 for phase records).
     pub func: u32,
     /// `bpf_ktime_get_ns()` when the record was produced (CLOCK_MONOTONIC).
     pub ts_ns: u64,
@@ -226,6 +232,16 @@ pub struct RemapEvent {
     pub new_len: u64,
 }
 
+/// A thread entered or left a phase function (`EventKind::PhaseEnter`, `EventKind::PhaseLeave`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseEvent {
+    pub header: EventHeader,
+    /// Index of the phase in the agent's `--phase` list (the probe's attach cookie).
+    pub phase: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all types are repr(C), made of integers, with explicit padding.
@@ -235,6 +251,7 @@ mod pod {
     unsafe impl aya::Pod for super::UnmapEvent {}
     unsafe impl aya::Pod for super::RemapEvent {}
     unsafe impl aya::Pod for super::StackTrace {}
+    unsafe impl aya::Pod for super::PhaseEvent {}
 }
 
 #[cfg(test)]
@@ -250,6 +267,7 @@ mod tests {
         assert_eq!(size_of::<FreeEvent>(), 32);
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<RemapEvent>(), 56);
+        assert_eq!(size_of::<PhaseEvent>(), 32);
     }
 
     #[test]
@@ -259,9 +277,9 @@ mod tests {
         }
         assert_eq!(AllocFn::from_u32(0), None);
         assert_eq!(AllocFn::from_u32(14), None);
-        for k in 1..=7 {
+        for k in 1..=9 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }
-        assert_eq!(EventKind::from_u16(8), None);
+        assert_eq!(EventKind::from_u16(10), None);
     }
 }

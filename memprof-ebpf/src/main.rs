@@ -13,7 +13,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_user,
+    },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
@@ -21,7 +24,7 @@ use aya_ebpf::{
 use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
     DEFAULT_STACK_ENTRIES, EVENT_VERSION, EventHeader, EventKind, FreeEvent, MAX_STACK_DEPTH,
-    NO_STACK, RemapEvent, StackTrace, UnmapEvent,
+    NO_STACK, PhaseEvent, RemapEvent, StackTrace, UnmapEvent,
 };
 
 /// Process the programs report on; set by the agent at load time.
@@ -418,6 +421,34 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         }
     }
     0
+}
+
+// ---- phases: functions named by `--phase`; the attach cookie is the phase's index ----
+
+#[uprobe]
+pub fn phase_entry(ctx: ProbeContext) -> u32 {
+    phase_event(ctx.as_ptr(), EventKind::PhaseEnter);
+    0
+}
+
+#[uretprobe]
+pub fn phase_return(ctx: RetProbeContext) -> u32 {
+    phase_event(ctx.as_ptr(), EventKind::PhaseLeave);
+    0
+}
+
+#[inline(always)]
+fn phase_event(ctx: *mut core::ffi::c_void, kind: EventKind) {
+    let Some(id) = traced_thread() else {
+        return;
+    };
+    // SAFETY: the helper reads the cookie of the link that ran this program.
+    let phase = unsafe { bpf_get_attach_cookie(ctx) } as u32;
+    emit(PhaseEvent {
+        header: header(kind, 0, id),
+        phase,
+        _pad: 0,
+    });
 }
 
 /// A file mapped executable (a library being loaded) tells the agent to refresh its view of the

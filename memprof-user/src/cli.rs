@@ -1,6 +1,12 @@
-//! Command line: `memprof trace --pid PID` and `memprof trace -- CMD ARGS`.
+//! Command line: `memprof trace --pid PID`, `memprof trace -- CMD ARGS`, `memprof diff A B`,
+//! `memprof mark NAME`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -8,11 +14,18 @@ use memprof_common::DEFAULT_RING_BYTES;
 use serde::Serialize;
 
 use crate::{
+    analysis::categories::{self, Rule},
+    diff,
     load::{Options, Tracer},
-    report,
+    maps::AddressSpace,
+    marks, report,
     session::{End, PidFd, Session, Settings, write_json_line},
     target,
 };
+
+/// Exit status of a CI gate that fails (`--fail-on-leak`, `diff --fail-if-grows`), kept apart
+/// from 1 (memprof itself failed).
+pub const GATE_FAILED: i32 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +42,36 @@ pub struct Cli {
 enum Command {
     /// Trace allocations until the process exits, --duration elapses, or Ctrl-C.
     Trace(TraceArgs),
+    /// Compare two reports saved with `trace --output`: what grew and where.
+    Diff(DiffArgs),
+    /// Start a time phase NAME in a running trace (from another shell or a script).
+    Mark(MarkArgs),
+}
+
+#[derive(Debug, Args)]
+struct DiffArgs {
+    /// The earlier report.
+    before: PathBuf,
+    /// The later report.
+    after: PathBuf,
+    /// Write the comparison as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 3 when outstanding heap bytes grew by more than PCT percent.
+    #[arg(long, value_name = "PCT")]
+    fail_if_grows: Option<f64>,
+    /// Show only the N sites that changed most (text).
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+}
+
+#[derive(Debug, Args)]
+struct MarkArgs {
+    /// Name of the phase that starts now.
+    name: String,
+    /// The traced process (needed when several traces run).
+    #[arg(long, short)]
+    pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +98,32 @@ struct TraceArgs {
     /// Show only the N largest call sites (default: 10 in text, all in JSON).
     #[arg(long)]
     top: Option<usize>,
+    /// Save the final report (one JSON object) to FILE, for `memprof diff`.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Memory limit to project growth against (e.g. 2G, 512M, 1.5GiB); the report gives the
+    /// hours until RSS reaches it.
+    #[arg(long, value_parser = parse_bytes)]
+    limit: Option<u64>,
+    /// Emit an alert when outstanding heap bytes exceed this (e.g. 100M).
+    #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
+    alert_threshold: Option<u64>,
+    /// Emit an alert when the heap grows faster than this many MB per hour.
+    #[arg(long, value_name = "MB_PER_HOUR")]
+    growth_threshold: Option<f64>,
+    /// Exit with status 3 when a call site's verdict is `leak`.
+    #[arg(long)]
+    fail_on_leak: bool,
+    /// A phase active while a thread is inside FUNCTION (repeatable): NAME=FUNCTION.
+    #[arg(long, value_name = "NAME=FUNCTION")]
+    phase: Vec<String>,
+    /// Group outstanding bytes by a rule on function or module names (repeatable):
+    /// NAME=REGEX. Groups matching no rule fall into their module.
+    #[arg(long, value_name = "NAME=REGEX")]
+    category: Vec<String>,
+    /// How often each call site's outstanding bytes are sampled for growth analysis.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    sample_every: Duration,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     ring_bytes: u32,
@@ -83,6 +152,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses `512M`, `2G`, `1.5GiB`, `4096` (bytes; K/M/G/T are powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size {s:?} (try 512M, 2G, 4096)")),
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * scale as f64) as u64),
+        _ => Err(format!("invalid size {s:?} (try 512M, 2G, 4096)")),
+    }
+}
+
+fn split_spec(spec: &str, what: &str) -> Result<(String, String)> {
+    categories::parse_rule_spec(spec).map_err(|e| anyhow::anyhow!("invalid {what} {spec:?}: {e}"))
+}
+
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     let v: u32 = s.parse().map_err(|_| format!("invalid size {s:?}"))?;
     if v < 4096 || !v.is_power_of_two() {
@@ -109,6 +203,34 @@ pub fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.command {
         Command::Trace(args) => trace(args),
+        Command::Diff(args) => diff_reports(&args),
+        Command::Mark(args) => {
+            marks::send(Path::new(marks::SOCKET_DIR), args.pid, &args.name)?;
+            Ok(0)
+        }
+    }
+}
+
+fn diff_reports(args: &DiffArgs) -> Result<i32> {
+    let before = diff::load_report(&args.before)?;
+    let after = diff::load_report(&args.after)?;
+    let d = diff::diff(&before, &after)?;
+    if args.json {
+        write_json_line(&d)?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", diff::render_text(&d, args.top))?;
+        out.flush()?;
+    }
+    match args.fail_if_grows {
+        Some(pct) if diff::grows_beyond(&d, pct) => {
+            eprintln!(
+                "memprof: outstanding heap bytes grew by more than {pct}% ({} -> {})",
+                d.outstanding_bytes_before, d.outstanding_bytes_after
+            );
+            Ok(GATE_FAILED)
+        }
+        _ => Ok(0),
     }
 }
 
@@ -116,27 +238,67 @@ fn trace(args: TraceArgs) -> Result<i32> {
     if args.pid.is_some() != args.command.is_empty() {
         bail!("give either --pid PID or -- COMMAND [ARGS...]");
     }
+    // Check every option before touching the target.
+    let phases = args
+        .phase
+        .iter()
+        .map(|spec| split_spec(spec, "--phase"))
+        .collect::<Result<Vec<_>>>()?;
+    let rules = args
+        .category
+        .iter()
+        .map(|spec| {
+            let (name, pattern) = split_spec(spec, "--category")?;
+            let re = regex_lite::Regex::new(&pattern)
+                .with_context(|| format!("invalid --category regex {pattern:?}"))?;
+            Ok(Rule {
+                name,
+                matcher: Box::new(move |s: &str| re.is_match(s)),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     target::check_capabilities(target::effective_capabilities()?, euid)?;
     target::check_kernel(std::path::Path::new("/sys"))?;
 
-    let (pid, library, spawned) = match args.pid {
+    let (pid, library, objects, spawned) = match args.pid {
         Some(pid) => {
             if pid == std::process::id() {
                 bail!("memprof cannot trace itself");
             }
-            (pid, target::library_of_pid(pid)?, None)
+            let library = target::library_of_pid(pid)?;
+            // Phase functions: the executable first, then every mapped file.
+            let mut objects = vec![PathBuf::from(format!("/proc/{pid}/exe"))];
+            if let Ok(space) = AddressSpace::read(pid) {
+                for m in space.mappings() {
+                    let p = PathBuf::from(format!("/proc/{pid}/root{}", m.path));
+                    if !objects.contains(&p) {
+                        objects.push(p);
+                    }
+                }
+            }
+            (pid, library, objects, None)
         }
         None => {
             let path = target::resolve_command(&args.command[0])?;
             let library = target::library_for_command(&path)?;
             // Fork before any thread exists (the runtime is built afterwards).
             let child = target::spawn_stopped(&path, &args.command, args.json)?;
-            (child.pid, library, Some(child))
+            (child.pid, library, vec![path], Some(child))
         }
     };
-    let result = trace_pid(&args, pid, library, spawned.as_ref());
+    let result = trace_pid(
+        &args,
+        Target {
+            pid,
+            library,
+            phases: &phases,
+            objects: &objects,
+        },
+        rules,
+        spawned.as_ref(),
+    );
     if result.is_err()
         && let Some(child) = &spawned
     {
@@ -145,17 +307,33 @@ fn trace(args: TraceArgs) -> Result<i32> {
     result
 }
 
-fn trace_pid(
-    args: &TraceArgs,
+/// What `trace_pid` attaches to.
+struct Target<'a> {
     pid: u32,
     library: PathBuf,
+    phases: &'a [(String, String)],
+    objects: &'a [PathBuf],
+}
+
+fn trace_pid(
+    args: &TraceArgs,
+    target: Target<'_>,
+    rules: Vec<Rule>,
     spawned: Option<&target::Spawned>,
 ) -> Result<i32> {
+    let Target {
+        pid,
+        library,
+        phases,
+        objects,
+    } = target;
     let pidfd = PidFd::open(pid)?;
     let tracer = Tracer::attach(&Options {
         pid,
         library: &library,
         ring_bytes: args.ring_bytes,
+        phases,
+        phase_objects: objects,
     })
     .with_context(|| format!("failed to trace pid {pid}"))?;
 
@@ -192,8 +370,14 @@ fn trace_pid(
         interval: args.interval,
         min_age: args.min_age,
         top: args.top,
+        sample_every: args.sample_every,
+        limit: args.limit,
+        alert_bytes: args.alert_threshold,
+        alert_growth_mb_per_hour: args.growth_threshold,
+        phases: phases.iter().map(|(name, _)| name.clone()).collect(),
+        mark_dir: Some(PathBuf::from(marks::SOCKET_DIR)),
     };
-    let mut session = Session::new(pid, tracer, settings, spawned.is_some(), pidfd);
+    let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
     let end = runtime.block_on(async {
         if let Some(child) = spawned {
             child.resume();
@@ -206,12 +390,25 @@ fn trace_pid(
         End::Duration | End::Signal => (false, None),
     };
     let report = report::finish(session.snapshot(), exited, code);
+    if let Some(path) = &args.output {
+        save_report(path, &report)?;
+    }
     session.emit(&report)?;
+    if args.fail_on_leak && report.leak_detected {
+        eprintln!("memprof: leak detected (--fail-on-leak)");
+        return Ok(GATE_FAILED);
+    }
     Ok(if spawned.is_some() {
         code.unwrap_or(0)
     } else {
         0
     })
+}
+
+fn save_report(path: &Path, report: &report::Report) -> Result<()> {
+    let mut bytes = serde_json::to_vec(report)?;
+    bytes.push(b'\n');
+    fs::write(path, bytes).with_context(|| format!("failed to write {}", path.display()))
 }
 
 /// Shell-style exit code of a wait status: the exit status, or 128 + the killing signal.
@@ -240,6 +437,17 @@ mod tests {
     }
 
     #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("10kb"), Ok(10 << 10));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5X").is_err());
+    }
+
+    #[test]
     fn ring_sizes() {
         assert_eq!(parse_ring_bytes("65536"), Ok(65536));
         assert!(parse_ring_bytes("65535").is_err());
@@ -265,7 +473,19 @@ mod tests {
         ])
         .unwrap();
         let cli = Cli::try_parse_from(["memprof", "trace", "--", "ls", "-l"]).unwrap();
-        let Command::Trace(args) = cli.command;
+        let Command::Trace(args) = cli.command else {
+            panic!("not a trace command");
+        };
         assert_eq!(args.command, vec!["ls", "-l"]);
+        Cli::try_parse_from([
+            "memprof",
+            "diff",
+            "a.json",
+            "b.json",
+            "--fail-if-grows",
+            "5",
+        ])
+        .unwrap();
+        Cli::try_parse_from(["memprof", "mark", "render", "--pid", "7"]).unwrap();
     }
 }

@@ -4,7 +4,8 @@
 //! record this build does not understand is an error the caller counts, never a misread.
 
 use memprof_common::{
-    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, FreeEvent, RemapEvent, UnmapEvent,
+    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, FreeEvent, PhaseEvent, RemapEvent,
+    UnmapEvent,
 };
 
 /// One decoded record.
@@ -16,6 +17,7 @@ pub enum Event {
         tid: u32,
         func: AllocFn,
         addr: u64,
+        ts_ns: u64,
     },
     /// The `realloc` on `tid` failed: the block it took over at entry lives on.
     ReallocFailed {
@@ -33,6 +35,13 @@ pub enum Event {
     },
     /// A library was mapped: the address-space view is stale.
     ExecMap,
+    /// A thread entered (`enter`) or left a `--phase` function.
+    Phase {
+        tid: u32,
+        phase: u32,
+        enter: bool,
+        ts_ns: u64,
+    },
 }
 
 /// A successful allocation (`kind == Heap`) or anonymous mapping (`kind == Mmap`).
@@ -81,14 +90,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         return Err(DecodeError::Version(header.version));
     }
     let kind = EventKind::from_u16(header.kind).ok_or(DecodeError::Kind(header.kind))?;
-    let func = AllocFn::from_u32(header.func).ok_or(DecodeError::Func(header.func))?;
+    let func = || AllocFn::from_u32(header.func).ok_or(DecodeError::Func(header.func));
     let tid = header.tid;
     Ok(match kind {
         EventKind::Alloc | EventKind::Mmap => {
             let e: AllocEvent = read(bytes)?;
             Event::Alloc(Alloc {
                 tid,
-                func,
+                func: func()?,
                 mmap: kind == EventKind::Mmap,
                 addr: e.addr,
                 size: e.size,
@@ -100,8 +109,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let e: FreeEvent = read(bytes)?;
             Event::Free {
                 tid,
-                func,
+                func: func()?,
                 addr: e.addr,
+                ts_ns: header.ts_ns,
             }
         }
         EventKind::ReallocFailed => {
@@ -125,6 +135,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
         }
         EventKind::ExecMap => Event::ExecMap,
+        EventKind::PhaseEnter | EventKind::PhaseLeave => {
+            let e: PhaseEvent = read(bytes)?;
+            Event::Phase {
+                tid,
+                phase: e.phase,
+                enter: kind == EventKind::PhaseEnter,
+                ts_ns: header.ts_ns,
+            }
+        }
     })
 }
 

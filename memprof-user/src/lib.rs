@@ -4,13 +4,18 @@
 //! live allocations → [`report`] → text or NDJSON. Everything below [`load`] and [`session`] is
 //! free of aya types and testable without root.
 
+pub mod analysis;
 pub mod cli;
+pub mod diff;
 pub mod event;
 pub mod load;
 pub mod maps;
+pub mod marks;
+pub mod procmem;
 pub mod report;
 pub mod session;
 pub mod stacks;
 pub mod symbolize;
 pub mod table;
 pub mod target;
+pub mod tracking;

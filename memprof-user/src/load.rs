@@ -5,13 +5,21 @@
 //! Return probes go in before entry probes: an entry seen without its return would leave the
 //! thread marked as inside an allocator.
 
-use std::{collections::HashMap, fs, num::NonZeroU32, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
 };
 use memprof_common::{COUNTER_SLOTS, Counter, StackTrace};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
@@ -87,6 +95,10 @@ pub struct Options<'a> {
     /// The libc (or other allocator library) file the process maps.
     pub library: &'a Path,
     pub ring_bytes: u32,
+    /// `--phase NAME=FUNCTION` pairs, in order (the index is the phase id).
+    pub phases: &'a [(String, String)],
+    /// Files to look for phase functions in, in order of preference.
+    pub phase_objects: &'a [PathBuf],
 }
 
 impl Tracer {
@@ -101,6 +113,7 @@ impl Tracer {
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
         let attach = attach_all(&mut ebpf, opts)?;
+        attach_phases(&mut ebpf, opts)?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
@@ -215,6 +228,50 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
     tp.attach("syscalls", "sys_enter_mmap")
         .context("failed to attach to tracepoint syscalls:sys_enter_mmap")?;
     Ok(report)
+}
+
+/// Probes entry and return of each `--phase` function; the attach cookie is the phase index.
+fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
+    if opts.phases.is_empty() {
+        return Ok(());
+    }
+    let pid = NonZeroU32::new(opts.pid).ok_or_else(|| anyhow!("pid 0 cannot be traced"))?;
+    let scope = UProbeScope::OneProcess(pid);
+    uprobe(ebpf, "phase_entry")?.load()?;
+    uprobe(ebpf, "phase_return")?.load()?;
+    for (index, (name, function)) in opts.phases.iter().enumerate() {
+        let found = opts.phase_objects.iter().find_map(|object| {
+            resolve_symbols(object, [function.as_str()])
+                .ok()
+                .and_then(|found| found.get(function).copied())
+                .map(|offset| (object, offset))
+        });
+        let Some((object, offset)) = found else {
+            bail!(
+                "phase {name}: function {function} not found in {}",
+                opts.phase_objects
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        for program in ["phase_return", "phase_entry"] {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(index as u64),
+            };
+            uprobe(ebpf, program)?
+                .attach(point, object, scope)
+                .with_context(|| {
+                    format!(
+                        "phase {name}: failed to attach to {function} in {}",
+                        object.display()
+                    )
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// File offsets of the named function symbols defined in the ELF file at `path`.

@@ -7,9 +7,17 @@ use memprof_common::{AllocFn, NO_STACK};
 use serde::Serialize;
 
 use crate::{
+    analysis::{
+        behaviour::BehaviourSummary,
+        categories::{self, Category, GroupRef, Rule},
+        growth::{self, Verdict},
+        recommend::{self, Recommendation, SiteFacts},
+    },
+    procmem::{self, ProcMem},
     stacks::StackStore,
     symbolize::{Frame, Symbolizer},
     table::{HeapTotals, LiveAlloc, MmapTotals, Table},
+    tracking::{GroupKey, PhaseReport, Tracker},
 };
 
 /// Losses the kernel programs counted (summed over CPUs).
@@ -68,6 +76,15 @@ pub struct Leak {
     pub allocator: &'static str,
     /// `heap` (malloc family) or `mmap` (anonymous mapping outside the allocator).
     pub kind: &'static str,
+    /// Growth of the group's outstanding bytes over the trace (least squares), and the verdict
+    /// drawn from it: `leak`, `growing`, `stable`, `churn` or `unknown` (too few samples).
+    pub verdict: Verdict,
+    pub confidence: f64,
+    pub growth_bytes_per_s: f64,
+    pub r2: f64,
+    pub growing_for_s: f64,
+    /// How the group allocates: rates, lifetimes, sizes, realloc chains.
+    pub behaviour: Option<BehaviourSummary>,
     /// Innermost first; the allocator's own frames are not included.
     pub stack: Vec<Frame>,
 }
@@ -92,6 +109,23 @@ pub struct Report {
     pub leak_groups: usize,
     /// Frames in `leaks` whose function could not be named.
     pub unknown_frames: u64,
+    /// Whether any call-stack group has the verdict `leak`.
+    pub leak_detected: bool,
+    /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes).
+    pub growth_rate_mb_per_hour: Option<f64>,
+    /// Hours until the process's RSS reaches `--limit` at its current growth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projected_limit_hours: Option<Option<f64>>,
+    /// Resident and proportional set size of the process (absent once it exited).
+    pub rss_bytes: Option<u64>,
+    pub pss_bytes: Option<u64>,
+    pub vm_size_bytes: Option<u64>,
+    /// RSS not accounted for by traced heap and mmap bytes (fragmentation, untraced
+    /// allocators, stacks, code).
+    pub untraced_bytes: Option<u64>,
+    pub phases: Vec<PhaseReport>,
+    pub categories: Vec<Category>,
+    pub recommendations: Vec<Recommendation>,
     pub leaks: Vec<Leak>,
 }
 
@@ -107,6 +141,13 @@ pub struct Inputs<'a> {
     pub elapsed_s: f64,
     pub min_age_ns: u64,
     pub top: Option<usize>,
+    pub tracker: &'a Tracker,
+    /// `--limit` in bytes.
+    pub limit: Option<u64>,
+    /// `--category` rules.
+    pub rules: &'a [Rule],
+    /// The process's memory now (None once it exited).
+    pub mem: Option<ProcMem>,
 }
 
 #[derive(Default)]
@@ -145,27 +186,73 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
             .then((ka.1 as u32).cmp(&(kb.1 as u32)))
     });
     let leak_groups = ranked.len();
-    ranked.truncate(inputs.top.unwrap_or(usize::MAX));
 
+    // Categories cover every group, before `--top`.
+    let framed: Vec<(u64, u64, Vec<Frame>)> = ranked
+        .iter()
+        .map(|((stack, _, _), g)| (g.bytes, g.allocs, frames_of(inputs, symbolizer, *stack)))
+        .collect();
+    let refs: Vec<GroupRef<'_>> = framed
+        .iter()
+        .map(|(bytes, allocs, frames)| GroupRef {
+            bytes: *bytes,
+            allocs: *allocs,
+            frames: frames
+                .iter()
+                .map(|f| (f.function.as_deref(), f.module.as_deref()))
+                .collect(),
+        })
+        .collect();
+    let categories = categories::categorize(&refs, inputs.rules);
+
+    ranked.truncate(inputs.top.unwrap_or(usize::MAX));
     let mut unknown_frames = 0;
-    let leaks = ranked
+    let leaks: Vec<Leak> = ranked
         .into_iter()
-        .map(|((stack, func, mmap), g)| {
-            let stack = match inputs.stacks.get(stack).filter(|_| stack != NO_STACK) {
-                Some(frames) => symbolizer.frames(inputs.stacks, frames),
-                None => Vec::new(),
-            };
+        .map(|(key @ (stack, func, mmap), g)| {
+            let stack = frames_of(inputs, symbolizer, stack);
             unknown_frames += stack.iter().filter(|f| f.function.is_none()).count() as u64;
+            let growth = inputs.tracker.growth(&key);
             Leak {
                 bytes: g.bytes,
                 allocs: g.allocs,
                 oldest_age_s: ns_to_s(inputs.now_ns.saturating_sub(g.oldest_ns)),
                 allocator: func.name(),
                 kind: if mmap { "mmap" } else { "heap" },
+                verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                confidence: growth.map_or(0.0, |g| g.confidence),
+                growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
+                r2: growth.map_or(0.0, |g| round3(g.r2)),
+                growing_for_s: growth.map_or(0.0, |g| round3(g.growing_for_s)),
+                behaviour: inputs
+                    .tracker
+                    .groups
+                    .get(&key)
+                    .map(|s| s.stats.summary(inputs.now_ns)),
                 stack,
             }
         })
         .collect();
+
+    let leak_detected = inputs.tracker.groups.keys().any(|k| {
+        inputs
+            .tracker
+            .growth(k)
+            .is_some_and(|g| g.verdict == Verdict::Leak)
+    });
+    let recommendations = recommendations(inputs, symbolizer);
+    let heap_totals = &inputs.table.heap_totals;
+    let projected_limit_hours = inputs.limit.map(|limit| {
+        // RSS is what a memory limit meets; without it, the traced heap.
+        let (current, slope) = match (inputs.mem, inputs.tracker.rss_slope()) {
+            (Some(mem), Some(slope)) => (mem.rss_bytes as f64, slope),
+            _ => (
+                heap_totals.outstanding_bytes as f64,
+                inputs.tracker.heap_slope().unwrap_or(0.0),
+            ),
+        };
+        growth::projection_hours(current, slope, limit as f64).map(round3)
+    });
 
     Report {
         record: "snapshot",
@@ -184,8 +271,81 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         min_age_s: ns_to_s(inputs.min_age_ns),
         leak_groups,
         unknown_frames,
+        leak_detected,
+        growth_rate_mb_per_hour: inputs
+            .tracker
+            .heap_slope()
+            .map(|s| round3(s * 3600.0 / 1e6)),
+        projected_limit_hours,
+        rss_bytes: inputs.mem.map(|m| m.rss_bytes),
+        pss_bytes: inputs.mem.and_then(|m| m.pss_bytes),
+        vm_size_bytes: inputs.mem.map(|m| m.vm_size_bytes),
+        untraced_bytes: inputs.mem.map(|m| {
+            procmem::untraced_bytes(
+                m.rss_bytes,
+                heap_totals.outstanding_bytes,
+                inputs.table.mmap_totals.outstanding_bytes,
+            )
+        }),
+        phases: inputs.tracker.phases(inputs.now_ns),
+        categories,
+        recommendations,
         leaks,
     }
+}
+
+fn frames_of(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer, stack: u64) -> Vec<Frame> {
+    match inputs.stacks.get(stack).filter(|_| stack != NO_STACK) {
+        Some(frames) => symbolizer.frames(inputs.stacks, frames),
+        None => Vec::new(),
+    }
+}
+
+/// A short name for a group's call site: its innermost named function, else module+address.
+fn site_name(frames: &[Frame], func: AllocFn) -> String {
+    frames
+        .iter()
+        .find_map(|f| f.function.clone())
+        .or_else(|| {
+            frames.first().map(|f| {
+                let module = f.module.as_deref().unwrap_or("?");
+                format!("{}@{}", module.rsplit('/').next().unwrap_or(module), f.addr)
+            })
+        })
+        .unwrap_or_else(|| format!("(no stack, {})", func.name()))
+}
+
+/// Recommendations over every group whose numbers could call for one.
+fn recommendations(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Recommendation> {
+    let candidates: Vec<(&GroupKey, growth::Growth, String)> = inputs
+        .tracker
+        .groups
+        .iter()
+        .filter_map(|(key, g)| {
+            let growth = inputs.tracker.growth(key)?;
+            let notable = matches!(growth.verdict, Verdict::Leak | Verdict::Growing)
+                || g.stats.allocs >= 10_000
+                || g.stats.max_realloc_chain >= 8;
+            notable.then(|| {
+                let frames = frames_of(inputs, symbolizer, key.0);
+                (key, growth, site_name(&frames, key.1))
+            })
+        })
+        .collect();
+    let facts: Vec<SiteFacts<'_>> = candidates
+        .iter()
+        .map(|(key, growth, site)| SiteFacts {
+            site,
+            stats: &inputs.tracker.groups[*key].stats,
+            growth,
+            now_ns: inputs.now_ns,
+        })
+        .collect();
+    recommend::recommend(&facts)
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 /// Turns a snapshot into the final report.
@@ -199,6 +359,11 @@ pub fn finish(mut report: Report, exited: bool, exit_code: Option<i32>) -> Repor
 
 fn ns_to_s(ns: u64) -> f64 {
     (ns as f64 / 1e9 * 1000.0).round() / 1000.0
+}
+
+fn signed_bytes(b: i64) -> String {
+    let sign = if b < 0 { "-" } else { "" };
+    format!("{sign}{}", human_bytes(b.unsigned_abs()))
 }
 
 /// Human-readable byte count.
@@ -264,6 +429,69 @@ pub fn render_text(r: &Report) -> String {
         "  lost events  {}    lost stacks {}    unknown frames {}",
         t.lost_events, t.lost_stacks, r.unknown_frames
     );
+    if let Some(rss) = r.rss_bytes {
+        let _ = write!(out, "  process      RSS {}", human_bytes(rss));
+        if let Some(pss) = r.pss_bytes {
+            let _ = write!(out, ", PSS {}", human_bytes(pss));
+        }
+        if let Some(untraced) = r.untraced_bytes {
+            let _ = write!(out, ", {} not traced", human_bytes(untraced));
+        }
+        out.push('\n');
+    }
+    if let Some(rate) = r.growth_rate_mb_per_hour {
+        let _ = write!(out, "  growth       heap {rate:+.3} MB/h");
+        if let Some(hours) = r.projected_limit_hours {
+            match hours {
+                Some(h) => {
+                    let _ = write!(out, ", reaches --limit in ~{h:.1} h");
+                }
+                None => out.push_str(", not growing toward --limit"),
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{}",
+            if r.leak_detected {
+                "    LEAK DETECTED"
+            } else {
+                ""
+            }
+        );
+    }
+    for p in &r.phases {
+        let _ = writeln!(
+            out,
+            "  phase {:<10} ({}) {} allocs {} frees, net {}, peak net {}, peak outstanding {}",
+            p.name,
+            p.kind,
+            p.allocs,
+            p.frees,
+            signed_bytes(p.net_bytes),
+            signed_bytes(p.peak_net_bytes),
+            human_bytes(p.peak_outstanding_bytes)
+        );
+    }
+    if !r.categories.is_empty() {
+        let list: Vec<String> = r
+            .categories
+            .iter()
+            .take(6)
+            .map(|c| format!("{} {}", c.name, human_bytes(c.bytes)))
+            .collect();
+        let _ = writeln!(out, "  by category  {}", list.join(", "));
+    }
+    for rec in &r.recommendations {
+        if rec.message.starts_with(&rec.site) {
+            let _ = writeln!(out, "  advice       [{}] {}", rec.kind, rec.message);
+        } else {
+            let _ = writeln!(
+                out,
+                "  advice       [{}] {}: {}",
+                rec.kind, rec.site, rec.message
+            );
+        }
+    }
     if r.leaks.is_empty() {
         let _ = writeln!(
             out,
@@ -282,13 +510,19 @@ pub fn render_text(r: &Report) -> String {
     for (i, leak) in r.leaks.iter().enumerate() {
         let _ = writeln!(
             out,
-            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s",
+            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {} ({:+.0} B/s, r2 {:.2})",
             i + 1,
             human_bytes(leak.bytes),
             leak.allocs,
             leak.allocator,
             leak.kind,
-            leak.oldest_age_s
+            leak.oldest_age_s,
+            serde_json::to_value(leak.verdict)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            leak.growth_bytes_per_s,
+            leak.r2
         );
         if leak.stack.is_empty() {
             let _ = writeln!(out, "       (stack not captured)");
@@ -329,7 +563,12 @@ mod tests {
         })
     }
 
-    fn inputs<'a>(table: &'a Table, stacks: &'a StackStore, min_age_ns: u64) -> Inputs<'a> {
+    fn inputs<'a>(
+        table: &'a Table,
+        stacks: &'a StackStore,
+        tracker: &'a Tracker,
+        min_age_ns: u64,
+    ) -> Inputs<'a> {
         Inputs {
             pid: 42,
             table,
@@ -345,6 +584,10 @@ mod tests {
             elapsed_s: 1.5,
             min_age_ns,
             top: None,
+            tracker,
+            limit: None,
+            rules: &[],
+            mem: None,
         }
     }
 
@@ -356,8 +599,9 @@ mod tests {
         table.apply(&alloc(0x30, 500, 2, 2_000_000_000));
         table.apply(&alloc(0x40, 7, NO_STACK, 2_000_000_000));
         let stacks = StackStore::new();
+        let tracker = Tracker::new(&[], 0);
         let mut sym = Symbolizer::new();
-        let r = snapshot(&inputs(&table, &stacks, 0), &mut sym);
+        let r = snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym);
         let got: Vec<_> = r
             .leaks
             .iter()
@@ -367,7 +611,7 @@ mod tests {
         assert_eq!(r.totals.lost_events, 3);
         assert_eq!(r.totals.lost_stacks, 4);
         // Only allocations at least 5 s old: the young block of stack 1 drops out.
-        let r = snapshot(&inputs(&table, &stacks, 5_000_000_000), &mut sym);
+        let r = snapshot(&inputs(&table, &stacks, &tracker, 5_000_000_000), &mut sym);
         let got: Vec<_> = r.leaks.iter().map(|l| (l.bytes, l.allocs)).collect();
         assert_eq!(got, vec![(500, 1), (100, 1), (7, 1)]);
         assert_eq!(r.leak_groups, 3);
@@ -378,9 +622,10 @@ mod tests {
         let mut table = Table::new();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
         let stacks = StackStore::new();
+        let tracker = Tracker::new(&[], 0);
         let mut sym = Symbolizer::new();
         let r = finish(
-            snapshot(&inputs(&table, &stacks, 0), &mut sym),
+            snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym),
             true,
             Some(3),
         );
@@ -421,8 +666,9 @@ mod tests {
         let mut table = Table::new();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
         let stacks = StackStore::new();
+        let tracker = Tracker::new(&[], 0);
         let mut sym = Symbolizer::new();
-        let text = render_text(&snapshot(&inputs(&table, &stacks, 0), &mut sym));
+        let text = render_text(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
         assert!(text.contains("lost events  3"), "{text}");
         assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
     }

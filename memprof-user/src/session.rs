@@ -1,6 +1,6 @@
-//! One trace from attach to final report: the ingest loop (ring buffer → decode → table), stack
-//! capture while the process lives, periodic snapshots, and the end conditions (process exit,
-//! `--duration`, SIGINT/SIGTERM).
+//! One trace from attach to final report: the ingest loop (ring buffer → decode → table →
+//! analytics), stack capture while the process lives, sampling for growth, alerts, time marks,
+//! periodic snapshots, and the end conditions (process exit, `--duration`, SIGINT/SIGTERM).
 
 use std::{
     io::{self, Write as _},
@@ -12,18 +12,23 @@ use anyhow::{Context as _, Result};
 use memprof_common::NO_STACK;
 use serde::Serialize;
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Interest, unix::AsyncFd},
+    net::UnixListener,
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
+    analysis::categories::Rule,
     event::{Event, decode},
     load::Tracer,
     maps::AddressSpace,
+    marks,
+    procmem::ProcMem,
     report::{self, Inputs, Report},
     stacks::StackStore,
     symbolize::Symbolizer,
-    table::Table,
+    table::{Change, Table},
+    tracking::Tracker,
 };
 
 /// How the user asked the trace to run.
@@ -34,6 +39,33 @@ pub struct Settings {
     pub interval: Option<Duration>,
     pub min_age: Duration,
     pub top: Option<usize>,
+    /// How often each group's outstanding bytes are sampled for growth analysis.
+    pub sample_every: Duration,
+    /// `--limit`: the memory limit the projection aims at.
+    pub limit: Option<u64>,
+    /// `--alert-threshold`: outstanding heap bytes that raise an alert.
+    pub alert_bytes: Option<u64>,
+    /// `--growth-threshold`: heap growth in MB/h that raises an alert.
+    pub alert_growth_mb_per_hour: Option<f64>,
+    /// Names of the `--phase` function phases, in cookie order.
+    pub phases: Vec<String>,
+    /// Directory of the `memprof mark` socket; None disables marks.
+    pub mark_dir: Option<std::path::PathBuf>,
+}
+
+/// An `"type":"alert"` record.
+#[derive(Clone, Debug, Serialize)]
+pub struct Alert {
+    #[serde(rename = "type")]
+    pub record: &'static str,
+    /// `threshold` (outstanding bytes over `--alert-threshold`) or `growth` (heap growth over
+    /// `--growth-threshold`).
+    pub kind: &'static str,
+    pub pid: u32,
+    pub elapsed_s: f64,
+    pub value: f64,
+    pub limit: f64,
+    pub message: String,
 }
 
 /// Why the trace ended.
@@ -64,6 +96,14 @@ pub struct Session {
     /// Whether memprof spawned the process (and so reaps it).
     parent: bool,
     pidfd: PidFd,
+    tracker: Tracker,
+    changes: Vec<Change>,
+    rules: Vec<Rule>,
+    /// Alerts currently raised (re-armed when the value falls back).
+    over_bytes: bool,
+    over_growth: bool,
+    /// The process's memory at the last sample (kept for the report after it exits).
+    last_mem: Option<ProcMem>,
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
@@ -78,8 +118,22 @@ pub fn monotonic_ns() -> u64 {
 }
 
 impl Session {
-    pub fn new(pid: u32, tracer: Tracer, settings: Settings, parent: bool, pidfd: PidFd) -> Self {
+    pub fn new(
+        pid: u32,
+        tracer: Tracer,
+        settings: Settings,
+        rules: Vec<Rule>,
+        parent: bool,
+        pidfd: PidFd,
+    ) -> Self {
+        let start_ns = monotonic_ns();
         Self {
+            tracker: Tracker::new(&settings.phases, start_ns),
+            changes: Vec::new(),
+            rules,
+            over_bytes: false,
+            over_growth: false,
+            last_mem: None,
             pidfd,
             pid,
             tracer,
@@ -91,7 +145,7 @@ impl Session {
             space_read_ns: 0,
             symbolizer: Symbolizer::new(),
             decode_errors: 0,
-            start_ns: monotonic_ns(),
+            start_ns,
             settings,
             parent,
         }
@@ -115,11 +169,23 @@ impl Session {
             .settings
             .duration
             .map(|d| tokio::time::Instant::now() + d);
-        let mut ticker = self.settings.interval.map(|i| {
+        let every = |i: Duration| {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
-        });
+        };
+        let mut ticker = self.settings.interval.map(every);
+        let mut sampler = Some(every(self.settings.sample_every));
+        let mark_socket = match &self.settings.mark_dir {
+            Some(dir) => {
+                let path = marks::prepare(dir, self.pid)?;
+                let listener = UnixListener::bind(&path)
+                    .with_context(|| format!("failed to listen at {}", path.display()))?;
+                Some((listener, path))
+            }
+            None => None,
+        };
+        self.sample();
 
         let end = loop {
             tokio::select! {
@@ -139,8 +205,21 @@ impl Session {
                     let snap = self.snapshot();
                     self.emit(&snap)?;
                 }
+                _ = tick(&mut sampler) => {
+                    self.drain();
+                    self.sample();
+                    self.check_alerts()?;
+                }
+                conn = accept(&mark_socket) => {
+                    if let Ok(stream) = conn {
+                        self.serve_mark(stream).await;
+                    }
+                }
             }
         };
+        if let Some((_, path)) = &mark_socket {
+            let _ = std::fs::remove_file(path);
+        }
         // Every event of the process was submitted before it went away: take them all.
         self.drain();
         drop(ring);
@@ -174,14 +253,114 @@ impl Session {
     }
 
     fn observe(&mut self, event: &Event) {
-        match event {
+        match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
                 self.learn_stack(a.stack);
             }
             Event::ExecMap => self.space_stale = true,
+            Event::Phase {
+                tid, phase, enter, ..
+            } => {
+                let outstanding = self.table.heap_totals.outstanding_bytes;
+                self.tracker.on_phase(tid, phase, enter, outstanding);
+            }
             _ => {}
         }
-        self.table.apply(event);
+        let changes = &mut self.changes;
+        self.table.apply_with(event, &mut |c| changes.push(c));
+        let outstanding = self.table.heap_totals.outstanding_bytes;
+        for change in self.changes.drain(..) {
+            self.tracker.on_change(&change, outstanding);
+        }
+    }
+
+    /// Samples outstanding bytes per group and the process's RSS.
+    fn sample(&mut self) {
+        let mem = ProcMem::read(self.pid).ok();
+        if mem.is_some() {
+            self.last_mem = mem;
+        }
+        let rss = mem.map(|m| m.rss_bytes);
+        self.tracker.sample(
+            monotonic_ns(),
+            self.table.heap_totals.outstanding_bytes,
+            rss,
+        );
+    }
+
+    /// Raises `--alert-threshold` and `--growth-threshold` alerts, once per crossing.
+    fn check_alerts(&mut self) -> io::Result<()> {
+        let elapsed_s = (monotonic_ns() - self.start_ns) as f64 / 1e9;
+        let mut alerts = Vec::new();
+        if let Some(limit) = self.settings.alert_bytes {
+            let value = self.table.heap_totals.outstanding_bytes;
+            let over = value > limit;
+            if over && !self.over_bytes {
+                alerts.push(Alert {
+                    record: "alert",
+                    kind: "threshold",
+                    pid: self.pid,
+                    elapsed_s,
+                    value: value as f64,
+                    limit: limit as f64,
+                    message: format!(
+                        "outstanding heap bytes {value} exceed --alert-threshold {limit}"
+                    ),
+                });
+            }
+            self.over_bytes = over;
+        }
+        if let Some(limit) = self.settings.alert_growth_mb_per_hour
+            && self.tracker.heap.points().len() >= 5
+            && let Some(slope) = self.tracker.heap_slope()
+        {
+            let value = slope * 3600.0 / 1e6;
+            let over = value > limit;
+            if over && !self.over_growth {
+                alerts.push(Alert {
+                    record: "alert",
+                    kind: "growth",
+                    pid: self.pid,
+                    elapsed_s,
+                    value,
+                    limit,
+                    message: format!(
+                        "heap grows {value:.3} MB/h, over --growth-threshold {limit} MB/h"
+                    ),
+                });
+            }
+            self.over_growth = over;
+        }
+        for alert in alerts {
+            if self.settings.json {
+                write_json_line(&alert)?;
+            } else {
+                eprintln!("memprof: alert: {}", alert.message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers one `memprof mark` connection.
+    async fn serve_mark(&mut self, stream: tokio::net::UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(read);
+        let read = reader.read_line(&mut line);
+        let answer = match tokio::time::timeout(Duration::from_secs(2), read).await {
+            Ok(Ok(_)) => match marks::parse_request(&line) {
+                Some(name) => {
+                    // Everything the process did before the mark belongs to the old phase.
+                    self.drain();
+                    let outstanding = self.table.heap_totals.outstanding_bytes;
+                    self.tracker.mark(name, monotonic_ns(), outstanding);
+                    "ok\n"
+                }
+                None => "error: expected `mark NAME`\n",
+            },
+            _ => return,
+        };
+        let _ = write.write_all(answer.as_bytes()).await;
     }
 
     /// Reads a new stack from the kernel and normalizes it while the process is alive.
@@ -215,6 +394,10 @@ impl Session {
             now_ns: now,
             elapsed_s: (now - self.start_ns) as f64 / 1e9,
             min_age_ns: self.settings.min_age.as_nanos() as u64,
+            tracker: &self.tracker,
+            limit: self.settings.limit,
+            rules: &self.rules,
+            mem: ProcMem::read(self.pid).ok().or(self.last_mem),
             top: self
                 .settings
                 .top
@@ -246,6 +429,15 @@ pub fn write_json_line<T: Serialize>(value: &T) -> io::Result<()> {
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept(
+    socket: &Option<(UnixListener, std::path::PathBuf)>,
+) -> io::Result<tokio::net::UnixStream> {
+    match socket {
+        Some((listener, _)) => listener.accept().await.map(|(stream, _)| stream),
         None => std::future::pending().await,
     }
 }

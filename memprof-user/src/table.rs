@@ -15,10 +15,34 @@ use crate::event::{Alloc, Event};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiveAlloc {
     pub size: u64,
+    /// When it was allocated (CLOCK_MONOTONIC ns).
     pub ts_ns: u64,
     /// Key of the allocation's stack (`NO_STACK` when not captured).
     pub stack: u64,
     pub func: AllocFn,
+    /// How many reallocs in a row produced this block (0: a fresh allocation).
+    pub chain: u32,
+}
+
+/// A change to what is outstanding, reported to the analysis layer by [`Table::apply_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// `block` became outstanding (its group is `block.stack`, `block.func`, `mmap`).
+    Alloc {
+        block: LiveAlloc,
+        tid: u32,
+        mmap: bool,
+    },
+    /// `bytes` of `block` stopped being outstanding at `ts_ns`; `whole` when nothing of it
+    /// remains (a mapping can lose a part).
+    Free {
+        block: LiveAlloc,
+        bytes: u64,
+        whole: bool,
+        tid: u32,
+        ts_ns: u64,
+        mmap: bool,
+    },
 }
 
 /// Counts for the malloc family.
@@ -73,16 +97,36 @@ impl Table {
 
     /// Applies one event.
     pub fn apply(&mut self, event: &Event) {
+        self.apply_with(event, &mut |_| {});
+    }
+
+    /// Applies one event and reports each change of what is outstanding to `on`.
+    pub fn apply_with(&mut self, event: &Event, on: &mut impl FnMut(Change)) {
         match *event {
-            Event::Alloc(a) if a.mmap => self.map(a.addr, a.size, live(&a)),
-            Event::Alloc(a) => self.alloc(&a),
-            Event::Free { tid, func, addr } => match func {
+            Event::Alloc(a) if a.mmap => {
+                self.map(a.addr, a.size, live(&a, 0), a.ts_ns, a.tid, on);
+                on(Change::Alloc {
+                    block: live(&a, 0),
+                    tid: a.tid,
+                    mmap: true,
+                });
+            }
+            Event::Alloc(a) => self.alloc(&a, on),
+            Event::Free {
+                tid,
+                func,
+                addr,
+                ts_ns,
+            } => match func {
                 AllocFn::Realloc | AllocFn::Reallocarray => {
                     let block = self.remove_heap(addr);
                     self.reallocs.insert(tid, Pending { addr, block });
                 }
                 _ => match self.remove_heap(addr) {
-                    Some(block) => self.count_free(block.size),
+                    Some(block) => {
+                        self.count_free(block.size);
+                        on(freed(block, tid, ts_ns));
+                    }
                     None => self.heap_totals.unmatched_frees += 1,
                 },
             },
@@ -92,27 +136,40 @@ impl Table {
                     block: Some(block),
                 }) = self.reallocs.remove(&tid)
                 {
-                    self.insert_heap(addr, block);
+                    self.insert_heap(addr, block, tid, block.ts_ns, on);
                 }
             }
-            Event::Munmap { addr, len } => self.unmap(addr, len),
+            Event::Munmap { addr, len } => {
+                // Unmaps carry no timestamp of their own: use the clock at processing time.
+                let now = crate::session::monotonic_ns();
+                let removed = self.cut(addr, len, now, 0, on);
+                if removed > 0 {
+                    self.mmap_totals.unmaps += 1;
+                    self.mmap_totals.bytes_unmapped += removed;
+                }
+            }
             Event::Mremap {
                 old_addr,
                 old_len,
                 new_addr,
                 new_len,
-            } => self.remap(old_addr, old_len, new_addr, new_len),
-            Event::ExecMap => {}
+            } => self.remap(old_addr, old_len, new_addr, new_len, on),
+            Event::ExecMap | Event::Phase { .. } => {}
         }
     }
 
-    fn alloc(&mut self, a: &Alloc) {
+    fn alloc(&mut self, a: &Alloc, on: &mut impl FnMut(Change)) {
+        let mut chain = 0;
         if matches!(a.func, AllocFn::Realloc | AllocFn::Reallocarray) {
             // The block the realloc took over is now really gone.
             match self.reallocs.remove(&a.tid) {
                 Some(Pending {
                     block: Some(old), ..
-                }) => self.count_free(old.size),
+                }) => {
+                    self.count_free(old.size);
+                    on(freed(old, a.tid, a.ts_ns));
+                    chain = old.chain + 1;
+                }
                 Some(Pending { block: None, .. }) => self.heap_totals.unmatched_frees += 1,
                 None => {}
             }
@@ -120,14 +177,27 @@ impl Table {
         let t = &mut self.heap_totals;
         t.allocs += 1;
         t.bytes_allocated += a.size;
-        self.insert_heap(a.addr, live(a));
+        self.insert_heap(a.addr, live(a, chain), a.tid, a.ts_ns, on);
+        on(Change::Alloc {
+            block: live(a, chain),
+            tid: a.tid,
+            mmap: false,
+        });
     }
 
-    fn insert_heap(&mut self, addr: u64, block: LiveAlloc) {
+    fn insert_heap(
+        &mut self,
+        addr: u64,
+        block: LiveAlloc,
+        tid: u32,
+        ts_ns: u64,
+        on: &mut impl FnMut(Change),
+    ) {
         if let Some(old) = self.heap.insert(addr, block) {
             // The free of `old` was never seen (lost, or made by an unprobed path).
             self.heap_totals.reused_addresses += 1;
             self.sub_outstanding(old.size);
+            on(freed(old, tid, ts_ns));
         }
         let t = &mut self.heap_totals;
         t.outstanding_allocs += 1;
@@ -152,9 +222,17 @@ impl Table {
         self.heap_totals.bytes_freed += size;
     }
 
-    fn map(&mut self, addr: u64, len: u64, region: LiveAlloc) {
+    fn map(
+        &mut self,
+        addr: u64,
+        len: u64,
+        region: LiveAlloc,
+        ts_ns: u64,
+        tid: u32,
+        on: &mut impl FnMut(Change),
+    ) {
         // A fixed mapping replaces whatever it overlaps.
-        self.cut(addr, len);
+        self.cut(addr, len, ts_ns, tid, on);
         let t = &mut self.mmap_totals;
         t.maps += 1;
         t.bytes_mapped += len;
@@ -163,18 +241,18 @@ impl Table {
         self.maps.insert(addr, region);
     }
 
-    fn unmap(&mut self, addr: u64, len: u64) {
-        let removed = self.cut(addr, len);
-        if removed > 0 {
-            self.mmap_totals.unmaps += 1;
-            self.mmap_totals.bytes_unmapped += removed;
-        }
-    }
-
-    fn remap(&mut self, old_addr: u64, old_len: u64, new_addr: u64, new_len: u64) {
+    fn remap(
+        &mut self,
+        old_addr: u64,
+        old_len: u64,
+        new_addr: u64,
+        new_len: u64,
+        on: &mut impl FnMut(Change),
+    ) {
         // The moved range keeps its origin (stack, time) when it was ours.
+        let now = crate::session::monotonic_ns();
         let origin = self.region_at(old_addr);
-        let removed = self.cut(old_addr, old_len);
+        let removed = self.cut(old_addr, old_len, now, 0, on);
         if let Some(origin) = origin.filter(|_| removed > 0) {
             let t = &mut self.mmap_totals;
             t.outstanding_bytes += new_len;
@@ -184,14 +262,17 @@ impl Table {
             } else {
                 t.bytes_unmapped += removed - new_len;
             }
-            self.cut(new_addr, new_len);
-            self.maps.insert(
-                new_addr,
-                LiveAlloc {
-                    size: new_len,
-                    ..origin
-                },
-            );
+            self.cut(new_addr, new_len, now, 0, on);
+            let moved = LiveAlloc {
+                size: new_len,
+                ..origin
+            };
+            self.maps.insert(new_addr, moved);
+            on(Change::Alloc {
+                block: moved,
+                tid: 0,
+                mmap: true,
+            });
         }
     }
 
@@ -202,7 +283,14 @@ impl Table {
 
     /// Removes `[addr, addr + len)` from the tracked mappings, splitting those that straddle its
     /// ends. Returns the number of tracked bytes removed.
-    fn cut(&mut self, addr: u64, len: u64) -> u64 {
+    fn cut(
+        &mut self,
+        addr: u64,
+        len: u64,
+        ts_ns: u64,
+        tid: u32,
+        on: &mut impl FnMut(Change),
+    ) -> u64 {
         let end = addr.saturating_add(len);
         let overlapping: Vec<(u64, LiveAlloc)> = self
             .maps
@@ -218,7 +306,16 @@ impl Table {
             let t = &mut self.mmap_totals;
             t.outstanding_maps -= 1;
             t.outstanding_bytes -= region.size;
-            removed += region_end.min(end) - start.max(addr);
+            let piece = region_end.min(end) - start.max(addr);
+            removed += piece;
+            on(Change::Free {
+                block: region,
+                bytes: piece,
+                whole: piece == region.size,
+                tid,
+                ts_ns,
+                mmap: true,
+            });
             for (piece_start, piece_end) in [(start, addr), (end, region_end)] {
                 if piece_start < piece_end {
                     let size = piece_end - piece_start;
@@ -243,12 +340,24 @@ impl Table {
     }
 }
 
-fn live(a: &Alloc) -> LiveAlloc {
+fn live(a: &Alloc, chain: u32) -> LiveAlloc {
     LiveAlloc {
         size: a.size,
         ts_ns: a.ts_ns,
         stack: a.stack,
         func: a.func,
+        chain,
+    }
+}
+
+fn freed(block: LiveAlloc, tid: u32, ts_ns: u64) -> Change {
+    Change::Free {
+        block,
+        bytes: block.size,
+        whole: true,
+        tid,
+        ts_ns,
+        mmap: false,
     }
 }
 
@@ -269,7 +378,12 @@ mod tests {
     }
 
     fn free(func: AllocFn, addr: u64) -> Event {
-        Event::Free { tid: 1, func, addr }
+        Event::Free {
+            tid: 1,
+            func,
+            addr,
+            ts_ns: 20,
+        }
     }
 
     #[test]
@@ -374,6 +488,37 @@ mod tests {
             len: 0x1000,
         });
         assert_eq!(t.mmap_totals.unmaps, 2);
+    }
+
+    #[test]
+    fn changes_report_frees_reallocs_and_chains() {
+        let mut t = Table::new();
+        let mut seen = Vec::new();
+        let mut on = |c: Change| seen.push(c);
+        t.apply_with(&alloc(AllocFn::Malloc, 0x10, 100), &mut on);
+        t.apply_with(&free(AllocFn::Realloc, 0x10), &mut on);
+        t.apply_with(&alloc(AllocFn::Realloc, 0x20, 200), &mut on);
+        t.apply_with(&free(AllocFn::Realloc, 0x20), &mut on);
+        t.apply_with(&alloc(AllocFn::Realloc, 0x30, 300), &mut on);
+        t.apply_with(&free(AllocFn::Free, 0x30), &mut on);
+        let summary: Vec<(&str, u64, u32)> = seen
+            .iter()
+            .map(|c| match c {
+                Change::Alloc { block, .. } => ("alloc", block.size, block.chain),
+                Change::Free { block, bytes, .. } => ("free", *bytes, block.chain),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("alloc", 100, 0),
+                ("free", 100, 0),
+                ("alloc", 200, 1),
+                ("free", 200, 1),
+                ("alloc", 300, 2),
+                ("free", 300, 2),
+            ]
+        );
     }
 
     #[test]
