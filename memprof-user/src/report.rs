@@ -126,8 +126,26 @@ pub struct Report {
     pub phases: Vec<PhaseReport>,
     pub categories: Vec<Category>,
     pub recommendations: Vec<Recommendation>,
+    /// Call sites allocating the most short-lived memory (freed again), including sites with
+    /// nothing outstanding: candidates for pooling or reuse.
+    pub churn_hotspots: Vec<Hotspot>,
     pub leaks: Vec<Leak>,
 }
+
+/// A call site that allocates and frees a lot.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Hotspot {
+    pub site: String,
+    pub allocator: &'static str,
+    pub behaviour: BehaviourSummary,
+    /// Innermost frames (up to 5).
+    pub stack: Vec<Frame>,
+}
+
+/// Hotspots listed: at most this many, each with at least `HOTSPOT_MIN_ALLOCS` allocations of
+/// which at least 90% were freed.
+const HOTSPOTS: usize = 5;
+const HOTSPOT_MIN_ALLOCS: u64 = 1000;
 
 /// Everything a report is made from.
 pub struct Inputs<'a> {
@@ -241,6 +259,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
             .is_some_and(|g| g.verdict == Verdict::Leak)
     });
     let recommendations = recommendations(inputs, symbolizer);
+    let churn_hotspots = churn_hotspots(inputs, symbolizer);
     let heap_totals = &inputs.table.heap_totals;
     let projected_limit_hours = inputs.limit.map(|limit| {
         // RSS is what a memory limit meets; without it, the traced heap.
@@ -290,8 +309,35 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         phases: inputs.tracker.phases(inputs.now_ns),
         categories,
         recommendations,
+        churn_hotspots,
         leaks,
     }
+}
+
+fn churn_hotspots(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Hotspot> {
+    let mut busy: Vec<(&GroupKey, u64)> = inputs
+        .tracker
+        .groups
+        .iter()
+        .filter(|(_, g)| {
+            g.stats.allocs >= HOTSPOT_MIN_ALLOCS && g.stats.frees * 10 >= g.stats.allocs * 9
+        })
+        .map(|(k, g)| (k, g.stats.allocs))
+        .collect();
+    busy.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.0.cmp(&b.0.0)));
+    busy.truncate(HOTSPOTS);
+    busy.into_iter()
+        .map(|(key, _)| {
+            let mut stack = frames_of(inputs, symbolizer, key.0);
+            stack.truncate(5);
+            Hotspot {
+                site: site_name(&stack, key.1),
+                allocator: key.1.name(),
+                behaviour: inputs.tracker.groups[key].stats.summary(inputs.now_ns),
+                stack,
+            }
+        })
+        .collect()
 }
 
 fn frames_of(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer, stack: u64) -> Vec<Frame> {
@@ -480,6 +526,21 @@ pub fn render_text(r: &Report) -> String {
             .map(|c| format!("{} {}", c.name, human_bytes(c.bytes)))
             .collect();
         let _ = writeln!(out, "  by category  {}", list.join(", "));
+    }
+    for h in &r.churn_hotspots {
+        let b = &h.behaviour;
+        let _ = writeln!(
+            out,
+            "  churn        {}: {} allocations via {} ({}/s), {} freed, p90 lifetime {}",
+            h.site,
+            b.allocs_total,
+            h.allocator,
+            b.alloc_rate_per_s
+                .map_or("?".to_string(), |r| format!("{r:.0}")),
+            b.frees_total,
+            b.lifetime_p90_s
+                .map_or("?".to_string(), |s| format!("<= {:.3} ms", s * 1000.0))
+        );
     }
     for rec in &r.recommendations {
         if rec.message.starts_with(&rec.site) {
