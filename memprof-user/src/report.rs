@@ -33,36 +33,23 @@ pub struct KernelLosses {
     pub orphan_returns: u64,
 }
 
+/// The report's `totals`: the table's heap counts and what was lost on the way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
-    pub allocs: u64,
-    pub frees: u64,
-    pub bytes_allocated: u64,
-    pub bytes_freed: u64,
-    pub outstanding_allocs: u64,
-    pub outstanding_bytes: u64,
-    pub peak_outstanding_bytes: u64,
+    #[serde(flatten)]
+    pub heap: HeapTotals,
     /// Events that never reached the table: ring full, state map full, undecodable records.
     pub lost_events: u64,
-    pub unmatched_frees: u64,
+    /// Allocations recorded without a stack.
     pub lost_stacks: u64,
-    pub reused_addresses: u64,
 }
 
 impl Totals {
-    fn new(h: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
+    fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
         Self {
-            allocs: h.allocs,
-            frees: h.frees,
-            bytes_allocated: h.bytes_allocated,
-            bytes_freed: h.bytes_freed,
-            outstanding_allocs: h.outstanding_allocs,
-            outstanding_bytes: h.outstanding_bytes,
-            peak_outstanding_bytes: h.peak_outstanding_bytes,
+            heap: *heap,
             lost_events: k.ring_full + k.inflight_full + decode_errors,
-            unmatched_frees: h.unmatched_frees,
             lost_stacks: k.stack_lost,
-            reused_addresses: h.reused_addresses,
         }
     }
 }
@@ -431,7 +418,8 @@ pub fn human_bytes(b: u64) -> String {
 /// The text a person reads at the end of a trace (or at each `--interval`).
 pub fn render_text(r: &Report) -> String {
     let mut out = String::new();
-    let t = &r.totals;
+    let t = &r.totals.heap;
+    let losses = &r.totals;
     let what = if r.record == "report" {
         "report"
     } else {
@@ -473,7 +461,7 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(
         out,
         "  lost events  {}    lost stacks {}    unknown frames {}",
-        t.lost_events, t.lost_stacks, r.unknown_frames
+        losses.lost_events, losses.lost_stacks, r.unknown_frames
     );
     if let Some(rss) = r.rss_bytes {
         let _ = write!(out, "  process      RSS {}", human_bytes(rss));
