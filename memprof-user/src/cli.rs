@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    io::Write as _,
+    io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -18,7 +18,9 @@ use crate::{
     diff,
     load::{Options, Tracer},
     maps::AddressSpace,
-    marks, report,
+    marks,
+    output::{self, Live, OutputFiles},
+    report,
     session::{End, PidFd, Session, Settings, write_json_line},
     target,
 };
@@ -98,6 +100,30 @@ struct TraceArgs {
     /// Show only the N largest call sites (default: 10 in text, all in JSON).
     #[arg(long)]
     top: Option<usize>,
+    /// Write a gzipped pprof profile (alloc/inuse objects and space) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
+    /// Write folded stacks (in-use and allocated bytes) to FILE, for flamegraph tools.
+    #[arg(long, value_name = "FILE")]
+    folded: Option<PathBuf>,
+    /// Write a flamegraph SVG of in-use bytes to FILE.
+    #[arg(long, value_name = "FILE")]
+    flamegraph: Option<PathBuf>,
+    /// Write a DHAT JSON file (open it in valgrind's dh_view.html) to FILE.
+    #[arg(long, value_name = "FILE")]
+    dhat: Option<PathBuf>,
+    /// Write the per-call-site table as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// Write a self-contained HTML report to FILE.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9464) while tracing.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Serve a live dashboard at ADDR (e.g. 127.0.0.1:8080) while tracing.
+    #[arg(long, value_name = "ADDR")]
+    ui: Option<String>,
     /// Save the final report (one JSON object) to FILE, for `memprof diff`.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -360,6 +386,22 @@ fn trace_pid(
         })?;
     }
 
+    let live = (args.metrics.is_some() || args.ui.is_some()).then(Live::default);
+    if let (Some(addr), Some(live)) = (&args.metrics, &live) {
+        output::serve_metrics(addr, live.clone())?;
+    }
+    if let (Some(addr), Some(live)) = (&args.ui, &live) {
+        output::serve_ui(addr, live.clone())?;
+    }
+    let files = OutputFiles {
+        pprof: args.pprof.clone(),
+        folded: args.folded.clone(),
+        flamegraph: args.flamegraph.clone(),
+        dhat: args.dhat.clone(),
+        csv: args.csv.clone(),
+        html: args.html.clone(),
+    };
+
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -376,6 +418,12 @@ fn trace_pid(
         alert_growth_mb_per_hour: args.growth_threshold,
         phases: phases.iter().map(|(name, _)| name.clone()).collect(),
         mark_dir: Some(PathBuf::from(marks::SOCKET_DIR)),
+        command: match spawned {
+            Some(_) => args.command.clone(),
+            None => target::command_line(pid),
+        },
+        live: live.clone(),
+        status_line: !args.json && std::io::stderr().is_terminal(),
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
     let end = runtime.block_on(async {
@@ -393,6 +441,10 @@ fn trace_pid(
     if let Some(path) = &args.output {
         save_report(path, &report)?;
     }
+    if files.any() {
+        output::write_files(&session.profile(&report), &files)?;
+    }
+    session.publish_live(true);
     session.emit(&report)?;
     if args.fail_on_leak && report.leak_detected {
         eprintln!("memprof: leak detected (--fail-on-leak)");

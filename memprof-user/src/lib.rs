@@ -11,6 +11,7 @@ pub mod event;
 pub mod load;
 pub mod maps;
 pub mod marks;
+pub mod output;
 pub mod procmem;
 pub mod report;
 pub mod session;

@@ -13,6 +13,7 @@ use crate::{
         growth::{self, Verdict},
         recommend::{self, Recommendation, SiteFacts},
     },
+    output::{Profile, Site, TimePoint},
     procmem::{self, ProcMem},
     stacks::StackStore,
     symbolize::{Frame, Symbolizer},
@@ -298,6 +299,85 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         recommendations,
         churn_hotspots,
         leaks,
+    }
+}
+
+/// Builds the [`Profile`] the output writers take, for `report`.
+pub fn profile(
+    inputs: &Inputs<'_>,
+    symbolizer: &mut Symbolizer,
+    report: &Report,
+    command: &[String],
+) -> Profile {
+    let tracker = inputs.tracker;
+    let timeline: Vec<TimePoint> = tracker
+        .heap
+        .points()
+        .iter()
+        .map(|&(t_s, heap)| TimePoint {
+            t_s,
+            heap_bytes: heap as u64,
+            rss_bytes: tracker
+                .rss
+                .points()
+                .iter()
+                .find(|(t, _)| (*t - t_s).abs() < 1e-9)
+                .map(|(_, v)| *v as u64),
+        })
+        .collect();
+    let peak_t_s = timeline
+        .iter()
+        .max_by_key(|p| p.heap_bytes)
+        .map_or(0.0, |p| p.t_s);
+    let start_ns = inputs
+        .now_ns
+        .saturating_sub((inputs.elapsed_s * 1e9) as u64);
+    let mut sites: Vec<Site> = tracker
+        .groups
+        .iter()
+        .map(|(key @ (stack, func, mmap), g)| {
+            let s = &g.stats;
+            let growth = tracker.growth(key);
+            let bytes_at_peak = g
+                .series
+                .points()
+                .iter()
+                .take_while(|(t, _)| *t <= peak_t_s + 1e-9)
+                .last()
+                .map_or(0, |(_, v)| *v as u64);
+            Site {
+                stack: frames_of(inputs, symbolizer, *stack),
+                allocator: func.name(),
+                kind: if *mmap { "mmap" } else { "heap" },
+                alloc_objects: s.allocs,
+                alloc_bytes: s.bytes_allocated,
+                inuse_objects: s.outstanding_allocs,
+                inuse_bytes: s.outstanding_bytes,
+                max_inuse_bytes: s.max_outstanding_bytes,
+                max_inuse_objects: s.max_outstanding_allocs,
+                frees: s.frees,
+                freed_lifetime_ns: s.freed_lifetime_ns,
+                bytes_at_peak,
+                verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
+                first_alloc_ns: s.first_ns.saturating_sub(start_ns),
+                last_alloc_ns: s.last_ns.saturating_sub(start_ns),
+            }
+        })
+        .collect();
+    sites.sort_by(|a, b| {
+        (b.inuse_bytes, b.alloc_bytes)
+            .cmp(&(a.inuse_bytes, a.alloc_bytes))
+            .then_with(|| a.allocator.cmp(b.allocator))
+    });
+    Profile {
+        pid: inputs.pid,
+        command: command.to_vec(),
+        duration_s: inputs.elapsed_s,
+        peak_t_s,
+        sites,
+        timeline,
+        report: report.clone(),
     }
 }
 

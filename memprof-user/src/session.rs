@@ -23,6 +23,7 @@ use crate::{
     load::Tracer,
     maps::AddressSpace,
     marks,
+    output::{Live, Profile},
     procmem::ProcMem,
     report::{self, Inputs, Report},
     stacks::StackStore,
@@ -51,6 +52,12 @@ pub struct Settings {
     pub phases: Vec<String>,
     /// Directory of the `memprof mark` socket; None disables marks.
     pub mark_dir: Option<std::path::PathBuf>,
+    /// The traced command line (for outputs that name it).
+    pub command: Vec<String>,
+    /// Shared state for live endpoints (`--metrics`, `--ui`), refreshed at each sample.
+    pub live: Option<Live>,
+    /// Show a status line on stderr (a terminal, not JSON on a pipe).
+    pub status_line: bool,
 }
 
 /// An `"type":"alert"` record.
@@ -104,6 +111,9 @@ pub struct Session {
     over_growth: bool,
     /// The process's memory at the last sample (kept for the report after it exits).
     last_mem: Option<ProcMem>,
+    /// Records decoded so far, and at the last status line.
+    events: u64,
+    events_at_status: (u64, u64),
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
@@ -134,6 +144,8 @@ impl Session {
             over_bytes: false,
             over_growth: false,
             last_mem: None,
+            events: 0,
+            events_at_status: (0, start_ns),
             pidfd,
             pid,
             tracer,
@@ -209,6 +221,8 @@ impl Session {
                     self.drain();
                     self.sample();
                     self.check_alerts()?;
+                    self.publish_live(false);
+                    self.status_line();
                 }
                 conn = accept(&mark_socket) => {
                     if let Ok(stream) = conn {
@@ -219,6 +233,10 @@ impl Session {
         };
         if let Some((_, path)) = &mark_socket {
             let _ = std::fs::remove_file(path);
+        }
+        if self.settings.status_line {
+            // Clear the status line before the report.
+            eprint!("\r\x1b[2K");
         }
         // Every event of the process was submitted before it went away: take them all.
         self.drain();
@@ -245,6 +263,7 @@ impl Session {
                 Some(item) => decode(&item),
                 None => break,
             };
+            self.events += 1;
             match decoded {
                 Ok(event) => self.observe(&event),
                 Err(_) => self.decode_errors += 1,
@@ -286,6 +305,49 @@ impl Session {
             self.table.heap_totals.outstanding_bytes,
             rss,
         );
+    }
+
+    /// Refreshes the live endpoints' state.
+    pub fn publish_live(&mut self, finished: bool) {
+        let Some(live) = self.settings.live.clone() else {
+            return;
+        };
+        let snapshot = self.snapshot();
+        let profile = std::sync::Arc::new(self.profile(&snapshot));
+        if let Ok(mut state) = live.lock() {
+            state.profile = Some(profile);
+            state.updates += 1;
+            state.finished = finished;
+        }
+    }
+
+    /// Elapsed time, event rate, outstanding bytes and losses on one stderr line.
+    fn status_line(&mut self) {
+        if !self.settings.status_line {
+            return;
+        }
+        let now = monotonic_ns();
+        let (events_then, then) = self.events_at_status;
+        let rate = (self.events - events_then) as f64 / ((now - then).max(1) as f64 / 1e9);
+        self.events_at_status = (self.events, now);
+        let losses = self.tracer.losses();
+        eprint!(
+            "\r\x1b[2Kmemprof: {:.0} s  {:.0} events/s  outstanding {}  lost {}",
+            (now - self.start_ns) as f64 / 1e9,
+            rate,
+            report::human_bytes(self.table.heap_totals.outstanding_bytes),
+            losses.ring_full + losses.inflight_full + self.decode_errors
+        );
+    }
+
+    /// The profile the output writers take, for `report`.
+    pub fn profile(&mut self, report: &Report) -> Profile {
+        // The symbolizer (a cache) is taken out while the inputs borrow the rest.
+        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        let inputs = self.inputs(monotonic_ns());
+        let profile = report::profile(&inputs, &mut symbolizer, report, &self.settings.command);
+        self.symbolizer = symbolizer;
+        profile
     }
 
     /// Raises `--alert-threshold` and `--growth-threshold` alerts, once per crossing.
@@ -383,9 +445,8 @@ impl Session {
         self.stacks.insert(key, &ips, &self.space);
     }
 
-    pub fn snapshot(&mut self) -> Report {
-        let now = monotonic_ns();
-        let inputs = Inputs {
+    fn inputs(&self, now: u64) -> Inputs<'_> {
+        Inputs {
             pid: self.pid,
             table: &self.table,
             stacks: &self.stacks,
@@ -402,8 +463,15 @@ impl Session {
                 .settings
                 .top
                 .or(if self.settings.json { None } else { Some(10) }),
-        };
-        report::snapshot(&inputs, &mut self.symbolizer)
+        }
+    }
+
+    pub fn snapshot(&mut self) -> Report {
+        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        let inputs = self.inputs(monotonic_ns());
+        let report = report::snapshot(&inputs, &mut symbolizer);
+        self.symbolizer = symbolizer;
+        report
     }
 
     /// Writes a snapshot or report to stdout in the chosen format.

@@ -102,6 +102,18 @@ pub fn library_of_pid(pid: u32) -> Result<PathBuf> {
     }
 }
 
+/// The command line of process `pid` (empty if unreadable).
+pub fn command_line(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether the ELF file at `path` has no program interpreter (statically linked).
 pub fn elf_is_static(path: &Path) -> Result<bool> {
     let data = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;

@@ -18,7 +18,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: LLVM 22 and its link dependencies for bpf-linker, then what the tests and
-/// the demo use (jq, a C compiler and headers, setpriv from util-linux).
+/// the demo use (jq, a C compiler and headers, setpriv from util-linux), then the real
+/// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
+/// Chromium, valgrind's DHAT).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -29,6 +31,10 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dev",
     "gcc",
     "util-linux",
+    "golang-go",
+    "prometheus",
+    "chromium",
+    "valgrind",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";

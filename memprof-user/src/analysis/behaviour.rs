@@ -100,6 +100,11 @@ pub struct StackStats {
     pub first_ns: u64,
     /// Time of the last allocation (0 before any).
     pub last_ns: u64,
+    /// Highest `outstanding_bytes` and `outstanding_allocs` the group reached.
+    pub max_outstanding_bytes: u64,
+    pub max_outstanding_allocs: u64,
+    /// Sum of the lifetimes of the freed blocks, in nanoseconds.
+    pub freed_lifetime_ns: u128,
 }
 
 impl StackStats {
@@ -117,6 +122,8 @@ impl StackStats {
         self.bytes_allocated = self.bytes_allocated.saturating_add(size);
         self.outstanding_allocs += 1;
         self.outstanding_bytes = self.outstanding_bytes.saturating_add(size);
+        self.max_outstanding_bytes = self.max_outstanding_bytes.max(self.outstanding_bytes);
+        self.max_outstanding_allocs = self.max_outstanding_allocs.max(self.outstanding_allocs);
         self.sizes.add(size);
         if realloc_chain > 0 {
             self.realloc_moves += 1;
@@ -130,8 +137,9 @@ impl StackStats {
         self.bytes_freed = self.bytes_freed.saturating_add(size);
         self.outstanding_allocs = self.outstanding_allocs.saturating_sub(1);
         self.outstanding_bytes = self.outstanding_bytes.saturating_sub(size);
-        self.lifetimes_ns
-            .add(free_ts_ns.saturating_sub(alloc_ts_ns));
+        let lifetime = free_ts_ns.saturating_sub(alloc_ts_ns);
+        self.lifetimes_ns.add(lifetime);
+        self.freed_lifetime_ns += u128::from(lifetime);
     }
 
     /// Allocations per second over `[first_ns, now_ns]`; `None` before any allocation or when
