@@ -12,7 +12,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP,
+    },
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
         bpf_probe_read_user,
@@ -30,6 +33,12 @@ use memprof_common::{
 /// Process the programs report on; set by the agent at load time.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
+
+/// Unread bytes in `EVENTS` above which a record wakes the agent; below it the agent drains on
+/// its own timer. One wakeup per record costs the traced thread a context switch on a busy
+/// machine; set by the agent (0 wakes on every record).
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -95,15 +104,29 @@ fn header(kind: EventKind, func: u32, id: u64) -> EventHeader {
     }
 }
 
+/// Writes a record; `urgent` ones (a stack seen for the first time, a library load) wake the
+/// agent at once so it can read the process's address space while it still exists.
 #[inline(always)]
-fn emit<T: 'static>(event: T) {
+fn emit_with<T: 'static>(event: T, urgent: bool) {
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(0);
+            // SAFETY: a read of a global the loader patches.
+            let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+            let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            slot.submit(flags as u64);
         }
         None => count(Counter::RingFull),
     }
+}
+
+#[inline(always)]
+fn emit<T: 'static>(event: T) {
+    emit_with(event, false);
 }
 
 /// The calling thread's `pid_tgid` if it belongs to the target process.
@@ -162,15 +185,16 @@ fn in_flight(id: u64) -> bool {
     INFLIGHT.get_ptr(id).is_some()
 }
 
-/// Captures the user stack and returns its key in `STACKS`, or `NO_STACK`.
+/// Captures the user stack and returns its key in `STACKS` (or `NO_STACK`), and whether the
+/// stack is new.
 ///
 /// At a return probe the instruction pointer is the return address in the allocator's caller,
 /// so the stack starts at the caller and holds no allocator frame.
 #[inline(always)]
-fn stack_key(ctx: &RetProbeContext) -> u64 {
+fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(Counter::StackLost);
-        return NO_STACK;
+        return (NO_STACK, false);
     };
     // SAFETY: the helper writes at most `size` bytes into the per-CPU buffer and zero-fills the
     // rest.
@@ -184,7 +208,7 @@ fn stack_key(ctx: &RetProbeContext) -> u64 {
     };
     if len <= 0 {
         count(Counter::StackLost);
-        return NO_STACK;
+        return (NO_STACK, false);
     }
     let frames = len as usize / 8;
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
@@ -198,29 +222,34 @@ fn stack_key(ctx: &RetProbeContext) -> u64 {
     }
     // Zero is `NO_STACK`.
     let key = hash | 1;
-    if STACKS.get_ptr(key).is_none() {
-        // SAFETY: as above.
-        let trace = unsafe { &*buf };
-        // Another CPU may have inserted the same stack meanwhile: that is a success too.
-        if let Err(e) = STACKS.insert(key, trace, BPF_NOEXIST as u64)
-            && e != -17
-        {
+    if STACKS.get_ptr(key).is_some() {
+        return (key, false);
+    }
+    // SAFETY: as above.
+    let trace = unsafe { &*buf };
+    match STACKS.insert(key, trace, BPF_NOEXIST as u64) {
+        Ok(()) => (key, true),
+        // Another CPU inserted the same stack meanwhile.
+        Err(-17) => (key, false),
+        Err(_) => {
             count(Counter::StackLost);
-            return NO_STACK;
+            (NO_STACK, false)
         }
     }
-    key
 }
 
 #[inline(always)]
 fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: u64, size: u64) {
-    let stack = stack_key(ctx);
-    emit(AllocEvent {
-        header: header(kind, func, id),
-        addr,
-        size,
-        stack,
-    });
+    let (stack, new_stack) = stack_key(ctx);
+    emit_with(
+        AllocEvent {
+            header: header(kind, func, id),
+            addr,
+            size,
+            stack,
+        },
+        new_stack,
+    );
 }
 
 #[inline(always)]
@@ -468,7 +497,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
         )
     };
     if prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS == 0 {
-        emit(header(EventKind::ExecMap, AllocFn::Mmap as u32, id));
+        emit_with(header(EventKind::ExecMap, AllocFn::Mmap as u32, id), true);
     }
     0
 }

@@ -222,6 +222,8 @@ struct Start<'a> {
     probes: &'a [String],
     missing: &'a [String],
     aliases: Vec<[&'a str; 2]>,
+    /// Entry probes placed past a function's first instruction, by offset.
+    placed: std::collections::BTreeMap<&'a str, u64>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -382,6 +384,12 @@ fn trace_pid(
                 .aliases
                 .iter()
                 .map(|(a, b)| [a.as_str(), b.as_str()])
+                .collect(),
+            placed: tracer
+                .attach
+                .placed
+                .iter()
+                .map(|(f, off)| (f.as_str(), *off))
                 .collect(),
         })?;
     }

@@ -12,6 +12,7 @@ pub mod load;
 pub mod maps;
 pub mod marks;
 pub mod output;
+pub mod placement;
 pub mod procmem;
 pub mod report;
 pub mod session;

@@ -24,7 +24,7 @@ use aya::{
 use memprof_common::{COUNTER_SLOTS, Counter, StackTrace};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
-use crate::report::KernelLosses;
+use crate::{placement, report::KernelLosses};
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -36,6 +36,9 @@ struct ProbeSpec {
     /// Whether `alloc_return` watches the return.
     returns: bool,
     required: bool,
+    /// A call with a NULL first argument does nothing memprof records, so the entry probe may
+    /// sit after a leading NULL check (see `placement`).
+    null_is_noop: bool,
 }
 
 const fn spec(
@@ -49,13 +52,17 @@ const fn spec(
         entry,
         returns,
         required,
+        null_is_noop: false,
     }
 }
 
 /// In order of preference when two symbols share an address.
 const PLAN: &[ProbeSpec] = &[
     spec("malloc", "malloc_entry", true, true),
-    spec("free", "free_entry", false, true),
+    ProbeSpec {
+        null_is_noop: true,
+        ..spec("free", "free_entry", false, true)
+    },
     spec("calloc", "calloc_entry", true, true),
     spec("realloc", "realloc_entry", true, true),
     spec("reallocarray", "reallocarray_entry", true, false),
@@ -78,6 +85,8 @@ pub struct AttachReport {
     pub missing: Vec<String>,
     /// Functions that share an address with a probed one: (alias, probed name).
     pub aliases: Vec<(String, String)>,
+    /// Entry probes placed past the function's first instruction: (function, offset).
+    pub placed: Vec<(String, u64)>,
 }
 
 /// The loaded programs and the maps the agent reads.
@@ -107,8 +116,12 @@ impl Tracer {
         if EBPF_OBJECT.is_empty() {
             bail!("this memprof was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it");
         }
+        // Records wake the agent once a sixteenth of the ring is unread; below that it drains
+        // on its timer (see `session::DRAIN_EVERY`).
+        let wakeup_bytes = u64::from(opts.ring_bytes / 16);
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &opts.pid, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
@@ -171,12 +184,14 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
     let lib_name = lib.file_name().map_or(lib.display().to_string(), |n| {
         n.to_string_lossy().into_owned()
     });
-    let offsets = resolve_symbols(lib, PLAN.iter().map(|s| s.symbol))?;
+    let data = fs::read(lib).with_context(|| format!("failed to read {}", lib.display()))?;
+    let offsets = resolve_symbols(&data, PLAN.iter().map(|s| s.symbol))
+        .with_context(|| format!("{} is not an ELF file", lib.display()))?;
     let pid = NonZeroU32::new(opts.pid).ok_or_else(|| anyhow!("pid 0 cannot be traced"))?;
     let scope = UProbeScope::OneProcess(pid);
 
     let mut report = AttachReport::default();
-    let mut chosen: Vec<(&ProbeSpec, u64)> = Vec::new();
+    let mut chosen: Vec<(&ProbeSpec, FunctionSym)> = Vec::new();
     let mut seen: HashMap<u64, &'static str> = HashMap::new();
     for s in PLAN {
         match offsets.get(s.symbol) {
@@ -186,13 +201,13 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
                 s.symbol
             ),
             None => report.missing.push(s.symbol.to_string()),
-            Some(&off) => match seen.get(&off) {
+            Some(sym) => match seen.get(&sym.file_offset) {
                 Some(first) => report
                     .aliases
                     .push((s.symbol.to_string(), first.to_string())),
                 None => {
-                    seen.insert(off, s.symbol);
-                    chosen.push((s, off));
+                    seen.insert(sym.file_offset, s.symbol);
+                    chosen.push((s, *sym));
                 }
             },
         }
@@ -208,14 +223,22 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
     }
 
     // Returns first, then entries (see the module docs).
-    for (s, off) in chosen.iter().filter(|(s, _)| s.returns) {
+    for (s, sym) in chosen.iter().filter(|(s, _)| s.returns) {
         uprobe(ebpf, "alloc_return")?
-            .attach(*off, lib, scope)
+            .attach(sym.file_offset, lib, scope)
             .with_context(|| format!("failed to attach uretprobe to {} in {lib_name}", s.symbol))?;
     }
-    for (s, off) in &chosen {
+    for (s, sym) in &chosen {
+        let skip = if s.null_is_noop {
+            placement::skip_null_check(sym.code(&data), sym.vaddr)
+        } else {
+            0
+        };
+        if skip > 0 {
+            report.placed.push((s.symbol.to_string(), skip));
+        }
         uprobe(ebpf, s.entry)?
-            .attach(*off, lib, scope)
+            .attach(sym.file_offset + skip, lib, scope)
             .with_context(|| format!("failed to attach uprobe to {} in {lib_name}", s.symbol))?;
         report.probes.push(s.symbol.to_string());
     }
@@ -241,10 +264,9 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
     uprobe(ebpf, "phase_return")?.load()?;
     for (index, (name, function)) in opts.phases.iter().enumerate() {
         let found = opts.phase_objects.iter().find_map(|object| {
-            resolve_symbols(object, [function.as_str()])
-                .ok()
-                .and_then(|found| found.get(function).copied())
-                .map(|offset| (object, offset))
+            let data = fs::read(object).ok()?;
+            let found = resolve_symbols(&data, [function.as_str()]).ok()?;
+            found.get(function).map(|sym| (object, sym.file_offset))
         });
         let Some((object, offset)) = found else {
             bail!(
@@ -274,14 +296,32 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
     Ok(())
 }
 
-/// File offsets of the named function symbols defined in the ELF file at `path`.
+/// A function symbol of an ELF file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionSym {
+    /// Where the function starts in the file (what uprobes attach to).
+    pub file_offset: u64,
+    /// Its virtual address in the ELF image.
+    pub vaddr: u64,
+    /// Its size in bytes (0 when the symbol does not say).
+    pub size: u64,
+}
+
+impl FunctionSym {
+    /// The function's bytes within the file's `data` (empty if out of range).
+    pub fn code<'d>(&self, data: &'d [u8]) -> &'d [u8] {
+        let start = self.file_offset as usize;
+        let end = start.saturating_add(self.size as usize).min(data.len());
+        data.get(start..end).unwrap_or(&[])
+    }
+}
+
+/// The named function symbols defined in the ELF file `data`.
 pub fn resolve_symbols<'n>(
-    path: &Path,
+    data: &[u8],
     names: impl IntoIterator<Item = &'n str>,
-) -> Result<HashMap<String, u64>> {
-    let data = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    let obj = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+) -> Result<HashMap<String, FunctionSym>> {
+    let obj = object::File::parse(data)?;
     let wanted: Vec<&str> = names.into_iter().collect();
     let mut found = HashMap::new();
     for sym in obj.dynamic_symbols().chain(obj.symbols()) {
@@ -305,7 +345,11 @@ pub fn resolve_symbols<'n>(
         };
         found.insert(
             base.to_string(),
-            sym.address() - section.address() + file_offset,
+            FunctionSym {
+                file_offset: sym.address() - section.address() + file_offset,
+                vaddr: sym.address(),
+                size: sym.size(),
+            },
         );
     }
     Ok(found)
