@@ -194,15 +194,18 @@ impl Session {
         let mut ticker = self.settings.interval.map(every);
         let mut sampler = Some(every(self.settings.sample_every));
         let mut drainer = Some(every(DRAIN_EVERY));
-        let mark_socket = match &self.settings.mark_dir {
-            Some(dir) => {
+        // Marks are optional: a trace goes on without them.
+        let mark_socket = self.settings.mark_dir.as_ref().and_then(|dir| {
+            let listen = || -> Result<_> {
                 let path = marks::prepare(dir, self.pid)?;
                 let listener = UnixListener::bind(&path)
                     .with_context(|| format!("failed to listen at {}", path.display()))?;
-                Some((listener, path))
-            }
-            None => None,
-        };
+                Ok((listener, path))
+            };
+            listen()
+                .map_err(|e| eprintln!("memprof: warning: `memprof mark` unavailable: {e:#}"))
+                .ok()
+        });
         self.sample();
 
         let end = loop {
