@@ -396,7 +396,7 @@ fn trace_pid(
 
     let live = (args.metrics.is_some() || args.ui.is_some()).then(Live::default);
     if let (Some(addr), Some(live)) = (&args.metrics, &live) {
-        output::serve_metrics(addr, live.clone())?;
+        output::serve_metrics(addr, live.clone(), args.limit)?;
     }
     if let (Some(addr), Some(live)) = (&args.ui, &live) {
         output::serve_ui(addr, live.clone())?;
@@ -449,11 +449,13 @@ fn trace_pid(
     if let Some(path) = &args.output {
         save_report(path, &report)?;
     }
-    if files.any() {
-        output::write_files(&session.profile(&report), &files)?;
-    }
     session.publish_live(true);
+    let profile = files.any().then(|| session.profile(&report));
     session.emit(&report)?;
+    // After the report, so a file that cannot be written does not cost the user the report.
+    if let Some(profile) = &profile {
+        output::write_files(profile, &files)?;
+    }
     if args.fail_on_leak && report.leak_detected {
         eprintln!("memprof: leak detected (--fail-on-leak)");
         return Ok(GATE_FAILED);

@@ -373,7 +373,7 @@ pub fn profile(
     Profile {
         pid: inputs.pid,
         command: command.to_vec(),
-        duration_s: inputs.elapsed_s,
+        duration_s: report.duration_s.unwrap_or(report.elapsed_s),
         peak_t_s,
         sites,
         timeline,

@@ -5,6 +5,14 @@
 //! A `Profile` is built once at the end of a trace (and for the live endpoints at each sample
 //! tick) from the table, the analytics and the symbolizer; writers never see aya or the kernel.
 
+pub mod csv;
+pub mod dashboard;
+pub mod dhat;
+pub mod folded;
+pub mod html;
+pub mod metrics;
+pub mod pprof;
+
 use serde::Serialize;
 
 use crate::{analysis::growth::Verdict, report::Report, symbolize::Frame};
@@ -104,23 +112,58 @@ impl OutputFiles {
     }
 }
 
-/// Writes every requested file from `profile`.
+/// Writes every requested file from `profile`: `--pprof` ([`pprof`]), `--folded` (`FILE` and
+/// `FILE.alloc`, [`folded`]), `--flamegraph` (`FILE` and its `.alloc.svg` sibling), `--dhat`
+/// ([`dhat`]), `--csv` ([`csv`]) and `--html` ([`html`]). Every file is attempted; the error
+/// names each one that failed (`failed to write FILE: ...`).
 pub fn write_files(profile: &Profile, files: &OutputFiles) -> anyhow::Result<()> {
-    if files.any() {
-        anyhow::bail!("file outputs are being added; this build writes none");
+    use folded::Metric;
+    use std::path::Path;
+
+    fn write(path: &Path, bytes: anyhow::Result<Vec<u8>>) -> Result<(), String> {
+        bytes
+            .and_then(|b| std::fs::write(path, b).map_err(anyhow::Error::from))
+            .map_err(|e| format!("failed to write {}: {e:#}", path.display()))
     }
-    let _ = profile;
-    Ok(())
+    let mut outcomes = Vec::new();
+    if let Some(path) = &files.pprof {
+        outcomes.push(write(path, pprof::render(profile)));
+    }
+    if let Some(path) = &files.folded {
+        let text = |m| Ok(folded::render(profile, m).into_bytes());
+        let alloc = folded::alloc_folded_path(path);
+        outcomes.push(write(path, text(Metric::InUse)));
+        outcomes.push(write(&alloc, text(Metric::Allocated)));
+    }
+    if let Some(path) = &files.flamegraph {
+        let svg = |m| folded::flamegraph_svg(profile, m, true).map(String::into_bytes);
+        outcomes.push(write(path, svg(Metric::InUse)));
+        outcomes.push(write(&folded::alloc_svg_path(path), svg(Metric::Allocated)));
+    }
+    if let Some(path) = &files.dhat {
+        outcomes.push(write(path, dhat::render(profile)));
+    }
+    if let Some(path) = &files.csv {
+        outcomes.push(write(path, Ok(csv::render(profile).into_bytes())));
+    }
+    if let Some(path) = &files.html {
+        outcomes.push(write(path, html::render(profile).map(String::into_bytes)));
+    }
+    let errors: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", errors.join("; "))
+    }
 }
 
 /// Serves Prometheus metrics from `live` at `addr` (`--metrics`) on a background thread.
-pub fn serve_metrics(addr: &str, live: Live) -> anyhow::Result<()> {
-    let _ = live;
-    anyhow::bail!("--metrics {addr}: not available in this build")
+/// `limit` is `--limit` in bytes, exported as `memprof_rss_limit_bytes`.
+pub fn serve_metrics(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<()> {
+    metrics::serve(addr, live, limit)
 }
 
 /// Serves the live dashboard from `live` at `addr` (`--ui`) on a background thread.
 pub fn serve_ui(addr: &str, live: Live) -> anyhow::Result<()> {
-    let _ = live;
-    anyhow::bail!("--ui {addr}: not available in this build")
+    dashboard::serve(addr, live)
 }

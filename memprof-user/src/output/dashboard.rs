@@ -1,0 +1,681 @@
+//! `--ui ADDR`: a live dashboard of the trace in the browser.
+//!
+//! - `GET /`: one self-contained HTML page (inline CSS and JavaScript, no external URL): a chart
+//!   of outstanding heap and RSS over time (the profile's `timeline`, drawn as inline SVG), the
+//!   totals, and the top growing call sites (verdict, outstanding bytes, growth per second).
+//! - `GET /events`: Server-Sent Events (`text/event-stream`), one `data: {json}` message per
+//!   live update (every `--sample-every`), the JSON being what `/api/state` returns; when the
+//!   trace ends the final state is followed by an `end` event (the page then closes the
+//!   connection; other clients see it close when memprof exits).
+//! - `GET /api/state`: the newest state as JSON: `updates`, `finished` and, once the trace has
+//!   published, `pid`, `command`, `elapsed_s`, the totals, `timeline` and `sites` (the top
+//!   growing sites, with their innermost frames).
+//!
+//! `ADDR` follows `--metrics`: `HOST:PORT`, or a bare port bound on 127.0.0.1.
+
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tiny_http::{Method, Request, Response};
+
+use super::{
+    Live, LiveState, Profile, Site, TimePoint,
+    metrics::{bind, header, severity, site_name},
+};
+use crate::analysis::growth::Verdict;
+
+/// Rows of the sites table.
+pub const TOP_GROWING: usize = 15;
+/// Frames listed per site.
+const FRAMES: usize = 8;
+/// Concurrent `/events` streams (one thread each).
+const MAX_STREAMS: usize = 32;
+/// How often a stream looks for a new update.
+const POLL: Duration = Duration::from_millis(100);
+/// A comment is sent after this long without an update, to notice closed connections.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Starts the dashboard on a background thread; returns once `addr` is bound.
+pub fn serve(addr: &str, live: Live) -> anyhow::Result<()> {
+    let bound = start(addr, live)?;
+    eprintln!("memprof: live dashboard at http://{bound}/");
+    Ok(())
+}
+
+/// [`serve`] without the message: returns the bound address.
+pub fn start(addr: &str, live: Live) -> anyhow::Result<SocketAddr> {
+    let (server, bound) = bind("--ui", addr)?;
+    let shared = Arc::new(Shared {
+        live,
+        cache: Mutex::new(None),
+        streams: AtomicUsize::new(0),
+    });
+    std::thread::Builder::new()
+        .name("memprof-ui".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                route(request, &shared);
+            }
+        })
+        .context("failed to start the dashboard thread")?;
+    Ok(bound)
+}
+
+struct Shared {
+    live: Live,
+    /// The JSON of the newest state, keyed by (updates, finished).
+    cache: Mutex<Option<Current>>,
+    streams: AtomicUsize,
+}
+
+#[derive(Clone)]
+struct Current {
+    updates: u64,
+    finished: bool,
+    json: Arc<String>,
+}
+
+impl Shared {
+    /// The newest state and its JSON (serialized once per update, outside the live lock).
+    fn current(&self) -> Current {
+        let (updates, finished, profile) = {
+            let s = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            (s.updates, s.finished, s.profile.clone())
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref()
+            && c.updates == updates
+            && c.finished == finished
+        {
+            return c.clone();
+        }
+        let json = serde_json::to_string(&view(updates, finished, profile.as_deref()))
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        let current = Current {
+            updates,
+            finished,
+            json: Arc::new(json),
+        };
+        *cache = Some(current.clone());
+        current
+    }
+}
+
+fn route(request: Request, shared: &Arc<Shared>) {
+    if !matches!(request.method(), Method::Get | Method::Head) {
+        let _ = request.respond(
+            Response::from_string("method not allowed\n")
+                .with_status_code(405)
+                .with_header(header("Allow", "GET, HEAD")),
+        );
+        return;
+    }
+    let path = request.url().split('?').next().unwrap_or("").to_owned();
+    let _ = match path.as_str() {
+        "/" | "/index.html" => request.respond(
+            Response::from_string(PAGE)
+                .with_header(header("Content-Type", "text/html; charset=utf-8"))
+                .with_header(header("Cache-Control", "no-store"))
+                .with_header(header(
+                    "Content-Security-Policy",
+                    "default-src 'none'; script-src 'unsafe-inline'; \
+                     style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
+                )),
+        ),
+        "/api/state" => {
+            let current = shared.current();
+            request.respond(
+                Response::from_string(current.json.as_str())
+                    .with_header(header("Content-Type", "application/json"))
+                    .with_header(header("Cache-Control", "no-store")),
+            )
+        }
+        "/events" => {
+            if shared.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+                shared.streams.fetch_sub(1, Ordering::SeqCst);
+                request.respond(
+                    Response::from_string("too many event streams\n").with_status_code(503),
+                )
+            } else {
+                let for_stream = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("memprof-ui-events".into())
+                    .spawn(move || {
+                        let _ = stream(request, &for_stream);
+                        for_stream.streams.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    shared.streams.fetch_sub(1, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        }
+        // Browsers ask for it; there is none.
+        "/favicon.ico" => request.respond(Response::empty(204)),
+        _ => request.respond(Response::from_string("not found\n").with_status_code(404)),
+    };
+}
+
+/// Streams updates to one `/events` client until the trace ends or the client goes away.
+///
+/// tiny_http buffers a response body (chunked encoding in 8 KiB chunks), so the stream takes
+/// the raw connection and writes and flushes each message itself; the body ends when the
+/// connection closes (tiny_http keeps a kept-alive socket open after the writer is dropped, so
+/// the stream ends with an `end` event for the client to act on).
+fn stream(request: Request, shared: &Shared) -> std::io::Result<()> {
+    let head = request.method() == &Method::Head;
+    let mut out = request.into_writer();
+    out.write_all(
+        b"HTTP/1.1 200 OK\r\n\
+          Content-Type: text/event-stream\r\n\
+          Cache-Control: no-store\r\n\
+          Connection: close\r\n\
+          X-Accel-Buffering: no\r\n\r\n",
+    )?;
+    if head {
+        return out.flush();
+    }
+    out.write_all(b"retry: 2000\n\n")?;
+    out.flush()?;
+    let mut sent = None;
+    let mut last_write = Instant::now();
+    loop {
+        let current = shared.current();
+        if current.updates > 0 && sent != Some(current.updates) {
+            write!(
+                out,
+                "id: {}\ndata: {}\n\n",
+                current.updates,
+                current.json.as_str()
+            )?;
+            out.flush()?;
+            sent = Some(current.updates);
+            last_write = Instant::now();
+        }
+        if current.finished {
+            out.write_all(b"event: end\ndata: {}\n\n")?;
+            return out.flush();
+        }
+        if last_write.elapsed() >= KEEPALIVE {
+            out.write_all(b": keepalive\n\n")?;
+            out.flush()?;
+            last_write = Instant::now();
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// What `/api/state` and each event carry.
+#[derive(Serialize)]
+pub struct View<'a> {
+    pub updates: u64,
+    pub finished: bool,
+    #[serde(flatten)]
+    pub trace: Option<TraceView<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct TraceView<'a> {
+    pub pid: u32,
+    pub command: &'a [String],
+    pub elapsed_s: f64,
+    pub heap_outstanding_bytes: u64,
+    pub heap_outstanding_allocations: u64,
+    pub heap_peak_outstanding_bytes: u64,
+    pub allocations: u64,
+    pub frees: u64,
+    pub mmap_outstanding_bytes: u64,
+    pub rss_bytes: Option<u64>,
+    pub growth_rate_mb_per_hour: Option<f64>,
+    pub projected_limit_hours: Option<f64>,
+    pub leak_detected: bool,
+    pub lost_events: u64,
+    pub unmatched_frees: u64,
+    pub timeline: &'a [TimePoint],
+    /// Sites with outstanding bytes or growth.
+    pub site_count: usize,
+    pub sites: Vec<SiteView>,
+}
+
+#[derive(Serialize)]
+pub struct SiteView {
+    pub site: String,
+    pub allocator: &'static str,
+    pub kind: &'static str,
+    pub verdict: Verdict,
+    pub bytes: u64,
+    pub allocs: u64,
+    pub growth_bytes_per_s: f64,
+    /// Innermost first: function names, or `module@addr`.
+    pub stack: Vec<String>,
+}
+
+/// The view of one state.
+pub fn view(updates: u64, finished: bool, profile: Option<&Profile>) -> View<'_> {
+    View {
+        updates,
+        finished,
+        trace: profile.map(trace_view),
+    }
+}
+
+/// The view of a [`LiveState`].
+pub fn state_json(state: &LiveState) -> String {
+    serde_json::to_string(&view(
+        state.updates,
+        state.finished,
+        state.profile.as_deref(),
+    ))
+    .expect("the view serializes")
+}
+
+fn trace_view(p: &Profile) -> TraceView<'_> {
+    let r = &p.report;
+    let (sites, site_count) = top_growing(&p.sites, TOP_GROWING);
+    TraceView {
+        pid: p.pid,
+        command: &p.command,
+        elapsed_s: r.elapsed_s,
+        heap_outstanding_bytes: r.totals.heap.outstanding_bytes,
+        heap_outstanding_allocations: r.totals.heap.outstanding_allocs,
+        heap_peak_outstanding_bytes: r.totals.heap.peak_outstanding_bytes,
+        allocations: r.totals.heap.allocs,
+        frees: r.totals.heap.frees,
+        mmap_outstanding_bytes: r.mmap.outstanding_bytes,
+        rss_bytes: r.rss_bytes,
+        growth_rate_mb_per_hour: r.growth_rate_mb_per_hour,
+        projected_limit_hours: r.projected_limit_hours.flatten(),
+        leak_detected: r.leak_detected,
+        lost_events: r.totals.lost_events,
+        unmatched_frees: r.totals.heap.unmatched_frees,
+        timeline: &p.timeline,
+        site_count,
+        sites,
+    }
+}
+
+/// The `n` sites growing fastest (then holding the most), among those holding or gaining
+/// memory; and how many there are.
+fn top_growing(sites: &[Site], n: usize) -> (Vec<SiteView>, usize) {
+    let mut live: Vec<&Site> = sites
+        .iter()
+        .filter(|s| s.inuse_bytes > 0 || s.growth_bytes_per_s > 0.0)
+        .collect();
+    let count = live.len();
+    live.sort_by(|a, b| {
+        b.growth_bytes_per_s
+            .total_cmp(&a.growth_bytes_per_s)
+            .then(severity(b.verdict).cmp(&severity(a.verdict)))
+            .then(b.inuse_bytes.cmp(&a.inuse_bytes))
+    });
+    live.truncate(n);
+    let rows = live
+        .into_iter()
+        .map(|s| SiteView {
+            site: site_name(s),
+            allocator: s.allocator,
+            kind: s.kind,
+            verdict: s.verdict,
+            bytes: s.inuse_bytes,
+            allocs: s.inuse_objects,
+            growth_bytes_per_s: s.growth_bytes_per_s,
+            stack: s
+                .stack
+                .iter()
+                .take(FRAMES)
+                .map(|f| match &f.function {
+                    Some(name) => name.clone(),
+                    None => {
+                        let module = f.module.as_deref().unwrap_or("?");
+                        let file = module.rsplit('/').next().unwrap_or(module);
+                        format!("{file}@{}", f.addr)
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    (rows, count)
+}
+
+/// The page: inline CSS and JavaScript, an inline SVG chart, nothing fetched but `events`.
+const PAGE: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>memprof live</title>
+<style>
+:root { --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --heap: #2563eb; --rss: #d97706; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, sans-serif; color: var(--fg); background: #f8fafc; }
+header { padding: 12px 20px; background: #fff; border-bottom: 1px solid var(--line);
+  display: flex; gap: 16px; align-items: baseline; flex-wrap: wrap; }
+header h1 { font-size: 18px; margin: 0; }
+#command { font-family: ui-monospace, monospace; color: var(--muted); overflow-wrap: anywhere; }
+#status { padding: 1px 8px; border-radius: 9px; background: #e5e7eb; }
+#status.live { background: #dcfce7; } #status.finished { background: #e0e7ff; }
+#status.down { background: #fee2e2; }
+main { padding: 16px 20px; max-width: 1200px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
+.card .k { color: var(--muted); font-size: 12px; } .card .v { font-size: 18px; font-weight: 600; }
+.card.alarm { border-color: #dc2626; background: #fef2f2; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 6px; margin-top: 14px;
+  padding: 10px 14px; }
+section h2 { font-size: 15px; margin: 0 0 6px; }
+svg { width: 100%; height: auto; display: block; }
+#chart text { font-size: 11px; fill: var(--muted); }
+#chart .grid line { stroke: var(--line); }
+#heap-line { stroke: var(--heap); } #rss-line { stroke: var(--rss); }
+.legend span { margin-right: 14px; } .sw { display: inline-block; width: 12px; height: 3px;
+  vertical-align: middle; margin-right: 4px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line); }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.site { font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
+.verdict { padding: 0 6px; border-radius: 8px; background: #f1f5f9; }
+.v-leak { background: #fee2e2; color: #991b1b; } .v-growing { background: #ffedd5; color: #9a3412; }
+.v-stable { background: #dcfce7; } .v-churn { background: #e0f2fe; }
+.muted { color: var(--muted); }
+</style>
+</head>
+<body>
+<header>
+  <h1>memprof</h1>
+  <span>pid <b id="pid">–</b></span>
+  <span id="command"></span>
+  <span id="status">connecting</span>
+  <span class="muted"><span id="elapsed">0</span> s traced, <span id="updates">0</span> updates</span>
+</header>
+<main>
+  <div class="cards">
+    <div class="card"><div class="k">outstanding heap</div><div class="v" id="heap">–</div></div>
+    <div class="card"><div class="k">heap blocks</div><div class="v" id="blocks">–</div></div>
+    <div class="card"><div class="k">peak heap</div><div class="v" id="peak">–</div></div>
+    <div class="card"><div class="k">RSS</div><div class="v" id="rss">–</div></div>
+    <div class="card"><div class="k">mmap (outside malloc)</div><div class="v" id="mmap">–</div></div>
+    <div class="card"><div class="k">heap growth</div><div class="v" id="growth">–</div></div>
+    <div class="card" id="leak-card"><div class="k">leak detected</div><div class="v" id="leak">–</div></div>
+    <div class="card" id="lost-card"><div class="k">lost events</div><div class="v" id="lost">–</div></div>
+  </div>
+  <section>
+    <h2>Memory over time</h2>
+    <div class="legend"><span><i class="sw" style="background:var(--heap)"></i>outstanding heap</span>
+      <span><i class="sw" style="background:var(--rss)"></i>RSS</span>
+      <span class="muted"><span id="points">0</span> samples</span></div>
+    <svg id="chart" viewBox="0 0 800 260" role="img" aria-label="memory over time" data-points="0">
+      <g class="grid" id="grid"></g>
+      <polyline id="rss-line" fill="none" stroke-width="2" points=""></polyline>
+      <polyline id="heap-line" fill="none" stroke-width="2" points=""></polyline>
+    </svg>
+  </section>
+  <section>
+    <h2>Top growing call sites <span class="muted" id="site-count"></span></h2>
+    <table id="sites">
+      <thead><tr><th>site</th><th>allocator</th><th>verdict</th><th class="n">outstanding</th>
+        <th class="n">blocks</th><th class="n">growth</th></tr></thead>
+      <tbody></tbody>
+    </table>
+  </section>
+</main>
+<script>
+'use strict';
+const $ = (id) => document.getElementById(id);
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+function bytes(b) {
+  if (b === null || b === undefined) return '–';
+  let v = Math.abs(b), i = 0;
+  while (v >= 1024 && i < UNITS.length - 1) { v /= 1024; i++; }
+  return (b < 0 ? '-' : '') + (i ? v.toFixed(1) : v.toFixed(0)) + ' ' + UNITS[i];
+}
+function rate(b) { return b === null || b === undefined ? '–' : bytes(b) + '/s'; }
+function setStatus(text, cls) { const s = $('status'); s.textContent = text; s.className = cls || ''; }
+
+const W = 800, H = 260, L = 72, R = 12, T = 10, B = 28;
+function drawChart(tl) {
+  const n = tl.length;
+  $('points').textContent = n;
+  $('chart').setAttribute('data-points', n);
+  if (!n) return;
+  const t0 = tl[0].t_s, t1 = Math.max(tl[n - 1].t_s, t0 + 1e-9);
+  let max = 1;
+  for (const p of tl) max = Math.max(max, p.heap_bytes, p.rss_bytes || 0);
+  max *= 1.08;
+  const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
+  const y = (v) => H - B - v / max * (H - T - B);
+  const line = (get) => tl.filter((p) => get(p) !== null && get(p) !== undefined)
+    .map((p) => x(p.t_s).toFixed(1) + ',' + y(get(p)).toFixed(1)).join(' ');
+  $('heap-line').setAttribute('points', line((p) => p.heap_bytes));
+  $('rss-line').setAttribute('points', line((p) => p.rss_bytes));
+  let g = '';
+  for (let i = 0; i <= 4; i++) {
+    const v = max * i / 4, yy = y(v).toFixed(1);
+    g += '<line x1="' + L + '" x2="' + (W - R) + '" y1="' + yy + '" y2="' + yy + '"></line>' +
+      '<text x="' + (L - 6) + '" y="' + yy + '" text-anchor="end" dy="4">' + bytes(v) + '</text>';
+  }
+  for (let i = 0; i <= 4; i++) {
+    const t = t0 + (t1 - t0) * i / 4;
+    const anchor = i === 0 ? 'start' : i === 4 ? 'end' : 'middle';
+    g += '<text x="' + x(t).toFixed(1) + '" y="' + (H - 8) + '" text-anchor="' + anchor + '">' +
+      t.toFixed(1) + ' s</text>';
+  }
+  $('grid').innerHTML = g;
+}
+
+function cell(tr, text, cls) {
+  const td = document.createElement('td');
+  td.textContent = text;
+  if (cls) td.className = cls;
+  tr.appendChild(td);
+  return td;
+}
+function drawSites(sites, count) {
+  const body = $('sites').tBodies[0];
+  const rows = [];
+  for (const s of sites) {
+    const tr = document.createElement('tr');
+    cell(tr, s.site, 'site').title = s.stack.join(' \u2190 ');
+    cell(tr, s.allocator);
+    const v = document.createElement('span');
+    v.className = 'verdict v-' + s.verdict;
+    v.textContent = s.verdict;
+    cell(tr, '').appendChild(v);
+    cell(tr, bytes(s.bytes), 'n');
+    cell(tr, String(s.allocs), 'n');
+    cell(tr, rate(s.growth_bytes_per_s), 'n');
+    rows.push(tr);
+  }
+  body.replaceChildren(...rows);
+  $('site-count').textContent = count > sites.length ? '(' + sites.length + ' of ' + count + ')' : '';
+}
+
+function render(s) {
+  if (s.pid === undefined) return;
+  $('pid').textContent = s.pid;
+  $('command').textContent = (s.command || []).join(' ');
+  $('elapsed').textContent = s.elapsed_s.toFixed(1);
+  $('heap').textContent = bytes(s.heap_outstanding_bytes);
+  $('blocks').textContent = s.heap_outstanding_allocations;
+  $('peak').textContent = bytes(s.heap_peak_outstanding_bytes);
+  $('rss').textContent = bytes(s.rss_bytes);
+  $('mmap').textContent = bytes(s.mmap_outstanding_bytes);
+  $('growth').textContent = s.growth_rate_mb_per_hour === null ? '–' :
+    s.growth_rate_mb_per_hour.toFixed(3) + ' MB/h';
+  $('leak').textContent = s.leak_detected ? 'yes' : 'no';
+  $('leak-card').classList.toggle('alarm', s.leak_detected);
+  $('lost').textContent = s.lost_events;
+  $('lost-card').classList.toggle('alarm', s.lost_events > 0);
+  drawChart(s.timeline || []);
+  drawSites(s.sites || [], s.site_count || 0);
+}
+
+let received = 0;
+const events = new EventSource('events');
+events.onopen = () => setStatus('live', 'live');
+events.onmessage = (e) => {
+  received++;
+  $('updates').textContent = received;
+  render(JSON.parse(e.data));
+};
+events.addEventListener('end', () => { events.close(); setStatus('finished', 'finished'); });
+events.onerror = () => {
+  if (events.readyState === EventSource.CLOSED) setStatus('disconnected', 'down');
+  else setStatus('reconnecting', 'down');
+};
+</script>
+</body>
+</html>
+"##;
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader, Read as _},
+        net::TcpStream,
+    };
+
+    use super::*;
+    use crate::output::metrics::tests::{profile, site};
+
+    #[test]
+    fn page_is_self_contained() {
+        assert!(!PAGE.contains("http:") && !PAGE.contains("https:") && !PAGE.contains("//cdn"));
+        for id in [
+            "id=\"updates\"",
+            "id=\"chart\"",
+            "id=\"heap-line\"",
+            "id=\"rss-line\"",
+            "id=\"sites\"",
+            "new EventSource(",
+        ] {
+            assert!(PAGE.contains(id), "{id}");
+        }
+    }
+
+    #[test]
+    fn view_json() {
+        let p = profile(vec![
+            site("steady", "malloc", 5000, Verdict::Stable),
+            site("leaky", "malloc", 100, Verdict::Leak),
+            site("done", "malloc", 0, Verdict::Churn),
+        ]);
+        let mut sites = p.sites.clone();
+        sites[0].growth_bytes_per_s = 0.0;
+        sites[1].growth_bytes_per_s = 12.5;
+        sites[2].growth_bytes_per_s = 0.0;
+        let p = Profile { sites, ..p };
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&view(4, false, Some(&p))).unwrap())
+                .unwrap();
+        assert_eq!(v["updates"], 4);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["heap_outstanding_bytes"], 4000);
+        assert_eq!(v["rss_bytes"], 1 << 20);
+        assert_eq!(v["timeline"].as_array().unwrap().len(), 2);
+        assert_eq!(v["timeline"][1]["rss_bytes"], serde_json::Value::Null);
+        assert_eq!(v["site_count"], 2);
+        assert_eq!(v["sites"][0]["site"], "leaky");
+        assert_eq!(v["sites"][0]["verdict"], "leak");
+        assert_eq!(v["sites"][0]["growth_bytes_per_s"], 12.5);
+        assert_eq!(v["sites"][0]["stack"][1], "main");
+        assert_eq!(v["sites"][1]["site"], "steady");
+        let empty = state_json(&LiveState::default());
+        assert_eq!(empty, r#"{"updates":0,"finished":false}"#);
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn serves_page_state_and_events() {
+        let live: Live = Arc::default();
+        let addr = start("127.0.0.1:0", live.clone()).unwrap();
+        assert!(addr.ip().is_loopback() && addr.port() != 0);
+        assert!(get(addr, "/").contains("new EventSource("));
+        assert!(get(addr, "/api/state").ends_with(r#"{"updates":0,"finished":false}"#));
+        assert!(get(addr, "/nope").starts_with("HTTP/1.0 404"));
+
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .unwrap();
+        let mut reader = BufReader::new(s);
+        let mut data = Vec::new();
+        let publish = |n: u64, finished: bool| {
+            let mut st = live.lock().unwrap();
+            st.profile = Some(Arc::new(profile(vec![site(
+                "f",
+                "malloc",
+                n * 100,
+                Verdict::Growing,
+            )])));
+            st.updates = n;
+            st.finished = finished;
+        };
+        publish(1, false);
+        let mut line = String::new();
+        let mut head = String::new();
+        let mut ended = false;
+        while !ended {
+            line.clear();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            if head.is_empty() || !head.ends_with("\r\n\r\n") {
+                head.push_str(&line);
+                continue;
+            }
+            if let Some(d) = line.strip_prefix("data: ") {
+                let v: serde_json::Value = serde_json::from_str(d.trim_end()).unwrap();
+                if v.get("updates").is_some() {
+                    data.push(v["updates"].as_u64().unwrap());
+                    match data.len() {
+                        1 => publish(2, false),
+                        2 => publish(3, true),
+                        _ => {}
+                    }
+                }
+            }
+            ended = line.starts_with("event: end");
+        }
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("Content-Type: text/event-stream"), "{head}");
+        assert!(ended, "no end event");
+        assert_eq!(data, [1, 2, 3]);
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "data: {}\n");
+    }
+
+    #[test]
+    fn bind_errors_are_clear() {
+        let live: Live = Arc::default();
+        let addr = start("127.0.0.1:0", live.clone()).unwrap();
+        let err = start(&addr.to_string(), live.clone()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("--ui") && msg.contains("cannot listen"),
+            "{msg}"
+        );
+        let err = format!("{:#}", start("nonsense", live).unwrap_err());
+        assert!(err.contains("--ui nonsense"), "{err}");
+    }
+}

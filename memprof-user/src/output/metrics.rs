@@ -1,0 +1,755 @@
+//! `--metrics ADDR`: Prometheus metrics of the live trace at `GET /metrics`.
+//!
+//! The exposition is OpenMetrics text (`application/openmetrics-text; version=1.0.0`), written
+//! by prometheus-client from the newest [`LiveState`] profile at each scrape; Prometheus 2.x
+//! asks for it first. Before the first sample tick only `memprof_up 0` is served.
+//!
+//! `ADDR` is `HOST:PORT` (`127.0.0.1:9464`, `[::1]:9464`, `localhost:9464`); a bare port
+//! (`9464` or `:9464`) binds the loopback address 127.0.0.1. memprof binds exactly the address
+//! given and never a wildcard unless it is typed (`0.0.0.0:9464`).
+//!
+//! Every series has a `pid` label. Totals are exported as counters (`_total`), current values as
+//! gauges; the per-site series cover the 10 sites holding the most outstanding bytes (sites
+//! sharing a name and allocator are summed), so cardinality stays bounded:
+//!
+//! | metric | type | from |
+//! | --- | --- | --- |
+//! | `memprof_up` | gauge | 1 once the trace has published state |
+//! | `memprof_heap_outstanding_bytes` | gauge | `totals.outstanding_bytes` |
+//! | `memprof_heap_outstanding_allocations` | gauge | `totals.outstanding_allocs` |
+//! | `memprof_heap_peak_outstanding_bytes` | gauge | `totals.peak_outstanding_bytes` |
+//! | `memprof_heap_allocated_bytes_total` | counter | `totals.bytes_allocated` |
+//! | `memprof_heap_freed_bytes_total` | counter | `totals.bytes_freed` |
+//! | `memprof_allocations_total` | counter | `totals.allocs` |
+//! | `memprof_frees_total` | counter | `totals.frees` |
+//! | `memprof_mmap_outstanding_bytes` | gauge | `mmap.outstanding_bytes` |
+//! | `memprof_rss_bytes` | gauge | `rss_bytes` (absent once the process exited) |
+//! | `memprof_heap_growth_bytes_per_second` | gauge | `growth_rate_mb_per_hour` in B/s |
+//! | `memprof_lost_events_total` | counter | `totals.lost_events` |
+//! | `memprof_lost_stacks_total` | counter | `totals.lost_stacks` |
+//! | `memprof_unmatched_frees_total` | counter | `totals.unmatched_frees` |
+//! | `memprof_leak_detected` | gauge | `leak_detected` (0 or 1) |
+//! | `memprof_rss_limit_bytes` | gauge | `--limit` (only with `--limit`) |
+//! | `memprof_rss_limit_projected_seconds` | gauge | `projected_limit_hours` in s (only while RSS grows towards `--limit`) |
+//! | `memprof_site_outstanding_bytes{site,allocator,kind,verdict}` | gauge | top sites' `inuse_bytes` |
+//! | `memprof_site_growth_bytes_per_second{site,allocator,kind,verdict}` | gauge | top sites' `growth_bytes_per_s` |
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter},
+    registry::{Registry, Unit},
+};
+
+use super::{Live, LiveState, Profile, Site};
+use crate::analysis::growth::Verdict;
+
+/// Per-site series: at most this many sites.
+pub const TOP_SITES: usize = 10;
+/// Longest `site` label value.
+const MAX_SITE_LABEL: usize = 200;
+
+/// The content type of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Parses a listen address: `HOST:PORT`, or a bare `PORT` / `:PORT` meaning 127.0.0.1:PORT.
+pub fn listen_addr(addr: &str) -> anyhow::Result<SocketAddr> {
+    let s = addr.trim();
+    let loopback = |port: &str| -> anyhow::Result<SocketAddr> {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| anyhow!("{port:?} is not a port number"))?;
+        Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+    };
+    if s.is_empty() {
+        bail!("empty address: expected HOST:PORT or PORT");
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return loopback(s);
+    }
+    if let Some(port) = s.strip_prefix(':') {
+        return loopback(port);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if s.parse::<IpAddr>().is_ok() || !s.contains(':') {
+        bail!("{s:?} has no port: expected HOST:PORT or PORT");
+    }
+    s.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {s:?}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{s:?} resolves to no address"))
+}
+
+/// Binds `addr` for the endpoint `flag` (`--metrics`, `--ui`).
+pub(super) fn bind(flag: &str, addr: &str) -> anyhow::Result<(tiny_http::Server, SocketAddr)> {
+    let sa = listen_addr(addr).with_context(|| format!("{flag} {addr}: invalid address"))?;
+    let server = tiny_http::Server::http(sa)
+        .map_err(|e| anyhow!("{flag} {addr}: cannot listen on {sa}: {e}"))?;
+    // With port 0 the system picks the port: report the real one.
+    let bound = server.server_addr().to_ip().unwrap_or(sa);
+    Ok((server, bound))
+}
+
+/// A header for tiny_http responses.
+pub(super) fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .expect("static header names and values are valid")
+}
+
+/// Starts the metrics endpoint on a background thread; returns once `addr` is bound.
+pub fn serve(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<()> {
+    let bound = start(addr, live, limit)?;
+    eprintln!("memprof: Prometheus metrics at http://{bound}/metrics");
+    Ok(())
+}
+
+/// [`serve`] without the message: returns the bound address.
+pub fn start(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<SocketAddr> {
+    let (server, bound) = bind("--metrics", addr)?;
+    std::thread::Builder::new()
+        .name("memprof-metrics".into())
+        .spawn(move || {
+            let registry = registry(live, limit);
+            for request in server.incoming_requests() {
+                let _ = respond(request, &registry);
+            }
+        })
+        .context("failed to start the metrics thread")?;
+    Ok(bound)
+}
+
+fn respond(request: tiny_http::Request, registry: &Registry) -> std::io::Result<()> {
+    use tiny_http::{Method, Response};
+    let path = request.url().split('?').next().unwrap_or("");
+    if !matches!(request.method(), Method::Get | Method::Head) {
+        return request.respond(
+            Response::from_string("method not allowed\n")
+                .with_status_code(405)
+                .with_header(header("Allow", "GET, HEAD")),
+        );
+    }
+    match path {
+        "/metrics" => {
+            let mut body = String::new();
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
+                return request.respond(
+                    Response::from_string(format!("encoding failed: {e}\n")).with_status_code(500),
+                );
+            }
+            request.respond(
+                Response::from_string(body)
+                    .with_header(header("Content-Type", CONTENT_TYPE))
+                    .with_header(header("Cache-Control", "no-store")),
+            )
+        }
+        "/" => request.respond(
+            Response::from_string(
+                "<!doctype html><title>memprof</title><a href=\"metrics\">metrics</a>\n",
+            )
+            .with_header(header("Content-Type", "text/html; charset=utf-8")),
+        ),
+        _ => request.respond(Response::from_string("not found\n").with_status_code(404)),
+    }
+}
+
+/// A registry whose one collector reads `live` at each scrape.
+pub fn registry(live: Live, limit: Option<u64>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(LiveCollector { live, limit }));
+    registry
+}
+
+/// The exposition for `state` (what a scrape returns), for tests and one-off use.
+pub fn encode(state: LiveState, limit: Option<u64>) -> String {
+    let live: Live = std::sync::Arc::new(std::sync::Mutex::new(state));
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, &registry(live, limit))
+        .expect("writing to a String cannot fail");
+    body
+}
+
+#[derive(Debug)]
+struct LiveCollector {
+    live: Live,
+    limit: Option<u64>,
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Take the profile (an Arc) and let the trace go on while encoding.
+        let profile = {
+            let state = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            state.profile.clone()
+        };
+        let Some(profile) = profile else {
+            return gauge(
+                &mut encoder,
+                "memprof_up",
+                "Whether memprof has published trace state (1) or not yet (0)",
+                None,
+                &Labels::new(),
+                0u64,
+            );
+        };
+        encode_profile(&mut encoder, &profile, self.limit)
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    labels: &Labels,
+    value: impl EncodeGaugeValue,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+    if labels.is_empty() {
+        return metric.encode_gauge(&value);
+    }
+    metric.encode_family(labels)?.encode_gauge(&value)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    labels: &Labels,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(value);
+    let mut metric = encoder.encode_descriptor(name, help, unit.as_ref(), c.metric_type())?;
+    c.encode(metric.encode_family(labels)?)
+}
+
+fn encode_profile(
+    encoder: &mut DescriptorEncoder,
+    profile: &Profile,
+    limit: Option<u64>,
+) -> Result<(), std::fmt::Error> {
+    let r = &profile.report;
+    let t = &r.totals;
+    let pid: Labels = vec![("pid", profile.pid.to_string())];
+    let bytes = || Some(Unit::Bytes);
+
+    gauge(
+        encoder,
+        "memprof_up",
+        "Whether memprof has published trace state (1) or not yet (0)",
+        None,
+        &pid,
+        1u64,
+    )?;
+    gauge(
+        encoder,
+        "memprof_heap_outstanding",
+        "Heap bytes allocated during the trace and not freed",
+        bytes(),
+        &pid,
+        t.heap.outstanding_bytes,
+    )?;
+    gauge(
+        encoder,
+        "memprof_heap_outstanding_allocations",
+        "Heap blocks allocated during the trace and not freed",
+        None,
+        &pid,
+        t.heap.outstanding_allocs,
+    )?;
+    gauge(
+        encoder,
+        "memprof_heap_peak_outstanding",
+        "Highest outstanding heap bytes during the trace",
+        bytes(),
+        &pid,
+        t.heap.peak_outstanding_bytes,
+    )?;
+    counter(
+        encoder,
+        "memprof_heap_allocated",
+        "Bytes allocated by malloc-family calls during the trace",
+        bytes(),
+        &pid,
+        t.heap.bytes_allocated,
+    )?;
+    counter(
+        encoder,
+        "memprof_heap_freed",
+        "Bytes freed (of blocks allocated during the trace)",
+        bytes(),
+        &pid,
+        t.heap.bytes_freed,
+    )?;
+    counter(
+        encoder,
+        "memprof_allocations",
+        "Malloc-family allocations seen",
+        None,
+        &pid,
+        t.heap.allocs,
+    )?;
+    counter(
+        encoder,
+        "memprof_frees",
+        "Frees of blocks allocated during the trace",
+        None,
+        &pid,
+        t.heap.frees,
+    )?;
+    gauge(
+        encoder,
+        "memprof_mmap_outstanding",
+        "Anonymous mmap bytes mapped outside malloc-family calls and not unmapped",
+        bytes(),
+        &pid,
+        r.mmap.outstanding_bytes,
+    )?;
+    if let Some(rss) = r.rss_bytes {
+        gauge(
+            encoder,
+            "memprof_rss",
+            "Resident set size of the traced process",
+            bytes(),
+            &pid,
+            rss,
+        )?;
+    }
+    if let Some(mb_per_hour) = r.growth_rate_mb_per_hour.filter(|v| v.is_finite()) {
+        gauge(
+            encoder,
+            "memprof_heap_growth",
+            "Growth of the outstanding heap over the trace (least squares)",
+            Some(Unit::Other("bytes_per_second".into())),
+            &pid,
+            mb_per_hour * 1e6 / 3600.0,
+        )?;
+    }
+    counter(
+        encoder,
+        "memprof_lost_events",
+        "Events dropped before memprof could count them (ring buffer full, and the like)",
+        None,
+        &pid,
+        t.lost_events,
+    )?;
+    counter(
+        encoder,
+        "memprof_lost_stacks",
+        "Allocations recorded without a call stack",
+        None,
+        &pid,
+        t.lost_stacks,
+    )?;
+    counter(
+        encoder,
+        "memprof_unmatched_frees",
+        "Frees of blocks memprof did not see allocated (allocated before attach)",
+        None,
+        &pid,
+        t.heap.unmatched_frees,
+    )?;
+    gauge(
+        encoder,
+        "memprof_leak_detected",
+        "1 when a call site's verdict is leak (steady growth), else 0",
+        None,
+        &pid,
+        u64::from(r.leak_detected),
+    )?;
+    if let Some(limit) = limit {
+        gauge(
+            encoder,
+            "memprof_rss_limit",
+            "The memory limit given with --limit",
+            bytes(),
+            &pid,
+            limit,
+        )?;
+    }
+    if let Some(Some(hours)) = r.projected_limit_hours
+        && hours.is_finite()
+    {
+        gauge(
+            encoder,
+            "memprof_rss_limit_projected",
+            "Time until RSS reaches --limit at its current growth",
+            Some(Unit::Seconds),
+            &pid,
+            hours * 3600.0,
+        )?;
+    }
+
+    let top = top_sites(&profile.sites, TOP_SITES);
+    let site_labels = |s: &SiteSum| -> Labels {
+        vec![
+            ("pid", profile.pid.to_string()),
+            ("site", s.site.clone()),
+            ("allocator", s.allocator.to_string()),
+            ("kind", s.kind.to_string()),
+            ("verdict", s.verdict.as_str().to_string()),
+        ]
+    };
+    {
+        let mut metric = encoder.encode_descriptor(
+            "memprof_site_outstanding",
+            "Outstanding bytes of the call sites holding the most (top 10)",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        for s in &top {
+            metric
+                .encode_family(&site_labels(s))?
+                .encode_gauge(&s.inuse_bytes)?;
+        }
+    }
+    let unit = Unit::Other("bytes_per_second".into());
+    let mut metric = encoder.encode_descriptor(
+        "memprof_site_growth",
+        "Growth of the top call sites' outstanding bytes (least squares)",
+        Some(&unit),
+        MetricType::Gauge,
+    )?;
+    for s in &top {
+        metric
+            .encode_family(&site_labels(s))?
+            .encode_gauge(&s.growth_bytes_per_s)?;
+    }
+    Ok(())
+}
+
+/// Sites merged by name and allocator (so label sets are unique).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteSum {
+    pub site: String,
+    pub allocator: &'static str,
+    pub kind: &'static str,
+    /// The most alarming verdict among the merged sites.
+    pub verdict: Verdict,
+    pub inuse_bytes: u64,
+    pub inuse_objects: u64,
+    pub growth_bytes_per_s: f64,
+}
+
+/// The `n` sites (merged by [`site_name`], allocator and kind) holding the most outstanding
+/// bytes; sites holding nothing are left out.
+pub fn top_sites(sites: &[Site], n: usize) -> Vec<SiteSum> {
+    let mut merged: Vec<SiteSum> = Vec::new();
+    for site in sites.iter().filter(|s| s.inuse_bytes > 0) {
+        let name = site_name(site);
+        match merged
+            .iter_mut()
+            .find(|m| m.site == name && m.allocator == site.allocator && m.kind == site.kind)
+        {
+            Some(m) => {
+                m.inuse_bytes += site.inuse_bytes;
+                m.inuse_objects += site.inuse_objects;
+                m.growth_bytes_per_s += site.growth_bytes_per_s;
+                if severity(site.verdict) > severity(m.verdict) {
+                    m.verdict = site.verdict;
+                }
+            }
+            None => merged.push(SiteSum {
+                site: name,
+                allocator: site.allocator,
+                kind: site.kind,
+                verdict: site.verdict,
+                inuse_bytes: site.inuse_bytes,
+                inuse_objects: site.inuse_objects,
+                growth_bytes_per_s: site.growth_bytes_per_s,
+            }),
+        }
+    }
+    merged.sort_by(|a, b| {
+        b.inuse_bytes
+            .cmp(&a.inuse_bytes)
+            .then_with(|| a.site.cmp(&b.site))
+            .then_with(|| a.allocator.cmp(b.allocator))
+    });
+    merged.truncate(n);
+    merged
+}
+
+/// How alarming a verdict is, for merging.
+pub fn severity(v: Verdict) -> u8 {
+    match v {
+        Verdict::Leak => 4,
+        Verdict::Growing => 3,
+        Verdict::Unknown => 2,
+        Verdict::Stable => 1,
+        Verdict::Churn => 0,
+    }
+}
+
+/// A site's name: its innermost named function, else `module@addr` of the innermost frame, else
+/// `(no stack)`; at most 200 bytes.
+pub fn site_name(site: &Site) -> String {
+    let mut name = site
+        .stack
+        .iter()
+        .find_map(|f| f.function.clone())
+        .or_else(|| {
+            site.stack.first().map(|f| {
+                let module = f.module.as_deref().unwrap_or("?");
+                let file = module.rsplit('/').next().unwrap_or(module);
+                format!("{file}@{}", f.addr)
+            })
+        })
+        .unwrap_or_else(|| "(no stack)".to_string());
+    if name.len() > MAX_SITE_LABEL {
+        let mut end = MAX_SITE_LABEL;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+        let _ = write!(name, "...");
+    }
+    name
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        report::{KernelLosses, Report, Totals},
+        symbolize::Frame,
+        table::{HeapTotals, MmapTotals},
+    };
+
+    pub fn frame(function: Option<&str>) -> Frame {
+        Frame {
+            function: function.map(str::to_owned),
+            module: Some("/usr/bin/app".into()),
+            file: None,
+            line: None,
+            addr: "0x1234".into(),
+        }
+    }
+
+    pub fn site(function: &str, allocator: &'static str, bytes: u64, verdict: Verdict) -> Site {
+        Site {
+            stack: vec![frame(Some(function)), frame(Some("main"))],
+            allocator,
+            kind: "heap",
+            alloc_objects: 3,
+            alloc_bytes: bytes * 2,
+            inuse_objects: 2,
+            inuse_bytes: bytes,
+            max_inuse_bytes: bytes,
+            max_inuse_objects: 2,
+            frees: 1,
+            freed_lifetime_ns: 10,
+            bytes_at_peak: bytes,
+            verdict,
+            growth_bytes_per_s: bytes as f64 / 100.0,
+            first_alloc_ns: 0,
+            last_alloc_ns: 5,
+        }
+    }
+
+    pub fn profile(sites: Vec<Site>) -> Profile {
+        let heap = HeapTotals {
+            allocs: 10,
+            frees: 4,
+            bytes_allocated: 5000,
+            bytes_freed: 1000,
+            outstanding_allocs: 6,
+            outstanding_bytes: 4000,
+            peak_outstanding_bytes: 4500,
+            unmatched_frees: 2,
+            reused_addresses: 0,
+        };
+        let report = Report {
+            record: "snapshot",
+            pid: 42,
+            elapsed_s: 3.0,
+            duration_s: None,
+            exited: None,
+            exit_code: None,
+            totals: Totals {
+                heap,
+                lost_events: 7,
+                lost_stacks: 1,
+            },
+            mmap: MmapTotals {
+                outstanding_bytes: 8192,
+                ..MmapTotals::default()
+            },
+            kernel: KernelLosses::default(),
+            min_age_s: 0.0,
+            leak_groups: sites.len(),
+            unknown_frames: 0,
+            leak_detected: true,
+            growth_rate_mb_per_hour: Some(3.6),
+            projected_limit_hours: Some(Some(2.0)),
+            rss_bytes: Some(1 << 20),
+            pss_bytes: None,
+            vm_size_bytes: None,
+            untraced_bytes: None,
+            phases: Vec::new(),
+            categories: Vec::new(),
+            recommendations: Vec::new(),
+            churn_hotspots: Vec::new(),
+            leaks: Vec::new(),
+        };
+        Profile {
+            pid: 42,
+            command: vec!["app".into()],
+            duration_s: 3.0,
+            peak_t_s: 1.0,
+            sites,
+            timeline: vec![
+                super::super::TimePoint {
+                    t_s: 0.5,
+                    heap_bytes: 1000,
+                    rss_bytes: Some(4096),
+                },
+                super::super::TimePoint {
+                    t_s: 1.0,
+                    heap_bytes: 4000,
+                    rss_bytes: None,
+                },
+            ],
+            report,
+        }
+    }
+
+    fn sample<'a>(body: &'a str, series: &str) -> Option<&'a str> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn addresses() {
+        let v4 = |s: &str| listen_addr(s).unwrap().to_string();
+        assert_eq!(v4("9464"), "127.0.0.1:9464");
+        assert_eq!(v4(":9464"), "127.0.0.1:9464");
+        assert_eq!(v4("127.0.0.1:9464"), "127.0.0.1:9464");
+        assert_eq!(v4("0.0.0.0:9464"), "0.0.0.0:9464");
+        assert_eq!(v4("[::1]:80"), "[::1]:80");
+        assert!(listen_addr("localhost:9464").unwrap().ip().is_loopback());
+        assert!(listen_addr("").is_err());
+        assert!(listen_addr("127.0.0.1").is_err());
+        assert!(listen_addr(":http").is_err());
+        assert!(listen_addr("99999").is_err());
+    }
+
+    #[test]
+    fn before_the_first_update_only_up_0() {
+        let body = encode(LiveState::default(), None);
+        assert_eq!(
+            body,
+            "# HELP memprof_up Whether memprof has published trace state (1) or not yet (0)\n\
+             # TYPE memprof_up gauge\nmemprof_up 0\n# EOF\n"
+        );
+    }
+
+    #[test]
+    fn profile_metrics() {
+        let sites = vec![
+            site("big", "malloc", 3000, Verdict::Stable),
+            site("small", "calloc", 700, Verdict::Growing),
+            site("small", "calloc", 300, Verdict::Leak),
+            site("gone", "malloc", 0, Verdict::Churn),
+        ];
+        let state = LiveState {
+            profile: Some(Arc::new(profile(sites))),
+            updates: 3,
+            finished: false,
+        };
+        let body = encode(state, Some(1 << 30));
+        let p = "{pid=\"42\"}";
+        let expect = [
+            ("memprof_up", "1"),
+            ("memprof_heap_outstanding_bytes", "4000"),
+            ("memprof_heap_outstanding_allocations", "6"),
+            ("memprof_heap_peak_outstanding_bytes", "4500"),
+            ("memprof_heap_allocated_bytes_total", "5000"),
+            ("memprof_heap_freed_bytes_total", "1000"),
+            ("memprof_allocations_total", "10"),
+            ("memprof_frees_total", "4"),
+            ("memprof_mmap_outstanding_bytes", "8192"),
+            ("memprof_rss_bytes", "1048576"),
+            ("memprof_heap_growth_bytes_per_second", "1000.0"),
+            ("memprof_lost_events_total", "7"),
+            ("memprof_lost_stacks_total", "1"),
+            ("memprof_unmatched_frees_total", "2"),
+            ("memprof_leak_detected", "1"),
+            ("memprof_rss_limit_bytes", "1073741824"),
+            ("memprof_rss_limit_projected_seconds", "7200.0"),
+        ];
+        for (name, value) in expect {
+            let series = format!("{name}{p}");
+            assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
+        }
+        assert!(body.contains("# TYPE memprof_heap_allocated_bytes counter\n"));
+        assert!(body.contains("# UNIT memprof_heap_outstanding_bytes bytes\n"));
+        assert!(body.ends_with("# EOF\n"));
+        // Merged by name: the worst verdict, summed bytes; empty sites left out.
+        let small =
+            "{pid=\"42\",site=\"small\",allocator=\"calloc\",kind=\"heap\",verdict=\"leak\"}";
+        assert_eq!(
+            sample(&body, &format!("memprof_site_outstanding_bytes{small}")),
+            Some("1000")
+        );
+        assert_eq!(
+            sample(
+                &body,
+                &format!("memprof_site_growth_bytes_per_second{small}")
+            ),
+            Some("10.0")
+        );
+        assert!(body.contains("site=\"big\""));
+        assert!(!body.contains("site=\"gone\""));
+    }
+
+    #[test]
+    fn site_cardinality_is_bounded() {
+        let sites: Vec<Site> = (0..50)
+            .map(|i| site(&format!("f{i}"), "malloc", 100 + i, Verdict::Stable))
+            .collect();
+        let top = top_sites(&sites, TOP_SITES);
+        assert_eq!(top.len(), 10);
+        assert_eq!(top[0].site, "f49");
+        let body = encode(
+            LiveState {
+                profile: Some(Arc::new(profile(sites))),
+                updates: 1,
+                finished: false,
+            },
+            None,
+        );
+        assert_eq!(
+            body.lines()
+                .filter(|l| l.starts_with("memprof_site_outstanding_bytes{"))
+                .count(),
+            10
+        );
+        assert!(!body.contains("memprof_rss_limit_bytes"));
+    }
+
+    #[test]
+    fn site_names() {
+        let mut s = site("f", "malloc", 1, Verdict::Stable);
+        s.stack = vec![frame(None), frame(Some("caller"))];
+        assert_eq!(site_name(&s), "caller");
+        s.stack = vec![frame(None)];
+        assert_eq!(site_name(&s), "app@0x1234");
+        s.stack.clear();
+        assert_eq!(site_name(&s), "(no stack)");
+        s.stack = vec![frame(Some(&"x".repeat(300)))];
+        assert_eq!(site_name(&s).len(), 203);
+    }
+}
