@@ -40,6 +40,11 @@ static TARGET_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
 
+/// Nonzero: every program returns at once (`memprof trace --probe-floor`), to measure what the
+/// probes cost by themselves.
+#[unsafe(no_mangle)]
+static FLOOR: u32 = 0;
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
@@ -132,6 +137,10 @@ fn emit<T: 'static>(event: T) {
 /// The calling thread's `pid_tgid` if it belongs to the target process.
 #[inline(always)]
 fn traced_thread() -> Option<u64> {
+    // SAFETY: a read of a global the loader patches.
+    if unsafe { core::ptr::read_volatile(&FLOOR) } != 0 {
+        return None;
+    }
     let id = bpf_get_current_pid_tgid();
     ((id >> 32) as u32 == target()).then_some(id)
 }

@@ -150,6 +150,14 @@ struct TraceArgs {
     /// How often each call site's outstanding bytes are sampled for growth analysis.
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     sample_every: Duration,
+    /// Attach the probes with programs that return at once: measures the cost of the probes
+    /// themselves (the report counts nothing). For benchmarks.
+    #[arg(long)]
+    probe_floor: bool,
+    /// Probe every function at its first byte instead of after a decoded NULL check. For
+    /// benchmarks.
+    #[arg(long)]
+    no_placement: bool,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     ring_bytes: u32,
@@ -362,6 +370,8 @@ fn trace_pid(
         ring_bytes: args.ring_bytes,
         phases,
         phase_objects: objects,
+        floor: args.probe_floor,
+        no_placement: args.no_placement,
     })
     .with_context(|| format!("failed to trace pid {pid}"))?;
 

@@ -108,6 +108,10 @@ pub struct Options<'a> {
     pub phases: &'a [(String, String)],
     /// Files to look for phase functions in, in order of preference.
     pub phase_objects: &'a [PathBuf],
+    /// Attach programs that return at once (measures the probes' own cost).
+    pub floor: bool,
+    /// Probe every function at its first byte (no `placement`).
+    pub no_placement: bool,
 }
 
 impl Tracer {
@@ -122,6 +126,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &opts.pid, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .override_global("FLOOR", &u32::from(opts.floor), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
@@ -229,7 +234,7 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
             .with_context(|| format!("failed to attach uretprobe to {} in {lib_name}", s.symbol))?;
     }
     for (s, sym) in &chosen {
-        let skip = if s.null_is_noop {
+        let skip = if s.null_is_noop && !opts.no_placement {
             placement::skip_null_check(sym.code(&data), sym.vaddr)
         } else {
             0
