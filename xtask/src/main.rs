@@ -4,6 +4,7 @@
 //! and the memprof binary. The eBPF object is normally built by `memprof-user/build.rs`;
 //! `build-ebpf` builds it standalone for working on the kernel side.
 
+mod bench;
 mod setup;
 mod util;
 
@@ -24,6 +25,10 @@ commands:
                         setup, build memprof, run all tests serially; needs root.
                         ARGS go to cargo test (e.g. a test-name filter), HARNESS_ARGS to the
                         test binaries (e.g. --nocapture)
+  bench [--reps N] [--quick]
+                        setup, build memprof, measure tracing cost (untraced, probe floor,
+                        memprof, bpftrace) on bench/ workloads; writes target/bench/results.md
+                        and results.json; needs root
   demo [MEMPROF_ARGS]   setup, build memprof, trace the bundled demo/leaky_cache.c workload;
                         MEMPROF_ARGS go to `memprof trace` (e.g. --json); needs root
 ";
@@ -77,6 +82,12 @@ fn try_main() -> Result<()> {
         Some("build-ebpf") => build_ebpf(&ws, &rest),
         Some("test") => test(&ws, &rest),
         Some("demo") => demo(&ws, &rest),
+        Some("bench") => {
+            ensure_root("bench", "memprof loads eBPF programs")?;
+            setup::setup()?;
+            build_memprof(&ws)?;
+            bench::bench(&ws, &rest)
+        }
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(())
