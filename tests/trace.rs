@@ -315,7 +315,13 @@ fn fixtures() -> &'static Fixtures {
         Fixtures {
             alloc_fp: build("alloc_sites_fp", "alloc_sites.c", &[fp]),
             alloc_nofp: build("alloc_sites_nofp", "alloc_sites.c", &[nofp]),
-            alloc_static: build("alloc_sites_static", "alloc_sites.c", &[fp, "-static"]),
+            // Stripped: memprof traces static binaries through their symbol table, so the
+            // error cases need one without.
+            alloc_static: build(
+                "alloc_sites_static",
+                "alloc_sites.c",
+                &[fp, "-static", "-s"],
+            ),
             threads_fp: build("threads_fp", "threads.c", &[fp, "-pthread"]),
             threads_nofp: build("threads_nofp", "threads.c", &[nofp, "-pthread"]),
             python: python(),

@@ -14,6 +14,7 @@ use memprof_common::DEFAULT_RING_BYTES;
 use serde::Serialize;
 
 use crate::{
+    allocators::{self, Allocator},
     analysis::categories::{self, Rule},
     diff,
     load::{Options, Tracer},
@@ -226,12 +227,39 @@ struct Start<'a> {
     record: &'static str,
     pid: u32,
     command: Option<&'a [String]>,
+    /// The main allocator object.
     library: String,
+    /// Functions probed in any object.
     probes: &'a [String],
     missing: &'a [String],
     aliases: Vec<[&'a str; 2]>,
-    /// Entry probes placed past a function's first instruction, by offset.
+    /// The main allocator's entry probes placed past a function's first instruction.
     placed: std::collections::BTreeMap<&'a str, u64>,
+    /// Every allocator object probed, the main one first.
+    allocators: Vec<StartAllocator<'a>>,
+}
+
+/// One allocator object of the start record.
+#[derive(Serialize)]
+struct StartAllocator<'a> {
+    path: &'a str,
+    kind: &'static str,
+    /// The allocator is linked into the executable.
+    #[serde(rename = "static")]
+    in_executable: bool,
+    probes: &'a [String],
+    aliases: Vec<[&'a str; 2]>,
+    /// Free-like functions not probed because they hand the block to a probed one.
+    forwards: Vec<[&'a str; 2]>,
+    placed: std::collections::BTreeMap<&'a str, u64>,
+}
+
+fn pairs(v: &[(String, String)]) -> Vec<[&str; 2]> {
+    v.iter().map(|(a, b)| [a.as_str(), b.as_str()]).collect()
+}
+
+fn offsets(v: &[(String, u64)]) -> std::collections::BTreeMap<&str, u64> {
+    v.iter().map(|(f, off)| (f.as_str(), *off)).collect()
 }
 
 /// Runs the command line; returns the process exit code.
@@ -298,12 +326,12 @@ fn trace(args: TraceArgs) -> Result<i32> {
     target::check_capabilities(target::effective_capabilities()?, euid)?;
     target::check_kernel(std::path::Path::new("/sys"))?;
 
-    let (pid, library, objects, spawned) = match args.pid {
+    let (pid, allocators, objects, spawned) = match args.pid {
         Some(pid) => {
             if pid == std::process::id() {
                 bail!("memprof cannot trace itself");
             }
-            let library = target::library_of_pid(pid)?;
+            let allocators = allocators::of_pid(pid)?;
             // Phase functions: the executable first, then every mapped file.
             let mut objects = vec![PathBuf::from(format!("/proc/{pid}/exe"))];
             if let Ok(space) = AddressSpace::read(pid) {
@@ -314,21 +342,21 @@ fn trace(args: TraceArgs) -> Result<i32> {
                     }
                 }
             }
-            (pid, library, objects, None)
+            (pid, allocators, objects, None)
         }
         None => {
             let path = target::resolve_command(&args.command[0])?;
-            let library = target::library_for_command(&path)?;
+            let allocators = allocators::for_command(&path)?;
             // Fork before any thread exists (the runtime is built afterwards).
             let child = target::spawn_stopped(&path, &args.command, args.json)?;
-            (child.pid, library, vec![path], Some(child))
+            (child.pid, allocators, vec![path], Some(child))
         }
     };
     let result = trace_pid(
         &args,
         Target {
             pid,
-            library,
+            allocators: &allocators,
             phases: &phases,
             objects: &objects,
         },
@@ -346,7 +374,8 @@ fn trace(args: TraceArgs) -> Result<i32> {
 /// What `trace_pid` attaches to.
 struct Target<'a> {
     pid: u32,
-    library: PathBuf,
+    /// The main allocator first.
+    allocators: &'a [Allocator],
     phases: &'a [(String, String)],
     objects: &'a [PathBuf],
 }
@@ -359,14 +388,14 @@ fn trace_pid(
 ) -> Result<i32> {
     let Target {
         pid,
-        library,
+        allocators,
         phases,
         objects,
     } = target;
     let pidfd = PidFd::open(pid)?;
     let tracer = Tracer::attach(&Options {
         pid,
-        library: &library,
+        allocators,
         ring_bytes: args.ring_bytes,
         phases,
         phase_objects: objects,
@@ -375,34 +404,42 @@ fn trace_pid(
     })
     .with_context(|| format!("failed to trace pid {pid}"))?;
 
-    let probes = &tracer.attach.probes;
-    eprintln!(
-        "memprof: tracing pid {pid} ({} probes on {}; Ctrl-C to stop)",
-        probes.len(),
-        library.display()
+    let attach = &tracer.attach;
+    let library = allocators.first().map_or("", |a| a.shown.as_str());
+    let others = match allocators.len() {
+        1 => String::new(),
+        2 => " and 1 other allocator".to_string(),
+        n => format!(" and {} other allocators", n - 1),
+    };
+    // Announced once the session exists (and with it the mark socket).
+    let ready = format!(
+        "memprof: tracing pid {pid} ({} probes on {library}{others}; Ctrl-C to stop)",
+        attach.objects.iter().map(|o| o.probes.len()).sum::<usize>(),
     );
-    if args.json {
-        write_json_line(&Start {
-            record: "start",
-            pid,
-            command: spawned.map(|_| args.command.as_slice()),
-            library: library.display().to_string(),
-            probes,
-            missing: &tracer.attach.missing,
-            aliases: tracer
-                .attach
-                .aliases
-                .iter()
-                .map(|(a, b)| [a.as_str(), b.as_str()])
-                .collect(),
-            placed: tracer
-                .attach
-                .placed
-                .iter()
-                .map(|(f, off)| (f.as_str(), *off))
-                .collect(),
-        })?;
-    }
+    let start = Start {
+        record: "start",
+        pid,
+        command: spawned.map(|_| args.command.as_slice()),
+        library: library.to_string(),
+        probes: &attach.probes,
+        missing: &attach.missing,
+        aliases: pairs(&attach.aliases),
+        placed: offsets(&attach.placed),
+        allocators: attach
+            .objects
+            .iter()
+            .map(|o| StartAllocator {
+                path: &o.path,
+                kind: o.kind,
+                in_executable: o.executable,
+                probes: &o.probes,
+                aliases: pairs(&o.aliases),
+                forwards: pairs(&o.forwards),
+                placed: offsets(&o.placed),
+            })
+            .collect(),
+    };
+    let start = serde_json::to_string(&start)?;
 
     let live = (args.metrics.is_some() || args.ui.is_some()).then(Live::default);
     if let (Some(addr), Some(live)) = (&args.metrics, &live) {
@@ -444,6 +481,12 @@ fn trace_pid(
         status_line: !args.json && std::io::stderr().is_terminal(),
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
+    eprintln!("{ready}");
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{start}")?;
+        out.flush()?;
+    }
     let end = runtime.block_on(async {
         if let Some(child) = spawned {
             child.resume();
@@ -466,6 +509,7 @@ fn trace_pid(
     if let Some(profile) = &profile {
         output::write_files(profile, &files)?;
     }
+    detach_in_background(session);
     if args.fail_on_leak && report.leak_detected {
         eprintln!("memprof: leak detected (--fail-on-leak)");
         return Ok(GATE_FAILED);
@@ -481,6 +525,49 @@ fn save_report(path: &Path, report: &report::Report) -> Result<()> {
     let mut bytes = serde_json::to_vec(report)?;
     bytes.push(b'\n');
     fs::write(path, bytes).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Lets memprof exit without waiting for the kernel to remove its uprobes.
+///
+/// Removing a uprobe waits for RCU grace periods and the kernel serializes removals (about
+/// 0.1 s each here: 2.5 s for one libc's probes). A forked child keeps the probes' file
+/// descriptors, closes its copies of stdin, stdout and stderr (a reader of memprof's output sees
+/// the end at once), waits for memprof to exit (end of file on a pipe only memprof writes) and
+/// exits in turn: the last holder of the descriptors is the one that waits for the kernel, and
+/// nobody waits for it. The probes only ever fire for the traced process.
+///
+/// The session is forgotten, not dropped: dropping detaches each link explicitly (a disable
+/// ioctl that waits like a removal), while closing a descriptor the child still holds is free.
+fn detach_in_background(session: Session) {
+    let mut pipe = [0; 2];
+    // SAFETY: plain syscalls; the child makes only async-signal-safe calls.
+    unsafe {
+        if libc::pipe(pipe.as_mut_ptr()) != 0 {
+            // No background detach: dropping the session detaches in the foreground.
+            return;
+        }
+        match libc::fork() {
+            0 => {
+                libc::close(pipe[1]);
+                libc::close(0);
+                libc::close(1);
+                libc::close(2);
+                let mut byte = 0u8;
+                while libc::read(pipe[0], (&raw mut byte).cast(), 1) < 0 {}
+                libc::_exit(0);
+            }
+            -1 => {
+                libc::close(pipe[0]);
+                libc::close(pipe[1]);
+                return;
+            }
+            _ => {
+                // The write end stays open until memprof exits.
+                libc::close(pipe[0]);
+            }
+        }
+    }
+    std::mem::forget(session);
 }
 
 /// Shell-style exit code of a wait status: the exit status, or 128 + the killing signal.

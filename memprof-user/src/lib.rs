@@ -4,6 +4,7 @@
 //! live allocations → [`report`] → text or NDJSON. Everything below [`load`] and [`session`] is
 //! free of aya types and testable without root.
 
+pub mod allocators;
 pub mod analysis;
 pub mod cli;
 pub mod diff;

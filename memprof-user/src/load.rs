@@ -1,12 +1,15 @@
-//! Loading the kernel programs and attaching them to one process's allocator.
+//! Loading the kernel programs and attaching them to the allocators of one process.
 //!
-//! The attach plan resolves each allocator symbol to a file offset itself, so functions that are
-//! aliases of one another (glibc's `memalign` and `aligned_alloc`) are probed once, never twice.
-//! Return probes go in before entry probes: an entry seen without its return would leave the
-//! thread marked as inside an allocator.
+//! Every allocator object (see `allocators`) gets the same plan: each entry point it defines is
+//! resolved to a file offset, so functions that are aliases of one another (glibc's `memalign`
+//! and `aligned_alloc`, tcmalloc's `free` and `operator delete`) are probed once, never twice.
+//! A free-like function that only hands its block on to another probed free-like function
+//! (jemalloc's `operator delete` jumping to `free`) is not probed: `free` has no nesting guard,
+//! so both would report the same block. Return probes go in before entry probes: an entry seen
+//! without its return would leave the thread marked as inside an allocator.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     num::NonZeroU32,
     path::{Path, PathBuf},
@@ -18,13 +21,14 @@ use aya::{
     maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use memprof_common::{COUNTER_SLOTS, Counter, StackTrace};
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
-use crate::{placement, report::KernelLosses};
+use crate::{allocators::Allocator, placement, report::KernelLosses};
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -35,63 +39,164 @@ struct ProbeSpec {
     entry: &'static str,
     /// Whether `alloc_return` watches the return.
     returns: bool,
-    required: bool,
     /// A call with a NULL first argument does nothing memprof records, so the entry probe may
     /// sit after a leading NULL check (see `placement`).
     null_is_noop: bool,
+    /// jemalloc builds may prefix the name (`je_malloc`, `_rjem_malloc`; see `allocators`).
+    prefixed: bool,
+    /// Releases the block in its first argument (`free_entry`).
+    frees: bool,
+    /// One of the classic malloc family, listed in `missing` when no object defines it.
+    core: bool,
 }
 
-const fn spec(
-    symbol: &'static str,
-    entry: &'static str,
-    returns: bool,
-    required: bool,
-) -> ProbeSpec {
+/// An allocating function: its size argument is read by `entry`, its result by `alloc_return`.
+const fn alloc(symbol: &'static str, entry: &'static str) -> ProbeSpec {
     ProbeSpec {
         symbol,
         entry,
-        returns,
-        required,
+        returns: true,
         null_is_noop: false,
+        prefixed: false,
+        frees: false,
+        core: false,
     }
 }
 
-/// In order of preference when two symbols share an address.
-const PLAN: &[ProbeSpec] = &[
-    spec("malloc", "malloc_entry", true, true),
+/// A function that releases the block in its first argument.
+const fn release(symbol: &'static str) -> ProbeSpec {
     ProbeSpec {
+        returns: false,
         null_is_noop: true,
-        ..spec("free", "free_entry", false, true)
-    },
-    spec("calloc", "calloc_entry", true, true),
-    spec("realloc", "realloc_entry", true, true),
-    spec("reallocarray", "reallocarray_entry", true, false),
-    spec("posix_memalign", "posix_memalign_entry", true, false),
-    spec("memalign", "memalign_entry", true, false),
-    spec("aligned_alloc", "aligned_alloc_entry", true, false),
-    spec("valloc", "valloc_entry", true, false),
-    spec("pvalloc", "pvalloc_entry", true, false),
-    spec("mmap", "mmap_entry", true, false),
-    spec("munmap", "munmap_entry", false, false),
-    spec("mremap", "mremap_entry", true, false),
+        frees: true,
+        ..alloc(symbol, "free_entry")
+    }
+}
+
+const fn prefixed(s: ProbeSpec) -> ProbeSpec {
+    ProbeSpec {
+        prefixed: true,
+        ..s
+    }
+}
+
+const fn core(s: ProbeSpec) -> ProbeSpec {
+    ProbeSpec { core: true, ..s }
+}
+
+/// In order of preference when two symbols share an address. `malloc` and `free` must be
+/// defined by some allocator object; everything else is optional.
+const PLAN: &[ProbeSpec] = &[
+    core(prefixed(alloc("malloc", "malloc_entry"))),
+    core(prefixed(release("free"))),
+    core(prefixed(alloc("calloc", "calloc_entry"))),
+    core(prefixed(alloc("realloc", "realloc_entry"))),
+    core(prefixed(alloc("reallocarray", "reallocarray_entry"))),
+    core(prefixed(alloc("posix_memalign", "posix_memalign_entry"))),
+    core(prefixed(alloc("memalign", "memalign_entry"))),
+    core(prefixed(alloc("aligned_alloc", "aligned_alloc_entry"))),
+    core(prefixed(alloc("valloc", "valloc_entry"))),
+    core(prefixed(alloc("pvalloc", "pvalloc_entry"))),
+    core(alloc("mmap", "mmap_entry")),
+    core(ProbeSpec {
+        returns: false,
+        ..alloc("munmap", "munmap_entry")
+    }),
+    core(alloc("mremap", "mremap_entry")),
+    // jemalloc's own API (xallocx resizes in place and is not probed) and C23 sized frees.
+    prefixed(alloc("mallocx", "malloc_entry")),
+    prefixed(alloc("rallocx", "realloc_entry")),
+    prefixed(release("sdallocx")),
+    prefixed(release("dallocx")),
+    prefixed(release("free_sized")),
+    prefixed(release("free_aligned_sized")),
+    // C++ operator new and delete (x86-64 mangling), for allocators that implement them
+    // (jemalloc, tcmalloc, mimalloc) and C++ runtimes (libstdc++'s call malloc and free).
+    alloc("_Znwm", "malloc_entry"),
+    alloc("_Znam", "malloc_entry"),
+    alloc("_ZnwmRKSt9nothrow_t", "malloc_entry"),
+    alloc("_ZnamRKSt9nothrow_t", "malloc_entry"),
+    alloc("_ZnwmSt11align_val_t", "malloc_entry"),
+    alloc("_ZnamSt11align_val_t", "malloc_entry"),
+    alloc("_ZnwmSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
+    alloc("_ZnamSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
+    release("_ZdlPv"),
+    release("_ZdaPv"),
+    release("_ZdlPvm"),
+    release("_ZdaPvm"),
+    release("_ZdlPvRKSt9nothrow_t"),
+    release("_ZdaPvRKSt9nothrow_t"),
+    release("_ZdlPvSt11align_val_t"),
+    release("_ZdaPvSt11align_val_t"),
+    release("_ZdlPvmSt11align_val_t"),
+    release("_ZdaPvmSt11align_val_t"),
+    release("_ZdlPvSt11align_val_tRKSt9nothrow_t"),
+    release("_ZdaPvSt11align_val_tRKSt9nothrow_t"),
+    // mimalloc's own API where it is not an alias of the standard names (size first; the
+    // `mi_heap_*` functions, which take the heap first, are not probed).
+    alloc("mi_zalloc", "malloc_entry"),
+    alloc("mi_malloc_aligned", "malloc_entry"),
+    alloc("mi_zalloc_aligned", "malloc_entry"),
+    alloc("mi_mallocn", "calloc_entry"),
+    alloc("mi_calloc_aligned", "calloc_entry"),
+    alloc("mi_realloc_aligned", "realloc_entry"),
+    alloc("mi_rezalloc", "realloc_entry"),
+    alloc("mi_reallocn", "reallocarray_entry"),
+    alloc("mi_recalloc", "reallocarray_entry"),
+    alloc("mi_new_n", "calloc_entry"),
+    alloc("mi_new_nothrow", "malloc_entry"),
+    alloc("mi_new_aligned_nothrow", "malloc_entry"),
+    alloc("mi_new_realloc", "realloc_entry"),
+    alloc("mi_new_reallocn", "reallocarray_entry"),
+    release("mi_free_size"),
+    release("mi_free_aligned"),
+    release("mi_free_size_aligned"),
+    release("mi_cfree"),
 ];
+
+/// What was probed in one allocator object.
+#[derive(Debug, Default)]
+pub struct ObjectReport {
+    /// The object's path as the process sees it.
+    pub path: String,
+    /// `allocators::Kind::name`.
+    pub kind: &'static str,
+    /// The allocator is linked into the executable.
+    pub executable: bool,
+    /// Functions probed (symbol names, with the build's prefix).
+    pub probes: Vec<String>,
+    /// Functions that share an address with a probed one: (alias, probed name).
+    pub aliases: Vec<(String, String)>,
+    /// Free-like functions left unprobed because they pass the block to a probed one:
+    /// (function, callee).
+    pub forwards: Vec<(String, String)>,
+    /// Entry probes placed past the function's first instruction: (function, offset).
+    pub placed: Vec<(String, u64)>,
+    /// The plan's functions (unprefixed names) the object defines, probed or not.
+    pub defined: Vec<&'static str>,
+}
 
 /// What was attached where.
 #[derive(Debug, Default)]
 pub struct AttachReport {
-    /// Functions probed.
+    /// Functions probed, over every object, each name once.
     pub probes: Vec<String>,
-    /// Optional functions the library does not define.
+    /// Optional malloc-family functions no allocator object defines.
     pub missing: Vec<String>,
-    /// Functions that share an address with a probed one: (alias, probed name).
+    /// Functions that share an address with a probed one, over every object: (alias, probed).
     pub aliases: Vec<(String, String)>,
-    /// Entry probes placed past the function's first instruction: (function, offset).
+    /// The main allocator's entry probes placed past the function's first instruction.
     pub placed: Vec<(String, u64)>,
+    /// Per allocator object, the main one first.
+    pub objects: Vec<ObjectReport>,
 }
 
 /// The loaded programs and the maps the agent reads.
 pub struct Tracer {
-    /// Owns the programs and their links; dropping it detaches everything.
+    /// The uprobe links, owned so that dropping the tracer detaches them in parallel (see
+    /// `Drop`); they go before the programs.
+    links: Vec<UProbeLink>,
+    /// Owns the programs (and the tracepoint link).
     _ebpf: Ebpf,
     pub events: RingBuf<MapData>,
     stacks: AyaHashMap<MapData, u64, StackTrace>,
@@ -101,8 +206,8 @@ pub struct Tracer {
 
 pub struct Options<'a> {
     pub pid: u32,
-    /// The libc (or other allocator library) file the process maps.
-    pub library: &'a Path,
+    /// The allocator objects to probe, the main one first (see `allocators`).
+    pub allocators: &'a [Allocator],
     pub ring_bytes: u32,
     /// `--phase NAME=FUNCTION` pairs, in order (the index is the phase id).
     pub phases: &'a [(String, String)],
@@ -130,12 +235,18 @@ impl Tracer {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
-        let attach = attach_all(&mut ebpf, opts)?;
-        attach_phases(&mut ebpf, opts)?;
+        let mut link_ids = Vec::new();
+        let attach = attach_all(&mut ebpf, opts, &mut link_ids)?;
+        attach_phases(&mut ebpf, opts, &mut link_ids)?;
+        let links = link_ids
+            .into_iter()
+            .map(|(program, id)| Ok(uprobe(&mut ebpf, program)?.take_link(id)?))
+            .collect::<Result<Vec<_>>>()?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         Ok(Self {
+            links,
             _ebpf: ebpf,
             events,
             stacks,
@@ -170,6 +281,27 @@ impl Tracer {
     }
 }
 
+impl Drop for Tracer {
+    /// Detaches the uprobes from several threads at once. The kernel waits for RCU grace
+    /// periods when it removes a uprobe (about 0.1-0.2 s each here); one link after the other,
+    /// a trace of one libc took about 4.6 s to exit. Concurrent removals share grace periods.
+    fn drop(&mut self) {
+        const THREADS: usize = 16;
+        let links = std::mem::take(&mut self.links);
+        let per_thread = links.len().div_ceil(THREADS).max(1);
+        let mut links = links.into_iter();
+        std::thread::scope(|scope| {
+            loop {
+                let chunk: Vec<UProbeLink> = links.by_ref().take(per_thread).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                scope.spawn(move || drop(chunk));
+            }
+        });
+    }
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
@@ -184,42 +316,73 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     Ok(program)
 }
 
-fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
-    let lib = opts.library;
-    let lib_name = lib.file_name().map_or(lib.display().to_string(), |n| {
-        n.to_string_lossy().into_owned()
-    });
-    let data = fs::read(lib).with_context(|| format!("failed to read {}", lib.display()))?;
-    let offsets = resolve_symbols(&data, PLAN.iter().map(|s| s.symbol))
-        .with_context(|| format!("{} is not an ELF file", lib.display()))?;
+/// One function to probe in one object.
+struct Chosen {
+    object: usize,
+    spec: &'static ProbeSpec,
+    name: String,
+    sym: FunctionSym,
+    skip: u64,
+}
+
+/// Uprobe links as attached: (program name, link id).
+type LinkIds = Vec<(&'static str, UProbeLinkId)>;
+
+fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Result<AttachReport> {
     let pid = NonZeroU32::new(opts.pid).ok_or_else(|| anyhow!("pid 0 cannot be traced"))?;
     let scope = UProbeScope::OneProcess(pid);
 
     let mut report = AttachReport::default();
-    let mut chosen: Vec<(&ProbeSpec, FunctionSym)> = Vec::new();
-    let mut seen: HashMap<u64, &'static str> = HashMap::new();
-    for s in PLAN {
-        match offsets.get(s.symbol) {
-            None if s.required => bail!(
-                "{lib_name} ({}) does not define {}; is it the process's allocator?",
-                lib.display(),
-                s.symbol
-            ),
-            None => report.missing.push(s.symbol.to_string()),
-            Some(sym) => match seen.get(&sym.file_offset) {
-                Some(first) => report
-                    .aliases
-                    .push((s.symbol.to_string(), first.to_string())),
-                None => {
-                    seen.insert(sym.file_offset, s.symbol);
-                    chosen.push((s, *sym));
-                }
-            },
+    let mut chosen: Vec<Chosen> = Vec::new();
+    for (index, a) in opts.allocators.iter().enumerate() {
+        let data = fs::read(&a.path).with_context(|| format!("failed to read {}", a.shown))?;
+        let (object, picked) = plan_object(a, &data, !opts.no_placement)
+            .with_context(|| format!("{} is not an ELF file", a.shown))?;
+        chosen.extend(picked.into_iter().map(|mut c| {
+            c.object = index;
+            c
+        }));
+        report.objects.push(object);
+    }
+    let defined = |name: &str| report.objects.iter().any(|o| o.defined.contains(&name));
+    for required in ["malloc", "free"] {
+        if !defined(required) {
+            bail!(
+                "no allocator object defines {required} ({}); memprof needs both malloc and free",
+                opts.allocators
+                    .iter()
+                    .map(|a| a.shown.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
+    }
+    for s in PLAN.iter().filter(|s| s.core && !defined(s.symbol)) {
+        report.missing.push(s.symbol.to_string());
+    }
+    for o in &report.objects {
+        for p in &o.probes {
+            if !report.probes.contains(p) {
+                report.probes.push(p.clone());
+            }
+        }
+        for a in &o.aliases {
+            if !report.aliases.contains(a) {
+                report.aliases.push(a.clone());
+            }
+        }
+    }
+    if let Some(main) = report.objects.first() {
+        report.placed = main.placed.clone();
     }
 
     // Load every program we use once.
-    let mut names: Vec<&str> = chosen.iter().map(|(s, _)| s.entry).collect();
+    let mut names: Vec<&str> = Vec::new();
+    for c in &chosen {
+        if !names.contains(&c.spec.entry) {
+            names.push(c.spec.entry);
+        }
+    }
     names.push("alloc_return");
     for name in names {
         uprobe(ebpf, name)?
@@ -228,24 +391,25 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
     }
 
     // Returns first, then entries (see the module docs).
-    for (s, sym) in chosen.iter().filter(|(s, _)| s.returns) {
-        uprobe(ebpf, "alloc_return")?
-            .attach(sym.file_offset, lib, scope)
-            .with_context(|| format!("failed to attach uretprobe to {} in {lib_name}", s.symbol))?;
+    let path_of = |c: &Chosen| -> &Path { &opts.allocators[c.object].path };
+    let shown_of = |c: &Chosen| -> &str { &opts.allocators[c.object].shown };
+    for c in chosen.iter().filter(|c| c.spec.returns) {
+        let id = uprobe(ebpf, "alloc_return")?
+            .attach(c.sym.file_offset, path_of(c), scope)
+            .with_context(|| {
+                format!(
+                    "failed to attach uretprobe to {} in {}",
+                    c.name,
+                    shown_of(c)
+                )
+            })?;
+        links.push(("alloc_return", id));
     }
-    for (s, sym) in &chosen {
-        let skip = if s.null_is_noop && !opts.no_placement {
-            placement::skip_null_check(sym.code(&data), sym.vaddr)
-        } else {
-            0
-        };
-        if skip > 0 {
-            report.placed.push((s.symbol.to_string(), skip));
-        }
-        uprobe(ebpf, s.entry)?
-            .attach(sym.file_offset + skip, lib, scope)
-            .with_context(|| format!("failed to attach uprobe to {} in {lib_name}", s.symbol))?;
-        report.probes.push(s.symbol.to_string());
+    for c in &chosen {
+        let id = uprobe(ebpf, c.spec.entry)?
+            .attach(c.sym.file_offset + c.skip, path_of(c), scope)
+            .with_context(|| format!("failed to attach uprobe to {} in {}", c.name, shown_of(c)))?;
+        links.push((c.spec.entry, id));
     }
 
     let tp: &mut TracePoint = ebpf
@@ -255,11 +419,222 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
     tp.load()?;
     tp.attach("syscalls", "sys_enter_mmap")
         .context("failed to attach to tracepoint syscalls:sys_enter_mmap")?;
+    let tp: &mut TracePoint = ebpf
+        .program_mut("sys_exit_mmap")
+        .ok_or_else(|| anyhow!("the eBPF object has no program sys_exit_mmap"))?
+        .try_into()?;
+    tp.load()?;
+    tp.attach("syscalls", "sys_exit_mmap")
+        .context("failed to attach to tracepoint syscalls:sys_exit_mmap")?;
     Ok(report)
 }
 
+/// The functions of `PLAN` that allocator `a` (file contents `data`) defines, deduplicated by
+/// address, without the free-like ones that forward to another probed free-like function.
+fn plan_object(a: &Allocator, data: &[u8], placement: bool) -> Result<(ObjectReport, Vec<Chosen>)> {
+    let obj = object::File::parse(data)?;
+    let name_of = |s: &ProbeSpec| -> String {
+        if s.prefixed {
+            format!("{}{}", a.prefix, s.symbol)
+        } else {
+            s.symbol.to_string()
+        }
+    };
+    let names: Vec<String> = PLAN.iter().map(name_of).collect();
+    let offsets = find_functions(&obj, names.iter().map(String::as_str), true);
+
+    let mut report = ObjectReport {
+        path: a.shown.clone(),
+        kind: a.kind.name(),
+        executable: a.executable,
+        ..ObjectReport::default()
+    };
+    let mut chosen: Vec<Chosen> = Vec::new();
+    let mut seen: HashMap<u64, String> = HashMap::new();
+    for (s, name) in PLAN.iter().zip(&names) {
+        let Some(sym) = offsets.get(name) else {
+            continue;
+        };
+        report.defined.push(s.symbol);
+        match seen.get(&sym.file_offset) {
+            Some(first) => report.aliases.push((name.clone(), first.clone())),
+            None => {
+                seen.insert(sym.file_offset, name.clone());
+                chosen.push(Chosen {
+                    object: 0,
+                    spec: s,
+                    name: name.clone(),
+                    sym: *sym,
+                    skip: 0,
+                });
+            }
+        }
+    }
+
+    // Free-like functions that pass their block on to another probed free-like function.
+    let free_vaddrs: HashMap<u64, String> = chosen
+        .iter()
+        .filter(|c| c.spec.frees)
+        .map(|c| (c.sym.vaddr, c.name.clone()))
+        .collect();
+    // Names a PLT stub may bind to a free-like function: the plan's, and every other name of
+    // this object's probed ones (mimalloc's `mi_free` is its `free`).
+    let mut free_names: HashMap<String, String> = PLAN
+        .iter()
+        .filter(|s| s.frees)
+        .flat_map(|s| {
+            if s.prefixed {
+                crate::allocators::PREFIXES
+                    .iter()
+                    .map(|p| format!("{p}{}", s.symbol))
+                    .collect::<Vec<_>>()
+            } else {
+                vec![s.symbol.to_string()]
+            }
+        })
+        .map(|n| (n.clone(), n))
+        .collect();
+    for sym in obj.dynamic_symbols().chain(obj.symbols()) {
+        if sym.is_undefined() || sym.kind() != object::SymbolKind::Text {
+            continue;
+        }
+        if let (Some(probed), Ok(name)) = (free_vaddrs.get(&sym.address()), sym.name()) {
+            let base = name.split('@').next().unwrap_or(name);
+            free_names.insert(base.to_string(), probed.clone());
+        }
+    }
+    let mut plt: Option<PltNames> = None;
+    let mut forwards: Vec<(String, String)> = Vec::new();
+    for c in chosen.iter().filter(|c| c.spec.frees) {
+        let plt = plt.get_or_insert_with(|| PltNames::new(&obj, data));
+        if let Some(callee) = forwards_to(&c.sym, data, &free_vaddrs, &free_names, plt)
+            && callee != c.name
+        {
+            forwards.push((c.name.clone(), callee));
+        }
+    }
+    chosen.retain(|c| !forwards.iter().any(|(f, _)| *f == c.name));
+    report.forwards = forwards;
+
+    for c in &mut chosen {
+        if c.spec.null_is_noop && placement {
+            c.skip = placement::skip_null_check(c.sym.code(data), c.sym.vaddr);
+        }
+        if c.skip > 0 {
+            report.placed.push((c.name.clone(), c.skip));
+        }
+        report.probes.push(c.name.clone());
+    }
+    Ok((report, chosen))
+}
+
+/// The function a free-like function `f` branches to (call or jump, taken or not) among the
+/// object's probed free-like functions (`free_vaddrs`) or, through a PLT stub, among the names
+/// of free-like functions (`free_names`: name -> the probed function it stands for).
+fn forwards_to(
+    f: &FunctionSym,
+    data: &[u8],
+    free_vaddrs: &HashMap<u64, String>,
+    free_names: &HashMap<String, String>,
+    plt: &PltNames,
+) -> Option<String> {
+    let mut decoder = Decoder::with_ip(64, f.code(data), f.vaddr, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        let branches = matches!(
+            insn.flow_control(),
+            FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+        ) && matches!(
+            insn.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        );
+        if !branches {
+            continue;
+        }
+        let target = insn.near_branch_target();
+        if target == f.vaddr {
+            continue;
+        }
+        if let Some(name) = free_vaddrs.get(&target) {
+            return Some(name.clone());
+        }
+        if let Some(callee) = plt.name_at(target).and_then(|n| free_names.get(n)) {
+            return Some(callee.clone());
+        }
+    }
+    None
+}
+
+/// The symbols behind an object's PLT stubs.
+struct PltNames {
+    /// (start, end, file offset) of the `.plt*` sections.
+    sections: Vec<(u64, u64, u64)>,
+    data: Vec<u8>,
+    /// GOT slot address -> the dynamic symbol the loader binds to it.
+    slots: HashMap<u64, String>,
+}
+
+impl PltNames {
+    fn new(obj: &object::File<'_>, data: &[u8]) -> Self {
+        let sections = obj
+            .sections()
+            .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+            .filter_map(|s| {
+                let (off, _) = s.file_range()?;
+                Some((s.address(), s.address() + s.size(), off))
+            })
+            .collect();
+        let mut slots = HashMap::new();
+        if let (Some(relocs), Some(dynsyms)) =
+            (obj.dynamic_relocations(), obj.dynamic_symbol_table())
+        {
+            for (offset, reloc) in relocs {
+                if let object::RelocationTarget::Symbol(index) = reloc.target()
+                    && let Ok(sym) = dynsyms.symbol_by_index(index)
+                    && let Ok(name) = sym.name()
+                {
+                    slots.insert(offset, name.to_string());
+                }
+            }
+        }
+        Self {
+            sections,
+            data: data.to_vec(),
+            slots,
+        }
+    }
+
+    /// The symbol a PLT stub at `addr` jumps to, read from its indirect jump's GOT slot.
+    fn name_at(&self, addr: u64) -> Option<&str> {
+        let (start, end, off) = self
+            .sections
+            .iter()
+            .find(|(start, end, _)| (*start..*end).contains(&addr))?;
+        let from = (off + (addr - start)) as usize;
+        let to = (off + (end - start)) as usize;
+        let code = self.data.get(from..to.min(self.data.len()))?;
+        let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+        for _ in 0..3 {
+            if !decoder.can_decode() {
+                break;
+            }
+            let insn = decoder.decode();
+            if insn.mnemonic() == Mnemonic::Jmp && insn.is_ip_rel_memory_operand() {
+                return self
+                    .slots
+                    .get(&insn.ip_rel_memory_address())
+                    .map(String::as_str);
+            }
+        }
+        None
+    }
+}
+
 /// Probes entry and return of each `--phase` function; the attach cookie is the phase index.
-fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
+fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Result<()> {
     if opts.phases.is_empty() {
         return Ok(());
     }
@@ -288,7 +663,7 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(index as u64),
             };
-            uprobe(ebpf, program)?
+            let id = uprobe(ebpf, program)?
                 .attach(point, object, scope)
                 .with_context(|| {
                     format!(
@@ -296,6 +671,7 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
                         object.display()
                     )
                 })?;
+            links.push((program, id));
         }
     }
     Ok(())
@@ -327,16 +703,28 @@ pub fn resolve_symbols<'n>(
     names: impl IntoIterator<Item = &'n str>,
 ) -> Result<HashMap<String, FunctionSym>> {
     let obj = object::File::parse(data)?;
-    let wanted: Vec<&str> = names.into_iter().collect();
+    Ok(find_functions(&obj, names, false))
+}
+
+/// The named function symbols `obj` defines (only global and weak ones with `globals_only`).
+fn find_functions<'n>(
+    obj: &object::File<'_>,
+    names: impl IntoIterator<Item = &'n str>,
+    globals_only: bool,
+) -> HashMap<String, FunctionSym> {
+    let wanted: HashSet<&str> = names.into_iter().collect();
     let mut found = HashMap::new();
     for sym in obj.dynamic_symbols().chain(obj.symbols()) {
-        if sym.is_undefined() || sym.kind() != object::SymbolKind::Text {
+        if sym.is_undefined()
+            || sym.kind() != object::SymbolKind::Text
+            || (globals_only && sym.is_local())
+        {
             continue;
         }
         let Ok(name) = sym.name() else { continue };
         // Versioned names (`malloc@@GLIBC_2.2.5`) in .symtab.
         let base = name.split('@').next().unwrap_or(name);
-        if !wanted.contains(&base) || found.contains_key(base) {
+        if !wanted.contains(base) || found.contains_key(base) {
             continue;
         }
         let Some(index) = sym.section_index() else {
@@ -357,5 +745,5 @@ pub fn resolve_symbols<'n>(
             },
         );
     }
-    Ok(found)
+    found
 }

@@ -1,6 +1,6 @@
 //! The process to trace: checks made before anything is loaded (privileges, kernel support, the
-//! pid, the command), finding the allocator library it uses, and spawning a command stopped
-//! before `exec` so tracing starts at its first allocation.
+//! pid, the command) and spawning a command stopped before `exec` so tracing starts at its first
+//! allocation. Which allocators the process uses is `allocators`' business.
 
 use std::{
     env,
@@ -11,8 +11,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-
-use crate::maps::AddressSpace;
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -76,32 +74,6 @@ pub fn check_kernel(sys: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The library file to probe in running process `pid`: its libc, as a path that resolves inside
-/// the process's own root.
-pub fn library_of_pid(pid: u32) -> Result<PathBuf> {
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        bail!("no such process: pid {pid}");
-    }
-    let space = AddressSpace::read(pid)
-        .with_context(|| format!("failed to read the memory map of pid {pid}"))?;
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let comm = comm.trim();
-    match space.find_library("libc.so.6") {
-        Some(m) => Ok(PathBuf::from(format!("/proc/{pid}/root{}", m.path))),
-        None => {
-            let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-            if elf_is_static(&exe).unwrap_or(false) {
-                bail!(
-                    "pid {pid} ({comm}) runs a static binary ({}); memprof traces processes \
-                     that use a shared libc",
-                    exe.display()
-                );
-            }
-            bail!("pid {pid} ({comm}) maps no libc.so.6; memprof traces processes that use glibc")
-        }
-    }
-}
-
 /// The command line of process `pid` (empty if unreadable).
 pub fn command_line(pid: u32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))
@@ -122,7 +94,8 @@ pub fn elf_is_static(path: &Path) -> Result<bool> {
     Ok(interpreter(&obj).is_none())
 }
 
-fn interpreter(obj: &object::File<'_>) -> Option<String> {
+/// The program interpreter (`PT_INTERP`) of an ELF file, if it has one.
+pub(crate) fn interpreter(obj: &object::File<'_>) -> Option<String> {
     use object::{elf, read::elf::ProgramHeader as _};
     match obj {
         object::File::Elf64(elf_file) => {
@@ -165,7 +138,7 @@ fn is_executable(p: &Path) -> bool {
 
 /// The ELF the kernel will really run for `path`: follows `#!` lines (one level, and
 /// `/usr/bin/env NAME`).
-fn executed_elf(path: &Path) -> Result<PathBuf> {
+pub(crate) fn executed_elf(path: &Path) -> Result<PathBuf> {
     let head = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
     if !head.starts_with(b"#!") {
         return Ok(path.to_path_buf());
@@ -182,31 +155,6 @@ fn executed_elf(path: &Path) -> Result<PathBuf> {
         return resolve_command(name);
     }
     Ok(PathBuf::from(interp))
-}
-
-/// The libc a spawned `command` will use. Fails for static binaries and non-glibc programs.
-pub fn library_for_command(command: &Path) -> Result<PathBuf> {
-    let elf = executed_elf(command)?;
-    let data = fs::read(&elf).with_context(|| format!("failed to read {}", elf.display()))?;
-    let obj = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF executable", elf.display()))?;
-    let Some(interp) = interpreter(&obj) else {
-        bail!(
-            "{} is a static binary; memprof traces programs that use a shared libc",
-            elf.display()
-        );
-    };
-    if !interp.contains("ld-linux") {
-        bail!(
-            "{} uses the loader {interp}, not glibc's; memprof traces glibc programs",
-            elf.display()
-        );
-    }
-    // A glibc program loads the system libc, the same file this (glibc) process maps.
-    let own = AddressSpace::read(std::process::id()).context("failed to read /proc/self/maps")?;
-    own.find_library("libc.so.6")
-        .map(|m| PathBuf::from(&m.path))
-        .ok_or_else(|| anyhow!("cannot find the system libc.so.6 (memprof itself maps none)"))
 }
 
 /// A command forked and stopped before `exec`.
@@ -326,6 +274,5 @@ mod tests {
     fn own_executable_is_dynamic() {
         let exe = std::env::current_exe().unwrap();
         assert!(!elf_is_static(&exe).unwrap());
-        assert!(library_for_command(&exe).is_ok());
     }
 }

@@ -20,7 +20,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM 22 and its link dependencies for bpf-linker, then what the tests and
 /// the demo use (jq, a C compiler and headers, setpriv from util-linux), then the real
 /// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
-/// Chromium, valgrind's DHAT).
+/// Chromium, valgrind's DHAT) and the allocators the allocator tests link against (jemalloc,
+/// tcmalloc, mimalloc, musl).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -35,6 +36,10 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "chromium",
     "valgrind",
+    "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "musl-tools",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
