@@ -63,6 +63,10 @@ static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFL
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// Threads inside an `mmap` syscall that maps a file executable (set at entry, taken at exit).
+#[map]
+static EXEC_MAPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+
 /// Arguments of an allocator call in flight on one thread.
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -489,9 +493,11 @@ fn phase_event(ctx: *mut core::ffi::c_void, kind: EventKind) {
     });
 }
 
-/// A file mapped executable (a library being loaded) tells the agent to refresh its view of the
-/// target's address space before the next stack is resolved. The loader maps libraries with its
-/// own `mmap`, which no libc probe sees, hence the syscall tracepoint.
+/// A file mapped executable (a library being loaded) tells the agent to re-read the target's
+/// address space at once: a short-lived process may be gone before its first stack is
+/// processed, and its mappings with it. The loader maps libraries with its own `mmap`, which no
+/// libc probe sees, hence the syscall tracepoints; the record goes out at the syscall's exit,
+/// when the mapping exists.
 #[tracepoint]
 pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     let Some(id) = traced_thread() else {
@@ -506,6 +512,17 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
         )
     };
     if prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS == 0 {
+        let _ = EXEC_MAPS.insert(id, 1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_mmap(_ctx: TracePointContext) -> u32 {
+    let Some(id) = traced_thread() else {
+        return 0;
+    };
+    if EXEC_MAPS.remove(id).is_ok() {
         emit_with(header(EventKind::ExecMap, AllocFn::Mmap as u32, id), true);
     }
     0

@@ -6,7 +6,10 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::unix::{
+        fs::PermissionsExt as _,
+        net::{UnixListener, UnixStream},
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -39,6 +42,30 @@ pub fn prepare(dir: &Path, pid: u32) -> Result<PathBuf> {
     // A socket left by a trace that was killed.
     let _ = fs::remove_file(&path);
     Ok(path)
+}
+
+/// The trace's end of the socket; the socket file goes away with it, however the trace ends.
+#[derive(Debug)]
+pub struct Listener {
+    pub socket: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Listens for marks on the trace of `pid` (non-blocking, for the async runtime).
+    pub fn bind(dir: &Path, pid: u32) -> Result<Self> {
+        let path = prepare(dir, pid)?;
+        let socket = UnixListener::bind(&path)
+            .with_context(|| format!("failed to listen at {}", path.display()))?;
+        socket.set_nonblocking(true)?;
+        Ok(Self { socket, path })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 /// `memprof mark NAME [--pid PID]`: sends the mark and waits for the trace's answer.

@@ -116,6 +116,8 @@ pub struct Session {
     over_growth: bool,
     /// The process's memory at the last sample (kept for the report after it exits).
     last_mem: Option<ProcMem>,
+    /// Where `memprof mark` reaches this trace (None when marks are unavailable).
+    marks: Option<marks::Listener>,
     /// Records decoded so far, and at the last status line.
     events: u64,
     events_at_status: (u64, u64),
@@ -149,6 +151,13 @@ impl Session {
             over_bytes: false,
             over_growth: false,
             last_mem: None,
+            // Marks are optional: a trace goes on without them. Bound here, before the trace
+            // announces itself, so `memprof mark` works as soon as it has.
+            marks: settings.mark_dir.as_ref().and_then(|dir| {
+                marks::Listener::bind(dir, pid)
+                    .map_err(|e| eprintln!("memprof: warning: `memprof mark` unavailable: {e:#}"))
+                    .ok()
+            }),
             events: 0,
             events_at_status: (0, start_ns),
             pidfd,
@@ -156,9 +165,14 @@ impl Session {
             tracer,
             table: Table::new(),
             stacks: StackStore::new(),
-            // Read at the first stack: a spawned command has not executed yet.
-            space: AddressSpace::default(),
-            space_stale: true,
+            // A running process is read now (it may exit before its first stack is seen); a
+            // spawned command has not executed yet, so it is read at its first library load.
+            space: if parent {
+                AddressSpace::default()
+            } else {
+                AddressSpace::read(pid).unwrap_or_default()
+            },
+            space_stale: parent,
             space_read_ns: 0,
             symbolizer: Symbolizer::new(),
             decode_errors: 0,
@@ -194,19 +208,14 @@ impl Session {
         let mut ticker = self.settings.interval.map(every);
         let mut sampler = Some(every(self.settings.sample_every));
         let mut drainer = Some(every(DRAIN_EVERY));
-        // Marks are optional: a trace goes on without them.
-        let mark_socket = self.settings.mark_dir.as_ref().and_then(|dir| {
-            let listen = || -> Result<_> {
-                let path = marks::prepare(dir, self.pid)?;
-                let listener = UnixListener::bind(&path)
-                    .with_context(|| format!("failed to listen at {}", path.display()))?;
-                Ok((listener, path))
-            };
-            listen()
-                .map_err(|e| eprintln!("memprof: warning: `memprof mark` unavailable: {e:#}"))
-                .ok()
-        });
-        self.sample();
+        let mark_socket = match &self.marks {
+            Some(listener) => Some(
+                UnixListener::from_std(listener.socket.try_clone()?)
+                    .context("failed to poll the mark socket")?,
+            ),
+            None => None,
+        };
+        // No sample now: a spawned command has not executed yet (its RSS would be memprof's).
 
         let end = loop {
             tokio::select! {
@@ -241,9 +250,6 @@ impl Session {
                 }
             }
         };
-        if let Some((_, path)) = &mark_socket {
-            let _ = std::fs::remove_file(path);
-        }
         if self.settings.status_line {
             // Clear the status line before the report.
             eprint!("\r\x1b[2K");
@@ -286,7 +292,15 @@ impl Session {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
                 self.learn_stack(a.stack);
             }
-            Event::ExecMap => self.space_stale = true,
+            Event::ExecMap => {
+                // Read now, while the process surely lives; keep the old view if it is gone.
+                self.space_stale = true;
+                if let Ok(space) = AddressSpace::read(self.pid) {
+                    self.space = space;
+                    self.space_stale = false;
+                    self.space_read_ns = monotonic_ns();
+                }
+            }
             Event::Phase {
                 tid, phase, enter, ..
             } => {
@@ -511,11 +525,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn accept(
-    socket: &Option<(UnixListener, std::path::PathBuf)>,
-) -> io::Result<tokio::net::UnixStream> {
+async fn accept(socket: &Option<UnixListener>) -> io::Result<tokio::net::UnixStream> {
     match socket {
-        Some((listener, _)) => listener.accept().await.map(|(stream, _)| stream),
+        Some(listener) => listener.accept().await.map(|(stream, _)| stream),
         None => std::future::pending().await,
     }
 }
