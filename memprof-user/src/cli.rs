@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Trace allocations until the process exits, --duration elapses, or Ctrl-C.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
     /// Compare two reports saved with `trace --output`: what grew and where.
     Diff(DiffArgs),
     /// Start a time phase NAME in a running trace (from another shell or a script).
@@ -266,7 +266,7 @@ fn offsets(v: &[(String, u64)]) -> std::collections::BTreeMap<&str, u64> {
 pub fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Trace(args) => trace(args),
+        Command::Trace(args) => trace(*args),
         Command::Diff(args) => diff_reports(&args),
         Command::Mark(args) => {
             marks::send(Path::new(marks::SOCKET_DIR), args.pid, &args.name)?;

@@ -212,26 +212,6 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     Some((count("passed")?, count("failed")?))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_test_result;
-
-    #[test]
-    fn parses_libtest_summary() {
-        assert_eq!(
-            parse_test_result(
-                "test result: ok. 27 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
-            ),
-            Some((27, 0))
-        );
-        assert_eq!(
-            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
-            Some((3, 2))
-        );
-        assert_eq!(parse_test_result("running 3 tests"), None);
-    }
-}
-
 fn demo(ws: &Workspace, memprof_args: &[OsString]) -> Result<()> {
     ensure_root("demo", "memprof loads eBPF programs")?;
     setup::setup()?;
@@ -256,4 +236,24 @@ fn demo(ws: &Workspace, memprof_args: &[OsString]) -> Result<()> {
         .arg("--")
         .arg(&program);
     run(&mut trace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn parses_libtest_summary() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 27 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some((27, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
