@@ -37,19 +37,18 @@
 use std::{
     ffi::OsString,
     fs,
-    io::{BufRead, BufReader, Read, Write},
-    os::unix::process::{CommandExt, ExitStatusExt},
+    io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    process::{Command, Stdio},
+    sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+
+mod common;
+use common::{Finished, Proc, STARTUP, truncate};
 
 const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -57,8 +56,6 @@ const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixture
 /// safety net, which is shorter, so a stuck trace still ends with memprof's report.
 const DEADLINE: Duration = Duration::from_secs(60);
 const SAFETY_NET: &str = "40s";
-/// How long to wait for `ready` from a fixture or `memprof: tracing pid` from memprof.
-const STARTUP: Duration = Duration::from_secs(30);
 /// Where `memprof mark` finds the trace of PID: `MARK_DIR/PID.sock`.
 const MARK_DIR: &str = "/run/memprof";
 
@@ -276,229 +273,7 @@ fn scratch() -> &'static Path {
 // Processes
 // ---------------------------------------------------------------------------------------------
 
-/// A pipe read line by line on its own thread.
-struct Stream {
-    lines: Arc<Mutex<Vec<String>>>,
-    eof: Arc<AtomicBool>,
-}
-
-impl Stream {
-    fn new(reader: impl Read + Send + 'static) -> Stream {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let eof = Arc::new(AtomicBool::new(false));
-        let (l, e) = (lines.clone(), eof.clone());
-        thread::spawn(move || {
-            let mut reader = BufReader::new(reader);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf);
-                        l.lock()
-                            .unwrap()
-                            .push(line.trim_end_matches(['\n', '\r']).to_string());
-                    }
-                }
-            }
-            e.store(true, Ordering::SeqCst);
-        });
-        Stream { lines, eof }
-    }
-
-    fn text(&self) -> String {
-        let lines = self.lines.lock().unwrap();
-        let mut s = lines.join("\n");
-        if !lines.is_empty() {
-            s.push('\n');
-        }
-        s
-    }
-
-    /// The first line (from the start) satisfying `pred`, waiting until `deadline`.
-    fn wait_line(&self, deadline: Instant, pred: impl Fn(&str) -> bool) -> Option<String> {
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return Some(l.clone());
-            }
-            if self.eof.load(Ordering::SeqCst) || Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn wait_eof(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-/// A child process in its own process group, killed (with its group) when dropped.
-struct Proc {
-    what: String,
-    child: Child,
-    out: Stream,
-    err: Stream,
-    status: Option<ExitStatus>,
-}
-
-/// A finished process and everything it printed.
-struct Finished {
-    what: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn send_signal(pid: u32, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as i32, sig);
-    }
-}
-
-impl Proc {
-    fn spawn(what: impl Into<String>, cmd: &mut Command) -> Proc {
-        let what = what.into();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
-        let out = Stream::new(child.stdout.take().unwrap());
-        let err = Stream::new(child.stderr.take().unwrap());
-        Proc {
-            what,
-            child,
-            out,
-            err,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: i32) {
-        if self.status.is_none() {
-            send_signal(self.pid(), sig);
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status.is_none()
-    }
-
-    fn kill_group(&mut self) {
-        if self.status.is_none() {
-            send_signal(self.pid(), libc::SIGKILL);
-            // SAFETY: as above; the process group id is the child's pid (process_group(0)).
-            unsafe {
-                libc::kill(-(self.pid() as i32), libc::SIGKILL);
-            }
-            self.status = self.child.wait().ok();
-        }
-    }
-
-    fn output_so_far(&self) -> String {
-        format!(
-            "--- {} stdout ---\n{}--- {} stderr ---\n{}",
-            self.what,
-            truncate(&self.out.text(), 20_000),
-            self.what,
-            truncate(&self.err.text(), 20_000)
-        )
-    }
-
-    /// Waits for a stdout line equal to `line`; panics with the output so far if it does not
-    /// come.
-    fn expect_stdout_line(&mut self, line: &str) {
-        let deadline = Instant::now() + STARTUP;
-        if self.out.wait_line(deadline, |l| l.trim() == line).is_none() {
-            let alive = self.alive();
-            self.kill_group();
-            panic!(
-                "{} did not print {line:?} within {STARTUP:?} (still running: {alive}, status \
-                 {:?})\n{}",
-                self.what,
-                self.status,
-                self.output_so_far()
-            );
-        }
-    }
-
-    /// Waits for the process to exit (killing it and its group at the deadline) and collects
-    /// its output. Panics on timeout, with the output.
-    fn finish(mut self, timeout: Duration) -> Finished {
-        let deadline = Instant::now() + timeout;
-        while self.alive() {
-            if Instant::now() >= deadline {
-                self.kill_group();
-                self.out.wait_eof(Duration::from_secs(2));
-                self.err.wait_eof(Duration::from_secs(2));
-                panic!(
-                    "{} did not exit within {timeout:?}; killed it\n{}",
-                    self.what,
-                    self.output_so_far()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        // Pipes may stay open a little longer in a grandchild (e.g. the traced command).
-        self.out.wait_eof(Duration::from_secs(5));
-        self.err.wait_eof(Duration::from_secs(5));
-        Finished {
-            what: self.what.clone(),
-            status: self.status.unwrap(),
-            stdout: self.out.text(),
-            stderr: self.err.text(),
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill_group();
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n... ({} more bytes)\n", &s[..end], s.len() - end)
-}
-
 impl Finished {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "{} exited with {:?} (signal {:?})\n--- stderr ---\n{}--- stdout ---\n{}",
-            self.what,
-            self.status.code(),
-            self.status.signal(),
-            truncate(&self.stderr, 20_000),
-            truncate(&self.stdout, 20_000)
-        )
-    }
-
     fn assert_no_panic(&self) {
         assert!(
             !self.stderr.contains("panicked"),
@@ -516,29 +291,6 @@ impl Finished {
             self.what,
             self.context()
         );
-    }
-
-    /// Every stdout line parsed as a JSON object with a "type"; panics on anything else.
-    fn ndjson(&self) -> Vec<Value> {
-        let mut records = Vec::new();
-        for (i, line) in self.stdout.lines().enumerate() {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
-                panic!(
-                    "stdout line {} is not JSON ({e}): {line:?}\n{}",
-                    i + 1,
-                    self.context()
-                )
-            });
-            assert!(
-                v.get("type").and_then(Value::as_str).is_some(),
-                "stdout line {} is not an object with a string \"type\": {}\n{}",
-                i + 1,
-                truncate(line, 2000),
-                self.context()
-            );
-            records.push(v);
-        }
-        records
     }
 
     /// The records of one type.
