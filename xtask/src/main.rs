@@ -230,11 +230,12 @@ fn demo(ws: &Workspace, memprof_args: &[OsString]) -> Result<()> {
 
     let memprof = ws.target_dir().join("release/memprof");
     let mut trace = ws.command(&memprof);
-    trace
-        .arg("trace")
-        .args(memprof_args)
-        .arg("--")
-        .arg(&program);
+    trace.arg("trace").args(memprof_args);
+    // The demo runs 3 s: sample growth often enough for a verdict on its steady leak.
+    if !memprof_args.iter().any(|a| a == "--sample-every") {
+        trace.args(["--sample-every", "200ms"]);
+    }
+    trace.arg("--").arg(&program);
     run(&mut trace)
 }
 
