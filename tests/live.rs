@@ -996,3 +996,53 @@ fn dashboard_updates_live_in_chromium() {
     chromium.close();
     finish_trace(mp);
 }
+
+/// On a terminal, a trace shows a status line (elapsed time, events per second, outstanding
+/// bytes, lost events) on stderr, and never on stdout: `script` gives memprof a pseudo-terminal
+/// for stderr while stdout goes to a file.
+#[test]
+fn status_line_on_a_terminal_goes_to_stderr_only() {
+    require_root();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("memprof-status-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let stdout_file = dir.join("stdout.txt");
+    let shell = format!(
+        "{MEMPROF} trace --duration {SAFETY_NET} -- {} 2 grow > {}",
+        steady().display(),
+        stdout_file.display()
+    );
+    let out = Command::new(tool("SCRIPT", "script"))
+        .args(["-qec", &shell, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run script(1) from util-linux: {e}"));
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    let stdout = fs::read_to_string(&stdout_file).unwrap();
+    assert!(
+        out.status.success(),
+        "memprof under script failed: {:?}\n{terminal}",
+        out.status
+    );
+    let status_lines = terminal.matches("events/s").count();
+    assert!(
+        status_lines >= 2,
+        "expected at least 2 status lines on the terminal (one per 500 ms sample in a 2 s \
+         trace), got {status_lines}:\n{terminal}"
+    );
+    for field in ["memprof: ", " s  ", "outstanding ", "lost "] {
+        assert!(
+            terminal.contains(field),
+            "status line lacks {field:?}:\n{terminal}"
+        );
+    }
+    assert!(
+        !stdout.contains("events/s"),
+        "the status line leaked to stdout:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("memprof report: pid"),
+        "stdout should hold the text report:\n{stdout}"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
