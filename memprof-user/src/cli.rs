@@ -538,7 +538,9 @@ fn save_report(path: &Path, report: &report::Report) -> Result<()> {
 ///
 /// The session is forgotten, not dropped: dropping detaches each link explicitly (a disable
 /// ioctl that waits like a removal), while closing a descriptor the child still holds is free.
-fn detach_in_background(session: Session) {
+fn detach_in_background(mut session: Session) {
+    // The mark socket's file goes now: a forgotten session never drops it.
+    session.close_marks();
     let mut pipe = [0; 2];
     // SAFETY: plain syscalls; the child makes only async-signal-safe calls.
     unsafe {
@@ -552,6 +554,18 @@ fn detach_in_background(session: Session) {
                 libc::close(0);
                 libc::close(1);
                 libc::close(2);
+                // Sockets (`--metrics`, `--ui`, marks) must not outlive memprof: a port would
+                // stay bound. fstat is async-signal-safe; the probes' descriptors are not
+                // sockets.
+                for fd in 3..4096 {
+                    let mut st: libc::stat = std::mem::zeroed();
+                    if fd != pipe[0]
+                        && libc::fstat(fd, &mut st) == 0
+                        && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+                    {
+                        libc::close(fd);
+                    }
+                }
                 let mut byte = 0u8;
                 while libc::read(pipe[0], (&raw mut byte).cast(), 1) < 0 {}
                 libc::_exit(0);

@@ -331,6 +331,11 @@ impl Session {
         );
     }
 
+    /// Stops listening for marks and removes the socket file.
+    pub fn close_marks(&mut self) {
+        self.marks = None;
+    }
+
     /// Refreshes the live endpoints' state.
     pub fn publish_live(&mut self, finished: bool) {
         let Some(live) = self.settings.live.clone() else {
