@@ -48,7 +48,9 @@ use std::{
 use serde_json::Value;
 
 mod common;
-use common::{Finished, Proc, STARTUP, truncate};
+use common::{
+    Checks, Finished, Proc, STARTUP, frame_fn, leaks, num, os, stack, start_target, truncate,
+};
 
 const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -328,10 +330,6 @@ impl Finished {
 // Running memprof
 // ---------------------------------------------------------------------------------------------
 
-fn os(args: &[&str]) -> Vec<OsString> {
-    args.iter().map(OsString::from).collect()
-}
-
 fn show(args: &[OsString]) -> String {
     args.iter()
         .map(|a| a.to_string_lossy())
@@ -355,15 +353,6 @@ fn spawn_trace(opts: &[&str], command: &[OsString]) -> Finished {
     args.push("--".into());
     args.extend(command.iter().cloned());
     run_memprof(&args)
-}
-
-/// Starts a fixture that prints `ready` when it is set up and waits for SIGUSR1.
-fn start_target(what: &str, program: &Path, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    let mut target = Proc::spawn(what, &mut cmd);
-    target.expect_stdout_line("ready");
-    target
 }
 
 /// `memprof trace --json --pid PID --duration SAFETY_NET OPTS`, returned once memprof says
@@ -434,15 +423,6 @@ fn mark(name: &str, pid: u32) -> Finished {
 // Reading reports
 // ---------------------------------------------------------------------------------------------
 
-fn num(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or_else(|| {
-        panic!(
-            "expected a non-negative integer {key:?} in {}",
-            truncate(&v.to_string(), 2000)
-        )
-    })
-}
-
 fn float(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or_else(|| {
         panic!(
@@ -450,22 +430,6 @@ fn float(v: &Value, key: &str) -> f64 {
             truncate(&v.to_string(), 2000)
         )
     })
-}
-
-fn frame_fn(frame: &Value) -> Option<&str> {
-    frame.get("function").and_then(Value::as_str)
-}
-
-fn stack(group: &Value) -> &[Value] {
-    group
-        .get("stack")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-}
-
-fn leaks(report: &Value) -> &[Value] {
-    report["leaks"].as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
 fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
@@ -538,46 +502,6 @@ fn summary(report: &Value) -> String {
         );
     }
     s
-}
-
-/// Collects failed checks so one run reports every mismatch at once.
-struct Checks {
-    what: String,
-    failures: Vec<String>,
-}
-
-impl Checks {
-    fn new(what: impl Into<String>) -> Checks {
-        Checks {
-            what: what.into(),
-            failures: Vec::new(),
-        }
-    }
-
-    fn check(&mut self, ok: bool, msg: impl Into<String>) {
-        if !ok {
-            self.failures.push(msg.into());
-        }
-    }
-
-    fn eq<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, actual: T, expected: T) {
-        if actual != expected {
-            self.failures
-                .push(format!("{what}: got {actual:?}, expected {expected:?}"));
-        }
-    }
-
-    fn finish(self, context: impl FnOnce() -> String) {
-        if !self.failures.is_empty() {
-            panic!(
-                "{}: {} check(s) failed:\n  - {}\n\n{}",
-                self.what,
-                self.failures.len(),
-                self.failures.join("\n  - "),
-                context()
-            );
-        }
-    }
 }
 
 fn check_phase(c: &mut Checks, phase: &Value, fact: &PhaseFact) {

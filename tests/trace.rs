@@ -44,7 +44,10 @@ use std::{
 use serde_json::Value;
 
 mod common;
-use common::{Finished, Proc, STARTUP, send_signal, truncate};
+use common::{
+    Checks, Finished, Proc, STARTUP, frame_fn, leaks, num, os, send_signal, stack, start_target,
+    truncate,
+};
 
 const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -406,10 +409,6 @@ fn memprof(args: &[&OsStr]) -> Command {
     cmd
 }
 
-fn os(args: &[&str]) -> Vec<OsString> {
-    args.iter().map(OsString::from).collect()
-}
-
 /// `memprof trace --json --duration SAFETY_NET OPTS -- COMMAND...`, to the end.
 fn spawn_trace(opts: &[&str], command: &[OsString]) -> Finished {
     let mut args: Vec<OsString> = os(&["--json", "--duration", SAFETY_NET]);
@@ -431,15 +430,6 @@ fn alloc_cmd(build: Build, args: &[&str]) -> Vec<OsString> {
     let mut v = vec![fixtures().alloc(build).as_os_str().to_owned()];
     v.extend(os(args));
     v
-}
-
-/// Starts a fixture that prints `ready` when it is set up and waits for SIGUSR1.
-fn start_target(what: &str, program: &Path, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    let mut target = Proc::spawn(what, &mut cmd);
-    target.expect_stdout_line("ready");
-    target
 }
 
 /// `memprof trace --json --pid PID OPTS` (with the safety net unless OPTS has --duration),
@@ -490,31 +480,6 @@ fn pid_trace(what: &str, program: &Path, args: &[&str]) -> (Finished, Finished) 
 // ---------------------------------------------------------------------------------------------
 // Reading reports
 // ---------------------------------------------------------------------------------------------
-
-fn num(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or_else(|| {
-        panic!(
-            "expected a non-negative integer {key:?} in {}",
-            truncate(&v.to_string(), 2000)
-        )
-    })
-}
-
-fn frame_fn(frame: &Value) -> Option<&str> {
-    frame.get("function").and_then(Value::as_str)
-}
-
-fn stack(group: &Value) -> &[Value] {
-    group
-        .get("stack")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-}
-
-fn leaks(report: &Value) -> &[Value] {
-    report["leaks"].as_array().map(Vec::as_slice).unwrap_or(&[])
-}
 
 /// The sum of the leak groups selected by `pred`.
 #[derive(Debug, Default)]
@@ -668,46 +633,6 @@ fn check_report_shape(r: &Value, context: &str) {
         }
     }
     c.finish(|| format!("{}\n{context}", summary(r)));
-}
-
-/// Collects failed checks so one run reports every mismatch at once.
-struct Checks {
-    what: String,
-    failures: Vec<String>,
-}
-
-impl Checks {
-    fn new(what: impl Into<String>) -> Checks {
-        Checks {
-            what: what.into(),
-            failures: Vec::new(),
-        }
-    }
-
-    fn check(&mut self, ok: bool, msg: impl Into<String>) {
-        if !ok {
-            self.failures.push(msg.into());
-        }
-    }
-
-    fn eq<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, actual: T, expected: T) {
-        if actual != expected {
-            self.failures
-                .push(format!("{what}: got {actual:?}, expected {expected:?}"));
-        }
-    }
-
-    fn finish(self, context: impl FnOnce() -> String) {
-        if !self.failures.is_empty() {
-            panic!(
-                "{}: {} check(s) failed:\n  - {}\n\n{}",
-                self.what,
-                self.failures.len(),
-                self.failures.join("\n  - "),
-                context()
-            );
-        }
-    }
 }
 
 /// Per-site exact bytes/allocs, allocator and kind.

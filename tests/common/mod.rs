@@ -4,8 +4,10 @@
 #![allow(dead_code, reason = "each test crate uses a different part")]
 
 use std::{
+    ffi::OsString,
     io::{BufRead, BufReader, Read},
     os::unix::process::{CommandExt, ExitStatusExt},
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
@@ -271,4 +273,87 @@ impl Finished {
         }
         records
     }
+}
+
+/// Collects failed checks so one run reports every mismatch at once.
+pub(crate) struct Checks {
+    pub(crate) what: String,
+    pub(crate) failures: Vec<String>,
+}
+
+impl Checks {
+    pub(crate) fn new(what: impl Into<String>) -> Checks {
+        Checks {
+            what: what.into(),
+            failures: Vec::new(),
+        }
+    }
+
+    pub(crate) fn check(&mut self, ok: bool, msg: impl Into<String>) {
+        if !ok {
+            self.failures.push(msg.into());
+        }
+    }
+
+    pub(crate) fn eq<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        what: &str,
+        actual: T,
+        expected: T,
+    ) {
+        if actual != expected {
+            self.failures
+                .push(format!("{what}: got {actual:?}, expected {expected:?}"));
+        }
+    }
+
+    pub(crate) fn finish(self, context: impl FnOnce() -> String) {
+        if !self.failures.is_empty() {
+            panic!(
+                "{}: {} check(s) failed:\n  - {}\n\n{}",
+                self.what,
+                self.failures.len(),
+                self.failures.join("\n  - "),
+                context()
+            );
+        }
+    }
+}
+
+pub(crate) fn frame_fn(frame: &Value) -> Option<&str> {
+    frame.get("function").and_then(Value::as_str)
+}
+
+pub(crate) fn leaks(report: &Value) -> &[Value] {
+    report["leaks"].as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+pub(crate) fn num(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or_else(|| {
+        panic!(
+            "expected a non-negative integer {key:?} in {}",
+            truncate(&v.to_string(), 2000)
+        )
+    })
+}
+
+pub(crate) fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+pub(crate) fn stack(group: &Value) -> &[Value] {
+    group
+        .get("stack")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+/// Starts a fixture that prints `ready` when it is set up and waits for SIGUSR1.
+pub(crate) fn start_target(what: &str, program: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let mut target = Proc::spawn(what, &mut cmd);
+    target.expect_stdout_line("ready");
+    target
 }
