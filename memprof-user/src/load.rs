@@ -21,7 +21,7 @@ use aya::{
     maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
@@ -193,10 +193,8 @@ pub struct AttachReport {
 
 /// The loaded programs and the maps the agent reads.
 pub struct Tracer {
-    /// The uprobe links, owned so that dropping the tracer detaches them in parallel (see
-    /// `Drop`); they go before the programs.
-    links: Vec<UProbeLink>,
-    /// Owns the programs (and the tracepoint link).
+    /// Owns the programs and their links; dropping it detaches everything (memprof's normal
+    /// exit leaves that to a background child, see `cli::detach_in_background`).
     _ebpf: Ebpf,
     pub events: RingBuf<MapData>,
     stacks: AyaHashMap<MapData, u64, StackTrace>,
@@ -235,18 +233,12 @@ impl Tracer {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
-        let mut link_ids = Vec::new();
-        let attach = attach_all(&mut ebpf, opts, &mut link_ids)?;
-        attach_phases(&mut ebpf, opts, &mut link_ids)?;
-        let links = link_ids
-            .into_iter()
-            .map(|(program, id)| Ok(uprobe(&mut ebpf, program)?.take_link(id)?))
-            .collect::<Result<Vec<_>>>()?;
+        let attach = attach_all(&mut ebpf, opts)?;
+        attach_phases(&mut ebpf, opts)?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         Ok(Self {
-            links,
             _ebpf: ebpf,
             events,
             stacks,
@@ -281,27 +273,6 @@ impl Tracer {
     }
 }
 
-impl Drop for Tracer {
-    /// Detaches the uprobes from several threads at once. The kernel waits for RCU grace
-    /// periods when it removes a uprobe (about 0.1-0.2 s each here); one link after the other,
-    /// a trace of one libc took about 4.6 s to exit. Concurrent removals share grace periods.
-    fn drop(&mut self) {
-        const THREADS: usize = 16;
-        let links = std::mem::take(&mut self.links);
-        let per_thread = links.len().div_ceil(THREADS).max(1);
-        let mut links = links.into_iter();
-        std::thread::scope(|scope| {
-            loop {
-                let chunk: Vec<UProbeLink> = links.by_ref().take(per_thread).collect();
-                if chunk.is_empty() {
-                    break;
-                }
-                scope.spawn(move || drop(chunk));
-            }
-        });
-    }
-}
-
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
@@ -325,10 +296,7 @@ struct Chosen {
     skip: u64,
 }
 
-/// Uprobe links as attached: (program name, link id).
-type LinkIds = Vec<(&'static str, UProbeLinkId)>;
-
-fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Result<AttachReport> {
+fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
     let pid = NonZeroU32::new(opts.pid).ok_or_else(|| anyhow!("pid 0 cannot be traced"))?;
     let scope = UProbeScope::OneProcess(pid);
 
@@ -394,7 +362,7 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Resul
     let path_of = |c: &Chosen| -> &Path { &opts.allocators[c.object].path };
     let shown_of = |c: &Chosen| -> &str { &opts.allocators[c.object].shown };
     for c in chosen.iter().filter(|c| c.spec.returns) {
-        let id = uprobe(ebpf, "alloc_return")?
+        uprobe(ebpf, "alloc_return")?
             .attach(c.sym.file_offset, path_of(c), scope)
             .with_context(|| {
                 format!(
@@ -403,13 +371,11 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Resul
                     shown_of(c)
                 )
             })?;
-        links.push(("alloc_return", id));
     }
     for c in &chosen {
-        let id = uprobe(ebpf, c.spec.entry)?
+        uprobe(ebpf, c.spec.entry)?
             .attach(c.sym.file_offset + c.skip, path_of(c), scope)
             .with_context(|| format!("failed to attach uprobe to {} in {}", c.name, shown_of(c)))?;
-        links.push((c.spec.entry, id));
     }
 
     let tp: &mut TracePoint = ebpf
@@ -634,7 +600,7 @@ impl PltNames {
 }
 
 /// Probes entry and return of each `--phase` function; the attach cookie is the phase index.
-fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Result<()> {
+fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
     if opts.phases.is_empty() {
         return Ok(());
     }
@@ -663,7 +629,7 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Re
                 location: UProbeAttachLocation::AbsoluteOffset(offset),
                 cookie: Some(index as u64),
             };
-            let id = uprobe(ebpf, program)?
+            uprobe(ebpf, program)?
                 .attach(point, object, scope)
                 .with_context(|| {
                     format!(
@@ -671,7 +637,6 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, links: &mut LinkIds) -> Re
                         object.display()
                     )
                 })?;
-            links.push((program, id));
         }
     }
     Ok(())
