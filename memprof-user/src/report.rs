@@ -481,18 +481,7 @@ fn signed_bytes(b: i64) -> String {
 
 /// Human-readable byte count.
 pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    recommend::fmt_bytes(b as f64)
 }
 
 /// The text a person reads at the end of a trace (or at each `--interval`).
