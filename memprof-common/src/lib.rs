@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 2;
+pub const EVENT_VERSION: u16 = 3;
 
 /// Maximum number of frames the kernel records per user stack (the kernel's
 /// `PERF_MAX_STACK_DEPTH`).
@@ -71,6 +71,13 @@ pub enum EventKind {
     PhaseEnter = 8,
     /// A thread returned from a function named by `--phase`: [`PhaseEvent`].
     PhaseLeave = 9,
+    /// A traced process forked a new process, which is traced from its first instruction:
+    /// [`ForkEvent`] (the header names the parent).
+    Fork = 10,
+    /// A traced process replaced its image (`execve`): [`ExecEvent`]. Its old blocks are gone.
+    Exec = 11,
+    /// The last thread of a traced process exited: header only.
+    Exit = 12,
 }
 
 impl EventKind {
@@ -86,6 +93,9 @@ impl EventKind {
             7 => Self::ExecMap,
             8 => Self::PhaseEnter,
             9 => Self::PhaseLeave,
+            10 => Self::Fork,
+            11 => Self::Exec,
+            12 => Self::Exit,
             _ => return None,
         })
     }
@@ -168,10 +178,12 @@ pub enum Counter {
     InflightFull = 2,
     /// Allocator returns with no matching entry state (probe attached mid-call).
     OrphanReturn = 3,
+    /// New processes not followed because the `TGIDS` map was full.
+    TgidsFull = 4,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 5;
 
 /// First bytes of every ring-buffer record.
 #[repr(C)]
@@ -242,6 +254,41 @@ pub struct PhaseEvent {
     pub _pad: u32,
 }
 
+/// A traced process forked (`EventKind::Fork`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    /// Process id of the new process.
+    pub child: u32,
+    pub _pad: u32,
+}
+
+/// A traced process replaced its image (`EventKind::Exec`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// The new process name (the kernel's `comm`, NUL-padded): the process may be gone before
+    /// the agent can read it.
+    pub comm: [u8; 16],
+}
+
+/// How the kernel programs choose the processes they report on (the `MODE` global).
+pub mod mode {
+    /// Only the process `TARGET_TGID`.
+    pub const ONE: u32 = 0;
+    /// The processes in the `TGIDS` map (the agent seeds it; forks of members join it when
+    /// `FOLLOW` is set, and so do processes that exec into the name `COMM` when it is set).
+    pub const SET: u32 = 1;
+    /// Every process except `TARGET_TGID` (memprof itself), restricted to the cgroup
+    /// `CGROUP_ID` when it is nonzero.
+    pub const ALL: u32 = 2;
+}
+
+/// Size of the `TGIDS` map: processes followed at once in [`mode::SET`].
+pub const DEFAULT_TGID_ENTRIES: u32 = 16 * 1024;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all types are repr(C), made of integers, with explicit padding.
@@ -252,6 +299,8 @@ mod pod {
     unsafe impl aya::Pod for super::RemapEvent {}
     unsafe impl aya::Pod for super::StackTrace {}
     unsafe impl aya::Pod for super::PhaseEvent {}
+    unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::ExecEvent {}
 }
 
 #[cfg(test)]
@@ -268,6 +317,8 @@ mod tests {
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<RemapEvent>(), 56);
         assert_eq!(size_of::<PhaseEvent>(), 32);
+        assert_eq!(size_of::<ForkEvent>(), 32);
+        assert_eq!(size_of::<ExecEvent>(), 40);
     }
 
     #[test]
@@ -277,9 +328,9 @@ mod tests {
         }
         assert_eq!(AllocFn::from_u32(0), None);
         assert_eq!(AllocFn::from_u32(14), None);
-        for k in 1..=9 {
+        for k in 1..=12 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }
-        assert_eq!(EventKind::from_u16(10), None);
+        assert_eq!(EventKind::from_u16(13), None);
     }
 }

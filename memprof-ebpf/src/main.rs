@@ -17,8 +17,8 @@ use aya_ebpf::{
         BPF_RB_NO_WAKEUP,
     },
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -26,13 +26,32 @@ use aya_ebpf::{
 };
 use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
-    DEFAULT_STACK_ENTRIES, EVENT_VERSION, EventHeader, EventKind, FreeEvent, MAX_STACK_DEPTH,
-    NO_STACK, PhaseEvent, RemapEvent, StackTrace, UnmapEvent,
+    DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES, EVENT_VERSION, EventHeader, EventKind, ExecEvent,
+    ForkEvent, FreeEvent, MAX_STACK_DEPTH, NO_STACK, PhaseEvent, RemapEvent, StackTrace,
+    UnmapEvent, mode,
 };
 
-/// Process the programs report on; set by the agent at load time.
+/// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
+#[unsafe(no_mangle)]
+static MODE: u32 = mode::ONE;
+
+/// `mode::ONE`: the process the programs report on. `mode::ALL`: memprof's own process, which
+/// they ignore.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
+
+/// `mode::SET`: nonzero makes a traced process's forks traced too.
+#[unsafe(no_mangle)]
+static FOLLOW: u32 = 0;
+
+/// `mode::SET`: when nonzero, a process that execs into this name (the kernel's 15-byte `comm`,
+/// NUL-padded) joins the set.
+#[unsafe(no_mangle)]
+static COMM: [u8; 16] = [0; 16];
+
+/// `mode::ALL`: nonzero restricts tracing to the processes of this cgroup (v2 id).
+#[unsafe(no_mangle)]
+static CGROUP_ID: u64 = 0;
 
 /// Unread bytes in `EVENTS` above which a record wakes the agent; below it the agent drains on
 /// its own timer. One wakeup per record costs the traced thread a context switch on a busy
@@ -60,6 +79,10 @@ static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1,
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
 
+/// `mode::SET`: the traced processes.
+#[map]
+static TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES, 0);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -84,6 +107,7 @@ struct Inflight {
 }
 
 const MAP_ANONYMOUS: u64 = 0x20;
+const CLONE_THREAD: u64 = 0x10000;
 const PROT_EXEC: u64 = 0x4;
 const MAP_FAILED: u64 = u64::MAX;
 
@@ -91,6 +115,33 @@ const MAP_FAILED: u64 = u64::MAX;
 fn target() -> u32 {
     // SAFETY: a read of a global the loader patches; volatile so it is not folded to 0.
     unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+}
+
+#[inline(always)]
+fn mode() -> u32 {
+    // SAFETY: a read of a global the loader patches.
+    unsafe { core::ptr::read_volatile(&MODE) }
+}
+
+#[inline(always)]
+fn floor() -> bool {
+    // SAFETY: a read of a global the loader patches.
+    unsafe { core::ptr::read_volatile(&FLOOR) != 0 }
+}
+
+/// Whether process `tgid` (the current one) is traced.
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    match mode() {
+        mode::ONE => tgid == target(),
+        mode::SET => TGIDS.get_ptr(&tgid).is_some(),
+        _ => {
+            // SAFETY: a read of a global the loader patches.
+            let cgroup = unsafe { core::ptr::read_volatile(&CGROUP_ID) };
+            // SAFETY: helper without arguments.
+            tgid != target() && (cgroup == 0 || unsafe { bpf_get_current_cgroup_id() } == cgroup)
+        }
+    }
 }
 
 #[inline(always)]
@@ -141,12 +192,11 @@ fn emit<T: 'static>(event: T) {
 /// The calling thread's `pid_tgid` if it belongs to the target process.
 #[inline(always)]
 fn traced_thread() -> Option<u64> {
-    // SAFETY: a read of a global the loader patches.
-    if unsafe { core::ptr::read_volatile(&FLOOR) } != 0 {
+    if floor() {
         return None;
     }
     let id = bpf_get_current_pid_tgid();
-    ((id >> 32) as u32 == target()).then_some(id)
+    traced((id >> 32) as u32).then_some(id)
 }
 
 /// Records the arguments of an allocator call, or bumps the depth of the call already in flight.
@@ -525,6 +575,110 @@ pub fn sys_exit_mmap(_ctx: TracePointContext) -> u32 {
     if EXEC_MAPS.remove(id).is_ok() {
         emit_with(header(EventKind::ExecMap, AllocFn::Mmap as u32, id), true);
     }
+    0
+}
+
+// ---- process life cycle ----
+
+/// A traced process creating a process (not a thread): in `mode::SET` with `FOLLOW` the child
+/// joins the set before it first runs, so none of its allocations is missed.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    // SAFETY: a read of a global the loader patches.
+    if floor() || unsafe { core::ptr::read_volatile(&FOLLOW) } == 0 {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    if !traced((id >> 32) as u32) {
+        return 0;
+    }
+    // task_newtask: common header (8 bytes), pid_t pid at 8, char comm[16] at 12,
+    // u64 clone_flags at 32.
+    // SAFETY: offsets inside the tracepoint record, checked by the helper.
+    let (child, flags) = unsafe {
+        (
+            ctx.read_at::<u32>(8).unwrap_or(0),
+            ctx.read_at::<u64>(32).unwrap_or(CLONE_THREAD),
+        )
+    };
+    if flags & CLONE_THREAD != 0 || child == 0 {
+        return 0;
+    }
+    if mode() == mode::SET && TGIDS.insert(&child, &1, 0).is_err() {
+        count(Counter::TgidsFull);
+        return 0;
+    }
+    emit_with(
+        ForkEvent {
+            header: header(EventKind::Fork, 0, id),
+            child,
+            _pad: 0,
+        },
+        true,
+    );
+    0
+}
+
+/// A process replacing its image. In `mode::SET` with `COMM` set, a process that execs into
+/// that name joins the set.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if floor() {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if !traced(tgid) {
+        if mode() != mode::SET || !comm_matches() {
+            return 0;
+        }
+        if TGIDS.insert(&tgid, &1, 0).is_err() {
+            count(Counter::TgidsFull);
+            return 0;
+        }
+    }
+    emit_with(
+        ExecEvent {
+            header: header(EventKind::Exec, 0, id),
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        },
+        true,
+    );
+    0
+}
+
+/// Whether `COMM` is set and is the current process's name.
+#[inline(always)]
+fn comm_matches() -> bool {
+    // SAFETY: a read of a global the loader patches.
+    let want = unsafe { core::ptr::read_volatile(&COMM) };
+    if want[0] == 0 {
+        return false;
+    }
+    match bpf_get_current_comm() {
+        Ok(comm) => comm == want,
+        Err(_) => false,
+    }
+}
+
+/// The last thread of a process exiting.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    if floor() {
+        return 0;
+    }
+    // sched_process_exit: comm[16] at 8, pid_t pid at 24, int prio at 28, bool group_dead at 32.
+    // SAFETY: offset inside the tracepoint record, checked by the helper.
+    let group_dead = unsafe { ctx.read_at::<u8>(32).unwrap_or(0) };
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if group_dead == 0 || !traced(tgid) {
+        return 0;
+    }
+    if mode() == mode::SET {
+        let _ = TGIDS.remove(&tgid);
+    }
+    emit_with(header(EventKind::Exit, 0, id), true);
     0
 }
 

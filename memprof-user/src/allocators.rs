@@ -125,6 +125,19 @@ pub fn of_pid(pid: u32) -> Result<Vec<Allocator>> {
     detect(&candidates, &format!("pid {pid} ({})", comm.trim()))
 }
 
+/// `a` (found in process `pid`) with a path that outlives the process when it can: the file's
+/// own path when the process shares memprof's root, else its path through /proc/PID/root.
+pub fn stable_path(pid: u32, mut a: Allocator) -> Allocator {
+    if crate::procs::foreign_root(pid).is_some() {
+        return a;
+    }
+    let own = Path::new(&a.shown);
+    if own.is_absolute() && crate::target::file_id(own) == crate::target::file_id(&a.path) {
+        a.path = own.to_path_buf();
+    }
+    a
+}
+
 /// Paths of the file-backed executable mappings in the text of a maps file, in order.
 fn executable_mappings(maps: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();

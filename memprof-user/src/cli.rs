@@ -17,7 +17,7 @@ use crate::{
     allocators::{self, Allocator},
     analysis::categories::{self, Rule},
     diff,
-    load::{Options, Tracer},
+    load::{Options, Targets, Tracer},
     maps::AddressSpace,
     marks,
     output::{self, Live, OutputFiles},
@@ -85,6 +85,27 @@ struct TraceArgs {
     /// Attach to this running process.
     #[arg(long, short)]
     pid: Option<u32>,
+    /// Trace every process on the machine (except memprof), including those that start later;
+    /// the report ranks them (`processes`).
+    #[arg(long, conflicts_with = "pid")]
+    all: bool,
+    /// With --all: only processes named NAME (as `ps -o comm` shows it), including those that
+    /// exec into that name later, and their children.
+    #[arg(long, value_name = "NAME", requires = "all")]
+    comm: Option<String>,
+    /// With --all: only processes in this cgroup (v2; a path under /sys/fs/cgroup or relative
+    /// to it, e.g. system.slice/nginx.service).
+    #[arg(long, value_name = "PATH", requires = "all", conflicts_with = "comm")]
+    cgroup: Option<PathBuf>,
+    /// Trace the processes the traced process forks, and theirs (default with a COMMAND).
+    #[arg(long, overrides_with = "no_follow_children")]
+    follow_children: bool,
+    /// Trace only the process itself, not its children (the default with --pid).
+    #[arg(long)]
+    no_follow_children: bool,
+    /// Order of `processes` in a multi-process report: outstanding (bytes) or growth.
+    #[arg(long, default_value = "outstanding", value_parser = ["outstanding", "growth"])]
+    rank: String,
     /// Write NDJSON records to stdout instead of text. In spawn mode the command's stdout goes to
     /// memprof's stderr, so stdout carries only JSON.
     #[arg(long)]
@@ -299,8 +320,11 @@ fn diff_reports(args: &DiffArgs) -> Result<i32> {
 }
 
 fn trace(args: TraceArgs) -> Result<i32> {
-    if args.pid.is_some() != args.command.is_empty() {
-        bail!("give either --pid PID or -- COMMAND [ARGS...]");
+    let modes = usize::from(args.pid.is_some())
+        + usize::from(args.all)
+        + usize::from(!args.command.is_empty());
+    if modes != 1 {
+        bail!("give one of --pid PID, --all, or -- COMMAND [ARGS...]");
     }
     // Check every option before touching the target.
     let phases = args
@@ -326,6 +350,9 @@ fn trace(args: TraceArgs) -> Result<i32> {
     target::check_capabilities(target::effective_capabilities()?, euid)?;
     target::check_kernel(std::path::Path::new("/sys"))?;
 
+    if args.all {
+        return trace_all(&args, &phases, rules);
+    }
     let (pid, allocators, objects, spawned) = match args.pid {
         Some(pid) => {
             if pid == std::process::id() {
@@ -352,10 +379,25 @@ fn trace(args: TraceArgs) -> Result<i32> {
             (child.pid, allocators, vec![path], Some(child))
         }
     };
+    let follow = if spawned.is_some() {
+        !args.no_follow_children
+    } else {
+        args.follow_children
+    };
+    let targets = if follow {
+        Targets::Set {
+            pids: vec![pid],
+            follow: true,
+            comm: None,
+        }
+    } else {
+        Targets::One(pid)
+    };
     let result = trace_pid(
         &args,
         Target {
             pid,
+            targets,
             allocators: &allocators,
             phases: &phases,
             objects: &objects,
@@ -371,9 +413,98 @@ fn trace(args: TraceArgs) -> Result<i32> {
     result
 }
 
+/// `memprof trace --all`: every process (or those of `--comm`/`--cgroup`), probing each
+/// allocator object the running processes use once.
+fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) -> Result<i32> {
+    let cgroup = args.cgroup.as_deref().map(cgroup_id).transpose()?;
+    let own = std::process::id();
+    let mut pids = Vec::new();
+    let mut allocators: Vec<Allocator> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for pid in target::all_pids() {
+        if pid == own || target::is_kernel_thread(pid) {
+            continue;
+        }
+        if let Some(name) = &args.comm
+            && target::comm(pid).as_deref() != Some(name.chars().take(15).collect::<String>().as_str())
+        {
+            continue;
+        }
+        if let Some((_, path)) = &cgroup
+            && target::cgroup_of(pid).as_deref() != Some(path.as_str())
+        {
+            continue;
+        }
+        pids.push(pid);
+        // A process whose allocator cannot be told (it exited, it has none) is skipped.
+        let Ok(found) = allocators::of_pid(pid) else {
+            continue;
+        };
+        for a in found {
+            let a = allocators::stable_path(pid, a);
+            if let Some(id) = target::file_id(&a.path)
+                && seen.insert(id)
+            {
+                allocators.push(a);
+            }
+        }
+    }
+    // Put a C library first: the report's `library` names the main one.
+    if let Some(i) = allocators
+        .iter()
+        .position(|a| matches!(a.kind, allocators::Kind::Glibc))
+    {
+        allocators.swap(0, i);
+    }
+    if allocators.is_empty() {
+        bail!("no running process with a known allocator to probe");
+    }
+    let targets = match &args.comm {
+        Some(name) => Targets::Set {
+            pids,
+            follow: true,
+            comm: Some(name.clone()),
+        },
+        None => Targets::All {
+            cgroup: cgroup.map(|(id, _)| id),
+        },
+    };
+    trace_pid(
+        args,
+        Target {
+            pid: 0,
+            targets,
+            allocators: &allocators,
+            phases,
+            objects: &[],
+        },
+        rules,
+        None,
+    )
+}
+
+/// The v2 id of cgroup `path` (its directory's inode) and its path as /proc/PID/cgroup shows it.
+fn cgroup_id(path: &Path) -> Result<(u64, String)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = Path::new("/sys/fs/cgroup");
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    };
+    let meta = fs::metadata(&full)
+        .with_context(|| format!("no such cgroup: {}", full.display()))?;
+    let rel = full
+        .strip_prefix(root)
+        .map_err(|_| anyhow::anyhow!("--cgroup {} is not under /sys/fs/cgroup", full.display()))?;
+    Ok((meta.ino(), format!("/{}", rel.display())))
+}
+
 /// What `trace_pid` attaches to.
 struct Target<'a> {
+    /// The process the trace is about (0 with --all).
     pid: u32,
+    targets: Targets,
     /// The main allocator first.
     allocators: &'a [Allocator],
     phases: &'a [(String, String)],
@@ -388,13 +519,24 @@ fn trace_pid(
 ) -> Result<i32> {
     let Target {
         pid,
+        targets,
         allocators,
         phases,
         objects,
     } = target;
-    let pidfd = PidFd::open(pid)?;
+    let pidfd = if pid == 0 {
+        None
+    } else {
+        Some(PidFd::open(pid)?)
+    };
+    let per_process = !matches!(targets, Targets::One(_));
+    let what = if pid == 0 {
+        "all processes".to_string()
+    } else {
+        format!("pid {pid}")
+    };
     let tracer = Tracer::attach(&Options {
-        pid,
+        targets,
         allocators,
         ring_bytes: args.ring_bytes,
         phases,
@@ -402,7 +544,7 @@ fn trace_pid(
         floor: args.probe_floor,
         no_placement: args.no_placement,
     })
-    .with_context(|| format!("failed to trace pid {pid}"))?;
+    .with_context(|| format!("failed to trace {what}"))?;
 
     let attach = &tracer.attach;
     let library = allocators.first().map_or("", |a| a.shown.as_str());
@@ -413,7 +555,7 @@ fn trace_pid(
     };
     // Announced once the session exists (and with it the mark socket).
     let ready = format!(
-        "memprof: tracing pid {pid} ({} probes on {library}{others}; Ctrl-C to stop)",
+        "memprof: tracing {what} ({} probes on {library}{others}; Ctrl-C to stop)",
         attach.objects.iter().map(|o| o.probes.len()).sum::<usize>(),
     );
     let start = Start {
@@ -479,6 +621,8 @@ fn trace_pid(
         },
         live: live.clone(),
         status_line: !args.json && std::io::stderr().is_terminal(),
+        per_process,
+        rank_by_growth: args.rank == "growth",
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
     eprintln!("{ready}");

@@ -4,7 +4,7 @@
 //! record this build does not understand is an error the caller counts, never a misread.
 
 use memprof_common::{
-    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, FreeEvent, PhaseEvent, RemapEvent,
+    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, PhaseEvent, RemapEvent,
     UnmapEvent,
 };
 
@@ -42,6 +42,17 @@ pub enum Event {
         enter: bool,
         ts_ns: u64,
     },
+    /// The process forked `child`, which is traced too.
+    Fork {
+        child: u32,
+    },
+    /// The process replaced its image: its blocks and mappings are gone. `comm` is its new
+    /// name.
+    Exec {
+        comm: [u8; 16],
+    },
+    /// The process's last thread exited.
+    Exit,
 }
 
 /// A successful allocation (`kind == Heap`) or anonymous mapping (`kind == Mmap`).
@@ -135,6 +146,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
         }
         EventKind::ExecMap => Event::ExecMap,
+        EventKind::Fork => {
+            let e: ForkEvent = read(bytes)?;
+            Event::Fork { child: e.child }
+        }
+        EventKind::Exec => {
+            let e: ExecEvent = read(bytes)?;
+            Event::Exec { comm: e.comm }
+        }
+        EventKind::Exit => Event::Exit,
         EventKind::PhaseEnter | EventKind::PhaseLeave => {
             let e: PhaseEvent = read(bytes)?;
             Event::Phase {
@@ -145,6 +165,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
         }
     })
+}
+
+/// The process a record decoded by [`decode`] belongs to.
+pub fn tgid(bytes: &[u8]) -> u32 {
+    read::<EventHeader>(bytes).map_or(0, |h| h.tgid)
 }
 
 /// Test and benchmark helper: the bytes the kernel would write for `value`.

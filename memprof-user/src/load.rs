@@ -25,10 +25,10 @@ use aya::{
     },
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
-use memprof_common::{COUNTER_SLOTS, Counter, StackTrace};
+use memprof_common::{COUNTER_SLOTS, Counter, StackTrace, mode};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
-use crate::{allocators::Allocator, placement, report::KernelLosses};
+use crate::{allocators::Allocator, placement, report::KernelLosses, target::file_id};
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -195,15 +195,47 @@ pub struct AttachReport {
 pub struct Tracer {
     /// Owns the programs and their links; dropping it detaches everything (memprof's normal
     /// exit leaves that to a background child, see `cli::detach_in_background`).
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub events: RingBuf<MapData>,
     stacks: AyaHashMap<MapData, u64, StackTrace>,
     counters: PerCpuArray<MapData, u64>,
     pub attach: AttachReport,
+    /// Where probes go (one process, or every process mapping the object).
+    scope: UProbeScope,
+    placement: bool,
+    /// (device, inode) of every object probed.
+    probed: HashSet<(u64, u64)>,
+}
+
+/// Which processes the programs report on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// One process; its probes are installed in it alone (the cheapest for the rest of the
+    /// machine).
+    One(u32),
+    /// These processes, plus their forks with `follow`, plus processes that exec into the name
+    /// `comm`. Probes go in every process mapping a probed object and the programs filter.
+    Set {
+        pids: Vec<u32>,
+        follow: bool,
+        comm: Option<String>,
+    },
+    /// Every process but memprof, or those of one cgroup (v2 id).
+    All { cgroup: Option<u64> },
+}
+
+impl Targets {
+    fn scope(&self) -> UProbeScope {
+        match self {
+            Self::One(pid) => NonZeroU32::new(*pid)
+                .map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess),
+            _ => UProbeScope::AllProcesses,
+        }
+    }
 }
 
 pub struct Options<'a> {
-    pub pid: u32,
+    pub targets: Targets,
     /// The allocator objects to probe, the main one first (see `allocators`).
     pub allocators: &'a [Allocator],
     pub ring_bytes: u32,
@@ -217,34 +249,93 @@ pub struct Options<'a> {
     pub no_placement: bool,
 }
 
+/// The kernel's `COMM` value for a process name: its first 15 bytes, NUL-padded.
+fn comm_bytes(name: &str) -> [u8; 16] {
+    let mut comm = [0u8; 16];
+    for (slot, b) in comm.iter_mut().zip(name.bytes().take(15)) {
+        *slot = b;
+    }
+    comm
+}
+
 impl Tracer {
-    /// Loads the programs for `opts.pid` and attaches them.
+    /// Loads the programs for `opts.targets` and attaches them.
     pub fn attach(opts: &Options<'_>) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this memprof was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it");
         }
         // Records wake the agent once a sixteenth of the ring is unread; below that it drains
-        // on its timer (see `session::DRAIN_EVERY`).
+        // on its own timer (see `session::DRAIN_EVERY`).
         let wakeup_bytes = u64::from(opts.ring_bytes / 16);
+        let (mode, target, follow, comm, cgroup) = match &opts.targets {
+            Targets::One(pid) => (mode::ONE, *pid, false, None, 0),
+            Targets::Set { follow, comm, .. } => (mode::SET, 0, *follow, comm.clone(), 0),
+            Targets::All { cgroup } => (mode::ALL, std::process::id(), false, None, cgroup.unwrap_or(0)),
+        };
+        let comm = comm_bytes(comm.as_deref().unwrap_or(""));
         let mut ebpf = EbpfLoader::new()
-            .override_global("TARGET_TGID", &opts.pid, true)
+            .override_global("MODE", &mode, true)
+            .override_global("TARGET_TGID", &target, true)
+            .override_global("FOLLOW", &u32::from(follow), true)
+            .override_global("COMM", &comm, true)
+            .override_global("CGROUP_ID", &cgroup, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("FLOOR", &u32::from(opts.floor), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
-        let attach = attach_all(&mut ebpf, opts)?;
-        attach_phases(&mut ebpf, opts)?;
+        if let Targets::Set { pids, .. } = &opts.targets {
+            let mut tgids: AyaHashMap<_, u32, u32> = AyaHashMap::try_from(
+                ebpf.map_mut("TGIDS")
+                    .ok_or_else(|| anyhow!("the eBPF object has no map TGIDS"))?,
+            )?;
+            for pid in pids {
+                tgids.insert(pid, 1, 0).context("failed to add a process to trace")?;
+            }
+        }
+        let scope = opts.targets.scope();
+        load_programs(&mut ebpf)?;
+        let attach = attach_objects(&mut ebpf, opts.allocators, scope, !opts.no_placement, true)?;
+        attach_tracepoints(&mut ebpf)?;
+        attach_phases(&mut ebpf, opts, scope)?;
+        let mut probed = HashSet::new();
+        for a in opts.allocators {
+            if let Some(id) = file_id(&a.path) {
+                probed.insert(id);
+            }
+        }
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             events,
             stacks,
             counters,
             attach,
+            scope,
+            placement: !opts.no_placement,
+            probed,
         })
+    }
+
+    /// Probes the allocator objects among `allocators` not probed yet (a process that started
+    /// or exec'd during the trace with an allocator of its own); returns their names.
+    pub fn add_allocators(&mut self, allocators: &[Allocator]) -> Result<Vec<String>> {
+        let mut new = Vec::new();
+        for a in allocators {
+            match file_id(&a.path) {
+                Some(id) if self.probed.insert(id) => new.push(a.clone()),
+                _ => {}
+            }
+        }
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let report = attach_objects(&mut self.ebpf, &new, self.scope, self.placement, false)?;
+        let names: Vec<String> = report.objects.iter().map(|o| o.path.clone()).collect();
+        self.attach.objects.extend(report.objects);
+        Ok(names)
     }
 
     /// The frames of stack `key`, innermost first; empty if the map does not hold it.
@@ -263,12 +354,13 @@ impl Tracer {
                 .map(|v| v.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(COUNTER_SLOTS, 4);
+        debug_assert_eq!(COUNTER_SLOTS, 5);
         KernelLosses {
             ring_full: read(Counter::RingFull),
             inflight_full: read(Counter::InflightFull),
             stack_lost: read(Counter::StackLost),
             orphan_returns: read(Counter::OrphanReturn),
+            processes_missed: read(Counter::TgidsFull),
         }
     }
 }
@@ -296,15 +388,37 @@ struct Chosen {
     skip: u64,
 }
 
-fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
-    let pid = NonZeroU32::new(opts.pid).ok_or_else(|| anyhow!("pid 0 cannot be traced"))?;
-    let scope = UProbeScope::OneProcess(pid);
+/// Loads every allocator program once (objects probed later reuse them).
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let mut names: Vec<&str> = Vec::new();
+    for s in PLAN {
+        if !names.contains(&s.entry) {
+            names.push(s.entry);
+        }
+    }
+    names.push("alloc_return");
+    for name in names {
+        uprobe(ebpf, name)?
+            .load()
+            .with_context(|| format!("the kernel rejected program {name}"))?;
+    }
+    Ok(())
+}
 
+/// Plans and attaches the probes of `allocators`. With `required`, some object must define
+/// malloc and free (the first attach of a trace).
+fn attach_objects(
+    ebpf: &mut Ebpf,
+    allocators: &[Allocator],
+    scope: UProbeScope,
+    placement: bool,
+    required: bool,
+) -> Result<AttachReport> {
     let mut report = AttachReport::default();
     let mut chosen: Vec<Chosen> = Vec::new();
-    for (index, a) in opts.allocators.iter().enumerate() {
+    for (index, a) in allocators.iter().enumerate() {
         let data = fs::read(&a.path).with_context(|| format!("failed to read {}", a.shown))?;
-        let (object, picked) = plan_object(a, &data, !opts.no_placement)
+        let (object, picked) = plan_object(a, &data, placement)
             .with_context(|| format!("{} is not an ELF file", a.shown))?;
         chosen.extend(picked.into_iter().map(|mut c| {
             c.object = index;
@@ -313,11 +427,11 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
         report.objects.push(object);
     }
     let defined = |name: &str| report.objects.iter().any(|o| o.defined.contains(&name));
-    for required in ["malloc", "free"] {
-        if !defined(required) {
+    for required_fn in ["malloc", "free"] {
+        if required && !defined(required_fn) {
             bail!(
-                "no allocator object defines {required} ({}); memprof needs both malloc and free",
-                opts.allocators
+                "no allocator object defines {required_fn} ({}); memprof needs both malloc and free",
+                allocators
                     .iter()
                     .map(|a| a.shown.as_str())
                     .collect::<Vec<_>>()
@@ -344,23 +458,9 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
         report.placed = main.placed.clone();
     }
 
-    // Load every program we use once.
-    let mut names: Vec<&str> = Vec::new();
-    for c in &chosen {
-        if !names.contains(&c.spec.entry) {
-            names.push(c.spec.entry);
-        }
-    }
-    names.push("alloc_return");
-    for name in names {
-        uprobe(ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel rejected program {name}"))?;
-    }
-
     // Returns first, then entries (see the module docs).
-    let path_of = |c: &Chosen| -> &Path { &opts.allocators[c.object].path };
-    let shown_of = |c: &Chosen| -> &str { &opts.allocators[c.object].shown };
+    let path_of = |c: &Chosen| -> &Path { &allocators[c.object].path };
+    let shown_of = |c: &Chosen| -> &str { &allocators[c.object].shown };
     for c in chosen.iter().filter(|c| c.spec.returns) {
         uprobe(ebpf, "alloc_return")?
             .attach(c.sym.file_offset, path_of(c), scope)
@@ -377,22 +477,28 @@ fn attach_all(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<AttachReport> {
             .attach(c.sym.file_offset + c.skip, path_of(c), scope)
             .with_context(|| format!("failed to attach uprobe to {} in {}", c.name, shown_of(c)))?;
     }
-
-    let tp: &mut TracePoint = ebpf
-        .program_mut("sys_enter_mmap")
-        .ok_or_else(|| anyhow!("the eBPF object has no program sys_enter_mmap"))?
-        .try_into()?;
-    tp.load()?;
-    tp.attach("syscalls", "sys_enter_mmap")
-        .context("failed to attach to tracepoint syscalls:sys_enter_mmap")?;
-    let tp: &mut TracePoint = ebpf
-        .program_mut("sys_exit_mmap")
-        .ok_or_else(|| anyhow!("the eBPF object has no program sys_exit_mmap"))?
-        .try_into()?;
-    tp.load()?;
-    tp.attach("syscalls", "sys_exit_mmap")
-        .context("failed to attach to tracepoint syscalls:sys_exit_mmap")?;
     Ok(report)
+}
+
+/// Library loads and the process life cycle.
+fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
+    for (program, category, name) in [
+        ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
+        ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
+        ("task_newtask", "task", "task_newtask"),
+        ("sched_process_exec", "sched", "sched_process_exec"),
+        ("sched_process_exit", "sched", "sched_process_exit"),
+    ] {
+        let tp: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
+            .try_into()?;
+        tp.load()
+            .with_context(|| format!("the kernel rejected program {program}"))?;
+        tp.attach(category, name)
+            .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
+    }
+    Ok(())
 }
 
 /// The functions of `PLAN` that allocator `a` (file contents `data`) defines, deduplicated by
@@ -600,12 +706,10 @@ impl PltNames {
 }
 
 /// Probes entry and return of each `--phase` function; the attach cookie is the phase index.
-fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>) -> Result<()> {
+fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, scope: UProbeScope) -> Result<()> {
     if opts.phases.is_empty() {
         return Ok(());
     }
-    let pid = NonZeroU32::new(opts.pid).ok_or_else(|| anyhow!("pid 0 cannot be traced"))?;
-    let scope = UProbeScope::OneProcess(pid);
     uprobe(ebpf, "phase_entry")?.load()?;
     uprobe(ebpf, "phase_return")?.load()?;
     for (index, (name, function)) in opts.phases.iter().enumerate() {

@@ -47,6 +47,15 @@ impl AddressSpace {
         (addr < m.end).then_some(m)
     }
 
+    /// The same view with every path read through `root` (`/proc/PID/root` of a process in
+    /// another mount namespace).
+    pub fn under_root(mut self, root: &str) -> Self {
+        for m in &mut self.mappings {
+            m.path = format!("{root}{}", m.path);
+        }
+        self
+    }
+
     pub fn mappings(&self) -> &[Mapping] {
         &self.mappings
     }

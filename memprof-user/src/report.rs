@@ -17,7 +17,7 @@ use crate::{
     procmem::{self, ProcMem},
     stacks::StackStore,
     symbolize::{Frame, Symbolizer},
-    table::{HeapTotals, LiveAlloc, MmapTotals, Table},
+    table::{HeapTotals, LiveAlloc, MmapTotals, Table, Tables},
     tracking::{GroupKey, PhaseReport, Tracker},
 };
 
@@ -32,6 +32,8 @@ pub struct KernelLosses {
     pub stack_lost: u64,
     /// Allocator returns whose entry was not seen (calls already running at attach).
     pub orphan_returns: u64,
+    /// New processes not followed because the kernel's process set was full.
+    pub processes_missed: u64,
 }
 
 /// The report's `totals`: the table's heap counts and what was lost on the way.
@@ -118,6 +120,10 @@ pub struct Report {
     /// nothing outstanding: candidates for pooling or reuse.
     pub churn_hotspots: Vec<Hotspot>,
     pub leaks: Vec<Leak>,
+    /// Every traced process, largest (or fastest-growing, `--rank growth`) first: present when
+    /// the trace covers more than one process (`--all`, followed children).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<ProcessReport>>,
 }
 
 /// A call site that allocates and frees a lot.
@@ -138,7 +144,7 @@ const HOTSPOT_MIN_ALLOCS: u64 = 1000;
 /// Everything a report is made from.
 pub struct Inputs<'a> {
     pub pid: u32,
-    pub table: &'a Table,
+    pub table: &'a Tables,
     pub stacks: &'a StackStore,
     pub kernel: KernelLosses,
     pub decode_errors: u64,
@@ -165,32 +171,11 @@ struct Group {
 
 /// Builds a snapshot record; [`finish`] turns one into the final report.
 pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
-    let mut groups: HashMap<(u64, AllocFn, bool), Group> = HashMap::new();
-    let mut add = |block: &LiveAlloc, mmap: bool| {
-        let age = inputs.now_ns.saturating_sub(block.ts_ns);
-        if age < inputs.min_age_ns {
-            return;
-        }
-        let g = groups
-            .entry((block.stack, block.func, mmap))
-            .or_insert(Group {
-                oldest_ns: u64::MAX,
-                ..Group::default()
-            });
-        g.bytes += block.size;
-        g.allocs += 1;
-        g.oldest_ns = g.oldest_ns.min(block.ts_ns);
-    };
-    inputs.table.heap_blocks().for_each(|(_, b)| add(b, false));
-    inputs.table.map_regions().for_each(|(_, b)| add(b, true));
-
-    let mut ranked: Vec<_> = groups.into_iter().collect();
-    ranked.sort_by(|(ka, a), (kb, b)| {
-        (b.bytes, b.allocs)
-            .cmp(&(a.bytes, a.allocs))
-            .then(ka.0.cmp(&kb.0))
-            .then((ka.1 as u32).cmp(&(kb.1 as u32)))
-    });
+    let ranked = ranked_groups(
+        inputs,
+        inputs.table.heap_blocks().map(|(_, b)| b),
+        inputs.table.map_regions().map(|(_, b)| b),
+    );
     let leak_groups = ranked.len();
 
     // Categories cover every group, before `--top`.
@@ -211,34 +196,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         .collect();
     let categories = categories::categorize(&refs, inputs.rules);
 
-    ranked.truncate(inputs.top.unwrap_or(usize::MAX));
-    let mut unknown_frames = 0;
-    let leaks: Vec<Leak> = ranked
-        .into_iter()
-        .map(|(key @ (stack, func, mmap), g)| {
-            let stack = frames_of(inputs, symbolizer, stack);
-            unknown_frames += stack.iter().filter(|f| f.function.is_none()).count() as u64;
-            let growth = inputs.tracker.growth(&key);
-            Leak {
-                bytes: g.bytes,
-                allocs: g.allocs,
-                oldest_age_s: ns_to_s(inputs.now_ns.saturating_sub(g.oldest_ns)),
-                allocator: func.name(),
-                kind: if mmap { "mmap" } else { "heap" },
-                verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
-                confidence: growth.map_or(0.0, |g| g.confidence),
-                growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
-                r2: growth.map_or(0.0, |g| round3(g.r2)),
-                growing_for_s: growth.map_or(0.0, |g| round3(g.growing_for_s)),
-                behaviour: inputs
-                    .tracker
-                    .groups
-                    .get(&key)
-                    .map(|s| s.stats.summary(inputs.now_ns)),
-                stack,
-            }
-        })
-        .collect();
+    let (leaks, unknown_frames) = leaks_of(inputs, symbolizer, ranked, inputs.top);
 
     let leak_detected = inputs.tracker.groups.keys().any(|k| {
         inputs
@@ -299,6 +257,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         recommendations,
         churn_hotspots,
         leaks,
+        processes: None,
     }
 }
 
@@ -459,6 +418,155 @@ fn recommendations(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Reco
 
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
+}
+
+/// Outstanding blocks (`heap`) and mappings (`maps`) at least `min_age` old, grouped by stack
+/// and allocator, largest first.
+fn ranked_groups<'b>(
+    inputs: &Inputs<'_>,
+    heap: impl Iterator<Item = &'b LiveAlloc>,
+    maps: impl Iterator<Item = &'b LiveAlloc>,
+) -> Vec<(GroupKey, Group)> {
+    let mut groups: HashMap<GroupKey, Group> = HashMap::new();
+    let mut add = |block: &LiveAlloc, mmap: bool| {
+        let age = inputs.now_ns.saturating_sub(block.ts_ns);
+        if age < inputs.min_age_ns {
+            return;
+        }
+        let g = groups
+            .entry((block.stack, block.func, mmap))
+            .or_insert(Group {
+                oldest_ns: u64::MAX,
+                ..Group::default()
+            });
+        g.bytes += block.size;
+        g.allocs += 1;
+        g.oldest_ns = g.oldest_ns.min(block.ts_ns);
+    };
+    heap.for_each(|b| add(b, false));
+    maps.for_each(|b| add(b, true));
+    let mut ranked: Vec<_> = groups.into_iter().collect();
+    ranked.sort_by(|(ka, a), (kb, b)| {
+        (b.bytes, b.allocs)
+            .cmp(&(a.bytes, a.allocs))
+            .then(ka.0.cmp(&kb.0))
+            .then((ka.1 as u32).cmp(&(kb.1 as u32)))
+    });
+    ranked
+}
+
+/// The first `top` groups as `leaks` entries, and the number of their frames without a name.
+fn leaks_of(
+    inputs: &Inputs<'_>,
+    symbolizer: &mut Symbolizer,
+    mut ranked: Vec<(GroupKey, Group)>,
+    top: Option<usize>,
+) -> (Vec<Leak>, u64) {
+    ranked.truncate(top.unwrap_or(usize::MAX));
+    let mut unknown_frames = 0;
+    let leaks = ranked
+        .into_iter()
+        .map(|(key @ (stack, func, mmap), g)| {
+            let stack = frames_of(inputs, symbolizer, stack);
+            unknown_frames += stack.iter().filter(|f| f.function.is_none()).count() as u64;
+            let growth = inputs.tracker.growth(&key);
+            Leak {
+                bytes: g.bytes,
+                allocs: g.allocs,
+                oldest_age_s: ns_to_s(inputs.now_ns.saturating_sub(g.oldest_ns)),
+                allocator: func.name(),
+                kind: if mmap { "mmap" } else { "heap" },
+                verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                confidence: growth.map_or(0.0, |g| g.confidence),
+                growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
+                r2: growth.map_or(0.0, |g| round3(g.r2)),
+                growing_for_s: growth.map_or(0.0, |g| round3(g.growing_for_s)),
+                behaviour: inputs
+                    .tracker
+                    .groups
+                    .get(&key)
+                    .map(|s| s.stats.summary(inputs.now_ns)),
+                stack,
+            }
+        })
+        .collect();
+    (leaks, unknown_frames)
+}
+
+/// One traced process in a multi-process trace (`--all`, followed children).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    /// The traced process that forked it, when it was followed from its fork.
+    pub parent: Option<u32>,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    pub exited: bool,
+    /// How many times it replaced its image during the trace (its blocks from before an exec
+    /// count as freed at the exec).
+    pub execs: u32,
+    /// This process's counts. `lost_events` and `lost_stacks` are trace-wide: the kernel does
+    /// not know whose record it dropped.
+    pub totals: Totals,
+    pub mmap: MmapTotals,
+    /// Least-squares growth of its outstanding heap bytes over the trace.
+    pub growth_rate_mb_per_hour: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    /// Whether one of its call-stack groups has the verdict `leak`.
+    pub leak_detected: bool,
+    pub leak_groups: usize,
+    pub leaks: Vec<Leak>,
+}
+
+/// What the session knows of a process besides its table.
+pub struct ProcessInfo<'a> {
+    pub pid: u32,
+    pub parent: Option<u32>,
+    pub comm: &'a str,
+    pub cmdline: &'a [String],
+    pub exited: bool,
+    pub execs: u32,
+    pub mem: Option<ProcMem>,
+    pub growth_bytes_per_s: Option<f64>,
+}
+
+/// The `processes` entry of one process.
+pub fn process_report(
+    inputs: &Inputs<'_>,
+    symbolizer: &mut Symbolizer,
+    info: &ProcessInfo<'_>,
+    table: Option<&Table>,
+) -> ProcessReport {
+    let empty = Table::new();
+    let table = table.unwrap_or(&empty);
+    let ranked = ranked_groups(
+        inputs,
+        table.heap_blocks().map(|(_, b)| b),
+        table.map_regions().map(|(_, b)| b),
+    );
+    let leak_groups = ranked.len();
+    let leak_detected = ranked.iter().any(|(key, _)| {
+        inputs
+            .tracker
+            .growth(key)
+            .is_some_and(|g| g.verdict == Verdict::Leak)
+    });
+    let (leaks, _) = leaks_of(inputs, symbolizer, ranked, inputs.top);
+    ProcessReport {
+        pid: info.pid,
+        parent: info.parent,
+        comm: info.comm.to_string(),
+        cmdline: info.cmdline.to_vec(),
+        exited: info.exited,
+        execs: info.execs,
+        totals: Totals::new(&table.heap_totals, &inputs.kernel, inputs.decode_errors),
+        mmap: table.mmap_totals,
+        growth_rate_mb_per_hour: info.growth_bytes_per_s.map(|s| round3(s * 3600.0 / 1e6)),
+        rss_bytes: info.mem.map(|m| m.rss_bytes),
+        leak_detected,
+        leak_groups,
+        leaks,
+    }
 }
 
 /// Turns a snapshot into the final report.
@@ -682,7 +790,7 @@ mod tests {
     }
 
     fn inputs<'a>(
-        table: &'a Table,
+        table: &'a Tables,
         stacks: &'a StackStore,
         tracker: &'a Tracker,
         min_age_ns: u64,
@@ -711,7 +819,7 @@ mod tests {
 
     #[test]
     fn groups_by_stack_sorted_by_bytes_with_age_filter() {
-        let mut table = Table::new();
+        let mut table = Tables::new();
         table.apply(&alloc(0x10, 100, 1, 1_000_000_000));
         table.apply(&alloc(0x20, 100, 1, 9_000_000_000));
         table.apply(&alloc(0x30, 500, 2, 2_000_000_000));
@@ -737,7 +845,7 @@ mod tests {
 
     #[test]
     fn json_has_contract_fields() {
-        let mut table = Table::new();
+        let mut table = Tables::new();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
         let stacks = StackStore::new();
         let tracker = Tracker::new(&[], 0);
@@ -781,7 +889,7 @@ mod tests {
 
     #[test]
     fn text_mentions_losses_and_sites() {
-        let mut table = Table::new();
+        let mut table = Tables::new();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
         let stacks = StackStore::new();
         let tracker = Tracker::new(&[], 0);

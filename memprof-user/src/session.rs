@@ -19,16 +19,17 @@ use tokio::{
 
 use crate::{
     analysis::categories::Rule,
-    event::{Event, decode},
+    allocators,
+    event::{self, Event, decode},
     load::Tracer,
-    maps::AddressSpace,
     marks,
     output::{Live, Profile},
     procmem::ProcMem,
-    report::{self, Inputs, Report},
+    procs::Proc,
+    report::{self, Inputs, ProcessInfo, Report},
     stacks::StackStore,
     symbolize::Symbolizer,
-    table::{Change, Table},
+    table::{Change, Tables},
     tracking::Tracker,
 };
 
@@ -63,6 +64,10 @@ pub struct Settings {
     pub live: Option<Live>,
     /// Show a status line on stderr (a terminal, not JSON on a pipe).
     pub status_line: bool,
+    /// Report each process (`processes`): the trace covers more than one.
+    pub per_process: bool,
+    /// `--rank growth`: order `processes` by growth instead of outstanding bytes.
+    pub rank_by_growth: bool,
 }
 
 /// An `"type":"alert"` record.
@@ -92,30 +97,29 @@ pub enum End {
 }
 
 pub struct Session {
+    /// The process the trace is about (0 with `--all`).
     pid: u32,
     tracer: Tracer,
-    table: Table,
+    table: Tables,
     stacks: StackStore,
-    space: AddressSpace,
-    /// Set when a library was mapped since `space` was read.
-    space_stale: bool,
-    /// When `space` was last read (CLOCK_MONOTONIC ns).
-    space_read_ns: u64,
+    /// Every process seen, by pid.
+    procs: std::collections::HashMap<u32, Proc>,
     symbolizer: Symbolizer,
     decode_errors: u64,
     start_ns: u64,
     settings: Settings,
     /// Whether memprof spawned the process (and so reaps it).
     parent: bool,
-    pidfd: PidFd,
+    /// The spawned command's exec was seen.
+    command_started: bool,
+    /// Readable once `pid` exits (None with `--all`).
+    pidfd: Option<PidFd>,
     tracker: Tracker,
     changes: Vec<Change>,
     rules: Vec<Rule>,
     /// Alerts currently raised (re-armed when the value falls back).
     over_bytes: bool,
     over_growth: bool,
-    /// The process's memory at the last sample (kept for the report after it exits).
-    last_mem: Option<ProcMem>,
     /// Where `memprof mark` reaches this trace (None when marks are unavailable).
     marks: Option<marks::Listener>,
     /// Records decoded so far, and at the last status line.
@@ -141,7 +145,7 @@ impl Session {
         settings: Settings,
         rules: Vec<Rule>,
         parent: bool,
-        pidfd: PidFd,
+        pidfd: Option<PidFd>,
     ) -> Self {
         let start_ns = monotonic_ns();
         Self {
@@ -150,7 +154,7 @@ impl Session {
             rules,
             over_bytes: false,
             over_growth: false,
-            last_mem: None,
+            command_started: false,
             // Marks are optional: a trace goes on without them. Bound here, before the trace
             // announces itself, so `memprof mark` works as soon as it has.
             marks: settings.mark_dir.as_ref().and_then(|dir| {
@@ -163,17 +167,20 @@ impl Session {
             pidfd,
             pid,
             tracer,
-            table: Table::new(),
+            table: Tables::new(),
             stacks: StackStore::new(),
             // A running process is read now (it may exit before its first stack is seen); a
             // spawned command has not executed yet, so it is read at its first library load.
-            space: if parent {
-                AddressSpace::default()
+            procs: if pid == 0 {
+                Default::default()
             } else {
-                AddressSpace::read(pid).unwrap_or_default()
+                let mut p = Proc::discover(pid);
+                if parent {
+                    p.space = Default::default();
+                    p.space_stale = true;
+                }
+                [(pid, p)].into_iter().collect()
             },
-            space_stale: parent,
-            space_read_ns: 0,
             symbolizer: Symbolizer::new(),
             decode_errors: 0,
             start_ns,
@@ -190,10 +197,15 @@ impl Session {
         let ring = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
             .context("failed to poll the ring buffer")?;
-        // SAFETY: as above, the pidfd outlives the registration.
-        let exited = unsafe { AsyncFd::register_with_interest(self.pidfd.0, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
-            .context("failed to poll the process")?;
+        let exited = match &self.pidfd {
+            // SAFETY: as above, the pidfd outlives the registration.
+            Some(pidfd) => Some(
+                unsafe { AsyncFd::register_with_interest(pidfd.0, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+                    .context("failed to poll the process")?,
+            ),
+            None => None,
+        };
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let deadline = self
@@ -224,7 +236,7 @@ impl Session {
                     self.drain();
                     guard.clear_ready();
                 }
-                _ = exited.readable() => {
+                _ = exit_of(&exited) => {
                     break End::Exited { status: self.reap() };
                 }
                 _ = sigint.recv() => break End::Signal,
@@ -275,31 +287,34 @@ impl Session {
     /// Takes every record waiting in the ring buffer.
     pub fn drain(&mut self) {
         loop {
-            let decoded = match self.tracer.events.next() {
-                Some(item) => decode(&item),
+            let (tgid, decoded) = match self.tracer.events.next() {
+                Some(item) => (event::tgid(&item), decode(&item)),
                 None => break,
             };
             self.events += 1;
             match decoded {
-                Ok(event) => self.observe(&event),
+                Ok(event) => self.observe(tgid, &event),
                 Err(_) => self.decode_errors += 1,
             }
         }
     }
 
-    fn observe(&mut self, event: &Event) {
+    fn observe(&mut self, tgid: u32, event: &Event) {
+        let now = monotonic_ns();
+        if !self.procs.contains_key(&tgid) {
+            self.procs.insert(tgid, Proc::discover(tgid));
+        }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
-                self.learn_stack(a.stack);
+                self.learn_stack(tgid, a.stack);
             }
             Event::ExecMap => {
                 // Read now, while the process surely lives; keep the old view if it is gone.
-                self.space_stale = true;
-                if let Ok(space) = AddressSpace::read(self.pid) {
-                    self.space = space;
-                    self.space_stale = false;
-                    self.space_read_ns = monotonic_ns();
+                if let Some(p) = self.procs.get_mut(&tgid) {
+                    p.space_stale = true;
+                    p.reread(tgid, now);
                 }
+                self.detect_allocators(tgid);
             }
             Event::Phase {
                 tid, phase, enter, ..
@@ -307,28 +322,98 @@ impl Session {
                 let outstanding = self.table.heap_totals.outstanding_bytes;
                 self.tracker.on_phase(tid, phase, enter, outstanding);
             }
+            Event::Fork { child } => {
+                let p = Proc::forked(tgid, &self.procs[&tgid]);
+                self.procs.insert(child, p);
+            }
+            Event::Exec { comm } => {
+                let changes = &mut self.changes;
+                self.table
+                    .release_process(tgid, now, &mut |c| changes.push(c));
+                // A spawned command's own exec starts it: not a re-exec.
+                let first = self.parent && tgid == self.pid && !self.command_started;
+                self.command_started |= first;
+                if let Some(p) = self.procs.get_mut(&tgid) {
+                    p.exec(tgid, &comm);
+                    if first {
+                        p.execs = 0;
+                    }
+                }
+                self.detect_allocators(tgid);
+            }
+            Event::Exit => {
+                if let Some(p) = self.procs.get_mut(&tgid) {
+                    p.exited = true;
+                }
+            }
             _ => {}
         }
         let changes = &mut self.changes;
-        self.table.apply_with(event, &mut |c| changes.push(c));
+        self.table
+            .apply_from(tgid, event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
             self.tracker.on_change(&change, outstanding);
         }
     }
 
-    /// Samples outstanding bytes per group and the process's RSS.
-    fn sample(&mut self) {
-        let mem = ProcMem::read(self.pid).ok();
-        if mem.is_some() {
-            self.last_mem = mem;
+    /// After an exec, probes the allocators of the new image that no probe covers yet (a
+    /// static binary, another libc, jemalloc...). Its libraries are mapped one by one after the
+    /// exec, so this runs at each load until an allocator is found.
+    fn detect_allocators(&mut self, tgid: u32) {
+        let Some(p) = self.procs.get_mut(&tgid) else {
+            return;
+        };
+        if p.detect_budget == 0 {
+            return;
         }
-        let rss = mem.map(|m| m.rss_bytes);
-        self.tracker.sample(
-            monotonic_ns(),
-            self.table.heap_totals.outstanding_bytes,
-            rss,
-        );
+        p.detect_budget -= 1;
+        let Ok(found) = allocators::of_pid(tgid) else {
+            return;
+        };
+        // A dynamic program's allocators arrive with its libraries, the C library among the
+        // last: look again at each load until it is there.
+        if found
+            .iter()
+            .any(|a| matches!(a.kind, allocators::Kind::Glibc | allocators::Kind::Musl))
+        {
+            p.detect_budget = 0;
+        }
+        match self.tracer.add_allocators(&found) {
+            Ok(added) if !added.is_empty() => eprintln!(
+                "memprof: pid {tgid} ({}): now also probing {}",
+                p.comm,
+                added.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("memprof: warning: pid {tgid}: {e:#}"),
+        }
+    }
+
+    /// Samples outstanding bytes per group and per process, and the processes' RSS.
+    fn sample(&mut self) {
+        let now = monotonic_ns();
+        let t = (now - self.start_ns) as f64 / 1e9;
+        let mut rss = None;
+        for (pid, p) in &mut self.procs {
+            if p.exited {
+                continue;
+            }
+            let table = self.table.process(*pid);
+            if *pid != self.pid && table.is_none() {
+                continue;
+            }
+            if let Ok(mem) = ProcMem::read(*pid) {
+                p.last_mem = Some(mem);
+                if *pid == self.pid {
+                    rss = Some(mem.rss_bytes);
+                }
+            }
+            let outstanding = table.map_or(0, |t| t.heap_totals.outstanding_bytes);
+            p.series.push(t, outstanding as f64);
+        }
+        self.tracker
+            .sample(now, self.table.heap_totals.outstanding_bytes, rss);
     }
 
     /// Stops listening for marks and removes the socket file.
@@ -459,19 +544,27 @@ impl Session {
     /// The address-space view is re-read when a library was mapped since the last read, or when
     /// a frame falls outside every known mapping. The latter is rate-limited: without frame
     /// pointers deeper frames are often garbage that no re-read would place.
-    fn learn_stack(&mut self, key: u64) {
+    fn learn_stack(&mut self, tgid: u32, key: u64) {
         const REREAD_NS: u64 = 50_000_000;
         let ips = self.tracer.stack(key);
         let now = monotonic_ns();
-        let reread = self.space_stale
-            || (!StackStore::covered(&self.space, &ips)
-                && now.saturating_sub(self.space_read_ns) > REREAD_NS);
-        if reread && let Ok(space) = AddressSpace::read(self.pid) {
-            self.space = space;
-            self.space_stale = false;
-            self.space_read_ns = now;
+        let Some(p) = self.procs.get_mut(&tgid) else {
+            return;
+        };
+        let reread = p.space_stale
+            || (!StackStore::covered(&p.space, &ips)
+                && now.saturating_sub(p.space_read_ns) > REREAD_NS);
+        if reread {
+            p.reread(tgid, now);
         }
-        self.stacks.insert(key, &ips, &self.space);
+        self.stacks.insert(key, &ips, &p.space);
+        // Files under another root are reachable only while the process lives: name the
+        // frames now.
+        if p.root.is_some()
+            && let Some(frames) = self.stacks.get(key)
+        {
+            self.symbolizer.frames(&self.stacks, frames);
+        }
     }
 
     fn inputs(&self, now: u64) -> Inputs<'_> {
@@ -487,7 +580,9 @@ impl Session {
             tracker: &self.tracker,
             limit: self.settings.limit,
             rules: &self.rules,
-            mem: ProcMem::read(self.pid).ok().or(self.last_mem),
+            mem: ProcMem::read(self.pid)
+                .ok()
+                .or(self.procs.get(&self.pid).and_then(|p| p.last_mem)),
             top: self
                 .settings
                 .top
@@ -498,7 +593,50 @@ impl Session {
     pub fn snapshot(&mut self) -> Report {
         let mut symbolizer = std::mem::take(&mut self.symbolizer);
         let inputs = self.inputs(monotonic_ns());
-        let report = report::snapshot(&inputs, &mut symbolizer);
+        let mut report = report::snapshot(&inputs, &mut symbolizer);
+        if self.settings.per_process {
+            let mut processes: Vec<_> = self
+                .procs
+                .iter()
+                .filter(|(pid, _)| **pid == self.pid || self.table.process(**pid).is_some())
+                .map(|(pid, p)| {
+                    let info = ProcessInfo {
+                        pid: *pid,
+                        parent: p.parent,
+                        comm: &p.comm,
+                        cmdline: &p.cmdline,
+                        exited: p.exited,
+                        execs: p.execs,
+                        mem: if p.exited {
+                            None
+                        } else {
+                            ProcMem::read(*pid).ok().or(p.last_mem)
+                        },
+                        growth_bytes_per_s: p.growth_bytes_per_s(),
+                    };
+                    report::process_report(
+                        &inputs,
+                        &mut symbolizer,
+                        &info,
+                        self.table.process(*pid),
+                    )
+                })
+                .collect();
+            let outstanding =
+                |p: &report::ProcessReport| p.totals.heap.outstanding_bytes + p.mmap.outstanding_bytes;
+            if self.settings.rank_by_growth {
+                processes.sort_by(|a, b| {
+                    let (ga, gb) = (
+                        a.growth_rate_mb_per_hour.unwrap_or(f64::MIN),
+                        b.growth_rate_mb_per_hour.unwrap_or(f64::MIN),
+                    );
+                    gb.total_cmp(&ga).then(a.pid.cmp(&b.pid))
+                });
+            } else {
+                processes.sort_by(|a, b| outstanding(b).cmp(&outstanding(a)).then(a.pid.cmp(&b.pid)));
+            }
+            report.processes = Some(processes);
+        }
         self.symbolizer = symbolizer;
         report
     }
@@ -533,6 +671,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 async fn accept(socket: &Option<UnixListener>) -> io::Result<tokio::net::UnixStream> {
     match socket {
         Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+async fn exit_of(fd: &Option<AsyncFd<RawFd>>) {
+    match fd {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
         None => std::future::pending().await,
     }
 }

@@ -1,4 +1,5 @@
-//! The live-allocation table of one traced process, and its running totals.
+//! The live-allocation table of each traced process, their running totals, and totals over
+//! every traced process ([`Tables`]).
 //!
 //! Heap blocks (the malloc family) are keyed by address. Anonymous mappings made outside any
 //! allocator call are kept as address ranges, because `munmap` and `mremap` may cut or move any
@@ -154,7 +155,26 @@ impl Table {
                 new_addr,
                 new_len,
             } => self.remap(old_addr, old_len, new_addr, new_len, on),
-            Event::ExecMap | Event::Phase { .. } => {}
+            Event::ExecMap
+            | Event::Phase { .. }
+            | Event::Fork { .. }
+            | Event::Exec { .. }
+            | Event::Exit => {}
+        }
+    }
+
+    /// The process's image went away (`execve`): every block and mapping is released at `ts_ns`.
+    pub fn release_all(&mut self, ts_ns: u64, on: &mut impl FnMut(Change)) {
+        self.reallocs.clear();
+        for (_, block) in std::mem::take(&mut self.heap) {
+            self.sub_outstanding(block.size);
+            self.count_free(block.size);
+            on(freed(block, 0, ts_ns));
+        }
+        let removed = self.cut(0, u64::MAX, ts_ns, 0, on);
+        if removed > 0 {
+            self.mmap_totals.unmaps += 1;
+            self.mmap_totals.bytes_unmapped += removed;
         }
     }
 
@@ -340,6 +360,93 @@ impl Table {
     }
 }
 
+/// The tables of every traced process, and totals over all of them.
+///
+/// With one traced process the totals are that process's. `peak_outstanding_bytes` here is the
+/// peak of the sum over processes, not a sum of peaks.
+#[derive(Debug, Default)]
+pub struct Tables {
+    procs: HashMap<u32, Table>,
+    pub heap_totals: HeapTotals,
+    pub mmap_totals: MmapTotals,
+}
+
+impl Tables {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one event of process 0 (tests and replays of one process).
+    pub fn apply(&mut self, event: &Event) {
+        self.apply_from(0, event, &mut |_| {});
+    }
+
+    /// Applies one event of process `tgid` and reports each change of what is outstanding.
+    pub fn apply_from(&mut self, tgid: u32, event: &Event, on: &mut impl FnMut(Change)) {
+        let table = self.procs.entry(tgid).or_default();
+        let before = (table.heap_totals, table.mmap_totals);
+        table.apply_with(event, on);
+        let after = (table.heap_totals, table.mmap_totals);
+        self.account(before, after);
+    }
+
+    /// Process `tgid` replaced its image: its blocks are released (see [`Table::release_all`]).
+    pub fn release_process(&mut self, tgid: u32, ts_ns: u64, on: &mut impl FnMut(Change)) {
+        let Some(table) = self.procs.get_mut(&tgid) else {
+            return;
+        };
+        let before = (table.heap_totals, table.mmap_totals);
+        table.release_all(ts_ns, on);
+        let after = (table.heap_totals, table.mmap_totals);
+        self.account(before, after);
+    }
+
+    fn account(&mut self, before: (HeapTotals, MmapTotals), after: (HeapTotals, MmapTotals)) {
+        let delta = |total: &mut u64, old: u64, new: u64| {
+            *total = total.wrapping_add(new.wrapping_sub(old));
+        };
+        let (h0, m0) = before;
+        let (h1, m1) = after;
+        let h = &mut self.heap_totals;
+        delta(&mut h.allocs, h0.allocs, h1.allocs);
+        delta(&mut h.frees, h0.frees, h1.frees);
+        delta(&mut h.bytes_allocated, h0.bytes_allocated, h1.bytes_allocated);
+        delta(&mut h.bytes_freed, h0.bytes_freed, h1.bytes_freed);
+        delta(&mut h.outstanding_allocs, h0.outstanding_allocs, h1.outstanding_allocs);
+        delta(&mut h.outstanding_bytes, h0.outstanding_bytes, h1.outstanding_bytes);
+        delta(&mut h.unmatched_frees, h0.unmatched_frees, h1.unmatched_frees);
+        delta(&mut h.reused_addresses, h0.reused_addresses, h1.reused_addresses);
+        h.peak_outstanding_bytes = h.peak_outstanding_bytes.max(h.outstanding_bytes);
+        let m = &mut self.mmap_totals;
+        delta(&mut m.maps, m0.maps, m1.maps);
+        delta(&mut m.unmaps, m0.unmaps, m1.unmaps);
+        delta(&mut m.bytes_mapped, m0.bytes_mapped, m1.bytes_mapped);
+        delta(&mut m.bytes_unmapped, m0.bytes_unmapped, m1.bytes_unmapped);
+        delta(&mut m.outstanding_maps, m0.outstanding_maps, m1.outstanding_maps);
+        delta(&mut m.outstanding_bytes, m0.outstanding_bytes, m1.outstanding_bytes);
+    }
+
+    /// The table of process `tgid`.
+    pub fn process(&self, tgid: u32) -> Option<&Table> {
+        self.procs.get(&tgid)
+    }
+
+    /// The processes with a table, in no particular order.
+    pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.procs.keys().copied()
+    }
+
+    /// Outstanding heap blocks of every process, as (address, block).
+    pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, &LiveAlloc)> {
+        self.procs.values().flat_map(Table::heap_blocks)
+    }
+
+    /// Outstanding mappings of every process, as (start address, region).
+    pub fn map_regions(&self) -> impl Iterator<Item = (u64, &LiveAlloc)> {
+        self.procs.values().flat_map(Table::map_regions)
+    }
+}
+
 fn live(a: &Alloc, chain: u32) -> LiveAlloc {
     LiveAlloc {
         size: a.size,
@@ -519,6 +626,30 @@ mod tests {
                 ("free", 300, 2),
             ]
         );
+    }
+
+    #[test]
+    fn tables_sum_processes_and_release_at_exec() {
+        let mut t = Tables::new();
+        let mut seen = Vec::new();
+        let mut on = |c: Change| seen.push(c);
+        t.apply_from(1, &alloc(AllocFn::Malloc, 0x10, 100), &mut on);
+        // The same address in another process is another block.
+        t.apply_from(2, &alloc(AllocFn::Malloc, 0x10, 30), &mut on);
+        t.apply_from(2, &alloc(AllocFn::Mmap, 0x10000, 0x1000), &mut on);
+        let h = t.heap_totals;
+        assert_eq!((h.allocs, h.outstanding_allocs, h.outstanding_bytes), (2, 2, 130));
+        assert_eq!(h.peak_outstanding_bytes, 130);
+        assert_eq!(t.process(2).unwrap().heap_totals.outstanding_bytes, 30);
+        t.apply_from(1, &free(AllocFn::Free, 0x10), &mut on);
+        t.release_process(2, 99, &mut on);
+        let h = t.heap_totals;
+        assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (2, 130, 0));
+        assert_eq!(h.peak_outstanding_bytes, 130);
+        assert_eq!((t.mmap_totals.outstanding_bytes, t.mmap_totals.bytes_unmapped), (0, 0x1000));
+        assert_eq!(t.heap_blocks().count() + t.map_regions().count(), 0);
+        let frees = seen.iter().filter(|c| matches!(c, Change::Free { .. })).count();
+        assert_eq!(frees, 3);
     }
 
     #[test]

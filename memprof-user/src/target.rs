@@ -86,6 +86,44 @@ pub fn command_line(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Every process id in /proc, in order.
+pub fn all_pids() -> Vec<u32> {
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids
+}
+
+/// Kernel threads have no address space: an empty maps file.
+pub fn is_kernel_thread(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/maps")).map_or(true, |m| m.is_empty())
+}
+
+/// The process's name (`/proc/PID/comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// The process's cgroup v2 path (`0::/system.slice/x.service` → `/system.slice/x.service`).
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// (device, inode) of a file.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Whether the ELF file at `path` has no program interpreter (statically linked).
 pub fn elf_is_static(path: &Path) -> Result<bool> {
     let data = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;

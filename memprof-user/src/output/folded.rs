@@ -352,6 +352,7 @@ pub(crate) mod tests {
             recommendations: vec![],
             churn_hotspots: vec![],
             leaks: vec![],
+            processes: None,
         };
         Profile {
             pid: 4242,

@@ -603,6 +603,7 @@ pub(super) mod tests {
             recommendations: Vec::new(),
             churn_hotspots: Vec::new(),
             leaks: Vec::new(),
+            processes: None,
         };
         Profile {
             pid: 42,

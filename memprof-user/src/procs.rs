@@ -1,0 +1,133 @@
+//! What the agent knows of each traced process besides its allocation table: name, command
+//! line, address-space view, where its files live (its own root, for containers), life cycle and
+//! growth.
+
+use std::{fs, os::unix::fs::MetadataExt as _};
+
+use crate::{analysis::growth::Series, maps::AddressSpace, procmem::ProcMem, target};
+
+/// Points kept per process for its growth line.
+const SERIES_POINTS: usize = 512;
+
+pub struct Proc {
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    /// The traced process that forked it (followed children).
+    pub parent: Option<u32>,
+    pub exited: bool,
+    pub execs: u32,
+    /// `/proc/PID/root` when the process lives under another root than memprof (a container):
+    /// its files are read through it, and its stacks are symbolized as soon as they are seen.
+    pub root: Option<String>,
+    pub space: AddressSpace,
+    /// Set when a library was mapped since `space` was read.
+    pub space_stale: bool,
+    /// When `space` was last read (CLOCK_MONOTONIC ns).
+    pub space_read_ns: u64,
+    /// Outstanding heap bytes over time.
+    pub series: Series,
+    /// The process's memory at the last sample (kept for the report after it exits).
+    pub last_mem: Option<ProcMem>,
+    /// Library loads left during which to look for allocators of a new image (after an exec).
+    pub detect_budget: u32,
+}
+
+impl Proc {
+    /// A process seen for the first time: read what /proc still shows.
+    pub fn discover(pid: u32) -> Self {
+        let root = foreign_root(pid);
+        let mut p = Self {
+            comm: comm(pid),
+            cmdline: target::command_line(pid),
+            parent: None,
+            exited: false,
+            execs: 0,
+            root,
+            space: AddressSpace::default(),
+            space_stale: true,
+            space_read_ns: 0,
+            series: Series::new(SERIES_POINTS),
+            last_mem: None,
+            detect_budget: 0,
+        };
+        p.reread(pid, crate::session::monotonic_ns());
+        p
+    }
+
+    /// A process forked by a traced one: until it execs, it has its parent's image.
+    pub fn forked(parent_pid: u32, parent: &Self) -> Self {
+        Self {
+            comm: parent.comm.clone(),
+            cmdline: parent.cmdline.clone(),
+            parent: Some(parent_pid),
+            exited: false,
+            execs: 0,
+            root: parent.root.clone(),
+            space: parent.space.clone(),
+            space_stale: parent.space_stale,
+            space_read_ns: parent.space_read_ns,
+            series: Series::new(SERIES_POINTS),
+            last_mem: None,
+            detect_budget: 0,
+        }
+    }
+
+    /// Re-reads the address space; keeps the old view if the process is gone.
+    pub fn reread(&mut self, pid: u32, now_ns: u64) -> bool {
+        match AddressSpace::read(pid) {
+            Ok(space) => {
+                self.space = match &self.root {
+                    Some(root) => space.under_root(root),
+                    None => space,
+                };
+                self.space_stale = false;
+                self.space_read_ns = now_ns;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The process replaced its image and is now named `comm` (NUL-padded).
+    pub fn exec(&mut self, pid: u32, comm: &[u8]) {
+        self.execs += 1;
+        let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+        self.comm = String::from_utf8_lossy(&comm[..len]).into_owned();
+        self.cmdline = target::command_line(pid);
+        self.root = foreign_root(pid);
+        self.space = AddressSpace::default();
+        self.space_stale = true;
+        self.detect_budget = 64;
+    }
+
+    /// Least-squares growth of outstanding heap bytes (bytes/s).
+    pub fn growth_bytes_per_s(&self) -> Option<f64> {
+        crate::analysis::growth::least_squares(self.series.points()).map(|f| f.slope)
+    }
+}
+
+fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// `/proc/PID/root` when it is not memprof's own root.
+pub fn foreign_root(pid: u32) -> Option<String> {
+    let theirs = fs::metadata(format!("/proc/{pid}/root")).ok()?;
+    let ours = fs::metadata("/proc/self/root").ok()?;
+    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then(|| format!("/proc/{pid}/root"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_under_our_root() {
+        assert_eq!(foreign_root(std::process::id()), None);
+        let p = Proc::discover(std::process::id());
+        assert!(!p.comm.is_empty());
+        assert!(p.space.mappings().iter().any(|m| m.path.contains("memprof")));
+    }
+}
