@@ -804,6 +804,7 @@ mod tests {
                 inflight_full: 1,
                 stack_lost: 4,
                 orphan_returns: 0,
+                processes_missed: 0,
             },
             decode_errors: 0,
             now_ns: 10_000_000_000,
