@@ -112,10 +112,17 @@ pub fn of_pid(pid: u32) -> Result<Vec<Allocator>> {
         shown: exe_shown.clone(),
         executable: true,
     }];
+    let space = crate::maps::AddressSpace::parse(&maps);
     for path in executable_mappings(&maps) {
         if path != exe_shown && !candidates.iter().any(|c| c.shown == path) {
+            let file = space
+                .mappings()
+                .iter()
+                .find(|m| m.path == path)
+                .map(|m| crate::maps::file_of(pid, &m.path, &m.dev, m.inode))
+                .unwrap_or_else(|| format!("/proc/{pid}/root{path}"));
             candidates.push(Candidate {
-                path: PathBuf::from(format!("/proc/{pid}/root{path}")),
+                path: PathBuf::from(file),
                 shown: path,
                 executable: false,
             });

@@ -47,11 +47,16 @@ impl AddressSpace {
         (addr < m.end).then_some(m)
     }
 
-    /// The same view with every path read through `root` (`/proc/PID/root` of a process in
-    /// another mount namespace).
-    pub fn under_root(mut self, root: &str) -> Self {
+    /// The same view with every path replaced by one memprof can open (see [`file_of`]): for a
+    /// process under another root (a container), whose paths name files in its own root.
+    pub fn resolved(mut self, pid: u32) -> Self {
+        let mut cache: std::collections::HashMap<(String, u64), String> = Default::default();
         for m in &mut self.mappings {
-            m.path = format!("{root}{}", m.path);
+            let key = (m.path.clone(), m.inode);
+            let path = cache
+                .entry(key)
+                .or_insert_with(|| file_of(pid, &m.path, &m.dev, m.inode));
+            m.path = path.clone();
         }
         self
     }
@@ -72,6 +77,25 @@ impl AddressSpace {
                 || (name == "libc.so.6" && base.starts_with("libc-") && base.ends_with(".so"))
         })
     }
+}
+
+/// A path memprof can open for the file process `pid` maps as `path` (device `dev` as the maps
+/// file writes it, `major:minor` in hex; inode `inode`). The kernel writes map paths relative to
+/// the reader's root when it can reach the file from there (a chroot under it) and relative to
+/// the process's own root otherwise (a container's mount namespace). The path itself is
+/// preferred when it names that very file: it outlives the process. Otherwise the file is
+/// reached through `/proc/PID/root` while the process lives.
+pub fn file_of(pid: u32, path: &str, dev: &str, inode: u64) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let same = |p: &str| {
+        fs::metadata(p).is_ok_and(|m| {
+            m.ino() == inode && format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())) == dev
+        })
+    };
+    if same(path) {
+        return path.to_string();
+    }
+    format!("/proc/{pid}/root{path}")
 }
 
 fn parse_line(line: &str) -> Option<Mapping> {

@@ -77,7 +77,7 @@ impl Proc {
         match AddressSpace::read(pid) {
             Ok(space) => {
                 self.space = match &self.root {
-                    Some(root) => space.under_root(root),
+                    Some(_) => space.resolved(pid),
                     None => space,
                 };
                 self.space_stale = false;

@@ -592,6 +592,52 @@ pub fn human_bytes(b: u64) -> String {
     recommend::fmt_bytes(b as f64)
 }
 
+/// The per-process table of a multi-process report: the first 20 processes as ranked.
+fn render_processes(out: &mut String, processes: &[ProcessReport]) {
+    const SHOWN: usize = 20;
+    let exited = processes.iter().filter(|p| p.exited).count();
+    let _ = writeln!(
+        out,
+        "\n{} processes traced ({exited} exited):\n  {:>8}  {:<16} {:>12} {:>10} {:>12}  {}",
+        processes.len(),
+        "PID",
+        "COMMAND",
+        "OUTSTANDING",
+        "ALLOCS",
+        "GROWTH MB/h",
+        "TOP SITE"
+    );
+    for p in processes.iter().take(SHOWN) {
+        let top = p
+            .leaks
+            .first()
+            .map(|l| {
+                let name = l
+                    .stack
+                    .iter()
+                    .find_map(|f| f.function.as_deref())
+                    .unwrap_or("??");
+                format!("{name} ({})", human_bytes(l.bytes))
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:>8}  {:<16} {:>12} {:>10} {:>12}  {}{}",
+            p.pid,
+            p.comm,
+            human_bytes(p.totals.heap.outstanding_bytes + p.mmap.outstanding_bytes),
+            p.totals.heap.allocs,
+            p.growth_rate_mb_per_hour
+                .map_or("-".to_string(), |g| format!("{g:+.3}")),
+            top,
+            if p.exited { "  [exited]" } else { "" }
+        );
+    }
+    if processes.len() > SHOWN {
+        let _ = writeln!(out, "  ... and {} more (--json lists all)", processes.len() - SHOWN);
+    }
+}
+
 /// The text a person reads at the end of a trace (or at each `--interval`).
 pub fn render_text(r: &Report) -> String {
     let mut out = String::new();
@@ -717,6 +763,9 @@ pub fn render_text(r: &Report) -> String {
                 rec.kind, rec.site, rec.message
             );
         }
+    }
+    if let Some(processes) = &r.processes {
+        render_processes(&mut out, processes);
     }
     if r.leaks.is_empty() {
         let _ = writeln!(

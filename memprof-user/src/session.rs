@@ -189,8 +189,16 @@ impl Session {
         }
     }
 
+    /// Keeps the files of the traced process open when they live under another root.
+    fn pin_initial(&mut self) {
+        if let Some(p) = self.procs.get(&self.pid) {
+            pin_files(&mut self.symbolizer, p);
+        }
+    }
+
     /// Runs until the process exits, the duration elapses or a signal arrives.
     pub async fn run(&mut self) -> Result<End> {
+        self.pin_initial();
         let ring_fd: RawFd = self.tracer.events.as_raw_fd();
         // SAFETY: the ring buffer's fd outlives this AsyncFd, which is dropped at the end of
         // this function.
@@ -302,7 +310,9 @@ impl Session {
     fn observe(&mut self, tgid: u32, event: &Event) {
         let now = monotonic_ns();
         if !self.procs.contains_key(&tgid) {
-            self.procs.insert(tgid, Proc::discover(tgid));
+            let p = Proc::discover(tgid);
+            pin_files(&mut self.symbolizer, &p);
+            self.procs.insert(tgid, p);
         }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
@@ -312,7 +322,9 @@ impl Session {
                 // Read now, while the process surely lives; keep the old view if it is gone.
                 if let Some(p) = self.procs.get_mut(&tgid) {
                     p.space_stale = true;
-                    p.reread(tgid, now);
+                    if p.reread(tgid, now) {
+                        pin_files(&mut self.symbolizer, p);
+                    }
                 }
                 self.detect_allocators(tgid);
             }
@@ -554,8 +566,8 @@ impl Session {
         let reread = p.space_stale
             || (!StackStore::covered(&p.space, &ips)
                 && now.saturating_sub(p.space_read_ns) > REREAD_NS);
-        if reread {
-            p.reread(tgid, now);
+        if reread && p.reread(tgid, now) {
+            pin_files(&mut self.symbolizer, p);
         }
         self.stacks.insert(key, &ips, &p.space);
         // Files under another root are reachable only while the process lives: name the
@@ -649,6 +661,15 @@ impl Session {
             let mut out = io::stdout().lock();
             writeln!(out, "{}", report::render_text(report))?;
             out.flush()
+        }
+    }
+}
+
+/// Keeps the mapped files of a process under another root open: their paths go away with it.
+fn pin_files(symbolizer: &mut Symbolizer, p: &Proc) {
+    if p.root.is_some() {
+        for m in p.space.mappings() {
+            symbolizer.pin(&m.path);
         }
     }
 }

@@ -33,6 +33,9 @@ struct Resolved {
 pub struct Symbolizer {
     blaze: Blaze,
     cache: HashMap<(u32, u64), Resolved>,
+    /// Files kept open by the path stacks name them with, for paths that stop working when
+    /// their process exits (`/proc/PID/root/...` of a process under another root).
+    pinned: HashMap<String, std::fs::File>,
 }
 
 impl Default for Symbolizer {
@@ -46,6 +49,16 @@ impl Symbolizer {
         Self {
             blaze: Blaze::new(),
             cache: HashMap::new(),
+            pinned: HashMap::new(),
+        }
+    }
+
+    /// Keeps `path` open, so that frames in it can be named after it stops resolving.
+    pub fn pin(&mut self, path: &str) {
+        if !self.pinned.contains_key(path)
+            && let Ok(file) = std::fs::File::open(path)
+        {
+            self.pinned.insert(path.to_string(), file);
         }
     }
 
@@ -84,7 +97,14 @@ impl Symbolizer {
         for (module, mut offsets) in todo {
             offsets.sort_unstable();
             offsets.dedup();
-            let src = Source::Elf(Elf::new(&store.modules()[module as usize]));
+            let path = &store.modules()[module as usize];
+            let src = match self.pinned.get(path) {
+                Some(file) => {
+                    use std::os::fd::AsRawFd as _;
+                    Source::Elf(Elf::new(format!("/proc/self/fd/{}", file.as_raw_fd())))
+                }
+                None => Source::Elf(Elf::new(path)),
+            };
             let results = self
                 .blaze
                 .symbolize(&src, Input::FileOffset(&offsets))
