@@ -15,6 +15,7 @@ pub mod marks;
 pub mod output;
 pub mod placement;
 pub mod procmem;
+pub mod python;
 pub mod report;
 pub mod session;
 pub mod stacks;
