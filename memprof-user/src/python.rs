@@ -1315,4 +1315,423 @@ f1()
         }
         assert!(!seen.is_empty(), "no CPython 3.8 to 3.13 found");
     }
+
+    const THREADED: &str = "\
+import sys
+import threading
+import time
+
+class Worker:
+    def inner(self, ev):
+        ev.set()
+        time.sleep(600)
+
+    def run(self, ev):
+        self.inner(ev)
+
+def main():
+    ev = threading.Event()
+    t = threading.Thread(target=Worker().run, args=(ev,), daemon=True)
+    t.start()
+    ev.wait()
+    print(\"ready\", flush=True)
+    sys.stdin.readline()
+
+main()
+";
+
+    /// The frames of the worker thread of [`THREADED`], innermost first, as far as app.py goes.
+    fn worker_frames(version: PyVersion) -> Vec<(&'static str, Option<u32>)> {
+        if version.minor >= 11 {
+            vec![("Worker.inner", Some(8)), ("Worker.run", Some(11))]
+        } else {
+            vec![("inner", Some(8)), ("run", Some(11))]
+        }
+    }
+
+    fn check_threads(python: &str) -> PyVersion {
+        let child = PyChild::start(python, THREADED);
+        let pid = child.pid();
+        let version = detect(pid).expect("detect").version;
+        let want_worker = worker_frames(version);
+        let want_main = vec![("main", Some(19)), ("<module>", Some(21))];
+        let split = |threads: &[PyThread]| {
+            let main = threads.iter().find(|t| t.tid == Some(pid)).cloned();
+            let worker = threads.iter().find(|t| t.tid != Some(pid)).cloned();
+            (main, worker)
+        };
+        let threads = threads_when(pid, |t| {
+            let (Some(main), Some(worker)) = split(t) else {
+                return false;
+            };
+            frames(&main) == want_main && frames(&worker).starts_with(&want_worker)
+        });
+        assert_eq!(
+            threads.len(),
+            2,
+            "{python} ({version}): two threads: {threads:#?}"
+        );
+        let (main, worker) = split(&threads);
+        let (main, worker) = (main.expect("main thread"), worker.expect("worker thread"));
+        assert_eq!(
+            frames(&main),
+            want_main,
+            "{python} ({version}): main: {main:#?}"
+        );
+        let got = frames(&worker);
+        assert_eq!(
+            got[..2],
+            want_worker[..],
+            "{python} ({version}): worker: {worker:#?}"
+        );
+        // Below the script: threading.Thread.run, _bootstrap_inner, _bootstrap.
+        let below: Vec<&str> = worker.frames[2..]
+            .iter()
+            .map(|f| f.function.as_str())
+            .collect();
+        let want_below: Vec<String> = ["run", "_bootstrap_inner", "_bootstrap"]
+            .iter()
+            .map(|f| {
+                if version.minor >= 11 {
+                    format!("Thread.{f}")
+                } else {
+                    f.to_string()
+                }
+            })
+            .collect();
+        assert_eq!(
+            below, want_below,
+            "{python} ({version}): worker: {worker:#?}"
+        );
+        assert!(
+            worker.frames[2..]
+                .iter()
+                .all(|f| f.file.ends_with("/threading.py")),
+            "{python} ({version}): {worker:#?}"
+        );
+        let tid = worker.tid.expect("worker tid");
+        assert_ne!(tid, pid);
+        assert!(
+            Path::new(&format!("/proc/{pid}/task/{tid}")).exists(),
+            "{python} ({version}): worker tid {tid} is a task of {pid}"
+        );
+        version
+    }
+
+    #[test]
+    fn python_other_thread_stack_is_exact() {
+        check_threads("python3");
+    }
+
+    #[test]
+    fn python_threads_on_every_installed_version() {
+        let mut seen = 0;
+        for python in pythons() {
+            if minor_of(&python).is_some_and(|m| (8..=13).contains(&m)) {
+                let version = check_threads(&python);
+                eprintln!("threads verified on {python}: CPython {version}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no CPython 3.8 to 3.13 found");
+    }
+
+    fn minor_of(python: &str) -> Option<u8> {
+        let out = Command::new(python)
+            .arg("-c")
+            .arg("import sys; print(sys.version_info[1])")
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// The `fs` base of a thread of a child, read with ptrace (seize, interrupt, getregs,
+    /// detach): what BPF reads as `task->thread.fsbase`.
+    fn fs_base(tid: u32) -> u64 {
+        let tid = tid as libc::pid_t;
+        // SAFETY: plain ptrace calls on a child thread; `regs` is a valid out parameter.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0),
+                0,
+                "seize {tid}"
+            );
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0),
+                0,
+                "interrupt {tid}"
+            );
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+            let mut regs: libc::user_regs_struct = std::mem::zeroed();
+            let got = libc::ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut _);
+            libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0);
+            assert_eq!(got, 0, "getregs {tid}");
+            regs.fs_base
+        }
+    }
+
+    /// The facts the kernel side relies on, on every installed version: a thread state's
+    /// `thread_id` is the thread's `fs` base; `autoTSSkey` through glibc's thread-specific data
+    /// gives each thread its own thread state, GIL or not; `gilstate.tstate_current` (3.8 to
+    /// 3.11) is 0 while every thread sleeps.
+    #[test]
+    fn python_kernel_side_facts() {
+        for python in pythons() {
+            if !minor_of(&python).is_some_and(|m| (8..=13).contains(&m)) {
+                continue;
+            }
+            let child = PyChild::start(&python, THREADED);
+            let pid = child.pid();
+            let resolver = Resolver::new(pid).expect("detect");
+            let version = resolver.process.version;
+            let threads = threads_when(pid, |t| {
+                t.len() == 2
+                    && t.iter()
+                        .all(|t| t.frames.first().is_some_and(|f| f.line.is_some()))
+            });
+            for thread in &threads {
+                let tid = thread.tid.expect("tid");
+                assert_eq!(
+                    fs_base(tid),
+                    thread.pthread,
+                    "{python} ({version}): thread {tid}: fs base is PyThreadState.thread_id"
+                );
+                assert_eq!(
+                    tss_tstate(&resolver, thread.pthread).expect("read tss slot"),
+                    Some(thread.tstate),
+                    "{python} ({version}): thread {tid}: autoTSSkey slot"
+                );
+                let glibc_tid = resolver
+                    .mem
+                    .u32(thread.pthread + GLIBC_PTHREAD_TID)
+                    .expect("read");
+                assert_eq!(glibc_tid, tid, "{python} ({version}): struct pthread tid");
+            }
+            let gil = gil_tstate(&resolver).expect("read tstate_current");
+            if version.minor <= 11 {
+                assert_eq!(
+                    gil,
+                    Some(0),
+                    "{python} ({version}): both threads wait without the GIL"
+                );
+            } else {
+                assert_eq!(gil, None, "{python} ({version})");
+            }
+            eprintln!("kernel facts verified on {python}: CPython {version}");
+        }
+    }
+
+    /// `gilstate.tstate_current` names the thread running Python code (3.8 to 3.11).
+    #[test]
+    fn python_gil_holder_is_the_running_thread() {
+        const SPIN: &str = "print(\"ready\", flush=True)\nwhile True:\n    pass\n";
+        for python in pythons() {
+            if !minor_of(&python).is_some_and(|m| (8..=11).contains(&m)) {
+                continue;
+            }
+            let child = PyChild::start(&python, SPIN);
+            let resolver = Resolver::new(child.pid()).expect("detect");
+            let states = resolver.thread_states().expect("thread states");
+            assert_eq!(states.len(), 1);
+            // The print released the GIL around its write(2): wait until it is taken back.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut gil = gil_tstate(&resolver).expect("read tstate_current");
+            while gil == Some(0) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                gil = gil_tstate(&resolver).expect("read tstate_current");
+            }
+            assert_eq!(
+                gil,
+                Some(states[0]),
+                "{python}: the spinning main thread holds the GIL"
+            );
+        }
+    }
+
+    #[test]
+    fn python_debug_offsets_match_the_table() {
+        let Some(python) = pythons().into_iter().find(|p| minor_of(p) == Some(13)) else {
+            eprintln!("no CPython 3.13 installed: skipped");
+            return;
+        };
+        let child = PyChild::start(&python, NESTED);
+        let process = detect(child.pid()).expect("detect");
+        assert!(process.from_debug_offsets, "{process:?}");
+        assert_eq!(Some(process.offsets), PyOffsets::for_version(3, 13));
+    }
+
+    #[test]
+    fn python_detects_object_and_bias() {
+        for python in pythons() {
+            let Some(minor) = minor_of(&python).filter(|m| (8..=13).contains(m)) else {
+                continue;
+            };
+            let child = PyChild::start(&python, NESTED);
+            let p = detect(child.pid()).expect("detect");
+            let base = file_name(&p.object);
+            assert!(
+                base.starts_with(&format!("libpython3.{minor}"))
+                    || base == format!("python3.{minor}"),
+                "{python}: {p:?}"
+            );
+            let data = fs::read(&p.object).expect("read object");
+            let file = object::File::parse(&*data).expect("parse");
+            let symbols = runtime_symbols(&file).expect("_PyRuntime");
+            assert_eq!(p.runtime, symbols.runtime + p.bias, "{python}: {p:?}");
+            if p.object == "/usr/bin/python3.11" {
+                assert_eq!(p.bias, 0, "Debian's python3.11 is not PIE: {p:?}");
+            }
+            let hex = Command::new(&python)
+                .arg("-c")
+                .arg("import sys; print(sys.hexversion)")
+                .output()
+                .expect("run python");
+            let hex: u64 = String::from_utf8_lossy(&hex.stdout)
+                .trim()
+                .parse()
+                .expect("hexversion");
+            let want = PyVersion::from_hex(hex);
+            if minor >= 11 {
+                assert_eq!(p.version, want, "{python}: Py_Version or _Py_DebugOffsets");
+            } else {
+                assert_eq!(
+                    (p.version.major, p.version.minor),
+                    (want.major, want.minor),
+                    "{python}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn python_resolve_a_recorded_pair() {
+        let child = PyChild::start("python3", NESTED);
+        let pid = child.pid();
+        threads_when(pid, |t| {
+            t.len() == 1 && t[0].frames.len() == 4 && t[0].frames[0].line == Some(6)
+        });
+        let resolver = Resolver::new(pid).expect("detect");
+        let tstate = resolver.thread_states().expect("states")[0];
+        let pairs = resolver.frame_pairs(tstate).expect("pairs");
+        assert_eq!(pairs.len(), 4);
+        let (code, instr) = pairs[1];
+        let frame = resolve(pid, code, instr).expect("resolve f2's frame");
+        assert_eq!(
+            frame,
+            PyFrame {
+                function: "f2".into(),
+                file: child.script.clone(),
+                line: Some(9)
+            }
+        );
+        let err = resolve(pid, tstate, 0).expect_err("a thread state is not a code object");
+        assert!(err.to_string().contains("not a code object"), "{err}");
+    }
+
+    #[test]
+    fn python_not_python() {
+        let err = detect(std::process::id()).expect_err("the test binary is not CPython");
+        assert!(matches!(err, PythonError::NotPython { .. }), "{err}");
+    }
+
+    #[test]
+    fn versions_from_names_and_hex() {
+        let v = |major, minor, micro| PyVersion {
+            major,
+            minor,
+            micro,
+        };
+        assert_eq!(
+            PyVersion::from_file_name("libpython3.11.so.1.0"),
+            Some(v(3, 11, 0))
+        );
+        assert_eq!(PyVersion::from_file_name("python3.8"), Some(v(3, 8, 0)));
+        assert_eq!(
+            PyVersion::from_file_name("libpython3.7m.so.1.0"),
+            Some(v(3, 7, 0))
+        );
+        assert_eq!(PyVersion::from_file_name("python3"), None);
+        assert_eq!(PyVersion::from_hex(0x030b07f0), v(3, 11, 7));
+        assert_eq!(PyVersion::from_hex(0x030d00f0), v(3, 13, 0));
+    }
+
+    #[test]
+    fn layouts_cover_3_8_to_3_13() {
+        for minor in 8..=13 {
+            let o = PyOffsets::for_version(3, minor).expect("supported");
+            assert_eq!(o.version_hex, 0x0300_0000 | (u32::from(minor) << 16));
+            assert_eq!(o.frame_model == FRAME_MODEL_INTERPRETER_FRAME, minor >= 11);
+            assert_eq!(o.code_qualname != NONE, minor >= 11);
+            assert_eq!(o.runtime_tstate_current != NONE, minor <= 11);
+        }
+        assert_eq!(PyOffsets::for_version(3, 7), None);
+        assert_eq!(PyOffsets::for_version(3, 14), None);
+        assert_eq!(
+            std::mem::size_of::<PyOffsets>(),
+            30 * 4,
+            "u32 fields, no padding"
+        );
+    }
+
+    #[test]
+    fn debug_offsets_need_the_cookie_and_3_13() {
+        let mut bytes = vec![0u8; DEBUG_OFFSETS_SIZE];
+        assert_eq!(DebugOffsets::parse(&bytes), None, "no cookie");
+        bytes[..8].copy_from_slice(b"xdebugpy");
+        bytes[8..16].copy_from_slice(&0x030e00f0u64.to_le_bytes());
+        assert_eq!(DebugOffsets::parse(&bytes), None, "3.14's struct is longer");
+        bytes[8..16].copy_from_slice(&0x030d00f0u64.to_le_bytes());
+        bytes[40..48].copy_from_slice(&632u64.to_le_bytes());
+        let d = DebugOffsets::parse(&bytes).expect("3.13");
+        assert_eq!((d.version, d.runtime_interpreters_head), (0x030d00f0, 632));
+        assert_eq!(DebugOffsets::parse(&bytes[..100]), None, "too short");
+    }
+
+    #[test]
+    fn lnotab_lines() {
+        // firstlineno 10; bytes 0..6 line 11, 6..14 line 12, 14.. line 14, then 300 bytes
+        // later back one line (255 + 45, delta -1).
+        let table = [0, 1, 6, 1, 8, 2, 255, 0, 45, 0xff];
+        assert_eq!(lnotab_line(&table, 10, 0), 11);
+        assert_eq!(lnotab_line(&table, 10, 5), 11);
+        assert_eq!(lnotab_line(&table, 10, 6), 12);
+        assert_eq!(lnotab_line(&table, 10, 13), 12);
+        assert_eq!(lnotab_line(&table, 10, 14), 14);
+        assert_eq!(lnotab_line(&table, 10, 313), 14);
+        assert_eq!(lnotab_line(&table, 10, 314), 13);
+        assert_eq!(lnotab_line(&[], 7, 4), 7);
+    }
+
+    #[test]
+    fn linetable_310_lines() {
+        // firstlineno 20; [0,4) line 21, [4,10) no line, [10,12) line 23 (a zero-length
+        // entry adds 2 first), beyond: none.
+        let table = [4, 1, 6, 0x80, 0, 1, 2, 1];
+        assert_eq!(linetable310_line(&table, 20, 0), Some(21));
+        assert_eq!(linetable310_line(&table, 20, 3), Some(21));
+        assert_eq!(linetable310_line(&table, 20, 4), None);
+        assert_eq!(linetable310_line(&table, 20, 10), Some(23));
+        assert_eq!(linetable310_line(&table, 20, 12), None);
+    }
+
+    #[test]
+    fn location_table_lines() {
+        let table = [
+            0xe8, 0x04, // no column (13), 1 unit, line +2
+            0x81, 0x05, // short form (0), 2 units
+            0xf8, // no location (15), 1 unit
+            0xd8, 0x03, 0x09, // one line (11): +1, 1 unit
+            0xf0, 0x07, 0x00, 0x41, 0x01, 0x00, // long (14): line -3, col 65 (two bytes)
+        ];
+        let line = |offset| locations_line(&table, 10, offset);
+        assert_eq!(line(0), Some(12));
+        assert_eq!(line(2), Some(12));
+        assert_eq!(line(5), Some(12));
+        assert_eq!(line(6), None, "no location");
+        assert_eq!(line(8), Some(13));
+        assert_eq!(line(10), Some(10));
+        assert_eq!(line(12), None, "past the table");
+        assert_eq!(line(-2), None, "before the code");
+    }
 }
