@@ -1102,18 +1102,56 @@ fn svarint(table: &[u8], i: &mut usize) -> Option<i32> {
     })
 }
 
+/// What the kernel side needs per traced CPython process, for a BPF array map: where
+/// `_PyRuntime` is, how to get the calling thread's `PyThreadState`, and the layout.
+///
+/// In BPF, at an allocation: `fs = task->thread.fsbase` (the `pthread_t`);
+/// `tstate = *(fs + pthread_specific + 16 * tss_key + 8)`; then the frame chain from
+/// `tstate + offsets.tstate_frame` (through `cframe_current_frame` when set), recording
+/// `(*(frame + frame_code), *(frame + frame_instr))` per frame and following `frame_previous`,
+/// skipping frames whose `owner` byte is [`FRAME_OWNED_BY_CSTACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyKernelConfig {
+    /// Runtime address of `_PyRuntime`.
+    pub runtime: u64,
+    /// The pthread key of `autoTSSkey`, [`NONE`] when not initialized or past glibc's first
+    /// block of 32 keys.
+    pub tss_key: u32,
+    /// `offsetof(struct pthread, specific_1stblock)`: [`GLIBC_PTHREAD_SPECIFIC_1STBLOCK`].
+    pub pthread_specific: u32,
+    pub offsets: PyOffsets,
+}
+
+impl Resolver {
+    /// The [`PyKernelConfig`] of this process (reads the `autoTSSkey` key from it).
+    pub fn kernel_config(&self) -> Result<PyKernelConfig> {
+        let o = &self.process.offsets;
+        let tss = self.process.runtime + u64::from(o.runtime_tss_key);
+        let initialized = self.mem.u32(tss)?;
+        let key = self.mem.u32(tss + 4)?;
+        Ok(PyKernelConfig {
+            runtime: self.process.runtime,
+            tss_key: if initialized != 0 && key < 32 {
+                key
+            } else {
+                NONE
+            },
+            pthread_specific: GLIBC_PTHREAD_SPECIFIC_1STBLOCK as u32,
+            offsets: *o,
+        })
+    }
+}
+
 /// For the kernel side: the thread state of the thread `pthread` (its `fs` base) as BPF would
 /// read it through `autoTSSkey` and glibc's thread-specific data, or `None` when the key is not
 /// initialized or larger than glibc's first block (32 keys).
 pub fn tss_tstate(resolver: &Resolver, pthread: u64) -> Result<Option<u64>> {
-    let o = &resolver.process.offsets;
-    let tss = resolver.process.runtime + u64::from(o.runtime_tss_key);
-    let initialized = resolver.mem.u32(tss)?;
-    let key = u64::from(resolver.mem.u32(tss + 4)?);
-    if initialized == 0 || key >= 32 {
+    let config = resolver.kernel_config()?;
+    if config.tss_key == NONE {
         return Ok(None);
     }
-    let slot = pthread + GLIBC_PTHREAD_SPECIFIC_1STBLOCK + 16 * key + 8;
+    let slot = pthread + u64::from(config.pthread_specific) + 16 * u64::from(config.tss_key) + 8;
     Ok(Some(resolver.mem.u64(slot)?))
 }
 
@@ -1733,5 +1771,85 @@ main()
         assert_eq!(line(10), Some(10));
         assert_eq!(line(12), None, "past the table");
         assert_eq!(line(-2), None, "before the code");
+    }
+
+    const GENERATOR: &str = "\
+import time
+
+def gen():
+    print(\"ready\", flush=True)
+    time.sleep(600)
+    yield 1
+
+def consume():
+    for x in gen():
+        pass
+
+consume()
+";
+
+    const COROUTINE: &str = "\
+import asyncio
+import time
+
+async def leaf():
+    print(\"ready\", flush=True)
+    time.sleep(600)
+
+async def mid():
+    await leaf()
+
+asyncio.run(mid())
+";
+
+    /// Generator and coroutine frames are in the chain (owned by their generator from 3.11).
+    #[test]
+    fn python_generator_and_coroutine_frames() {
+        for python in pythons() {
+            if !minor_of(&python).is_some_and(|m| (8..=13).contains(&m)) {
+                continue;
+            }
+            let want = vec![
+                ("gen", Some(5)),
+                ("consume", Some(9)),
+                ("<module>", Some(12)),
+            ];
+            let child = PyChild::start(&python, GENERATOR);
+            let threads = threads_when(child.pid(), |t| t.len() == 1 && frames(&t[0]) == want);
+            assert_eq!(frames(&threads[0]), want, "{python}: {threads:#?}");
+
+            let child = PyChild::start(&python, COROUTINE);
+            let threads = threads_when(child.pid(), |t| {
+                t.len() == 1 && t[0].frames.first().is_some_and(|f| f.line == Some(6))
+            });
+            let got = frames(&threads[0]);
+            assert_eq!(
+                got[..2],
+                [("leaf", Some(6)), ("mid", Some(9))],
+                "{python}: {got:?}"
+            );
+            assert_eq!(
+                got.last(),
+                Some(&("<module>", Some(11))),
+                "{python}: {got:?}"
+            );
+            assert!(
+                threads[0].frames[2..got.len() - 1]
+                    .iter()
+                    .all(|f| f.file.contains("/asyncio/")),
+                "{python}: asyncio's frames between mid and <module>: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn python_kernel_config() {
+        let child = PyChild::start("python3", NESTED);
+        let resolver = Resolver::new(child.pid()).expect("detect");
+        let config = resolver.kernel_config().expect("kernel config");
+        assert_eq!(config.runtime, resolver.process.runtime);
+        assert_eq!(config.offsets, resolver.process.offsets);
+        assert!(config.tss_key < 32, "{config:?}");
+        assert_eq!(std::mem::size_of::<PyKernelConfig>(), 8 + 4 + 4 + 30 * 4);
     }
 }
