@@ -16,6 +16,7 @@ pub mod output;
 pub mod placement;
 pub mod procmem;
 pub mod procs;
+pub mod python;
 pub mod report;
 pub mod session;
 pub mod stacks;
