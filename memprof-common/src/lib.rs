@@ -78,6 +78,10 @@ pub enum EventKind {
     Exec = 11,
     /// The last thread of a traced process exited: header only.
     Exit = 12,
+    /// An allocation or anonymous mapping with the registers and a copy of the user stack at
+    /// the return, for the agent to unwind from CFI (`--unwind dwarf`): [`UnwindEvent`],
+    /// followed by `stack_len` bytes of stack.
+    AllocStack = 13,
 }
 
 impl EventKind {
@@ -96,6 +100,7 @@ impl EventKind {
             10 => Self::Fork,
             11 => Self::Exec,
             12 => Self::Exit,
+            13 => Self::AllocStack,
             _ => return None,
         })
     }
@@ -264,6 +269,39 @@ pub struct ForkEvent {
     pub _pad: u32,
 }
 
+/// Largest copy of the user stack an [`UnwindEvent`] carries.
+pub const MAX_STACK_COPY: u32 = 16384;
+
+/// Default copy of the user stack for `--unwind dwarf`.
+pub const DEFAULT_STACK_COPY: u32 = 8192;
+
+/// How the kernel programs take user stacks (the `UNWIND` global).
+pub mod unwind {
+    /// `bpf_get_stack`: frame pointers, walked in the kernel.
+    pub const FRAME_POINTERS: u32 = 0;
+    /// Registers and a copy of the stack, unwound by the agent from the objects' CFI.
+    pub const DWARF: u32 = 1;
+}
+
+/// An allocation with what unwinding it needs (`EventKind::AllocStack`). The record is
+/// `size_of::<UnwindEvent>() + stack_len` bytes long: the copy of the stack from `sp` up follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindEvent {
+    pub header: EventHeader,
+    pub addr: u64,
+    pub size: u64,
+    /// Instruction pointer, stack pointer and frame pointer at the allocator's return (the
+    /// caller's state).
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Bytes of stack copied from `sp` (0 when the copy failed).
+    pub stack_len: u32,
+    /// Nonzero for an anonymous mapping (`EventKind::Mmap`), zero for a heap block.
+    pub mmap: u32,
+}
+
 /// A traced process replaced its image (`EventKind::Exec`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,6 +339,7 @@ mod pod {
     unsafe impl aya::Pod for super::PhaseEvent {}
     unsafe impl aya::Pod for super::ForkEvent {}
     unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::UnwindEvent {}
 }
 
 #[cfg(test)]
@@ -319,6 +358,7 @@ mod tests {
         assert_eq!(size_of::<PhaseEvent>(), 32);
         assert_eq!(size_of::<ForkEvent>(), 32);
         assert_eq!(size_of::<ExecEvent>(), 40);
+        assert_eq!(size_of::<UnwindEvent>(), 72);
     }
 
     #[test]
@@ -328,9 +368,9 @@ mod tests {
         }
         assert_eq!(AllocFn::from_u32(0), None);
         assert_eq!(AllocFn::from_u32(14), None);
-        for k in 1..=12 {
+        for k in 1..=13 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }
-        assert_eq!(EventKind::from_u16(13), None);
+        assert_eq!(EventKind::from_u16(14), None);
     }
 }

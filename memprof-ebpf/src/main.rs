@@ -19,6 +19,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_probe_read_user as bpf_probe_read_user_raw,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -27,8 +28,8 @@ use aya_ebpf::{
 use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
     DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES, EVENT_VERSION, EventHeader, EventKind, ExecEvent,
-    ForkEvent, FreeEvent, MAX_STACK_DEPTH, NO_STACK, PhaseEvent, RemapEvent, StackTrace,
-    UnmapEvent, mode,
+    ForkEvent, FreeEvent, MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK, PhaseEvent, RemapEvent,
+    StackTrace, UnmapEvent, UnwindEvent, mode, unwind,
 };
 
 /// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
@@ -48,6 +49,14 @@ static FOLLOW: u32 = 0;
 /// NUL-padded) joins the set.
 #[unsafe(no_mangle)]
 static COMM: [u8; 16] = [0; 16];
+
+/// How user stacks are taken (`memprof_common::unwind`).
+#[unsafe(no_mangle)]
+static UNWIND: u32 = unwind::FRAME_POINTERS;
+
+/// `unwind::DWARF`: bytes of user stack copied per allocation (at most `MAX_STACK_COPY`).
+#[unsafe(no_mangle)]
+static STACK_COPY: u32 = 0;
 
 /// `mode::ALL`: nonzero restricts tracing to the processes of this cgroup (v2 id).
 #[unsafe(no_mangle)]
@@ -75,6 +84,17 @@ static STACKS: HashMap<u64, StackTrace> =
 /// Per-CPU scratch space for capturing a stack (too big for the BPF stack).
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+
+/// An `AllocStack` record being built (too big for the BPF stack).
+#[repr(C)]
+struct StackCopy {
+    event: UnwindEvent,
+    stack: [u8; MAX_STACK_COPY as usize],
+}
+
+/// Per-CPU scratch space for an `AllocStack` record.
+#[map]
+static COPY_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
@@ -171,17 +191,23 @@ fn emit_with<T: 'static>(event: T, urgent: bool) {
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            // SAFETY: a read of a global the loader patches.
-            let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-            let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            slot.submit(flags as u64);
+            slot.submit(wakeup(urgent));
         }
         None => count(Counter::RingFull),
     }
+}
+
+/// Ring flags for a record: wake the agent for urgent records or once enough is unread.
+#[inline(always)]
+fn wakeup(urgent: bool) -> u64 {
+    // SAFETY: a read of a global the loader patches.
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    flags as u64
 }
 
 #[inline(always)]
@@ -303,6 +329,11 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
 
 #[inline(always)]
 fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: u64, size: u64) {
+    // SAFETY: a read of a global the loader patches.
+    if unsafe { core::ptr::read_volatile(&UNWIND) } == unwind::DWARF {
+        emit_alloc_stack(ctx, kind, func, id, addr, size);
+        return;
+    }
     let (stack, new_stack) = stack_key(ctx);
     emit_with(
         AllocEvent {
@@ -313,6 +344,81 @@ fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: 
         },
         new_stack,
     );
+}
+
+/// Copies `size` bytes of user stack from `sp` into `dst`; whether it worked.
+#[inline(always)]
+fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
+    // SAFETY: the helper checks the user access and writes at most `size` bytes, which the
+    // caller guarantees fit in `dst`.
+    unsafe {
+        bpf_probe_read_user_raw(dst.cast(), size, sp as *const core::ffi::c_void) == 0
+    }
+}
+
+/// An allocation with the caller's registers and a copy of its stack, for the agent to unwind
+/// (`unwind::DWARF`). The copy is as large as `STACK_COPY` allows and the stack's mapping
+/// holds: a copy running past the top of the stack faults, so smaller ones are tried.
+#[inline(always)]
+fn emit_alloc_stack(
+    ctx: &RetProbeContext,
+    kind: EventKind,
+    func: u32,
+    id: u64,
+    addr: u64,
+    size: u64,
+) {
+    let Some(buf) = COPY_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackLost);
+        return;
+    };
+    // SAFETY: the context points at the probed thread's saved registers.
+    let (ip, sp, bp) = unsafe {
+        let regs = &*ctx.regs;
+        (regs.rip, regs.rsp, regs.rbp)
+    };
+    // SAFETY: a read of a global the loader patches.
+    let want = unsafe { core::ptr::read_volatile(&STACK_COPY) };
+    // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
+    let dst = unsafe { (*buf).stack.as_mut_ptr() };
+    let len: u32 = if want >= 16384 && copy_stack(dst, 16384, sp) {
+        16384
+    } else if want >= 8192 && copy_stack(dst, 8192, sp) {
+        8192
+    } else if want >= 4096 && copy_stack(dst, 4096, sp) {
+        4096
+    } else if want >= 2048 && copy_stack(dst, 2048, sp) {
+        2048
+    } else if want >= 1024 && copy_stack(dst, 1024, sp) {
+        1024
+    } else if copy_stack(dst, 512, sp) {
+        512
+    } else {
+        count(Counter::StackLost);
+        0
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*buf).event = UnwindEvent {
+            header: header(EventKind::AllocStack, func, id),
+            addr,
+            size,
+            ip,
+            sp,
+            bp,
+            stack_len: len,
+            mmap: u32::from(kind == EventKind::Mmap),
+        };
+    }
+    let total = size_of::<UnwindEvent>() + len as usize;
+    if total > size_of::<StackCopy>() {
+        return;
+    }
+    // SAFETY: `total` bytes of the per-CPU buffer, checked above.
+    let bytes = unsafe { core::slice::from_raw_parts(buf.cast::<u8>(), total) };
+    if EVENTS.output::<[u8]>(bytes, wakeup(false)).is_err() {
+        count(Counter::RingFull);
+    }
 }
 
 #[inline(always)]

@@ -180,6 +180,16 @@ struct TraceArgs {
     /// benchmarks.
     #[arg(long)]
     no_placement: bool,
+    /// How stacks are unwound: `fp` walks frame pointers in the kernel (cheapest; deeper frames
+    /// of code built without them are wrong); `dwarf` copies registers and --stack-bytes of
+    /// stack per allocation and unwinds them from the objects' CFI (.eh_frame), so code without
+    /// frame pointers gets whole stacks.
+    #[arg(long, default_value = "fp", value_parser = ["fp", "dwarf"])]
+    unwind: String,
+    /// With --unwind dwarf: bytes of stack copied per allocation (512 to 16384); deeper frames
+    /// than the copy holds end in an `unknown` frame.
+    #[arg(long, default_value_t = memprof_common::DEFAULT_STACK_COPY, value_parser = parse_stack_bytes)]
+    stack_bytes: u32,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     ring_bytes: u32,
@@ -231,6 +241,17 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 fn split_spec(spec: &str, what: &str) -> Result<(String, String)> {
     categories::parse_rule_spec(spec).map_err(|e| anyhow::anyhow!("invalid {what} {spec:?}: {e}"))
+}
+
+fn parse_stack_bytes(s: &str) -> Result<u32, String> {
+    let n = parse_bytes(s)?;
+    if !(512..=u64::from(memprof_common::MAX_STACK_COPY)).contains(&n) {
+        return Err(format!(
+            "must be between 512 and {} bytes",
+            memprof_common::MAX_STACK_COPY
+        ));
+    }
+    Ok(n as u32)
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -543,6 +564,7 @@ fn trace_pid(
         phase_objects: objects,
         floor: args.probe_floor,
         no_placement: args.no_placement,
+        stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
     })
     .with_context(|| format!("failed to trace {what}"))?;
 
@@ -623,6 +645,7 @@ fn trace_pid(
         status_line: !args.json && std::io::stderr().is_terminal(),
         per_process,
         rank_by_growth: args.rank == "growth",
+        dwarf: args.unwind == "dwarf",
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
     eprintln!("{ready}");

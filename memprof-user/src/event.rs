@@ -4,7 +4,7 @@
 //! record this build does not understand is an error the caller counts, never a misread.
 
 use memprof_common::{
-    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, PhaseEvent, RemapEvent,
+    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, UnwindEvent, PhaseEvent, RemapEvent,
     UnmapEvent,
 };
 
@@ -145,6 +145,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 new_len: e.new_len,
             }
         }
+        EventKind::AllocStack => {
+            let e: UnwindEvent = read(bytes)?;
+            let need = size_of::<UnwindEvent>() + e.stack_len as usize;
+            if bytes.len() < need {
+                return Err(DecodeError::Short {
+                    got: bytes.len(),
+                    need,
+                });
+            }
+            Event::Alloc(Alloc {
+                tid,
+                func: func()?,
+                mmap: e.mmap != 0,
+                addr: e.addr,
+                size: e.size,
+                stack: memprof_common::NO_STACK,
+                ts_ns: header.ts_ns,
+            })
+        }
         EventKind::ExecMap => Event::ExecMap,
         EventKind::Fork => {
             let e: ForkEvent = read(bytes)?;
@@ -164,6 +183,35 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ts_ns: header.ts_ns,
             }
         }
+    })
+}
+
+/// What an `AllocStack` record carries for unwinding: the caller's registers and a copy of its
+/// stack from `sp` up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackCopy<'a> {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub stack: &'a [u8],
+}
+
+/// The stack copy of an `AllocStack` record (`None` for every other kind). [`decode`] turns the
+/// record itself into an `Event::Alloc` with no stack key; the agent sets the key once it has
+/// unwound this copy.
+pub fn stack_copy(bytes: &[u8]) -> Option<StackCopy<'_>> {
+    let header: EventHeader = read(bytes).ok()?;
+    if header.kind != EventKind::AllocStack as u16 {
+        return None;
+    }
+    let e: UnwindEvent = read(bytes).ok()?;
+    let from = size_of::<UnwindEvent>();
+    let stack = bytes.get(from..from + e.stack_len as usize)?;
+    Some(StackCopy {
+        ip: e.ip,
+        sp: e.sp,
+        bp: e.bp,
+        stack,
     })
 }
 
@@ -249,6 +297,33 @@ mod tests {
             decode(&encode(&FreeEvent { header: h, addr: 1 })),
             Err(DecodeError::Func(0))
         );
+    }
+
+    #[test]
+    fn decodes_alloc_with_stack_copy() {
+        let e = UnwindEvent {
+            header: header(EventKind::AllocStack, AllocFn::Malloc),
+            addr: 0x1000,
+            size: 64,
+            ip: 0x40_1000,
+            sp: 0x7ff0_0000,
+            bp: 0,
+            stack_len: 16,
+            mmap: 0,
+        };
+        let mut bytes = encode(&e);
+        bytes.extend((0u8..16).collect::<Vec<_>>());
+        match decode(&bytes).unwrap() {
+            Event::Alloc(a) => assert_eq!((a.addr, a.size, a.stack), (0x1000, 64, 0)),
+            other => panic!("{other:?}"),
+        }
+        let copy = stack_copy(&bytes).unwrap();
+        assert_eq!((copy.ip, copy.sp, copy.stack.len()), (0x40_1000, 0x7ff0_0000, 16));
+        assert_eq!(copy.stack[15], 15);
+        // A record shorter than its stated copy is refused, never read past.
+        bytes.truncate(bytes.len() - 1);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
+        assert!(stack_copy(&bytes).is_none());
     }
 
     #[test]

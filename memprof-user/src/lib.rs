@@ -24,3 +24,4 @@ pub mod symbolize;
 pub mod table;
 pub mod target;
 pub mod tracking;
+pub mod unwind;

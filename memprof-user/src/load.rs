@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
-use memprof_common::{COUNTER_SLOTS, Counter, StackTrace, mode};
+use memprof_common::{COUNTER_SLOTS, Counter, StackTrace, mode, unwind};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
 use crate::{allocators::Allocator, placement, report::KernelLosses, target::file_id};
@@ -247,6 +247,9 @@ pub struct Options<'a> {
     pub floor: bool,
     /// Probe every function at its first byte (no `placement`).
     pub no_placement: bool,
+    /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
+    /// CFI (`--unwind dwarf`); None: the kernel walks frame pointers.
+    pub stack_copy: Option<u32>,
 }
 
 /// The kernel's `COMM` value for a process name: its first 15 bytes, NUL-padded.
@@ -281,6 +284,16 @@ impl Tracer {
             .override_global("CGROUP_ID", &cgroup, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("FLOOR", &u32::from(opts.floor), true)
+            .override_global(
+                "UNWIND",
+                &if opts.stack_copy.is_some() {
+                    unwind::DWARF
+                } else {
+                    unwind::FRAME_POINTERS
+                },
+                true,
+            )
+            .override_global("STACK_COPY", &opts.stack_copy.unwrap_or(0), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;

@@ -36,6 +36,18 @@ pub struct KernelLosses {
     pub processes_missed: u64,
 }
 
+/// How stacks were unwound with `--unwind dwarf`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UnwindStats {
+    /// Allocations whose stack copy was unwound.
+    pub allocations: u64,
+    /// Distinct stacks they produced.
+    pub stacks: u64,
+    /// Distinct stacks whose unwind stopped before the outermost frame (the copy ended, or no
+    /// rule applied); they end in a frame of kind `unknown`.
+    pub truncated_stacks: u64,
+}
+
 /// The report's `totals`: the table's heap counts and what was lost on the way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
@@ -124,6 +136,9 @@ pub struct Report {
     /// the trace covers more than one process (`--all`, followed children).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processes: Option<Vec<ProcessReport>>,
+    /// With `--unwind dwarf`: how many stacks were unwound and how many stopped early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<UnwindStats>,
 }
 
 /// A call site that allocates and frees a lot.
@@ -154,6 +169,8 @@ pub struct Inputs<'a> {
     pub min_age_ns: u64,
     pub top: Option<usize>,
     pub tracker: &'a Tracker,
+    /// `--unwind dwarf` counts (None with frame pointers).
+    pub unwind: Option<UnwindStats>,
     /// `--limit` in bytes.
     pub limit: Option<u64>,
     /// `--category` rules.
@@ -258,6 +275,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         churn_hotspots,
         leaks,
         processes: None,
+        unwind: inputs.unwind,
     }
 }
 
@@ -861,6 +879,7 @@ mod tests {
             min_age_ns,
             top: None,
             tracker,
+            unwind: None,
             limit: None,
             rules: &[],
             mem: None,

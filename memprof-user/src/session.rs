@@ -31,6 +31,7 @@ use crate::{
     symbolize::Symbolizer,
     table::{Change, Tables},
     tracking::Tracker,
+    unwind::{self as unwinding, ObjectCache, ProcessUnwinder},
 };
 
 /// How often the ring buffer is drained when no record asked for a wakeup. The kernel side wakes
@@ -68,6 +69,8 @@ pub struct Settings {
     pub per_process: bool,
     /// `--rank growth`: order `processes` by growth instead of outstanding bytes.
     pub rank_by_growth: bool,
+    /// `--unwind dwarf`: allocations carry stack copies the agent unwinds.
+    pub dwarf: bool,
 }
 
 /// An `"type":"alert"` record.
@@ -104,6 +107,10 @@ pub struct Session {
     stacks: StackStore,
     /// Every process seen, by pid.
     procs: std::collections::HashMap<u32, Proc>,
+    /// `--unwind dwarf`: per-process unwinders, the objects they read, and counts.
+    unwinders: std::collections::HashMap<u32, ProcessUnwinder>,
+    unwind_objects: ObjectCache,
+    unwind_stats: report::UnwindStats,
     symbolizer: Symbolizer,
     decode_errors: u64,
     start_ns: u64,
@@ -182,6 +189,9 @@ impl Session {
                 [(pid, p)].into_iter().collect()
             },
             symbolizer: Symbolizer::new(),
+            unwinders: Default::default(),
+            unwind_objects: ObjectCache::default(),
+            unwind_stats: report::UnwindStats::default(),
             decode_errors: 0,
             start_ns,
             settings,
@@ -295,10 +305,26 @@ impl Session {
     /// Takes every record waiting in the ring buffer.
     pub fn drain(&mut self) {
         loop {
-            let (tgid, decoded) = match self.tracer.events.next() {
-                Some(item) => (event::tgid(&item), decode(&item)),
-                None => break,
+            let Some(item) = self.tracer.events.next() else {
+                break;
             };
+            let tgid = event::tgid(&item);
+            let mut decoded = decode(&item);
+            if let (Some(copy), Ok(Event::Alloc(a))) = (event::stack_copy(&item), &mut decoded) {
+                a.stack = unwind_copy(
+                    &mut Unwinding {
+                        procs: &mut self.procs,
+                        unwinders: &mut self.unwinders,
+                        objects: &mut self.unwind_objects,
+                        stacks: &mut self.stacks,
+                        stats: &mut self.unwind_stats,
+                        symbolizer: &mut self.symbolizer,
+                    },
+                    tgid,
+                    copy,
+                );
+            }
+            drop(item);
             self.events += 1;
             match decoded {
                 Ok(event) => self.observe(tgid, &event),
@@ -590,6 +616,7 @@ impl Session {
             elapsed_s: (now - self.start_ns) as f64 / 1e9,
             min_age_ns: self.settings.min_age.as_nanos() as u64,
             tracker: &self.tracker,
+            unwind: self.settings.dwarf.then_some(self.unwind_stats),
             limit: self.settings.limit,
             rules: &self.rules,
             mem: ProcMem::read(self.pid)
@@ -663,6 +690,49 @@ impl Session {
             out.flush()
         }
     }
+}
+
+/// What unwinding a stack copy touches (fields of `Session`, borrowed apart from the ring
+/// buffer the copy lives in).
+struct Unwinding<'a> {
+    procs: &'a mut std::collections::HashMap<u32, Proc>,
+    unwinders: &'a mut std::collections::HashMap<u32, ProcessUnwinder>,
+    objects: &'a mut ObjectCache,
+    stacks: &'a mut StackStore,
+    stats: &'a mut report::UnwindStats,
+    symbolizer: &'a mut Symbolizer,
+}
+
+/// Unwinds one `--unwind dwarf` stack copy of process `tgid` and returns its stack key, storing
+/// the stack the first time it is seen.
+fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> u64 {
+    const REREAD_NS: u64 = 50_000_000;
+    let now = monotonic_ns();
+    let p = u.procs.entry(tgid).or_insert_with(|| Proc::discover(tgid));
+    // The caller's code must be in the view of the address space, or its CFI is not found.
+    let stale = p.space_stale
+        || (p.space.find(copy.ip).is_none() && now.saturating_sub(p.space_read_ns) > REREAD_NS);
+    if stale && p.reread(tgid, now) {
+        pin_files(u.symbolizer, p);
+    }
+    let unwinder = u.unwinders.entry(tgid).or_default();
+    unwinder.update(&p.space, u.objects);
+    let out = unwinder.unwind(copy.ip, copy.sp, copy.bp, copy.stack);
+    u.stats.allocations += 1;
+    let key = unwinding::stack_key(&out.frames);
+    if !u.stacks.contains(key) {
+        u.stacks.insert(key, &out.frames, &p.space);
+        u.stats.stacks += 1;
+        if out.truncated {
+            u.stats.truncated_stacks += 1;
+        }
+        if p.root.is_some()
+            && let Some(frames) = u.stacks.get(key)
+        {
+            u.symbolizer.frames(u.stacks, frames);
+        }
+    }
+    key
 }
 
 /// Keeps the mapped files of a process under another root open: their paths go away with it.

@@ -21,6 +21,9 @@ pub struct Frame {
     pub line: Option<u32>,
     /// The absolute address, as `0x...`.
     pub addr: String,
+    /// `native` (machine code in a mapped object), `python` (a Python function), or `unknown`
+    /// (an address in no mapped object, or where unwinding stopped: see `unwind::TRUNCATED`).
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +76,7 @@ impl Symbolizer {
                     .module
                     .and_then(|m| self.cache.get(&(m, lookup_offset(f))));
                 Frame {
+                    kind: if module.is_some() { "native" } else { "unknown" },
                     function: r.and_then(|r| r.function.clone()),
                     module,
                     file: r.and_then(|r| r.file.clone()),

@@ -204,6 +204,7 @@ pub(crate) mod tests {
             file: line.map(|_| "/src/outputs.c".to_owned()),
             line,
             addr: format!("{addr:#x}"),
+            kind: "native",
         }
     }
 
@@ -353,6 +354,7 @@ pub(crate) mod tests {
             churn_hotspots: vec![],
             leaks: vec![],
             processes: None,
+            unwind: None,
         };
         Profile {
             pid: 4242,

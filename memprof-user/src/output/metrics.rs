@@ -535,6 +535,7 @@ pub(super) mod tests {
             file: None,
             line: None,
             addr: "0x1234".into(),
+            kind: "native",
         }
     }
 
@@ -604,6 +605,7 @@ pub(super) mod tests {
             churn_hotspots: Vec::new(),
             leaks: Vec::new(),
             processes: None,
+            unwind: None,
         };
         Profile {
             pid: 42,
