@@ -20,6 +20,7 @@ use crate::{
     load::{Options, Targets, Tracer},
     maps::AddressSpace,
     marks,
+    mmaps::MmapWatcher,
     output::{self, Live, OutputFiles},
     report,
     session::{End, PidFd, Session, Settings, write_json_line},
@@ -648,6 +649,12 @@ fn trace_pid(
         dwarf: args.unwind == "dwarf",
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
+    // Mapping records make frames of short-lived processes nameable; without perf events the
+    // trace still works from /proc.
+    match MmapWatcher::system() {
+        Ok(watch) => session.watch_mappings(watch),
+        Err(e) => eprintln!("memprof: warning: {e:#}; frames of processes that exit quickly may go unnamed"),
+    }
     eprintln!("{ready}");
     if args.json {
         let mut out = std::io::stdout().lock();

@@ -12,6 +12,7 @@ pub mod event;
 pub mod load;
 pub mod maps;
 pub mod marks;
+pub mod mmaps;
 pub mod output;
 pub mod placement;
 pub mod procmem;

@@ -374,6 +374,7 @@ impl Tracer {
             stack_lost: read(Counter::StackLost),
             orphan_returns: read(Counter::OrphanReturn),
             processes_missed: read(Counter::TgidsFull),
+            mapping_records_lost: 0,
         }
     }
 }

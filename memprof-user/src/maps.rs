@@ -61,6 +61,13 @@ impl AddressSpace {
         self
     }
 
+    /// Adds a mapping the kernel reported; it replaces whatever it overlaps.
+    pub fn insert(&mut self, m: Mapping) {
+        self.mappings.retain(|o| o.end <= m.start || o.start >= m.end);
+        let at = self.mappings.partition_point(|o| o.start < m.start);
+        self.mappings.insert(at, m);
+    }
+
     pub fn mappings(&self) -> &[Mapping] {
         &self.mappings
     }
@@ -125,6 +132,27 @@ fn parse_line(line: &str) -> Option<Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inserted_mapping_replaces_overlaps() {
+        let mut s = AddressSpace::parse(
+            "1000-2000 r-xp 00000000 08:01 9 /bin/a\n3000-4000 r-xp 00000000 08:01 10 /lib/b.so\n",
+        );
+        let m = |start, end, path: &str| Mapping {
+            start,
+            end,
+            offset: 0,
+            dev: "08:01".into(),
+            inode: 11,
+            path: path.into(),
+        };
+        s.insert(m(0x1800, 0x2800, "/lib/c.so"));
+        s.insert(m(0x5000, 0x6000, "/lib/d.so"));
+        let paths: Vec<&str> = s.mappings().iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(paths, ["/lib/c.so", "/lib/b.so", "/lib/d.so"]);
+        assert_eq!(s.find(0x1900).unwrap().path, "/lib/c.so");
+        assert!(s.find(0x1100).is_none());
+    }
 
     const MAPS: &str = "\
 55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 131 /tmp/fixture

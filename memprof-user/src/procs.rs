@@ -75,7 +75,8 @@ impl Proc {
     /// Re-reads the address space; keeps the old view if the process is gone.
     pub fn reread(&mut self, pid: u32, now_ns: u64) -> bool {
         match AddressSpace::read(pid) {
-            Ok(space) => {
+            // A process that has exited but not been reaped shows an empty map.
+            Ok(space) if !space.mappings().is_empty() => {
                 self.space = match &self.root {
                     Some(_) => space.resolved(pid),
                     None => space,
@@ -84,7 +85,7 @@ impl Proc {
                 self.space_read_ns = now_ns;
                 true
             }
-            Err(_) => false,
+            _ => false,
         }
     }
 
@@ -95,7 +96,8 @@ impl Proc {
         self.comm = String::from_utf8_lossy(&comm[..len]).into_owned();
         self.cmdline = target::command_line(pid);
         self.root = foreign_root(pid);
-        self.space = AddressSpace::default();
+        // The new image's mappings replace the old ones as they are reported or read: records
+        // of them may have been applied already.
         self.space_stale = true;
         self.detect_budget = 64;
     }

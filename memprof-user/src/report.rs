@@ -34,6 +34,8 @@ pub struct KernelLosses {
     pub orphan_returns: u64,
     /// New processes not followed because the kernel's process set was full.
     pub processes_missed: u64,
+    /// Records of executable mappings the kernel dropped (frames in those may go unnamed).
+    pub mapping_records_lost: u64,
 }
 
 /// How stacks were unwound with `--unwind dwarf`.
@@ -872,6 +874,7 @@ mod tests {
                 stack_lost: 4,
                 orphan_returns: 0,
                 processes_missed: 0,
+                mapping_records_lost: 0,
             },
             decode_errors: 0,
             now_ns: 10_000_000_000,

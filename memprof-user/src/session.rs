@@ -22,7 +22,9 @@ use crate::{
     allocators,
     event::{self, Event, decode},
     load::Tracer,
+    maps::Mapping,
     marks,
+    mmaps::MmapWatcher,
     output::{Live, Profile},
     procmem::ProcMem,
     procs::Proc,
@@ -111,6 +113,10 @@ pub struct Session {
     unwinders: std::collections::HashMap<u32, ProcessUnwinder>,
     unwind_objects: ObjectCache,
     unwind_stats: report::UnwindStats,
+    /// The kernel's records of executable mappings (None when perf events are unavailable).
+    watch: Option<MmapWatcher>,
+    /// Mapping records of processes not seen yet (a child whose fork is still in the ring).
+    pending_maps: std::collections::HashMap<u32, Vec<Mapping>>,
     symbolizer: Symbolizer,
     decode_errors: u64,
     start_ns: u64,
@@ -192,6 +198,8 @@ impl Session {
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),
+            watch: None,
+            pending_maps: Default::default(),
             decode_errors: 0,
             start_ns,
             settings,
@@ -302,8 +310,44 @@ impl Session {
         (r == self.pid as i32).then_some(status)
     }
 
+    /// Lets the session place frames with the kernel's mapping records (see `mmaps`).
+    pub fn watch_mappings(&mut self, watch: MmapWatcher) {
+        self.watch = Some(watch);
+    }
+
+    /// Applies the kernel's mapping records: before the events that follow them, so code a
+    /// process mapped is known even if it is gone before /proc can be read.
+    fn drain_mappings(&mut self) {
+        const PENDING_MAX: usize = 16384;
+        let Some(watch) = &mut self.watch else {
+            return;
+        };
+        let (procs, pending, symbolizer) =
+            (&mut self.procs, &mut self.pending_maps, &mut self.symbolizer);
+        watch.drain(|r| match procs.get_mut(&r.pid) {
+            Some(p) => apply_mapping(symbolizer, p, r.pid, r.mapping),
+            None => {
+                if pending.values().map(Vec::len).sum::<usize>() >= PENDING_MAX {
+                    pending.clear();
+                }
+                pending.entry(r.pid).or_default().push(r.mapping);
+            }
+        });
+    }
+
+    /// Registers process `tgid`, with the mapping records that arrived before it.
+    fn add_proc(&mut self, tgid: u32, p: Proc) {
+        let p = self.procs.entry(tgid).or_insert(p);
+        if let Some(maps) = self.pending_maps.remove(&tgid) {
+            for m in maps {
+                apply_mapping(&mut self.symbolizer, p, tgid, m);
+            }
+        }
+    }
+
     /// Takes every record waiting in the ring buffer.
     pub fn drain(&mut self) {
+        self.drain_mappings();
         loop {
             let Some(item) = self.tracer.events.next() else {
                 break;
@@ -314,6 +358,7 @@ impl Session {
                 a.stack = unwind_copy(
                     &mut Unwinding {
                         procs: &mut self.procs,
+                        pending: &mut self.pending_maps,
                         unwinders: &mut self.unwinders,
                         objects: &mut self.unwind_objects,
                         stacks: &mut self.stacks,
@@ -338,7 +383,7 @@ impl Session {
         if !self.procs.contains_key(&tgid) {
             let p = Proc::discover(tgid);
             pin_files(&mut self.symbolizer, &p);
-            self.procs.insert(tgid, p);
+            self.add_proc(tgid, p);
         }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
@@ -362,7 +407,8 @@ impl Session {
             }
             Event::Fork { child } => {
                 let p = Proc::forked(tgid, &self.procs[&tgid]);
-                self.procs.insert(child, p);
+                self.procs.remove(&child);
+                self.add_proc(child, p);
             }
             Event::Exec { comm } => {
                 let changes = &mut self.changes;
@@ -610,7 +656,10 @@ impl Session {
             pid: self.pid,
             table: &self.table,
             stacks: &self.stacks,
-            kernel: self.tracer.losses(),
+            kernel: report::KernelLosses {
+                mapping_records_lost: self.watch.as_ref().map_or(0, |w| w.lost),
+                ..self.tracer.losses()
+            },
             decode_errors: self.decode_errors,
             now_ns: now,
             elapsed_s: (now - self.start_ns) as f64 / 1e9,
@@ -696,6 +745,7 @@ impl Session {
 /// buffer the copy lives in).
 struct Unwinding<'a> {
     procs: &'a mut std::collections::HashMap<u32, Proc>,
+    pending: &'a mut std::collections::HashMap<u32, Vec<Mapping>>,
     unwinders: &'a mut std::collections::HashMap<u32, ProcessUnwinder>,
     objects: &'a mut ObjectCache,
     stacks: &'a mut StackStore,
@@ -709,6 +759,11 @@ fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> 
     const REREAD_NS: u64 = 50_000_000;
     let now = monotonic_ns();
     let p = u.procs.entry(tgid).or_insert_with(|| Proc::discover(tgid));
+    if let Some(maps) = u.pending.remove(&tgid) {
+        for m in maps {
+            apply_mapping(u.symbolizer, p, tgid, m);
+        }
+    }
     // The caller's code must be in the view of the address space, or its CFI is not found.
     let stale = p.space_stale
         || (p.space.find(copy.ip).is_none() && now.saturating_sub(p.space_read_ns) > REREAD_NS);
@@ -733,6 +788,15 @@ fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> 
         }
     }
     key
+}
+
+/// Adds a mapping the kernel reported to process `pid`'s view.
+fn apply_mapping(symbolizer: &mut Symbolizer, p: &mut Proc, pid: u32, mut m: Mapping) {
+    if p.root.is_some() {
+        m.path = crate::maps::file_of(pid, &m.path, &m.dev, m.inode);
+        symbolizer.pin(&m.path);
+    }
+    p.space.insert(m);
 }
 
 /// Keeps the mapped files of a process under another root open: their paths go away with it.
