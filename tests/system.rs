@@ -13,13 +13,13 @@ use std::{
     fs,
     io::Write as _,
     path::{Path, PathBuf},
-    process::{ChildStdin, Command, Stdio},
+    process::{ChildStdin, Command},
     sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Checks, Finished, Proc, STARTUP, Stream, frame_fn, num, stack};
+use common::{Checks, Finished, Proc, STARTUP, frame_fn, num, spawn_with_stdin, stack};
 use serde_json::Value;
 
 const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
@@ -53,31 +53,6 @@ fn procs() -> &'static Path {
         );
         out
     })
-}
-
-/// Starts `cmd` with stdout and stderr read line by line and stdin kept open for writing.
-fn spawn_with_stdin(what: &str, cmd: &mut Command) -> (Proc, ChildStdin) {
-    use std::os::unix::process::CommandExt as _;
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let stdin = child.stdin.take().unwrap();
-    let out = Stream::new(child.stdout.take().unwrap());
-    let err = Stream::new(child.stderr.take().unwrap());
-    (
-        Proc {
-            what: what.to_string(),
-            child,
-            out,
-            err,
-            status: None,
-        },
-        stdin,
-    )
 }
 
 /// A `procs leak COUNT SIZE` process, ready and waiting for its go.

@@ -27,6 +27,9 @@ use crate::{
     target,
 };
 
+/// Default ring size with `--unwind dwarf`: room for about 8000 records with 8 KiB copies.
+const DWARF_RING_BYTES: u32 = 64 << 20;
+
 /// Exit status of a CI gate that fails (`--fail-on-leak`, `diff --fail-if-grows`), kept apart
 /// from 1 (memprof itself failed).
 pub const GATE_FAILED: i32 = 3;
@@ -192,8 +195,9 @@ struct TraceArgs {
     #[arg(long, default_value_t = memprof_common::DEFAULT_STACK_COPY, value_parser = parse_stack_bytes)]
     stack_bytes: u32,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
-    #[arg(long, default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
-    ring_bytes: u32,
+    /// [default: 16 MiB; 64 MiB with --unwind dwarf, whose records carry stack copies]
+    #[arg(long, value_parser = parse_ring_bytes)]
+    ring_bytes: Option<u32>,
     /// The command to spawn and trace from its first allocation.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -560,7 +564,11 @@ fn trace_pid(
     let tracer = Tracer::attach(&Options {
         targets,
         allocators,
-        ring_bytes: args.ring_bytes,
+        ring_bytes: args.ring_bytes.unwrap_or(if args.unwind == "dwarf" {
+            DWARF_RING_BYTES
+        } else {
+            DEFAULT_RING_BYTES
+        }),
         phases,
         phase_objects: objects,
         floor: args.probe_floor,

@@ -24,6 +24,8 @@ pub struct Proc {
     pub space_stale: bool,
     /// When `space` was last read (CLOCK_MONOTONIC ns).
     pub space_read_ns: u64,
+    /// Bumped at each change of `space` (unwinders rebuild their module list on a change).
+    pub space_gen: u64,
     /// Outstanding heap bytes over time.
     pub series: Series,
     /// The process's memory at the last sample (kept for the report after it exits).
@@ -46,6 +48,7 @@ impl Proc {
             space: AddressSpace::default(),
             space_stale: true,
             space_read_ns: 0,
+            space_gen: 0,
             series: Series::new(SERIES_POINTS),
             last_mem: None,
             detect_budget: 0,
@@ -66,6 +69,7 @@ impl Proc {
             space: parent.space.clone(),
             space_stale: parent.space_stale,
             space_read_ns: parent.space_read_ns,
+            space_gen: 0,
             series: Series::new(SERIES_POINTS),
             last_mem: None,
             detect_budget: 0,
@@ -83,6 +87,7 @@ impl Proc {
                 };
                 self.space_stale = false;
                 self.space_read_ns = now_ns;
+                self.space_gen += 1;
                 true
             }
             _ => false,

@@ -771,7 +771,7 @@ fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> 
         pin_files(u.symbolizer, p);
     }
     let unwinder = u.unwinders.entry(tgid).or_default();
-    unwinder.update(&p.space, u.objects);
+    unwinder.update(&p.space, p.space_gen, u.objects);
     let out = unwinder.unwind(copy.ip, copy.sp, copy.bp, copy.stack);
     u.stats.allocations += 1;
     let key = unwinding::stack_key(&out.frames);
@@ -797,6 +797,7 @@ fn apply_mapping(symbolizer: &mut Symbolizer, p: &mut Proc, pid: u32, mut m: Map
         symbolizer.pin(&m.path);
     }
     p.space.insert(m);
+    p.space_gen += 1;
 }
 
 /// Keeps the mapped files of a process under another root open: their paths go away with it.

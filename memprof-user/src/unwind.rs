@@ -107,6 +107,8 @@ pub struct ProcessUnwinder {
     cache: CacheX86_64,
     /// (path, lowest address) of the modules added.
     added: HashSet<(String, u64)>,
+    /// The address-space generation last looked at (see `Proc::space_gen`).
+    generation: Option<u64>,
 }
 
 /// What one unwind produced.
@@ -118,8 +120,13 @@ pub struct Unwound {
 }
 
 impl ProcessUnwinder {
-    /// Adds the objects of `space` not added yet (call again after the process loads more).
-    pub fn update(&mut self, space: &AddressSpace, objects: &mut ObjectCache) {
+    /// Adds the objects of `space` not added yet; a no-op while `generation` (bumped at each
+    /// change of the space) stays the same.
+    pub fn update(&mut self, space: &AddressSpace, generation: u64, objects: &mut ObjectCache) {
+        if self.generation == Some(generation) {
+            return;
+        }
+        self.generation = Some(generation);
         // Each object's mappings, lowest first.
         let mut spans: HashMap<&str, (u64, u64, u64)> = HashMap::new();
         for m in space.mappings() {
@@ -206,7 +213,7 @@ mod tests {
         let space = AddressSpace::read(std::process::id()).unwrap();
         let mut objects = ObjectCache::default();
         let mut u = ProcessUnwinder::default();
-        u.update(&space, &mut objects);
+        u.update(&space, 0, &mut objects);
         let (ip, sp, bp): (u64, u64, u64);
         // SAFETY: reads three registers.
         unsafe {

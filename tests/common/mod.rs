@@ -349,6 +349,30 @@ pub(crate) fn stack(group: &Value) -> &[Value] {
         .unwrap_or(&[])
 }
 
+/// Starts `cmd` with stdout and stderr read line by line and stdin kept open for writing.
+pub(crate) fn spawn_with_stdin(what: &str, cmd: &mut Command) -> (Proc, std::process::ChildStdin) {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let stdin = child.stdin.take().unwrap();
+    let out = Stream::new(child.stdout.take().unwrap());
+    let err = Stream::new(child.stderr.take().unwrap());
+    (
+        Proc {
+            what: what.to_string(),
+            child,
+            out,
+            err,
+            status: None,
+        },
+        stdin,
+    )
+}
+
 /// Starts a fixture that prints `ready` when it is set up and waits for SIGUSR1.
 pub(crate) fn start_target(what: &str, program: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(program);

@@ -1,0 +1,244 @@
+//! End-to-end tests of `--unwind dwarf` with the real `memprof` binary and real eBPF: code built
+//! without frame pointers gets whole, exact stacks, one group per call site.
+//!
+//! Fixtures: tests/fixtures/deep.c (a leak four calls deep, `-fomit-frame-pointer`) and
+//! deepnew.cpp + deepnew_main.c (C++ `operator new` in a shared library without frame pointers).
+//! Needs root, `cc` and `c++`:
+//! `cargo test --release -p memprof-user --test unwind -- --test-threads=1`.
+
+mod common;
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use common::{Checks, Finished, Proc, STARTUP, frame_fn, num, spawn_with_stdin, stack};
+use serde_json::Value;
+
+const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
+const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+const DEADLINE: Duration = Duration::from_secs(90);
+
+struct Fixtures {
+    deep: PathBuf,
+    deepnew: PathBuf,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests load eBPF programs and need root");
+    FIXTURES.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-unwind");
+        fs::create_dir_all(&dir).unwrap();
+        let src = Path::new(FIXTURE_SRC);
+        let build = |compiler: &str, args: &[&str]| {
+            let mut cmd = Command::new(compiler);
+            cmd.current_dir(&dir).args(["-O2", "-g", "-fomit-frame-pointer"]).args(args);
+            let res = cmd.output().unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+            assert!(
+                res.status.success(),
+                "{cmd:?} failed:\n{}",
+                String::from_utf8_lossy(&res.stderr)
+            );
+        };
+        let deep = dir.join("deep");
+        build("cc", &["-o", deep.to_str().unwrap(), src.join("deep.c").to_str().unwrap()]);
+        build(
+            "c++",
+            &[
+                "-fPIC",
+                "-shared",
+                "-o",
+                dir.join("libdeepnew.so").to_str().unwrap(),
+                src.join("deepnew.cpp").to_str().unwrap(),
+            ],
+        );
+        let deepnew = dir.join("deepnew");
+        let rpath = format!("-Wl,-rpath,{}", dir.display());
+        build(
+            "cc",
+            &[
+                "-o",
+                deepnew.to_str().unwrap(),
+                src.join("deepnew_main.c").to_str().unwrap(),
+                "-L",
+                dir.to_str().unwrap(),
+                "-ldeepnew",
+                &rpath,
+            ],
+        );
+        Fixtures { deep, deepnew }
+    })
+}
+
+fn memprof(args: &[&str]) -> Command {
+    let mut cmd = Command::new(MEMPROF);
+    cmd.arg("trace").args(args);
+    cmd
+}
+
+fn report(f: &Finished) -> Value {
+    assert!(!f.stderr.contains("panicked"), "memprof panicked\n{}", f.context());
+    assert_eq!(f.code(), Some(0), "memprof failed\n{}", f.context());
+    let records = f.ndjson();
+    let last = records.last().unwrap_or_else(|| panic!("no output\n{}", f.context()));
+    assert_eq!(last["type"], "report", "{}", f.context());
+    last.clone()
+}
+
+/// Function names of a group's frames, innermost first (`?` for a frame without one).
+fn names(group: &Value) -> Vec<String> {
+    stack(group)
+        .iter()
+        .map(|f| frame_fn(f).unwrap_or("?").to_string())
+        .collect()
+}
+
+/// Groups whose innermost frame is `function`.
+fn groups<'a>(r: &'a Value, function: &str) -> Vec<&'a Value> {
+    r["leaks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter(|g| stack(g).first().and_then(frame_fn) == Some(function))
+        .collect()
+}
+
+/// The two chains of deep.c: each exactly one group, with every frame named down to main.
+fn check_deep(c: &mut Checks, r: &Value) {
+    let leaf = groups(r, "leaf_alloc");
+    c.eq("groups at leaf_alloc (one per call chain)", leaf.len(), 2);
+    for (outer, bytes, allocs) in [("outer_a", 1200, 12), ("outer_b", 1500, 5)] {
+        let chain: Vec<&&Value> = leaf
+            .iter()
+            .filter(|g| names(g).get(3).map(String::as_str) == Some(outer))
+            .collect();
+        c.eq(&format!("groups through {outer}"), chain.len(), 1);
+        let Some(g) = chain.first() else { continue };
+        c.eq(
+            &format!("{outer}: bytes, allocs"),
+            (num(g, "bytes"), num(g, "allocs")),
+            (bytes, allocs),
+        );
+        let n = names(g);
+        c.eq(
+            &format!("{outer}: innermost five frames"),
+            n.iter().take(5).cloned().collect::<Vec<_>>(),
+            ["leaf_alloc", "inner", "middle", outer, "main"].map(String::from).to_vec(),
+        );
+        let kinds: Vec<&str> = stack(g).iter().filter_map(|f| f["kind"].as_str()).collect();
+        c.check(
+            kinds.iter().all(|k| *k == "native"),
+            format!("{outer}: every frame native, none unknown: {kinds:?} {n:?}"),
+        );
+    }
+    c.eq("no churn group", groups(r, "churn").len(), 0);
+    c.eq("lost events", num(&r["totals"], "lost_events"), 0);
+    c.check(
+        r["unwind"]["allocations"].as_u64().unwrap_or(0) >= 10017,
+        format!("every allocation unwound: {}", r["unwind"]),
+    );
+}
+
+#[test]
+fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
+    let f = fixtures();
+    let deep = f.deep.to_str().unwrap();
+    let run = Proc::spawn(
+        "memprof trace --unwind dwarf -- deep",
+        &mut memprof(&["--json", "--unwind", "dwarf", "--duration", "60s", "--", deep]),
+    )
+    .finish(DEADLINE);
+    let r = report(&run);
+    let mut c = Checks::new("--unwind dwarf, spawned");
+    check_deep(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+#[test]
+fn dwarf_unwinds_when_attached_by_pid() {
+    let f = fixtures();
+    let (target, mut stdin) = spawn_with_stdin(
+        "deep --wait",
+        Command::new(&f.deep).arg("--wait"),
+    );
+    target.expect_stdout_line("ready");
+    let pid = target.pid().to_string();
+    let mut mp = Proc::spawn(
+        "memprof trace --unwind dwarf --pid",
+        &mut memprof(&["--json", "--unwind", "dwarf", "--pid", &pid, "--duration", "60s"]),
+    );
+    let deadline = Instant::now() + STARTUP;
+    assert!(
+        mp.err.wait_line(deadline, |l| l.starts_with("memprof: tracing ")).is_some(),
+        "memprof did not start\n{}",
+        mp.output_so_far()
+    );
+    stdin.write_all(b"go\n").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + STARTUP;
+    assert!(target.out.wait_line(deadline, |l| l.starts_with("done")).is_some());
+    mp.signal(libc::SIGINT);
+    let run = mp.finish(DEADLINE);
+    drop(stdin);
+    let r = report(&run);
+    let mut c = Checks::new("--unwind dwarf, by pid");
+    check_deep(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+#[test]
+fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
+    let f = fixtures();
+    let run = Proc::spawn(
+        "memprof trace --unwind dwarf -- deepnew",
+        &mut memprof(&[
+            "--json",
+            "--unwind",
+            "dwarf",
+            "--duration",
+            "60s",
+            "--",
+            f.deepnew.to_str().unwrap(),
+        ]),
+    )
+    .finish(DEADLINE);
+    let r = report(&run);
+    let mut c = Checks::new("operator new without frame pointers");
+    let leaf = groups(&r, "cxx_leaf");
+    c.eq("groups at cxx_leaf", leaf.len(), 1);
+    if let Some(g) = leaf.first() {
+        c.eq("bytes, allocs", (num(g, "bytes"), num(g, "allocs")), (7 * 48, 7));
+        c.eq(
+            "innermost four frames",
+            names(g).into_iter().take(4).collect::<Vec<_>>(),
+            ["cxx_leaf", "cxx_mid(int)", "cxx_entry", "main"].map(String::from).to_vec(),
+        );
+    }
+    c.finish(|| run.context());
+}
+
+#[test]
+fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
+    // The same fixture without --unwind dwarf: the kernel's frame-pointer walk stops or goes
+    // wrong after the leaf, which is why dwarf exists. Guards against a test fixture that
+    // accidentally kept frame pointers.
+    let f = fixtures();
+    let run = Proc::spawn(
+        "memprof trace -- deep",
+        &mut memprof(&["--json", "--duration", "60s", "--", f.deep.to_str().unwrap()]),
+    )
+    .finish(DEADLINE);
+    let r = report(&run);
+    let intact = groups(&r, "leaf_alloc")
+        .iter()
+        .any(|g| names(g).iter().take(5).map(String::as_str).eq(["leaf_alloc", "inner", "middle", "outer_a", "main"]));
+    assert!(!intact, "frame pointers walked the chain: the fixture has frame pointers\n{}", run.context());
+}
