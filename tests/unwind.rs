@@ -165,13 +165,13 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
 #[test]
 fn dwarf_unwinds_when_attached_by_pid() {
     let f = fixtures();
-    let (target, mut stdin) = spawn_with_stdin(
+    let (mut target, mut stdin) = spawn_with_stdin(
         "deep --wait",
         Command::new(&f.deep).arg("--wait"),
     );
     target.expect_stdout_line("ready");
     let pid = target.pid().to_string();
-    let mut mp = Proc::spawn(
+    let mp = Proc::spawn(
         "memprof trace --unwind dwarf --pid",
         &mut memprof(&["--json", "--unwind", "dwarf", "--pid", &pid, "--duration", "60s"]),
     );
