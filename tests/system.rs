@@ -245,7 +245,7 @@ fn no_follow_children_traces_the_command_alone() {
 fn all_mode_reports_each_process_exactly() {
     let mut a = Leaker::start(7, 1000);
     let mut b = Leaker::start(13, 500);
-    let mut mp = start_memprof(&["--all", "--json", "--duration", "60s"]);
+    let mp = start_memprof(&["--all", "--json", "--duration", "60s"]);
     a.leak();
     b.leak();
     // Started after memprof attached: covered all the same.
@@ -453,7 +453,7 @@ fn sigkill_of_memprof_leaves_no_probe_behind() {
         thread::sleep(Duration::from_millis(200));
     }
     let pid_s = pid.to_string();
-    let mut mp = start_memprof(&["--json", "--pid", &pid_s, "--duration", "60s"]);
+    let mp = start_memprof(&["--json", "--pid", &pid_s, "--duration", "60s"]);
     let during = patched_bytes(pid, libc);
     mp.signal(libc::SIGKILL);
     let killed = mp.finish(DEADLINE);
