@@ -63,7 +63,11 @@ struct Leaker {
 
 impl Leaker {
     fn start(count: u64, size: u64) -> Leaker {
-        Self::start_with(Command::new(procs()).args(["leak", &count.to_string(), &size.to_string()]))
+        Self::start_with(Command::new(procs()).args([
+            "leak",
+            &count.to_string(),
+            &size.to_string(),
+        ]))
     }
 
     fn start_with(cmd: &mut Command) -> Leaker {
@@ -98,7 +102,10 @@ fn memprof(args: &[&str]) -> Command {
 
 /// Starts memprof and waits for its `memprof: tracing` line.
 fn start_memprof(args: &[&str]) -> Proc {
-    let mut mp = Proc::spawn(format!("memprof trace {}", args.join(" ")), &mut memprof(args));
+    let mut mp = Proc::spawn(
+        format!("memprof trace {}", args.join(" ")),
+        &mut memprof(args),
+    );
     let deadline = Instant::now() + STARTUP;
     if mp
         .err
@@ -143,7 +150,9 @@ fn site(entry: &Value, function: &str) -> (u64, u64) {
         .unwrap_or(&[])
         .iter()
         .filter(|g| stack(g).first().and_then(frame_fn) == Some(function))
-        .fold((0, 0), |(b, n), g| (b + num(g, "bytes"), n + num(g, "allocs")))
+        .fold((0, 0), |(b, n), g| {
+            (b + num(g, "bytes"), n + num(g, "allocs"))
+        })
 }
 
 /// "pid ROLE N" lines the tree fixture prints (on memprof's stderr in --json spawn mode).
@@ -181,11 +190,22 @@ fn follows_forks_and_execs_of_a_spawned_command() {
         (exec, "exec", "leak_exec", 3000, 30, 1, Some(parent)),
     ] {
         let Some(p) = process(&r, pid) else {
-            c.check(false, format!("no processes entry for the {role} (pid {pid})"));
+            c.check(
+                false,
+                format!("no processes entry for the {role} (pid {pid})"),
+            );
             continue;
         };
-        c.eq(&format!("{role}: {function}"), site(p, function), (bytes, blocks));
-        c.eq(&format!("{role}: exited"), p["exited"].as_bool(), Some(true));
+        c.eq(
+            &format!("{role}: {function}"),
+            site(p, function),
+            (bytes, blocks),
+        );
+        c.eq(
+            &format!("{role}: exited"),
+            p["exited"].as_bool(),
+            Some(true),
+        );
         c.eq(&format!("{role}: execs"), p["execs"].as_u64(), Some(execs));
         c.eq(
             &format!("{role}: parent"),
@@ -209,8 +229,16 @@ fn follows_forks_and_execs_of_a_spawned_command() {
     }
     // The whole tree's sites are in the top-level leaks too.
     let top = r.clone();
-    for (function, bytes) in [("leak_parent", 1000), ("leak_child", 2000), ("leak_exec", 3000)] {
-        c.eq(&format!("top-level {function}"), site(&top, function).0, bytes);
+    for (function, bytes) in [
+        ("leak_parent", 1000),
+        ("leak_child", 2000),
+        ("leak_exec", 3000),
+    ] {
+        c.eq(
+            &format!("top-level {function}"),
+            site(&top, function).0,
+            bytes,
+        );
     }
     c.finish(|| f.context());
 }
@@ -234,7 +262,10 @@ fn no_follow_children_traces_the_command_alone() {
     let r = report(&f);
     let mut c = Checks::new("procs tree, not followed");
     c.eq("exit code", f.code(), Some(0));
-    c.check(r.get("processes").is_none(), "no processes array for one process");
+    c.check(
+        r.get("processes").is_none(),
+        "no processes array for one process",
+    );
     c.eq("leak_parent", site(&r, "leak_parent"), (1000, 10));
     c.eq("leak_child", site(&r, "leak_child"), (0, 0));
     c.eq("leak_exec", site(&r, "leak_exec"), (0, 0));
@@ -269,12 +300,23 @@ fn all_mode_reports_each_process_exactly() {
         (late_pid, "late", 12288, 3, false),
     ] {
         let Some(p) = process(&r, pid) else {
-            c.check(false, format!("no processes entry for leaker {name} (pid {pid})"));
+            c.check(
+                false,
+                format!("no processes entry for leaker {name} (pid {pid})"),
+            );
             continue;
         };
-        c.eq(&format!("{name}: leak_here"), site(p, "leak_here"), (bytes, blocks));
+        c.eq(
+            &format!("{name}: leak_here"),
+            site(p, "leak_here"),
+            (bytes, blocks),
+        );
         c.eq(&format!("{name}: comm"), p["comm"].as_str(), Some("procs"));
-        c.eq(&format!("{name}: exited"), p["exited"].as_bool(), Some(exited));
+        c.eq(
+            &format!("{name}: exited"),
+            p["exited"].as_bool(),
+            Some(exited),
+        );
         c.eq(
             &format!("{name}: cmdline[1]"),
             p["cmdline"][1].as_str(),
@@ -290,7 +332,9 @@ fn all_mode_reports_each_process_exactly() {
         .as_array()
         .map(|ps| {
             ps.iter()
-                .map(|p| num(&p["totals"], "outstanding_bytes") + num(&p["mmap"], "outstanding_bytes"))
+                .map(|p| {
+                    num(&p["totals"], "outstanding_bytes") + num(&p["mmap"], "outstanding_bytes")
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -367,7 +411,8 @@ fn process_in_its_own_mount_namespace_is_traced_and_named() {
          exec /app leak 4 2500",
         r = root.display()
     );
-    let mut leaker = Leaker::start_with(Command::new("unshare").args(["--mount", "sh", "-c", &script]));
+    let mut leaker =
+        Leaker::start_with(Command::new("unshare").args(["--mount", "sh", "-c", &script]));
     // unshare and sh exec in place: the pid is the fixture's.
     let pid = leaker.proc.pid();
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
@@ -385,11 +430,17 @@ fn process_in_its_own_mount_namespace_is_traced_and_named() {
     let r = report(&f);
     let mut c = Checks::new("process in its own mount namespace");
     c.eq("fixture exit code", done.code(), Some(0));
-    c.check(patched > 0, format!("the container's own libc is probed ({patched} bytes patched)"));
+    c.check(
+        patched > 0,
+        format!("the container's own libc is probed ({patched} bytes patched)"),
+    );
     c.eq("leak_here", site(&r, "leak_here"), (10000, 4));
     let frames: Vec<(Option<&str>, &str)> = r["leaks"]
         .as_array()
-        .and_then(|g| g.iter().find(|g| stack(g).first().and_then(frame_fn) == Some("leak_here")))
+        .and_then(|g| {
+            g.iter()
+                .find(|g| stack(g).first().and_then(frame_fn) == Some("leak_here"))
+        })
         .map(|g| {
             stack(g)
                 .iter()
@@ -449,7 +500,10 @@ fn sigkill_of_memprof_leaves_no_probe_behind() {
     // one): start from a clean libc.
     let clean = Instant::now() + Duration::from_secs(60);
     while patched_bytes(pid, libc) != 0 {
-        assert!(Instant::now() < clean, "libc still patched 60 s after earlier traces");
+        assert!(
+            Instant::now() < clean,
+            "libc still patched 60 s after earlier traces"
+        );
         thread::sleep(Duration::from_millis(200));
     }
     let pid_s = pid.to_string();
@@ -462,12 +516,19 @@ fn sigkill_of_memprof_leaves_no_probe_behind() {
     leaker.leak();
     let done = leaker.finish();
     let mut c = Checks::new("SIGKILL of memprof");
-    c.check(during > 0, format!("probes patch libc while tracing ({during} bytes)"));
+    c.check(
+        during > 0,
+        format!("probes patch libc while tracing ({during} bytes)"),
+    );
     c.eq("patched bytes after memprof was killed", after, 0);
-    c.eq("memprof killed by SIGKILL", {
-        use std::os::unix::process::ExitStatusExt as _;
-        killed.status.signal()
-    }, Some(libc::SIGKILL));
+    c.eq(
+        "memprof killed by SIGKILL",
+        {
+            use std::os::unix::process::ExitStatusExt as _;
+            killed.status.signal()
+        },
+        Some(libc::SIGKILL),
+    );
     c.eq("target exit code", done.code(), Some(0));
     c.finish(|| format!("{}\n{}", killed.context(), done.context()));
 }
@@ -478,14 +539,27 @@ fn ring_overload_is_counted_and_reported() {
     // One page of ring for about 200k events per second: most are dropped, and counted.
     let f = Proc::spawn(
         "memprof trace --ring-bytes 4096 -- procs spin 1",
-        &mut memprof(&["--json", "--ring-bytes", "4096", "--duration", "60s", "--", bin, "spin", "1"]),
+        &mut memprof(&[
+            "--json",
+            "--ring-bytes",
+            "4096",
+            "--duration",
+            "60s",
+            "--",
+            bin,
+            "spin",
+            "1",
+        ]),
     )
     .finish(DEADLINE);
     let r = report(&f);
     let mut c = Checks::new("ring overload");
     let lost = num(&r["totals"], "lost_events");
     let ring_full = num(&r["kernel"], "ring_full");
-    c.check(ring_full > 1000, format!("ring_full counts drops: {ring_full}"));
+    c.check(
+        ring_full > 1000,
+        format!("ring_full counts drops: {ring_full}"),
+    );
     c.eq(
         "lost_events = ring_full + inflight_full (+ decode errors 0)",
         lost,
@@ -494,7 +568,16 @@ fn ring_overload_is_counted_and_reported() {
     // The text report says so too.
     let text = Proc::spawn(
         "memprof trace (text) --ring-bytes 4096 -- procs spin 1",
-        &mut memprof(&["--ring-bytes", "4096", "--duration", "60s", "--", bin, "spin", "0.5"]),
+        &mut memprof(&[
+            "--ring-bytes",
+            "4096",
+            "--duration",
+            "60s",
+            "--",
+            bin,
+            "spin",
+            "0.5",
+        ]),
     )
     .finish(DEADLINE);
     let line = text
@@ -542,7 +625,10 @@ fn agent_memory_stays_bounded_while_a_process_churns() {
     c.eq("spin_leak", site(&r, "spin_leak"), (32000, 1000));
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
     let allocs = num(&r["totals"], "allocs");
-    c.check(allocs > 1_000_000, format!("millions of events: {allocs} allocations"));
+    c.check(
+        allocs > 1_000_000,
+        format!("millions of events: {allocs} allocations"),
+    );
     // RSS from 10 s on (warm-up done) to the end.
     let settled: Vec<u64> = curve
         .iter()

@@ -32,15 +32,23 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     // SAFETY: geteuid cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests load eBPF programs and need root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load eBPF programs and need root"
+    );
     FIXTURES.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-unwind");
         fs::create_dir_all(&dir).unwrap();
         let src = Path::new(FIXTURE_SRC);
         let build = |compiler: &str, args: &[&str]| {
             let mut cmd = Command::new(compiler);
-            cmd.current_dir(&dir).args(["-O2", "-g", "-fomit-frame-pointer"]).args(args);
-            let res = cmd.output().unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+            cmd.current_dir(&dir)
+                .args(["-O2", "-g", "-fomit-frame-pointer"])
+                .args(args);
+            let res = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
             assert!(
                 res.status.success(),
                 "{cmd:?} failed:\n{}",
@@ -48,7 +56,14 @@ fn fixtures() -> &'static Fixtures {
             );
         };
         let deep = dir.join("deep");
-        build("cc", &["-o", deep.to_str().unwrap(), src.join("deep.c").to_str().unwrap()]);
+        build(
+            "cc",
+            &[
+                "-o",
+                deep.to_str().unwrap(),
+                src.join("deep.c").to_str().unwrap(),
+            ],
+        );
         build(
             "c++",
             &[
@@ -84,10 +99,16 @@ fn memprof(args: &[&str]) -> Command {
 }
 
 fn report(f: &Finished) -> Value {
-    assert!(!f.stderr.contains("panicked"), "memprof panicked\n{}", f.context());
+    assert!(
+        !f.stderr.contains("panicked"),
+        "memprof panicked\n{}",
+        f.context()
+    );
     assert_eq!(f.code(), Some(0), "memprof failed\n{}", f.context());
     let records = f.ndjson();
-    let last = records.last().unwrap_or_else(|| panic!("no output\n{}", f.context()));
+    let last = records
+        .last()
+        .unwrap_or_else(|| panic!("no output\n{}", f.context()));
     assert_eq!(last["type"], "report", "{}", f.context());
     last.clone()
 }
@@ -131,7 +152,9 @@ fn check_deep(c: &mut Checks, r: &Value) {
         c.eq(
             &format!("{outer}: innermost five frames"),
             n.iter().take(5).cloned().collect::<Vec<_>>(),
-            ["leaf_alloc", "inner", "middle", outer, "main"].map(String::from).to_vec(),
+            ["leaf_alloc", "inner", "middle", outer, "main"]
+                .map(String::from)
+                .to_vec(),
         );
         let kinds: Vec<&str> = stack(g).iter().filter_map(|f| f["kind"].as_str()).collect();
         c.check(
@@ -153,7 +176,15 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
     let deep = f.deep.to_str().unwrap();
     let run = Proc::spawn(
         "memprof trace --unwind dwarf -- deep",
-        &mut memprof(&["--json", "--unwind", "dwarf", "--duration", "60s", "--", deep]),
+        &mut memprof(&[
+            "--json",
+            "--unwind",
+            "dwarf",
+            "--duration",
+            "60s",
+            "--",
+            deep,
+        ]),
     )
     .finish(DEADLINE);
     let r = report(&run);
@@ -165,26 +196,39 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
 #[test]
 fn dwarf_unwinds_when_attached_by_pid() {
     let f = fixtures();
-    let (mut target, mut stdin) = spawn_with_stdin(
-        "deep --wait",
-        Command::new(&f.deep).arg("--wait"),
-    );
+    let (mut target, mut stdin) =
+        spawn_with_stdin("deep --wait", Command::new(&f.deep).arg("--wait"));
     target.expect_stdout_line("ready");
     let pid = target.pid().to_string();
     let mp = Proc::spawn(
         "memprof trace --unwind dwarf --pid",
-        &mut memprof(&["--json", "--unwind", "dwarf", "--pid", &pid, "--duration", "60s"]),
+        &mut memprof(&[
+            "--json",
+            "--unwind",
+            "dwarf",
+            "--pid",
+            &pid,
+            "--duration",
+            "60s",
+        ]),
     );
     let deadline = Instant::now() + STARTUP;
     assert!(
-        mp.err.wait_line(deadline, |l| l.starts_with("memprof: tracing ")).is_some(),
+        mp.err
+            .wait_line(deadline, |l| l.starts_with("memprof: tracing "))
+            .is_some(),
         "memprof did not start\n{}",
         mp.output_so_far()
     );
     stdin.write_all(b"go\n").unwrap();
     stdin.flush().unwrap();
     let deadline = Instant::now() + STARTUP;
-    assert!(target.out.wait_line(deadline, |l| l.starts_with("done")).is_some());
+    assert!(
+        target
+            .out
+            .wait_line(deadline, |l| l.starts_with("done"))
+            .is_some()
+    );
     mp.signal(libc::SIGINT);
     let run = mp.finish(DEADLINE);
     drop(stdin);
@@ -215,11 +259,17 @@ fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
     let leaf = groups(&r, "cxx_leaf");
     c.eq("groups at cxx_leaf", leaf.len(), 1);
     if let Some(g) = leaf.first() {
-        c.eq("bytes, allocs", (num(g, "bytes"), num(g, "allocs")), (7 * 48, 7));
+        c.eq(
+            "bytes, allocs",
+            (num(g, "bytes"), num(g, "allocs")),
+            (7 * 48, 7),
+        );
         c.eq(
             "innermost four frames",
             names(g).into_iter().take(4).collect::<Vec<_>>(),
-            ["cxx_leaf", "cxx_mid(int)", "cxx_entry", "main"].map(String::from).to_vec(),
+            ["cxx_leaf", "cxx_mid(int)", "cxx_entry", "main"]
+                .map(String::from)
+                .to_vec(),
         );
     }
     c.finish(|| run.context());
@@ -233,12 +283,28 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
     let f = fixtures();
     let run = Proc::spawn(
         "memprof trace -- deep",
-        &mut memprof(&["--json", "--duration", "60s", "--", f.deep.to_str().unwrap()]),
+        &mut memprof(&[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            f.deep.to_str().unwrap(),
+        ]),
     )
     .finish(DEADLINE);
     let r = report(&run);
-    let intact = groups(&r, "leaf_alloc")
-        .iter()
-        .any(|g| names(g).iter().take(5).map(String::as_str).eq(["leaf_alloc", "inner", "middle", "outer_a", "main"]));
-    assert!(!intact, "frame pointers walked the chain: the fixture has frame pointers\n{}", run.context());
+    let intact = groups(&r, "leaf_alloc").iter().any(|g| {
+        names(g).iter().take(5).map(String::as_str).eq([
+            "leaf_alloc",
+            "inner",
+            "middle",
+            "outer_a",
+            "main",
+        ])
+    });
+    assert!(
+        !intact,
+        "frame pointers walked the chain: the fixture has frame pointers\n{}",
+        run.context()
+    );
 }

@@ -219,6 +219,9 @@ pub struct AllocEvent {
     pub size: u64,
     /// Key in the `STACKS` map, or [`NO_STACK`].
     pub stack: u64,
+    /// Key in the `PY_STACKS` map: the Python frames of the allocating thread, or
+    /// [`NO_STACK`] (not a Python thread the agent registered, or no frame running).
+    pub py_stack: u64,
 }
 
 /// A block was released (`EventKind::Free`, `EventKind::ReallocFailed`).
@@ -300,6 +303,55 @@ pub struct UnwindEvent {
     pub stack_len: u32,
     /// Nonzero for an anonymous mapping (`EventKind::Mmap`), zero for a heap block.
     pub mmap: u32,
+    /// As [`AllocEvent::py_stack`].
+    pub py_stack: u64,
+}
+
+/// Most Python frames recorded per allocation (innermost first).
+pub const MAX_PY_FRAMES: usize = 32;
+
+/// How the kernel program walks the Python frames of one CPython process (the `PY_PROCS` map,
+/// keyed by process id): byte offsets of the fields it follows, for that interpreter's version.
+/// From a thread state: `tstate_frame` (then `cframe_current_frame` unless it is
+/// [`PY_NONE`]) gives the innermost frame; per frame it records the code object
+/// (`frame_code`) and the instruction field (`frame_instr`, 8 bytes when `instr_is_pointer`,
+/// else 4), skips frames whose `frame_owner` byte is [`PY_FRAME_OWNED_BY_CSTACK`], and
+/// follows `frame_previous`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyWalk {
+    /// Runtime address of `_PyRuntime`: with the next four offsets, how the program finds the
+    /// thread state of a thread the agent has not registered yet (the main interpreter's
+    /// threads whose `native_thread_id` is the thread's id; 3.11+, [`PY_NONE`] before).
+    pub runtime: u64,
+    pub runtime_interpreters_head: u32,
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+    pub tstate_native_thread_id: u32,
+    pub tstate_frame: u32,
+    pub cframe_current_frame: u32,
+    pub frame_previous: u32,
+    pub frame_code: u32,
+    pub frame_instr: u32,
+    pub instr_is_pointer: u32,
+    pub frame_owner: u32,
+    pub _pad: u32,
+}
+
+/// An absent field in [`PyWalk`].
+pub const PY_NONE: u32 = u32::MAX;
+
+/// `_PyInterpreterFrame.owner` of a shim frame of the C stack (3.12+).
+pub const PY_FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+/// The Python frames of one allocation as the `PY_STACKS` map stores them: (code object
+/// address, instruction field) pairs, innermost first, keyed by a hash of the pairs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyStack {
+    pub len: u32,
+    pub _pad: u32,
+    pub frames: [[u64; 2]; MAX_PY_FRAMES],
 }
 
 /// A traced process replaced its image (`EventKind::Exec`).
@@ -340,6 +392,8 @@ mod pod {
     unsafe impl aya::Pod for super::ForkEvent {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::UnwindEvent {}
+    unsafe impl aya::Pod for super::PyWalk {}
+    unsafe impl aya::Pod for super::PyStack {}
 }
 
 #[cfg(test)]
@@ -351,14 +405,15 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(size_of::<EventHeader>(), 24);
-        assert_eq!(size_of::<AllocEvent>(), 48);
+        assert_eq!(size_of::<AllocEvent>(), 56);
         assert_eq!(size_of::<FreeEvent>(), 32);
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<RemapEvent>(), 56);
         assert_eq!(size_of::<PhaseEvent>(), 32);
         assert_eq!(size_of::<ForkEvent>(), 32);
         assert_eq!(size_of::<ExecEvent>(), 40);
-        assert_eq!(size_of::<UnwindEvent>(), 72);
+        assert_eq!(size_of::<UnwindEvent>(), 80);
+        assert_eq!(size_of::<PyWalk>(), 56);
     }
 
     #[test]

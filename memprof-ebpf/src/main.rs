@@ -28,8 +28,9 @@ use aya_ebpf::{
 use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
     DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES, EVENT_VERSION, EventHeader, EventKind, ExecEvent,
-    ForkEvent, FreeEvent, MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK, PhaseEvent, RemapEvent,
-    StackTrace, UnmapEvent, UnwindEvent, mode, unwind,
+    ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK,
+    PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PhaseEvent, PyStack, PyWalk, RemapEvent, StackTrace,
+    UnmapEvent, UnwindEvent, mode, unwind,
 };
 
 /// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
@@ -95,6 +96,23 @@ struct StackCopy {
 /// Per-CPU scratch space for an `AllocStack` record.
 #[map]
 static COPY_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
+
+/// CPython processes: how to walk their frames (written by the agent).
+#[map]
+static PY_PROCS: HashMap<u32, PyWalk> = HashMap::with_max_entries(1024, 0);
+
+/// Threads running Python: thread id -> address of its `PyThreadState` (written by the agent).
+#[map]
+static PY_THREADS: HashMap<u32, u64> = HashMap::with_max_entries(16 * 1024, 0);
+
+/// Python frames of allocations, keyed by a hash of their (code, instruction) pairs.
+#[map]
+static PY_STACKS: HashMap<u64, PyStack> =
+    HashMap::with_max_entries(DEFAULT_STACK_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Per-CPU scratch space for a `PyStack`.
+#[map]
+static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
@@ -327,22 +345,147 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
     }
 }
 
+/// Reads a `T` from user memory, or `None` if it faults.
+#[inline(always)]
+fn user<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper checks the access.
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// Marks a new key in `py_stack_key`'s result.
+const PY_NEW: u64 = 1 << 63;
+
+/// The Python frames of the calling thread, if the agent registered it as a CPython thread:
+/// their key in `PY_STACKS` (`NO_STACK` for none), with `PY_NEW` set when the key is new.
+/// A global function: the verifier checks it once, not at each of its callers.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn py_stack_key(id: u64) -> u64 {
+    let Some(walk) = PY_PROCS.get_ptr(&((id >> 32) as u32)) else {
+        return NO_STACK;
+    };
+    // SAFETY: a map value, read-only here.
+    let walk = unsafe { *walk };
+    let tstate = match PY_THREADS.get_ptr(&(id as u32)) {
+        // SAFETY: as above.
+        Some(t) => unsafe { *t },
+        None => find_tstate(&walk, id as u32),
+    };
+    if tstate == 0 {
+        return NO_STACK;
+    }
+    let Some(buf) = PY_SCRATCH.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the scratch buffer is this CPU's alone.
+    let out = unsafe { &mut *buf };
+    let mut frame = user::<u64>(tstate + u64::from(walk.tstate_frame)).unwrap_or(0);
+    if walk.cframe_current_frame != PY_NONE && frame != 0 {
+        frame = user::<u64>(frame + u64::from(walk.cframe_current_frame)).unwrap_or(0);
+    }
+    let mut n: u32 = 0;
+    let mut hash: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..MAX_PY_FRAMES {
+        if frame == 0 {
+            break;
+        }
+        let code = user::<u64>(frame + u64::from(walk.frame_code)).unwrap_or(0);
+        let at = frame + u64::from(walk.frame_instr);
+        let instr = if walk.instr_is_pointer != 0 {
+            user::<u64>(at).unwrap_or(0)
+        } else {
+            u64::from(user::<u32>(at).unwrap_or(0))
+        };
+        // Shim frames of the C stack are recorded as code 0 and dropped by the agent.
+        let shim = walk.frame_owner != PY_NONE
+            && user::<u8>(frame + u64::from(walk.frame_owner)) == Some(PY_FRAME_OWNED_BY_CSTACK);
+        let code = if shim { 0 } else { code };
+        if let Some(slot) = out.frames.get_mut(i) {
+            *slot = [code, instr];
+        }
+        hash = (hash.rotate_left(5) ^ code).wrapping_mul(0x517c_c1b7_2722_0a95);
+        hash = (hash.rotate_left(5) ^ instr).wrapping_mul(0x517c_c1b7_2722_0a95);
+        n += 1;
+        frame = user::<u64>(frame + u64::from(walk.frame_previous)).unwrap_or(0);
+    }
+    if n == 0 {
+        return NO_STACK;
+    }
+    out.len = n;
+    let key = (hash | 1) & !PY_NEW;
+    if PY_STACKS.get_ptr(&key).is_some() {
+        return key;
+    }
+    match PY_STACKS.insert(&key, out, BPF_NOEXIST as u64) {
+        Ok(()) => key | PY_NEW,
+        Err(-17) => key,
+        Err(_) => {
+            count(Counter::StackLost);
+            NO_STACK
+        }
+    }
+}
+
+/// The thread state of thread `tid` in the main interpreter's thread list (3.11+, whose
+/// thread states carry the kernel thread id), registered in `PY_THREADS` once found; 0 if none.
+/// A thread that started Python after the agent last looked is found here at its first
+/// allocation.
+#[inline(always)]
+fn find_tstate(walk: &PyWalk, tid: u32) -> u64 {
+    const MAX_THREADS: usize = 16;
+    if walk.tstate_native_thread_id == PY_NONE || walk.runtime == 0 {
+        return 0;
+    }
+    let interp = user::<u64>(walk.runtime + u64::from(walk.runtime_interpreters_head)).unwrap_or(0);
+    if interp == 0 {
+        return 0;
+    }
+    let mut tstate = user::<u64>(interp + u64::from(walk.interp_threads_head)).unwrap_or(0);
+    for _ in 0..MAX_THREADS {
+        if tstate == 0 {
+            return 0;
+        }
+        let native = user::<u64>(tstate + u64::from(walk.tstate_native_thread_id)).unwrap_or(0);
+        if native == u64::from(tid) {
+            let _ = PY_THREADS.insert(&tid, &tstate, 0);
+            return tstate;
+        }
+        tstate = user::<u64>(tstate + u64::from(walk.tstate_next)).unwrap_or(0);
+    }
+    0
+}
+
+/// `py_stack_key` split into the key and whether it is new.
+#[inline(always)]
+fn py_stack(id: u64) -> (u64, bool) {
+    let r = py_stack_key(id);
+    (r & !PY_NEW, r & PY_NEW != 0)
+}
+
 #[inline(always)]
 fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: u64, size: u64) {
     // SAFETY: a read of a global the loader patches.
     if unsafe { core::ptr::read_volatile(&UNWIND) } == unwind::DWARF {
-        emit_alloc_stack(ctx, kind, func, id, addr, size);
+        emit_alloc_stack(
+            ctx,
+            u64::from(kind == EventKind::Mmap) << 32 | u64::from(func),
+            id,
+            addr,
+            size,
+        );
         return;
     }
     let (stack, new_stack) = stack_key(ctx);
+    let (py_stack, new_py) = py_stack(id);
     emit_with(
         AllocEvent {
             header: header(kind, func, id),
             addr,
             size,
             stack,
+            py_stack,
         },
-        new_stack,
+        new_stack || new_py,
     );
 }
 
@@ -351,23 +494,18 @@ fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: 
 fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
     // SAFETY: the helper checks the user access and writes at most `size` bytes, which the
     // caller guarantees fit in `dst`.
-    unsafe {
-        bpf_probe_read_user_raw(dst.cast(), size, sp as *const core::ffi::c_void) == 0
-    }
+    unsafe { bpf_probe_read_user_raw(dst.cast(), size, sp as *const core::ffi::c_void) == 0 }
 }
 
 /// An allocation with the caller's registers and a copy of its stack, for the agent to unwind
 /// (`unwind::DWARF`). The copy is as large as `STACK_COPY` allows and the stack's mapping
 /// holds: a copy running past the top of the stack faults, so smaller ones are tried.
-#[inline(always)]
-fn emit_alloc_stack(
-    ctx: &RetProbeContext,
-    kind: EventKind,
-    func: u32,
-    id: u64,
-    addr: u64,
-    size: u64,
-) {
+/// Not inlined (one copy for every allocator's return keeps the verifier's work small); at
+/// most five arguments, so the mapping flag and `func` share one (`mmap << 32 | func`).
+#[inline(never)]
+fn emit_alloc_stack(ctx: &RetProbeContext, mmap_func: u64, id: u64, addr: u64, size: u64) {
+    let func = mmap_func as u32;
+    let mmap = (mmap_func >> 32) as u32;
     let Some(buf) = COPY_SCRATCH.get_ptr_mut(0) else {
         count(Counter::StackLost);
         return;
@@ -407,16 +545,20 @@ fn emit_alloc_stack(
             sp,
             bp,
             stack_len: len,
-            mmap: u32::from(kind == EventKind::Mmap),
+            mmap,
+            py_stack: 0,
         };
     }
+    let (py_stack, new_py) = py_stack(id);
+    // SAFETY: as above.
+    unsafe { (*buf).event.py_stack = py_stack };
     let total = size_of::<UnwindEvent>() + len as usize;
     if total > size_of::<StackCopy>() {
         return;
     }
     // SAFETY: `total` bytes of the per-CPU buffer, checked above.
     let bytes = unsafe { core::slice::from_raw_parts(buf.cast::<u8>(), total) };
-    if EVENTS.output::<[u8]>(bytes, wakeup(false)).is_err() {
+    if EVENTS.output::<[u8]>(bytes, wakeup(new_py)).is_err() {
         count(Counter::RingFull);
     }
 }

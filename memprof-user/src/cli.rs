@@ -452,7 +452,8 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
             continue;
         }
         if let Some(name) = &args.comm
-            && target::comm(pid).as_deref() != Some(name.chars().take(15).collect::<String>().as_str())
+            && target::comm(pid).as_deref()
+                != Some(name.chars().take(15).collect::<String>().as_str())
         {
             continue;
         }
@@ -518,8 +519,8 @@ fn cgroup_id(path: &Path) -> Result<(u64, String)> {
     } else {
         root.join(path)
     };
-    let meta = fs::metadata(&full)
-        .with_context(|| format!("no such cgroup: {}", full.display()))?;
+    let meta =
+        fs::metadata(&full).with_context(|| format!("no such cgroup: {}", full.display()))?;
     let rel = full
         .strip_prefix(root)
         .map_err(|_| anyhow::anyhow!("--cgroup {} is not under /sys/fs/cgroup", full.display()))?;
@@ -661,8 +662,11 @@ fn trace_pid(
     // trace still works from /proc.
     match MmapWatcher::system() {
         Ok(watch) => session.watch_mappings(watch),
-        Err(e) => eprintln!("memprof: warning: {e:#}; frames of processes that exit quickly may go unnamed"),
+        Err(e) => eprintln!(
+            "memprof: warning: {e:#}; frames of processes that exit quickly may go unnamed"
+        ),
     }
+    session.prepare();
     eprintln!("{ready}");
     if args.json {
         let mut out = std::io::stdout().lock();

@@ -4,8 +4,8 @@
 //! record this build does not understand is an error the caller counts, never a misread.
 
 use memprof_common::{
-    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, UnwindEvent, PhaseEvent, RemapEvent,
-    UnmapEvent,
+    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent,
+    PhaseEvent, RemapEvent, UnmapEvent, UnwindEvent,
 };
 
 /// One decoded record.
@@ -215,6 +215,23 @@ pub fn stack_copy(bytes: &[u8]) -> Option<StackCopy<'_>> {
     })
 }
 
+/// The key of the Python frames an allocation record carries (`NO_STACK` for none, or for a
+/// record of another kind).
+pub fn py_stack(bytes: &[u8]) -> u64 {
+    let Ok(header) = read::<EventHeader>(bytes) else {
+        return memprof_common::NO_STACK;
+    };
+    match EventKind::from_u16(header.kind) {
+        Some(EventKind::Alloc | EventKind::Mmap) => {
+            read::<AllocEvent>(bytes).map_or(memprof_common::NO_STACK, |e| e.py_stack)
+        }
+        Some(EventKind::AllocStack) => {
+            read::<UnwindEvent>(bytes).map_or(memprof_common::NO_STACK, |e| e.py_stack)
+        }
+        _ => memprof_common::NO_STACK,
+    }
+}
+
 /// The process a record decoded by [`decode`] belongs to.
 pub fn tgid(bytes: &[u8]) -> u32 {
     read::<EventHeader>(bytes).map_or(0, |h| h.tgid)
@@ -248,6 +265,7 @@ mod tests {
             addr: 0x1000,
             size: 48,
             stack: 3,
+            py_stack: 0,
         });
         assert_eq!(
             decode(&bytes),
@@ -271,7 +289,7 @@ mod tests {
         });
         assert_eq!(
             decode(&bytes[..40]),
-            Err(DecodeError::Short { got: 40, need: 48 })
+            Err(DecodeError::Short { got: 40, need: 56 })
         );
         assert_eq!(
             decode(&bytes[..10]),
@@ -310,6 +328,7 @@ mod tests {
             bp: 0,
             stack_len: 16,
             mmap: 0,
+            py_stack: 77,
         };
         let mut bytes = encode(&e);
         bytes.extend((0u8..16).collect::<Vec<_>>());
@@ -317,8 +336,12 @@ mod tests {
             Event::Alloc(a) => assert_eq!((a.addr, a.size, a.stack), (0x1000, 64, 0)),
             other => panic!("{other:?}"),
         }
+        assert_eq!(py_stack(&bytes), 77);
         let copy = stack_copy(&bytes).unwrap();
-        assert_eq!((copy.ip, copy.sp, copy.stack.len()), (0x40_1000, 0x7ff0_0000, 16));
+        assert_eq!(
+            (copy.ip, copy.sp, copy.stack.len()),
+            (0x40_1000, 0x7ff0_0000, 16)
+        );
         assert_eq!(copy.stack[15], 15);
         // A record shorter than its stated copy is refused, never read past.
         bytes.truncate(bytes.len() - 1);

@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
-use memprof_common::{COUNTER_SLOTS, Counter, StackTrace, mode, unwind};
+use memprof_common::{COUNTER_SLOTS, Counter, PyStack, PyWalk, StackTrace, mode, unwind};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
 use crate::{allocators::Allocator, placement, report::KernelLosses, target::file_id};
@@ -199,6 +199,9 @@ pub struct Tracer {
     pub events: RingBuf<MapData>,
     stacks: AyaHashMap<MapData, u64, StackTrace>,
     counters: PerCpuArray<MapData, u64>,
+    py_procs: AyaHashMap<MapData, u32, PyWalk>,
+    py_threads: AyaHashMap<MapData, u32, u64>,
+    py_stacks: AyaHashMap<MapData, u64, PyStack>,
     pub attach: AttachReport,
     /// Where probes go (one process, or every process mapping the object).
     scope: UProbeScope,
@@ -227,8 +230,9 @@ pub enum Targets {
 impl Targets {
     fn scope(&self) -> UProbeScope {
         match self {
-            Self::One(pid) => NonZeroU32::new(*pid)
-                .map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess),
+            Self::One(pid) => {
+                NonZeroU32::new(*pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess)
+            }
             _ => UProbeScope::AllProcesses,
         }
     }
@@ -273,7 +277,13 @@ impl Tracer {
         let (mode, target, follow, comm, cgroup) = match &opts.targets {
             Targets::One(pid) => (mode::ONE, *pid, false, None, 0),
             Targets::Set { follow, comm, .. } => (mode::SET, 0, *follow, comm.clone(), 0),
-            Targets::All { cgroup } => (mode::ALL, std::process::id(), false, None, cgroup.unwrap_or(0)),
+            Targets::All { cgroup } => (
+                mode::ALL,
+                std::process::id(),
+                false,
+                None,
+                cgroup.unwrap_or(0),
+            ),
         };
         let comm = comm_bytes(comm.as_deref().unwrap_or(""));
         let mut ebpf = EbpfLoader::new()
@@ -303,7 +313,9 @@ impl Tracer {
                     .ok_or_else(|| anyhow!("the eBPF object has no map TGIDS"))?,
             )?;
             for pid in pids {
-                tgids.insert(pid, 1, 0).context("failed to add a process to trace")?;
+                tgids
+                    .insert(pid, 1, 0)
+                    .context("failed to add a process to trace")?;
             }
         }
         let scope = opts.targets.scope();
@@ -320,11 +332,17 @@ impl Tracer {
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
+        let py_procs = AyaHashMap::try_from(take(&mut ebpf, "PY_PROCS")?)?;
+        let py_threads = AyaHashMap::try_from(take(&mut ebpf, "PY_THREADS")?)?;
+        let py_stacks = AyaHashMap::try_from(take(&mut ebpf, "PY_STACKS")?)?;
         Ok(Self {
             ebpf,
             events,
             stacks,
             counters,
+            py_procs,
+            py_threads,
+            py_stacks,
             attach,
             scope,
             placement: !opts.no_placement,
@@ -355,6 +373,38 @@ impl Tracer {
     pub fn stack(&self, key: u64) -> Vec<u64> {
         match self.stacks.get(&key, 0) {
             Ok(trace) => trace.frames().to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Lets the kernel program walk the Python frames of CPython process `tgid`.
+    pub fn set_python(&mut self, tgid: u32, walk: PyWalk) -> Result<()> {
+        self.py_procs
+            .insert(tgid, walk, 0)
+            .context("failed to register a Python process")
+    }
+
+    /// Registers thread `tid` as running Python with thread state `tstate`.
+    pub fn set_python_thread(&mut self, tid: u32, tstate: u64) -> Result<()> {
+        self.py_threads
+            .insert(tid, tstate, 0)
+            .context("failed to register a Python thread")
+    }
+
+    /// Forgets a Python thread (it exited, or its process exec'd).
+    pub fn remove_python_thread(&mut self, tid: u32) {
+        let _ = self.py_threads.remove(&tid);
+    }
+
+    /// The (code object, instruction) pairs of Python stack `key`, innermost first.
+    pub fn py_stack(&self, key: u64) -> Vec<(u64, u64)> {
+        match self.py_stacks.get(&key, 0) {
+            Ok(s) => s
+                .frames
+                .iter()
+                .take((s.len as usize).min(s.frames.len()))
+                .map(|[code, instr]| (*code, *instr))
+                .collect(),
             Err(_) => Vec::new(),
         }
     }

@@ -2,6 +2,12 @@
 
 use std::{io, process::ExitCode};
 
+/// memprof's own memory comes from an allocator linked into it, not from the C library: with
+/// `--all` or followed children the C library's malloc carries memprof's probes in every
+/// process, memprof included, and each of its own allocations would pay a probe's trap.
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 fn main() -> ExitCode {
     match memprof::cli::run() {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

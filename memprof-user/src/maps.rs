@@ -63,7 +63,8 @@ impl AddressSpace {
 
     /// Adds a mapping the kernel reported; it replaces whatever it overlaps.
     pub fn insert(&mut self, m: Mapping) {
-        self.mappings.retain(|o| o.end <= m.start || o.start >= m.end);
+        self.mappings
+            .retain(|o| o.end <= m.start || o.start >= m.end);
         let at = self.mappings.partition_point(|o| o.start < m.start);
         self.mappings.insert(at, m);
     }
@@ -96,7 +97,8 @@ pub fn file_of(pid: u32, path: &str, dev: &str, inode: u64) -> String {
     use std::os::unix::fs::MetadataExt as _;
     let same = |p: &str| {
         fs::metadata(p).is_ok_and(|m| {
-            m.ino() == inode && format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())) == dev
+            m.ino() == inode
+                && format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())) == dev
         })
     };
     if same(path) {

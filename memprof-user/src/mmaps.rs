@@ -198,7 +198,10 @@ fn parse_mmap2(r: &[u8], misc: u16) -> Option<MmapRecord> {
     let (dev, inode) = if misc & PERF_RECORD_MISC_MMAP_BUILD_ID != 0 {
         (String::new(), 0)
     } else {
-        (format!("{:02x}:{:02x}", u32_at(40)?, u32_at(44)?), u64_at(48)?)
+        (
+            format!("{:02x}:{:02x}", u32_at(40)?, u32_at(44)?),
+            u64_at(48)?,
+        )
     };
     let name = r.get(72..)?;
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
@@ -303,7 +306,8 @@ mod tests {
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(p, 4096) };
         assert!(
-            seen.iter().any(|r| r.mapping.start == p as u64 && r.pid == std::process::id()),
+            seen.iter()
+                .any(|r| r.mapping.start == p as u64 && r.pid == std::process::id()),
             "{seen:?}"
         );
     }

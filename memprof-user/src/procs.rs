@@ -135,6 +135,11 @@ mod tests {
         assert_eq!(foreign_root(std::process::id()), None);
         let p = Proc::discover(std::process::id());
         assert!(!p.comm.is_empty());
-        assert!(p.space.mappings().iter().any(|m| m.path.contains("memprof")));
+        assert!(
+            p.space
+                .mappings()
+                .iter()
+                .any(|m| m.path.contains("memprof"))
+        );
     }
 }

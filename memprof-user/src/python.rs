@@ -722,6 +722,8 @@ struct CodeInfo {
     table: Vec<u8>,
     /// Runtime address of the bytecode (3.11+): `code + co_code_adaptive`.
     code_start: u64,
+    /// See `Resolver::identity`.
+    identity: [u64; 3],
 }
 
 /// Reads the frames of one CPython process, caching decoded code objects by address.
@@ -864,6 +866,20 @@ impl Resolver {
         }
     }
 
+    /// Whether a pair the kernel recorded is a frame CPython's tracebacks leave out (one that
+    /// has not run its first instruction), or not a code object at all.
+    pub fn incomplete_frame(&self, code: u64, instr: u64) -> bool {
+        if self.codes.contains_key(&code) {
+            return false;
+        }
+        // Unreadable (the process is gone): kept, to be shown as an unnamed frame.
+        match self.is_code(code) {
+            Ok(false) => true,
+            Ok(true) => self.incomplete(code, instr, None).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
     /// `_PyFrame_IsIncomplete`: a frame (not a generator's) whose instruction is before
     /// `_co_firsttraceable` has not run its first instruction yet.
     fn incomplete(&self, code: u64, instr: u64, owner: Option<u8>) -> Result<bool> {
@@ -879,6 +895,14 @@ impl Resolver {
     /// The function, file and line of a frame, from its code object's address and instruction
     /// field (as [`Resolver::frame_pairs`] gives them and the kernel side will record them).
     pub fn resolve(&mut self, code: u64, instr: u64) -> Result<PyFrame> {
+        // A freed code object's address can hold another one later: while the process can be
+        // read, a cached entry must still match the object's name and line table pointers.
+        if let Some(cached) = self.codes.get(&code)
+            && let Ok(identity) = self.identity(code)
+            && identity != cached.identity
+        {
+            self.codes.remove(&code);
+        }
         if !self.codes.contains_key(&code) {
             if !self.is_code(code)? {
                 return Err(self.invalid("not a code object", code));
@@ -915,7 +939,19 @@ impl Resolver {
         self.codes.len()
     }
 
+    /// What tells two code objects at one address apart: their name, file and line table
+    /// object pointers.
+    fn identity(&self, code: u64) -> Result<[u64; 3]> {
+        let o = &self.process.offsets;
+        Ok([
+            self.mem.u64(code + u64::from(o.code_name))?,
+            self.mem.u64(code + u64::from(o.code_filename))?,
+            self.mem.u64(code + u64::from(o.code_linetable))?,
+        ])
+    }
+
     fn read_code(&self, code: u64) -> Result<CodeInfo> {
+        let identity = self.identity(code)?;
         let o = &self.process.offsets;
         let name_field = if o.code_qualname != NONE {
             o.code_qualname
@@ -936,6 +972,7 @@ impl Resolver {
             firstlineno,
             table,
             code_start,
+            identity,
         })
     }
 

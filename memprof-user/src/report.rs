@@ -618,14 +618,13 @@ fn render_processes(out: &mut String, processes: &[ProcessReport]) {
     let exited = processes.iter().filter(|p| p.exited).count();
     let _ = writeln!(
         out,
-        "\n{} processes traced ({exited} exited):\n  {:>8}  {:<16} {:>12} {:>10} {:>12}  {}",
+        "\n{} processes traced ({exited} exited):\n  {:>8}  {:<16} {:>12} {:>10} {:>12}  TOP SITE",
         processes.len(),
         "PID",
         "COMMAND",
         "OUTSTANDING",
         "ALLOCS",
         "GROWTH MB/h",
-        "TOP SITE"
     );
     for p in processes.iter().take(SHOWN) {
         let top = p
@@ -654,7 +653,11 @@ fn render_processes(out: &mut String, processes: &[ProcessReport]) {
         );
     }
     if processes.len() > SHOWN {
-        let _ = writeln!(out, "  ... and {} more (--json lists all)", processes.len() - SHOWN);
+        let _ = writeln!(
+            out,
+            "  ... and {} more (--json lists all)",
+            processes.len() - SHOWN
+        );
     }
 }
 

@@ -18,8 +18,8 @@ use tokio::{
 };
 
 use crate::{
-    analysis::categories::Rule,
     allocators,
+    analysis::categories::Rule,
     event::{self, Event, decode},
     load::Tracer,
     maps::Mapping,
@@ -28,6 +28,7 @@ use crate::{
     output::{Live, Profile},
     procmem::ProcMem,
     procs::Proc,
+    python::{self, PyFrame, Resolver},
     report::{self, Inputs, ProcessInfo, Report},
     stacks::StackStore,
     symbolize::Symbolizer,
@@ -117,6 +118,8 @@ pub struct Session {
     watch: Option<MmapWatcher>,
     /// Mapping records of processes not seen yet (a child whose fork is still in the ring).
     pending_maps: std::collections::HashMap<u32, Vec<Mapping>>,
+    /// CPython processes: their frame readers and registered threads.
+    pythons: std::collections::HashMap<u32, PyState>,
     symbolizer: Symbolizer,
     decode_errors: u64,
     start_ns: u64,
@@ -200,6 +203,7 @@ impl Session {
             unwind_stats: report::UnwindStats::default(),
             watch: None,
             pending_maps: Default::default(),
+            pythons: Default::default(),
             decode_errors: 0,
             start_ns,
             settings,
@@ -215,8 +219,16 @@ impl Session {
     }
 
     /// Runs until the process exits, the duration elapses or a signal arrives.
-    pub async fn run(&mut self) -> Result<End> {
+    /// What must be in place before the trace is announced (and the target goes on): the
+    /// traced process's files kept open, a running interpreter's threads registered.
+    pub fn prepare(&mut self) {
         self.pin_initial();
+        if !self.parent && self.pid != 0 {
+            self.scan_python(self.pid);
+        }
+    }
+
+    pub async fn run(&mut self) -> Result<End> {
         let ring_fd: RawFd = self.tracer.events.as_raw_fd();
         // SAFETY: the ring buffer's fd outlives this AsyncFd, which is dropped at the end of
         // this function.
@@ -322,8 +334,11 @@ impl Session {
         let Some(watch) = &mut self.watch else {
             return;
         };
-        let (procs, pending, symbolizer) =
-            (&mut self.procs, &mut self.pending_maps, &mut self.symbolizer);
+        let (procs, pending, symbolizer) = (
+            &mut self.procs,
+            &mut self.pending_maps,
+            &mut self.symbolizer,
+        );
         watch.drain(|r| match procs.get_mut(&r.pid) {
             Some(p) => apply_mapping(symbolizer, p, r.pid, r.mapping),
             None => {
@@ -369,10 +384,16 @@ impl Session {
                     copy,
                 );
             }
+            let py = event::py_stack(&item);
             drop(item);
             self.events += 1;
             match decoded {
-                Ok(event) => self.observe(tgid, &event),
+                Ok(mut event) => {
+                    if let Event::Alloc(a) = &mut event {
+                        a.stack = self.with_python(tgid, a.stack, py);
+                    }
+                    self.observe(tgid, &event)
+                }
                 Err(_) => self.decode_errors += 1,
             }
         }
@@ -398,6 +419,8 @@ impl Session {
                     }
                 }
                 self.detect_allocators(tgid);
+                // An interpreter loads its modules as it starts: register its threads early.
+                self.scan_python(tgid);
             }
             Event::Phase {
                 tid, phase, enter, ..
@@ -417,6 +440,11 @@ impl Session {
                 // A spawned command's own exec starts it: not a re-exec.
                 let first = self.parent && tgid == self.pid && !self.command_started;
                 self.command_started |= first;
+                if let Some(state) = self.pythons.remove(&tgid) {
+                    for tid in state.tids.keys() {
+                        self.tracer.remove_python_thread(*tid);
+                    }
+                }
                 if let Some(p) = self.procs.get_mut(&tgid) {
                     p.exec(tgid, &comm);
                     if first {
@@ -433,8 +461,7 @@ impl Session {
             _ => {}
         }
         let changes = &mut self.changes;
-        self.table
-            .apply_from(tgid, event, &mut |c| changes.push(c));
+        self.table.apply_from(tgid, event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
             self.tracker.on_change(&change, outstanding);
@@ -476,6 +503,11 @@ impl Session {
 
     /// Samples outstanding bytes per group and per process, and the processes' RSS.
     fn sample(&mut self) {
+        // New Python threads since the last look.
+        let pythons: Vec<u32> = self.pythons.keys().copied().collect();
+        for pid in pythons {
+            self.scan_python(pid);
+        }
         let now = monotonic_ns();
         let t = (now - self.start_ns) as f64 / 1e9;
         let mut rss = None;
@@ -623,6 +655,145 @@ impl Session {
         let _ = write.write_all(answer.as_bytes()).await;
     }
 
+    /// The stack key of an allocation: the native stack `native`, or, when the thread ran
+    /// Python (`py` names its frames in the kernel's map), a stack with those Python frames
+    /// placed where the interpreter's own frames begin. A Python thread not registered yet
+    /// makes memprof look for the process's threads again.
+    fn with_python(&mut self, tgid: u32, native: u64, py: u64) -> u64 {
+        if py == memprof_common::NO_STACK {
+            self.scan_python(tgid);
+            return native;
+        }
+        let key = python_key(native, py);
+        if self.stacks.contains(key) {
+            return key;
+        }
+        if native != NO_STACK && !self.stacks.contains(native) {
+            self.learn_stack(tgid, native);
+        }
+        let pairs = self.tracer.py_stack(py);
+        let Some(state) = self.pythons.get_mut(&tgid) else {
+            return native;
+        };
+        let Some(resolver) = &mut state.resolver else {
+            return native;
+        };
+        let mut frames: Vec<PyFrame> = Vec::new();
+        for (code, instr) in pairs {
+            // Shim frames (code 0) and frames that have not started are left out, as CPython's
+            // tracebacks leave them out. A code object memprof cannot read any more (its
+            // process exited) stays as an unnamed Python frame, counted in `unknown_frames`.
+            if code == 0 || resolver.incomplete_frame(code, instr) {
+                continue;
+            }
+            frames.push(resolver.resolve(code, instr).unwrap_or_else(|_| PyFrame {
+                function: String::new(),
+                file: String::new(),
+                line: None,
+            }));
+        }
+        let natives = self
+            .stacks
+            .get(native)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        // Python frames go above the first frame of the interpreter's object (the eval loop).
+        let object = resolver.process.object.clone();
+        let at = natives
+            .iter()
+            .position(|f| {
+                f.module
+                    .and_then(|m| self.stacks.modules().get(m as usize))
+                    .is_some_and(|path| path.ends_with(&object))
+            })
+            .unwrap_or(natives.len());
+        self.stacks.insert_mixed(key, &natives, &frames, at);
+        key
+    }
+
+    /// Finds CPython in process `tgid` (once per image) and registers its threads with the
+    /// kernel program, at most every 20 ms per process.
+    fn scan_python(&mut self, tgid: u32) {
+        const RESCAN_NS: u64 = 20_000_000;
+        const DETECT_TRIES: u32 = 20;
+        let now = monotonic_ns();
+        let Some(p) = self.procs.get(&tgid) else {
+            return;
+        };
+        let looks_like_python = p.comm.contains("python")
+            || p.space.mappings().iter().any(|m| {
+                m.path
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.contains("python"))
+            });
+        if !looks_like_python {
+            return;
+        }
+        let state = self.pythons.entry(tgid).or_default();
+        if now.saturating_sub(state.last_scan_ns) < RESCAN_NS {
+            return;
+        }
+        state.last_scan_ns = now;
+        if state.resolver.is_none() {
+            if state.tries >= DETECT_TRIES {
+                return;
+            }
+            state.tries += 1;
+            let Ok(resolver) = Resolver::new(tgid) else {
+                return;
+            };
+            let o = resolver.process.offsets;
+            let walk = memprof_common::PyWalk {
+                runtime: resolver.process.runtime,
+                runtime_interpreters_head: o.runtime_interpreters_head,
+                interp_threads_head: o.interp_threads_head,
+                tstate_next: o.tstate_next,
+                tstate_native_thread_id: o.tstate_native_thread_id,
+                tstate_frame: o.tstate_frame,
+                cframe_current_frame: o.cframe_current_frame,
+                frame_previous: o.frame_previous,
+                frame_code: o.frame_code,
+                frame_instr: o.frame_instr,
+                instr_is_pointer: u32::from(o.instr_kind == python::INSTR_POINTER),
+                frame_owner: o.frame_owner,
+                _pad: 0,
+            };
+            if self.tracer.set_python(tgid, walk).is_err() {
+                return;
+            }
+            state.resolver = Some(resolver);
+        }
+        let Some(resolver) = &mut state.resolver else {
+            return;
+        };
+        let Ok(tstates) = resolver.thread_states() else {
+            return;
+        };
+        let mut live = std::collections::HashSet::new();
+        for tstate in tstates {
+            if let Ok(thread) = resolver.thread(tstate)
+                && let Some(tid) = thread.tid
+            {
+                live.insert(tid);
+                if state.tids.get(&tid) != Some(&tstate) {
+                    let _ = self.tracer.set_python_thread(tid, tstate);
+                    state.tids.insert(tid, tstate);
+                }
+            }
+        }
+        let gone: Vec<u32> = state
+            .tids
+            .keys()
+            .filter(|t| !live.contains(t))
+            .copied()
+            .collect();
+        for tid in gone {
+            state.tids.remove(&tid);
+            self.tracer.remove_python_thread(tid);
+        }
+    }
+
     /// Reads a new stack from the kernel and normalizes it while the process is alive.
     ///
     /// The address-space view is re-read when a library was mapped since the last read, or when
@@ -710,8 +881,9 @@ impl Session {
                     )
                 })
                 .collect();
-            let outstanding =
-                |p: &report::ProcessReport| p.totals.heap.outstanding_bytes + p.mmap.outstanding_bytes;
+            let outstanding = |p: &report::ProcessReport| {
+                p.totals.heap.outstanding_bytes + p.mmap.outstanding_bytes
+            };
             if self.settings.rank_by_growth {
                 processes.sort_by(|a, b| {
                     let (ga, gb) = (
@@ -721,7 +893,8 @@ impl Session {
                     gb.total_cmp(&ga).then(a.pid.cmp(&b.pid))
                 });
             } else {
-                processes.sort_by(|a, b| outstanding(b).cmp(&outstanding(a)).then(a.pid.cmp(&b.pid)));
+                processes
+                    .sort_by(|a, b| outstanding(b).cmp(&outstanding(a)).then(a.pid.cmp(&b.pid)));
             }
             report.processes = Some(processes);
         }
@@ -788,6 +961,25 @@ fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> 
         }
     }
     key
+}
+
+/// What memprof knows of a CPython process.
+#[derive(Default)]
+struct PyState {
+    resolver: Option<Resolver>,
+    /// Detection attempts so far (the interpreter may not be mapped or initialized yet).
+    tries: u32,
+    last_scan_ns: u64,
+    /// Threads registered with the kernel program: tid -> thread state.
+    tids: std::collections::HashMap<u32, u64>,
+}
+
+/// The key of a stack with Python frames: native key and Python key combined, with bit 62 set.
+fn python_key(native: u64, py: u64) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (native, py).hash(&mut h);
+    (h.finish() | (1 << 62)) & !(1 << 63)
 }
 
 /// Adds a mapping the kernel reported to process `pid`'s view.

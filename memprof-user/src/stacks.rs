@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::maps::AddressSpace;
+use crate::{maps::AddressSpace, python::PyFrame};
 
 /// One frame of a stored stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,6 +13,8 @@ pub struct RawFrame {
     pub module: Option<u32>,
     /// Offset of `addr` in the module file.
     pub file_offset: u64,
+    /// A Python frame: index into [`StackStore::python_frames`] (`addr` and `module` unused).
+    pub python: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -20,6 +22,8 @@ pub struct StackStore {
     stacks: HashMap<u64, Vec<RawFrame>>,
     modules: Vec<String>,
     module_ids: HashMap<String, u32>,
+    python_frames: Vec<PyFrame>,
+    python_ids: HashMap<PyFrame, u32>,
 }
 
 impl StackStore {
@@ -45,15 +49,48 @@ impl StackStore {
                     addr,
                     module: Some(self.intern(&m.path)),
                     file_offset: addr - m.start + m.offset,
+                    python: None,
                 },
                 None => RawFrame {
                     addr,
                     module: None,
                     file_offset: 0,
+                    python: None,
                 },
             })
             .collect();
         self.stacks.insert(id, frames);
+    }
+
+    /// Stores stack `id`: the native `frames` of another stack with the Python frames `python`
+    /// (innermost first) inserted before native frame `at`.
+    pub fn insert_mixed(&mut self, id: u64, frames: &[RawFrame], python: &[PyFrame], at: usize) {
+        let at = at.min(frames.len());
+        let mut out = frames[..at].to_vec();
+        for f in python {
+            let index = match self.python_ids.get(f) {
+                Some(i) => *i,
+                None => {
+                    let i = self.python_frames.len() as u32;
+                    self.python_frames.push(f.clone());
+                    self.python_ids.insert(f.clone(), i);
+                    i
+                }
+            };
+            out.push(RawFrame {
+                addr: 0,
+                module: None,
+                file_offset: 0,
+                python: Some(index),
+            });
+        }
+        out.extend_from_slice(&frames[at..]);
+        self.stacks.insert(id, out);
+    }
+
+    /// Python frames referred to by [`RawFrame::python`].
+    pub fn python_frames(&self) -> &[PyFrame] {
+        &self.python_frames
     }
 
     fn intern(&mut self, path: &str) -> u32 {

@@ -71,12 +71,27 @@ impl Symbolizer {
         frames
             .iter()
             .map(|f| {
+                if let Some(py) = f.python.and_then(|i| store.python_frames().get(i as usize)) {
+                    let known = |s: &String| (!s.is_empty()).then(|| s.clone());
+                    return Frame {
+                        function: known(&py.function),
+                        module: None,
+                        file: known(&py.file),
+                        line: py.line,
+                        addr: "0x0".to_string(),
+                        kind: "python",
+                    };
+                }
                 let module = f.module.map(|m| store.modules()[m as usize].clone());
                 let r = f
                     .module
                     .and_then(|m| self.cache.get(&(m, lookup_offset(f))));
                 Frame {
-                    kind: if module.is_some() { "native" } else { "unknown" },
+                    kind: if module.is_some() {
+                        "native"
+                    } else {
+                        "unknown"
+                    },
                     function: r.and_then(|r| r.function.clone()),
                     module,
                     file: r.and_then(|r| r.file.clone()),

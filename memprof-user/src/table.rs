@@ -410,20 +410,48 @@ impl Tables {
         let h = &mut self.heap_totals;
         delta(&mut h.allocs, h0.allocs, h1.allocs);
         delta(&mut h.frees, h0.frees, h1.frees);
-        delta(&mut h.bytes_allocated, h0.bytes_allocated, h1.bytes_allocated);
+        delta(
+            &mut h.bytes_allocated,
+            h0.bytes_allocated,
+            h1.bytes_allocated,
+        );
         delta(&mut h.bytes_freed, h0.bytes_freed, h1.bytes_freed);
-        delta(&mut h.outstanding_allocs, h0.outstanding_allocs, h1.outstanding_allocs);
-        delta(&mut h.outstanding_bytes, h0.outstanding_bytes, h1.outstanding_bytes);
-        delta(&mut h.unmatched_frees, h0.unmatched_frees, h1.unmatched_frees);
-        delta(&mut h.reused_addresses, h0.reused_addresses, h1.reused_addresses);
+        delta(
+            &mut h.outstanding_allocs,
+            h0.outstanding_allocs,
+            h1.outstanding_allocs,
+        );
+        delta(
+            &mut h.outstanding_bytes,
+            h0.outstanding_bytes,
+            h1.outstanding_bytes,
+        );
+        delta(
+            &mut h.unmatched_frees,
+            h0.unmatched_frees,
+            h1.unmatched_frees,
+        );
+        delta(
+            &mut h.reused_addresses,
+            h0.reused_addresses,
+            h1.reused_addresses,
+        );
         h.peak_outstanding_bytes = h.peak_outstanding_bytes.max(h.outstanding_bytes);
         let m = &mut self.mmap_totals;
         delta(&mut m.maps, m0.maps, m1.maps);
         delta(&mut m.unmaps, m0.unmaps, m1.unmaps);
         delta(&mut m.bytes_mapped, m0.bytes_mapped, m1.bytes_mapped);
         delta(&mut m.bytes_unmapped, m0.bytes_unmapped, m1.bytes_unmapped);
-        delta(&mut m.outstanding_maps, m0.outstanding_maps, m1.outstanding_maps);
-        delta(&mut m.outstanding_bytes, m0.outstanding_bytes, m1.outstanding_bytes);
+        delta(
+            &mut m.outstanding_maps,
+            m0.outstanding_maps,
+            m1.outstanding_maps,
+        );
+        delta(
+            &mut m.outstanding_bytes,
+            m0.outstanding_bytes,
+            m1.outstanding_bytes,
+        );
     }
 
     /// The table of process `tgid`.
@@ -638,7 +666,10 @@ mod tests {
         t.apply_from(2, &alloc(AllocFn::Malloc, 0x10, 30), &mut on);
         t.apply_from(2, &alloc(AllocFn::Mmap, 0x10000, 0x1000), &mut on);
         let h = t.heap_totals;
-        assert_eq!((h.allocs, h.outstanding_allocs, h.outstanding_bytes), (2, 2, 130));
+        assert_eq!(
+            (h.allocs, h.outstanding_allocs, h.outstanding_bytes),
+            (2, 2, 130)
+        );
         assert_eq!(h.peak_outstanding_bytes, 130);
         assert_eq!(t.process(2).unwrap().heap_totals.outstanding_bytes, 30);
         t.apply_from(1, &free(AllocFn::Free, 0x10), &mut on);
@@ -646,9 +677,18 @@ mod tests {
         let h = t.heap_totals;
         assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (2, 130, 0));
         assert_eq!(h.peak_outstanding_bytes, 130);
-        assert_eq!((t.mmap_totals.outstanding_bytes, t.mmap_totals.bytes_unmapped), (0, 0x1000));
+        assert_eq!(
+            (
+                t.mmap_totals.outstanding_bytes,
+                t.mmap_totals.bytes_unmapped
+            ),
+            (0, 0x1000)
+        );
         assert_eq!(t.heap_blocks().count() + t.map_regions().count(), 0);
-        let frees = seen.iter().filter(|c| matches!(c, Change::Free { .. })).count();
+        let frees = seen
+            .iter()
+            .filter(|c| matches!(c, Change::Free { .. }))
+            .count();
         assert_eq!(frees, 3);
     }
 

@@ -232,7 +232,10 @@ mod tests {
             .lines()
             .filter_map(|l| {
                 let (start, end) = l.split_whitespace().next()?.split_once('-')?;
-                Some((u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?))
+                Some((
+                    u64::from_str_radix(start, 16).ok()?,
+                    u64::from_str_radix(end, 16).ok()?,
+                ))
             })
             .find(|(start, end)| (*start..*end).contains(&sp))
             .map(|(_, end)| end)

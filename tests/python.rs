@@ -1,0 +1,285 @@
+//! End-to-end tests of Python frames on native allocations, with the real `memprof` binary,
+//! real eBPF and the machine's CPython: allocations made through ctypes (libffi) and through a
+//! C extension module built here carry the Python functions and lines that made them, with
+//! exact bytes, when memprof spawns the interpreter and when it attaches to it by pid, with
+//! frame-pointer and with CFI unwinding.
+//!
+//! Fixtures: tests/fixtures/pynative.py and pyleak.c. Needs root, `cc`, and a python3 with its
+//! headers (`MEMPROF_TEST_PYTHON` picks another interpreter):
+//! `cargo test --release -p memprof-user --test python -- --test-threads=1`.
+
+mod common;
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use common::{Checks, Finished, Proc, STARTUP, frame_fn, num, spawn_with_stdin, stack};
+use serde_json::Value;
+
+const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
+const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+const DEADLINE: Duration = Duration::from_secs(90);
+
+struct Fixture {
+    python: PathBuf,
+    script: PathBuf,
+    /// Directory holding the built `pyleak` extension module.
+    ext_dir: PathBuf,
+    /// Lines of the two allocating calls in the script.
+    ctypes_line: u64,
+    extension_line: u64,
+}
+
+fn python_query(python: &Path, code: &str) -> String {
+    let out = Command::new(python)
+        .args(["-c", code])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "{code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load eBPF programs and need root"
+    );
+    FIXTURE.get_or_init(|| {
+        // The real interpreter, not a launcher script that execs it.
+        let python = std::env::var_os("MEMPROF_TEST_PYTHON").map_or_else(
+            || {
+                PathBuf::from(python_query(
+                    Path::new("python3"),
+                    "import sys; print(sys.executable)",
+                ))
+            },
+            PathBuf::from,
+        );
+        let include = python_query(
+            &python,
+            "import sysconfig; print(sysconfig.get_paths()['include'])",
+        );
+        let suffix = python_query(
+            &python,
+            "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))",
+        );
+        let ext_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-python");
+        fs::create_dir_all(&ext_dir).unwrap();
+        let module = ext_dir.join(format!("pyleak{suffix}"));
+        let res = Command::new("cc")
+            .args(["-O2", "-g", "-shared", "-fPIC", "-I", &include, "-o"])
+            .arg(&module)
+            .arg(Path::new(FIXTURE_SRC).join("pyleak.c"))
+            .output()
+            .expect("cannot run cc");
+        assert!(
+            res.status.success(),
+            "building the pyleak extension failed (are {include}'s headers installed?):\n{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let script = Path::new(FIXTURE_SRC).join("pynative.py");
+        let text = fs::read_to_string(&script).unwrap();
+        let line_of = |marker: &str| -> u64 {
+            text.lines()
+                .position(|l| l.contains(marker))
+                .unwrap_or_else(|| panic!("no {marker}")) as u64
+                + 1
+        };
+        Fixture {
+            ctypes_line: line_of("# LEAK_CTYPES_LINE"),
+            extension_line: line_of("# LEAK_EXTENSION_LINE"),
+            python,
+            script,
+            ext_dir,
+        }
+    })
+}
+
+fn memprof(args: &[&str]) -> Command {
+    let mut cmd = Command::new(MEMPROF);
+    cmd.arg("trace").args(args);
+    cmd
+}
+
+fn report(f: &Finished) -> Value {
+    assert!(
+        !f.stderr.contains("panicked"),
+        "memprof panicked\n{}",
+        f.context()
+    );
+    assert_eq!(f.code(), Some(0), "memprof failed\n{}", f.context());
+    let records = f.ndjson();
+    let last = records
+        .last()
+        .unwrap_or_else(|| panic!("no output\n{}", f.context()));
+    assert_eq!(last["type"], "report", "{}", f.context());
+    last.clone()
+}
+
+/// A frame as (kind, function, line).
+type Shown = (String, String, u64);
+
+/// The groups holding a Python frame `function` (summed: bytes, allocs) and the first such
+/// group's frames.
+fn python_site(r: &Value, function: &str) -> ((u64, u64), Vec<Shown>) {
+    let mut total = (0, 0);
+    let mut first = None;
+    for g in r["leaks"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let frames: Vec<Shown> = stack(g)
+            .iter()
+            .map(|f| {
+                (
+                    f["kind"].as_str().unwrap_or("").to_string(),
+                    frame_fn(f).unwrap_or("?").to_string(),
+                    f["line"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        if frames
+            .iter()
+            .any(|(k, f, _)| k == "python" && f == function)
+        {
+            total = (total.0 + num(g, "bytes"), total.1 + num(g, "allocs"));
+            first.get_or_insert(frames);
+        }
+    }
+    (total, first.unwrap_or_default())
+}
+
+/// The Python frames of a group, innermost first, as (function, line).
+fn python_frames(frames: &[Shown]) -> Vec<(String, u64)> {
+    frames
+        .iter()
+        .filter(|(k, _, _)| k == "python")
+        .map(|(_, f, l)| (f.clone(), *l))
+        .collect()
+}
+
+fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
+    for (function, line, bytes, allocs) in [
+        ("leak_via_ctypes", fx.ctypes_line, 3333, 3),
+        ("leak_via_extension", fx.extension_line, 8888, 4),
+    ] {
+        let (total, frames) = python_site(r, function);
+        c.eq(
+            &format!("{function}: bytes, allocs"),
+            total,
+            (bytes, allocs),
+        );
+        let py = python_frames(&frames);
+        c.eq(
+            &format!("{function}: innermost Python frames"),
+            py.iter()
+                .take(2)
+                .map(|(f, l)| (f.as_str(), *l))
+                .collect::<Vec<_>>(),
+            vec![(function, line), ("main", py.get(1).map_or(0, |p| p.1))],
+        );
+        c.check(
+            py.last().is_some_and(|(f, _)| f == "<module>"),
+            format!("{function}: the outermost Python frame is <module>: {py:?}"),
+        );
+        if dwarf {
+            // Python frames sit between the native code they called and the interpreter.
+            let first_py = frames
+                .iter()
+                .position(|(k, _, _)| k == "python")
+                .unwrap_or(0);
+            let eval = frames
+                .iter()
+                .position(|(_, f, _)| f == "_PyEval_EvalFrameDefault")
+                .unwrap_or(0);
+            c.check(
+                first_py > 0 && eval > first_py,
+                format!("{function}: native, then Python, then the eval loop: {frames:?}"),
+            );
+        }
+    }
+    let (_, ext) = python_site(r, "leak_via_extension");
+    c.check(
+        ext.first()
+            .is_some_and(|(k, f, _)| k == "native" && f == "native_block"),
+        format!("the extension's allocation starts at its C function: {ext:?}"),
+    );
+}
+
+fn spawned(unwind: &str) {
+    let fx = fixture();
+    let ext = fx.ext_dir.to_str().unwrap();
+    let run = Proc::spawn(
+        format!("memprof trace --unwind {unwind} -- python pynative.py"),
+        &mut memprof(&[
+            "--json",
+            "--unwind",
+            unwind,
+            "--duration",
+            "60s",
+            "--",
+            fx.python.to_str().unwrap(),
+            fx.script.to_str().unwrap(),
+            ext,
+        ]),
+    )
+    .finish(DEADLINE);
+    let r = report(&run);
+    let mut c = Checks::new(format!("Python frames, spawned, --unwind {unwind}"));
+    check(&mut c, &r, fx, unwind == "dwarf");
+    c.finish(|| run.context());
+}
+
+#[test]
+fn python_frames_on_native_allocations_spawned() {
+    spawned("fp");
+}
+
+#[test]
+fn python_frames_on_native_allocations_spawned_dwarf() {
+    spawned("dwarf");
+}
+
+#[test]
+fn python_frames_on_native_allocations_by_pid() {
+    let fx = fixture();
+    let (mut target, mut stdin) = spawn_with_stdin(
+        "python pynative.py --wait",
+        Command::new(&fx.python)
+            .arg(&fx.script)
+            .arg(&fx.ext_dir)
+            .arg("--wait"),
+    );
+    target.expect_stdout_line("ready");
+    let pid = target.pid().to_string();
+    let mp = Proc::spawn(
+        "memprof trace --pid (python)",
+        &mut memprof(&["--json", "--pid", &pid, "--duration", "60s"]),
+    );
+    let deadline = Instant::now() + STARTUP;
+    assert!(
+        mp.err
+            .wait_line(deadline, |l| l.starts_with("memprof: tracing "))
+            .is_some(),
+        "memprof did not start\n{}",
+        mp.output_so_far()
+    );
+    stdin.write_all(b"go\n").unwrap();
+    stdin.flush().unwrap();
+    target.expect_stdout_line("done");
+    let run = mp.finish(DEADLINE);
+    let r = report(&run);
+    let mut c = Checks::new("Python frames, by pid");
+    check(&mut c, &r, fx, false);
+    c.finish(|| run.context());
+}
