@@ -18,6 +18,8 @@
 //! 15 s). A test panics (never skips) when something is missing. Environment: `CC` (default
 //! `cc`), `MEMPROF_TEST_CHROMIUM` (default `chromium`).
 
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsString,
@@ -210,6 +212,7 @@ fn valgrind_dhat() -> &'static Value {
         let _ = fs::remove_file(&path);
         let mut arg = OsString::from("--dhat-out-file=");
         arg.push(&path);
+        common::wait_for_probe_removal();
         let out = run(Command::new("valgrind")
             .arg("--tool=dhat")
             .arg(arg)

@@ -349,6 +349,28 @@ pub(crate) fn stack(group: &Value) -> &[Value] {
         .unwrap_or(&[])
 }
 
+/// Waits until no memprof process is left (up to 60 s). After a trace, a background memprof
+/// process removes the probes, one at a time; probes that follow children or cover every
+/// process are in every process mapping the C library until then, which a program that does
+/// not run its code natively (valgrind) sees as breakpoints.
+pub(crate) fn wait_for_probe_removal() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let busy = std::fs::read_dir("/proc")
+            .map(|dir| {
+                dir.filter_map(Result::ok).any(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.trim_end() == "memprof")
+                })
+            })
+            .unwrap_or(false);
+        if !busy || Instant::now() >= deadline {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts `cmd` with stdout and stderr read line by line and stdin kept open for writing.
 pub(crate) fn spawn_with_stdin(what: &str, cmd: &mut Command) -> (Proc, std::process::ChildStdin) {
     cmd.stdin(Stdio::piped())
