@@ -330,24 +330,12 @@ impl Session {
     /// Applies the kernel's mapping records: before the events that follow them, so code a
     /// process mapped is known even if it is gone before /proc can be read.
     fn drain_mappings(&mut self) {
-        const PENDING_MAX: usize = 16384;
-        let Some(watch) = &mut self.watch else {
-            return;
-        };
-        let (procs, pending, symbolizer) = (
+        drain_mappings(
+            self.watch.as_mut(),
             &mut self.procs,
             &mut self.pending_maps,
             &mut self.symbolizer,
         );
-        watch.drain(|r| match procs.get_mut(&r.pid) {
-            Some(p) => apply_mapping(symbolizer, p, r.pid, r.mapping),
-            None => {
-                if pending.values().map(Vec::len).sum::<usize>() >= PENDING_MAX {
-                    pending.clear();
-                }
-                pending.entry(r.pid).or_default().push(r.mapping);
-            }
-        });
     }
 
     /// Registers process `tgid`, with the mapping records that arrived before it.
@@ -372,6 +360,7 @@ impl Session {
             if let (Some(copy), Ok(Event::Alloc(a))) = (event::stack_copy(&item), &mut decoded) {
                 a.stack = unwind_copy(
                     &mut Unwinding {
+                        watch: self.watch.as_mut(),
                         procs: &mut self.procs,
                         pending: &mut self.pending_maps,
                         unwinders: &mut self.unwinders,
@@ -803,6 +792,15 @@ impl Session {
         const REREAD_NS: u64 = 50_000_000;
         let ips = self.tracer.stack(key);
         let now = monotonic_ns();
+        // Code mapped after the records were last taken (the ring is read while the process
+        // runs on): take them again first.
+        if self
+            .procs
+            .get(&tgid)
+            .is_some_and(|p| !StackStore::covered(&p.space, &ips))
+        {
+            self.drain_mappings();
+        }
         let Some(p) = self.procs.get_mut(&tgid) else {
             return;
         };
@@ -917,6 +915,7 @@ impl Session {
 /// What unwinding a stack copy touches (fields of `Session`, borrowed apart from the ring
 /// buffer the copy lives in).
 struct Unwinding<'a> {
+    watch: Option<&'a mut MmapWatcher>,
     procs: &'a mut std::collections::HashMap<u32, Proc>,
     pending: &'a mut std::collections::HashMap<u32, Vec<Mapping>>,
     unwinders: &'a mut std::collections::HashMap<u32, ProcessUnwinder>,
@@ -931,6 +930,9 @@ struct Unwinding<'a> {
 fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> u64 {
     const REREAD_NS: u64 = 50_000_000;
     let now = monotonic_ns();
+    if u.procs.get(&tgid).is_some_and(|p| p.space.find(copy.ip).is_none()) {
+        drain_mappings(u.watch.as_deref_mut(), u.procs, u.pending, u.symbolizer);
+    }
     let p = u.procs.entry(tgid).or_insert_with(|| Proc::discover(tgid));
     if let Some(maps) = u.pending.remove(&tgid) {
         for m in maps {
@@ -961,6 +963,28 @@ fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> 
         }
     }
     key
+}
+
+/// Applies the kernel's mapping records written since the last call (see `Session::watch`).
+fn drain_mappings(
+    watch: Option<&mut MmapWatcher>,
+    procs: &mut std::collections::HashMap<u32, Proc>,
+    pending: &mut std::collections::HashMap<u32, Vec<Mapping>>,
+    symbolizer: &mut Symbolizer,
+) {
+    const PENDING_MAX: usize = 16384;
+    let Some(watch) = watch else {
+        return;
+    };
+    watch.drain(|r| match procs.get_mut(&r.pid) {
+        Some(p) => apply_mapping(symbolizer, p, r.pid, r.mapping),
+        None => {
+            if pending.values().map(Vec::len).sum::<usize>() >= PENDING_MAX {
+                pending.clear();
+            }
+            pending.entry(r.pid).or_default().push(r.mapping);
+        }
+    });
 }
 
 /// What memprof knows of a CPython process.
