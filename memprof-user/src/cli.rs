@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use memprof_common::DEFAULT_RING_BYTES;
+use memprof_common::{DEFAULT_RING_BYTES, MAX_SAMPLE_MEAN};
 use serde::Serialize;
 
 use crate::{
@@ -159,6 +159,11 @@ struct TraceArgs {
     /// benchmarks.
     #[arg(long)]
     no_placement: bool,
+    /// Sample allocations by bytes: on average one allocation per SIZE allocated bytes is
+    /// recorded (e.g. 512K), and counts and bytes become unbiased estimates. Cheaper for
+    /// allocation-heavy processes. Default: record every allocation.
+    #[arg(long, value_parser = parse_sample_bytes, value_name = "SIZE")]
+    sample_bytes: Option<u64>,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     ring_bytes: u32,
@@ -210,6 +215,17 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 fn split_spec(spec: &str, what: &str) -> Result<(String, String)> {
     categories::parse_rule_spec(spec).map_err(|e| anyhow::anyhow!("invalid {what} {spec:?}: {e}"))
+}
+
+fn parse_sample_bytes(s: &str) -> Result<u64, String> {
+    let v = parse_bytes(s)?;
+    if v == 0 || v > MAX_SAMPLE_MEAN {
+        return Err(format!(
+            "sampling interval {s:?} must be between 1 byte and {} GiB",
+            MAX_SAMPLE_MEAN >> 30
+        ));
+    }
+    Ok(v)
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -401,6 +417,7 @@ fn trace_pid(
         phase_objects: objects,
         floor: args.probe_floor,
         no_placement: args.no_placement,
+        sample_bytes: args.sample_bytes.unwrap_or(0),
     })
     .with_context(|| format!("failed to trace pid {pid}"))?;
 

@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
-use memprof_common::{COUNTER_SLOTS, Counter, StackTrace};
+use memprof_common::{COUNTER_SLOTS, Counter, MAX_SAMPLE_MEAN, StackTrace};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
 use crate::{allocators::Allocator, placement, report::KernelLosses};
@@ -200,6 +200,8 @@ pub struct Tracer {
     stacks: AyaHashMap<MapData, u64, StackTrace>,
     counters: PerCpuArray<MapData, u64>,
     pub attach: AttachReport,
+    /// Mean sampling interval in bytes the programs were loaded with (0: not sampled).
+    pub sample_bytes: u64,
 }
 
 pub struct Options<'a> {
@@ -215,6 +217,8 @@ pub struct Options<'a> {
     pub floor: bool,
     /// Probe every function at its first byte (no `placement`).
     pub no_placement: bool,
+    /// Byte sampling: mean interval in bytes between sampled allocations (0: record all).
+    pub sample_bytes: u64,
 }
 
 impl Tracer {
@@ -226,10 +230,12 @@ impl Tracer {
         // Records wake the agent once a sixteenth of the ring is unread; below that it drains
         // on its timer (see `session::DRAIN_EVERY`).
         let wakeup_bytes = u64::from(opts.ring_bytes / 16);
+        let sample_bytes = opts.sample_bytes.min(MAX_SAMPLE_MEAN);
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &opts.pid, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("FLOOR", &u32::from(opts.floor), true)
+            .override_global("SAMPLE_BYTES", &sample_bytes, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
@@ -244,6 +250,7 @@ impl Tracer {
             stacks,
             counters,
             attach,
+            sample_bytes,
         })
     }
 
@@ -263,12 +270,13 @@ impl Tracer {
                 .map(|v| v.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(COUNTER_SLOTS, 4);
+        debug_assert_eq!(COUNTER_SLOTS, 7);
         KernelLosses {
             ring_full: read(Counter::RingFull),
             inflight_full: read(Counter::InflightFull),
             stack_lost: read(Counter::StackLost),
             orphan_returns: read(Counter::OrphanReturn),
+            sampled_full: read(Counter::SampledFull),
         }
     }
 }

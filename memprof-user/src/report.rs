@@ -32,6 +32,9 @@ pub struct KernelLosses {
     pub stack_lost: u64,
     /// Allocator returns whose entry was not seen (calls already running at attach).
     pub orphan_returns: u64,
+    /// With `--sample-bytes`: sampled allocations dropped because the kernel's map of sampled
+    /// live blocks was full.
+    pub sampled_full: u64,
 }
 
 /// The report's `totals`: the table's heap counts and what was lost on the way.
@@ -49,7 +52,7 @@ impl Totals {
     fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
         Self {
             heap: *heap,
-            lost_events: k.ring_full + k.inflight_full + decode_errors,
+            lost_events: k.ring_full + k.inflight_full + k.sampled_full + decode_errors,
             lost_stacks: k.stack_lost,
         }
     }
@@ -89,6 +92,10 @@ pub struct Report {
     pub exited: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<Option<i32>>,
+    /// Present when the trace was sampled (`--sample-bytes`): every byte and allocation count
+    /// in the report (totals, sites, phases, behaviour) is then an estimate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
     pub totals: Totals,
     pub mmap: MmapTotals,
     pub kernel: KernelLosses,
@@ -118,6 +125,17 @@ pub struct Report {
     /// nothing outstanding: candidates for pooling or reuse.
     pub churn_hotspots: Vec<Hotspot>,
     pub leaks: Vec<Leak>,
+}
+
+/// How a sampled trace was sampled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Sampling {
+    /// Mean sampling interval in bytes: each allocation of `s` bytes was recorded with
+    /// probability `1 - exp(-s / mean_bytes)` and stands for `1 / p` allocations and `s / p`
+    /// bytes.
+    pub mean_bytes: u64,
+    /// Always true: counts and bytes are unbiased estimates, not exact.
+    pub estimated: bool,
 }
 
 /// A call site that allocates and frees a lot.
@@ -177,8 +195,8 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
                 oldest_ns: u64::MAX,
                 ..Group::default()
             });
-        g.bytes += block.size;
-        g.allocs += 1;
+        g.bytes += block.bytes();
+        g.allocs += u64::from(block.count);
         g.oldest_ns = g.oldest_ns.min(block.ts_ns);
     };
     inputs.table.heap_blocks().for_each(|(_, b)| add(b, false));
@@ -268,6 +286,13 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         duration_s: None,
         exited: None,
         exit_code: None,
+        sampling: match inputs.table.sample_mean() {
+            0 => None,
+            mean_bytes => Some(Sampling {
+                mean_bytes,
+                estimated: true,
+            }),
+        },
         totals: Totals::new(
             &inputs.table.heap_totals,
             &inputs.kernel,
@@ -503,6 +528,13 @@ pub fn render_text(r: &Report) -> String {
         _ => {}
     }
     out.push('\n');
+    if let Some(s) = r.sampling {
+        let _ = writeln!(
+            out,
+            "  sampled      one allocation per {} on average: counts and bytes are estimates",
+            human_bytes(s.mean_bytes)
+        );
+    }
     let _ = writeln!(
         out,
         "  allocations  {} ({})    frees {} ({})    unmatched frees {}",
@@ -696,6 +728,7 @@ mod tests {
                 inflight_full: 1,
                 stack_lost: 4,
                 orphan_returns: 0,
+                sampled_full: 0,
             },
             decode_errors: 0,
             now_ns: 10_000_000_000,

@@ -144,6 +144,7 @@ impl Session {
         pidfd: PidFd,
     ) -> Self {
         let start_ns = monotonic_ns();
+        let sample_bytes = tracer.sample_bytes;
         Self {
             tracker: Tracker::new(&settings.phases, start_ns),
             changes: Vec::new(),
@@ -163,7 +164,7 @@ impl Session {
             pidfd,
             pid,
             tracer,
-            table: Table::new(),
+            table: Table::with_sampling(sample_bytes),
             stacks: StackStore::new(),
             // A running process is read now (it may exit before its first stack is seen); a
             // spawned command has not executed yet, so it is read at its first library load.

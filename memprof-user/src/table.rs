@@ -3,6 +3,12 @@
 //! Heap blocks (the malloc family) are keyed by address. Anonymous mappings made outside any
 //! allocator call are kept as address ranges, because `munmap` and `mremap` may cut or move any
 //! part of one. The two never mix: a mapping made inside `malloc` is that malloc's block.
+//!
+//! With byte sampling (`--sample-bytes`) the kernel reports only sampled heap blocks. This is
+//! where they are scaled: each sampled block carries `count`, the number of allocations it stands
+//! for (about `1 / p` with `p = 1 - exp(-size / mean)`), and `bytes() = size * count`. Everything
+//! downstream (totals, per-site behaviour, phases, reports and every output) sums `count` and
+//! `bytes()`, so it is an unbiased estimate; without sampling `count` is 1 and nothing changes.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,6 +28,24 @@ pub struct LiveAlloc {
     pub func: AllocFn,
     /// How many reallocs in a row produced this block (0: a fresh allocation).
     pub chain: u32,
+    /// Allocations this block stands for: 1 without sampling, else the estimate's weight.
+    pub count: u32,
+}
+
+impl LiveAlloc {
+    /// Bytes this block stands for: `size` without sampling, the estimate's weight with it.
+    pub fn bytes(&self) -> u64 {
+        self.size.saturating_mul(u64::from(self.count))
+    }
+}
+
+/// Probability that a block of `size` bytes is sampled with mean interval `mean`:
+/// `1 - exp(-size / mean)` (1 without sampling).
+pub fn sample_probability(size: u64, mean: u64) -> f64 {
+    if mean == 0 {
+        return 1.0;
+    }
+    -(-(size as f64) / mean as f64).exp_m1()
 }
 
 /// A change to what is outstanding, reported to the analysis layer by [`Table::apply_with`].
@@ -88,11 +112,43 @@ pub struct Table {
     reallocs: HashMap<u32, Pending>,
     pub heap_totals: HeapTotals,
     pub mmap_totals: MmapTotals,
+    /// Mean sampling interval in bytes (0: every block is reported).
+    sample_mean: u64,
+    /// Fraction of an allocation carried from one sampled block's weight to the next, so integer
+    /// counts sum to the real-valued estimate (error diffusion: each count is the estimate's
+    /// weight rounded down or up, and the running sum never strays by a whole allocation).
+    carry: f64,
 }
 
 impl Table {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table for a trace sampled with mean interval `mean` bytes (0: not sampled).
+    pub fn with_sampling(mean: u64) -> Self {
+        Self {
+            sample_mean: mean,
+            ..Self::default()
+        }
+    }
+
+    /// The mean sampling interval in bytes, 0 without sampling.
+    pub fn sample_mean(&self) -> u64 {
+        self.sample_mean
+    }
+
+    /// The number of allocations a reported heap block of `size` bytes stands for.
+    fn weight(&mut self, size: u64) -> u32 {
+        if self.sample_mean == 0 {
+            return 1;
+        }
+        let p = sample_probability(size, self.sample_mean);
+        let w = if p > 0.0 { 1.0 / p } else { 1.0 };
+        let total = self.carry + w;
+        let count = total.floor().clamp(1.0, f64::from(u32::MAX));
+        self.carry = (total - count).clamp(-1.0, 1.0);
+        count as u32
     }
 
     /// Applies one event.
@@ -104,9 +160,9 @@ impl Table {
     pub fn apply_with(&mut self, event: &Event, on: &mut impl FnMut(Change)) {
         match *event {
             Event::Alloc(a) if a.mmap => {
-                self.map(a.addr, a.size, live(&a, 0), a.ts_ns, a.tid, on);
+                self.map(a.addr, a.size, live(&a, 0, 1), a.ts_ns, a.tid, on);
                 on(Change::Alloc {
-                    block: live(&a, 0),
+                    block: live(&a, 0, 1),
                     tid: a.tid,
                     mmap: true,
                 });
@@ -124,7 +180,7 @@ impl Table {
                 }
                 _ => match self.remove_heap(addr) {
                     Some(block) => {
-                        self.count_free(block.size);
+                        self.count_free(&block);
                         on(freed(block, tid, ts_ns));
                     }
                     None => self.heap_totals.unmatched_frees += 1,
@@ -138,6 +194,9 @@ impl Table {
                 {
                     self.insert_heap(addr, block, tid, block.ts_ns, on);
                 }
+            }
+            Event::ReallocSettled { tid, ts_ns } => {
+                self.settle_realloc(tid, ts_ns, on);
             }
             Event::Munmap { addr, len } => {
                 // Unmaps carry no timestamp of their own: use the clock at processing time.
@@ -162,27 +221,44 @@ impl Table {
         let mut chain = 0;
         if matches!(a.func, AllocFn::Realloc | AllocFn::Reallocarray) {
             // The block the realloc took over is now really gone.
-            match self.reallocs.remove(&a.tid) {
-                Some(Pending {
-                    block: Some(old), ..
-                }) => {
-                    self.count_free(old.size);
-                    on(freed(old, a.tid, a.ts_ns));
-                    chain = old.chain + 1;
-                }
-                Some(Pending { block: None, .. }) => self.heap_totals.unmatched_frees += 1,
-                None => {}
+            if let Some(old) = self.settle_realloc(a.tid, a.ts_ns, on) {
+                chain = old.chain + 1;
             }
         }
+        let count = self.weight(a.size);
+        let block = live(a, chain, count);
         let t = &mut self.heap_totals;
-        t.allocs += 1;
-        t.bytes_allocated += a.size;
-        self.insert_heap(a.addr, live(a, chain), a.tid, a.ts_ns, on);
+        t.allocs += u64::from(count);
+        t.bytes_allocated += block.bytes();
+        self.insert_heap(a.addr, block, a.tid, a.ts_ns, on);
         on(Change::Alloc {
-            block: live(a, chain),
+            block,
             tid: a.tid,
             mmap: false,
         });
+    }
+
+    /// Ends the realloc in progress on `tid`: the block it took over is gone. Returns that block.
+    fn settle_realloc(
+        &mut self,
+        tid: u32,
+        ts_ns: u64,
+        on: &mut impl FnMut(Change),
+    ) -> Option<LiveAlloc> {
+        match self.reallocs.remove(&tid) {
+            Some(Pending {
+                block: Some(old), ..
+            }) => {
+                self.count_free(&old);
+                on(freed(old, tid, ts_ns));
+                Some(old)
+            }
+            Some(Pending { block: None, .. }) => {
+                self.heap_totals.unmatched_frees += 1;
+                None
+            }
+            None => None,
+        }
     }
 
     fn insert_heap(
@@ -196,30 +272,30 @@ impl Table {
         if let Some(old) = self.heap.insert(addr, block) {
             // The free of `old` was never seen (lost, or made by an unprobed path).
             self.heap_totals.reused_addresses += 1;
-            self.sub_outstanding(old.size);
+            self.sub_outstanding(&old);
             on(freed(old, tid, ts_ns));
         }
         let t = &mut self.heap_totals;
-        t.outstanding_allocs += 1;
-        t.outstanding_bytes += block.size;
+        t.outstanding_allocs += u64::from(block.count);
+        t.outstanding_bytes += block.bytes();
         t.peak_outstanding_bytes = t.peak_outstanding_bytes.max(t.outstanding_bytes);
     }
 
     fn remove_heap(&mut self, addr: u64) -> Option<LiveAlloc> {
         let block = self.heap.remove(&addr)?;
-        self.sub_outstanding(block.size);
+        self.sub_outstanding(&block);
         Some(block)
     }
 
-    fn sub_outstanding(&mut self, size: u64) {
+    fn sub_outstanding(&mut self, block: &LiveAlloc) {
         let t = &mut self.heap_totals;
-        t.outstanding_allocs -= 1;
-        t.outstanding_bytes -= size;
+        t.outstanding_allocs -= u64::from(block.count);
+        t.outstanding_bytes -= block.bytes();
     }
 
-    fn count_free(&mut self, size: u64) {
-        self.heap_totals.frees += 1;
-        self.heap_totals.bytes_freed += size;
+    fn count_free(&mut self, block: &LiveAlloc) {
+        self.heap_totals.frees += u64::from(block.count);
+        self.heap_totals.bytes_freed += block.bytes();
     }
 
     fn map(
@@ -340,20 +416,21 @@ impl Table {
     }
 }
 
-fn live(a: &Alloc, chain: u32) -> LiveAlloc {
+fn live(a: &Alloc, chain: u32, count: u32) -> LiveAlloc {
     LiveAlloc {
         size: a.size,
         ts_ns: a.ts_ns,
         stack: a.stack,
         func: a.func,
         chain,
+        count,
     }
 }
 
 fn freed(block: LiveAlloc, tid: u32, ts_ns: u64) -> Change {
     Change::Free {
         block,
-        bytes: block.size,
+        bytes: block.bytes(),
         whole: true,
         tid,
         ts_ns,
@@ -519,6 +596,53 @@ mod tests {
                 ("free", 300, 2),
             ]
         );
+    }
+
+    #[test]
+    fn sampled_blocks_stand_for_their_weight() {
+        // 1 KiB blocks sampled with mean 64 KiB: each stands for 1 / (1 - exp(-1/64)) = 64.50
+        // allocations; error diffusion keeps the integer counts' sum within one of that.
+        let mut t = Table::with_sampling(64 << 10);
+        for i in 0..1000 {
+            t.apply(&alloc(AllocFn::Malloc, 0x1000 + i * 0x1000, 1024));
+        }
+        let w = 1.0 / sample_probability(1024, 64 << 10);
+        let h = t.heap_totals;
+        assert!(
+            (h.allocs as f64 - 1000.0 * w).abs() < 1.0,
+            "{} vs {}",
+            h.allocs,
+            1000.0 * w
+        );
+        assert_eq!(h.bytes_allocated, h.allocs * 1024);
+        assert_eq!(h.outstanding_allocs, h.allocs);
+        for i in 0..1000 {
+            t.apply(&free(AllocFn::Free, 0x1000 + i * 0x1000));
+        }
+        let h = t.heap_totals;
+        assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (0, 0));
+        assert_eq!((h.frees, h.bytes_freed), (h.allocs, h.bytes_allocated));
+        // A block far above the mean is sampled almost surely and stands for itself.
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 4 << 20));
+        assert_eq!(t.heap_totals.outstanding_allocs, 1);
+        assert_eq!(t.heap_totals.outstanding_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn settled_realloc_frees_the_old_block_without_a_new_one() {
+        let mut t = Table::new();
+        let mut seen = Vec::new();
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+        t.apply(&free(AllocFn::Realloc, 0x10));
+        t.apply_with(&Event::ReallocSettled { tid: 1, ts_ns: 30 }, &mut |c| {
+            seen.push(c)
+        });
+        let h = t.heap_totals;
+        assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (1, 100, 0));
+        assert!(matches!(seen[..], [Change::Free { bytes: 100, .. }]));
+        // A later realloc on the thread finds nothing pending.
+        t.apply(&alloc(AllocFn::Realloc, 0x20, 64));
+        assert_eq!(t.heap_totals.unmatched_frees, 0);
     }
 
     #[test]

@@ -57,12 +57,17 @@ impl PhaseReport {
     fn count(&mut self, change: &Change, outstanding: u64) {
         match *change {
             Change::Alloc { block, .. } => {
-                self.allocs += 1;
-                self.bytes_allocated += block.size;
-                self.net_bytes += block.size as i64;
+                self.allocs += u64::from(block.count);
+                self.bytes_allocated += block.bytes();
+                self.net_bytes += block.bytes() as i64;
             }
-            Change::Free { bytes, whole, .. } => {
-                self.frees += u64::from(whole);
+            Change::Free {
+                block,
+                bytes,
+                whole,
+                ..
+            } => {
+                self.frees += u64::from(whole) * u64::from(block.count);
                 self.bytes_freed += bytes;
                 self.net_bytes -= bytes as i64;
             }
@@ -127,7 +132,8 @@ impl Tracker {
         let tid = match *change {
             Change::Alloc { block, tid, mmap } => {
                 let g = self.group((block.stack, block.func, mmap));
-                g.stats.on_alloc(block.size, block.ts_ns, block.chain);
+                g.stats
+                    .on_alloc_n(block.size, block.count, block.ts_ns, block.chain);
                 tid
             }
             Change::Free {
@@ -139,8 +145,9 @@ impl Tracker {
                 mmap,
             } => {
                 let g = self.group((block.stack, block.func, mmap));
-                if whole && bytes == block.size {
-                    g.stats.on_free(block.size, block.ts_ns, ts_ns);
+                if whole && bytes == block.bytes() {
+                    g.stats
+                        .on_free_n(block.size, block.count, block.ts_ns, ts_ns);
                 } else {
                     // Part of a mapping went away.
                     g.stats.outstanding_bytes = g.stats.outstanding_bytes.saturating_sub(bytes);
@@ -291,6 +298,7 @@ mod tests {
             stack,
             func: AllocFn::Malloc,
             chain: 0,
+            count: 1,
         }
     }
 
