@@ -17,8 +17,9 @@
 //!
 //! The tests assert each estimate within 5 standard errors (a false failure once in ~1.7
 //! million runs per bound). The other error sources are far smaller: the kernel's exponential
-//! draw has a mean within 0.02% of `T` (see `memprof_common::exp_interval`), and the agent's
-//! integer counts round within one allocation of the real-valued estimate.
+//! draw samples a block with probability within 1e-4 (relative) of `p` (see
+//! `memprof_common::exp_interval`), and the agent rounds each sampled block's `1/p` to a
+//! neighbouring integer at random (unbiased, standard deviation at most 1/2 per sample).
 //!
 //! Blocks of 4 MiB against `T` = 64 KiB are missed with probability `exp(-64)`: counted exactly.
 //!
