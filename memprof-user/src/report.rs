@@ -195,8 +195,10 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
                 oldest_ns: u64::MAX,
                 ..Group::default()
             });
-        g.bytes += block.bytes();
-        g.allocs += u64::from(block.count);
+        // Mappings are never sampled: they stand for themselves.
+        let count = if mmap { 1 } else { inputs.table.count(block) };
+        g.bytes += block.size * u64::from(count);
+        g.allocs += u64::from(count);
         g.oldest_ns = g.oldest_ns.min(block.ts_ns);
     };
     inputs.table.heap_blocks().for_each(|(_, b)| add(b, false));

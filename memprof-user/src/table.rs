@@ -5,10 +5,12 @@
 //! part of one. The two never mix: a mapping made inside `malloc` is that malloc's block.
 //!
 //! With byte sampling (`--sample-bytes`) the kernel reports only sampled heap blocks. This is
-//! where they are scaled: each sampled block carries `count`, the number of allocations it stands
-//! for (about `1 / p` with `p = 1 - exp(-size / mean)`), and `bytes() = size * count`. Everything
-//! downstream (totals, per-site behaviour, phases, reports and every output) sums `count` and
-//! `bytes()`, so it is an unbiased estimate; without sampling `count` is 1 and nothing changes.
+//! where they are scaled: each sampled block stands for [`Table::count`] allocations (`1 / p`
+//! with `p = 1 - exp(-size / mean)`, rounded to an integer) and `size * count` bytes, and every
+//! [`Change`] carries that `count`. Everything downstream (totals, per-site behaviour, phases,
+//! reports and every output) sums counts and bytes weighted so, which makes it an unbiased
+//! estimate; without sampling `count` is 1 and nothing changes. The count is derived from the
+//! block rather than stored in it, so a block costs the table no more memory with sampling.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -28,15 +30,6 @@ pub struct LiveAlloc {
     pub func: AllocFn,
     /// How many reallocs in a row produced this block (0: a fresh allocation).
     pub chain: u32,
-    /// Allocations this block stands for: 1 without sampling, else the estimate's weight.
-    pub count: u32,
-}
-
-impl LiveAlloc {
-    /// Bytes this block stands for: `size` without sampling, the estimate's weight with it.
-    pub fn bytes(&self) -> u64 {
-        self.size.saturating_mul(u64::from(self.count))
-    }
 }
 
 /// Probability that a block of `size` bytes is sampled with mean interval `mean`:
@@ -48,17 +41,40 @@ pub fn sample_probability(size: u64, mean: u64) -> f64 {
     -(-(size as f64) / mean as f64).exp_m1()
 }
 
+/// The number of allocations a sampled heap block stands for with mean interval `mean` (1
+/// without sampling): `w = 1 / p` rounded down or up at random, up with probability `w -
+/// floor(w)`, so its expectation is exactly `w` (the extra variance, at most 1/4, is nothing
+/// next to the sampling's `w^2 p (1 - p)`). The coin is a hash of the block's time stamp and
+/// stack, so the allocation and the free of a block agree without storing the count.
+pub fn sample_count(block: &LiveAlloc, mean: u64) -> u32 {
+    if mean == 0 {
+        return 1;
+    }
+    let p = sample_probability(block.size, mean);
+    let w = if p > 0.0 { 1.0 / p } else { 1.0 };
+    let mut h = block.ts_ns ^ block.stack.rotate_left(29) ^ block.size.rotate_left(47);
+    // splitmix64's finalizer
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let coin = (h >> 11) as f64 / (1u64 << 53) as f64;
+    (w + coin).floor().clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
 /// A change to what is outstanding, reported to the analysis layer by [`Table::apply_with`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// `block` became outstanding (its group is `block.stack`, `block.func`, `mmap`).
+    /// `block` became outstanding (its group is `block.stack`, `block.func`, `mmap`); it stands
+    /// for `count` allocations (1 without sampling).
     Alloc {
         block: LiveAlloc,
         tid: u32,
         mmap: bool,
+        count: u32,
     },
     /// `bytes` of `block` stopped being outstanding at `ts_ns`; `whole` when nothing of it
-    /// remains (a mapping can lose a part).
+    /// remains (a mapping can lose a part). With sampling `block` stands for `count` blocks and
+    /// `bytes` is `block.size * count`.
     Free {
         block: LiveAlloc,
         bytes: u64,
@@ -66,6 +82,7 @@ pub enum Change {
         tid: u32,
         ts_ns: u64,
         mmap: bool,
+        count: u32,
     },
 }
 
@@ -114,10 +131,6 @@ pub struct Table {
     pub mmap_totals: MmapTotals,
     /// Mean sampling interval in bytes (0: every block is reported).
     sample_mean: u64,
-    /// Fraction of an allocation carried from one sampled block's weight to the next, so integer
-    /// counts sum to the real-valued estimate (error diffusion: each count is the estimate's
-    /// weight rounded down or up, and the running sum never strays by a whole allocation).
-    carry: f64,
 }
 
 impl Table {
@@ -138,17 +151,14 @@ impl Table {
         self.sample_mean
     }
 
-    /// The number of allocations a reported heap block of `size` bytes stands for.
-    fn weight(&mut self, size: u64) -> u32 {
-        if self.sample_mean == 0 {
-            return 1;
-        }
-        let p = sample_probability(size, self.sample_mean);
-        let w = if p > 0.0 { 1.0 / p } else { 1.0 };
-        let total = self.carry + w;
-        let count = total.floor().clamp(1.0, f64::from(u32::MAX));
-        self.carry = (total - count).clamp(-1.0, 1.0);
-        count as u32
+    /// The number of allocations heap block `block` stands for (1 without sampling).
+    pub fn count(&self, block: &LiveAlloc) -> u32 {
+        sample_count(block, self.sample_mean)
+    }
+
+    /// The bytes heap block `block` stands for (`block.size` without sampling).
+    pub fn bytes(&self, block: &LiveAlloc) -> u64 {
+        block.size.saturating_mul(u64::from(self.count(block)))
     }
 
     /// Applies one event.
@@ -160,11 +170,12 @@ impl Table {
     pub fn apply_with(&mut self, event: &Event, on: &mut impl FnMut(Change)) {
         match *event {
             Event::Alloc(a) if a.mmap => {
-                self.map(a.addr, a.size, live(&a, 0, 1), a.ts_ns, a.tid, on);
+                self.map(a.addr, a.size, live(&a, 0), a.ts_ns, a.tid, on);
                 on(Change::Alloc {
-                    block: live(&a, 0, 1),
+                    block: live(&a, 0),
                     tid: a.tid,
                     mmap: true,
+                    count: 1,
                 });
             }
             Event::Alloc(a) => self.alloc(&a, on),
@@ -180,8 +191,8 @@ impl Table {
                 }
                 _ => match self.remove_heap(addr) {
                     Some(block) => {
-                        self.count_free(&block);
-                        on(freed(block, tid, ts_ns));
+                        let count = self.count_free(&block);
+                        on(freed(block, count, tid, ts_ns));
                     }
                     None => self.heap_totals.unmatched_frees += 1,
                 },
@@ -225,16 +236,17 @@ impl Table {
                 chain = old.chain + 1;
             }
         }
-        let count = self.weight(a.size);
-        let block = live(a, chain, count);
+        let block = live(a, chain);
+        let count = self.count(&block);
         let t = &mut self.heap_totals;
         t.allocs += u64::from(count);
-        t.bytes_allocated += block.bytes();
+        t.bytes_allocated += a.size * u64::from(count);
         self.insert_heap(a.addr, block, a.tid, a.ts_ns, on);
         on(Change::Alloc {
             block,
             tid: a.tid,
             mmap: false,
+            count,
         });
     }
 
@@ -249,8 +261,8 @@ impl Table {
             Some(Pending {
                 block: Some(old), ..
             }) => {
-                self.count_free(&old);
-                on(freed(old, tid, ts_ns));
+                let count = self.count_free(&old);
+                on(freed(old, count, tid, ts_ns));
                 Some(old)
             }
             Some(Pending { block: None, .. }) => {
@@ -272,12 +284,13 @@ impl Table {
         if let Some(old) = self.heap.insert(addr, block) {
             // The free of `old` was never seen (lost, or made by an unprobed path).
             self.heap_totals.reused_addresses += 1;
-            self.sub_outstanding(&old);
-            on(freed(old, tid, ts_ns));
+            let count = self.sub_outstanding(&old);
+            on(freed(old, count, tid, ts_ns));
         }
+        let count = self.count(&block);
         let t = &mut self.heap_totals;
-        t.outstanding_allocs += u64::from(block.count);
-        t.outstanding_bytes += block.bytes();
+        t.outstanding_allocs += u64::from(count);
+        t.outstanding_bytes += block.size * u64::from(count);
         t.peak_outstanding_bytes = t.peak_outstanding_bytes.max(t.outstanding_bytes);
     }
 
@@ -287,15 +300,21 @@ impl Table {
         Some(block)
     }
 
-    fn sub_outstanding(&mut self, block: &LiveAlloc) {
+    /// Takes `block` out of the outstanding totals; returns its count.
+    fn sub_outstanding(&mut self, block: &LiveAlloc) -> u32 {
+        let count = self.count(block);
         let t = &mut self.heap_totals;
-        t.outstanding_allocs -= u64::from(block.count);
-        t.outstanding_bytes -= block.bytes();
+        t.outstanding_allocs -= u64::from(count);
+        t.outstanding_bytes -= block.size * u64::from(count);
+        count
     }
 
-    fn count_free(&mut self, block: &LiveAlloc) {
-        self.heap_totals.frees += u64::from(block.count);
-        self.heap_totals.bytes_freed += block.bytes();
+    /// Counts the free of `block`; returns its count.
+    fn count_free(&mut self, block: &LiveAlloc) -> u32 {
+        let count = self.count(block);
+        self.heap_totals.frees += u64::from(count);
+        self.heap_totals.bytes_freed += block.size * u64::from(count);
+        count
     }
 
     fn map(
@@ -348,6 +367,7 @@ impl Table {
                 block: moved,
                 tid: 0,
                 mmap: true,
+                count: 1,
             });
         }
     }
@@ -391,6 +411,7 @@ impl Table {
                 tid,
                 ts_ns,
                 mmap: true,
+                count: 1,
             });
             for (piece_start, piece_end) in [(start, addr), (end, region_end)] {
                 if piece_start < piece_end {
@@ -416,21 +437,21 @@ impl Table {
     }
 }
 
-fn live(a: &Alloc, chain: u32, count: u32) -> LiveAlloc {
+fn live(a: &Alloc, chain: u32) -> LiveAlloc {
     LiveAlloc {
         size: a.size,
         ts_ns: a.ts_ns,
         stack: a.stack,
         func: a.func,
         chain,
-        count,
     }
 }
 
-fn freed(block: LiveAlloc, tid: u32, ts_ns: u64) -> Change {
+fn freed(block: LiveAlloc, count: u32, tid: u32, ts_ns: u64) -> Change {
     Change::Free {
         block,
-        bytes: block.bytes(),
+        count,
+        bytes: block.size * u64::from(count),
         whole: true,
         tid,
         ts_ns,
@@ -601,21 +622,42 @@ mod tests {
     #[test]
     fn sampled_blocks_stand_for_their_weight() {
         // 1 KiB blocks sampled with mean 64 KiB: each stands for 1 / (1 - exp(-1/64)) = 64.50
-        // allocations; error diffusion keeps the integer counts' sum within one of that.
+        // allocations, rounded at random to 64 or 65 (standard deviation at most 1/2 each).
         let mut t = Table::with_sampling(64 << 10);
+        let sampled = |i: u64| {
+            Event::Alloc(Alloc {
+                tid: 1,
+                func: AllocFn::Malloc,
+                mmap: false,
+                addr: 0x1000 + i * 0x1000,
+                size: 1024,
+                stack: 5,
+                ts_ns: 1_000_000 + i * 7_919,
+            })
+        };
+        let mut seen = Vec::new();
         for i in 0..1000 {
-            t.apply(&alloc(AllocFn::Malloc, 0x1000 + i * 0x1000, 1024));
+            t.apply_with(&sampled(i), &mut |c| seen.push(c));
         }
         let w = 1.0 / sample_probability(1024, 64 << 10);
         let h = t.heap_totals;
+        // 5 standard deviations of the rounding: 5 * sqrt(1000 / 4).
         assert!(
-            (h.allocs as f64 - 1000.0 * w).abs() < 1.0,
+            (h.allocs as f64 - 1000.0 * w).abs() < 80.0,
             "{} vs {}",
             h.allocs,
             1000.0 * w
         );
         assert_eq!(h.bytes_allocated, h.allocs * 1024);
         assert_eq!(h.outstanding_allocs, h.allocs);
+        let counted: u64 = seen
+            .iter()
+            .map(|c| match c {
+                Change::Alloc { count, .. } => u64::from(*count),
+                Change::Free { .. } => 0,
+            })
+            .sum();
+        assert_eq!(counted, h.allocs, "changes carry the counts the totals sum");
         for i in 0..1000 {
             t.apply(&free(AllocFn::Free, 0x1000 + i * 0x1000));
         }

@@ -56,18 +56,19 @@ pub struct PhaseReport {
 impl PhaseReport {
     fn count(&mut self, change: &Change, outstanding: u64) {
         match *change {
-            Change::Alloc { block, .. } => {
-                self.allocs += u64::from(block.count);
-                self.bytes_allocated += block.bytes();
-                self.net_bytes += block.bytes() as i64;
+            Change::Alloc { block, count, .. } => {
+                let bytes = block.size * u64::from(count);
+                self.allocs += u64::from(count);
+                self.bytes_allocated += bytes;
+                self.net_bytes += bytes as i64;
             }
             Change::Free {
-                block,
                 bytes,
                 whole,
+                count,
                 ..
             } => {
-                self.frees += u64::from(whole) * u64::from(block.count);
+                self.frees += u64::from(whole) * u64::from(count);
                 self.bytes_freed += bytes;
                 self.net_bytes -= bytes as i64;
             }
@@ -130,10 +131,15 @@ impl Tracker {
     /// Records one table change; `outstanding` is the process's outstanding heap bytes after it.
     pub fn on_change(&mut self, change: &Change, outstanding: u64) {
         let tid = match *change {
-            Change::Alloc { block, tid, mmap } => {
+            Change::Alloc {
+                block,
+                tid,
+                mmap,
+                count,
+            } => {
                 let g = self.group((block.stack, block.func, mmap));
                 g.stats
-                    .on_alloc_n(block.size, block.count, block.ts_ns, block.chain);
+                    .on_alloc_n(block.size, count, block.ts_ns, block.chain);
                 tid
             }
             Change::Free {
@@ -143,11 +149,11 @@ impl Tracker {
                 tid,
                 ts_ns,
                 mmap,
+                count,
             } => {
                 let g = self.group((block.stack, block.func, mmap));
-                if whole && bytes == block.bytes() {
-                    g.stats
-                        .on_free_n(block.size, block.count, block.ts_ns, ts_ns);
+                if whole && bytes == block.size * u64::from(count) {
+                    g.stats.on_free_n(block.size, count, block.ts_ns, ts_ns);
                 } else {
                     // Part of a mapping went away.
                     g.stats.outstanding_bytes = g.stats.outstanding_bytes.saturating_sub(bytes);
@@ -298,7 +304,6 @@ mod tests {
             stack,
             func: AllocFn::Malloc,
             chain: 0,
-            count: 1,
         }
     }
 
@@ -307,6 +312,7 @@ mod tests {
             block: block(size, 7),
             tid,
             mmap: false,
+            count: 1,
         }
     }
 
@@ -318,6 +324,7 @@ mod tests {
             tid,
             ts_ns: 2_000,
             mmap: false,
+            count: 1,
         }
     }
 
