@@ -107,7 +107,7 @@ pub fn synthetic_records(n: usize, stacks: u32, live: usize) -> Records {
         } else if grow || blocks.is_empty() {
             next_addr += 4096;
             blocks.push(next_addr);
-            let func = if roll % 10 == 0 {
+            let func = if roll.is_multiple_of(10) {
                 AllocFn::Calloc
             } else {
                 AllocFn::Malloc
