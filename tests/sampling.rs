@@ -360,8 +360,10 @@ fn without_sampling_the_same_fixture_is_exact() {
 }
 
 #[test]
-fn text_report_says_it_is_sampled() {
+fn text_and_html_reports_say_they_are_sampled() {
     require_root();
+    let html = work_dir().join("large.html");
+    let _ = fs::remove_file(&html);
     let mut cmd = Command::new(MEMPROF);
     cmd.args([
         "trace",
@@ -369,20 +371,25 @@ fn text_report_says_it_is_sampled() {
         "64K",
         "--duration",
         SAFETY_NET,
-        "--",
+        "--html",
     ])
+    .arg(&html)
+    .arg("--")
     .arg(fixture())
     .arg("large");
-    let run = Proc::spawn(
-        "memprof trace --sample-bytes 64K -- sampling large",
-        &mut cmd,
-    )
-    .finish(DEADLINE);
+    let what = "memprof trace --sample-bytes 64K --html FILE -- sampling large";
+    let run = Proc::spawn(what, &mut cmd).finish(DEADLINE);
     assert_eq!(run.code(), Some(0), "{}", run.context());
     assert!(
         run.stdout
             .contains("sampled      one allocation per 64.0 KiB on average"),
         "the text report must say its numbers are estimates\n{}",
         run.context()
+    );
+    let page = fs::read_to_string(&html)
+        .unwrap_or_else(|e| panic!("read {}: {e}\n{}", html.display(), run.context()));
+    assert!(
+        page.contains("counts and bytes are estimates"),
+        "the HTML report must say its numbers are estimates"
     );
 }
