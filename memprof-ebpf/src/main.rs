@@ -7,6 +7,13 @@
 //! `realloc`) only bumps a depth counter, so nothing is counted twice. Return probes must be
 //! attached before entry probes (the agent does so) or an entry without its return would leave
 //! the thread marked as in flight.
+//!
+//! Byte sampling (`SAMPLE_BYTES` nonzero, `memprof trace --sample-bytes`): the outermost call
+//! decides at entry whether its block is sampled (see [`sample_flags`]); unsampled blocks cost no
+//! stack walk and no record, and their frees none either, because only the addresses of sampled
+//! live blocks (`SAMPLED`) produce free records. aya 0.14 cannot create uprobe session
+//! programs (kernel 6.10+), which could skip the return probe of an unsampled call: the return
+//! probe still runs and returns early.
 #![no_std]
 #![no_main]
 
@@ -18,19 +25,19 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_probe_read_user as bpf_probe_read_user_raw,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_user, generated::bpf_probe_read_user as bpf_probe_read_user_raw,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
-    DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES, EVENT_VERSION, EventHeader, EventKind, ExecEvent,
-    ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK,
-    PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PhaseEvent, PyStack, PyWalk, RemapEvent, StackTrace,
-    UnmapEvent, UnwindEvent, mode, unwind,
+    DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES, EVENT_VERSION,
+    EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_COPY,
+    MAX_STACK_DEPTH, NO_STACK, PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PhaseEvent, PyStack, PyWalk,
+    RemapEvent, StackTrace, UnmapEvent, UnwindEvent, exp_interval, mode, unwind,
 };
 
 /// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
@@ -73,6 +80,11 @@ static WAKEUP_BYTES: u64 = 0;
 /// probes cost by themselves.
 #[unsafe(no_mangle)]
 static FLOOR: u32 = 0;
+
+/// Mean sampling interval in bytes (`--sample-bytes`); 0 records every allocation. Set by the
+/// agent, at most `MAX_SAMPLE_MEAN`.
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -124,6 +136,25 @@ static TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// With sampling: per thread (`pid_tgid`), the bytes left until the next sample point. An
+/// evicted entry is redrawn, which the exponential distribution's lack of memory allows.
+#[map]
+static SAMPLE_LEFT: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+
+/// With sampling: the sampled blocks still live. A free, or the old block of a realloc, is
+/// reported only when its address is here, so frees stay exact for what was sampled.
+#[map]
+static SAMPLED: HashMap<SampledKey, u32> =
+    HashMap::with_max_entries(DEFAULT_SAMPLED_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct SampledKey {
+    addr: u64,
+    tgid: u64,
+}
+
 /// Threads inside an `mmap` syscall that maps a file executable (set at entry, taken at exit).
 #[map]
 static EXEC_MAPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
@@ -142,7 +173,15 @@ struct Inflight {
     arg: u64,
     /// mremap: old length.
     arg2: u64,
+    /// `SAMPLED` (always, without sampling), `OLD_SAMPLED`.
+    flags: u32,
+    _pad: u32,
 }
+
+/// `Inflight::flags`: the call's block is recorded.
+const SAMPLED_FLAG: u32 = 1;
+/// `Inflight::flags`: a realloc's old block was sampled and its free announced at entry.
+const OLD_SAMPLED_FLAG: u32 = 2;
 
 const MAP_ANONYMOUS: u64 = 0x20;
 const CLONE_THREAD: u64 = 0x10000;
@@ -258,6 +297,8 @@ fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
         size,
         arg,
         arg2,
+        flags: sample_flags(id, func, size),
+        _pad: 0,
     };
     if INFLIGHT.insert(id, state, BPF_NOEXIST as u64).is_err() {
         count(Counter::InflightFull);
@@ -284,6 +325,78 @@ fn leave() -> Option<(u64, Inflight)> {
     };
     let _ = INFLIGHT.remove(id);
     Some((id, state))
+}
+
+#[inline(always)]
+fn sample_mean() -> u64 {
+    // SAFETY: a read of a global the loader patches.
+    unsafe { core::ptr::read_volatile(&SAMPLE_BYTES) }
+}
+
+/// Whether the outermost allocator call of `size` bytes on thread `id` is sampled.
+///
+/// Poisson sampling over the thread's allocated bytes, as tcmalloc and jemalloc do: the thread
+/// keeps the distance to its next sample point, drawn from an exponential distribution with
+/// mean `SAMPLE_BYTES` (`exp_interval`). A call is sampled when the point falls inside its
+/// bytes, with probability `1 - exp(-size / mean)`; the next point is drawn afresh from the end
+/// of the block (the distribution has no memory, so this is the same process). calloc's size is
+/// `nmemb * size`; anonymous mappings outside malloc are always recorded.
+#[inline(always)]
+fn sample_flags(id: u64, func: AllocFn, size: u64) -> u32 {
+    let mean = sample_mean();
+    if mean == 0 || matches!(func, AllocFn::Mmap | AllocFn::Mremap) {
+        return SAMPLED_FLAG;
+    }
+    let left = match SAMPLE_LEFT.get_ptr_mut(id) {
+        Some(left) => left,
+        None => {
+            // SAFETY: a helper call without arguments.
+            let _ = SAMPLE_LEFT.insert(id, exp_interval(unsafe { bpf_get_prandom_u32() }, mean), 0);
+            let Some(left) = SAMPLE_LEFT.get_ptr_mut(id) else {
+                return 0;
+            };
+            left
+        }
+    };
+    // SAFETY: the entry belongs to this thread; only this thread touches it.
+    unsafe {
+        if size > *left {
+            *left = exp_interval(bpf_get_prandom_u32(), mean);
+            SAMPLED_FLAG
+        } else {
+            *left -= size;
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn sampled_key(id: u64, addr: u64) -> SampledKey {
+    SampledKey {
+        addr,
+        tgid: id >> 32,
+    }
+}
+
+/// Remembers a sampled block about to be reported; false (counted) when `SAMPLED` is full, and
+/// the block must not be reported since its free could not be matched.
+#[inline(always)]
+fn remember_sampled(id: u64, addr: u64) -> bool {
+    if sample_mean() == 0 {
+        return true;
+    }
+    if SAMPLED.insert(sampled_key(id, addr), 1, 0).is_ok() {
+        return true;
+    }
+    count(Counter::SampledFull);
+    false
+}
+
+/// Whether a free of `addr` is reported: always without sampling, else when the block was
+/// sampled (it is then forgotten).
+#[inline(always)]
+fn take_sampled(id: u64, addr: u64) -> bool {
+    sample_mean() == 0 || SAMPLED.remove(sampled_key(id, addr)).is_ok()
 }
 
 /// Whether the calling thread is inside a traced allocator call.
@@ -464,6 +577,13 @@ fn py_stack(id: u64) -> (u64, bool) {
 
 #[inline(always)]
 fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: u64, size: u64) {
+    if kind as u16 == EventKind::Alloc as u16 && !remember_sampled(id, addr) {
+        if func == AllocFn::Realloc as u32 || func == AllocFn::Reallocarray as u32 {
+            // The provisional free of a sampled old block is settled without a new block.
+            emit_free(EventKind::ReallocSettled, func, id, 0);
+        }
+        return;
+    }
     // SAFETY: a read of a global the loader patches.
     if unsafe { core::ptr::read_volatile(&UNWIND) } == unwind::DWARF {
         emit_alloc_stack(
@@ -657,10 +777,52 @@ pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
 fn realloc_common(func: AllocFn, old: u64, size: u64) {
     if let Some(id) = enter(func, size, old, 0)
         && old != 0
+        && old_block_reported(id, old)
     {
         let tag = if size == 0 { AllocFn::Free } else { func };
         emit_free(EventKind::Free, tag as u32, id, old);
     }
+}
+
+/// With sampling, a realloc's old block is announced only if it was sampled; the call's state
+/// remembers that for the return.
+#[inline(always)]
+fn old_block_reported(id: u64, old: u64) -> bool {
+    if sample_mean() == 0 {
+        return true;
+    }
+    if !take_sampled(id, old) {
+        return false;
+    }
+    if let Some(state) = INFLIGHT.get_ptr_mut(id) {
+        // SAFETY: the entry belongs to this thread; only this thread touches it.
+        unsafe { (*state).flags |= OLD_SAMPLED_FLAG };
+    }
+    true
+}
+
+/// The return of an unsampled call: nothing to record, except the fate of a realloc's sampled
+/// old block, whose free was announced at entry.
+#[inline(always)]
+fn unsampled_return(id: u64, state: &Inflight, ret: u64) {
+    if state.flags & OLD_SAMPLED_FLAG == 0 || state.size == 0 {
+        return;
+    }
+    if ret != 0 {
+        emit_free(EventKind::ReallocSettled, state.func, id, state.arg);
+    } else if remember_sampled(id, state.arg) {
+        emit_free(EventKind::ReallocFailed, state.func, id, state.arg);
+    }
+}
+
+/// A failed realloc's old block lives on: with sampling, only a sampled one was announced, and
+/// it is remembered again.
+#[inline(always)]
+fn restore_old(id: u64, state: &Inflight) -> bool {
+    if sample_mean() == 0 {
+        return true;
+    }
+    state.flags & OLD_SAMPLED_FLAG != 0 && remember_sampled(id, state.arg)
 }
 
 #[uprobe]
@@ -685,6 +847,7 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     }
     if let Some(id) = traced_thread()
         && !in_flight(id)
+        && take_sampled(id, addr)
     {
         emit_free(EventKind::Free, AllocFn::Free as u32, id, addr);
     }
@@ -713,6 +876,10 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let ret: u64 = ctx.ret();
+    if state.flags & SAMPLED_FLAG == 0 {
+        unsampled_return(id, &state, ret);
+        return 0;
+    }
     // Match on the raw value: `AllocFn::from_u32` has a bounds check whose panic path the
     // verifier rejects.
     const REALLOC: u32 = AllocFn::Realloc as u32;
@@ -725,7 +892,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         REALLOC | REALLOCARRAY => {
             if ret != 0 {
                 emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
-            } else if state.arg != 0 && state.size != 0 {
+            } else if state.arg != 0 && state.size != 0 && restore_old(id, &state) {
                 emit_free(EventKind::ReallocFailed, func, id, state.arg);
             }
         }

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use memprof_common::DEFAULT_RING_BYTES;
+use memprof_common::{DEFAULT_RING_BYTES, MAX_SAMPLE_MEAN};
 use serde::Serialize;
 
 use crate::{
@@ -194,6 +194,11 @@ struct TraceArgs {
     /// than the copy holds end in an `unknown` frame.
     #[arg(long, default_value_t = memprof_common::DEFAULT_STACK_COPY, value_parser = parse_stack_bytes)]
     stack_bytes: u32,
+    /// Sample allocations by bytes: on average one allocation per SIZE allocated bytes is
+    /// recorded (e.g. 512K), and counts and bytes become unbiased estimates. Cheaper for
+    /// allocation-heavy processes. Default: record every allocation.
+    #[arg(long, value_parser = parse_sample_bytes, value_name = "SIZE")]
+    sample_bytes: Option<u64>,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
     /// [default: 16 MiB; 64 MiB with --unwind dwarf, whose records carry stack copies]
     #[arg(long, value_parser = parse_ring_bytes)]
@@ -257,6 +262,17 @@ fn parse_stack_bytes(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(n as u32)
+}
+
+fn parse_sample_bytes(s: &str) -> Result<u64, String> {
+    let v = parse_bytes(s)?;
+    if v == 0 || v > MAX_SAMPLE_MEAN {
+        return Err(format!(
+            "sampling interval {s:?} must be between 1 byte and {} GiB",
+            MAX_SAMPLE_MEAN >> 30
+        ));
+    }
+    Ok(v)
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -575,6 +591,7 @@ fn trace_pid(
         floor: args.probe_floor,
         no_placement: args.no_placement,
         stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
+        sample_bytes: args.sample_bytes.unwrap_or(0),
     })
     .with_context(|| format!("failed to trace {what}"))?;
 

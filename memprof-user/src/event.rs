@@ -23,6 +23,12 @@ pub enum Event {
     ReallocFailed {
         tid: u32,
     },
+    /// With byte sampling: the `realloc` on `tid` succeeded but its new block was not sampled;
+    /// the block it took over at entry is gone.
+    ReallocSettled {
+        tid: u32,
+        ts_ns: u64,
+    },
     Munmap {
         addr: u64,
         len: u64,
@@ -128,6 +134,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::ReallocFailed => {
             read::<FreeEvent>(bytes)?;
             Event::ReallocFailed { tid }
+        }
+        EventKind::ReallocSettled => {
+            read::<FreeEvent>(bytes)?;
+            Event::ReallocSettled {
+                tid,
+                ts_ns: header.ts_ns,
+            }
         }
         EventKind::Munmap => {
             let e: UnmapEvent = read(bytes)?;

@@ -25,7 +25,9 @@ use aya::{
     },
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
-use memprof_common::{COUNTER_SLOTS, Counter, PyStack, PyWalk, StackTrace, mode, unwind};
+use memprof_common::{
+    COUNTER_SLOTS, Counter, MAX_SAMPLE_MEAN, PyStack, PyWalk, StackTrace, mode, unwind,
+};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
 use crate::{allocators::Allocator, placement, report::KernelLosses, target::file_id};
@@ -203,6 +205,8 @@ pub struct Tracer {
     py_threads: AyaHashMap<MapData, u32, u64>,
     py_stacks: AyaHashMap<MapData, u64, PyStack>,
     pub attach: AttachReport,
+    /// Mean sampling interval in bytes the programs were loaded with (0: not sampled).
+    pub sample_bytes: u64,
     /// Where probes go (one process, or every process mapping the object).
     scope: UProbeScope,
     placement: bool,
@@ -251,6 +255,8 @@ pub struct Options<'a> {
     pub floor: bool,
     /// Probe every function at its first byte (no `placement`).
     pub no_placement: bool,
+    /// Byte sampling: mean interval in bytes between sampled allocations (0: record all).
+    pub sample_bytes: u64,
     /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
     /// CFI (`--unwind dwarf`); None: the kernel walks frame pointers.
     pub stack_copy: Option<u32>,
@@ -286,6 +292,7 @@ impl Tracer {
             ),
         };
         let comm = comm_bytes(comm.as_deref().unwrap_or(""));
+        let sample_bytes = opts.sample_bytes.min(MAX_SAMPLE_MEAN);
         let mut ebpf = EbpfLoader::new()
             .override_global("MODE", &mode, true)
             .override_global("TARGET_TGID", &target, true)
@@ -304,6 +311,7 @@ impl Tracer {
                 true,
             )
             .override_global("STACK_COPY", &opts.stack_copy.unwrap_or(0), true)
+            .override_global("SAMPLE_BYTES", &sample_bytes, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
@@ -347,6 +355,7 @@ impl Tracer {
             scope,
             placement: !opts.no_placement,
             probed,
+            sample_bytes,
         })
     }
 
@@ -417,7 +426,7 @@ impl Tracer {
                 .map(|v| v.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(COUNTER_SLOTS, 5);
+        debug_assert_eq!(COUNTER_SLOTS, 7);
         KernelLosses {
             ring_full: read(Counter::RingFull),
             inflight_full: read(Counter::InflightFull),
@@ -425,6 +434,7 @@ impl Tracer {
             orphan_returns: read(Counter::OrphanReturn),
             processes_missed: read(Counter::TgidsFull),
             mapping_records_lost: 0,
+            sampled_full: read(Counter::SampledFull),
         }
     }
 }

@@ -26,11 +26,19 @@ pub struct AddressSpace {
 }
 
 impl AddressSpace {
-    /// Reads `/proc/PID/maps`.
+    /// Reads `/proc/PID/maps`. A process that has exited but not been reaped (a zombie) has an
+    /// empty maps file: that is an error (`NotFound`), so callers keep the view they had instead
+    /// of replacing it with nothing (which left every stack learned afterwards unnamed when
+    /// the agent lagged behind a short-lived process).
     pub fn read(pid: u32) -> io::Result<Self> {
-        Ok(Self::parse(&fs::read_to_string(format!(
-            "/proc/{pid}/maps"
-        ))?))
+        let text = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        if text.trim().is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} has no mappings (it has exited)"),
+            ));
+        }
+        Ok(Self::parse(&text))
     }
 
     /// Parses the text of a maps file, keeping file-backed mappings only.
@@ -154,6 +162,25 @@ mod tests {
         assert_eq!(paths, ["/lib/c.so", "/lib/b.so", "/lib/d.so"]);
         assert_eq!(s.find(0x1900).unwrap().path, "/lib/c.so");
         assert!(s.find(0x1100).is_none());
+    }
+
+    #[test]
+    fn an_exited_process_has_no_address_space() {
+        assert!(
+            !AddressSpace::read(std::process::id())
+                .unwrap()
+                .mappings()
+                .is_empty()
+        );
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // Not reaped yet: a zombie, whose maps file is empty.
+        let stat = format!("/proc/{}/stat", child.id());
+        while !fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z ")) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let err = AddressSpace::read(child.id()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        child.wait().unwrap();
     }
 
     const MAPS: &str = "\

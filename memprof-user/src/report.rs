@@ -36,6 +36,9 @@ pub struct KernelLosses {
     pub processes_missed: u64,
     /// Records of executable mappings the kernel dropped (frames in those may go unnamed).
     pub mapping_records_lost: u64,
+    /// With `--sample-bytes`: sampled allocations dropped because the kernel's map of sampled
+    /// live blocks was full.
+    pub sampled_full: u64,
 }
 
 /// How stacks were unwound with `--unwind dwarf`.
@@ -65,7 +68,7 @@ impl Totals {
     fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
         Self {
             heap: *heap,
-            lost_events: k.ring_full + k.inflight_full + decode_errors,
+            lost_events: k.ring_full + k.inflight_full + k.sampled_full + decode_errors,
             lost_stacks: k.stack_lost,
         }
     }
@@ -105,6 +108,10 @@ pub struct Report {
     pub exited: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<Option<i32>>,
+    /// Present when the trace was sampled (`--sample-bytes`): every byte and allocation count
+    /// in the report (totals, sites, phases, behaviour) is then an estimate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
     pub totals: Totals,
     pub mmap: MmapTotals,
     pub kernel: KernelLosses,
@@ -141,6 +148,17 @@ pub struct Report {
     /// With `--unwind dwarf`: how many stacks were unwound and how many stopped early.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unwind: Option<UnwindStats>,
+}
+
+/// How a sampled trace was sampled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Sampling {
+    /// Mean sampling interval in bytes: each allocation of `s` bytes was recorded with
+    /// probability `1 - exp(-s / mean_bytes)` and stands for `1 / p` allocations and `s / p`
+    /// bytes.
+    pub mean_bytes: u64,
+    /// Always true: counts and bytes are unbiased estimates, not exact.
+    pub estimated: bool,
 }
 
 /// A call site that allocates and frees a lot.
@@ -245,6 +263,13 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         duration_s: None,
         exited: None,
         exit_code: None,
+        sampling: match inputs.table.sample_mean() {
+            0 => None,
+            mean_bytes => Some(Sampling {
+                mean_bytes,
+                estimated: true,
+            }),
+        },
         totals: Totals::new(
             &inputs.table.heap_totals,
             &inputs.kernel,
@@ -459,8 +484,10 @@ fn ranked_groups<'b>(
                 oldest_ns: u64::MAX,
                 ..Group::default()
             });
-        g.bytes += block.size;
-        g.allocs += 1;
+        // Mappings are never sampled: they stand for themselves.
+        let count = if mmap { 1 } else { inputs.table.count(block) };
+        g.bytes += block.size * u64::from(count);
+        g.allocs += u64::from(count);
         g.oldest_ns = g.oldest_ns.min(block.ts_ns);
     };
     heap.for_each(|b| add(b, false));
@@ -680,6 +707,13 @@ pub fn render_text(r: &Report) -> String {
         _ => {}
     }
     out.push('\n');
+    if let Some(s) = r.sampling {
+        let _ = writeln!(
+            out,
+            "  sampled      one allocation per {} on average: counts and bytes are estimates",
+            human_bytes(s.mean_bytes)
+        );
+    }
     let _ = writeln!(
         out,
         "  allocations  {} ({})    frees {} ({})    unmatched frees {}",
@@ -878,6 +912,7 @@ mod tests {
                 orphan_returns: 0,
                 processes_missed: 0,
                 mapping_records_lost: 0,
+                sampled_full: 0,
             },
             decode_errors: 0,
             now_ns: 10_000_000_000,

@@ -164,6 +164,7 @@ impl Session {
         pidfd: Option<PidFd>,
     ) -> Self {
         let start_ns = monotonic_ns();
+        let sample_bytes = tracer.sample_bytes;
         Self {
             tracker: Tracker::new(&settings.phases, start_ns),
             changes: Vec::new(),
@@ -183,7 +184,7 @@ impl Session {
             pidfd,
             pid,
             tracer,
-            table: Tables::new(),
+            table: Tables::with_sampling(sample_bytes),
             stacks: StackStore::new(),
             // A running process is read now (it may exit before its first stack is seen); a
             // spawned command has not executed yet, so it is read at its first library load.

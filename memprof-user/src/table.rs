@@ -4,6 +4,14 @@
 //! Heap blocks (the malloc family) are keyed by address. Anonymous mappings made outside any
 //! allocator call are kept as address ranges, because `munmap` and `mremap` may cut or move any
 //! part of one. The two never mix: a mapping made inside `malloc` is that malloc's block.
+//!
+//! With byte sampling (`--sample-bytes`) the kernel reports only sampled heap blocks. This is
+//! where they are scaled: each sampled block stands for [`Table::count`] allocations (`1 / p`
+//! with `p = 1 - exp(-size / mean)`, rounded to an integer) and `size * count` bytes, and every
+//! [`Change`] carries that `count`. Everything downstream (totals, per-site behaviour, phases,
+//! reports and every output) sums counts and bytes weighted so, which makes it an unbiased
+//! estimate; without sampling `count` is 1 and nothing changes. The count is derived from the
+//! block rather than stored in it, so a block costs the table no more memory with sampling.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,17 +33,49 @@ pub struct LiveAlloc {
     pub chain: u32,
 }
 
+/// Probability that a block of `size` bytes is sampled with mean interval `mean`:
+/// `1 - exp(-size / mean)` (1 without sampling).
+pub fn sample_probability(size: u64, mean: u64) -> f64 {
+    if mean == 0 {
+        return 1.0;
+    }
+    -(-(size as f64) / mean as f64).exp_m1()
+}
+
+/// The number of allocations a sampled heap block stands for with mean interval `mean` (1
+/// without sampling): `w = 1 / p` rounded down or up at random, up with probability `w -
+/// floor(w)`, so its expectation is exactly `w` (the extra variance, at most 1/4, is nothing
+/// next to the sampling's `w^2 p (1 - p)`). The coin is a hash of the block's time stamp and
+/// stack, so the allocation and the free of a block agree without storing the count.
+pub fn sample_count(block: &LiveAlloc, mean: u64) -> u32 {
+    if mean == 0 {
+        return 1;
+    }
+    let p = sample_probability(block.size, mean);
+    let w = if p > 0.0 { 1.0 / p } else { 1.0 };
+    let mut h = block.ts_ns ^ block.stack.rotate_left(29) ^ block.size.rotate_left(47);
+    // splitmix64's finalizer
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let coin = (h >> 11) as f64 / (1u64 << 53) as f64;
+    (w + coin).floor().clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
 /// A change to what is outstanding, reported to the analysis layer by [`Table::apply_with`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// `block` became outstanding (its group is `block.stack`, `block.func`, `mmap`).
+    /// `block` became outstanding (its group is `block.stack`, `block.func`, `mmap`); it stands
+    /// for `count` allocations (1 without sampling).
     Alloc {
         block: LiveAlloc,
         tid: u32,
         mmap: bool,
+        count: u32,
     },
     /// `bytes` of `block` stopped being outstanding at `ts_ns`; `whole` when nothing of it
-    /// remains (a mapping can lose a part).
+    /// remains (a mapping can lose a part). With sampling `block` stands for `count` blocks and
+    /// `bytes` is `block.size * count`.
     Free {
         block: LiveAlloc,
         bytes: u64,
@@ -43,6 +83,7 @@ pub enum Change {
         tid: u32,
         ts_ns: u64,
         mmap: bool,
+        count: u32,
     },
 }
 
@@ -89,11 +130,36 @@ pub struct Table {
     reallocs: HashMap<u32, Pending>,
     pub heap_totals: HeapTotals,
     pub mmap_totals: MmapTotals,
+    /// Mean sampling interval in bytes (0: every block is reported).
+    sample_mean: u64,
 }
 
 impl Table {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A table for a trace sampled with mean interval `mean` bytes (0: not sampled).
+    pub fn with_sampling(mean: u64) -> Self {
+        Self {
+            sample_mean: mean,
+            ..Self::default()
+        }
+    }
+
+    /// The mean sampling interval in bytes, 0 without sampling.
+    pub fn sample_mean(&self) -> u64 {
+        self.sample_mean
+    }
+
+    /// The number of allocations heap block `block` stands for (1 without sampling).
+    pub fn count(&self, block: &LiveAlloc) -> u32 {
+        sample_count(block, self.sample_mean)
+    }
+
+    /// The bytes heap block `block` stands for (`block.size` without sampling).
+    pub fn bytes(&self, block: &LiveAlloc) -> u64 {
+        block.size.saturating_mul(u64::from(self.count(block)))
     }
 
     /// Applies one event.
@@ -110,6 +176,7 @@ impl Table {
                     block: live(&a, 0),
                     tid: a.tid,
                     mmap: true,
+                    count: 1,
                 });
             }
             Event::Alloc(a) => self.alloc(&a, on),
@@ -125,8 +192,8 @@ impl Table {
                 }
                 _ => match self.remove_heap(addr) {
                     Some(block) => {
-                        self.count_free(block.size);
-                        on(freed(block, tid, ts_ns));
+                        let count = self.count_free(&block);
+                        on(freed(block, count, tid, ts_ns));
                     }
                     None => self.heap_totals.unmatched_frees += 1,
                 },
@@ -139,6 +206,9 @@ impl Table {
                 {
                     self.insert_heap(addr, block, tid, block.ts_ns, on);
                 }
+            }
+            Event::ReallocSettled { tid, ts_ns } => {
+                self.settle_realloc(tid, ts_ns, on);
             }
             Event::Munmap { addr, len } => {
                 // Unmaps carry no timestamp of their own: use the clock at processing time.
@@ -167,9 +237,9 @@ impl Table {
     pub fn release_all(&mut self, ts_ns: u64, on: &mut impl FnMut(Change)) {
         self.reallocs.clear();
         for (_, block) in std::mem::take(&mut self.heap) {
-            self.sub_outstanding(block.size);
-            self.count_free(block.size);
-            on(freed(block, 0, ts_ns));
+            let count = self.sub_outstanding(&block);
+            self.count_free(&block);
+            on(freed(block, count, 0, ts_ns));
         }
         let removed = self.cut(0, u64::MAX, ts_ns, 0, on);
         if removed > 0 {
@@ -182,27 +252,45 @@ impl Table {
         let mut chain = 0;
         if matches!(a.func, AllocFn::Realloc | AllocFn::Reallocarray) {
             // The block the realloc took over is now really gone.
-            match self.reallocs.remove(&a.tid) {
-                Some(Pending {
-                    block: Some(old), ..
-                }) => {
-                    self.count_free(old.size);
-                    on(freed(old, a.tid, a.ts_ns));
-                    chain = old.chain + 1;
-                }
-                Some(Pending { block: None, .. }) => self.heap_totals.unmatched_frees += 1,
-                None => {}
+            if let Some(old) = self.settle_realloc(a.tid, a.ts_ns, on) {
+                chain = old.chain + 1;
             }
         }
+        let block = live(a, chain);
+        let count = self.count(&block);
         let t = &mut self.heap_totals;
-        t.allocs += 1;
-        t.bytes_allocated += a.size;
-        self.insert_heap(a.addr, live(a, chain), a.tid, a.ts_ns, on);
+        t.allocs += u64::from(count);
+        t.bytes_allocated += a.size * u64::from(count);
+        self.insert_heap(a.addr, block, a.tid, a.ts_ns, on);
         on(Change::Alloc {
-            block: live(a, chain),
+            block,
             tid: a.tid,
             mmap: false,
+            count,
         });
+    }
+
+    /// Ends the realloc in progress on `tid`: the block it took over is gone. Returns that block.
+    fn settle_realloc(
+        &mut self,
+        tid: u32,
+        ts_ns: u64,
+        on: &mut impl FnMut(Change),
+    ) -> Option<LiveAlloc> {
+        match self.reallocs.remove(&tid) {
+            Some(Pending {
+                block: Some(old), ..
+            }) => {
+                let count = self.count_free(&old);
+                on(freed(old, count, tid, ts_ns));
+                Some(old)
+            }
+            Some(Pending { block: None, .. }) => {
+                self.heap_totals.unmatched_frees += 1;
+                None
+            }
+            None => None,
+        }
     }
 
     fn insert_heap(
@@ -216,30 +304,37 @@ impl Table {
         if let Some(old) = self.heap.insert(addr, block) {
             // The free of `old` was never seen (lost, or made by an unprobed path).
             self.heap_totals.reused_addresses += 1;
-            self.sub_outstanding(old.size);
-            on(freed(old, tid, ts_ns));
+            let count = self.sub_outstanding(&old);
+            on(freed(old, count, tid, ts_ns));
         }
+        let count = self.count(&block);
         let t = &mut self.heap_totals;
-        t.outstanding_allocs += 1;
-        t.outstanding_bytes += block.size;
+        t.outstanding_allocs += u64::from(count);
+        t.outstanding_bytes += block.size * u64::from(count);
         t.peak_outstanding_bytes = t.peak_outstanding_bytes.max(t.outstanding_bytes);
     }
 
     fn remove_heap(&mut self, addr: u64) -> Option<LiveAlloc> {
         let block = self.heap.remove(&addr)?;
-        self.sub_outstanding(block.size);
+        self.sub_outstanding(&block);
         Some(block)
     }
 
-    fn sub_outstanding(&mut self, size: u64) {
+    /// Takes `block` out of the outstanding totals; returns its count.
+    fn sub_outstanding(&mut self, block: &LiveAlloc) -> u32 {
+        let count = self.count(block);
         let t = &mut self.heap_totals;
-        t.outstanding_allocs -= 1;
-        t.outstanding_bytes -= size;
+        t.outstanding_allocs -= u64::from(count);
+        t.outstanding_bytes -= block.size * u64::from(count);
+        count
     }
 
-    fn count_free(&mut self, size: u64) {
-        self.heap_totals.frees += 1;
-        self.heap_totals.bytes_freed += size;
+    /// Counts the free of `block`; returns its count.
+    fn count_free(&mut self, block: &LiveAlloc) -> u32 {
+        let count = self.count(block);
+        self.heap_totals.frees += u64::from(count);
+        self.heap_totals.bytes_freed += block.size * u64::from(count);
+        count
     }
 
     fn map(
@@ -292,6 +387,7 @@ impl Table {
                 block: moved,
                 tid: 0,
                 mmap: true,
+                count: 1,
             });
         }
     }
@@ -335,6 +431,7 @@ impl Table {
                 tid,
                 ts_ns,
                 mmap: true,
+                count: 1,
             });
             for (piece_start, piece_end) in [(start, addr), (end, region_end)] {
                 if piece_start < piece_end {
@@ -367,6 +464,7 @@ impl Table {
 #[derive(Debug, Default)]
 pub struct Tables {
     procs: HashMap<u32, Table>,
+    sample_mean: u64,
     pub heap_totals: HeapTotals,
     pub mmap_totals: MmapTotals,
 }
@@ -376,6 +474,25 @@ impl Tables {
         Self::default()
     }
 
+    /// Tables whose blocks were sampled with mean interval `mean` bytes (see
+    /// [`Table::with_sampling`]); 0: every allocation recorded.
+    pub fn with_sampling(mean: u64) -> Self {
+        Self {
+            sample_mean: mean,
+            ..Self::default()
+        }
+    }
+
+    /// The mean sampling interval (0: not sampled).
+    pub fn sample_mean(&self) -> u64 {
+        self.sample_mean
+    }
+
+    /// How many allocations `block` stands for (see [`Table::count`]).
+    pub fn count(&self, block: &LiveAlloc) -> u32 {
+        sample_count(block, self.sample_mean)
+    }
+
     /// Applies one event of process 0 (tests and replays of one process).
     pub fn apply(&mut self, event: &Event) {
         self.apply_from(0, event, &mut |_| {});
@@ -383,7 +500,11 @@ impl Tables {
 
     /// Applies one event of process `tgid` and reports each change of what is outstanding.
     pub fn apply_from(&mut self, tgid: u32, event: &Event, on: &mut impl FnMut(Change)) {
-        let table = self.procs.entry(tgid).or_default();
+        let mean = self.sample_mean;
+        let table = self
+            .procs
+            .entry(tgid)
+            .or_insert_with(|| Table::with_sampling(mean));
         let before = (table.heap_totals, table.mmap_totals);
         table.apply_with(event, on);
         let after = (table.heap_totals, table.mmap_totals);
@@ -485,10 +606,11 @@ fn live(a: &Alloc, chain: u32) -> LiveAlloc {
     }
 }
 
-fn freed(block: LiveAlloc, tid: u32, ts_ns: u64) -> Change {
+fn freed(block: LiveAlloc, count: u32, tid: u32, ts_ns: u64) -> Change {
     Change::Free {
         block,
-        bytes: block.size,
+        count,
+        bytes: block.size * u64::from(count),
         whole: true,
         tid,
         ts_ns,
@@ -690,6 +812,74 @@ mod tests {
             .filter(|c| matches!(c, Change::Free { .. }))
             .count();
         assert_eq!(frees, 3);
+    }
+
+    #[test]
+    fn sampled_blocks_stand_for_their_weight() {
+        // 1 KiB blocks sampled with mean 64 KiB: each stands for 1 / (1 - exp(-1/64)) = 64.50
+        // allocations, rounded at random to 64 or 65 (standard deviation at most 1/2 each).
+        let mut t = Table::with_sampling(64 << 10);
+        let sampled = |i: u64| {
+            Event::Alloc(Alloc {
+                tid: 1,
+                func: AllocFn::Malloc,
+                mmap: false,
+                addr: 0x1000 + i * 0x1000,
+                size: 1024,
+                stack: 5,
+                ts_ns: 1_000_000 + i * 7_919,
+            })
+        };
+        let mut seen = Vec::new();
+        for i in 0..1000 {
+            t.apply_with(&sampled(i), &mut |c| seen.push(c));
+        }
+        let w = 1.0 / sample_probability(1024, 64 << 10);
+        let h = t.heap_totals;
+        // 5 standard deviations of the rounding: 5 * sqrt(1000 / 4).
+        assert!(
+            (h.allocs as f64 - 1000.0 * w).abs() < 80.0,
+            "{} vs {}",
+            h.allocs,
+            1000.0 * w
+        );
+        assert_eq!(h.bytes_allocated, h.allocs * 1024);
+        assert_eq!(h.outstanding_allocs, h.allocs);
+        let counted: u64 = seen
+            .iter()
+            .map(|c| match c {
+                Change::Alloc { count, .. } => u64::from(*count),
+                Change::Free { .. } => 0,
+            })
+            .sum();
+        assert_eq!(counted, h.allocs, "changes carry the counts the totals sum");
+        for i in 0..1000 {
+            t.apply(&free(AllocFn::Free, 0x1000 + i * 0x1000));
+        }
+        let h = t.heap_totals;
+        assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (0, 0));
+        assert_eq!((h.frees, h.bytes_freed), (h.allocs, h.bytes_allocated));
+        // A block far above the mean is sampled almost surely and stands for itself.
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 4 << 20));
+        assert_eq!(t.heap_totals.outstanding_allocs, 1);
+        assert_eq!(t.heap_totals.outstanding_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn settled_realloc_frees_the_old_block_without_a_new_one() {
+        let mut t = Table::new();
+        let mut seen = Vec::new();
+        t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+        t.apply(&free(AllocFn::Realloc, 0x10));
+        t.apply_with(&Event::ReallocSettled { tid: 1, ts_ns: 30 }, &mut |c| {
+            seen.push(c)
+        });
+        let h = t.heap_totals;
+        assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (1, 100, 0));
+        assert!(matches!(seen[..], [Change::Free { bytes: 100, .. }]));
+        // A later realloc on the thread finds nothing pending.
+        t.apply(&alloc(AllocFn::Realloc, 0x20, 64));
+        assert_eq!(t.heap_totals.unmatched_frees, 0);
     }
 
     #[test]

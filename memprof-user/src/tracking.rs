@@ -56,13 +56,19 @@ pub struct PhaseReport {
 impl PhaseReport {
     fn count(&mut self, change: &Change, outstanding: u64) {
         match *change {
-            Change::Alloc { block, .. } => {
-                self.allocs += 1;
-                self.bytes_allocated += block.size;
-                self.net_bytes += block.size as i64;
+            Change::Alloc { block, count, .. } => {
+                let bytes = block.size * u64::from(count);
+                self.allocs += u64::from(count);
+                self.bytes_allocated += bytes;
+                self.net_bytes += bytes as i64;
             }
-            Change::Free { bytes, whole, .. } => {
-                self.frees += u64::from(whole);
+            Change::Free {
+                bytes,
+                whole,
+                count,
+                ..
+            } => {
+                self.frees += u64::from(whole) * u64::from(count);
                 self.bytes_freed += bytes;
                 self.net_bytes -= bytes as i64;
             }
@@ -125,9 +131,15 @@ impl Tracker {
     /// Records one table change; `outstanding` is the process's outstanding heap bytes after it.
     pub fn on_change(&mut self, change: &Change, outstanding: u64) {
         let tid = match *change {
-            Change::Alloc { block, tid, mmap } => {
+            Change::Alloc {
+                block,
+                tid,
+                mmap,
+                count,
+            } => {
                 let g = self.group((block.stack, block.func, mmap));
-                g.stats.on_alloc(block.size, block.ts_ns, block.chain);
+                g.stats
+                    .on_alloc_n(block.size, count, block.ts_ns, block.chain);
                 tid
             }
             Change::Free {
@@ -137,10 +149,11 @@ impl Tracker {
                 tid,
                 ts_ns,
                 mmap,
+                count,
             } => {
                 let g = self.group((block.stack, block.func, mmap));
-                if whole && bytes == block.size {
-                    g.stats.on_free(block.size, block.ts_ns, ts_ns);
+                if whole && bytes == block.size * u64::from(count) {
+                    g.stats.on_free_n(block.size, count, block.ts_ns, ts_ns);
                 } else {
                     // Part of a mapping went away.
                     g.stats.outstanding_bytes = g.stats.outstanding_bytes.saturating_sub(bytes);
@@ -299,6 +312,7 @@ mod tests {
             block: block(size, 7),
             tid,
             mmap: false,
+            count: 1,
         }
     }
 
@@ -310,6 +324,7 @@ mod tests {
             tid,
             ts_ns: 2_000,
             mmap: false,
+            count: 1,
         }
     }
 

@@ -4,10 +4,15 @@
 //! pid first, and reports its own elapsed time (process start and exit excluded). Modes:
 //! untraced; memprof's probes with programs that return at once (`--probe-floor`, the floor of
 //! the probe set); memprof full; both again with every probe at the function's first byte
-//! (`--no-placement`); bpftrace with a memleak-like script when installed. Each runs `--reps`
+//! (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`); bpftrace
+//! with a memleak-like script when installed. Each runs `--reps`
 //! times; medians and ratios go to `target/bench/results.md` and `results.json`. The agent's
 //! CPU time and peak RSS come from `wait4` on memprof (the workload is not its child in pid
 //! mode, so they are the agent's alone).
+//!
+//! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
+//! replayed through decode → table → tracker → report, in events per second; the full bench runs
+//! it too, after the workloads.
 
 use std::{
     ffi::OsString,
@@ -30,9 +35,13 @@ enum Mode {
     Floor,
     FloorAtEntry,
     Full,
+    Sampled,
     FullAtEntry,
     Bpftrace,
 }
+
+/// The sampling interval of the sampled mode.
+const SAMPLE_BYTES: &str = "512K";
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -41,6 +50,7 @@ impl Mode {
             Self::Floor => "floor (probes, empty programs)",
             Self::FloorAtEntry => "floor, free probed at +0",
             Self::Full => "memprof",
+            Self::Sampled => "memprof --sample-bytes 512K",
             Self::FullAtEntry => "memprof, free probed at +0",
             Self::Bpftrace => "bpftrace memleak-like",
         }
@@ -51,6 +61,7 @@ impl Mode {
             Self::Floor => Some(&["--probe-floor"]),
             Self::FloorAtEntry => Some(&["--probe-floor", "--no-placement"]),
             Self::Full => Some(&[]),
+            Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
             Self::FullAtEntry => Some(&["--no-placement"]),
             Self::Untraced | Self::Bpftrace => None,
         }
@@ -75,6 +86,75 @@ struct Workload {
     command: Vec<OsString>,
 }
 
+/// Runs the agent microbenchmark and returns its median throughput per benchmark, in events/s.
+pub fn micro(ws: &Workspace) -> Result<Vec<(String, f64)>> {
+    let mut cmd = ws.cargo();
+    cmd.args(["bench", "-p", "memprof-bench", "--bench", "agent"])
+        .stdout(Stdio::piped());
+    eprintln!("+ {}", crate::util::display(&cmd));
+    let out = cmd.spawn().context("failed to start cargo bench")?;
+    let output = out.wait_with_output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    print!("{text}");
+    if !output.status.success() {
+        bail!("`cargo bench -p memprof-bench` failed ({})", output.status);
+    }
+    let results = parse_criterion(&text);
+    if results.is_empty() {
+        bail!("no throughput in the output of `cargo bench -p memprof-bench`");
+    }
+    Ok(results)
+}
+
+/// `(name, median elements/s)` from criterion's `name time: [..]` / `thrpt: [lo mid hi]` lines.
+fn parse_criterion(text: &str) -> Vec<(String, f64)> {
+    let mut name = String::new();
+    let mut last_plain = "";
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some((head, _)) = line.split_once("time:") {
+            // A long name is printed on a line of its own, before an indented `time:`.
+            name = match head.trim() {
+                "" => last_plain.trim().to_string(),
+                head => head.to_string(),
+            };
+        } else if !line.starts_with(char::is_whitespace) && !line.trim().is_empty() {
+            last_plain = line;
+        } else if let Some((_, rest)) = line.split_once("thrpt:") {
+            let words: Vec<&str> = rest
+                .trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .split_whitespace()
+                .collect();
+            // [lo unit mid unit hi unit]
+            if let (Some(v), Some(unit)) = (words.get(2), words.get(3)) {
+                let scale = match *unit {
+                    "elem/s" => 1.0,
+                    "Kelem/s" => 1e3,
+                    "Melem/s" => 1e6,
+                    "Gelem/s" => 1e9,
+                    _ => continue,
+                };
+                if let Ok(v) = v.parse::<f64>() {
+                    out.push((name.clone(), v * scale));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn micro_markdown(results: &[(String, f64)]) -> String {
+    let mut md = String::from(
+        "\nAgent microbenchmark (memprof-bench: synthetic records through decode → table → \
+         tracker → report):\n\n| benchmark | events/s |\n| --- | --- |\n",
+    );
+    for (name, v) in results {
+        let _ = writeln!(md, "| {name} | {:.2}M |", v / 1e6);
+    }
+    md
+}
+
 pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut reps = 5;
     let mut quick = false;
@@ -88,7 +168,16 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                     .context("--reps takes a number")?;
             }
             Some("--quick") => quick = true,
-            _ => bail!("`cargo xtask bench` takes [--reps N] [--quick], got {arg:?}"),
+            Some("--micro") => {
+                let results = micro(ws)?;
+                let md = micro_markdown(&results);
+                let out_dir = ws.target_dir().join("bench");
+                fs::create_dir_all(&out_dir)?;
+                fs::write(out_dir.join("micro.md"), &md)?;
+                println!("{md}");
+                return Ok(());
+            }
+            _ => bail!("`cargo xtask bench` takes [--reps N] [--quick] [--micro], got {arg:?}"),
         }
     }
     let out_dir = ws.target_dir().join("bench");
@@ -130,6 +219,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Mode::Floor,
         Mode::FloorAtEntry,
         Mode::Full,
+        Mode::Sampled,
         Mode::FullAtEntry,
     ];
     if bpftrace.is_some() {
@@ -166,7 +256,9 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                     .map(|r| r.events as f64 / (r.elapsed_ns / 1e9).max(1e-9))
                     .collect(),
             );
+            // A sampled report's counts are estimates, not events: no events/s for it.
             let traced = mode.memprof_flags().is_some();
+            let events_shown = traced && mode != Mode::Sampled;
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
@@ -175,7 +267,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 human_ns(per_op),
                 per_op / untraced,
                 floor.map_or("".into(), |f| format!("{:.2}", per_op / f)),
-                if traced {
+                if events_shown {
                     format!("{events_per_s:.0}")
                 } else {
                     String::new()
@@ -244,6 +336,11 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         "{{\"agent_bytes_per_outstanding_alloc\":{per_alloc:.1},\"held\":{held},\"report_s_distinct_stacks\":{:.3},\"distinct_stacks\":{distinct}}}",
         many.report_s
     ));
+    let micro_results = micro(ws)?;
+    md.push_str(&micro_markdown(&micro_results));
+    for (name, v) in &micro_results {
+        json_rows.push(format!("{{\"micro\":{name:?},\"events_per_s\":{v:.0}}}"));
+    }
     fs::write(out_dir.join("results.md"), &md)?;
     fs::write(
         out_dir.join("results.json"),
@@ -458,6 +555,21 @@ mod tests {
         assert_eq!(json_u64(report, "\"allocs\":"), 12);
         assert_eq!(json_u64(report, "\"frees\":"), 7);
         assert_eq!(json_u64(report, "\"missing\":"), 0);
+    }
+
+    #[test]
+    fn parses_criterion_throughput() {
+        let out = "agent/ingest            time:   [28.346 ms 29.355 ms 30.554 ms]\n\
+                   \x20                       thrpt:  [6.5459 Melem/s 6.8130 Melem/s 7.0557 Melem/s]\n\
+                   agent/decode\n\
+                   \x20                       time:   [2.2 ms 2.4 ms 2.5 ms]\n\
+                   \x20                       thrpt:  [77.8 Kelem/s 83.0 Kelem/s 88.5 Kelem/s]\n";
+        let got = parse_criterion(out);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, "agent/ingest");
+        assert!((got[0].1 - 6.813e6).abs() < 1.0);
+        assert_eq!(got[1].0, "agent/decode");
+        assert!((got[1].1 - 83.0e3).abs() < 1e-6);
     }
 
     #[test]

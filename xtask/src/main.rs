@@ -25,10 +25,12 @@ commands:
                         setup, build memprof, run all tests serially; needs root.
                         ARGS go to cargo test (e.g. a test-name filter), HARNESS_ARGS to the
                         test binaries (e.g. --nocapture)
-  bench [--reps N] [--quick]
+  bench [--reps N] [--quick] [--micro]
                         setup, build memprof, measure tracing cost (untraced, probe floor,
-                        memprof, bpftrace) on bench/ workloads; writes target/bench/results.md
-                        and results.json; needs root
+                        memprof full and sampled, bpftrace) on bench/ workloads and the agent's
+                        throughput; writes target/bench/results.md and results.json; needs
+                        root. --micro: only the agent microbenchmark (memprof-bench, criterion,
+                        events/s), into target/bench/micro.md
   demo [MEMPROF_ARGS]   setup, build memprof, trace the bundled demo/leaky_cache.c workload;
                         MEMPROF_ARGS go to `memprof trace` (e.g. --json); needs root
 ";
@@ -82,6 +84,9 @@ fn try_main() -> Result<()> {
         Some("build-ebpf") => build_ebpf(&ws, &rest),
         Some("test") => test(&ws, &rest),
         Some("demo") => demo(&ws, &rest),
+        Some("bench") if rest.iter().any(|a| a.as_os_str() == "--micro") => {
+            bench::bench(&ws, &rest)
+        }
         Some("bench") => {
             ensure_root("bench", "memprof loads eBPF programs")?;
             setup::setup()?;

@@ -40,8 +40,13 @@ fn upper(i: usize) -> u64 {
 
 impl Log2Hist {
     pub fn add(&mut self, v: u64) {
+        self.add_n(v, 1);
+    }
+
+    /// Adds `v` `n` times (a sampled allocation standing for `n`).
+    pub fn add_n(&mut self, v: u64, n: u64) {
         let b = bucket(v);
-        self.counts[b] = self.counts[b].saturating_add(1);
+        self.counts[b] = self.counts[b].saturating_add(n);
     }
 
     /// Number of values added.
@@ -111,6 +116,14 @@ impl StackStats {
     /// Records an allocation of `size` bytes at `ts_ns`. `realloc_chain` is 0 for a fresh block
     /// and `k` when the block is the result of the k-th successive realloc of one block.
     pub fn on_alloc(&mut self, size: u64, ts_ns: u64, realloc_chain: u32) {
+        self.on_alloc_n(size, 1, ts_ns, realloc_chain);
+    }
+
+    /// [`on_alloc`](Self::on_alloc) for a sampled block standing for `count` allocations of
+    /// `size` bytes.
+    pub fn on_alloc_n(&mut self, size: u64, count: u32, ts_ns: u64, realloc_chain: u32) {
+        let n = u64::from(count);
+        let bytes = size.saturating_mul(n);
         if self.allocs == 0 {
             self.first_ns = ts_ns;
             self.last_ns = ts_ns;
@@ -118,28 +131,35 @@ impl StackStats {
             self.first_ns = self.first_ns.min(ts_ns);
             self.last_ns = self.last_ns.max(ts_ns);
         }
-        self.allocs += 1;
-        self.bytes_allocated = self.bytes_allocated.saturating_add(size);
-        self.outstanding_allocs += 1;
-        self.outstanding_bytes = self.outstanding_bytes.saturating_add(size);
+        self.allocs += n;
+        self.bytes_allocated = self.bytes_allocated.saturating_add(bytes);
+        self.outstanding_allocs += n;
+        self.outstanding_bytes = self.outstanding_bytes.saturating_add(bytes);
         self.max_outstanding_bytes = self.max_outstanding_bytes.max(self.outstanding_bytes);
         self.max_outstanding_allocs = self.max_outstanding_allocs.max(self.outstanding_allocs);
-        self.sizes.add(size);
+        self.sizes.add_n(size, n);
         if realloc_chain > 0 {
-            self.realloc_moves += 1;
+            self.realloc_moves += n;
             self.max_realloc_chain = self.max_realloc_chain.max(realloc_chain);
         }
     }
 
     /// Records the free of a block of `size` bytes allocated at `alloc_ts_ns`.
     pub fn on_free(&mut self, size: u64, alloc_ts_ns: u64, free_ts_ns: u64) {
-        self.frees += 1;
-        self.bytes_freed = self.bytes_freed.saturating_add(size);
-        self.outstanding_allocs = self.outstanding_allocs.saturating_sub(1);
-        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(size);
+        self.on_free_n(size, 1, alloc_ts_ns, free_ts_ns);
+    }
+
+    /// [`on_free`](Self::on_free) for a sampled block standing for `count` blocks.
+    pub fn on_free_n(&mut self, size: u64, count: u32, alloc_ts_ns: u64, free_ts_ns: u64) {
+        let n = u64::from(count);
+        let bytes = size.saturating_mul(n);
+        self.frees += n;
+        self.bytes_freed = self.bytes_freed.saturating_add(bytes);
+        self.outstanding_allocs = self.outstanding_allocs.saturating_sub(n);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
         let lifetime = free_ts_ns.saturating_sub(alloc_ts_ns);
-        self.lifetimes_ns.add(lifetime);
-        self.freed_lifetime_ns += u128::from(lifetime);
+        self.lifetimes_ns.add_n(lifetime, n);
+        self.freed_lifetime_ns += u128::from(lifetime) * u128::from(n);
     }
 
     /// Allocations per second over `[first_ns, now_ns]`; `None` before any allocation or when

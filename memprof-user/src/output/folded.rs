@@ -331,6 +331,7 @@ pub(crate) mod tests {
             duration_s: Some(2.0),
             exited: Some(true),
             exit_code: Some(Some(0)),
+            sampling: None,
             totals: Totals {
                 heap,
                 lost_events: 3,

@@ -135,6 +135,15 @@ fn header(h: &mut String, p: &Profile) {
         format!("<code>{}</code>", escape(&p.command.join(" "))),
     );
     fact("duration", format!("{:.2} s", p.duration_s));
+    if let Some(s) = r.sampling {
+        fact(
+            "sampled",
+            format!(
+                "one allocation per {} on average: counts and bytes are estimates",
+                escape(&crate::report::human_bytes(s.mean_bytes))
+            ),
+        );
+    }
     match (r.exited, r.exit_code) {
         (Some(true), Some(Some(code))) => fact("exit", format!("exited with status {code}")),
         (Some(true), _) => fact("exit", "exited".into()),

@@ -579,6 +579,7 @@ pub(super) mod tests {
             duration_s: None,
             exited: None,
             exit_code: None,
+            sampling: None,
             totals: Totals {
                 heap,
                 lost_events: 7,

@@ -346,12 +346,18 @@ pub fn build(
         r#type: strings.get("space"),
         unit: strings.get("bytes"),
     };
-    let comment = vec![strings.get(&format!(
+    let mut comment = vec![strings.get(&format!(
         "memprof: pid {} ({}), {:.3} s",
         profile.pid,
         profile.command.join(" "),
         profile.duration_s
     ))];
+    if let Some(s) = profile.report.sampling {
+        comment.push(strings.get(&format!(
+            "sampled: one allocation per {} bytes on average; values are estimates",
+            s.mean_bytes
+        )));
+    }
     let default_sample_type = strings.get("inuse_space");
     let time_nanos = start
         .duration_since(UNIX_EPOCH)
