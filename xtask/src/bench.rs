@@ -36,6 +36,7 @@ enum Mode {
     FloorAtEntry,
     Full,
     Sampled,
+    Dwarf,
     FullAtEntry,
     Bpftrace,
 }
@@ -51,6 +52,7 @@ impl Mode {
             Self::FloorAtEntry => "floor, free probed at +0",
             Self::Full => "memprof",
             Self::Sampled => "memprof --sample-bytes 512K",
+            Self::Dwarf => "memprof --unwind dwarf",
             Self::FullAtEntry => "memprof, free probed at +0",
             Self::Bpftrace => "bpftrace memleak-like",
         }
@@ -62,6 +64,7 @@ impl Mode {
             Self::FloorAtEntry => Some(&["--probe-floor", "--no-placement"]),
             Self::Full => Some(&[]),
             Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
+            Self::Dwarf => Some(&["--unwind", "dwarf"]),
             Self::FullAtEntry => Some(&["--no-placement"]),
             Self::Untraced | Self::Bpftrace => None,
         }
@@ -220,6 +223,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Mode::FloorAtEntry,
         Mode::Full,
         Mode::Sampled,
+        Mode::Dwarf,
         Mode::FullAtEntry,
     ];
     if bpftrace.is_some() {
