@@ -8,7 +8,7 @@ use memprof::{
     report::{self, Inputs, KernelLosses, Report},
     stacks::StackStore,
     symbolize::Symbolizer,
-    table::{Change, Table},
+    table::{Change, Tables},
     tracking::Tracker,
 };
 use memprof_common::{
@@ -102,6 +102,7 @@ pub fn synthetic_records(n: usize, stacks: u32, live: usize) -> Records {
                     addr: next_addr,
                     size: 16 << rng.below(9),
                     stack: u64::from(rng.below(stacks)) * 2 + 1,
+                    py_stack: NO_STACK,
                 }),
             );
         } else if grow || blocks.is_empty() {
@@ -123,6 +124,7 @@ pub fn synthetic_records(n: usize, stacks: u32, live: usize) -> Records {
                     addr: next_addr,
                     size: 16 << rng.below(9),
                     stack,
+                    py_stack: NO_STACK,
                 }),
             );
         } else {
@@ -143,7 +145,7 @@ pub fn synthetic_records(n: usize, stacks: u32, live: usize) -> Records {
 
 /// The agent's state for one traced process, fed record by record.
 pub struct Agent {
-    pub table: Table,
+    pub table: Tables,
     pub tracker: Tracker,
     changes: Vec<Change>,
     stacks: StackStore,
@@ -154,7 +156,7 @@ pub struct Agent {
 impl Agent {
     pub fn new(sample_bytes: u64) -> Self {
         Self {
-            table: Table::with_sampling(sample_bytes),
+            table: Tables::with_sampling(sample_bytes),
             tracker: Tracker::new(&[], 0),
             changes: Vec::new(),
             stacks: StackStore::new(),
@@ -170,7 +172,7 @@ impl Agent {
             self.last_ts = a.ts_ns;
         }
         let changes = &mut self.changes;
-        self.table.apply_with(&event, &mut |c| changes.push(c));
+        self.table.apply_from(0, &event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
             self.tracker.on_change(&change, outstanding);
@@ -189,6 +191,7 @@ impl Agent {
         let inputs = Inputs {
             pid: 4242,
             table: &self.table,
+            unwind: None,
             stacks: &self.stacks,
             kernel: KernelLosses::default(),
             decode_errors: 0,
