@@ -646,3 +646,46 @@ fn agent_memory_stays_bounded_while_a_process_churns() {
     eprintln!("memprof RSS (s, bytes): {curve:?}");
     c.finish(|| f.context());
 }
+
+#[test]
+fn cgroup_narrows_all_mode_to_one_cgroup() {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("cgroup v2 is mounted");
+    let cg = root.join(format!("memprof-test-{}", std::process::id()));
+    let _ = fs::create_dir(&cg);
+    let mut inside = Leaker::start(6, 700);
+    fs::write(cg.join("cgroup.procs"), inside.proc.pid().to_string()).unwrap();
+    let mut outside = Leaker::start(2, 900);
+    let mp = start_memprof(&[
+        "--all",
+        "--cgroup",
+        cg.to_str().unwrap(),
+        "--json",
+        "--duration",
+        "60s",
+    ]);
+    inside.leak();
+    outside.leak();
+    mp.signal(libc::SIGINT);
+    let f = mp.finish(DEADLINE);
+    let r = report(&f);
+    let mut c = Checks::new("--all --cgroup");
+    match process(&r, inside.proc.pid()) {
+        Some(p) => c.eq("inside: leak_here", site(p, "leak_here"), (4200, 6)),
+        None => c.check(false, "the process in the cgroup is reported"),
+    }
+    c.check(
+        process(&r, outside.proc.pid()).is_none(),
+        "the process outside the cgroup is not traced",
+    );
+    drop(inside.finish());
+    drop(outside.finish());
+    let _ = fs::remove_dir(&cg);
+    c.finish(|| f.context());
+}

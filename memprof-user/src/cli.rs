@@ -97,8 +97,8 @@ struct TraceArgs {
     /// exec into that name later, and their children.
     #[arg(long, value_name = "NAME", requires = "all")]
     comm: Option<String>,
-    /// With --all: only processes in this cgroup (v2; a path under /sys/fs/cgroup or relative
-    /// to it, e.g. system.slice/nginx.service).
+    /// With --all: only processes in this cgroup (v2; a path under the cgroup2 mount, usually
+    /// /sys/fs/cgroup, or relative to it, e.g. system.slice/nginx.service).
     #[arg(long, value_name = "PATH", requires = "all", conflicts_with = "comm")]
     cgroup: Option<PathBuf>,
     /// Trace the processes the traced process forks, and theirs (default with a COMMAND).
@@ -529,7 +529,9 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
 /// The v2 id of cgroup `path` (its directory's inode) and its path as /proc/PID/cgroup shows it.
 fn cgroup_id(path: &Path) -> Result<(u64, String)> {
     use std::os::unix::fs::MetadataExt as _;
-    let root = Path::new("/sys/fs/cgroup");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let root = target::cgroup2_root(&mounts)
+        .ok_or_else(|| anyhow::anyhow!("--cgroup needs cgroup v2, which is not mounted"))?;
     let full = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -537,9 +539,13 @@ fn cgroup_id(path: &Path) -> Result<(u64, String)> {
     };
     let meta =
         fs::metadata(&full).with_context(|| format!("no such cgroup: {}", full.display()))?;
-    let rel = full
-        .strip_prefix(root)
-        .map_err(|_| anyhow::anyhow!("--cgroup {} is not under /sys/fs/cgroup", full.display()))?;
+    let rel = full.strip_prefix(&root).map_err(|_| {
+        anyhow::anyhow!(
+            "--cgroup {} is not under the cgroup v2 mount {}",
+            full.display(),
+            root.display()
+        )
+    })?;
     Ok((meta.ino(), format!("/{}", rel.display())))
 }
 

@@ -931,7 +931,10 @@ struct Unwinding<'a> {
 fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> u64 {
     const REREAD_NS: u64 = 50_000_000;
     let now = monotonic_ns();
-    if u.procs.get(&tgid).is_some_and(|p| p.space.find(copy.ip).is_none()) {
+    if u.procs
+        .get(&tgid)
+        .is_some_and(|p| p.space.find(copy.ip).is_none())
+    {
         drain_mappings(u.watch.as_deref_mut(), u.procs, u.pending, u.symbolizer);
     }
     let p = u.procs.entry(tgid).or_insert_with(|| Proc::discover(tgid));

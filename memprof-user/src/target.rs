@@ -118,6 +118,16 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Where cgroup v2 is mounted, from the text of /proc/self/mounts (`/sys/fs/cgroup` on a
+/// unified hierarchy, `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_root(mounts: &str) -> Option<std::path::PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| std::path::PathBuf::from(dir))
+    })
+}
+
 /// (device, inode) of a file.
 pub fn file_id(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
@@ -258,6 +268,21 @@ impl Spawned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_root(hybrid),
+            Some(std::path::PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_root("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            Some(std::path::PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(cgroup2_root("proc /proc proc rw 0 0\n"), None);
+    }
 
     #[test]
     fn capabilities() {
