@@ -861,11 +861,11 @@ pub fn render_text(r: &Report) -> String {
         }
         for f in &leak.stack {
             let name = f.function.as_deref().unwrap_or("??");
-            let module = f
-                .module
-                .as_deref()
-                .map(|m| m.rsplit('/').next().unwrap_or(m))
-                .unwrap_or("?");
+            let module = match (f.kind, f.module.as_deref()) {
+                ("python", _) => "python",
+                (_, Some(m)) => m.rsplit('/').next().unwrap_or(m),
+                (_, None) => "?",
+            };
             let _ = match (&f.file, f.line) {
                 (Some(file), Some(line)) => {
                     let file = file.rsplit('/').next().unwrap_or(file);
