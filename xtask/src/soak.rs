@@ -144,7 +144,10 @@ pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut prev_cpu = (cpu_ticks(agent_pid), cpu_ticks(target_pid), 0.0);
     let mut samples = Vec::new();
     // Every `step` s, and once more a second before the target's end.
-    let mut due: Vec<u64> = (0..).map(|k| k * step).take_while(|&d| d < seconds).collect();
+    let mut due: Vec<u64> = (0..)
+        .map(|k| k * step)
+        .take_while(|&d| d < seconds)
+        .collect();
     if seconds > 1 && due.last() != Some(&(seconds - 1)) {
         due.push(seconds - 1);
     }
@@ -158,13 +161,17 @@ pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
         };
         let cpu = (cpu_ticks(agent_pid), cpu_ticks(target_pid), t_s);
         let dt = (cpu.2 - prev_cpu.2).max(1e-3);
-        let frac = |now: u64, before: u64| now.saturating_sub(before) as f64 / ticks / dt;
+        // The first sample has no interval before it.
+        let frac = |now: u64, before: u64| match at {
+            0 => 0.0,
+            _ => now.saturating_sub(before) as f64 / ticks / dt,
+        };
         let sample = Sample {
             t_s,
             agent_rss,
             target_rss,
-            agent_cpu: if at == 0 { 0.0 } else { frac(cpu.0, prev_cpu.0) },
-            target_cpu: if at == 0 { 0.0 } else { frac(cpu.1, prev_cpu.1) },
+            agent_cpu: frac(cpu.0, prev_cpu.0),
+            target_cpu: frac(cpu.1, prev_cpu.1),
         };
         prev_cpu = cpu;
         eprintln!(
