@@ -6,6 +6,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 mod util;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -31,6 +32,11 @@ commands:
                         throughput; writes target/bench/results.md and results.json; needs
                         root. --micro: only the agent microbenchmark (memprof-bench, criterion,
                         events/s), into target/bench/micro.md
+  soak [--minutes N] [--rate ALLOCS_PER_S]
+                        setup, build memprof, trace a process churning ALLOCS_PER_S (default
+                        20000) malloc/free pairs with a bounded live set for N minutes (default
+                        60), sampling memprof's RSS; writes target/bench/soak.md and soak.json;
+                        needs root
   demo [MEMPROF_ARGS]   setup, build memprof, trace the bundled demo/leaky_cache.c workload;
                         MEMPROF_ARGS go to `memprof trace` (e.g. --json); needs root
 ";
@@ -92,6 +98,12 @@ fn try_main() -> Result<()> {
             setup::setup()?;
             build_memprof(&ws)?;
             bench::bench(&ws, &rest)
+        }
+        Some("soak") => {
+            ensure_root("soak", "memprof loads eBPF programs")?;
+            setup::setup()?;
+            build_memprof(&ws)?;
+            soak::soak(&ws, &rest)
         }
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
