@@ -689,3 +689,47 @@ fn cgroup_narrows_all_mode_to_one_cgroup() {
     let _ = fs::remove_dir(&cg);
     c.finish(|| f.context());
 }
+
+#[test]
+fn exited_processes_beyond_the_limit_are_forgotten() {
+    // 300 short-lived processes under --all --comm: the 256 most recent exited ones stay in
+    // the report, the 44 before them are forgotten (and counted), so memory stays bounded.
+    // --comm needs a matching process running when memprof starts.
+    let mut anchor = Leaker::start(1, 10);
+    let mp = start_memprof(&["--all", "--comm", "procs", "--json", "--duration", "120s"]);
+    anchor.leak();
+    for _ in 0..300 {
+        let status = Command::new(procs())
+            .args(["spin", "0"])
+            .output()
+            .unwrap()
+            .status;
+        assert!(status.success());
+    }
+    thread::sleep(Duration::from_millis(500));
+    mp.signal(libc::SIGINT);
+    let f = mp.finish(DEADLINE);
+    let r = report(&f);
+    let mut c = Checks::new("300 exited processes");
+    let exited: Vec<&Value> = r["processes"]
+        .as_array()
+        .map(|ps| ps.iter().filter(|p| p["exited"] == true).collect())
+        .unwrap_or_default();
+    c.eq("exited processes listed", exited.len(), 256);
+    c.eq(
+        "processes forgotten",
+        r["forgotten"]["processes"].as_u64(),
+        Some(44),
+    );
+    c.check(
+        process(&r, anchor.proc.pid()).is_some_and(|p| p["exited"] == false),
+        "the running process is listed, not exited",
+    );
+    // Each listed exited process leaked 1000 x 32 B at spin_leak.
+    c.check(
+        exited.iter().all(|p| site(p, "spin_leak") == (32000, 1000)),
+        "each listed exited process: spin_leak 32000 B in 1000 blocks",
+    );
+    drop(anchor.finish());
+    c.finish(|| f.context());
+}

@@ -192,6 +192,7 @@ impl Agent {
             pid: 4242,
             table: &self.table,
             unwind: None,
+            forgotten: Default::default(),
             stacks: &self.stacks,
             kernel: KernelLosses::default(),
             decode_errors: 0,

@@ -41,6 +41,21 @@ pub struct KernelLosses {
     pub sampled_full: u64,
 }
 
+/// What a long trace stopped keeping (see `Inputs::forgotten`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Forgotten {
+    /// Exited processes beyond the most recent 256, whose blocks count as freed.
+    pub processes: u64,
+    /// Call-site groups with nothing outstanding and idle for a minute, beyond 20 000.
+    pub groups: u64,
+}
+
+impl Forgotten {
+    fn is_none(&self) -> bool {
+        self.processes == 0 && self.groups == 0
+    }
+}
+
 /// How stacks were unwound with `--unwind dwarf`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct UnwindStats {
@@ -148,6 +163,9 @@ pub struct Report {
     /// With `--unwind dwarf`: how many stacks were unwound and how many stopped early.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unwind: Option<UnwindStats>,
+    /// Present when a long trace forgot exited processes or idle call sites.
+    #[serde(skip_serializing_if = "Forgotten::is_none")]
+    pub forgotten: Forgotten,
 }
 
 /// How a sampled trace was sampled.
@@ -191,6 +209,9 @@ pub struct Inputs<'a> {
     pub tracker: &'a Tracker,
     /// `--unwind dwarf` counts (None with frame pointers).
     pub unwind: Option<UnwindStats>,
+    /// Exited processes no longer reported, and idle call-site groups forgotten, to keep
+    /// memory bounded on long multi-process traces.
+    pub forgotten: Forgotten,
     /// `--limit` in bytes.
     pub limit: Option<u64>,
     /// `--category` rules.
@@ -303,6 +324,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         leaks,
         processes: None,
         unwind: inputs.unwind,
+        forgotten: inputs.forgotten,
     }
 }
 
@@ -921,6 +943,7 @@ mod tests {
             top: None,
             tracker,
             unwind: None,
+            forgotten: Forgotten::default(),
             limit: None,
             rules: &[],
             mem: None,

@@ -37,6 +37,14 @@ use crate::{
     unwind::{self as unwinding, ObjectCache, ProcessUnwinder},
 };
 
+/// Exited processes kept in the report of a multi-process trace; older ones are forgotten.
+const EXITED_KEPT: usize = 256;
+
+/// Call-site groups kept with their history; beyond that, groups with nothing outstanding and
+/// no allocation for `GROUP_IDLE_NS` are forgotten, oldest first.
+const GROUPS_KEPT: usize = 20_000;
+const GROUP_IDLE_NS: u64 = 60_000_000_000;
+
 /// How often the ring buffer is drained when no record asked for a wakeup. The kernel side wakes
 /// the agent only for urgent records or a ring a sixteenth full, sparing the traced threads a
 /// context switch per allocation.
@@ -120,6 +128,11 @@ pub struct Session {
     pending_maps: std::collections::HashMap<u32, Vec<Mapping>>,
     /// CPython processes: their frame readers and registered threads.
     pythons: std::collections::HashMap<u32, PyState>,
+    /// Exited processes still reported, oldest first (see `EXITED_KEPT`).
+    exited: std::collections::VecDeque<u32>,
+    /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
+    evicted_processes: u64,
+    pruned_groups: u64,
     symbolizer: Symbolizer,
     decode_errors: u64,
     start_ns: u64,
@@ -205,6 +218,9 @@ impl Session {
             watch: None,
             pending_maps: Default::default(),
             pythons: Default::default(),
+            exited: Default::default(),
+            evicted_processes: 0,
+            pruned_groups: 0,
             decode_errors: 0,
             start_ns,
             settings,
@@ -444,9 +460,15 @@ impl Session {
                 self.detect_allocators(tgid);
             }
             Event::Exit => {
-                if let Some(p) = self.procs.get_mut(&tgid) {
+                if let Some(p) = self.procs.get_mut(&tgid)
+                    && !p.exited
+                {
                     p.exited = true;
+                    if tgid != self.pid {
+                        self.exited.push_back(tgid);
+                    }
                 }
+                self.evict_exited(now);
             }
             _ => {}
         }
@@ -455,6 +477,29 @@ impl Session {
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
             self.tracker.on_change(&change, outstanding);
+        }
+    }
+
+    /// Keeps memory bounded on a long trace of many processes: the oldest exited processes
+    /// beyond `EXITED_KEPT` stop being reported (their blocks count as freed, as the system
+    /// freed them), and what memprof kept for them goes.
+    fn evict_exited(&mut self, now: u64) {
+        while self.exited.len() > EXITED_KEPT {
+            let Some(pid) = self.exited.pop_front() else {
+                break;
+            };
+            let changes = &mut self.changes;
+            self.table
+                .forget_process(pid, now, &mut |c| changes.push(c));
+            self.procs.remove(&pid);
+            self.unwinders.remove(&pid);
+            self.pending_maps.remove(&pid);
+            if let Some(state) = self.pythons.remove(&pid) {
+                for tid in state.tids.keys() {
+                    self.tracer.remove_python_thread(*tid);
+                }
+            }
+            self.evicted_processes += 1;
         }
     }
 
@@ -520,6 +565,7 @@ impl Session {
         }
         self.tracker
             .sample(now, self.table.heap_totals.outstanding_bytes, rss);
+        self.pruned_groups += self.tracker.prune(GROUPS_KEPT, now, GROUP_IDLE_NS) as u64;
     }
 
     /// Stops listening for marks and removes the socket file.
@@ -836,6 +882,10 @@ impl Session {
             min_age_ns: self.settings.min_age.as_nanos() as u64,
             tracker: &self.tracker,
             unwind: self.settings.dwarf.then_some(self.unwind_stats),
+            forgotten: report::Forgotten {
+                processes: self.evicted_processes,
+                groups: self.pruned_groups,
+            },
             limit: self.settings.limit,
             rules: &self.rules,
             mem: ProcMem::read(self.pid)

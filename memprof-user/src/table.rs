@@ -575,6 +575,13 @@ impl Tables {
         );
     }
 
+    /// Forgets process `tgid` (an exited process memprof stops reporting): its blocks count as
+    /// freed, as the system freed them at its exit.
+    pub fn forget_process(&mut self, tgid: u32, ts_ns: u64, on: &mut impl FnMut(Change)) {
+        self.release_process(tgid, ts_ns, on);
+        self.procs.remove(&tgid);
+    }
+
     /// The table of process `tgid`.
     pub fn process(&self, tgid: u32) -> Option<&Table> {
         self.procs.get(&tgid)

@@ -257,6 +257,31 @@ impl Tracker {
         }
     }
 
+    /// Forgets groups with nothing outstanding and no allocation for `idle_ns`, oldest first,
+    /// until at most `keep` groups remain (a long trace of many short-lived processes would
+    /// otherwise keep every call site it ever saw). Returns how many were forgotten.
+    pub fn prune(&mut self, keep: usize, now_ns: u64, idle_ns: u64) -> usize {
+        if self.groups.len() <= keep {
+            return 0;
+        }
+        let mut idle: Vec<(u64, GroupKey)> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.stats.outstanding_allocs == 0 && now_ns.saturating_sub(g.stats.last_ns) >= idle_ns
+            })
+            .map(|(k, g)| (g.stats.last_ns, *k))
+            .collect();
+        idle.sort_unstable_by_key(|(last, _)| *last);
+        let excess = self.groups.len() - keep;
+        let mut removed = 0;
+        for (_, key) in idle.into_iter().take(excess) {
+            self.groups.remove(&key);
+            removed += 1;
+        }
+        removed
+    }
+
     /// Growth verdict of one group.
     pub fn growth(&self, key: &GroupKey) -> Option<Growth> {
         let g = self.groups.get(key)?;
@@ -382,6 +407,54 @@ mod tests {
             ]
         );
         assert_eq!(phases[1].peak_outstanding_bytes, 96);
+    }
+
+    #[test]
+    fn prune_forgets_idle_empty_groups_oldest_first() {
+        let mut t = Tracker::new(&[], 0);
+        for stack in 1..=4u64 {
+            let block = LiveAlloc {
+                size: 10,
+                ts_ns: stack * 1_000,
+                stack,
+                func: AllocFn::Malloc,
+                chain: 0,
+            };
+            t.on_change(
+                &Change::Alloc {
+                    block,
+                    count: 1,
+                    tid: 1,
+                    mmap: false,
+                },
+                10,
+            );
+            // Groups 1..=3 end empty; group 4 keeps its block.
+            if stack != 4 {
+                t.on_change(
+                    &Change::Free {
+                        block,
+                        count: 1,
+                        bytes: 10,
+                        whole: true,
+                        tid: 1,
+                        ts_ns: stack * 1_000 + 1,
+                        mmap: false,
+                    },
+                    0,
+                );
+            }
+        }
+        assert_eq!(t.prune(4, 10_000, 0), 0, "within the limit");
+        assert_eq!(t.prune(2, 10_000, 0), 2);
+        let mut left: Vec<u64> = t.groups.keys().map(|k| k.0).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [3, 4],
+            "the oldest idle empty groups go; the one holding a block stays"
+        );
+        assert_eq!(t.prune(0, 10_000, 1_000_000), 0, "not idle long enough");
     }
 
     #[test]

@@ -90,7 +90,9 @@ impl Series {
         let cap = cap.max(8);
         Self {
             cap,
-            points: Vec::with_capacity(cap),
+            // Grows as points come: many series (idle groups, short-lived processes) stay
+            // short or empty.
+            points: Vec::new(),
             stride: 1,
             last_fill: 0,
         }

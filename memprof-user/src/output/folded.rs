@@ -356,6 +356,7 @@ pub(crate) mod tests {
             leaks: vec![],
             processes: None,
             unwind: None,
+            forgotten: Default::default(),
         };
         Profile {
             pid: 4242,

@@ -607,6 +607,7 @@ pub(super) mod tests {
             leaks: Vec::new(),
             processes: None,
             unwind: None,
+            forgotten: Default::default(),
         };
         Profile {
             pid: 42,
