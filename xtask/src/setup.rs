@@ -56,10 +56,12 @@ pub fn setup() -> Result<()> {
 
 fn apt_packages(ws: &Workspace) -> Result<()> {
     let mut wanted: Vec<&str> = APT_PACKAGES.to_vec();
-    // The machine's python3 normally comes from pyenv; fall back to Debian's.
+    // The machine's python3 normally comes from pyenv (with its headers, which the Python
+    // frame tests build an extension module against); fall back to Debian's.
     let python = output_of(ws.command("python3").arg("--version"));
     if python.is_none() {
         wanted.push("python3");
+        wanted.push("python3-dev");
     }
 
     let missing = missing_packages(ws, &wanted)?;
