@@ -19,10 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Checks, Finished, Proc, STARTUP, frame_fn, num, spawn_with_stdin, stack};
+use common::{
+    Checks, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, spawn_with_stdin, stack,
+};
 use serde_json::Value;
 
-const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -106,27 +107,6 @@ fn fixture() -> &'static Fixture {
             ext_dir,
         }
     })
-}
-
-fn memprof(args: &[&str]) -> Command {
-    let mut cmd = Command::new(MEMPROF);
-    cmd.arg("trace").args(args);
-    cmd
-}
-
-fn report(f: &Finished) -> Value {
-    assert!(
-        !f.stderr.contains("panicked"),
-        "memprof panicked\n{}",
-        f.context()
-    );
-    assert_eq!(f.code(), Some(0), "memprof failed\n{}", f.context());
-    let records = f.ndjson();
-    let last = records
-        .last()
-        .unwrap_or_else(|| panic!("no output\n{}", f.context()));
-    assert_eq!(last["type"], "report", "{}", f.context());
-    last.clone()
 }
 
 /// A frame as (kind, function, line).
@@ -221,7 +201,7 @@ fn spawned(unwind: &str) {
     let ext = fx.ext_dir.to_str().unwrap();
     let run = Proc::spawn(
         format!("memprof trace --unwind {unwind} -- python pynative.py"),
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--unwind",
             unwind,
@@ -234,7 +214,7 @@ fn spawned(unwind: &str) {
         ]),
     )
     .finish(DEADLINE);
-    let r = report(&run);
+    let r = final_report(&run);
     let mut c = Checks::new(format!("Python frames, spawned, --unwind {unwind}"));
     check(&mut c, &r, fx, unwind == "dwarf");
     c.finish(|| run.context());
@@ -264,7 +244,7 @@ fn python_frames_on_native_allocations_by_pid() {
     let pid = target.pid().to_string();
     let mp = Proc::spawn(
         "memprof trace --pid (python)",
-        &mut memprof(&["--json", "--pid", &pid, "--duration", "60s"]),
+        &mut memprof_trace(&["--json", "--pid", &pid, "--duration", "60s"]),
     );
     let deadline = Instant::now() + STARTUP;
     assert!(
@@ -278,7 +258,7 @@ fn python_frames_on_native_allocations_by_pid() {
     stdin.flush().unwrap();
     target.expect_stdout_line("done");
     let run = mp.finish(DEADLINE);
-    let r = report(&run);
+    let r = final_report(&run);
     let mut c = Checks::new("Python frames, by pid");
     check(&mut c, &r, fx, false);
     c.finish(|| run.context());

@@ -19,10 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Checks, Finished, Proc, STARTUP, frame_fn, num, spawn_with_stdin, stack};
+use common::{
+    Checks, Finished, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, spawn_with_stdin,
+    stack,
+};
 use serde_json::Value;
 
-const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -94,17 +96,11 @@ impl Leaker {
     }
 }
 
-fn memprof(args: &[&str]) -> Command {
-    let mut cmd = Command::new(MEMPROF);
-    cmd.arg("trace").args(args);
-    cmd
-}
-
 /// Starts memprof and waits for its `memprof: tracing` line.
 fn start_memprof(args: &[&str]) -> Proc {
     let mut mp = Proc::spawn(
         format!("memprof trace {}", args.join(" ")),
-        &mut memprof(args),
+        &mut memprof_trace(args),
     );
     let deadline = Instant::now() + STARTUP;
     if mp
@@ -117,21 +113,6 @@ fn start_memprof(args: &[&str]) -> Proc {
         panic!("memprof did not start tracing within {STARTUP:?}\n{out}");
     }
     mp
-}
-
-/// The final report of a finished `--json` run.
-fn report(f: &Finished) -> Value {
-    assert!(
-        !f.stderr.contains("panicked"),
-        "memprof panicked\n{}",
-        f.context()
-    );
-    let records = f.ndjson();
-    let last = records
-        .last()
-        .unwrap_or_else(|| panic!("no output\n{}", f.context()));
-    assert_eq!(last["type"], "report", "{}", f.context());
-    last.clone()
 }
 
 /// The `processes` entry of `pid`.
@@ -168,10 +149,10 @@ fn follows_forks_and_execs_of_a_spawned_command() {
     let bin = procs().to_str().unwrap();
     let f = Proc::spawn(
         "memprof trace -- procs tree",
-        &mut memprof(&["--json", "--duration", "60s", "--", bin, "tree"]),
+        &mut memprof_trace(&["--json", "--duration", "60s", "--", bin, "tree"]),
     )
     .finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let parent = role_pid(&f.stderr, "parent");
     let child = role_pid(&f.stderr, "child");
     let exec = role_pid(&f.stderr, "exec");
@@ -248,7 +229,7 @@ fn no_follow_children_traces_the_command_alone() {
     let bin = procs().to_str().unwrap();
     let f = Proc::spawn(
         "memprof trace --no-follow-children -- procs tree",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--duration",
             "60s",
@@ -259,7 +240,7 @@ fn no_follow_children_traces_the_command_alone() {
         ]),
     )
     .finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("procs tree, not followed");
     c.eq("exit code", f.code(), Some(0));
     c.check(
@@ -289,7 +270,7 @@ fn all_mode_reports_each_process_exactly() {
     thread::sleep(Duration::from_millis(300));
     mp.signal(libc::SIGINT);
     let f = mp.finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("--all with three leakers");
     c.eq("memprof exit code", f.code(), Some(0));
     c.eq("procs leak a exit code", a_done.code(), Some(0));
@@ -357,7 +338,7 @@ fn comm_narrows_all_mode_to_one_name() {
     assert!(other.success());
     mp.signal(libc::SIGINT);
     let f = mp.finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("--all --comm procs");
     let names: Vec<&str> = r["processes"]
         .as_array()
@@ -427,7 +408,7 @@ fn process_in_its_own_mount_namespace_is_traced_and_named() {
     leaker.leak();
     let done = leaker.finish();
     let f = mp.finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("process in its own mount namespace");
     c.eq("fixture exit code", done.code(), Some(0));
     c.check(
@@ -539,7 +520,7 @@ fn ring_overload_is_counted_and_reported() {
     // One page of ring for about 200k events per second: most are dropped, and counted.
     let f = Proc::spawn(
         "memprof trace --ring-bytes 4096 -- procs spin 1",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--ring-bytes",
             "4096",
@@ -552,7 +533,7 @@ fn ring_overload_is_counted_and_reported() {
         ]),
     )
     .finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("ring overload");
     let lost = num(&r["totals"], "lost_events");
     let ring_full = num(&r["kernel"], "ring_full");
@@ -568,7 +549,7 @@ fn ring_overload_is_counted_and_reported() {
     // The text report says so too.
     let text = Proc::spawn(
         "memprof trace (text) --ring-bytes 4096 -- procs spin 1",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--ring-bytes",
             "4096",
             "--duration",
@@ -611,7 +592,7 @@ fn agent_memory_stays_bounded_while_a_process_churns() {
     let bin = procs().to_str().unwrap();
     let mut mp = Proc::spawn(
         "memprof trace -- procs spin 40",
-        &mut memprof(&["--json", "--duration", "90s", "--", bin, "spin", "40"]),
+        &mut memprof_trace(&["--json", "--duration", "90s", "--", bin, "spin", "40"]),
     );
     let started = Instant::now();
     let mut curve = Vec::new();
@@ -620,7 +601,7 @@ fn agent_memory_stays_bounded_while_a_process_churns() {
         thread::sleep(Duration::from_secs(2));
     }
     let f = mp.finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("agent memory while the target churns");
     c.eq("spin_leak", site(&r, "spin_leak"), (32000, 1000));
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
@@ -674,7 +655,7 @@ fn cgroup_narrows_all_mode_to_one_cgroup() {
     outside.leak();
     mp.signal(libc::SIGINT);
     let f = mp.finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("--all --cgroup");
     match process(&r, inside.proc.pid()) {
         Some(p) => c.eq("inside: leak_here", site(p, "leak_here"), (4200, 6)),
@@ -709,7 +690,7 @@ fn exited_processes_beyond_the_limit_are_forgotten() {
     thread::sleep(Duration::from_millis(500));
     mp.signal(libc::SIGINT);
     let f = mp.finish(DEADLINE);
-    let r = report(&f);
+    let r = final_report(&f);
     let mut c = Checks::new("300 exited processes");
     let exited: Vec<&Value> = r["processes"]
         .as_array()

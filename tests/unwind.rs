@@ -17,10 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Checks, Finished, Proc, STARTUP, frame_fn, num, spawn_with_stdin, stack};
+use common::{
+    Checks, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, spawn_with_stdin, stack,
+};
 use serde_json::Value;
 
-const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -92,27 +93,6 @@ fn fixtures() -> &'static Fixtures {
     })
 }
 
-fn memprof(args: &[&str]) -> Command {
-    let mut cmd = Command::new(MEMPROF);
-    cmd.arg("trace").args(args);
-    cmd
-}
-
-fn report(f: &Finished) -> Value {
-    assert!(
-        !f.stderr.contains("panicked"),
-        "memprof panicked\n{}",
-        f.context()
-    );
-    assert_eq!(f.code(), Some(0), "memprof failed\n{}", f.context());
-    let records = f.ndjson();
-    let last = records
-        .last()
-        .unwrap_or_else(|| panic!("no output\n{}", f.context()));
-    assert_eq!(last["type"], "report", "{}", f.context());
-    last.clone()
-}
-
 /// Function names of a group's frames, innermost first (`?` for a frame without one).
 fn names(group: &Value) -> Vec<String> {
     stack(group)
@@ -176,7 +156,7 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
     let deep = f.deep.to_str().unwrap();
     let run = Proc::spawn(
         "memprof trace --unwind dwarf -- deep",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--unwind",
             "dwarf",
@@ -187,7 +167,7 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
         ]),
     )
     .finish(DEADLINE);
-    let r = report(&run);
+    let r = final_report(&run);
     let mut c = Checks::new("--unwind dwarf, spawned");
     check_deep(&mut c, &r);
     c.finish(|| run.context());
@@ -202,7 +182,7 @@ fn dwarf_unwinds_when_attached_by_pid() {
     let pid = target.pid().to_string();
     let mp = Proc::spawn(
         "memprof trace --unwind dwarf --pid",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--unwind",
             "dwarf",
@@ -232,7 +212,7 @@ fn dwarf_unwinds_when_attached_by_pid() {
     mp.signal(libc::SIGINT);
     let run = mp.finish(DEADLINE);
     drop(stdin);
-    let r = report(&run);
+    let r = final_report(&run);
     let mut c = Checks::new("--unwind dwarf, by pid");
     check_deep(&mut c, &r);
     c.finish(|| run.context());
@@ -243,7 +223,7 @@ fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
     let f = fixtures();
     let run = Proc::spawn(
         "memprof trace --unwind dwarf -- deepnew",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--unwind",
             "dwarf",
@@ -254,7 +234,7 @@ fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
         ]),
     )
     .finish(DEADLINE);
-    let r = report(&run);
+    let r = final_report(&run);
     let mut c = Checks::new("operator new without frame pointers");
     let leaf = groups(&r, "cxx_leaf");
     c.eq("groups at cxx_leaf", leaf.len(), 1);
@@ -283,7 +263,7 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
     let f = fixtures();
     let run = Proc::spawn(
         "memprof trace -- deep",
-        &mut memprof(&[
+        &mut memprof_trace(&[
             "--json",
             "--duration",
             "60s",
@@ -292,7 +272,7 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
         ]),
     )
     .finish(DEADLINE);
-    let r = report(&run);
+    let r = final_report(&run);
     let intact = groups(&r, "leaf_alloc").iter().any(|g| {
         names(g).iter().take(5).map(String::as_str).eq([
             "leaf_alloc",

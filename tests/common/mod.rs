@@ -19,6 +19,32 @@ use std::{
 
 use serde_json::Value;
 
+/// The memprof binary under test.
+pub(crate) const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
+
+/// `memprof trace ARGS`.
+pub(crate) fn memprof_trace(args: &[&str]) -> Command {
+    let mut cmd = Command::new(MEMPROF);
+    cmd.arg("trace").args(args);
+    cmd
+}
+
+/// The final `report` record of a `--json` run that ended normally (exit 0, no panic).
+pub(crate) fn final_report(f: &Finished) -> Value {
+    assert!(
+        !f.stderr.contains("panicked"),
+        "memprof panicked\n{}",
+        f.context()
+    );
+    assert_eq!(f.code(), Some(0), "memprof failed\n{}", f.context());
+    let records = f.ndjson();
+    let last = records
+        .last()
+        .unwrap_or_else(|| panic!("no output\n{}", f.context()));
+    assert_eq!(last["type"], "report", "{}", f.context());
+    last.clone()
+}
+
 /// How long to wait for `ready` from a fixture or `memprof: tracing pid` from memprof.
 pub(crate) const STARTUP: Duration = Duration::from_secs(30);
 
