@@ -100,8 +100,26 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }
 
-/// Decodes one ring-buffer record.
+/// One ring-buffer record, read once: its event and what comes with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// The process it belongs to.
+    pub tgid: u32,
+    pub event: Event,
+    /// Key of the Python frames of an allocation (`NO_STACK` for none or another kind).
+    pub py_stack: u64,
+    /// The stack copy of an `AllocStack` record: its `Event::Alloc` has no stack key until the
+    /// agent has unwound the copy.
+    pub copy: Option<StackCopy<'a>>,
+}
+
+/// Decodes one ring-buffer record's event.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    decode_record(bytes).map(|r| r.event)
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let header: EventHeader = read(bytes)?;
     if header.version != EVENT_VERSION {
         return Err(DecodeError::Version(header.version));
@@ -109,9 +127,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let kind = EventKind::from_u16(header.kind).ok_or(DecodeError::Kind(header.kind))?;
     let func = || AllocFn::from_u32(header.func).ok_or(DecodeError::Func(header.func));
     let tid = header.tid;
-    Ok(match kind {
+    let mut py_stack = memprof_common::NO_STACK;
+    let mut copy = None;
+    let event = match kind {
         EventKind::Alloc | EventKind::Mmap => {
             let e: AllocEvent = read(bytes)?;
+            py_stack = e.py_stack;
             Event::Alloc(Alloc {
                 tid,
                 func: func()?,
@@ -160,13 +181,21 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::AllocStack => {
             let e: UnwindEvent = read(bytes)?;
-            let need = size_of::<UnwindEvent>() + e.stack_len as usize;
-            if bytes.len() < need {
+            let from = size_of::<UnwindEvent>();
+            let need = from + e.stack_len as usize;
+            let Some(stack) = bytes.get(from..need) else {
                 return Err(DecodeError::Short {
                     got: bytes.len(),
                     need,
                 });
-            }
+            };
+            py_stack = e.py_stack;
+            copy = Some(StackCopy {
+                ip: e.ip,
+                sp: e.sp,
+                bp: e.bp,
+                stack,
+            });
             Event::Alloc(Alloc {
                 tid,
                 func: func()?,
@@ -196,6 +225,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ts_ns: header.ts_ns,
             }
         }
+    };
+    Ok(Record {
+        tgid: header.tgid,
+        event,
+        py_stack,
+        copy,
     })
 }
 
@@ -207,47 +242,6 @@ pub struct StackCopy<'a> {
     pub sp: u64,
     pub bp: u64,
     pub stack: &'a [u8],
-}
-
-/// The stack copy of an `AllocStack` record (`None` for every other kind). [`decode`] turns the
-/// record itself into an `Event::Alloc` with no stack key; the agent sets the key once it has
-/// unwound this copy.
-pub fn stack_copy(bytes: &[u8]) -> Option<StackCopy<'_>> {
-    let header: EventHeader = read(bytes).ok()?;
-    if header.kind != EventKind::AllocStack as u16 {
-        return None;
-    }
-    let e: UnwindEvent = read(bytes).ok()?;
-    let from = size_of::<UnwindEvent>();
-    let stack = bytes.get(from..from + e.stack_len as usize)?;
-    Some(StackCopy {
-        ip: e.ip,
-        sp: e.sp,
-        bp: e.bp,
-        stack,
-    })
-}
-
-/// The key of the Python frames an allocation record carries (`NO_STACK` for none, or for a
-/// record of another kind).
-pub fn py_stack(bytes: &[u8]) -> u64 {
-    let Ok(header) = read::<EventHeader>(bytes) else {
-        return memprof_common::NO_STACK;
-    };
-    match EventKind::from_u16(header.kind) {
-        Some(EventKind::Alloc | EventKind::Mmap) => {
-            read::<AllocEvent>(bytes).map_or(memprof_common::NO_STACK, |e| e.py_stack)
-        }
-        Some(EventKind::AllocStack) => {
-            read::<UnwindEvent>(bytes).map_or(memprof_common::NO_STACK, |e| e.py_stack)
-        }
-        _ => memprof_common::NO_STACK,
-    }
-}
-
-/// The process a record decoded by [`decode`] belongs to.
-pub fn tgid(bytes: &[u8]) -> u32 {
-    read::<EventHeader>(bytes).map_or(0, |h| h.tgid)
 }
 
 /// Test and benchmark helper: the bytes the kernel would write for `value`.
@@ -349,8 +343,9 @@ mod tests {
             Event::Alloc(a) => assert_eq!((a.addr, a.size, a.stack), (0x1000, 64, 0)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(py_stack(&bytes), 77);
-        let copy = stack_copy(&bytes).unwrap();
+        let record = decode_record(&bytes).unwrap();
+        assert_eq!((record.tgid, record.py_stack), (7, 77));
+        let copy = record.copy.unwrap();
         assert_eq!(
             (copy.ip, copy.sp, copy.stack.len()),
             (0x40_1000, 0x7ff0_0000, 16)
@@ -359,7 +354,6 @@ mod tests {
         // A record shorter than its stated copy is refused, never read past.
         bytes.truncate(bytes.len() - 1);
         assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
-        assert!(stack_copy(&bytes).is_none());
     }
 
     #[test]

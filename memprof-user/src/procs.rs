@@ -32,6 +32,9 @@ pub struct Proc {
     pub last_mem: Option<ProcMem>,
     /// Library loads left during which to look for allocators of a new image (after an exec).
     pub detect_budget: u32,
+    /// `space_gen` at which `may_python` was decided (None again after an exec renames it).
+    python_checked: Option<u64>,
+    may_python: bool,
 }
 
 impl Proc {
@@ -52,6 +55,8 @@ impl Proc {
             series: Series::new(SERIES_POINTS),
             last_mem: None,
             detect_budget: 0,
+            python_checked: None,
+            may_python: false,
         };
         p.reread(pid, crate::session::monotonic_ns());
         p
@@ -73,14 +78,15 @@ impl Proc {
             series: Series::new(SERIES_POINTS),
             last_mem: None,
             detect_budget: 0,
+            python_checked: None,
+            may_python: false,
         }
     }
 
     /// Re-reads the address space; keeps the old view if the process is gone.
     pub fn reread(&mut self, pid: u32, now_ns: u64) -> bool {
         match AddressSpace::read(pid) {
-            // A process that has exited but not been reaped shows an empty map.
-            Ok(space) if !space.mappings().is_empty() => {
+            Ok(space) => {
                 self.space = match &self.root {
                     Some(_) => space.resolved(pid),
                     None => space,
@@ -90,13 +96,14 @@ impl Proc {
                 self.space_gen += 1;
                 true
             }
-            _ => false,
+            Err(_) => false,
         }
     }
 
     /// The process replaced its image and is now named `comm` (NUL-padded).
     pub fn exec(&mut self, pid: u32, comm: &[u8]) {
         self.execs += 1;
+        self.python_checked = None;
         let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
         self.comm = String::from_utf8_lossy(&comm[..len]).into_owned();
         self.cmdline = target::command_line(pid);
@@ -105,6 +112,22 @@ impl Proc {
         // of them may have been applied already.
         self.space_stale = true;
         self.detect_budget = 64;
+    }
+
+    /// Whether the process may run CPython: its name or one of its files says python. Decided
+    /// again only when its address space or name changed.
+    pub fn may_run_python(&mut self) -> bool {
+        if self.python_checked != Some(self.space_gen) {
+            self.python_checked = Some(self.space_gen);
+            self.may_python = self.comm.contains("python")
+                || self.space.mappings().iter().any(|m| {
+                    m.path
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|n| n.contains("python"))
+                });
+        }
+        self.may_python
     }
 
     /// Least-squares growth of outstanding heap bytes (bytes/s).

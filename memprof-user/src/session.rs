@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     allocators,
     analysis::categories::Rule,
-    event::{self, Event, decode},
+    event::{self, Event, decode_record},
     load::Tracer,
     maps::Mapping,
     marks,
@@ -372,9 +372,16 @@ impl Session {
             let Some(item) = self.tracer.events.next() else {
                 break;
             };
-            let tgid = event::tgid(&item);
-            let mut decoded = decode(&item);
-            if let (Some(copy), Ok(Event::Alloc(a))) = (event::stack_copy(&item), &mut decoded) {
+            self.events += 1;
+            let record = match decode_record(&item) {
+                Ok(r) => r,
+                Err(_) => {
+                    self.decode_errors += 1;
+                    continue;
+                }
+            };
+            let (tgid, mut event, py_stack) = (record.tgid, record.event, record.py_stack);
+            if let (Some(copy), Event::Alloc(a)) = (record.copy, &mut event) {
                 a.stack = unwind_copy(
                     &mut Unwinding {
                         watch: self.watch.as_mut(),
@@ -390,23 +397,15 @@ impl Session {
                     copy,
                 );
             }
-            let py = event::py_stack(&item);
             drop(item);
-            self.events += 1;
-            match decoded {
-                Ok(mut event) => {
-                    if let Event::Alloc(a) = &mut event {
-                        a.stack = self.with_python(tgid, a.stack, py);
-                    }
-                    self.observe(tgid, &event)
-                }
-                Err(_) => self.decode_errors += 1,
+            if let Event::Alloc(a) = &mut event {
+                a.stack = self.with_python(tgid, a.stack, py_stack);
             }
+            self.observe(tgid, &event);
         }
     }
 
     fn observe(&mut self, tgid: u32, event: &Event) {
-        let now = monotonic_ns();
         if !self.procs.contains_key(&tgid) {
             let p = Proc::discover(tgid);
             pin_files(&mut self.symbolizer, &p);
@@ -420,7 +419,7 @@ impl Session {
                 // Read now, while the process surely lives; keep the old view if it is gone.
                 if let Some(p) = self.procs.get_mut(&tgid) {
                     p.space_stale = true;
-                    if p.reread(tgid, now) {
+                    if p.reread(tgid, monotonic_ns()) {
                         pin_files(&mut self.symbolizer, p);
                     }
                 }
@@ -442,7 +441,7 @@ impl Session {
             Event::Exec { comm } => {
                 let changes = &mut self.changes;
                 self.table
-                    .release_process(tgid, now, &mut |c| changes.push(c));
+                    .release_process(tgid, monotonic_ns(), &mut |c| changes.push(c));
                 // A spawned command's own exec starts it: not a re-exec.
                 let first = self.parent && tgid == self.pid && !self.command_started;
                 self.command_started |= first;
@@ -468,7 +467,7 @@ impl Session {
                         self.exited.push_back(tgid);
                     }
                 }
-                self.evict_exited(now);
+                self.evict_exited(monotonic_ns());
             }
             _ => {}
         }
@@ -752,20 +751,15 @@ impl Session {
     fn scan_python(&mut self, tgid: u32) {
         const RESCAN_NS: u64 = 20_000_000;
         const DETECT_TRIES: u32 = 20;
-        let now = monotonic_ns();
-        let Some(p) = self.procs.get(&tgid) else {
+        // Called for every allocation: a process that cannot be CPython is told apart once
+        // per change of its name or address space.
+        let Some(p) = self.procs.get_mut(&tgid) else {
             return;
         };
-        let looks_like_python = p.comm.contains("python")
-            || p.space.mappings().iter().any(|m| {
-                m.path
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.contains("python"))
-            });
-        if !looks_like_python {
+        if !p.may_run_python() {
             return;
         }
+        let now = monotonic_ns();
         let state = self.pythons.entry(tgid).or_default();
         if now.saturating_sub(state.last_scan_ns) < RESCAN_NS {
             return;
