@@ -378,6 +378,11 @@ impl Tracer {
         Ok(names)
     }
 
+    /// Whether the file with (device, inode) `id` carries memprof's probes.
+    pub fn is_probed(&self, id: (u64, u64)) -> bool {
+        self.probed.contains(&id)
+    }
+
     /// The frames of stack `key`, innermost first; empty if the map does not hold it.
     pub fn stack(&self, key: u64) -> Vec<u64> {
         match self.stacks.get(&key, 0) {

@@ -19,6 +19,16 @@ pub struct Mapping {
     pub path: String,
 }
 
+impl Mapping {
+    /// (device, inode) of the mapped file, as `stat` gives them (see `target::file_id`).
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        let (major, minor) = self.dev.split_once(':')?;
+        let major = u32::from_str_radix(major, 16).ok()?;
+        let minor = u32::from_str_radix(minor, 16).ok()?;
+        Some((libc::makedev(major, minor), self.inode))
+    }
+}
+
 /// A view of the file-backed mappings of one process, sorted by start address.
 #[derive(Clone, Debug, Default)]
 pub struct AddressSpace {
@@ -142,6 +152,20 @@ fn parse_line(line: &str) -> Option<Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_id_matches_stat() {
+        use std::os::unix::fs::MetadataExt as _;
+        let space = AddressSpace::read(std::process::id()).unwrap();
+        let exe = fs::canonicalize("/proc/self/exe").unwrap();
+        let m = space
+            .mappings()
+            .iter()
+            .find(|m| std::path::Path::new(&m.path) == exe)
+            .unwrap();
+        let meta = fs::metadata(&exe).unwrap();
+        assert_eq!(m.file_id(), Some((meta.dev(), meta.ino())));
+    }
 
     #[test]
     fn inserted_mapping_replaces_overlaps() {

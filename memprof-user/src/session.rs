@@ -128,6 +128,8 @@ pub struct Session {
     pending_maps: std::collections::HashMap<u32, Vec<Mapping>>,
     /// CPython processes: their frame readers and registered threads.
     pythons: std::collections::HashMap<u32, PyState>,
+    /// (device, inode) of mapped files found to hold no allocator.
+    plain_objects: std::collections::HashSet<(u64, u64)>,
     /// Exited processes still reported, oldest first (see `EXITED_KEPT`).
     exited: std::collections::VecDeque<u32>,
     /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
@@ -218,6 +220,7 @@ impl Session {
             watch: None,
             pending_maps: Default::default(),
             pythons: Default::default(),
+            plain_objects: Default::default(),
             exited: Default::default(),
             evicted_processes: 0,
             pruned_groups: 0,
@@ -513,6 +516,21 @@ impl Session {
             return;
         }
         p.detect_budget -= 1;
+        // An exec'd image usually maps only objects already looked at (the C library everyone
+        // uses): parse the ELF files again only when a new one appeared.
+        let ids: Vec<(u64, u64)> = p
+            .space
+            .mappings()
+            .iter()
+            .filter_map(Mapping::file_id)
+            .collect();
+        if !ids.is_empty()
+            && ids
+                .iter()
+                .all(|id| self.tracer.is_probed(*id) || self.plain_objects.contains(id))
+        {
+            return;
+        }
         let Ok(found) = allocators::of_pid(tgid) else {
             return;
         };
@@ -532,6 +550,11 @@ impl Session {
             ),
             Ok(_) => {}
             Err(e) => eprintln!("memprof: warning: pid {tgid}: {e:#}"),
+        }
+        for id in ids {
+            if !self.tracer.is_probed(id) {
+                self.plain_objects.insert(id);
+            }
         }
     }
 
