@@ -20,11 +20,11 @@ use std::{
 };
 
 use common::{
-    Checks, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, spawn_with_stdin, stack,
+    Checks, FIXTURE_SRC, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, require_root,
+    spawn_with_stdin, stack,
 };
 use serde_json::Value;
 
-const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const DEADLINE: Duration = Duration::from_secs(90);
 
 struct Fixture {
@@ -52,12 +52,7 @@ fn python_query(python: &Path, code: &str) -> String {
 
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests load eBPF programs and need root"
-    );
+    require_root();
     FIXTURE.get_or_init(|| {
         // The real interpreter, not a launcher script that execs it.
         let python = std::env::var_os("MEMPROF_TEST_PYTHON").map_or_else(

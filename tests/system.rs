@@ -20,19 +20,12 @@ use std::{
 };
 
 use common::{
-    Checks, Finished, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, spawn_with_stdin,
-    stack,
+    Checks, FIXTURE_SRC, Finished, Proc, STARTUP, final_report, frame_fn, memprof_trace, num,
+    require_root, spawn_with_stdin, stack,
 };
 use serde_json::Value;
 
-const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests load eBPF programs and need root");
-}
 
 /// The procs fixture, compiled once.
 fn procs() -> &'static Path {

@@ -18,11 +18,11 @@ use std::{
 };
 
 use common::{
-    Checks, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, spawn_with_stdin, stack,
+    Checks, FIXTURE_SRC, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, require_root,
+    spawn_with_stdin, stack,
 };
 use serde_json::Value;
 
-const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const DEADLINE: Duration = Duration::from_secs(90);
 
 struct Fixtures {
@@ -32,12 +32,7 @@ struct Fixtures {
 
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests load eBPF programs and need root"
-    );
+    require_root();
     FIXTURES.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-unwind");
         fs::create_dir_all(&dir).unwrap();

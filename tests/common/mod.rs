@@ -19,6 +19,16 @@ use std::{
 
 use serde_json::Value;
 
+/// The fixtures' sources.
+pub(crate) const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+
+/// Panics unless the tests run as root (they load eBPF programs).
+pub(crate) fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests load eBPF programs and need root");
+}
+
 /// The memprof binary under test.
 pub(crate) const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
 
