@@ -469,8 +469,18 @@ fn attach(target: &mut Proc, opts: &[&str]) -> Proc {
 /// Pid mode to the end: start `program args` (which must support --wait), attach, release it
 /// with SIGUSR1 and wait for memprof to end after the target exits.
 fn pid_trace(what: &str, program: &Path, args: &[&str]) -> (Finished, Finished) {
+    pid_trace_with(what, program, args, &[])
+}
+
+/// `pid_trace` with memprof options.
+fn pid_trace_with(
+    what: &str,
+    program: &Path,
+    args: &[&str],
+    opts: &[&str],
+) -> (Finished, Finished) {
     let mut target = start_target(what, program, args);
-    let mp = attach(&mut target, &[]);
+    let mp = attach(&mut target, opts);
     target.signal(libc::SIGUSR1);
     let target_done = target.finish(DEADLINE);
     let mp_done = mp.finish(DEADLINE);
@@ -1360,13 +1370,27 @@ fn threads_spawn_sites_exact() {
 
 #[test]
 fn threads_pid_exact() {
+    threads_pid_exact_with(&[]);
+}
+
+/// With a single per-thread call slot in the kernel, calls of concurrent threads go to the
+/// shared hash instead: the accounting is the same.
+#[test]
+fn threads_pid_exact_one_call_slot() {
+    threads_pid_exact_with(&["--call-slots", "1"]);
+}
+
+fn threads_pid_exact_with(opts: &[&str]) {
     let f = fixtures();
-    let (run, target) = pid_trace("threads --wait", &f.threads_fp, &["--wait"]);
+    let (run, target) = pid_trace_with("threads --wait", &f.threads_fp, &["--wait"], opts);
     run.assert_success();
     assert_eq!(target.code(), Some(0), "{}", target.context());
     let report = run.report();
-    let mut c = Checks::new("pid mode, threads Fp --wait");
+    let mut c = Checks::new(format!("pid mode, threads Fp --wait {opts:?}"));
     check_threads_sites(&mut c, &report, Build::Fp);
+    let kernel = &report["kernel"];
+    c.eq("kernel.orphan_returns", num(kernel, "orphan_returns"), 0);
+    c.eq("kernel.inflight_full", num(kernel, "inflight_full"), 0);
     check_totals(&mut c, &report, &THREADS_WINDOW);
     c.eq(
         "mmap.maps (stacks and arenas exist before the window)",

@@ -20,8 +20,13 @@ pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
 /// Default number of distinct user stacks the `STACKS` map holds.
 pub const DEFAULT_STACK_ENTRIES: u32 = 64 * 1024;
 
-/// Default number of threads that can be inside an allocator call at once.
+/// Default number of threads that can be inside an allocator call at once, beyond those in
+/// per-thread slots (`DEFAULT_CALL_SLOTS`).
 pub const DEFAULT_INFLIGHT_ENTRIES: u32 = 16 * 1024;
+
+/// Default number of per-thread call slots (a power of two): thread `tid` uses slot
+/// `tid % slots`, and a thread whose slot another thread's call holds uses the hash.
+pub const DEFAULT_CALL_SLOTS: u32 = 16 * 1024;
 
 /// Stack key recorded when the kernel could not capture the stack (see [`Counter::StackLost`]).
 pub const NO_STACK: u64 = 0;

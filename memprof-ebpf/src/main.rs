@@ -1,7 +1,10 @@
 //! Kernel programs: uprobes on the target's allocator entry points and uretprobes on their
 //! returns, which turn calls into ring-buffer records (see `memprof_common`).
 //!
-//! Per-thread entry state lives in `INFLIGHT`, keyed by `pid_tgid`. The outermost allocator call
+//! Per-thread entry state lives in a slot of `CALLS` chosen by thread id (claimed with a
+//! compare-and-exchange; a thread whose slot another thread's call holds uses the `INFLIGHT`
+//! hash, keyed by `pid_tgid`): an array slot costs a fraction of a hash insert and delete on
+//! every call. The outermost allocator call
 //! on a thread owns the bytes: a call made while another one is in flight on the same thread
 //! (glibc's `posix_memalign` calling `malloc`, `malloc` calling `mmap`, `reallocarray` calling
 //! `realloc`) only bumps a depth counter, so nothing is counted twice. Return probes must be
@@ -16,6 +19,11 @@
 //! probe still runs and returns early.
 #![no_std]
 #![no_main]
+// The BPF target declares no compare-and-exchange for `core::sync::atomic`; the kernel has one.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -29,15 +37,15 @@ use aya_ebpf::{
         bpf_probe_read_user, generated::bpf_probe_read_user as bpf_probe_read_user_raw,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memprof_common::{
-    AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
-    DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES, EVENT_VERSION,
-    EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_COPY,
-    MAX_STACK_DEPTH, NO_STACK, PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PhaseEvent, PyStack, PyWalk,
-    RemapEvent, StackTrace, UnmapEvent, UnwindEvent, exp_interval, mode, unwind,
+    AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_CALL_SLOTS, DEFAULT_INFLIGHT_ENTRIES,
+    DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES,
+    EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, MAX_PY_FRAMES,
+    MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK, PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PhaseEvent,
+    PyStack, PyWalk, RemapEvent, StackTrace, UnmapEvent, UnwindEvent, exp_interval, mode, unwind,
 };
 
 /// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
@@ -61,6 +69,18 @@ static COMM: [u8; 16] = [0; 16];
 /// How user stacks are taken (`memprof_common::unwind`).
 #[unsafe(no_mangle)]
 static UNWIND: u32 = unwind::FRAME_POINTERS;
+
+/// Nonzero: user stacks are taken by the kernel's walker (`bpf_get_stack`), which puts back the
+/// return addresses that pending return probes replaced (`--phase` functions probe their
+/// returns). Otherwise memprof's own frame-pointer walk, which stops before reading outside
+/// the stack instead of faulting on the chain's last link (about half a microsecond per
+/// allocation here).
+#[unsafe(no_mangle)]
+static KERNEL_STACKS: u32 = 0;
+
+/// `CALLS`'s size minus one (the size is a power of two); set by the agent.
+#[unsafe(no_mangle)]
+static CALL_SLOT_MASK: u32 = DEFAULT_CALL_SLOTS - 1;
 
 /// `unwind::DWARF`: bytes of user stack copied per allocation (at most `MAX_STACK_COPY`).
 #[unsafe(no_mangle)]
@@ -129,6 +149,14 @@ static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
 
+/// Allocator calls in flight, one slot per thread id modulo the slot count.
+#[map]
+static CALLS: Array<CallSlot> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
+
+/// Number of calls in `INFLIGHT` (slot 0): while it is 0, no lookup there is needed.
+#[map]
+static SPILLED: Array<u64> = Array::with_max_entries(1, 0);
+
 /// `mode::SET`: the traced processes.
 #[map]
 static TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES, 0);
@@ -176,6 +204,13 @@ struct Inflight {
     /// `SAMPLED` (always, without sampling), `OLD_SAMPLED`.
     flags: u32,
     _pad: u32,
+}
+
+/// A `CALLS` slot: the call in flight of thread `owner` (a `pid_tgid`; 0 when free).
+#[repr(C)]
+struct CallSlot {
+    owner: u64,
+    state: Inflight,
 }
 
 /// `Inflight::flags`: the call's block is recorded.
@@ -282,12 +317,57 @@ fn traced_thread() -> Option<u64> {
     traced((id >> 32) as u32).then_some(id)
 }
 
+/// The calling thread's `CALLS` slot.
+#[inline(always)]
+fn call_slot(id: u64) -> Option<*mut CallSlot> {
+    // SAFETY: a read of a global the loader patches.
+    CALLS.get_ptr_mut(id as u32 & unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) })
+}
+
+/// `SPILLED`'s counter.
+#[inline(always)]
+fn spilled() -> Option<*mut u64> {
+    SPILLED.get_ptr_mut(0)
+}
+
+/// Reads a u64 in a map value that other CPUs update atomically (an aligned 8-byte load is
+/// atomic; the BPF CPU version the programs are built for has no load-acquire).
+#[inline(always)]
+fn load(p: *mut u64) -> u64 {
+    // SAFETY: an aligned u64 in a map value.
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// Adds `n` (wrapping: a negative step as its two's complement) to a shared u64.
+#[inline(always)]
+fn add(p: *mut u64, n: u64) {
+    // SAFETY: an aligned u64 in a map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
+}
+
+/// The state of thread `id`'s allocator call in flight, if any.
+#[inline(always)]
+fn call_state(id: u64) -> Option<*mut Inflight> {
+    if let Some(slot) = call_slot(id) {
+        // SAFETY: a map value; `owner` equal to `id` means this thread holds the slot.
+        unsafe {
+            if (*slot).owner == id {
+                return Some(&raw mut (*slot).state);
+            }
+        }
+    }
+    if load(spilled()?) == 0 {
+        return None;
+    }
+    INFLIGHT.get_ptr_mut(id)
+}
+
 /// Records the arguments of an allocator call, or bumps the depth of the call already in flight.
 #[inline(always)]
 fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
     let id = traced_thread()?;
-    if let Some(state) = INFLIGHT.get_ptr_mut(id) {
-        // SAFETY: the entry belongs to this thread; only this thread touches it.
+    if let Some(state) = call_state(id) {
+        // SAFETY: the state belongs to this thread; only this thread touches it.
         unsafe { (*state).depth += 1 };
         return None;
     }
@@ -300,9 +380,28 @@ fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
         flags: sample_flags(id, func, size),
         _pad: 0,
     };
+    if let Some(slot) = call_slot(id) {
+        // SAFETY: a map value; the compare-and-exchange makes this thread its only writer
+        // until it sets `owner` back to 0.
+        unsafe {
+            let claimed = atomic_cxchg::<
+                u64,
+                { AtomicOrdering::Acquire },
+                { AtomicOrdering::Relaxed },
+            >(&raw mut (*slot).owner, 0, id)
+            .1;
+            if claimed {
+                (*slot).state = state;
+                return Some(id);
+            }
+        }
+    }
     if INFLIGHT.insert(id, state, BPF_NOEXIST as u64).is_err() {
         count(Counter::InflightFull);
         return None;
+    }
+    if let Some(n) = spilled() {
+        add(n, 1);
     }
     Some(id)
 }
@@ -311,11 +410,11 @@ fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
 #[inline(always)]
 fn leave() -> Option<(u64, Inflight)> {
     let id = traced_thread()?;
-    let Some(state) = INFLIGHT.get_ptr_mut(id) else {
+    let Some(state) = call_state(id) else {
         count(Counter::OrphanReturn);
         return None;
     };
-    // SAFETY: the entry belongs to this thread; only this thread touches it.
+    // SAFETY: the state belongs to this thread; only this thread touches it.
     let state = unsafe {
         if (*state).depth > 0 {
             (*state).depth -= 1;
@@ -323,8 +422,29 @@ fn leave() -> Option<(u64, Inflight)> {
         }
         *state
     };
-    let _ = INFLIGHT.remove(id);
+    end_call(id);
     Some((id, state))
+}
+
+/// Frees thread `id`'s call state (its slot, or its `INFLIGHT` entry).
+#[inline(always)]
+fn end_call(id: u64) {
+    if let Some(slot) = call_slot(id) {
+        // SAFETY: a map value this thread holds when `owner` is `id`.
+        unsafe {
+            if (*slot).owner == id {
+                // On x86 a store is not reordered before the loads of the state above.
+                core::ptr::write_volatile(&raw mut (*slot).owner, 0);
+                return;
+            }
+        }
+    }
+    if let Some(n) = spilled()
+        && load(n) != 0
+        && INFLIGHT.remove(id).is_ok()
+    {
+        add(n, u64::MAX);
+    }
 }
 
 #[inline(always)]
@@ -402,8 +522,11 @@ fn take_sampled(id: u64, addr: u64) -> bool {
 /// Whether the calling thread is inside a traced allocator call.
 #[inline(always)]
 fn in_flight(id: u64) -> bool {
-    INFLIGHT.get_ptr(id).is_some()
+    call_state(id).is_some()
 }
+
+/// How far above the stack pointer a frame may lie: a frame pointer beyond it is not followed.
+const MAX_STACK_SPAN: u64 = 64 << 20;
 
 /// Captures the user stack and returns its key in `STACKS` (or `NO_STACK`), and whether the
 /// stack is new.
@@ -416,21 +539,16 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
         count(Counter::StackLost);
         return (NO_STACK, false);
     };
-    // SAFETY: the helper writes at most `size` bytes into the per-CPU buffer and zero-fills the
-    // rest.
-    let len = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.cast(),
-            size_of::<StackTrace>() as u32,
-            BPF_F_USER_STACK as u64,
-        )
+    // SAFETY: a read of a global the loader patches.
+    let frames = if unsafe { core::ptr::read_volatile(&KERNEL_STACKS) } != 0 {
+        kernel_stack(ctx, buf)
+    } else {
+        walk_frames(ctx, buf)
     };
-    if len <= 0 {
+    if frames == 0 {
         count(Counter::StackLost);
         return (NO_STACK, false);
     }
-    let frames = len as usize / 8;
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
     let ips = unsafe { &(*buf).ips };
     let mut hash: u64 = frames as u64;
@@ -456,6 +574,63 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
             (NO_STACK, false)
         }
     }
+}
+
+/// The kernel's user stack walk into `buf`; the number of frames.
+#[inline(always)]
+fn kernel_stack(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
+    // SAFETY: the helper writes at most `size` bytes into the per-CPU buffer and zero-fills the
+    // rest.
+    let len = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            size_of::<StackTrace>() as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if len <= 0 { 0 } else { len as usize / 8 }
+}
+
+/// Follows the frame-pointer chain from the probed thread's registers into `buf` (the frames,
+/// then a zero when there is room); the number of frames.
+///
+/// A link is followed only when it points into the stack above the previous frame (8-aligned,
+/// at most `MAX_STACK_SPAN` above the stack pointer): the chain's end (a zero, or a register
+/// a function without frame pointers used for something else) stops the walk without a read,
+/// where the kernel's walker reads it and takes a fault.
+#[inline(always)]
+fn walk_frames(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
+    // SAFETY: the context points at the probed thread's saved registers.
+    let (mut ip, mut fp, sp) = unsafe {
+        let regs = &*ctx.regs;
+        (regs.rip, regs.rbp, regs.rsp)
+    };
+    let high = sp.saturating_add(MAX_STACK_SPAN);
+    let mut low = sp;
+    // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
+    let ips = unsafe { &mut (*buf).ips };
+    let mut frames = 0;
+    for slot in ips.iter_mut() {
+        if ip == 0 {
+            break;
+        }
+        *slot = ip;
+        frames += 1;
+        if fp < low || fp > high || fp & 7 != 0 {
+            break;
+        }
+        let Some([next, ret]) = user::<[u64; 2]>(fp) else {
+            break;
+        };
+        ip = ret;
+        low = fp + 16;
+        fp = next;
+    }
+    if let Some(end) = ips.get_mut(frames) {
+        *end = 0;
+    }
+    frames
 }
 
 /// Reads a `T` from user memory, or `None` if it faults.
@@ -794,8 +969,8 @@ fn old_block_reported(id: u64, old: u64) -> bool {
     if !take_sampled(id, old) {
         return false;
     }
-    if let Some(state) = INFLIGHT.get_ptr_mut(id) {
-        // SAFETY: the entry belongs to this thread; only this thread touches it.
+    if let Some(state) = call_state(id) {
+        // SAFETY: the state belongs to this thread; only this thread touches it.
         unsafe { (*state).flags |= OLD_SAMPLED_FLAG };
     }
     true
@@ -1087,7 +1262,13 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let group_dead = unsafe { ctx.read_at::<u8>(32).unwrap_or(0) };
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    if group_dead == 0 || !traced(tgid) {
+    if !traced(tgid) {
+        return 0;
+    }
+    // A thread that dies inside an allocator call (killed, or exiting from a signal handler)
+    // leaves its state behind.
+    end_call(id);
+    if group_dead == 0 {
         return 0;
     }
     if mode() == mode::SET {

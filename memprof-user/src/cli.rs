@@ -184,6 +184,10 @@ struct TraceArgs {
     /// benchmarks.
     #[arg(long)]
     no_placement: bool,
+    /// Per-thread slots for allocator calls in flight in the kernel (a power of two); threads
+    /// whose slot is taken use a slower hash. For tests of that path.
+    #[arg(long, hide = true, default_value_t = memprof_common::DEFAULT_CALL_SLOTS, value_parser = parse_call_slots)]
+    call_slots: u32,
     /// How stacks are unwound: `fp` walks frame pointers in the kernel (cheapest; deeper frames
     /// of code built without them are wrong); `dwarf` copies registers and --stack-bytes of
     /// stack per allocation and unwinds them from the objects' CFI (.eh_frame), so code without
@@ -206,6 +210,13 @@ struct TraceArgs {
     /// The command to spawn and trace from its first allocation.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+fn parse_call_slots(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && n <= 1 << 20 => Ok(n),
+        _ => Err(format!("expected a power of two up to 1048576, got {s:?}")),
+    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` or a bare number of seconds.
@@ -596,6 +607,7 @@ fn trace_pid(
         phase_objects: objects,
         floor: args.probe_floor,
         no_placement: args.no_placement,
+        call_slots: args.call_slots,
         stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
         sample_bytes: args.sample_bytes.unwrap_or(0),
     })

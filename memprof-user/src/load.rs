@@ -255,6 +255,8 @@ pub struct Options<'a> {
     pub floor: bool,
     /// Probe every function at its first byte (no `placement`).
     pub no_placement: bool,
+    /// Per-thread call slots in the kernel (a power of two; threads beyond share a hash).
+    pub call_slots: u32,
     /// Byte sampling: mean interval in bytes between sampled allocations (0: record all).
     pub sample_bytes: u64,
     /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
@@ -310,9 +312,14 @@ impl Tracer {
                 },
                 true,
             )
+            // Phase functions' return probes replace return addresses on the stack: the
+            // kernel's walker puts them back.
+            .override_global("KERNEL_STACKS", &u32::from(!opts.phases.is_empty()), true)
             .override_global("STACK_COPY", &opts.stack_copy.unwrap_or(0), true)
             .override_global("SAMPLE_BYTES", &sample_bytes, true)
+            .override_global("CALL_SLOT_MASK", &(opts.call_slots - 1), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("CALLS", opts.call_slots)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
         if let Targets::Set { pids, .. } = &opts.targets {
