@@ -133,6 +133,11 @@ static COPY_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static PY_PROCS: HashMap<u32, PyWalk> = HashMap::with_max_entries(1024, 0);
 
+/// Slot 0 nonzero once the agent registered a process in `PY_PROCS`: until then no allocation
+/// looks there.
+#[map]
+static PY_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Threads running Python: thread id -> address of its `PyThreadState` (written by the agent).
 #[map]
 static PY_THREADS: HashMap<u32, u64> = HashMap::with_max_entries(16 * 1024, 0);
@@ -746,6 +751,9 @@ fn find_tstate(walk: &PyWalk, tid: u32) -> u64 {
 /// `py_stack_key` split into the key and whether it is new.
 #[inline(always)]
 fn py_stack(id: u64) -> (u64, bool) {
+    if PY_ACTIVE.get(0).is_none_or(|active| *active == 0) {
+        return (NO_STACK, false);
+    }
     let r = py_stack_key(id);
     (r & !PY_NEW, r & PY_NEW != 0)
 }

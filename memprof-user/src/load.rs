@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
@@ -202,6 +202,7 @@ pub struct Tracer {
     stacks: AyaHashMap<MapData, u64, StackTrace>,
     counters: PerCpuArray<MapData, u64>,
     py_procs: AyaHashMap<MapData, u32, PyWalk>,
+    py_active: Array<MapData, u32>,
     py_threads: AyaHashMap<MapData, u32, u64>,
     py_stacks: AyaHashMap<MapData, u64, PyStack>,
     pub attach: AttachReport,
@@ -348,6 +349,7 @@ impl Tracer {
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         let py_procs = AyaHashMap::try_from(take(&mut ebpf, "PY_PROCS")?)?;
+        let py_active = Array::try_from(take(&mut ebpf, "PY_ACTIVE")?)?;
         let py_threads = AyaHashMap::try_from(take(&mut ebpf, "PY_THREADS")?)?;
         let py_stacks = AyaHashMap::try_from(take(&mut ebpf, "PY_STACKS")?)?;
         Ok(Self {
@@ -356,6 +358,7 @@ impl Tracer {
             stacks,
             counters,
             py_procs,
+            py_active,
             py_threads,
             py_stacks,
             attach,
@@ -402,7 +405,10 @@ impl Tracer {
     pub fn set_python(&mut self, tgid: u32, walk: PyWalk) -> Result<()> {
         self.py_procs
             .insert(tgid, walk, 0)
-            .context("failed to register a Python process")
+            .context("failed to register a Python process")?;
+        self.py_active
+            .set(0, 1, 0)
+            .context("failed to enable Python stacks")
     }
 
     /// Registers thread `tid` as running Python with thread state `tstate`.
