@@ -169,11 +169,12 @@ static TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// With sampling: per thread (`pid_tgid`), the bytes left until the next sample point. An
-/// evicted entry is redrawn, which the exponential distribution's lack of memory allows.
+/// With sampling: per thread, the bytes left until the next sample point, in a slot chosen as
+/// in `CALLS`. A thread that finds another thread's slot redraws its distance, which the
+/// exponential distribution's lack of memory allows (the distance left of any draw is again
+/// exponential with the same mean).
 #[map]
-static SAMPLE_LEFT: LruHashMap<u64, u64> =
-    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+static SAMPLE_LEFT: Array<SampleLeft> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
 
 /// With sampling: the sampled blocks still live. A free, or the old block of a realloc, is
 /// reported only when its address is here, so frees stay exact for what was sampled.
@@ -216,6 +217,13 @@ struct Inflight {
 struct CallSlot {
     owner: u64,
     state: Inflight,
+}
+
+/// A `SAMPLE_LEFT` slot: thread `owner`'s (a `pid_tgid`) distance to its next sample point.
+#[repr(C)]
+struct SampleLeft {
+    owner: u64,
+    left: u64,
 }
 
 /// `Inflight::flags`: the call's block is recorded.
@@ -472,24 +480,23 @@ fn sample_flags(id: u64, func: AllocFn, size: u64) -> u32 {
     if mean == 0 || matches!(func, AllocFn::Mmap | AllocFn::Mremap) {
         return SAMPLED_FLAG;
     }
-    let left = match SAMPLE_LEFT.get_ptr_mut(id) {
-        Some(left) => left,
-        None => {
-            // SAFETY: a helper call without arguments.
-            let _ = SAMPLE_LEFT.insert(id, exp_interval(unsafe { bpf_get_prandom_u32() }, mean), 0);
-            let Some(left) = SAMPLE_LEFT.get_ptr_mut(id) else {
-                return 0;
-            };
-            left
-        }
+    // SAFETY: a read of a global the loader patches.
+    let Some(slot) =
+        SAMPLE_LEFT.get_ptr_mut(id as u32 & unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) })
+    else {
+        return 0;
     };
-    // SAFETY: the entry belongs to this thread; only this thread touches it.
+    // SAFETY: a map value; another thread sharing the slot at worst redraws a distance.
     unsafe {
-        if size > *left {
-            *left = exp_interval(bpf_get_prandom_u32(), mean);
+        if (*slot).owner != id {
+            (*slot).owner = id;
+            (*slot).left = exp_interval(bpf_get_prandom_u32(), mean);
+        }
+        if size > (*slot).left {
+            (*slot).left = exp_interval(bpf_get_prandom_u32(), mean);
             SAMPLED_FLAG
         } else {
-            *left -= size;
+            (*slot).left -= size;
             0
         }
     }
@@ -521,7 +528,12 @@ fn remember_sampled(id: u64, addr: u64) -> bool {
 /// sampled (it is then forgotten).
 #[inline(always)]
 fn take_sampled(id: u64, addr: u64) -> bool {
-    sample_mean() == 0 || SAMPLED.remove(sampled_key(id, addr)).is_ok()
+    if sample_mean() == 0 {
+        return true;
+    }
+    // A lookup first: most freed blocks were not sampled, and a lookup takes no bucket lock.
+    let key = sampled_key(id, addr);
+    SAMPLED.get_ptr(&key).is_some() && SAMPLED.remove(&key).is_ok()
 }
 
 /// Whether the calling thread is inside a traced allocator call.
