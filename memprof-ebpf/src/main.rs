@@ -118,6 +118,14 @@ static STACKS: HashMap<u64, StackTrace> =
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
 
+/// Size of each CPU's cache of keys known to be in `STACKS` (a power of two).
+const SEEN_STACKS: usize = 64;
+
+/// Per CPU, keys known to be in `STACKS` (which only grows), direct-mapped by the key's low
+/// bits: a call site allocating in a loop skips the hash lookup.
+#[map]
+static STACKS_SEEN: PerCpuArray<[u64; SEEN_STACKS]> = PerCpuArray::with_max_entries(1, 0);
+
 /// An `AllocStack` record being built (too big for the BPF stack).
 #[repr(C)]
 struct StackCopy {
@@ -577,20 +585,34 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
     }
     // Zero is `NO_STACK`.
     let key = hash | 1;
-    if STACKS.get_ptr(key).is_some() {
+    let seen = STACKS_SEEN
+        .get_ptr_mut(0)
+        // SAFETY: this CPU's value; no other user while the program runs.
+        .and_then(|seen| unsafe { (*seen).get_mut(key as usize % SEEN_STACKS) });
+    if let Some(seen) = &seen
+        && **seen == key
+    {
         return (key, false);
     }
-    // SAFETY: as above.
-    let trace = unsafe { &*buf };
-    match STACKS.insert(key, trace, BPF_NOEXIST as u64) {
-        Ok(()) => (key, true),
-        // Another CPU inserted the same stack meanwhile.
-        Err(-17) => (key, false),
-        Err(_) => {
-            count(Counter::StackLost);
-            (NO_STACK, false)
+    let known = if STACKS.get_ptr(key).is_some() {
+        (key, false)
+    } else {
+        // SAFETY: as above.
+        let trace = unsafe { &*buf };
+        match STACKS.insert(key, trace, BPF_NOEXIST as u64) {
+            Ok(()) => (key, true),
+            // Another CPU inserted the same stack meanwhile.
+            Err(-17) => (key, false),
+            Err(_) => {
+                count(Counter::StackLost);
+                return (NO_STACK, false);
+            }
         }
+    };
+    if let Some(seen) = seen {
+        *seen = key;
     }
+    known
 }
 
 /// The kernel's user stack walk into `buf`; the number of frames.
