@@ -2,7 +2,8 @@
 //! without frame pointers gets whole, exact stacks, one group per call site.
 //!
 //! Fixtures: tests/fixtures/deep.c (a leak four calls deep, `-fomit-frame-pointer`) and
-//! deepnew.cpp + deepnew_main.c (C++ `operator new` in a shared library without frame pointers).
+//! deepnew.cpp + deepnew_main.c (C++ `operator new` in a shared library without frame pointers);
+//! tall.c (frame-pointer stacks 41 and 7 frames tall, for the kernel's windowed frame walk).
 //! Needs root, `cc` and `c++`:
 //! `cargo test --release -p memprof-user --test unwind -- --test-threads=1`.
 
@@ -28,6 +29,7 @@ const DEADLINE: Duration = Duration::from_secs(90);
 struct Fixtures {
     deep: PathBuf,
     deepnew: PathBuf,
+    tall: PathBuf,
 }
 
 fn fixtures() -> &'static Fixtures {
@@ -39,9 +41,11 @@ fn fixtures() -> &'static Fixtures {
         let src = Path::new(FIXTURE_SRC);
         let build = |compiler: &str, args: &[&str]| {
             let mut cmd = Command::new(compiler);
-            cmd.current_dir(&dir)
-                .args(["-O2", "-g", "-fomit-frame-pointer"])
-                .args(args);
+            cmd.current_dir(&dir).args(["-O2", "-g"]);
+            if !args.contains(&"-fno-omit-frame-pointer") {
+                cmd.arg("-fomit-frame-pointer");
+            }
+            cmd.args(args);
             let res = cmd
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
@@ -84,7 +88,21 @@ fn fixtures() -> &'static Fixtures {
                 &rpath,
             ],
         );
-        Fixtures { deep, deepnew }
+        let tall = dir.join("tall");
+        build(
+            "cc",
+            &[
+                "-fno-omit-frame-pointer",
+                "-o",
+                tall.to_str().unwrap(),
+                src.join("tall.c").to_str().unwrap(),
+            ],
+        );
+        Fixtures {
+            deep,
+            deepnew,
+            tall,
+        }
     })
 }
 
@@ -282,4 +300,50 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
         "frame pointers walked the chain: the fixture has frame pointers\n{}",
         run.context()
     );
+}
+
+/// Frame pointers: the kernel walks tall stacks whole, frames small (40 x `climb`, several per
+/// copied window of stack) and large (6 x `bulky`, each larger than a window).
+#[test]
+fn frame_pointer_walk_follows_tall_stacks() {
+    let f = fixtures();
+    let run = Proc::spawn(
+        "memprof trace -- tall",
+        &mut memprof_trace(&[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            f.tall.to_str().unwrap(),
+        ]),
+    )
+    .finish(DEADLINE);
+    let r = final_report(&run);
+    let mut c = Checks::new("frame pointers, tall stacks");
+    let leaf = groups(&r, "tall_leaf");
+    c.eq("groups at tall_leaf", leaf.len(), 2);
+    for (middle, depth, bytes, allocs) in [("climb", 40, 861, 7), ("bulky", 6, 12000, 3)] {
+        let chain: Vec<&&Value> = leaf
+            .iter()
+            .filter(|g| names(g).get(1).map(String::as_str) == Some(middle))
+            .collect();
+        c.eq(&format!("groups through {middle}"), chain.len(), 1);
+        let Some(g) = chain.first() else { continue };
+        c.eq(
+            &format!("{middle}: bytes, allocs"),
+            (num(g, "bytes"), num(g, "allocs")),
+            (bytes, allocs),
+        );
+        let mut want = vec!["tall_leaf".to_string()];
+        want.extend(std::iter::repeat_n(middle.to_string(), depth));
+        want.push("main".to_string());
+        let n = names(g);
+        c.eq(
+            &format!("{middle}: innermost {} frames", depth + 2),
+            n.iter().take(depth + 2).cloned().collect::<Vec<_>>(),
+            want,
+        );
+    }
+    c.eq("lost events", num(&r["totals"], "lost_events"), 0);
+    c.finish(|| run.context());
 }

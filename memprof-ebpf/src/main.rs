@@ -118,6 +118,14 @@ static STACKS: HashMap<u64, StackTrace> =
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
 
+/// Bytes of stack `walk_frames` copies at a time.
+const WINDOW_BYTES: usize = 512;
+
+/// Per-CPU window of user stack for `walk_frames`.
+/// One word more than the window, so a frame's second word is always in bounds.
+#[map]
+static STACK_WINDOW: PerCpuArray<[u64; WINDOW_BYTES / 8 + 1]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Size of each CPU's cache of keys known to be in `STACKS` (a power of two).
 const SEEN_STACKS: usize = 64;
 
@@ -645,10 +653,18 @@ fn walk_frames(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
         let regs = &*ctx.regs;
         (regs.rip, regs.rbp, regs.rsp)
     };
+    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
     let high = sp.saturating_add(MAX_STACK_SPAN);
     let mut low = sp;
-    // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
-    let ips = unsafe { &mut (*buf).ips };
+    // The copied window of stack: its start, and the last offset in it where a frame's two
+    // words fit. Nothing copied yet: an offset no frame has.
+    let mut base = 0;
+    let mut last = 0;
+    let mut copied = false;
+    // SAFETY: per-CPU buffers, no other user on this CPU while the program runs.
+    let (ips, words) = unsafe { (&mut (*buf).ips, &mut *window) };
     let mut frames = 0;
     for slot in ips.iter_mut() {
         if ip == 0 {
@@ -659,12 +675,28 @@ fn walk_frames(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
         if fp < low || fp > high || fp & 7 != 0 {
             break;
         }
-        let Some([next, ret]) = user::<[u64; 2]>(fp) else {
-            break;
-        };
-        ip = ret;
-        low = fp + 16;
-        fp = next;
+        let mut off = fp.wrapping_sub(base);
+        if !copied || off > last {
+            // One copy serves the next frames too: a helper call costs about as much as
+            // copying several hundred bytes. Near the top of the stack a whole window may not
+            // exist: then the frame alone.
+            last = if copy_stack(words.as_mut_ptr().cast(), WINDOW_BYTES as u32, fp) {
+                (WINDOW_BYTES - 16) as u64
+            } else if copy_stack(words.as_mut_ptr().cast(), 16, fp) {
+                0
+            } else {
+                break;
+            };
+            base = fp;
+            off = 0;
+            copied = true;
+        }
+        // The mask keeps the verifier's view of the index small (the comparisons above keep
+        // it in the copied part).
+        let i = (off / 8) as usize & (WINDOW_BYTES / 8 - 1);
+        ip = words[i + 1];
+        fp = words[i];
+        low = base + off + 16;
     }
     if let Some(end) = ips.get_mut(frames) {
         *end = 0;
