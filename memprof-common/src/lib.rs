@@ -448,7 +448,27 @@ pub struct PyWalk {
     pub frame_instr: u32,
     pub instr_is_pointer: u32,
     pub frame_owner: u32,
-    pub _pad: u32,
+    /// Bytes from a frame's start to the end of its furthest field above: the walk copies
+    /// them in one read (at most [`PY_FRAME_COPY`]).
+    pub frame_span: u32,
+}
+
+/// Most bytes of one Python frame the kernel walk copies (a power of two).
+pub const PY_FRAME_COPY: u32 = 128;
+
+impl PyWalk {
+    /// `frame_span` for the frame fields set in `self`, or `None` if they lie beyond
+    /// [`PY_FRAME_COPY`].
+    pub fn span_of_frame_fields(&self) -> Option<u32> {
+        let instr = if self.instr_is_pointer != 0 { 8 } else { 4 };
+        let mut span = (self.frame_previous + 8)
+            .max(self.frame_code + 8)
+            .max(self.frame_instr + instr);
+        if self.frame_owner != PY_NONE {
+            span = span.max(self.frame_owner + 1);
+        }
+        (span <= PY_FRAME_COPY).then_some(span)
+    }
 }
 
 /// An absent field in [`PyWalk`].
@@ -575,6 +595,38 @@ mod tests {
         // The largest mean does not overflow.
         let big = exp_interval(0, MAX_SAMPLE_MEAN) as f64 / MAX_SAMPLE_MEAN as f64;
         assert!((big - 32.0 * core::f64::consts::LN_2).abs() < 1e-3, "{big}");
+    }
+
+    #[test]
+    fn python_frame_span_covers_the_furthest_field() {
+        let mut walk = PyWalk {
+            runtime: 0,
+            runtime_interpreters_head: 0,
+            interp_threads_head: 0,
+            tstate_next: 0,
+            tstate_native_thread_id: 0,
+            tstate_frame: 0,
+            cframe_current_frame: PY_NONE,
+            // PyFrameObject of CPython 3.8: f_back, f_code, int f_lasti.
+            frame_previous: 24,
+            frame_code: 32,
+            frame_instr: 104,
+            instr_is_pointer: 0,
+            frame_owner: PY_NONE,
+            frame_span: 0,
+        };
+        assert_eq!(walk.span_of_frame_fields(), Some(108));
+        // _PyInterpreterFrame of 3.12: f_code 0, previous 8, prev_instr 56, char owner 70.
+        walk.frame_code = 0;
+        walk.frame_previous = 8;
+        walk.frame_instr = 56;
+        walk.instr_is_pointer = 1;
+        walk.frame_owner = 70;
+        assert_eq!(walk.span_of_frame_fields(), Some(71));
+        walk.frame_owner = PY_NONE;
+        assert_eq!(walk.span_of_frame_fields(), Some(64));
+        walk.frame_previous = PY_FRAME_COPY - 4;
+        assert_eq!(walk.span_of_frame_fields(), None);
     }
 
     /// exp for the no_std test (Taylor series after range reduction; ~1e-15 here).

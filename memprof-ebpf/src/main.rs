@@ -44,8 +44,9 @@ use memprof_common::{
     AllocEvent, AllocFn, COUNTER_SLOTS, Counter, DEFAULT_CALL_SLOTS, DEFAULT_INFLIGHT_ENTRIES,
     DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_TGID_ENTRIES,
     EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent, MAX_PY_FRAMES,
-    MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK, PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PhaseEvent,
-    PyStack, PyWalk, RemapEvent, StackTrace, UnmapEvent, UnwindEvent, exp_interval, mode, unwind,
+    MAX_STACK_COPY, MAX_STACK_DEPTH, NO_STACK, PY_FRAME_COPY, PY_FRAME_OWNED_BY_CSTACK, PY_NONE,
+    PhaseEvent, PyStack, PyWalk, RemapEvent, StackTrace, UnmapEvent, UnwindEvent, exp_interval,
+    mode, unwind,
 };
 
 /// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
@@ -166,6 +167,13 @@ static PY_STACKS: HashMap<u64, PyStack> =
 /// Per-CPU scratch space for a `PyStack`.
 #[map]
 static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// `PY_FRAME_COPY` with room for the widest field past it.
+const PY_FRAME_BUF: usize = PY_FRAME_COPY as usize + 8;
+
+/// Per-CPU copy of the Python frame being walked.
+#[map]
+static PY_FRAME: PerCpuArray<[u8; PY_FRAME_BUF]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
@@ -742,22 +750,31 @@ pub fn py_stack_key(id: u64) -> u64 {
     if walk.cframe_current_frame != PY_NONE && frame != 0 {
         frame = user::<u64>(frame + u64::from(walk.cframe_current_frame)).unwrap_or(0);
     }
+    let Some(copy) = PY_FRAME.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the per-CPU buffer is this CPU's alone.
+    let copy = unsafe { &mut *copy };
+    let span = walk.frame_span.min(PY_FRAME_COPY);
     let mut n: u32 = 0;
     let mut hash: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..MAX_PY_FRAMES {
         if frame == 0 {
             break;
         }
-        let code = user::<u64>(frame + u64::from(walk.frame_code)).unwrap_or(0);
-        let at = frame + u64::from(walk.frame_instr);
+        // One read per frame (a read costs about as much as a few hundred bytes).
+        if !copy_stack(copy.as_mut_ptr().cast(), span, frame) {
+            break;
+        }
+        let code = frame_field::<u64>(copy, walk.frame_code);
         let instr = if walk.instr_is_pointer != 0 {
-            user::<u64>(at).unwrap_or(0)
+            frame_field::<u64>(copy, walk.frame_instr)
         } else {
-            u64::from(user::<u32>(at).unwrap_or(0))
+            u64::from(frame_field::<u32>(copy, walk.frame_instr))
         };
         // Shim frames of the C stack are recorded as code 0 and dropped by the agent.
         let shim = walk.frame_owner != PY_NONE
-            && user::<u8>(frame + u64::from(walk.frame_owner)) == Some(PY_FRAME_OWNED_BY_CSTACK);
+            && frame_field::<u8>(copy, walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
         let code = if shim { 0 } else { code };
         if let Some(slot) = out.frames.get_mut(i) {
             *slot = [code, instr];
@@ -765,7 +782,7 @@ pub fn py_stack_key(id: u64) -> u64 {
         hash = (hash.rotate_left(5) ^ code).wrapping_mul(0x517c_c1b7_2722_0a95);
         hash = (hash.rotate_left(5) ^ instr).wrapping_mul(0x517c_c1b7_2722_0a95);
         n += 1;
-        frame = user::<u64>(frame + u64::from(walk.frame_previous)).unwrap_or(0);
+        frame = frame_field::<u64>(copy, walk.frame_previous);
     }
     if n == 0 {
         return NO_STACK;
@@ -812,6 +829,17 @@ fn find_tstate(walk: &PyWalk, tid: u32) -> u64 {
         tstate = user::<u64>(tstate + u64::from(walk.tstate_next)).unwrap_or(0);
     }
     0
+}
+
+/// A field of a copied Python frame at byte `off` (below `PY_FRAME_COPY`, as the agent
+/// checks).
+#[inline(always)]
+fn frame_field<T: Copy>(copy: &[u8; PY_FRAME_BUF], off: u32) -> T {
+    // A mask rather than a comparison: the compiler hoists the address out of the loop, and
+    // the verifier must see it bounded wherever it is computed.
+    let off = off as usize & (PY_FRAME_COPY as usize - 1);
+    // SAFETY: `off + size_of::<T>()` is at most `PY_FRAME_COPY + 7`, within the buffer.
+    unsafe { core::ptr::read_unaligned(copy.as_ptr().add(off).cast::<T>()) }
 }
 
 /// `py_stack_key` split into the key and whether it is new.

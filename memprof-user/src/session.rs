@@ -797,7 +797,7 @@ impl Session {
                 return;
             };
             let o = resolver.process.offsets;
-            let walk = memprof_common::PyWalk {
+            let mut walk = memprof_common::PyWalk {
                 runtime: resolver.process.runtime,
                 runtime_interpreters_head: o.runtime_interpreters_head,
                 interp_threads_head: o.interp_threads_head,
@@ -810,8 +810,12 @@ impl Session {
                 frame_instr: o.frame_instr,
                 instr_is_pointer: u32::from(o.instr_kind == python::INSTR_POINTER),
                 frame_owner: o.frame_owner,
-                _pad: 0,
+                frame_span: 0,
             };
+            let Some(span) = walk.span_of_frame_fields() else {
+                return;
+            };
+            walk.frame_span = span;
             if self.tracer.set_python(tgid, walk).is_err() {
                 return;
             }
