@@ -3,7 +3,8 @@
 //!
 //! Fixtures: tests/fixtures/deep.c (a leak four calls deep, `-fomit-frame-pointer`) and
 //! deepnew.cpp + deepnew_main.c (C++ `operator new` in a shared library without frame pointers);
-//! tall.c (frame-pointer stacks 41 and 7 frames tall, for the kernel's windowed frame walk).
+//! tall.c (frame-pointer stacks 41 and 7 frames tall, for the kernel's windowed frame walk);
+//! threads.c (four threads without frame pointers: each thread's stack top is learnt apart).
 //! Needs root, `cc` and `c++`:
 //! `cargo test --release -p memprof-user --test unwind -- --test-threads=1`.
 
@@ -30,6 +31,7 @@ struct Fixtures {
     deep: PathBuf,
     deepnew: PathBuf,
     tall: PathBuf,
+    threads: PathBuf,
 }
 
 fn fixtures() -> &'static Fixtures {
@@ -98,10 +100,21 @@ fn fixtures() -> &'static Fixtures {
                 src.join("tall.c").to_str().unwrap(),
             ],
         );
+        let threads = dir.join("threads");
+        build(
+            "cc",
+            &[
+                "-pthread",
+                "-o",
+                threads.to_str().unwrap(),
+                src.join("threads.c").to_str().unwrap(),
+            ],
+        );
         Fixtures {
             deep,
             deepnew,
             tall,
+            threads,
         }
     })
 }
@@ -345,5 +358,50 @@ fn frame_pointer_walk_follows_tall_stacks() {
         );
     }
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
+    c.finish(|| run.context());
+}
+
+/// `--unwind dwarf` with four threads built without frame pointers: the copies of each thread's
+/// stack end at that stack's top (learnt per thread), and the leak is unwound through `worker`
+/// with no frame cut short.
+#[test]
+fn dwarf_unwinds_each_thread_on_its_own_stack() {
+    let f = fixtures();
+    let run = Proc::spawn(
+        "memprof trace --unwind dwarf -- threads",
+        &mut memprof_trace(&[
+            "--json",
+            "--unwind",
+            "dwarf",
+            "--duration",
+            "60s",
+            "--",
+            f.threads.to_str().unwrap(),
+        ]),
+    )
+    .finish(DEADLINE);
+    let r = final_report(&run);
+    let mut c = Checks::new("--unwind dwarf, threads");
+    let leak = groups(&r, "thread_leak");
+    c.eq("groups at thread_leak", leak.len(), 1);
+    if let Some(g) = leak.first() {
+        c.eq(
+            "thread_leak: bytes, allocs",
+            (num(g, "bytes"), num(g, "allocs")),
+            (4 * 250 * 48, 4 * 250),
+        );
+        c.eq(
+            "thread_leak: second frame",
+            names(g).get(1).cloned(),
+            Some("worker".to_string()),
+        );
+        let kinds: Vec<&str> = stack(g).iter().filter_map(|f| f["kind"].as_str()).collect();
+        c.check(
+            kinds.iter().all(|k| *k == "native"),
+            format!("every frame native: {kinds:?} {:?}", names(g)),
+        );
+    }
+    c.eq("lost events", num(&r["totals"], "lost_events"), 0);
+    c.eq("stacks lost", num(&r["kernel"], "stack_lost"), 0);
     c.finish(|| run.context());
 }

@@ -200,6 +200,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 #[map]
 static SAMPLE_LEFT: Array<SampleLeft> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
 
+/// `unwind::DWARF`: per thread, the top of its stack once a copy found it, in a slot chosen as
+/// in `CALLS`.
+#[map]
+static STACK_TOPS: Array<StackTop> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
+
 /// With sampling: the sampled blocks still live. A free, or the old block of a realloc, is
 /// reported only when its address is here, so frees stay exact for what was sampled.
 #[map]
@@ -242,6 +247,16 @@ struct CallSlot {
     owner: u64,
     state: Inflight,
 }
+
+/// A `STACK_TOPS` slot: the top of thread `owner`'s (a `pid_tgid`) stack.
+#[repr(C)]
+struct StackTop {
+    owner: u64,
+    top: u64,
+}
+
+/// Fewest bytes of stack an `unwind::DWARF` record carries.
+const MIN_STACK_COPY: u64 = 512;
 
 /// A `SAMPLE_LEFT` slot: thread `owner`'s (a `pid_tgid`) distance to its next sample point.
 #[repr(C)]
@@ -894,6 +909,49 @@ fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
     unsafe { bpf_probe_read_user_raw(dst.cast(), size, sp as *const core::ffi::c_void) == 0 }
 }
 
+/// Copies up to `want` bytes of the calling thread's stack from `sp` into `dst` (which holds
+/// `MAX_STACK_COPY`); the length copied, 0 if not even `MIN_STACK_COPY` could be.
+///
+/// A copy running past the top of the stack faults (and a fault costs about a microsecond), so
+/// each thread's stack top is learnt once and kept in `STACK_TOPS`: copies end at a page
+/// boundary one page lower after each fault, and the first that works ends at the top (a
+/// mapping ends at a page boundary, and none lies between it and the failed end).
+#[inline(always)]
+fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
+    // SAFETY: a read of a global the loader patches.
+    let mask = unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) };
+    let top = STACK_TOPS.get_ptr_mut(id as u32 & mask);
+    let mut end = sp.saturating_add(u64::from(want.min(MAX_STACK_COPY as u32))) & !7;
+    if let Some(top) = top {
+        // SAFETY: a map value; another thread sharing the slot at worst costs a fault.
+        let (owner, known) = unsafe { ((*top).owner, (*top).top) };
+        if owner == id && known > sp && known < end {
+            end = known;
+        }
+    }
+    let mut faulted = false;
+    for _ in 0..(MAX_STACK_COPY / 4096 + 1) {
+        let len = end.saturating_sub(sp);
+        if len < MIN_STACK_COPY {
+            return 0;
+        }
+        let len = len.min(MAX_STACK_COPY as u64) as u32;
+        if copy_stack(dst, len, sp) {
+            if faulted && let Some(top) = top {
+                // SAFETY: as above.
+                unsafe {
+                    (*top).owner = id;
+                    (*top).top = end;
+                }
+            }
+            return len;
+        }
+        faulted = true;
+        end = (end - 1) & !4095;
+    }
+    0
+}
+
 /// An allocation with the caller's registers and a copy of its stack, for the agent to unwind
 /// (`unwind::DWARF`). The copy is as large as `STACK_COPY` allows and the stack's mapping
 /// holds: a copy running past the top of the stack faults, so smaller ones are tried.
@@ -916,22 +974,10 @@ fn emit_alloc_stack(ctx: &RetProbeContext, mmap_func: u64, id: u64, addr: u64, s
     let want = unsafe { core::ptr::read_volatile(&STACK_COPY) };
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
     let dst = unsafe { (*buf).stack.as_mut_ptr() };
-    let len: u32 = if want >= 16384 && copy_stack(dst, 16384, sp) {
-        16384
-    } else if want >= 8192 && copy_stack(dst, 8192, sp) {
-        8192
-    } else if want >= 4096 && copy_stack(dst, 4096, sp) {
-        4096
-    } else if want >= 2048 && copy_stack(dst, 2048, sp) {
-        2048
-    } else if want >= 1024 && copy_stack(dst, 1024, sp) {
-        1024
-    } else if copy_stack(dst, 512, sp) {
-        512
-    } else {
+    let len = copy_stack_to_top(dst, want, sp, id);
+    if len == 0 {
         count(Counter::StackLost);
-        0
-    };
+    }
     // SAFETY: as above.
     unsafe {
         (*buf).event = UnwindEvent {
@@ -1370,6 +1416,16 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // A thread that dies inside an allocator call (killed, or exiting from a signal handler)
     // leaves its state behind.
     end_call(id);
+    // SAFETY: a read of a global the loader patches.
+    let mask = unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) };
+    if let Some(top) = STACK_TOPS.get_ptr_mut(id as u32 & mask) {
+        // SAFETY: a map value; a thread id may be reused with another stack.
+        unsafe {
+            if (*top).owner == id {
+                (*top).owner = 0;
+            }
+        }
+    }
     if group_dead == 0 {
         return 0;
     }
