@@ -11,8 +11,11 @@
 //! a time, not a second copy of everything.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
-    hash::{BuildHasherDefault, Hasher},
+    collections::{
+        HashMap,
+        hash_map::{Entry, RandomState},
+    },
+    hash::{BuildHasher, Hasher},
 };
 
 use memprof_common::AllocFn;
@@ -43,9 +46,9 @@ struct Site {
     chain: u32,
 }
 
-/// A fast hasher for integer keys (addresses, sites): not for keys an adversary picks freely,
-/// but addresses come from the traced process's allocator.
-#[derive(Clone, Copy, Debug, Default)]
+/// A fast hasher for integer keys (addresses, sites), seeded at random per table like std's
+/// SipHash (a traced process can choose its mapping addresses), though not as strong.
+#[derive(Clone, Copy, Debug)]
 pub struct IntHasher(u64);
 
 impl Hasher for IntHasher {
@@ -87,18 +90,29 @@ fn fmix64(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+/// Builds [`IntHasher`]s with a seed drawn once.
+#[derive(Clone, Copy, Debug)]
+pub struct Seeded(u64);
 
-/// The shard of `addr`. The maps use the low bits of the same hash for the bucket and the top
-/// seven for their tags, so the shard takes bits from the middle, which neither uses.
-fn shard_of(addr: u64) -> usize {
-    let mut h = IntHasher::default();
-    h.write_u64(addr);
-    (h.finish() >> 40) as usize & (SHARDS - 1)
+impl Default for Seeded {
+    fn default() -> Self {
+        Self(RandomState::new().hash_one(0x6d65_6d70_726f_6621_u64))
+    }
 }
+
+impl BuildHasher for Seeded {
+    type Hasher = IntHasher;
+
+    fn build_hasher(&self) -> IntHasher {
+        IntHasher(self.0)
+    }
+}
+
+type IntMap<K, V> = HashMap<K, V, Seeded>;
 
 #[derive(Debug, Default)]
 pub struct HeapBlocks {
+    seed: Seeded,
     /// Empty until the first block.
     shards: Vec<IntMap<u64, Packed>>,
     /// Sizes of blocks of 4 GiB - 1 and more, by address.
@@ -110,6 +124,12 @@ pub struct HeapBlocks {
 }
 
 impl HeapBlocks {
+    /// The shard of `addr`. The maps use the low bits of the same hash for the bucket and the
+    /// top seven for their tags, so the shard takes bits from the middle, which neither uses.
+    fn shard_of(&self, addr: u64) -> usize {
+        (self.seed.hash_one(addr) >> 40) as usize & (SHARDS - 1)
+    }
+
     fn site_id(&mut self, site: Site) -> u32 {
         if let Some((last, id)) = self.last_site
             && last == site
@@ -149,7 +169,9 @@ impl HeapBlocks {
     /// Stores `block` at `addr`; returns the block that was there.
     pub fn insert(&mut self, addr: u64, block: LiveAlloc) -> Option<LiveAlloc> {
         if self.shards.is_empty() {
-            self.shards.resize_with(SHARDS, IntMap::default);
+            let seed = self.seed;
+            self.shards
+                .resize_with(SHARDS, || IntMap::with_hasher(seed));
         }
         let site = self.site_id(Site {
             stack: block.stack,
@@ -164,7 +186,8 @@ impl HeapBlocks {
                 .unwrap_or(BIG),
             site,
         };
-        let old = match self.shards[shard_of(addr)].entry(addr) {
+        let shard = self.shard_of(addr);
+        let old = match self.shards[shard].entry(addr) {
             Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), packed)),
             Entry::Vacant(e) => {
                 e.insert(packed);
@@ -182,7 +205,8 @@ impl HeapBlocks {
 
     /// Takes the block at `addr` out.
     pub fn remove(&mut self, addr: u64) -> Option<LiveAlloc> {
-        let p = self.shards.get_mut(shard_of(addr))?.remove(&addr)?;
+        let shard = self.shard_of(addr);
+        let p = self.shards.get_mut(shard)?.remove(&addr)?;
         let block = self.unpack(addr, p);
         if p.size == BIG {
             self.big.remove(&addr);
