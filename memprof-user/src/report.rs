@@ -232,7 +232,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
     let ranked = ranked_groups(
         inputs,
         inputs.table.heap_blocks().map(|(_, b)| b),
-        inputs.table.map_regions().map(|(_, b)| b),
+        inputs.table.map_regions().map(|(_, b)| *b),
     );
     let leak_groups = ranked.len();
 
@@ -489,10 +489,10 @@ fn round3(v: f64) -> f64 {
 
 /// Outstanding blocks (`heap`) and mappings (`maps`) at least `min_age` old, grouped by stack
 /// and allocator, largest first.
-fn ranked_groups<'b>(
+fn ranked_groups(
     inputs: &Inputs<'_>,
-    heap: impl Iterator<Item = &'b LiveAlloc>,
-    maps: impl Iterator<Item = &'b LiveAlloc>,
+    heap: impl Iterator<Item = LiveAlloc>,
+    maps: impl Iterator<Item = LiveAlloc>,
 ) -> Vec<(GroupKey, Group)> {
     let mut groups: HashMap<GroupKey, Group> = HashMap::new();
     let mut add = |block: &LiveAlloc, mmap: bool| {
@@ -512,8 +512,8 @@ fn ranked_groups<'b>(
         g.allocs += u64::from(count);
         g.oldest_ns = g.oldest_ns.min(block.ts_ns);
     };
-    heap.for_each(|b| add(b, false));
-    maps.for_each(|b| add(b, true));
+    heap.for_each(|b| add(&b, false));
+    maps.for_each(|b| add(&b, true));
     let mut ranked: Vec<_> = groups.into_iter().collect();
     ranked.sort_by(|(ka, a), (kb, b)| {
         (b.bytes, b.allocs)
@@ -611,7 +611,7 @@ pub fn process_report(
     let ranked = ranked_groups(
         inputs,
         table.heap_blocks().map(|(_, b)| b),
-        table.map_regions().map(|(_, b)| b),
+        table.map_regions().map(|(_, b)| *b),
     );
     let leak_groups = ranked.len();
     let leak_detected = ranked.iter().any(|(key, _)| {

@@ -20,7 +20,12 @@ use serde::Serialize;
 
 use crate::event::{Alloc, Event};
 
-/// One outstanding block or mapping.
+mod heap;
+
+use heap::HeapBlocks;
+
+/// One outstanding block or mapping. The table stores heap blocks more compactly (see
+/// [`heap`]) and gives them back as this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiveAlloc {
     pub size: u64,
@@ -124,7 +129,7 @@ struct Pending {
 
 #[derive(Debug, Default)]
 pub struct Table {
-    heap: HashMap<u64, LiveAlloc>,
+    heap: HeapBlocks,
     /// Mappings keyed by start address; `size` is the length.
     maps: BTreeMap<u64, LiveAlloc>,
     reallocs: HashMap<u32, Pending>,
@@ -236,7 +241,8 @@ impl Table {
     /// The process's image went away (`execve`): every block and mapping is released at `ts_ns`.
     pub fn release_all(&mut self, ts_ns: u64, on: &mut impl FnMut(Change)) {
         self.reallocs.clear();
-        for (_, block) in std::mem::take(&mut self.heap) {
+        let heap = std::mem::take(&mut self.heap);
+        for (_, block) in heap.iter() {
             let count = self.sub_outstanding(&block);
             self.count_free(&block);
             on(freed(block, count, 0, ts_ns));
@@ -315,7 +321,7 @@ impl Table {
     }
 
     fn remove_heap(&mut self, addr: u64) -> Option<LiveAlloc> {
-        let block = self.heap.remove(&addr)?;
+        let block = self.heap.remove(addr)?;
         self.sub_outstanding(&block);
         Some(block)
     }
@@ -446,9 +452,9 @@ impl Table {
         removed
     }
 
-    /// Outstanding heap blocks, as (address, block).
-    pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, &LiveAlloc)> {
-        self.heap.iter().map(|(a, b)| (*a, b))
+    /// Outstanding heap blocks, as (address, block), in no particular order.
+    pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, LiveAlloc)> + '_ {
+        self.heap.iter()
     }
 
     /// Outstanding mappings, as (start address, region).
@@ -593,7 +599,7 @@ impl Tables {
     }
 
     /// Outstanding heap blocks of every process, as (address, block).
-    pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, &LiveAlloc)> {
+    pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, LiveAlloc)> + '_ {
         self.procs.values().flat_map(Table::heap_blocks)
     }
 

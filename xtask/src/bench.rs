@@ -8,7 +8,9 @@
 //! with a memleak-like script when installed. Each runs `--reps`
 //! times; medians and ratios go to `target/bench/results.md` and `results.json`. The agent's
 //! CPU time and peak RSS come from `wait4` on memprof (the workload is not its child in pid
-//! mode, so they are the agent's alone).
+//! mode, so they are the agent's alone). The agent's memory per outstanding allocation is given
+//! twice: from its peak RSS, and from its steady RSS (`VmRSS`, once settled) while `hold` keeps
+//! its blocks.
 //!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
@@ -80,6 +82,8 @@ struct Run {
     lost: u64,
     agent_cpu_s: f64,
     agent_max_rss_kib: u64,
+    /// A holding workload: the agent's settled RSS while the workload held its blocks.
+    agent_steady_rss_kib: u64,
     /// From the workload's exit to the tracer's exit (drain, symbolize, report).
     report_s: f64,
 }
@@ -245,7 +249,13 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         for &mode in &modes {
             let mut runs = Vec::new();
             for _ in 0..reps {
-                runs.push(run_once(&memprof, bpftrace.as_deref(), mode, &w.command)?);
+                runs.push(run_once(
+                    &memprof,
+                    bpftrace.as_deref(),
+                    mode,
+                    &w.command,
+                    false,
+                )?);
             }
             let per_op = median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect());
             medians.push((mode, per_op));
@@ -312,13 +322,13 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         None,
         Mode::Full,
         &[hold.clone().into(), held.to_string().into()],
+        true,
     )?;
-    let without = run_once(&memprof, None, Mode::Full, &[hold.into(), "0".into()])?;
-    let per_alloc = (with
-        .agent_max_rss_kib
-        .saturating_sub(without.agent_max_rss_kib)
-        * 1024) as f64
-        / held as f64;
+    let without = run_once(&memprof, None, Mode::Full, &[hold.into(), "0".into()], true)?;
+    let per_alloc =
+        |with: u64, without: u64| (with.saturating_sub(without) * 1024) as f64 / held as f64;
+    let peak_per_alloc = per_alloc(with.agent_max_rss_kib, without.agent_max_rss_kib);
+    let steady_per_alloc = per_alloc(with.agent_steady_rss_kib, without.agent_steady_rss_kib);
     // Report latency with many distinct stacks.
     let distinct = if quick { 100 } else { 1000 };
     let many = run_once(
@@ -326,18 +336,27 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         None,
         Mode::Full,
         &[stacks.into(), distinct.to_string().into()],
+        false,
     )?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
     let _ = writeln!(
         md,
-        "\nAgent memory per outstanding allocation: {per_alloc:.0} B ({held} blocks held; peak RSS \
-         {:.1} MiB against {:.1} MiB with none).  \nReport with {distinct} distinct stacks: \
-         {:.2} s from the workload's exit to memprof's.",
-        with.agent_max_rss_kib as f64 / 1024.0,
-        without.agent_max_rss_kib as f64 / 1024.0,
+        "\nAgent memory per outstanding allocation ({held} blocks held against none):  \n\
+         - peak RSS: {peak_per_alloc:.0} B ({:.1} MiB against {:.1} MiB)  \n\
+         - steady RSS while held: {steady_per_alloc:.0} B ({:.1} MiB against {:.1} MiB)\n\n\
+         Report with {distinct} distinct stacks: {:.2} s from the workload's exit to memprof's.",
+        mib(with.agent_max_rss_kib),
+        mib(without.agent_max_rss_kib),
+        mib(with.agent_steady_rss_kib),
+        mib(without.agent_steady_rss_kib),
         many.report_s
     );
     json_rows.push(format!(
-        "{{\"agent_bytes_per_outstanding_alloc\":{per_alloc:.1},\"held\":{held},\"report_s_distinct_stacks\":{:.3},\"distinct_stacks\":{distinct}}}",
+        "{{\"agent_bytes_per_outstanding_alloc\":{peak_per_alloc:.1},\"agent_steady_bytes_per_outstanding_alloc\":{steady_per_alloc:.1},\"held\":{held},\"agent_peak_rss_kib\":{},\"agent_peak_rss_kib_none_held\":{},\"agent_steady_rss_kib\":{},\"agent_steady_rss_kib_none_held\":{},\"report_s_distinct_stacks\":{:.3},\"distinct_stacks\":{distinct}}}",
+        with.agent_max_rss_kib,
+        without.agent_max_rss_kib,
+        with.agent_steady_rss_kib,
+        without.agent_steady_rss_kib,
         many.report_s
     ));
     let micro_results = micro(ws)?;
@@ -359,12 +378,14 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
 }
 
 /// Starts `command --wait`, attaches the tracer of `mode`, lets the workload go, and collects
-/// the numbers.
+/// the numbers. A workload that `holds` prints `holding` after its result and waits for a
+/// second SIGUSR1: the tracer's RSS is read once it settles, then the workload is let go.
 fn run_once(
     memprof: &Path,
     bpftrace: Option<&Path>,
     mode: Mode,
     command: &[OsString],
+    holds: bool,
 ) -> Result<Run> {
     let mut workload = Command::new(&command[0])
         .args(&command[1..])
@@ -408,6 +429,19 @@ fn run_once(
     unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
     line.clear();
     out.read_line(&mut line)?;
+    let mut steady_kib = 0;
+    if holds {
+        let mut holding = String::new();
+        out.read_line(&mut holding)?;
+        if holding.trim() != "holding" {
+            bail!("workload did not print holding: {holding:?}");
+        }
+        if let Some(child) = &tracer {
+            steady_kib = settled_rss_kib(child.id())?;
+        }
+        // SAFETY: signalling a child we started.
+        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    }
     let mut rest = String::new();
     let _ = out.read_to_string(&mut rest);
     workload.wait()?;
@@ -436,6 +470,7 @@ fn run_once(
         }
         run.agent_cpu_s = tv(usage.ru_utime) + tv(usage.ru_stime);
         run.agent_max_rss_kib = usage.ru_maxrss as u64;
+        run.agent_steady_rss_kib = steady_kib;
         if let Some(report) = stdout
             .lines()
             .rev()
@@ -446,6 +481,40 @@ fn run_once(
         }
     }
     Ok(run)
+}
+
+/// `VmRSS` of process `pid` in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// The RSS of `pid` once it has settled: read every 100 ms until a second of readings stays
+/// within 64 KiB (the agent has taken in every event), at most 60 s.
+fn settled_rss_kib(pid: u32) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut window: Vec<u64> = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let rss = rss_kib(pid)?;
+        window.push(rss);
+        if window.len() > 10 {
+            window.remove(0);
+            let (lo, hi) = (window.iter().min(), window.iter().max());
+            if let (Some(lo), Some(hi)) = (lo, hi)
+                && hi - lo <= 64
+            {
+                return Ok(rss);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the agent's RSS did not settle in 60 s (last {rss} KiB)");
+        }
+    }
 }
 
 /// A memleak-like bpftrace script: sizes at malloc entry, outstanding blocks by address with
@@ -574,6 +643,11 @@ mod tests {
         assert!((got[0].1 - 6.813e6).abs() < 1.0);
         assert_eq!(got[1].0, "agent/decode");
         assert!((got[1].1 - 83.0e3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn reads_own_rss() {
+        assert!(rss_kib(std::process::id()).unwrap() > 0);
     }
 
     #[test]
