@@ -37,7 +37,7 @@ use aya_ebpf::{
         bpf_probe_read_user, generated::bpf_probe_read_user as bpf_probe_read_user_raw,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memprof_common::{

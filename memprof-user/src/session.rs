@@ -117,17 +117,17 @@ pub struct Session {
     table: Tables,
     stacks: StackStore,
     /// Every process seen, by pid.
-    procs: std::collections::HashMap<u32, Proc>,
+    procs: foldhash::HashMap<u32, Proc>,
     /// `--unwind dwarf`: per-process unwinders, the objects they read, and counts.
-    unwinders: std::collections::HashMap<u32, ProcessUnwinder>,
+    unwinders: foldhash::HashMap<u32, ProcessUnwinder>,
     unwind_objects: ObjectCache,
     unwind_stats: report::UnwindStats,
     /// The kernel's records of executable mappings (None when perf events are unavailable).
     watch: Option<MmapWatcher>,
     /// Mapping records of processes not seen yet (a child whose fork is still in the ring).
-    pending_maps: std::collections::HashMap<u32, Vec<Mapping>>,
+    pending_maps: foldhash::HashMap<u32, Vec<Mapping>>,
     /// CPython processes: their frame readers and registered threads.
-    pythons: std::collections::HashMap<u32, PyState>,
+    pythons: foldhash::HashMap<u32, PyState>,
     /// (device, inode) of mapped files found to hold no allocator.
     plain_objects: std::collections::HashSet<(u64, u64)>,
     /// Exited processes still reported, oldest first (see `EXITED_KEPT`).
@@ -988,9 +988,9 @@ impl Session {
 /// buffer the copy lives in).
 struct Unwinding<'a> {
     watch: Option<&'a mut MmapWatcher>,
-    procs: &'a mut std::collections::HashMap<u32, Proc>,
-    pending: &'a mut std::collections::HashMap<u32, Vec<Mapping>>,
-    unwinders: &'a mut std::collections::HashMap<u32, ProcessUnwinder>,
+    procs: &'a mut foldhash::HashMap<u32, Proc>,
+    pending: &'a mut foldhash::HashMap<u32, Vec<Mapping>>,
+    unwinders: &'a mut foldhash::HashMap<u32, ProcessUnwinder>,
     objects: &'a mut ObjectCache,
     stacks: &'a mut StackStore,
     stats: &'a mut report::UnwindStats,
@@ -1043,8 +1043,8 @@ fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> 
 /// Applies the kernel's mapping records written since the last call (see `Session::watch`).
 fn drain_mappings(
     watch: Option<&mut MmapWatcher>,
-    procs: &mut std::collections::HashMap<u32, Proc>,
-    pending: &mut std::collections::HashMap<u32, Vec<Mapping>>,
+    procs: &mut foldhash::HashMap<u32, Proc>,
+    pending: &mut foldhash::HashMap<u32, Vec<Mapping>>,
     symbolizer: &mut Symbolizer,
 ) {
     const PENDING_MAX: usize = 16384;

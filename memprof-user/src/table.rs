@@ -13,7 +13,9 @@
 //! estimate; without sampling `count` is 1 and nothing changes. The count is derived from the
 //! block rather than stored in it, so a block costs the table no more memory with sampling.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 
 use memprof_common::AllocFn;
 use serde::Serialize;

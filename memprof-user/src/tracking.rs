@@ -2,7 +2,7 @@
 //! behaviour and outstanding-bytes series, the process's series, and phases (functions named by
 //! `--phase`, and time marks sent with `memprof mark`).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use memprof_common::AllocFn;
 use serde::Serialize;
@@ -102,7 +102,7 @@ impl Tracker {
     /// `functions`: the names of the `--phase` function phases, in cookie order.
     pub fn new(functions: &[String], start_ns: u64) -> Self {
         Self {
-            groups: HashMap::new(),
+            groups: HashMap::default(),
             heap: Series::new(SERIES_CAP),
             rss: Series::new(SERIES_CAP),
             phases: Phases {

@@ -11,11 +11,8 @@
 //! a time, not a second copy of everything.
 
 use std::{
-    collections::{
-        HashMap,
-        hash_map::{Entry, RandomState},
-    },
-    hash::{BuildHasher, Hasher},
+    collections::{HashMap, hash_map::Entry},
+    hash::BuildHasher,
 };
 
 use memprof_common::AllocFn;
@@ -46,67 +43,9 @@ struct Site {
     chain: u32,
 }
 
-/// A fast hasher for integer keys (addresses, sites), seeded at random per table like std's
-/// SipHash (a traced process can choose its mapping addresses), though not as strong.
-#[derive(Clone, Copy, Debug)]
-pub struct IntHasher(u64);
-
-impl Hasher for IntHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(23) ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-
-    fn write_u32(&mut self, x: u32) {
-        self.write_u64(u64::from(x));
-    }
-
-    fn write_usize(&mut self, x: usize) {
-        self.write_u64(x as u64);
-    }
-
-    fn write_isize(&mut self, x: isize) {
-        self.write_u64(x as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        fmix64(self.0)
-    }
-}
-
-/// MurmurHash3's 64-bit finalizer: every input bit reaches every output bit.
-fn fmix64(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
-/// Builds [`IntHasher`]s with a seed drawn once.
-#[derive(Clone, Copy, Debug)]
-pub struct Seeded(u64);
-
-impl Default for Seeded {
-    fn default() -> Self {
-        Self(RandomState::new().hash_one(0x6d65_6d70_726f_6621_u64))
-    }
-}
-
-impl BuildHasher for Seeded {
-    type Hasher = IntHasher;
-
-    fn build_hasher(&self) -> IntHasher {
-        IntHasher(self.0)
-    }
-}
+/// The maps' hasher: fast for integer keys and seeded at random per table, like std's SipHash
+/// (a traced process can choose its mapping addresses), though not as strong.
+type Seeded = foldhash::fast::RandomState;
 
 type IntMap<K, V> = HashMap<K, V, Seeded>;
 
@@ -169,9 +108,9 @@ impl HeapBlocks {
     /// Stores `block` at `addr`; returns the block that was there.
     pub fn insert(&mut self, addr: u64, block: LiveAlloc) -> Option<LiveAlloc> {
         if self.shards.is_empty() {
-            let seed = self.seed;
+            let seed = self.seed.clone();
             self.shards
-                .resize_with(SHARDS, || IntMap::with_hasher(seed));
+                .resize_with(SHARDS, || IntMap::with_hasher(seed.clone()));
         }
         let site = self.site_id(Site {
             stack: block.stack,
