@@ -1380,7 +1380,35 @@ fn threads_pid_exact_one_call_slot() {
     threads_pid_exact_with(&["--call-slots", "1"]);
 }
 
-fn threads_pid_exact_with(opts: &[&str]) {
+/// `--probe-stats`: every allocator call of the window ran its programs (each program's run
+/// count covers the calls), the time per run is measured, and the accounting is unchanged.
+#[test]
+fn threads_pid_probe_stats_count_every_call() {
+    let report = threads_pid_exact_with(&["--probe-stats"]);
+    let stats = report["probe_stats"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut c = Checks::new("pid mode, threads Fp --wait --probe-stats");
+    for (program, calls) in [
+        ("malloc_entry", THREADS_WINDOW.allocs),
+        ("alloc_return", THREADS_WINDOW.allocs),
+        ("free_entry", THREADS_WINDOW.frees),
+    ] {
+        let stat = stats.iter().find(|s| s["program"] == program);
+        c.check(
+            stat.is_some_and(|s| num(s, "runs") >= calls),
+            format!("{program}: runs at least {calls}: {stat:?}"),
+        );
+        c.check(
+            stat.is_some_and(|s| s["ns_per_run"].as_f64().unwrap_or(0.0) > 0.0),
+            format!("{program}: time per run measured: {stat:?}"),
+        );
+    }
+    c.finish(|| summary(&report));
+}
+
+fn threads_pid_exact_with(opts: &[&str]) -> Value {
     let f = fixtures();
     let (run, target) = pid_trace_with("threads --wait", &f.threads_fp, &["--wait"], opts);
     run.assert_success();
@@ -1404,6 +1432,7 @@ fn threads_pid_exact_with(opts: &[&str]) {
     );
     c.eq("exited", report["exited"].as_bool(), Some(true));
     c.finish(|| format!("{}\n{}", summary(&report), run.context()));
+    report
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -195,6 +195,7 @@ impl Agent {
             forgotten: Default::default(),
             stacks: &self.stacks,
             kernel: KernelLosses::default(),
+            probe_stats: Vec::new(),
             decode_errors: 0,
             now_ns: self.last_ts,
             elapsed_s: self.last_ts as f64 / 1e9,

@@ -184,6 +184,11 @@ struct TraceArgs {
     /// benchmarks.
     #[arg(long)]
     no_placement: bool,
+    /// Measure memprof's kernel programs: turns on the kernel's BPF run-time statistics while
+    /// tracing (they cost each program two clock reads) and reports each program's runs and
+    /// mean time per run (`probe_stats`). For benchmarks.
+    #[arg(long)]
+    probe_stats: bool,
     /// Per-thread slots for allocator calls in flight in the kernel (a power of two); threads
     /// whose slot is taken use a slower hash. For tests of that path.
     #[arg(long, hide = true, default_value_t = memprof_common::DEFAULT_CALL_SLOTS, value_parser = parse_call_slots)]
@@ -608,6 +613,7 @@ fn trace_pid(
         floor: args.probe_floor,
         no_placement: args.no_placement,
         call_slots: args.call_slots,
+        probe_stats: args.probe_stats,
         stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
         sample_bytes: args.sample_bytes.unwrap_or(0),
     })
@@ -760,8 +766,10 @@ fn save_report(path: &Path, report: &report::Report) -> Result<()> {
 /// The session is forgotten, not dropped: dropping detaches each link explicitly (a disable
 /// ioctl that waits like a removal), while closing a descriptor the child still holds is free.
 fn detach_in_background(mut session: Session) {
-    // The mark socket's file goes now: a forgotten session never drops it.
+    // The mark socket's file goes now: a forgotten session never drops it. The statistics
+    // descriptor too, or the child would keep them on.
     session.close_marks();
+    session.stop_probe_stats();
     let mut pipe = [0; 2];
     // SAFETY: plain syscalls; the child makes only async-signal-safe calls.
     unsafe {

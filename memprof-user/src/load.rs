@@ -12,6 +12,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     num::NonZeroU32,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
@@ -30,7 +31,12 @@ use memprof_common::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
-use crate::{allocators::Allocator, placement, report::KernelLosses, target::file_id};
+use crate::{
+    allocators::Allocator,
+    placement,
+    report::{KernelLosses, ProbeStat},
+    target::file_id,
+};
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -213,6 +219,8 @@ pub struct Tracer {
     placement: bool,
     /// (device, inode) of every object probed.
     probed: HashSet<(u64, u64)>,
+    /// Keeps the kernel's run-time statistics of BPF programs on (`--probe-stats`).
+    stats: Option<OwnedFd>,
 }
 
 /// Which processes the programs report on.
@@ -258,6 +266,8 @@ pub struct Options<'a> {
     pub no_placement: bool,
     /// Per-thread call slots in the kernel (a power of two; threads beyond share a hash).
     pub call_slots: u32,
+    /// Turn on the kernel's run-time statistics of the programs (`Tracer::probe_stats`).
+    pub probe_stats: bool,
     /// Byte sampling: mean interval in bytes between sampled allocations (0: record all).
     pub sample_bytes: u64,
     /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
@@ -347,6 +357,11 @@ impl Tracer {
                 probed.insert(id);
             }
         }
+        let stats = opts
+            .probe_stats
+            .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+            .transpose()
+            .context("failed to turn on the kernel's BPF run-time statistics")?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
@@ -367,6 +382,7 @@ impl Tracer {
             scope,
             placement: !opts.no_placement,
             probed,
+            stats,
             sample_bytes,
         })
     }
@@ -436,6 +452,34 @@ impl Tracer {
                 .collect(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// Each program's runs and time in them so far, with `--probe-stats` (else empty).
+    pub fn probe_stats(&self) -> Vec<ProbeStat> {
+        if self.stats.is_none() {
+            return Vec::new();
+        }
+        let mut stats: Vec<ProbeStat> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProbeStat::new(
+                    name,
+                    info.run_count(),
+                    info.run_time().as_nanos() as u64,
+                ))
+            })
+            .filter(|s| s.runs > 0)
+            .collect();
+        stats.sort_by(|a, b| a.program.cmp(&b.program));
+        stats
+    }
+
+    /// Turns the kernel's BPF run-time statistics back off (they stay on while any holder of
+    /// the descriptor lives, such as a forked child).
+    pub fn stop_probe_stats(&mut self) {
+        self.stats = None;
     }
 
     /// The kernel's loss counters, summed over CPUs.

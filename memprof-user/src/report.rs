@@ -41,6 +41,29 @@ pub struct KernelLosses {
     pub sampled_full: u64,
 }
 
+/// One kernel program's runs and its mean time per run (`--probe-stats`): the work of memprof's
+/// programs, without the trap that enters them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProbeStat {
+    pub program: String,
+    pub runs: u64,
+    pub ns_per_run: f64,
+}
+
+impl ProbeStat {
+    pub fn new(program: &str, runs: u64, run_time_ns: u64) -> Self {
+        Self {
+            program: program.to_string(),
+            runs,
+            ns_per_run: if runs == 0 {
+                0.0
+            } else {
+                (run_time_ns as f64 / runs as f64 * 10.0).round() / 10.0
+            },
+        }
+    }
+}
+
 /// What a long trace stopped keeping (see `Inputs::forgotten`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Forgotten {
@@ -130,6 +153,9 @@ pub struct Report {
     pub totals: Totals,
     pub mmap: MmapTotals,
     pub kernel: KernelLosses,
+    /// With `--probe-stats`: each kernel program's runs and mean time per run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probe_stats: Vec<ProbeStat>,
     pub min_age_s: f64,
     /// Number of call-stack groups passing `min_age_s`, before `--top` is applied.
     pub leak_groups: usize,
@@ -200,6 +226,8 @@ pub struct Inputs<'a> {
     pub table: &'a Tables,
     pub stacks: &'a StackStore,
     pub kernel: KernelLosses,
+    /// `--probe-stats` (empty without).
+    pub probe_stats: Vec<ProbeStat>,
     pub decode_errors: u64,
     /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's timestamps).
     pub now_ns: u64,
@@ -298,6 +326,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         ),
         mmap: inputs.table.mmap_totals,
         kernel: inputs.kernel,
+        probe_stats: inputs.probe_stats.clone(),
         min_age_s: ns_to_s(inputs.min_age_ns),
         leak_groups,
         unknown_frames,
@@ -936,6 +965,7 @@ mod tests {
                 mapping_records_lost: 0,
                 sampled_full: 0,
             },
+            probe_stats: Vec::new(),
             decode_errors: 0,
             now_ns: 10_000_000_000,
             elapsed_s: 1.5,

@@ -595,6 +595,11 @@ impl Session {
         self.marks = None;
     }
 
+    /// Turns the kernel's BPF statistics (`--probe-stats`) back off.
+    pub fn stop_probe_stats(&mut self) {
+        self.tracer.stop_probe_stats();
+    }
+
     /// Refreshes the live endpoints' state.
     pub fn publish_live(&mut self, finished: bool) {
         let Some(live) = self.settings.live.clone() else {
@@ -897,6 +902,7 @@ impl Session {
                 mapping_records_lost: self.watch.as_ref().map_or(0, |w| w.lost),
                 ..self.tracer.losses()
             },
+            probe_stats: self.tracer.probe_stats(),
             decode_errors: self.decode_errors,
             now_ns: now,
             elapsed_s: (now - self.start_ns) as f64 / 1e9,

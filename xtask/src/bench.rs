@@ -86,6 +86,8 @@ struct Run {
     agent_steady_rss_kib: u64,
     /// From the workload's exit to the tracer's exit (drain, symbolize, report).
     report_s: f64,
+    /// With `--probe-stats`: (program, ns per run).
+    probe_ns: Vec<(String, f64)>,
 }
 
 struct Workload {
@@ -255,6 +257,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                     mode,
                     &w.command,
                     false,
+                    false,
                 )?);
             }
             let per_op = median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect());
@@ -323,8 +326,16 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Mode::Full,
         &[hold.clone().into(), held.to_string().into()],
         true,
+        false,
     )?;
-    let without = run_once(&memprof, None, Mode::Full, &[hold.into(), "0".into()], true)?;
+    let without = run_once(
+        &memprof,
+        None,
+        Mode::Full,
+        &[hold.into(), "0".into()],
+        true,
+        false,
+    )?;
     let per_alloc =
         |with: u64, without: u64| (with.saturating_sub(without) * 1024) as f64 / held as f64;
     let peak_per_alloc = per_alloc(with.agent_max_rss_kib, without.agent_max_rss_kib);
@@ -336,6 +347,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         None,
         Mode::Full,
         &[stacks.into(), distinct.to_string().into()],
+        false,
         false,
     )?;
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -359,6 +371,42 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         without.agent_steady_rss_kib,
         many.report_s
     ));
+    // What memprof's kernel programs themselves cost per call, from the kernel's BPF run-time
+    // statistics (a separate run: the statistics add two clock reads to every program run).
+    let churn = &workloads[0];
+    let stat_modes = [Mode::Floor, Mode::Full, Mode::Sampled, Mode::Dwarf];
+    let programs = ["malloc_entry", "free_entry", "alloc_return"];
+    let _ = writeln!(
+        md,
+        "\nKernel programs' own time per run on {} (`--probe-stats`, one run each; the \
+         statistics add about 30 ns per run):\n\n| mode | {} |\n| --- |{}",
+        churn.name,
+        programs.join(" | "),
+        " --- |".repeat(programs.len())
+    );
+    for mode in stat_modes {
+        let r = run_once(&memprof, None, mode, &churn.command, false, true)?;
+        let ns = |p: &str| r.probe_ns.iter().find(|(n, _)| n == p).map(|(_, v)| *v);
+        let _ = writeln!(
+            md,
+            "| {} | {} |",
+            mode.name(),
+            programs
+                .iter()
+                .map(|p| ns(p).map_or("".into(), |v| format!("{v:.0} ns")))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        for p in programs {
+            if let Some(v) = ns(p) {
+                json_rows.push(format!(
+                    "{{\"workload\":{:?},\"mode\":{:?},\"program\":{p:?},\"ns_per_run\":{v:.1}}}",
+                    churn.name,
+                    mode.name()
+                ));
+            }
+        }
+    }
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
     for (name, v) in &micro_results {
@@ -386,6 +434,7 @@ fn run_once(
     mode: Mode,
     command: &[OsString],
     holds: bool,
+    probe_stats: bool,
 ) -> Result<Run> {
     let mut workload = Command::new(&command[0])
         .args(&command[1..])
@@ -405,6 +454,7 @@ fn run_once(
             let mut child = Command::new(memprof)
                 .args(["trace", "--json", "--pid", &pid.to_string()])
                 .args(flags)
+                .args(probe_stats.then_some("--probe-stats"))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -478,6 +528,7 @@ fn run_once(
         {
             run.events = json_u64(report, "\"allocs\":") + json_u64(report, "\"frees\":");
             run.lost = json_u64(report, "\"lost_events\":");
+            run.probe_ns = probe_stats_of(report);
         }
     }
     Ok(run)
@@ -566,6 +617,29 @@ fn parse_result(line: &str) -> Result<(f64, f64)> {
     }
 }
 
+/// `probe_stats` of a JSON report: (program, ns_per_run) pairs.
+fn probe_stats_of(report: &str) -> Vec<(String, f64)> {
+    let Some(start) = report.find("\"probe_stats\":[") else {
+        return Vec::new();
+    };
+    let list = &report[start..];
+    let list = &list[..list.find(']').unwrap_or(list.len())];
+    list.split('{')
+        .skip(1)
+        .filter_map(|entry| {
+            let name = entry.split("\"program\":\"").nth(1)?.split('"').next()?;
+            let ns = entry
+                .split("\"ns_per_run\":")
+                .nth(1)?
+                .split(|c: char| c != '.' && !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), ns))
+        })
+        .collect()
+}
+
 fn json_u64(text: &str, key: &str) -> u64 {
     text.find(key)
         .map(|i| &text[i + key.len()..])
@@ -612,6 +686,19 @@ fn human_ns(ns: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_probe_stats_from_report_json() {
+        let report = r#"{"type":"report","kernel":{"ring_full":0},"probe_stats":[{"program":"alloc_return","runs":12,"ns_per_run":437.5},{"program":"free_entry","runs":9,"ns_per_run":201.0}],"min_age_s":0.0}"#;
+        assert_eq!(
+            probe_stats_of(report),
+            vec![
+                ("alloc_return".to_string(), 437.5),
+                ("free_entry".to_string(), 201.0)
+            ]
+        );
+        assert!(probe_stats_of(r#"{"kernel":{}}"#).is_empty());
+    }
 
     #[test]
     fn parses_workload_output() {
