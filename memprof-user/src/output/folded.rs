@@ -339,6 +339,7 @@ pub(crate) mod tests {
             },
             mmap: MmapTotals::default(),
             kernel: KernelLosses::default(),
+            probe_stats: Vec::new(),
             min_age_s: 0.0,
             leak_groups: 3,
             unknown_frames: 1,

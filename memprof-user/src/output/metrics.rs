@@ -590,6 +590,7 @@ pub(super) mod tests {
                 ..MmapTotals::default()
             },
             kernel: KernelLosses::default(),
+            probe_stats: Vec::new(),
             min_age_s: 0.0,
             leak_groups: sites.len(),
             unknown_frames: 0,
