@@ -218,7 +218,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
             command: vec![
                 python.clone().into(),
                 ws.root.join("bench/json_work.py").into(),
-                scale("20", "4"),
+                scale("60", "4"),
             ],
         },
     ];
