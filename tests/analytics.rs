@@ -1147,6 +1147,25 @@ fn phases_function_phases_spawn_exact() {
         check_phase(&mut c, &phases[1], &RENDER_FN);
     }
     check_phases_totals(&mut c, &report);
+    // The block load_phase keeps: the return probe on load_phase replaced its return address
+    // on the stack while it ran, and the stack still names its caller.
+    let kept: Vec<Vec<String>> = leaks(&report)
+        .iter()
+        .map(|g| {
+            stack(g)
+                .iter()
+                .map(|f| frame_fn(f).unwrap_or("?").to_string())
+                .collect()
+        })
+        .filter(|names: &Vec<String>| names.first().map(String::as_str) == Some("load_phase"))
+        .collect();
+    c.eq(
+        "stacks at load_phase: the two innermost frames",
+        kept.iter()
+            .map(|n| n.iter().take(2).cloned().collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        vec![vec!["load_phase".to_string(), "main".to_string()]],
+    );
     c.finish(|| format!("{}\n{}", summary(&report), run.context()));
 }
 

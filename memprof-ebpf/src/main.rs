@@ -584,6 +584,9 @@ fn in_flight(id: u64) -> bool {
 /// How far above the stack pointer a frame may lie: a frame pointer beyond it is not followed.
 const MAX_STACK_SPAN: u64 = 64 << 20;
 
+/// Marks a new key in `store_stack`'s and `fp_stack_key`'s results.
+const STACK_NEW: u64 = 1 << 63;
+
 /// Captures the user stack and returns its key in `STACKS` (or `NO_STACK`), and whether the
 /// stack is new.
 ///
@@ -591,19 +594,52 @@ const MAX_STACK_SPAN: u64 = 64 << 20;
 /// so the stack starts at the caller and holds no allocator frame.
 #[inline(always)]
 fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
+    // SAFETY: a read of a global the loader patches.
+    let r = if unsafe { core::ptr::read_volatile(&KERNEL_STACKS) } != 0 {
+        match STACK_SCRATCH.get_ptr_mut(0) {
+            Some(buf) => store_stack(kernel_stack(ctx, buf) as u64),
+            None => {
+                count(Counter::StackLost);
+                NO_STACK
+            }
+        }
+    } else {
+        // SAFETY: the context points at the probed thread's saved registers.
+        let (ip, fp, sp) = unsafe {
+            let regs = &*ctx.regs;
+            (regs.rip, regs.rbp, regs.rsp)
+        };
+        fp_stack_key(ip, fp, sp)
+    };
+    (r & !STACK_NEW, r & STACK_NEW != 0)
+}
+
+/// Walks the frame-pointer chain from the given registers and stores the stack: its key, with
+/// `STACK_NEW` when new (see `store_stack`). A global function: the verifier checks it once,
+/// not at each allocator's return.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn fp_stack_key(ip: u64, fp: u64, sp: u64) -> u64 {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(Counter::StackLost);
-        return (NO_STACK, false);
+        return NO_STACK;
     };
-    // SAFETY: a read of a global the loader patches.
-    let frames = if unsafe { core::ptr::read_volatile(&KERNEL_STACKS) } != 0 {
-        kernel_stack(ctx, buf)
-    } else {
-        walk_frames(ctx, buf)
+    store_stack(walk_frames(ip, fp, sp, buf) as u64)
+}
+
+/// Stores the first `frames` frames of `STACK_SCRATCH` in `STACKS`: their key (`NO_STACK` if
+/// none), with `STACK_NEW` when the stack was not there. A global function, as above.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn store_stack(frames: u64) -> u64 {
+    let frames = frames as usize;
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackLost);
+        return NO_STACK;
     };
     if frames == 0 {
         count(Counter::StackLost);
-        return (NO_STACK, false);
+        return NO_STACK;
     }
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
     let ips = unsafe { &(*buf).ips };
@@ -614,8 +650,8 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
         }
         hash = (hash.rotate_left(5) ^ *ip).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
-    // Zero is `NO_STACK`.
-    let key = hash | 1;
+    // Zero is `NO_STACK`; the top bit is `STACK_NEW`.
+    let key = (hash | 1) & !STACK_NEW;
     let seen = STACKS_SEEN
         .get_ptr_mut(0)
         // SAFETY: this CPU's value; no other user while the program runs.
@@ -623,20 +659,20 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
     if let Some(seen) = &seen
         && **seen == key
     {
-        return (key, false);
+        return key;
     }
     let known = if STACKS.get_ptr(key).is_some() {
-        (key, false)
+        key
     } else {
         // SAFETY: as above.
         let trace = unsafe { &*buf };
         match STACKS.insert(key, trace, BPF_NOEXIST as u64) {
-            Ok(()) => (key, true),
+            Ok(()) => key | STACK_NEW,
             // Another CPU inserted the same stack meanwhile.
-            Err(-17) => (key, false),
+            Err(-17) => key,
             Err(_) => {
                 count(Counter::StackLost);
-                return (NO_STACK, false);
+                return NO_STACK;
             }
         }
     };
@@ -662,20 +698,15 @@ fn kernel_stack(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
     if len <= 0 { 0 } else { len as usize / 8 }
 }
 
-/// Follows the frame-pointer chain from the probed thread's registers into `buf` (the frames,
-/// then a zero when there is room); the number of frames.
+/// Follows the frame-pointer chain from the probed thread's registers (`ip`, `fp`, `sp`) into
+/// `buf` (the frames, then a zero when there is room); the number of frames.
 ///
 /// A link is followed only when it points into the stack above the previous frame (8-aligned,
 /// at most `MAX_STACK_SPAN` above the stack pointer): the chain's end (a zero, or a register
 /// a function without frame pointers used for something else) stops the walk without a read,
 /// where the kernel's walker reads it and takes a fault.
 #[inline(always)]
-fn walk_frames(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
-    // SAFETY: the context points at the probed thread's saved registers.
-    let (mut ip, mut fp, sp) = unsafe {
-        let regs = &*ctx.regs;
-        (regs.rip, regs.rbp, regs.rsp)
-    };
+fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, buf: *mut StackTrace) -> usize {
     let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
         return 0;
     };
