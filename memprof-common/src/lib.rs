@@ -461,11 +461,11 @@ impl PyWalk {
     /// [`PY_FRAME_COPY`].
     pub fn span_of_frame_fields(&self) -> Option<u32> {
         let instr = if self.instr_is_pointer != 0 { 8 } else { 4 };
-        let mut span = (self.frame_previous + 8)
-            .max(self.frame_code + 8)
-            .max(self.frame_instr + instr);
+        let mut span = (self.frame_previous.checked_add(8)?)
+            .max(self.frame_code.checked_add(8)?)
+            .max(self.frame_instr.checked_add(instr)?);
         if self.frame_owner != PY_NONE {
-            span = span.max(self.frame_owner + 1);
+            span = span.max(self.frame_owner.checked_add(1)?);
         }
         (span <= PY_FRAME_COPY).then_some(span)
     }
@@ -626,6 +626,9 @@ mod tests {
         walk.frame_owner = PY_NONE;
         assert_eq!(walk.span_of_frame_fields(), Some(64));
         walk.frame_previous = PY_FRAME_COPY - 4;
+        assert_eq!(walk.span_of_frame_fields(), None);
+        // A field the reader could not place.
+        walk.frame_previous = PY_NONE;
         assert_eq!(walk.span_of_frame_fields(), None);
     }
 

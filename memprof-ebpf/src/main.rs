@@ -23,7 +23,10 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+    sync::atomic::{Ordering, compiler_fence},
+};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -253,7 +256,14 @@ struct CallSlot {
 struct StackTop {
     owner: u64,
     top: u64,
+    /// Copies capped at `top` since it was learnt.
+    uses: u64,
 }
+
+/// A learnt stack top is a hint: a page of the stack that is not present (swapped out, or
+/// marked for NUMA balancing) also fails a copy, and the top learnt then is too low. Every this
+/// many copies the whole length is tried again.
+const STACK_TOP_USES: u64 = 1024;
 
 /// Fewest bytes of stack an `unwind::DWARF` record carries.
 const MIN_STACK_COPY: u64 = 512;
@@ -485,7 +495,9 @@ fn end_call(id: u64) {
         // SAFETY: a map value this thread holds when `owner` is `id`.
         unsafe {
             if (*slot).owner == id {
-                // On x86 a store is not reordered before the loads of the state above.
+                // The state was read before: the fence keeps the compiler from moving those
+                // reads after the release, and x86 does not reorder a store before loads.
+                compiler_fence(Ordering::Release);
                 core::ptr::write_volatile(&raw mut (*slot).owner, 0);
                 return;
             }
@@ -655,7 +667,8 @@ pub fn store_stack(frames: u64) -> u64 {
     let seen = STACKS_SEEN
         .get_ptr_mut(0)
         // SAFETY: this CPU's value; no other user while the program runs.
-        .and_then(|seen| unsafe { (*seen).get_mut(key as usize % SEEN_STACKS) });
+        // (The key's low bit is always set.)
+        .and_then(|seen| unsafe { (*seen).get_mut((key >> 1) as usize % SEEN_STACKS) });
     if let Some(seen) = &seen
         && **seen == key
     {
@@ -944,9 +957,10 @@ fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
 /// `MAX_STACK_COPY`); the length copied, 0 if not even `MIN_STACK_COPY` could be.
 ///
 /// A copy running past the top of the stack faults (and a fault costs about a microsecond), so
-/// each thread's stack top is learnt once and kept in `STACK_TOPS`: copies end at a page
-/// boundary one page lower after each fault, and the first that works ends at the top (a
-/// mapping ends at a page boundary, and none lies between it and the failed end).
+/// each thread's stack top is learnt and kept in `STACK_TOPS`: copies end at a page boundary
+/// one page lower after each fault, and the first that works ends at the top (a mapping ends
+/// at a page boundary, and none lies between it and the failed end), unless a page below it
+/// was not present; hence `STACK_TOP_USES`.
 #[inline(always)]
 fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
     // SAFETY: a read of a global the loader patches.
@@ -955,9 +969,16 @@ fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
     let mut end = sp.saturating_add(u64::from(want.min(MAX_STACK_COPY as u32))) & !7;
     if let Some(top) = top {
         // SAFETY: a map value; another thread sharing the slot at worst costs a fault.
-        let (owner, known) = unsafe { ((*top).owner, (*top).top) };
-        if owner == id && known > sp && known < end {
-            end = known;
+        unsafe {
+            if (*top).owner == id && (*top).top > sp && (*top).top < end {
+                if (*top).uses < STACK_TOP_USES {
+                    (*top).uses += 1;
+                    end = (*top).top;
+                } else {
+                    // Try the whole length again, and learn the top afresh if it faults.
+                    (*top).owner = 0;
+                }
+            }
         }
     }
     let mut faulted = false;
@@ -973,6 +994,7 @@ fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
                 unsafe {
                     (*top).owner = id;
                     (*top).top = end;
+                    (*top).uses = 0;
                 }
             }
             return len;

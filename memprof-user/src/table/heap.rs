@@ -31,16 +31,20 @@ struct Packed {
     ts_ns: u64,
     /// The size, or [`BIG`].
     size: u32,
-    /// Index into [`HeapBlocks::sites`].
+    /// Index into [`HeapBlocks::sites`], with [`CHAINED`] set when the block's realloc chain
+    /// is in [`HeapBlocks::chains`].
     site: u32,
 }
 
-/// What blocks of one call site share.
+/// `Packed::site` flag: the block came from a realloc (its chain length is not 0).
+const CHAINED: u32 = 1 << 31;
+
+/// What blocks of one call site share. (Not the realloc chain: one buffer reallocated again
+/// and again would add a site per length.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Site {
     stack: u64,
     func: AllocFn,
-    chain: u32,
 }
 
 /// The maps' hasher: fast for integer keys and seeded at random per table, like std's SipHash
@@ -56,6 +60,8 @@ pub struct HeapBlocks {
     shards: Vec<IntMap<u64, Packed>>,
     /// Sizes of blocks of 4 GiB - 1 and more, by address.
     big: IntMap<u64, u64>,
+    /// Realloc chain lengths of the blocks that have one, by address.
+    chains: IntMap<u64, u32>,
     sites: Vec<Site>,
     site_ids: IntMap<Site, u32>,
     /// The last site interned: allocations come in runs from one site.
@@ -78,8 +84,11 @@ impl HeapBlocks {
         let id = match self.site_ids.get(&site) {
             Some(&id) => id,
             None => {
-                // Four billion distinct sites would take far more memory than a machine has.
-                let id = u32::try_from(self.sites.len()).expect("fewer than 2^32 sites");
+                // Two billion distinct sites would take far more memory than a machine has.
+                let id = u32::try_from(self.sites.len())
+                    .ok()
+                    .filter(|&id| id < CHAINED)
+                    .expect("fewer than 2^31 sites");
                 self.sites.push(site);
                 self.site_ids.insert(site, id);
                 id
@@ -90,7 +99,7 @@ impl HeapBlocks {
     }
 
     fn unpack(&self, addr: u64, p: Packed) -> LiveAlloc {
-        let site = self.sites[p.site as usize];
+        let site = self.sites[(p.site & !CHAINED) as usize];
         let size = if p.size == BIG {
             self.big[&addr]
         } else {
@@ -101,7 +110,11 @@ impl HeapBlocks {
             ts_ns: p.ts_ns,
             stack: site.stack,
             func: site.func,
-            chain: site.chain,
+            chain: if p.site & CHAINED != 0 {
+                self.chains[&addr]
+            } else {
+                0
+            },
         }
     }
 
@@ -115,8 +128,7 @@ impl HeapBlocks {
         let site = self.site_id(Site {
             stack: block.stack,
             func: block.func,
-            chain: block.chain,
-        });
+        }) | if block.chain != 0 { CHAINED } else { 0 };
         let packed = Packed {
             ts_ns: block.ts_ns,
             size: u32::try_from(block.size)
@@ -139,6 +151,11 @@ impl HeapBlocks {
         } else if old.is_some_and(|o| o.size >= u64::from(BIG)) {
             self.big.remove(&addr);
         }
+        if block.chain != 0 {
+            self.chains.insert(addr, block.chain);
+        } else if old.is_some_and(|o| o.chain != 0) {
+            self.chains.remove(&addr);
+        }
         old
     }
 
@@ -149,6 +166,9 @@ impl HeapBlocks {
         let block = self.unpack(addr, p);
         if p.size == BIG {
             self.big.remove(&addr);
+        }
+        if p.site & CHAINED != 0 {
+            self.chains.remove(&addr);
         }
         Some(block)
     }
@@ -197,7 +217,7 @@ mod tests {
             assert_eq!(h.insert(addr, b), None);
         }
         assert_eq!(h.iter().count(), 5);
-        assert_eq!(h.sites.len(), 4, "one site per (stack, allocator, chain)");
+        assert_eq!(h.sites.len(), 4, "one site per (stack, allocator)");
         let mut all: Vec<_> = h.iter().collect();
         all.sort_by_key(|(a, _)| *a);
         assert_eq!(all, blocks);
@@ -205,7 +225,42 @@ mod tests {
             assert_eq!(h.remove(addr), Some(b));
             assert_eq!(h.remove(addr), None);
         }
-        assert!(h.iter().next().is_none() && h.big.is_empty());
+        assert!(h.iter().next().is_none() && h.big.is_empty() && h.chains.is_empty());
+    }
+
+    #[test]
+    fn a_buffer_reallocated_again_and_again_keeps_one_site() {
+        let mut h = HeapBlocks::default();
+        let mut addr = 0x1000;
+        h.insert(addr, block(16, 0, 9, AllocFn::Malloc, 0));
+        for chain in 1..=10_000u32 {
+            let old = h.remove(addr).expect("the buffer is live");
+            assert_eq!(old.chain, chain - 1);
+            addr += 0x40;
+            h.insert(
+                addr,
+                block(
+                    16 + u64::from(chain),
+                    u64::from(chain),
+                    9,
+                    AllocFn::Realloc,
+                    chain,
+                ),
+            );
+        }
+        assert_eq!(h.sites.len(), 2, "(9, malloc) and (9, realloc)");
+        assert_eq!(h.chains.len(), 1, "only the live block's chain is kept");
+        assert_eq!(h.remove(addr).map(|b| b.chain), Some(10_000));
+        assert!(h.chains.is_empty());
+        // A chained block replaced by a fresh one at the same address loses its chain entry.
+        h.insert(0x10, block(8, 1, 1, AllocFn::Realloc, 5));
+        assert_eq!(
+            h.insert(0x10, block(8, 2, 1, AllocFn::Malloc, 0))
+                .map(|b| b.chain),
+            Some(5)
+        );
+        assert!(h.chains.is_empty());
+        assert_eq!(h.remove(0x10).map(|b| b.chain), Some(0));
     }
 
     #[test]
