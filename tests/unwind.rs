@@ -20,8 +20,8 @@ use std::{
 };
 
 use common::{
-    Checks, FIXTURE_SRC, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, require_root,
-    spawn_with_stdin, stack,
+    Checks, FIXTURE_SRC, Finished, Proc, STARTUP, final_report, frame_fn, memprof_trace, num,
+    require_root, spawn_with_stdin, stack,
 };
 use serde_json::Value;
 
@@ -138,6 +138,21 @@ fn groups<'a>(r: &'a Value, function: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// Runs `memprof trace --json [opts] -- program` to the end: the run and its final report.
+fn trace_spawned(opts: &[&str], program: &Path) -> (Finished, Value) {
+    let program = program.to_str().unwrap();
+    let mut args = vec!["--json", "--duration", "60s"];
+    args.extend(opts);
+    args.extend(["--", program]);
+    let run = Proc::spawn(
+        &format!("memprof trace {}", args.join(" ")),
+        &mut memprof_trace(&args),
+    )
+    .finish(DEADLINE);
+    let report = final_report(&run);
+    (run, report)
+}
+
 /// The two chains of deep.c: each exactly one group, with every frame named down to main.
 fn check_deep(c: &mut Checks, r: &Value) {
     let leaf = groups(r, "leaf_alloc");
@@ -179,21 +194,7 @@ fn check_deep(c: &mut Checks, r: &Value) {
 #[test]
 fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
     let f = fixtures();
-    let deep = f.deep.to_str().unwrap();
-    let run = Proc::spawn(
-        "memprof trace --unwind dwarf -- deep",
-        &mut memprof_trace(&[
-            "--json",
-            "--unwind",
-            "dwarf",
-            "--duration",
-            "60s",
-            "--",
-            deep,
-        ]),
-    )
-    .finish(DEADLINE);
-    let r = final_report(&run);
+    let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.deep);
     let mut c = Checks::new("--unwind dwarf, spawned");
     check_deep(&mut c, &r);
     c.finish(|| run.context());
@@ -247,20 +248,7 @@ fn dwarf_unwinds_when_attached_by_pid() {
 #[test]
 fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
     let f = fixtures();
-    let run = Proc::spawn(
-        "memprof trace --unwind dwarf -- deepnew",
-        &mut memprof_trace(&[
-            "--json",
-            "--unwind",
-            "dwarf",
-            "--duration",
-            "60s",
-            "--",
-            f.deepnew.to_str().unwrap(),
-        ]),
-    )
-    .finish(DEADLINE);
-    let r = final_report(&run);
+    let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.deepnew);
     let mut c = Checks::new("operator new without frame pointers");
     let leaf = groups(&r, "cxx_leaf");
     c.eq("groups at cxx_leaf", leaf.len(), 1);
@@ -287,18 +275,7 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
     // wrong after the leaf, which is why dwarf exists. Guards against a test fixture that
     // accidentally kept frame pointers.
     let f = fixtures();
-    let run = Proc::spawn(
-        "memprof trace -- deep",
-        &mut memprof_trace(&[
-            "--json",
-            "--duration",
-            "60s",
-            "--",
-            f.deep.to_str().unwrap(),
-        ]),
-    )
-    .finish(DEADLINE);
-    let r = final_report(&run);
+    let (run, r) = trace_spawned(&[], &f.deep);
     let intact = groups(&r, "leaf_alloc").iter().any(|g| {
         names(g).iter().take(5).map(String::as_str).eq([
             "leaf_alloc",
@@ -320,18 +297,7 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
 #[test]
 fn frame_pointer_walk_follows_tall_stacks() {
     let f = fixtures();
-    let run = Proc::spawn(
-        "memprof trace -- tall",
-        &mut memprof_trace(&[
-            "--json",
-            "--duration",
-            "60s",
-            "--",
-            f.tall.to_str().unwrap(),
-        ]),
-    )
-    .finish(DEADLINE);
-    let r = final_report(&run);
+    let (run, r) = trace_spawned(&[], &f.tall);
     let mut c = Checks::new("frame pointers, tall stacks");
     let leaf = groups(&r, "tall_leaf");
     c.eq("groups at tall_leaf", leaf.len(), 2);
@@ -367,20 +333,7 @@ fn frame_pointer_walk_follows_tall_stacks() {
 #[test]
 fn dwarf_unwinds_each_thread_on_its_own_stack() {
     let f = fixtures();
-    let run = Proc::spawn(
-        "memprof trace --unwind dwarf -- threads",
-        &mut memprof_trace(&[
-            "--json",
-            "--unwind",
-            "dwarf",
-            "--duration",
-            "60s",
-            "--",
-            f.threads.to_str().unwrap(),
-        ]),
-    )
-    .finish(DEADLINE);
-    let r = final_report(&run);
+    let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.threads);
     let mut c = Checks::new("--unwind dwarf, threads");
     let leak = groups(&r, "thread_leak");
     c.eq("groups at thread_leak", leak.len(), 1);
