@@ -145,7 +145,7 @@ fn trace_spawned(opts: &[&str], program: &Path) -> (Finished, Value) {
     args.extend(opts);
     args.extend(["--", program]);
     let run = Proc::spawn(
-        &format!("memprof trace {}", args.join(" ")),
+        format!("memprof trace {}", args.join(" ")),
         &mut memprof_trace(&args),
     )
     .finish(DEADLINE);
