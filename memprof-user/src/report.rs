@@ -794,6 +794,14 @@ pub fn render_text(r: &Report) -> String {
         "  lost events  {}    lost stacks {}    unknown frames {}",
         losses.lost_events, losses.lost_stacks, r.unknown_frames
     );
+    if !r.probe_stats.is_empty() {
+        let programs: Vec<String> = r
+            .probe_stats
+            .iter()
+            .map(|p| format!("{} {:.0} ns x {}", p.program, p.ns_per_run, p.runs))
+            .collect();
+        let _ = writeln!(out, "  programs     {}", programs.join(", "));
+    }
     if let Some(rss) = r.rss_bytes {
         let _ = write!(out, "  process      RSS {}", human_bytes(rss));
         if let Some(pss) = r.pss_bytes {
@@ -1060,5 +1068,16 @@ mod tests {
         let text = render_text(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
         assert!(text.contains("lost events  3"), "{text}");
         assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
+        assert!(!text.contains("programs"), "{text}");
+        let mut probed = inputs(&table, &stacks, &tracker, 0);
+        probed.probe_stats = vec![
+            ProbeStat::new("alloc_return", 4, 1802),
+            ProbeStat::new("free_entry", 2, 401),
+        ];
+        let text = render_text(&snapshot(&probed, &mut sym));
+        assert!(
+            text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
+            "{text}"
+        );
     }
 }
