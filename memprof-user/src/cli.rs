@@ -857,6 +857,16 @@ mod tests {
     }
 
     #[test]
+    fn call_slot_counts() {
+        assert_eq!(parse_call_slots("1"), Ok(1));
+        assert_eq!(parse_call_slots("16384"), Ok(16384));
+        assert_eq!(parse_call_slots("1048576"), Ok(1 << 20));
+        for bad in ["0", "3", "2097152", "-1", "x"] {
+            assert!(parse_call_slots(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn exit_codes() {
         assert_eq!(exit_code(7 << 8), 7);
         assert_eq!(exit_code(9), 137);
