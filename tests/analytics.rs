@@ -49,7 +49,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    Checks, Finished, Proc, STARTUP, frame_fn, leaks, num, os, stack, start_target, truncate,
+    Checks, Finished, Proc, STARTUP, frame_fn, frame_names, leaks, num, os, stack, start_target,
+    truncate,
 };
 
 const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
@@ -1149,20 +1150,15 @@ fn phases_function_phases_spawn_exact() {
     check_phases_totals(&mut c, &report);
     // The block load_phase keeps: the return probe on load_phase replaced its return address
     // on the stack while it ran, and the stack still names its caller.
-    let kept: Vec<Vec<String>> = leaks(&report)
+    let kept: Vec<Vec<&str>> = leaks(&report)
         .iter()
-        .map(|g| {
-            stack(g)
-                .iter()
-                .map(|f| frame_fn(f).unwrap_or("?").to_string())
-                .collect()
-        })
-        .filter(|names: &Vec<String>| names.first().map(String::as_str) == Some("load_phase"))
+        .map(frame_names)
+        .filter(|names| names.first() == Some(&"load_phase"))
         .collect();
     c.eq(
         "stacks at load_phase: the two innermost frames",
         kept.iter()
-            .map(|n| n.iter().take(2).cloned().collect::<Vec<_>>())
+            .map(|n| n.iter().take(2).map(|f| f.to_string()).collect::<Vec<_>>())
             .collect::<Vec<_>>(),
         vec![vec!["load_phase".to_string(), "main".to_string()]],
     );

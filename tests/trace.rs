@@ -45,8 +45,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    Checks, Finished, Proc, STARTUP, frame_fn, leaks, num, os, send_signal, stack, start_target,
-    truncate,
+    Checks, Finished, Proc, STARTUP, frame_fn, frame_names, leaks, num, os, send_signal, stack,
+    start_target, truncate,
 };
 
 const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
@@ -853,7 +853,7 @@ fn spawn_fp_stacks_have_main_below_site() {
         );
         for g in &s.groups {
             let st = stack(g);
-            let names: Vec<&str> = st.iter().map(|f| frame_fn(f).unwrap_or("?")).collect();
+            let names = frame_names(g);
             c.check(
                 names.iter().skip(1).any(|n| *n == "main"),
                 format!(
@@ -1335,10 +1335,7 @@ fn check_threads_sites(c: &mut Checks, report: &Value, build: Build) {
     );
     if build == Build::Fp {
         for g in site_sum(report, "thread_leak").groups {
-            let names: Vec<&str> = stack(&g)
-                .iter()
-                .map(|f| frame_fn(f).unwrap_or("?"))
-                .collect();
+            let names = frame_names(&g);
             c.check(
                 names.contains(&"worker"),
                 format!("thread_leak stack should have `worker` below it: {names:?}"),

@@ -20,8 +20,8 @@ use std::{
 };
 
 use common::{
-    Checks, FIXTURE_SRC, Finished, Proc, STARTUP, final_report, frame_fn, memprof_trace, num,
-    require_root, spawn_with_stdin, stack,
+    Checks, FIXTURE_SRC, Finished, Proc, STARTUP, final_report, frame_fn, frame_names,
+    memprof_trace, num, require_root, spawn_with_stdin, stack,
 };
 use serde_json::Value;
 
@@ -121,10 +121,7 @@ fn fixtures() -> &'static Fixtures {
 
 /// Function names of a group's frames, innermost first (`?` for a frame without one).
 fn names(group: &Value) -> Vec<String> {
-    stack(group)
-        .iter()
-        .map(|f| frame_fn(f).unwrap_or("?").to_string())
-        .collect()
+    frame_names(group).into_iter().map(String::from).collect()
 }
 
 /// Groups whose innermost frame is `function`.

@@ -360,6 +360,14 @@ pub(crate) fn frame_fn(frame: &Value) -> Option<&str> {
     frame.get("function").and_then(Value::as_str)
 }
 
+/// Function names of a group's frames, innermost first (`?` for a frame without one).
+pub(crate) fn frame_names(group: &Value) -> Vec<&str> {
+    stack(group)
+        .iter()
+        .map(|f| frame_fn(f).unwrap_or("?"))
+        .collect()
+}
+
 pub(crate) fn leaks(report: &Value) -> &[Value] {
     report["leaks"].as_array().map(Vec::as_slice).unwrap_or(&[])
 }
