@@ -196,17 +196,10 @@ static TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// With sampling: per thread, the bytes left until the next sample point, in a slot chosen as
-/// in `CALLS`. A thread that finds another thread's slot redraws its distance, which the
-/// exponential distribution's lack of memory allows (the distance left of any draw is again
-/// exponential with the same mean).
+/// What a thread's calls learn for the next ones (`ThreadHints`), in a slot chosen as in
+/// `CALLS`. A thread that finds another thread's hints there starts afresh: they are hints.
 #[map]
-static SAMPLE_LEFT: Array<SampleLeft> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
-
-/// `unwind::DWARF`: per thread, the top of its stack once a copy found it, in a slot chosen as
-/// in `CALLS`.
-#[map]
-static STACK_TOPS: Array<StackTop> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
+static THREAD_HINTS: Array<ThreadHints> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
 
 /// With sampling: the sampled blocks still live. A free, or the old block of a realloc, is
 /// reported only when its address is here, so frees stay exact for what was sampled.
@@ -251,13 +244,18 @@ struct CallSlot {
     state: Inflight,
 }
 
-/// A `STACK_TOPS` slot: the top of thread `owner`'s (a `pid_tgid`) stack.
+/// A `THREAD_HINTS` slot: what thread `owner` (a `pid_tgid`; 0: nobody) learnt.
 #[repr(C)]
-struct StackTop {
+struct ThreadHints {
     owner: u64,
-    top: u64,
-    /// Copies capped at `top` since it was learnt.
-    uses: u64,
+    /// With sampling: the bytes left until the next sample point. Redrawn when a thread takes
+    /// the slot over, which the exponential distribution's lack of memory allows (the distance
+    /// left of any draw is again exponential with the same mean).
+    sample_left: u64,
+    /// `unwind::DWARF`: the top of the thread's stack once a copy found it (0: not known).
+    stack_top: u64,
+    /// Copies capped at `stack_top` since it was learnt.
+    top_uses: u64,
 }
 
 /// A learnt stack top is a hint: a page of the stack that is not present (swapped out, or
@@ -267,13 +265,6 @@ const STACK_TOP_USES: u64 = 1024;
 
 /// Fewest bytes of stack an `unwind::DWARF` record carries.
 const MIN_STACK_COPY: u64 = 512;
-
-/// A `SAMPLE_LEFT` slot: thread `owner`'s (a `pid_tgid`) distance to its next sample point.
-#[repr(C)]
-struct SampleLeft {
-    owner: u64,
-    left: u64,
-}
 
 /// `Inflight::flags`: the call's block is recorded.
 const SAMPLED_FLAG: u32 = 1;
@@ -379,11 +370,40 @@ fn traced_thread() -> Option<u64> {
     traced((id >> 32) as u32).then_some(id)
 }
 
+/// Thread `id`'s index in the per-thread arrays (`CALLS`, `THREAD_HINTS`).
+#[inline(always)]
+fn slot_index(id: u64) -> u32 {
+    // SAFETY: a read of a global the loader patches.
+    id as u32 & unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) }
+}
+
 /// The calling thread's `CALLS` slot.
 #[inline(always)]
 fn call_slot(id: u64) -> Option<*mut CallSlot> {
-    // SAFETY: a read of a global the loader patches.
-    CALLS.get_ptr_mut(id as u32 & unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) })
+    CALLS.get_ptr_mut(slot_index(id))
+}
+
+/// Thread `id`'s hints, taken over (and reset) if another thread held the slot.
+#[inline(always)]
+fn thread_hints(id: u64) -> Option<*mut ThreadHints> {
+    let hints = THREAD_HINTS.get_ptr_mut(slot_index(id))?;
+    // SAFETY: a map value; another thread sharing the slot at worst makes this one start afresh.
+    unsafe {
+        if (*hints).owner != id {
+            let mean = sample_mean();
+            *hints = ThreadHints {
+                owner: id,
+                sample_left: if mean == 0 {
+                    0
+                } else {
+                    exp_interval(bpf_get_prandom_u32(), mean)
+                },
+                stack_top: 0,
+                top_uses: 0,
+            };
+        }
+    }
+    Some(hints)
 }
 
 /// `SPILLED`'s counter.
@@ -407,16 +427,22 @@ fn add(p: *mut u64, n: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
 }
 
-/// The state of thread `id`'s allocator call in flight, if any.
+/// Whether thread `id` holds `slot` (its `CALLS` slot).
 #[inline(always)]
-fn call_state(id: u64) -> Option<*mut Inflight> {
-    if let Some(slot) = call_slot(id) {
-        // SAFETY: a map value; `owner` equal to `id` means this thread holds the slot.
-        unsafe {
-            if (*slot).owner == id {
-                return Some(&raw mut (*slot).state);
-            }
-        }
+fn holds(slot: *mut CallSlot, id: u64) -> bool {
+    // SAFETY: a map value; `owner` equal to `id` means this thread holds the slot.
+    unsafe { (*slot).owner == id }
+}
+
+/// The state of thread `id`'s allocator call in flight, if any: in `slot` (the thread's
+/// `CALLS` slot) when it holds it, else spilled in `INFLIGHT`.
+#[inline(always)]
+fn call_state_in(slot: Option<*mut CallSlot>, id: u64) -> Option<*mut Inflight> {
+    if let Some(slot) = slot
+        && holds(slot, id)
+    {
+        // SAFETY: the slot is this thread's.
+        return Some(unsafe { &raw mut (*slot).state });
     }
     if load(spilled()?) == 0 {
         return None;
@@ -424,11 +450,18 @@ fn call_state(id: u64) -> Option<*mut Inflight> {
     INFLIGHT.get_ptr_mut(id)
 }
 
+/// The state of thread `id`'s allocator call in flight, if any.
+#[inline(always)]
+fn call_state(id: u64) -> Option<*mut Inflight> {
+    call_state_in(call_slot(id), id)
+}
+
 /// Records the arguments of an allocator call, or bumps the depth of the call already in flight.
 #[inline(always)]
 fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
     let id = traced_thread()?;
-    if let Some(state) = call_state(id) {
+    let slot = call_slot(id);
+    if let Some(state) = call_state_in(slot, id) {
         // SAFETY: the state belongs to this thread; only this thread touches it.
         unsafe { (*state).depth += 1 };
         return None;
@@ -442,7 +475,7 @@ fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
         flags: sample_flags(id, func, size),
         _pad: 0,
     };
-    if let Some(slot) = call_slot(id) {
+    if let Some(slot) = slot {
         // SAFETY: a map value; the compare-and-exchange makes this thread its only writer
         // until it sets `owner` back to 0.
         unsafe {
@@ -472,7 +505,8 @@ fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64> {
 #[inline(always)]
 fn leave() -> Option<(u64, Inflight)> {
     let id = traced_thread()?;
-    let Some(state) = call_state(id) else {
+    let slot = call_slot(id);
+    let Some(state) = call_state_in(slot, id) else {
         count(Counter::OrphanReturn);
         return None;
     };
@@ -484,24 +518,28 @@ fn leave() -> Option<(u64, Inflight)> {
         }
         *state
     };
-    end_call(id);
+    end_call_in(slot, id);
     Some((id, state))
 }
 
 /// Frees thread `id`'s call state (its slot, or its `INFLIGHT` entry).
 #[inline(always)]
 fn end_call(id: u64) {
-    if let Some(slot) = call_slot(id) {
-        // SAFETY: a map value this thread holds when `owner` is `id`.
-        unsafe {
-            if (*slot).owner == id {
-                // The state was read before: the fence keeps the compiler from moving those
-                // reads after the release, and x86 does not reorder a store before loads.
-                compiler_fence(Ordering::Release);
-                core::ptr::write_volatile(&raw mut (*slot).owner, 0);
-                return;
-            }
-        }
+    end_call_in(call_slot(id), id);
+}
+
+/// `end_call` with the thread's `CALLS` slot at hand.
+#[inline(always)]
+fn end_call_in(slot: Option<*mut CallSlot>, id: u64) {
+    if let Some(slot) = slot
+        && holds(slot, id)
+    {
+        // The state was read before: the fence keeps the compiler from moving those reads
+        // after the release, and x86 does not reorder a store before loads.
+        compiler_fence(Ordering::Release);
+        // SAFETY: the slot is this thread's until this store.
+        unsafe { core::ptr::write_volatile(&raw mut (*slot).owner, 0) };
+        return;
     }
     if let Some(n) = spilled()
         && load(n) != 0
@@ -531,23 +569,16 @@ fn sample_flags(id: u64, func: AllocFn, size: u64) -> u32 {
     if mean == 0 || matches!(func, AllocFn::Mmap | AllocFn::Mremap) {
         return SAMPLED_FLAG;
     }
-    // SAFETY: a read of a global the loader patches.
-    let Some(slot) =
-        SAMPLE_LEFT.get_ptr_mut(id as u32 & unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) })
-    else {
+    let Some(hints) = thread_hints(id) else {
         return 0;
     };
-    // SAFETY: a map value; another thread sharing the slot at worst redraws a distance.
+    // SAFETY: this thread's hints (another thread sharing the slot at worst redraws).
     unsafe {
-        if (*slot).owner != id {
-            (*slot).owner = id;
-            (*slot).left = exp_interval(bpf_get_prandom_u32(), mean);
-        }
-        if size > (*slot).left {
-            (*slot).left = exp_interval(bpf_get_prandom_u32(), mean);
+        if size > (*hints).sample_left {
+            (*hints).sample_left = exp_interval(bpf_get_prandom_u32(), mean);
             SAMPLED_FLAG
         } else {
-            (*slot).left -= size;
+            (*hints).sample_left -= size;
             0
         }
     }
@@ -957,26 +988,24 @@ fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
 /// `MAX_STACK_COPY`); the length copied, 0 if not even `MIN_STACK_COPY` could be.
 ///
 /// A copy running past the top of the stack faults (and a fault costs about a microsecond), so
-/// each thread's stack top is learnt and kept in `STACK_TOPS`: copies end at a page boundary
+/// each thread's stack top is learnt and kept in its `ThreadHints`: copies end at a page boundary
 /// one page lower after each fault, and the first that works ends at the top (a mapping ends
 /// at a page boundary, and none lies between it and the failed end), unless a page below it
 /// was not present; hence `STACK_TOP_USES`.
 #[inline(always)]
 fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
-    // SAFETY: a read of a global the loader patches.
-    let mask = unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) };
-    let top = STACK_TOPS.get_ptr_mut(id as u32 & mask);
+    let hints = thread_hints(id);
     let mut end = sp.saturating_add(u64::from(want.min(MAX_STACK_COPY as u32))) & !7;
-    if let Some(top) = top {
-        // SAFETY: a map value; another thread sharing the slot at worst costs a fault.
+    if let Some(h) = hints {
+        // SAFETY: this thread's hints (another thread sharing the slot at worst costs a fault).
         unsafe {
-            if (*top).owner == id && (*top).top > sp && (*top).top < end {
-                if (*top).uses < STACK_TOP_USES {
-                    (*top).uses += 1;
-                    end = (*top).top;
+            if (*h).stack_top > sp && (*h).stack_top < end {
+                if (*h).top_uses < STACK_TOP_USES {
+                    (*h).top_uses += 1;
+                    end = (*h).stack_top;
                 } else {
                     // Try the whole length again, and learn the top afresh if it faults.
-                    (*top).owner = 0;
+                    (*h).stack_top = 0;
                 }
             }
         }
@@ -989,12 +1018,11 @@ fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
         }
         let len = len.min(MAX_STACK_COPY as u64) as u32;
         if copy_stack(dst, len, sp) {
-            if faulted && let Some(top) = top {
+            if faulted && let Some(h) = hints {
                 // SAFETY: as above.
                 unsafe {
-                    (*top).owner = id;
-                    (*top).top = end;
-                    (*top).uses = 0;
+                    (*h).stack_top = end;
+                    (*h).top_uses = 0;
                 }
             }
             return len;
@@ -1469,13 +1497,12 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // A thread that dies inside an allocator call (killed, or exiting from a signal handler)
     // leaves its state behind.
     end_call(id);
-    // SAFETY: a read of a global the loader patches.
-    let mask = unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) };
-    if let Some(top) = STACK_TOPS.get_ptr_mut(id as u32 & mask) {
-        // SAFETY: a map value; a thread id may be reused with another stack.
+    // Its hints go too: the thread id may be reused with another stack.
+    if let Some(hints) = THREAD_HINTS.get_ptr_mut(slot_index(id)) {
+        // SAFETY: a map value.
         unsafe {
-            if (*top).owner == id {
-                (*top).owner = 0;
+            if (*hints).owner == id {
+                (*hints).owner = 0;
             }
         }
     }

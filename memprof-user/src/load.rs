@@ -331,8 +331,7 @@ impl Tracer {
             .override_global("CALL_SLOT_MASK", &(opts.call_slots - 1), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("CALLS", opts.call_slots)
-            .map_max_entries("SAMPLE_LEFT", opts.call_slots)
-            .map_max_entries("STACK_TOPS", opts.call_slots)
+            .map_max_entries("THREAD_HINTS", opts.call_slots)
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
         if let Targets::Set { pids, .. } = &opts.targets {
