@@ -31,8 +31,7 @@ use core::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
-        BPF_RB_NO_WAKEUP,
+        BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
     },
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_comm,
@@ -94,9 +93,9 @@ static STACK_COPY: u32 = 0;
 #[unsafe(no_mangle)]
 static CGROUP_ID: u64 = 0;
 
-/// Unread bytes in `EVENTS` above which a record wakes the agent; below it the agent drains on
-/// its own timer. One wakeup per record costs the traced thread a context switch on a busy
-/// machine; set by the agent (0 wakes on every record).
+/// Bytes a CPU writes to `EVENTS` between two wakeups of the agent (`UNWOKEN`); in between the
+/// agent drains on its own timer. One wakeup per record costs the traced thread a context
+/// switch on a busy machine; set by the agent (0 wakes on every record).
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
 
@@ -192,6 +191,11 @@ static SPILLED: Array<u64> = Array::with_max_entries(1, 0);
 /// `mode::SET`: the traced processes.
 #[map]
 static TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES, 0);
+
+/// Bytes this CPU wrote to `EVENTS` since its last record that woke the agent. Counted here
+/// rather than asked of the ring (`bpf_ringbuf_query`), which costs a helper call per record.
+#[map]
+static UNWOKEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -336,23 +340,32 @@ fn emit_with<T: 'static>(event: T, urgent: bool) {
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(wakeup(urgent));
+            slot.submit(wakeup(urgent, size_of::<T>() as u64));
         }
         None => count(Counter::RingFull),
     }
 }
 
-/// Ring flags for a record: wake the agent for urgent records or once enough is unread.
+/// Ring flags for a record of `bytes`: wake the agent for urgent records or once this CPU wrote
+/// `WAKEUP_BYTES` since its last wakeup.
 #[inline(always)]
-fn wakeup(urgent: bool) -> u64 {
+fn wakeup(urgent: bool, bytes: u64) -> u64 {
     // SAFETY: a read of a global the loader patches.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    let flags = if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    let Some(unwoken) = UNWOKEN.get_ptr_mut(0) else {
+        return BPF_RB_FORCE_WAKEUP as u64;
     };
-    flags as u64
+    // SAFETY: this CPU's value; no other user while the program runs.
+    unsafe {
+        let written = *unwoken + bytes;
+        if urgent || written >= threshold {
+            *unwoken = 0;
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            *unwoken = written;
+            BPF_RB_NO_WAKEUP as u64
+        }
+    }
 }
 
 #[inline(always)]
@@ -1082,7 +1095,10 @@ fn emit_alloc_stack(ctx: &RetProbeContext, mmap_func: u64, id: u64, addr: u64, s
     }
     // SAFETY: `total` bytes of the per-CPU buffer, checked above.
     let bytes = unsafe { core::slice::from_raw_parts(buf.cast::<u8>(), total) };
-    if EVENTS.output::<[u8]>(bytes, wakeup(new_py)).is_err() {
+    if EVENTS
+        .output::<[u8]>(bytes, wakeup(new_py, total as u64))
+        .is_err()
+    {
         count(Counter::RingFull);
     }
 }

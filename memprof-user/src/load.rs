@@ -290,9 +290,11 @@ impl Tracer {
         if EBPF_OBJECT.is_empty() {
             bail!("this memprof was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it");
         }
-        // Records wake the agent once a sixteenth of the ring is unread; below that it drains
-        // on its own timer (see `session::DRAIN_EVERY`).
-        let wakeup_bytes = u64::from(opts.ring_bytes / 16);
+        // Records wake the agent once a CPU wrote its share of a sixteenth of the ring; below
+        // that it drains on its own timer (see `session::DRAIN_EVERY`).
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as u64;
+        let wakeup_bytes = (u64::from(opts.ring_bytes / 16) / cpus).max(4096);
         let (mode, target, follow, comm, cgroup) = match &opts.targets {
             Targets::One(pid) => (mode::ONE, *pid, false, None, 0),
             Targets::Set { follow, comm, .. } => (mode::SET, 0, *follow, comm.clone(), 0),
