@@ -294,7 +294,7 @@ impl Tracer {
         // that it drains on its own timer (see `session::DRAIN_EVERY`).
         // SAFETY: sysconf has no preconditions.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as u64;
-        let wakeup_bytes = (u64::from(opts.ring_bytes / 16) / cpus).max(4096);
+        let wakeup_bytes = (u64::from(opts.ring_bytes / 16) / cpus).max(256);
         let (mode, target, follow, comm, cgroup) = match &opts.targets {
             Targets::One(pid) => (mode::ONE, *pid, false, None, 0),
             Targets::Set { follow, comm, .. } => (mode::SET, 0, *follow, comm.clone(), 0),
