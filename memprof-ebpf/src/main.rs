@@ -121,8 +121,12 @@ static STACKS: HashMap<u64, StackTrace> =
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
 
-/// Bytes of stack `walk_frames` copies at a time.
-const WINDOW_BYTES: usize = 512;
+/// Bytes of stack `walk_frames` copies first; a walk that needs more copies `WINDOW_BYTES` at a
+/// time (a stack that did not fit in the first window is a deep one).
+const FIRST_WINDOW: u64 = 512;
+
+/// Bytes of stack `walk_frames` copies at most at a time (a power of two).
+const WINDOW_BYTES: usize = 2048;
 
 /// Per-CPU window of user stack for `walk_frames`.
 /// One word more than the window, so a frame's second word is always in bounds.
@@ -649,7 +653,7 @@ const STACK_NEW: u64 = 1 << 63;
 /// At a return probe the instruction pointer is the return address in the allocator's caller,
 /// so the stack starts at the caller and holds no allocator frame.
 #[inline(always)]
-fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
+fn stack_key(ctx: &RetProbeContext, id: u64) -> (u64, bool) {
     // SAFETY: a read of a global the loader patches.
     let r = if unsafe { core::ptr::read_volatile(&KERNEL_STACKS) } != 0 {
         match STACK_SCRATCH.get_ptr_mut(0) {
@@ -665,22 +669,22 @@ fn stack_key(ctx: &RetProbeContext) -> (u64, bool) {
             let regs = &*ctx.regs;
             (regs.rip, regs.rbp, regs.rsp)
         };
-        fp_stack_key(ip, fp, sp)
+        fp_stack_key(ip, fp, sp, id)
     };
     (r & !STACK_NEW, r & STACK_NEW != 0)
 }
 
-/// Walks the frame-pointer chain from the given registers and stores the stack: its key, with
-/// `STACK_NEW` when new (see `store_stack`). A global function: the verifier checks it once,
-/// not at each allocator's return.
+/// Walks thread `id`'s frame-pointer chain from the given registers and stores the stack: its
+/// key, with `STACK_NEW` when new (see `store_stack`). A global function: the verifier checks
+/// it once, not at each allocator's return.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub fn fp_stack_key(ip: u64, fp: u64, sp: u64) -> u64 {
+pub fn fp_stack_key(ip: u64, fp: u64, sp: u64, id: u64) -> u64 {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(Counter::StackLost);
         return NO_STACK;
     };
-    store_stack(walk_frames(ip, fp, sp, buf) as u64)
+    store_stack(walk_frames(ip, fp, sp, id, buf) as u64)
 }
 
 /// Stores the first `frames` frames of `STACK_SCRATCH` in `STACKS`: their key (`NO_STACK` if
@@ -763,7 +767,7 @@ fn kernel_stack(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
 /// a function without frame pointers used for something else) stops the walk without a read,
 /// where the kernel's walker reads it and takes a fault.
 #[inline(always)]
-fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, buf: *mut StackTrace) -> usize {
+fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, id: u64, buf: *mut StackTrace) -> usize {
     let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
         return 0;
     };
@@ -774,8 +778,9 @@ fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, buf: *mut StackTrace) -> usize
     let mut base = 0;
     let mut last = 0;
     let mut copied = false;
-    // SAFETY: per-CPU buffers, no other user on this CPU while the program runs.
-    let (ips, words) = unsafe { (&mut (*buf).ips, &mut *window) };
+    // SAFETY: per-CPU buffer, no other user on this CPU while the program runs. The window is
+    // read through its pointer: `copy_window` writes it.
+    let ips = unsafe { &mut (*buf).ips };
     let mut frames = 0;
     for slot in ips.iter_mut() {
         if ip == 0 {
@@ -789,15 +794,12 @@ fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, buf: *mut StackTrace) -> usize
         let mut off = fp.wrapping_sub(base);
         if !copied || off > last {
             // One copy serves the next frames too: a helper call costs about as much as
-            // copying several hundred bytes. Near the top of the stack a whole window may not
-            // exist: then the frame alone.
-            last = if copy_stack(words.as_mut_ptr().cast(), WINDOW_BYTES as u32, fp) {
-                (WINDOW_BYTES - 16) as u64
-            } else if copy_stack(words.as_mut_ptr().cast(), 16, fp) {
-                0
-            } else {
+            // copying a kilobyte.
+            let len = copy_window(fp, id, u64::from(copied));
+            if !(16..=WINDOW_BYTES as u64).contains(&len) {
                 break;
-            };
+            }
+            last = len - 16;
             base = fp;
             off = 0;
             copied = true;
@@ -805,14 +807,76 @@ fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, buf: *mut StackTrace) -> usize
         // The mask keeps the verifier's view of the index small (the comparisons above keep
         // it in the copied part).
         let i = (off / 8) as usize & (WINDOW_BYTES / 8 - 1);
-        ip = words[i + 1];
-        fp = words[i];
+        // SAFETY: as above; `i + 1` is within the window's one extra word.
+        (ip, fp) = unsafe { ((*window)[i + 1], (*window)[i]) };
         low = base + off + 16;
     }
     if let Some(end) = ips.get_mut(frames) {
         *end = 0;
     }
     frames
+}
+
+/// Copies a window of thread `id`'s stack from `fp` into `STACK_WINDOW`: `FIRST_WINDOW` bytes for
+/// a walk's first window (`more` 0), else `WINDOW_BYTES`. Returns the length copied, 0 if not
+/// even a frame's two words could be.
+///
+/// A window running past the top of the stack faults (about a microsecond), so the thread's
+/// stack top is learnt as in `copy_stack_to_top` and windows end there: after a fault the copy
+/// ends at the page boundary below, and when that works the boundary is the top (re-checked
+/// every `STACK_TOP_USES` windows it shortened, as a page below the top may just not have been
+/// present). Failing that, the frame's two words alone. A first window that fits is copied
+/// without looking the hints up (one that does not, because an allocating frame lies within
+/// `FIRST_WINDOW` of the top, costs its fault every time, as it did before hints). A global
+/// function: the walk's verification does not follow the branches here.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn copy_window(fp: u64, id: u64, more: u64) -> u64 {
+    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    let dst: *mut u8 = window.cast();
+    if more == 0 && copy_stack(dst, FIRST_WINDOW as u32, fp) {
+        return FIRST_WINDOW;
+    }
+    let want = if more == 0 {
+        FIRST_WINDOW
+    } else {
+        WINDOW_BYTES as u64
+    };
+    let hints = thread_hints(id);
+    let mut end = fp.saturating_add(want);
+    if let Some(h) = hints {
+        // SAFETY: this thread's hints (another thread sharing the slot at worst costs a fault).
+        unsafe {
+            if (*h).stack_top > fp && (*h).stack_top < end {
+                if (*h).top_uses < STACK_TOP_USES {
+                    (*h).top_uses += 1;
+                    end = (*h).stack_top;
+                } else {
+                    (*h).stack_top = 0;
+                }
+            }
+        }
+    }
+    let len = end.saturating_sub(fp).min(WINDOW_BYTES as u64);
+    if len >= 16 && copy_stack(dst, len as u32, fp) {
+        return len;
+    }
+    let below = (end.saturating_sub(1) & !4095)
+        .saturating_sub(fp)
+        .min(WINDOW_BYTES as u64);
+    if below >= 16 && below < len && copy_stack(dst, below as u32, fp) {
+        if let Some(h) = hints {
+            // SAFETY: as above.
+            unsafe {
+                (*h).stack_top = fp + below;
+                (*h).top_uses = 0;
+            }
+        }
+        return below;
+    }
+    if copy_stack(dst, 16, fp) { 16 } else { 0 }
 }
 
 /// Reads a `T` from user memory, or `None` if it faults.
@@ -975,7 +1039,7 @@ fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: 
         );
         return;
     }
-    let (stack, new_stack) = stack_key(ctx);
+    let (stack, new_stack) = stack_key(ctx, id);
     let (py_stack, new_py) = py_stack(id);
     emit_with(
         AllocEvent {
