@@ -10,7 +10,8 @@
 //! CPU time and peak RSS come from `wait4` on memprof (the workload is not its child in pid
 //! mode, so they are the agent's alone). The agent's memory per outstanding allocation is given
 //! twice: from its peak RSS, and from its steady RSS (`VmRSS`, once settled) while `hold` keeps
-//! its blocks.
+//! its blocks. The kernel programs' own time per run (`--probe-stats`) is measured on the churn
+//! loop in each mode, and on `deep` (the same loop under 60 frames) for the frame walk.
 //!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
@@ -206,6 +207,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let churn = build("churn")?;
     let hold = build("hold")?;
     let stacks = build("stacks")?;
+    let deep = build("deep")?;
     let python = find_program("python3").context("python3 not found")?;
     let scale = |full: &str, small: &str| -> OsString { if quick { small } else { full }.into() };
     let workloads = [
@@ -406,6 +408,20 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 ));
             }
         }
+    }
+    // The frame walk's windows on a deep stack: one full run with statistics.
+    let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];
+    let r = run_once(&memprof, None, Mode::Full, &deep_cmd, false, true)?;
+    if let Some((_, v)) = r.probe_ns.iter().find(|(n, _)| n == "alloc_return") {
+        let _ = writeln!(
+            md,
+            "\nalloc_return with the same pairs at the bottom of 60 frames of about 160 bytes \
+             (`bench/deep.c`, memprof, `--probe-stats`): {v:.0} ns"
+        );
+        json_rows.push(format!(
+            "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":\"alloc_return\",\"ns_per_run\":{v:.1}}}",
+            Mode::Full.name()
+        ));
     }
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
