@@ -32,9 +32,11 @@ struct Fixture {
     script: PathBuf,
     /// Directory holding the built `pyleak` extension module.
     ext_dir: PathBuf,
-    /// Lines of the two allocating calls in the script.
+    /// Lines of the allocating calls in the script, and of `descend`'s call to itself.
     ctypes_line: u64,
     extension_line: u64,
+    deep_line: u64,
+    descend_line: u64,
 }
 
 fn python_query(python: &Path, code: &str) -> String {
@@ -97,6 +99,8 @@ fn fixture() -> &'static Fixture {
         Fixture {
             ctypes_line: line_of("# LEAK_CTYPES_LINE"),
             extension_line: line_of("# LEAK_EXTENSION_LINE"),
+            deep_line: line_of("# LEAK_DEEP_LINE"),
+            descend_line: line_of("# DESCEND_CALL_LINE"),
             python,
             script,
             ext_dir,
@@ -183,6 +187,23 @@ fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
             );
         }
     }
+    // 20 frames of `descend`: more than one read of the interpreter's data stack (3.11+).
+    let (total, frames) = python_site(r, "descend");
+    c.eq("descend: bytes, allocs", total, (2468, 2));
+    let mut want = vec![("descend".to_string(), fx.deep_line)];
+    want.extend(std::iter::repeat_n(
+        ("descend".to_string(), fx.descend_line),
+        19,
+    ));
+    want.push((
+        "main".to_string(),
+        python_frames(&frames).get(20).map_or(0, |p| p.1),
+    ));
+    want.push((
+        "<module>".to_string(),
+        python_frames(&frames).get(21).map_or(0, |p| p.1),
+    ));
+    c.eq("descend: Python frames", python_frames(&frames), want);
     let (_, ext) = python_site(r, "leak_via_extension");
     c.check(
         ext.first()

@@ -451,6 +451,11 @@ pub struct PyWalk {
     /// Bytes from a frame's start to the end of its furthest field above: the walk copies
     /// them in one read (at most [`PY_FRAME_COPY`]).
     pub frame_span: u32,
+    /// Nonzero when frames are `_PyInterpreterFrame`s (3.11+), most of which lie in the
+    /// thread's data stack, each caller's just below its callee's: one read then copies
+    /// several.
+    pub frames_in_data_stack: u32,
+    pub _pad: u32,
 }
 
 /// Most bytes of one Python frame the kernel walk copies (a power of two).
@@ -546,7 +551,7 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 32);
         assert_eq!(size_of::<ExecEvent>(), 40);
         assert_eq!(size_of::<UnwindEvent>(), 80);
-        assert_eq!(size_of::<PyWalk>(), 56);
+        assert_eq!(size_of::<PyWalk>(), 64);
     }
 
     #[test]
@@ -614,6 +619,8 @@ mod tests {
             instr_is_pointer: 0,
             frame_owner: PY_NONE,
             frame_span: 0,
+            frames_in_data_stack: 0,
+            _pad: 0,
         };
         assert_eq!(walk.span_of_frame_fields(), Some(108));
         // _PyInterpreterFrame of 3.12: f_code 0, previous 8, prev_instr 56, char owner 70.

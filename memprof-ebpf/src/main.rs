@@ -174,12 +174,24 @@ static PY_STACKS: HashMap<u64, PyStack> =
 #[map]
 static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
-/// `PY_FRAME_COPY` with room for the widest field past it.
-const PY_FRAME_BUF: usize = PY_FRAME_COPY as usize + 8;
+/// Most bytes of Python frames one read copies (a power of two, at least `PY_FRAME_COPY`).
+const PY_WINDOW: u32 = 1024;
 
-/// Per-CPU copy of the Python frame being walked.
+/// `PY_WINDOW` with room for the widest field past it.
+const PY_FRAME_BUF: usize = PY_WINDOW as usize + 8;
+
+/// Copied Python frames: `len` bytes from address `base` (kept here rather than in the walk's
+/// registers, whose every value the verifier would otherwise follow apart).
+#[repr(C)]
+struct PyCopy {
+    base: u64,
+    len: u64,
+    bytes: [u8; PY_FRAME_BUF],
+}
+
+/// Per-CPU copy of the Python frames being walked.
 #[map]
-static PY_FRAME: PerCpuArray<[u8; PY_FRAME_BUF]> = PerCpuArray::with_max_entries(1, 0);
+static PY_FRAME: PerCpuArray<PyCopy> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
@@ -921,27 +933,50 @@ pub fn py_stack_key(id: u64) -> u64 {
         return NO_STACK;
     };
     // SAFETY: the per-CPU buffer is this CPU's alone.
-    let copy = unsafe { &mut *copy };
-    let span = walk.frame_span.min(PY_FRAME_COPY);
+    unsafe { (*copy).len = 0 };
+    let span = u64::from(walk.frame_span.min(PY_FRAME_COPY));
     let mut n: u32 = 0;
     let mut hash: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..MAX_PY_FRAMES {
         if frame == 0 {
             break;
         }
-        // One read per frame (a read costs about as much as a few hundred bytes).
-        if !copy_stack(copy.as_mut_ptr().cast(), span, frame) {
-            break;
-        }
-        let code = frame_field::<u64>(copy, walk.frame_code);
-        let instr = if walk.instr_is_pointer != 0 {
-            frame_field::<u64>(copy, walk.frame_instr)
+        let at = if walk.frames_in_data_stack == 0 {
+            // Frames are objects of their own: one read each.
+            // SAFETY: as above.
+            if !copy_stack(unsafe { (*copy).bytes.as_mut_ptr() }, span as u32, frame) {
+                break;
+            }
+            0
         } else {
-            u64::from(frame_field::<u32>(copy, walk.frame_instr))
+            // The frame's offset in the copy, if the copy holds it whole.
+            // SAFETY: as above.
+            let (base, len) = unsafe {
+                (
+                    core::ptr::read_volatile(&(*copy).base),
+                    core::ptr::read_volatile(&(*copy).len),
+                )
+            };
+            let mut at = frame.wrapping_sub(base);
+            if len < span || at > len - span {
+                at = copy_py_frames(frame, span);
+                if at > u64::from(PY_WINDOW) {
+                    break;
+                }
+            }
+            at as u32
+        };
+        // SAFETY: as above.
+        let copy = unsafe { &(*copy).bytes };
+        let code = frame_field::<u64>(copy, at + walk.frame_code);
+        let instr = if walk.instr_is_pointer != 0 {
+            frame_field::<u64>(copy, at + walk.frame_instr)
+        } else {
+            u64::from(frame_field::<u32>(copy, at + walk.frame_instr))
         };
         // Shim frames of the C stack are recorded as code 0 and dropped by the agent.
         let shim = walk.frame_owner != PY_NONE
-            && frame_field::<u8>(copy, walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
+            && frame_field::<u8>(copy, at + walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
         let code = if shim { 0 } else { code };
         if let Some(slot) = out.frames.get_mut(i) {
             *slot = [code, instr];
@@ -949,7 +984,7 @@ pub fn py_stack_key(id: u64) -> u64 {
         hash = (hash.rotate_left(5) ^ code).wrapping_mul(0x517c_c1b7_2722_0a95);
         hash = (hash.rotate_left(5) ^ instr).wrapping_mul(0x517c_c1b7_2722_0a95);
         n += 1;
-        frame = frame_field::<u64>(copy, walk.frame_previous);
+        frame = frame_field::<u64>(copy, at + walk.frame_previous);
     }
     if n == 0 {
         return NO_STACK;
@@ -967,6 +1002,38 @@ pub fn py_stack_key(id: u64) -> u64 {
             NO_STACK
         }
     }
+}
+
+/// Copies Python frame `frame` (`span` bytes), a frame in a 3.11+ data stack, into `PY_FRAME`;
+/// returns the frame's offset in the copy, `u64::MAX` if the read failed. A read costs about as
+/// much as copying a kilobyte, and callers' frames lie below their callee's in the data stack:
+/// the copy also takes what lies below, up to `PY_WINDOW` bytes in all and back to the start of
+/// the frame's page at most (that page is mapped: the frame is in it). A global function: the
+/// walk's verification does not follow the branches here.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn copy_py_frames(frame: u64, span: u64) -> u64 {
+    let Some(copy) = PY_FRAME.get_ptr_mut(0) else {
+        return u64::MAX;
+    };
+    let span = span.min(u64::from(PY_FRAME_COPY));
+    let start = (frame + span)
+        .saturating_sub(u64::from(PY_WINDOW))
+        .max(frame & !4095);
+    let want = frame
+        .saturating_add(span)
+        .saturating_sub(start)
+        .min(u64::from(PY_WINDOW));
+    // SAFETY: the per-CPU buffer is this CPU's alone; `want` fits in `bytes`.
+    unsafe {
+        if !copy_stack((*copy).bytes.as_mut_ptr(), want as u32, start) {
+            (*copy).len = 0;
+            return u64::MAX;
+        }
+        (*copy).base = start;
+        (*copy).len = want;
+    }
+    frame - start
 }
 
 /// The thread state of thread `tid` in the main interpreter's thread list (3.11+, whose
@@ -998,14 +1065,14 @@ fn find_tstate(walk: &PyWalk, tid: u32) -> u64 {
     0
 }
 
-/// A field of a copied Python frame at byte `off` (below `PY_FRAME_COPY`, as the agent
-/// checks).
+/// A field of the copied Python frames at byte `off` (a frame's offset in the copy plus a
+/// field's, below `PY_FRAME_COPY` as the agent checks: within the copied bytes).
 #[inline(always)]
 fn frame_field<T: Copy>(copy: &[u8; PY_FRAME_BUF], off: u32) -> T {
     // A mask rather than a comparison: the compiler hoists the address out of the loop, and
     // the verifier must see it bounded wherever it is computed.
-    let off = off as usize & (PY_FRAME_COPY as usize - 1);
-    // SAFETY: `off + size_of::<T>()` is at most `PY_FRAME_COPY + 7`, within the buffer.
+    let off = off as usize & (PY_WINDOW as usize - 1);
+    // SAFETY: `off + size_of::<T>()` is at most `PY_WINDOW + 7`, within the buffer.
     unsafe { core::ptr::read_unaligned(copy.as_ptr().add(off).cast::<T>()) }
 }
 

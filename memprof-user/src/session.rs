@@ -816,6 +816,10 @@ impl Session {
                 instr_is_pointer: u32::from(o.instr_kind == python::INSTR_POINTER),
                 frame_owner: o.frame_owner,
                 frame_span: 0,
+                frames_in_data_stack: u32::from(
+                    o.frame_model == python::FRAME_MODEL_INTERPRETER_FRAME,
+                ),
+                _pad: 0,
             };
             let Some(span) = walk.span_of_frame_fields() else {
                 return;
