@@ -186,6 +186,9 @@ const PY_FRAME_BUF: usize = PY_WINDOW as usize + 8;
 struct PyCopy {
     base: u64,
     len: u64,
+    /// The walk under way: its offsets, and the hash of its frames so far.
+    walk: PyWalk,
+    hash: u64,
     bytes: [u8; PY_FRAME_BUF],
 }
 
@@ -923,73 +926,41 @@ pub fn py_stack_key(id: u64) -> u64 {
     let Some(buf) = PY_SCRATCH.get_ptr_mut(0) else {
         return NO_STACK;
     };
-    // SAFETY: the scratch buffer is this CPU's alone.
-    let out = unsafe { &mut *buf };
+    let Some(copy) = PY_FRAME.get_ptr_mut(0) else {
+        return NO_STACK;
+    };
+    // SAFETY: the per-CPU buffers are this CPU's alone (written through their pointers:
+    // `py_frame` writes them too).
+    unsafe {
+        (*copy).walk = walk;
+        (*copy).len = 0;
+        (*copy).hash = 0x9e37_79b9_7f4a_7c15;
+    }
     let mut frame = user::<u64>(tstate + u64::from(walk.tstate_frame)).unwrap_or(0);
     if walk.cframe_current_frame != PY_NONE && frame != 0 {
         frame = user::<u64>(frame + u64::from(walk.cframe_current_frame)).unwrap_or(0);
     }
-    let Some(copy) = PY_FRAME.get_ptr_mut(0) else {
-        return NO_STACK;
-    };
-    // SAFETY: the per-CPU buffer is this CPU's alone.
-    unsafe { (*copy).len = 0 };
-    let span = u64::from(walk.frame_span.min(PY_FRAME_COPY));
     let mut n: u32 = 0;
-    let mut hash: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..MAX_PY_FRAMES {
         if frame == 0 {
             break;
         }
-        let at = if walk.frames_in_data_stack == 0 {
-            // Frames are objects of their own: one read each.
-            // SAFETY: as above.
-            if !copy_stack(unsafe { (*copy).bytes.as_mut_ptr() }, span as u32, frame) {
-                break;
-            }
-            0
-        } else {
-            // The frame's offset in the copy, if the copy holds it whole.
-            // SAFETY: as above.
-            let (base, len) = unsafe {
-                (
-                    core::ptr::read_volatile(&(*copy).base),
-                    core::ptr::read_volatile(&(*copy).len),
-                )
-            };
-            let mut at = frame.wrapping_sub(base);
-            if len < span || at > len - span {
-                at = copy_py_frames(frame, span);
-                if at > u64::from(PY_WINDOW) {
-                    break;
-                }
-            }
-            at as u32
-        };
-        // SAFETY: as above.
-        let copy = unsafe { &(*copy).bytes };
-        let code = frame_field::<u64>(copy, at + walk.frame_code);
-        let instr = if walk.instr_is_pointer != 0 {
-            frame_field::<u64>(copy, at + walk.frame_instr)
-        } else {
-            u64::from(frame_field::<u32>(copy, at + walk.frame_instr))
-        };
-        // Shim frames of the C stack are recorded as code 0 and dropped by the agent.
-        let shim = walk.frame_owner != PY_NONE
-            && frame_field::<u8>(copy, at + walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
-        let code = if shim { 0 } else { code };
-        if let Some(slot) = out.frames.get_mut(i) {
-            *slot = [code, instr];
+        frame = py_frame(frame, i as u64);
+        if frame == PY_READ_FAILED {
+            break;
         }
-        hash = (hash.rotate_left(5) ^ code).wrapping_mul(0x517c_c1b7_2722_0a95);
-        hash = (hash.rotate_left(5) ^ instr).wrapping_mul(0x517c_c1b7_2722_0a95);
         n += 1;
-        frame = frame_field::<u64>(copy, at + walk.frame_previous);
     }
+    // SAFETY: as above.
+    let hash = unsafe { (*copy).hash };
     if n == 0 {
         return NO_STACK;
     }
-    out.len = n;
+    // SAFETY: as above.
+    let out = unsafe {
+        (*buf).len = n;
+        &*buf
+    };
     let key = (hash | 1) & !PY_NEW;
     if PY_STACKS.get_ptr(&key).is_some() {
         return key;
@@ -1002,6 +973,71 @@ pub fn py_stack_key(id: u64) -> u64 {
             NO_STACK
         }
     }
+}
+
+/// `py_frame`'s result when the frame could not be read.
+const PY_READ_FAILED: u64 = u64::MAX;
+
+/// Records Python frame `frame` as the `i`th of the walk under way (in `PY_SCRATCH`, its code
+/// and instruction folded into `PyCopy::hash`) and returns its caller's frame (0: none), or
+/// `PY_READ_FAILED`. The walk's offsets are in `PyCopy::walk`. A global function: the walk's
+/// loop is verified as 32 calls, not 32 copies of this.
+///
+/// 3.8-3.10 frames are objects of their own: one read each. 3.11+ frames mostly lie in the
+/// thread's data stack, each caller's just below its callee's: a frame that is not in the last
+/// copy is read with what lies below it (`copy_py_frames`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn py_frame(frame: u64, i: u64) -> u64 {
+    let (Some(copy), Some(out)) = (PY_FRAME.get_ptr_mut(0), PY_SCRATCH.get_ptr_mut(0)) else {
+        return PY_READ_FAILED;
+    };
+    // SAFETY: the per-CPU buffers are this CPU's alone (the walk's fields are read where used,
+    // not copied).
+    let walk = unsafe { &(*copy).walk };
+    let span = u64::from(walk.frame_span.min(PY_FRAME_COPY));
+    let at = if walk.frames_in_data_stack == 0 {
+        // SAFETY: as above.
+        if !copy_stack(unsafe { (*copy).bytes.as_mut_ptr() }, span as u32, frame) {
+            return PY_READ_FAILED;
+        }
+        0
+    } else {
+        // The frame's offset in the copy, if the copy holds it whole.
+        // SAFETY: as above.
+        let (base, len) = unsafe { ((*copy).base, (*copy).len) };
+        let mut at = frame.wrapping_sub(base);
+        if len < span || at > len - span {
+            at = copy_py_frames(frame, span);
+            if at > u64::from(PY_WINDOW) {
+                return PY_READ_FAILED;
+            }
+        }
+        at as u32
+    };
+    // SAFETY: as above.
+    let bytes = unsafe { &(*copy).bytes };
+    let code = frame_field::<u64>(bytes, at + walk.frame_code);
+    let instr = if walk.instr_is_pointer != 0 {
+        frame_field::<u64>(bytes, at + walk.frame_instr)
+    } else {
+        u64::from(frame_field::<u32>(bytes, at + walk.frame_instr))
+    };
+    // Shim frames of the C stack are recorded as code 0 and dropped by the agent.
+    let shim = walk.frame_owner != PY_NONE
+        && frame_field::<u8>(bytes, at + walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
+    let code = if shim { 0 } else { code };
+    // SAFETY: as above.
+    unsafe {
+        if let Some(slot) = (*out).frames.get_mut(i as usize) {
+            *slot = [code, instr];
+        }
+        let mut hash = (*copy).hash;
+        hash = (hash.rotate_left(5) ^ code).wrapping_mul(0x517c_c1b7_2722_0a95);
+        hash = (hash.rotate_left(5) ^ instr).wrapping_mul(0x517c_c1b7_2722_0a95);
+        (*copy).hash = hash;
+    }
+    frame_field::<u64>(bytes, at + walk.frame_previous)
 }
 
 /// Copies Python frame `frame` (`span` bytes), a frame in a 3.11+ data stack, into `PY_FRAME`;
