@@ -860,20 +860,7 @@ pub fn copy_window(fp: u64, id: u64, more: u64) -> u64 {
         WINDOW_BYTES as u64
     };
     let hints = thread_hints(id);
-    let mut end = fp.saturating_add(want);
-    if let Some(h) = hints {
-        // SAFETY: this thread's hints (another thread sharing the slot at worst costs a fault).
-        unsafe {
-            if (*h).stack_top > fp && (*h).stack_top < end {
-                if (*h).top_uses < STACK_TOP_USES {
-                    (*h).top_uses += 1;
-                    end = (*h).stack_top;
-                } else {
-                    (*h).stack_top = 0;
-                }
-            }
-        }
-    }
+    let end = end_at_top(hints, fp, fp.saturating_add(want));
     let len = end.saturating_sub(fp).min(WINDOW_BYTES as u64);
     if len >= 16 && copy_stack(dst, len as u32, fp) {
         return len;
@@ -882,13 +869,7 @@ pub fn copy_window(fp: u64, id: u64, more: u64) -> u64 {
         .saturating_sub(fp)
         .min(WINDOW_BYTES as u64);
     if below >= 16 && below < len && copy_stack(dst, below as u32, fp) {
-        if let Some(h) = hints {
-            // SAFETY: as above.
-            unsafe {
-                (*h).stack_top = fp + below;
-                (*h).top_uses = 0;
-            }
-        }
+        learn_top(hints, fp + below);
         return below;
     }
     if copy_stack(dst, 16, fp) { 16 } else { 0 }
@@ -1164,6 +1145,39 @@ fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
     unsafe { bpf_probe_read_user_raw(dst.cast(), size, sp as *const core::ffi::c_void) == 0 }
 }
 
+/// `end`, the end of a read of stack from `start`, capped at the thread's learnt stack top when
+/// that lies in between. A top used `STACK_TOP_USES` times is forgotten instead: the whole
+/// length is tried again, and the top learnt afresh if it faults.
+#[inline(always)]
+fn end_at_top(hints: Option<*mut ThreadHints>, start: u64, end: u64) -> u64 {
+    if let Some(h) = hints {
+        // SAFETY: this thread's hints (another thread sharing the slot at worst costs a fault).
+        unsafe {
+            if (*h).stack_top > start && (*h).stack_top < end {
+                if (*h).top_uses < STACK_TOP_USES {
+                    (*h).top_uses += 1;
+                    return (*h).stack_top;
+                }
+                (*h).stack_top = 0;
+            }
+        }
+    }
+    end
+}
+
+/// Records `top` as the thread's stack top: a read ending there worked after a longer one
+/// faulted.
+#[inline(always)]
+fn learn_top(hints: Option<*mut ThreadHints>, top: u64) {
+    if let Some(h) = hints {
+        // SAFETY: as in `end_at_top`.
+        unsafe {
+            (*h).stack_top = top;
+            (*h).top_uses = 0;
+        }
+    }
+}
+
 /// Copies up to `want` bytes of the calling thread's stack from `sp` into `dst` (which holds
 /// `MAX_STACK_COPY`); the length copied, 0 if not even `MIN_STACK_COPY` could be.
 ///
@@ -1175,21 +1189,11 @@ fn copy_stack(dst: *mut u8, size: u32, sp: u64) -> bool {
 #[inline(always)]
 fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
     let hints = thread_hints(id);
-    let mut end = sp.saturating_add(u64::from(want.min(MAX_STACK_COPY as u32))) & !7;
-    if let Some(h) = hints {
-        // SAFETY: this thread's hints (another thread sharing the slot at worst costs a fault).
-        unsafe {
-            if (*h).stack_top > sp && (*h).stack_top < end {
-                if (*h).top_uses < STACK_TOP_USES {
-                    (*h).top_uses += 1;
-                    end = (*h).stack_top;
-                } else {
-                    // Try the whole length again, and learn the top afresh if it faults.
-                    (*h).stack_top = 0;
-                }
-            }
-        }
-    }
+    let mut end = end_at_top(
+        hints,
+        sp,
+        sp.saturating_add(u64::from(want.min(MAX_STACK_COPY as u32))) & !7,
+    );
     let mut faulted = false;
     for _ in 0..(MAX_STACK_COPY / 4096 + 1) {
         let len = end.saturating_sub(sp);
@@ -1198,12 +1202,8 @@ fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
         }
         let len = len.min(MAX_STACK_COPY as u64) as u32;
         if copy_stack(dst, len, sp) {
-            if faulted && let Some(h) = hints {
-                // SAFETY: as above.
-                unsafe {
-                    (*h).stack_top = end;
-                    (*h).top_uses = 0;
-                }
+            if faulted {
+                learn_top(hints, end);
             }
             return len;
         }
