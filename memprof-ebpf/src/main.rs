@@ -989,10 +989,10 @@ pub fn py_frame(frame: u64, i: u64) -> u64 {
         let (base, len) = unsafe { ((*copy).base, (*copy).len) };
         let mut at = frame.wrapping_sub(base);
         if len < span || at > len - span {
-            at = copy_py_frames(frame, span);
-            if at > u64::from(PY_WINDOW) {
+            let Some(offset) = copy_py_frames(copy, frame, span) else {
                 return PY_READ_FAILED;
-            }
+            };
+            at = offset;
         }
         at as u32
     };
@@ -1021,19 +1021,14 @@ pub fn py_frame(frame: u64, i: u64) -> u64 {
     frame_field::<u64>(bytes, at + walk.frame_previous)
 }
 
-/// Copies Python frame `frame` (`span` bytes), a frame in a 3.11+ data stack, into `PY_FRAME`;
-/// returns the frame's offset in the copy, `u64::MAX` if the read failed. A read costs about as
-/// much as copying a kilobyte, and callers' frames lie below their callee's in the data stack:
-/// the copy also takes what lies below, up to `PY_WINDOW` bytes in all and back to the start of
-/// the frame's page at most (that page is mapped: the frame is in it). A global function: the
-/// walk's verification does not follow the branches here.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub fn copy_py_frames(frame: u64, span: u64) -> u64 {
-    let Some(copy) = PY_FRAME.get_ptr_mut(0) else {
-        return u64::MAX;
-    };
-    let span = span.min(u64::from(PY_FRAME_COPY));
+/// Copies Python frame `frame` (`span` bytes, at most `PY_FRAME_COPY`), a frame in a 3.11+
+/// data stack, into `copy`; returns the frame's offset in the copy, `None` if the read failed.
+/// A read costs about as much as copying a kilobyte, and callers' frames lie below their
+/// callee's in the data stack: the copy also takes what lies below, up to `PY_WINDOW` bytes in
+/// all and back to the start of the frame's page at most (that page is mapped: the frame is
+/// in it).
+#[inline(always)]
+fn copy_py_frames(copy: *mut PyCopy, frame: u64, span: u64) -> Option<u64> {
     let start = (frame + span)
         .saturating_sub(u64::from(PY_WINDOW))
         .max(frame & !4095);
@@ -1045,12 +1040,12 @@ pub fn copy_py_frames(frame: u64, span: u64) -> u64 {
     unsafe {
         if !copy_stack((*copy).bytes.as_mut_ptr(), want as u32, start) {
             (*copy).len = 0;
-            return u64::MAX;
+            return None;
         }
         (*copy).base = start;
         (*copy).len = want;
     }
-    frame - start
+    Some(frame - start)
 }
 
 /// The thread state of thread `tid` in the main interpreter's thread list (3.11+, whose
