@@ -26,7 +26,7 @@ fn agent(c: &mut Criterion) {
     group.bench_function("decode", |b| {
         b.iter(|| {
             for record in records.iter() {
-                black_box(memprof::event::decode(black_box(record)).unwrap());
+                black_box(memprof::ingest::event::decode(black_box(record)).unwrap());
             }
         })
     });

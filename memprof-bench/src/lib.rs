@@ -4,12 +4,11 @@
 //! records it reads from the kernel (minus the kernel's maps and the symbolizer's file reads).
 
 use memprof::{
-    event::{DecodeError, Event, decode, encode},
+    analysis::tracking::Tracker,
+    ingest::event::{DecodeError, Event, decode, encode},
     report::{self, Inputs, KernelLosses, Report},
-    stacks::StackStore,
-    symbolize::Symbolizer,
+    stacks::{StackStore, Symbolizer},
     table::{Change, Tables},
-    tracking::Tracker,
 };
 use memprof_common::{
     AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, FreeEvent, NO_STACK,

@@ -1,28 +1,44 @@
 //! memprof: traces the memory allocations of a Linux process with eBPF.
 //!
-//! Pipeline: kernel probes (`memprof-ebpf`) → ring buffer → [`event`] decoding → [`table`] of
-//! live allocations → [`report`] → text or NDJSON. Everything below [`load`] and [`session`] is
-//! free of aya types and testable without root.
+//! One pipeline, one layer per module, each importing only the layers listed before it
+//! (`layers` checks this; docs/design/pipeline.md follows one event through them):
+//!
+//! - [`sys`]: the host and its processes as files: `/proc`, ELF files, the clock, spawning.
+//! - [`probe`]: what to attach and where (allocator detection, probe placement), loading and
+//!   attaching the kernel programs, reading their maps. The only code that touches aya.
+//! - [`ingest`]: what the kernel hands over: versioned records decoded with length checks,
+//!   mapping records, time marks.
+//! - [`stacks`]: stacks: the store of raw frames, unwinding copies, Python frames, names.
+//! - [`table`]: the live-allocation table of each process and its totals.
+//! - [`analysis`]: per-site tracking, growth and verdicts, behaviour, categories,
+//!   recommendations, report diffs: pure, no I/O.
+//! - [`report`]: the report model and the one place that names frames and formats bytes.
+//! - [`output`]: one module per format (text, JSON, pprof, folded, flamegraph, DHAT, CSV, HTML).
+//! - [`serve`]: the HTTP endpoints served while tracing (Prometheus metrics, live dashboard).
+//! - [`session`]: the loop that wires them together for one trace.
+//! - [`cli`]: the command line.
 
-pub mod allocators;
-pub mod analysis;
-pub mod cli;
-pub mod diff;
-pub mod event;
-pub mod load;
-pub mod maps;
-pub mod marks;
-pub mod mmaps;
-pub mod output;
-pub mod placement;
-pub mod procmem;
-pub mod procs;
-pub mod python;
-pub mod report;
-pub mod session;
+pub mod sys;
+
+pub mod probe;
+
+pub mod ingest;
+
 pub mod stacks;
-pub mod symbolize;
+
 pub mod table;
-pub mod target;
-pub mod tracking;
-pub mod unwind;
+
+pub mod analysis;
+
+pub mod report;
+
+pub mod output;
+
+pub mod serve;
+
+pub mod session;
+
+pub mod cli;
+
+#[cfg(test)]
+mod layers;

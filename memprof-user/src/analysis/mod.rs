@@ -1,18 +1,26 @@
-//! Leak analytics: growth over time, per-stack behaviour, categories, recommendations.
+//! Leak analytics: per-site tracking, growth over time, per-stack behaviour, categories,
+//! recommendations, process memory beside the traced bytes, and the diff of two reports.
 //!
-//! Everything here is pure: the session feeds samples and events in, and reports read verdicts,
-//! summaries, categories and recommendations out.
+//! Everything here is pure (no I/O): the session feeds the table's changes and samples in, and
+//! reports read verdicts, summaries, categories and recommendations out.
 //!
+//! - [`tracking`]: the state kept while tracing, fed by the table's changes: per call-site
+//!   behaviour and series, the process's series, phases.
 //! - [`growth`]: the bounded time series of a group's outstanding bytes and its verdict
 //!   (`leak`, `growing`, `stable`, `churn`, `unknown`), plus the projection to a limit.
 //! - [`behaviour`]: per-group counts, size and lifetime histograms, realloc chains.
 //! - [`categories`]: outstanding memory summed by user rule or by module.
 //! - [`recommend`]: advice that quotes the measurements it rests on.
+//! - [`memory`]: resident memory no traced allocation accounts for.
+//! - [`diff`]: what changed between two saved reports, site by site.
 
 pub mod behaviour;
 pub mod categories;
+pub mod diff;
 pub mod growth;
+pub mod memory;
 pub mod recommend;
+pub mod tracking;
 
 pub use behaviour::{BehaviourSummary, Log2Hist, SizeBucket, StackStats};
 pub use categories::{Category, GroupRef, Rule, categorize, parse_rule_spec};

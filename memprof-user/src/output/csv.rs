@@ -18,9 +18,9 @@
 
 use std::fmt::Write as _;
 
-use super::{
+use crate::report::{
     Profile, Site,
-    folded::{frame_name, site_frame, site_name},
+    names::{frame_name, site_frame, site_name},
 };
 
 /// The header's column names.
@@ -112,7 +112,7 @@ pub fn quote(field: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::folded::tests::sample_profile;
+    use crate::report::sample::sample_profile;
 
     /// A minimal RFC 4180 reader, to check that what is written reads back.
     fn parse(text: &str) -> Vec<Vec<String>> {

@@ -28,8 +28,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{Profile, Site, folded::base_name};
-use crate::symbolize::Frame;
+use crate::report::{Frame, Profile, Site, names::base_name};
 
 /// The whole file, fields in valgrind's order.
 #[derive(Debug, Serialize)]
@@ -183,7 +182,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::output::folded::tests::sample_profile;
+    use crate::report::sample::sample_profile;
 
     #[test]
     fn top_level_fields_in_valgrinds_order() {

@@ -6,35 +6,19 @@
 //! frame's `<title>` giving its bytes); and the report's phases and recommendations when
 //! there are any.
 //!
-//! Every text from the profile is escaped ([`escape`]). Byte counts are printed exactly, with
+//! Every text from the profile is escaped ([`escape`](super::escape)). Byte counts are printed exactly, with
 //! thousands separators (`21,000 B`, see [`exact_bytes`]), with the rounded size as a tooltip.
 
 use std::fmt::Write as _;
 
-use super::{
+use super::{escape, flamegraph, folded::Metric};
+use crate::report::{
     Profile, Site, TimePoint,
-    folded::{self, Metric, frame_name, site_name},
+    names::{frame_name, human_bytes, site_name},
 };
-use crate::report::human_bytes;
 
 /// Sites listed in the table, at most.
 pub const TOP_SITES: usize = 50;
-
-/// `s` with `&`, `<`, `>`, `"` and `'` escaped, for text and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// `n` with thousands separators: `21000` → `21,000`.
 pub fn group_digits(n: u64) -> String {
@@ -89,7 +73,7 @@ details ol { margin: .3em 0; padding-left: 1.6em; font-family: ui-monospace, mon
 
 /// The page for `profile`.
 pub fn render(profile: &Profile) -> anyhow::Result<String> {
-    let flame = folded::flamegraph_svg(profile, Metric::InUse, false)?;
+    let flame = flamegraph::svg(profile, Metric::InUse, false)?;
     Ok(page(profile, &inline_svg(&flame)))
 }
 
@@ -140,7 +124,7 @@ fn header(h: &mut String, p: &Profile) {
             "sampled",
             format!(
                 "one allocation per {} on average: counts and bytes are estimates",
-                escape(&crate::report::human_bytes(s.mean_bytes))
+                escape(&human_bytes(s.mean_bytes))
             ),
         );
     }
@@ -475,19 +459,7 @@ pub fn inline_svg(svg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        analysis::recommend::Recommendation, output::folded::tests::sample_profile,
-        tracking::PhaseReport,
-    };
-
-    #[test]
-    fn escaping() {
-        assert_eq!(
-            escape("<a href=\"x\">&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;&lt;/a&gt;"
-        );
-        assert_eq!(escape("plain µs"), "plain µs");
-    }
+    use crate::report::{PhaseReport, Recommendation, sample::sample_profile};
 
     #[test]
     fn digits_and_bytes() {

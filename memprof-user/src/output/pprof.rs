@@ -9,7 +9,7 @@
 //! `[unknown]` location, so the samples still add up to the report's totals.
 //!
 //! Locations carry the frame's absolute address, a function (its name, or `module+0xADDR` when
-//! it could not be named; see [`super::folded::frame_name`]) and the line when known. Every
+//! it could not be named; see [`frame_name`]) and the line when known. Every
 //! module gets a mapping spanning the addresses seen in it (not the module's real load range,
 //! which is gone once the process exits; `file_offset` is 0), with its path and, when the ELF
 //! file is readable, the hex GNU build id. The executable's mapping comes first, as `pprof`
@@ -25,11 +25,10 @@ use std::{
 use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
 
-use super::{
-    Profile, Site,
-    folded::{base_name, frame_name},
+use crate::report::{
+    Frame, Profile, Site,
+    names::{base_name, frame_name},
 };
-use crate::symbolize::Frame;
 
 /// `perftools.profiles.Profile`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -467,7 +466,7 @@ mod tests {
     use std::io::Read as _;
 
     use super::*;
-    use crate::output::folded::tests::sample_profile;
+    use crate::report::sample::sample_profile;
 
     fn decode(gz: &[u8]) -> PbProfile {
         let mut raw = Vec::new();

@@ -1,12 +1,16 @@
 //! The process to trace: checks made before anything is loaded (privileges, kernel support, the
-//! pid, the command) and spawning a command stopped before `exec` so tracing starts at its first
-//! allocation. Which allocators the process uses is `allocators`' business.
+//! command), spawning a command stopped before `exec` so tracing starts at its first
+//! allocation, and a handle that tells when a process exited. Which allocators the process uses
+//! is `probe::allocators`' business.
 
 use std::{
     env,
     ffi::CString,
-    fs,
-    os::unix::ffi::OsStrExt as _,
+    fs, io,
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -74,95 +78,6 @@ pub fn check_kernel(sys: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The command line of process `pid` (empty if unreadable).
-pub fn command_line(pid: u32) -> Vec<String> {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|arg| !arg.is_empty())
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Every process id in /proc, in order.
-pub fn all_pids() -> Vec<u32> {
-    let mut pids: Vec<u32> = fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    pids.sort_unstable();
-    pids
-}
-
-/// Kernel threads have no address space: an empty maps file.
-pub fn is_kernel_thread(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/maps")).map_or(true, |m| m.is_empty())
-}
-
-/// The process's name (`/proc/PID/comm`).
-pub fn comm(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string())
-}
-
-/// The process's cgroup v2 path (`0::/system.slice/x.service` → `/system.slice/x.service`).
-pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
-}
-
-/// Where cgroup v2 is mounted, from the text of /proc/self/mounts (`/sys/fs/cgroup` on a
-/// unified hierarchy, `/sys/fs/cgroup/unified` on a hybrid one).
-pub fn cgroup2_root(mounts: &str) -> Option<std::path::PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
-        (kind == "cgroup2").then(|| std::path::PathBuf::from(dir))
-    })
-}
-
-/// (device, inode) of a file.
-pub fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Whether the ELF file at `path` has no program interpreter (statically linked).
-pub fn elf_is_static(path: &Path) -> Result<bool> {
-    let data = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    let obj = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF executable", path.display()))?;
-    Ok(interpreter(&obj).is_none())
-}
-
-/// The program interpreter (`PT_INTERP`) of an ELF file, if it has one.
-pub(crate) fn interpreter(obj: &object::File<'_>) -> Option<String> {
-    use object::{elf, read::elf::ProgramHeader as _};
-    match obj {
-        object::File::Elf64(elf_file) => {
-            let endian = elf_file.endian();
-            elf_file.elf_program_headers().iter().find_map(|ph| {
-                (ph.p_type(endian) == elf::PT_INTERP)
-                    .then(|| ph.data(endian, elf_file.data()).ok())
-                    .flatten()
-                    .map(|d| {
-                        String::from_utf8_lossy(d)
-                            .trim_end_matches('\0')
-                            .to_string()
-                    })
-            })
-        }
-        _ => None,
-    }
-}
-
 /// Finds `program` the way `execvp` would.
 pub fn resolve_command(program: &str) -> Result<PathBuf> {
     let candidate = Path::new(program);
@@ -182,27 +97,6 @@ pub fn resolve_command(program: &str) -> Result<PathBuf> {
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// The ELF the kernel will really run for `path`: follows `#!` lines (one level, and
-/// `/usr/bin/env NAME`).
-pub(crate) fn executed_elf(path: &Path) -> Result<PathBuf> {
-    let head = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    if !head.starts_with(b"#!") {
-        return Ok(path.to_path_buf());
-    }
-    let line = head[2..].split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split_whitespace();
-    let interp = words
-        .next()
-        .ok_or_else(|| anyhow!("{} has an empty #! line", path.display()))?;
-    if Path::new(interp).file_name().is_some_and(|n| n == "env")
-        && let Some(name) = words.find(|w| !w.starts_with('-'))
-    {
-        return resolve_command(name);
-    }
-    Ok(PathBuf::from(interp))
 }
 
 /// A command forked and stopped before `exec`.
@@ -265,24 +159,41 @@ impl Spawned {
     }
 }
 
+/// A pidfd: readable once the process has exited. Opened before tracing starts, so a process
+/// that exits at any later time is still seen to exit.
+pub struct PidFd(RawFd);
+
+impl PidFd {
+    pub fn open(pid: u32) -> Result<Self> {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                anyhow::bail!("no such process: pid {pid}");
+            }
+            return Err(err).context("pidfd_open failed");
+        }
+        Ok(Self(fd as RawFd))
+    }
+}
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Drop for PidFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_cgroup2_mount() {
-        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
-                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_root(hybrid),
-            Some(std::path::PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            cgroup2_root("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
-            Some(std::path::PathBuf::from("/sys/fs/cgroup"))
-        );
-        assert_eq!(cgroup2_root("proc /proc proc rw 0 0\n"), None);
-    }
 
     #[test]
     fn capabilities() {
@@ -331,11 +242,5 @@ mod tests {
             .to_string();
         assert_eq!(e, "command not found: memprof-no-such-command");
         assert!(resolve_command("/nonexistent/x").is_err());
-    }
-
-    #[test]
-    fn own_executable_is_dynamic() {
-        let exe = std::env::current_exe().unwrap();
-        assert!(!elf_is_static(&exe).unwrap());
     }
 }

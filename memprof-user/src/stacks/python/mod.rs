@@ -23,7 +23,7 @@ use std::{
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
-use crate::maps::AddressSpace;
+use crate::sys::maps::AddressSpace;
 
 /// Sentinel of [`PyOffsets`] for a field the version does not have.
 pub const NONE: u32 = u32::MAX;

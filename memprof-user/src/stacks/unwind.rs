@@ -23,7 +23,7 @@ use framehop::{
 use memprof_common::MAX_STACK_DEPTH;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::maps::AddressSpace;
+use crate::sys::maps::AddressSpace;
 
 /// The address recorded after the last frame of a stack that could not be unwound further.
 pub const TRUNCATED: u64 = u64::MAX;

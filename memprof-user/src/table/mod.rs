@@ -20,7 +20,7 @@ use foldhash::HashMap;
 use memprof_common::AllocFn;
 use serde::Serialize;
 
-use crate::event::{Alloc, Event};
+use crate::ingest::event::{Alloc, Event};
 
 mod heap;
 
@@ -219,7 +219,7 @@ impl Table {
             }
             Event::Munmap { addr, len } => {
                 // Unmaps carry no timestamp of their own: use the clock at processing time.
-                let now = crate::session::monotonic_ns();
+                let now = crate::sys::clock::monotonic_ns();
                 let removed = self.cut(addr, len, now, 0, on);
                 if removed > 0 {
                     self.mmap_totals.unmaps += 1;
@@ -373,7 +373,7 @@ impl Table {
         on: &mut impl FnMut(Change),
     ) {
         // The moved range keeps its origin (stack, time) when it was ours.
-        let now = crate::session::monotonic_ns();
+        let now = crate::sys::clock::monotonic_ns();
         let origin = self.region_at(old_addr);
         let removed = self.cut(old_addr, old_len, now, 0, on);
         if let Some(origin) = origin.filter(|_| removed > 0) {

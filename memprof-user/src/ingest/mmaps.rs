@@ -12,7 +12,7 @@ use std::{io, os::fd::RawFd, ptr, sync::atomic};
 
 use anyhow::{Context as _, Result};
 
-use crate::maps::Mapping;
+use crate::sys::maps::Mapping;
 
 /// `perf_event_attr`, as far as this module sets it (size `PERF_ATTR_SIZE_VER8`).
 #[repr(C)]

@@ -28,10 +28,10 @@ use serde::Serialize;
 use tiny_http::{Method, Request, Response};
 
 use super::{
-    Live, LiveState, Profile, Site, TimePoint,
-    metrics::{bind, header, severity, site_name},
+    Live, LiveState,
+    metrics::{bind, header, severity},
 };
-use crate::analysis::growth::Verdict;
+use crate::report::{Profile, Site, TimePoint, Verdict, names::site_label};
 
 /// Rows of the sites table.
 pub const TOP_GROWING: usize = 15;
@@ -321,7 +321,7 @@ fn top_growing(sites: &[Site], n: usize) -> (Vec<SiteView>, usize) {
     let rows = live
         .into_iter()
         .map(|s| SiteView {
-            site: site_name(s),
+            site: site_label(s),
             allocator: s.allocator,
             kind: s.kind,
             verdict: s.verdict,
@@ -544,7 +544,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::output::metrics::tests::{profile, site};
+    use crate::serve::metrics::tests::{profile, site};
 
     #[test]
     fn page_is_self_contained() {

@@ -31,12 +31,12 @@ use memprof_common::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
-use crate::{
+use super::{
     allocators::Allocator,
+    counters::{KernelLosses, ProbeStat},
     placement,
-    report::{KernelLosses, ProbeStat},
-    target::file_id,
 };
+use crate::sys::elf::file_id;
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -695,7 +695,7 @@ fn plan_object(a: &Allocator, data: &[u8], placement: bool) -> Result<(ObjectRep
         .filter(|s| s.frees)
         .flat_map(|s| {
             if s.prefixed {
-                crate::allocators::PREFIXES
+                crate::probe::allocators::PREFIXES
                     .iter()
                     .map(|p| format!("{p}{}", s.symbol))
                     .collect::<Vec<_>>()

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use crate::{maps::AddressSpace, python::PyFrame};
+use super::python::PyFrame;
+use crate::sys::maps::AddressSpace;
 
 /// One frame of a stored stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

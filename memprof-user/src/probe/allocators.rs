@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use object::{Object as _, ObjectSymbol as _};
 
-use crate::target;
+use crate::sys::elf;
 
 /// Symbol prefixes of jemalloc builds, tried in order; the first under which the object defines
 /// `malloc` is its prefix.
@@ -112,14 +112,14 @@ pub fn of_pid(pid: u32) -> Result<Vec<Allocator>> {
         shown: exe_shown.clone(),
         executable: true,
     }];
-    let space = crate::maps::AddressSpace::parse(&maps);
+    let space = crate::sys::maps::AddressSpace::parse(&maps);
     for path in executable_mappings(&maps) {
         if path != exe_shown && !candidates.iter().any(|c| c.shown == path) {
             let file = space
                 .mappings()
                 .iter()
                 .find(|m| m.path == path)
-                .map(|m| crate::maps::file_of(pid, &m.path, &m.dev, m.inode))
+                .map(|m| crate::sys::maps::file_of(pid, &m.path, &m.dev, m.inode))
                 .unwrap_or_else(|| format!("/proc/{pid}/root{path}"));
             candidates.push(Candidate {
                 path: PathBuf::from(file),
@@ -135,11 +135,11 @@ pub fn of_pid(pid: u32) -> Result<Vec<Allocator>> {
 /// `a` (found in process `pid`) with a path that outlives the process when it can: the file's
 /// own path when the process shares memprof's root, else its path through /proc/PID/root.
 pub fn stable_path(pid: u32, mut a: Allocator) -> Allocator {
-    if crate::procs::foreign_root(pid).is_some() {
+    if crate::sys::process::foreign_root(pid).is_some() {
         return a;
     }
     let own = Path::new(&a.shown);
-    if own.is_absolute() && crate::target::file_id(own) == crate::target::file_id(&a.path) {
+    if own.is_absolute() && crate::sys::elf::file_id(own) == crate::sys::elf::file_id(&a.path) {
         a.path = own.to_path_buf();
     }
     a
@@ -168,7 +168,7 @@ fn executable_mappings(maps: &str) -> Vec<String> {
 /// The allocator objects a spawned `command` will use, the main one first: its executable (the
 /// interpreter of a `#!` script), program interpreter, `LD_PRELOAD` and `DT_NEEDED` libraries.
 pub fn for_command(command: &Path) -> Result<Vec<Allocator>> {
-    let elf = target::executed_elf(command)?;
+    let elf = elf::executed_elf(command)?;
     let candidates = objects_of_command(&elf)?;
     detect(&candidates, &elf.display().to_string())
 }
@@ -190,7 +190,7 @@ pub fn detect(candidates: &[Candidate], what: &str) -> Result<Vec<Allocator>> {
             let has_symbols =
                 obj.symbols().next().is_some() || obj.dynamic_symbols().next().is_some();
             exe_info = Some((
-                target::interpreter(&obj).is_none(),
+                elf::interpreter(&obj).is_none(),
                 has_symbols,
                 c.shown.clone(),
             ));
@@ -296,7 +296,7 @@ fn objects_of_command(elf: &Path) -> Result<Vec<Candidate>> {
     let obj = object::File::parse(&*data)
         .with_context(|| format!("{} is not an ELF executable", elf.display()))?;
     let machine = elf_machine(&data);
-    let interp = target::interpreter(&obj);
+    let interp = elf::interpreter(&obj);
     let musl = interp.as_deref().is_some_and(|i| i.contains("musl"));
     let search = Search::new(musl, machine);
     let exe_dyn = dynamic_info(&obj);

@@ -34,10 +34,7 @@
 //! | `memprof_site_outstanding_bytes{site,allocator,kind,verdict}` | gauge | top sites' `inuse_bytes` |
 //! | `memprof_site_growth_bytes_per_second{site,allocator,kind,verdict}` | gauge | top sites' `growth_bytes_per_s` |
 
-use std::{
-    fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _},
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
 
 use anyhow::{Context as _, anyhow, bail};
 use prometheus_client::{
@@ -47,13 +44,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::{Live, LiveState, Profile, Site};
-use crate::analysis::growth::Verdict;
+use super::{Live, LiveState};
+use crate::report::{Profile, Site, Verdict, names::site_label};
 
 /// Per-site series: at most this many sites.
 pub const TOP_SITES: usize = 10;
-/// Longest `site` label value.
-const MAX_SITE_LABEL: usize = 200;
 
 /// The content type of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -441,12 +436,12 @@ pub struct SiteSum {
     pub growth_bytes_per_s: f64,
 }
 
-/// The `n` sites (merged by [`site_name`], allocator and kind) holding the most outstanding
+/// The `n` sites (merged by [`site_label`], allocator and kind) holding the most outstanding
 /// bytes; sites holding nothing are left out.
 pub fn top_sites(sites: &[Site], n: usize) -> Vec<SiteSum> {
     let mut merged: Vec<SiteSum> = Vec::new();
     for site in sites.iter().filter(|s| s.inuse_bytes > 0) {
-        let name = site_name(site);
+        let name = site_label(site);
         match merged
             .iter_mut()
             .find(|m| m.site == name && m.allocator == site.allocator && m.kind == site.kind)
@@ -491,42 +486,12 @@ pub fn severity(v: Verdict) -> u8 {
     }
 }
 
-/// A site's name: its innermost named function, else `module@addr` of the innermost frame, else
-/// `(no stack)`; at most 200 bytes.
-pub fn site_name(site: &Site) -> String {
-    let mut name = site
-        .stack
-        .iter()
-        .find_map(|f| f.function.clone())
-        .or_else(|| {
-            site.stack.first().map(|f| {
-                let module = f.module.as_deref().unwrap_or("?");
-                let file = module.rsplit('/').next().unwrap_or(module);
-                format!("{file}@{}", f.addr)
-            })
-        })
-        .unwrap_or_else(|| "(no stack)".to_string());
-    if name.len() > MAX_SITE_LABEL {
-        let mut end = MAX_SITE_LABEL;
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        name.truncate(end);
-        let _ = write!(name, "...");
-    }
-    name
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{
-        report::{KernelLosses, Report, Totals},
-        symbolize::Frame,
-        table::{HeapTotals, MmapTotals},
-    };
+    use crate::report::{Frame, HeapTotals, KernelLosses, MmapTotals, Report, TimePoint, Totals};
 
     pub fn frame(function: Option<&str>) -> Frame {
         Frame {
@@ -617,12 +582,12 @@ pub(super) mod tests {
             peak_t_s: 1.0,
             sites,
             timeline: vec![
-                super::super::TimePoint {
+                TimePoint {
                     t_s: 0.5,
                     heap_bytes: 1000,
                     rss_bytes: Some(4096),
                 },
-                super::super::TimePoint {
+                TimePoint {
                     t_s: 1.0,
                     heap_bytes: 4000,
                     rss_bytes: None,
@@ -750,12 +715,12 @@ pub(super) mod tests {
     fn site_names() {
         let mut s = site("f", "malloc", 1, Verdict::Stable);
         s.stack = vec![frame(None), frame(Some("caller"))];
-        assert_eq!(site_name(&s), "caller");
+        assert_eq!(site_label(&s), "caller");
         s.stack = vec![frame(None)];
-        assert_eq!(site_name(&s), "app@0x1234");
+        assert_eq!(site_label(&s), "app@0x1234");
         s.stack.clear();
-        assert_eq!(site_name(&s), "(no stack)");
+        assert_eq!(site_label(&s), "(no stack)");
         s.stack = vec![frame(Some(&"x".repeat(300)))];
-        assert_eq!(site_name(&s).len(), 203);
+        assert_eq!(site_label(&s).len(), 203);
     }
 }

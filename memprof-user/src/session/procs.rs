@@ -2,9 +2,15 @@
 //! line, address-space view, where its files live (its own root, for containers), life cycle and
 //! growth.
 
-use std::{fs, os::unix::fs::MetadataExt as _};
-
-use crate::{analysis::growth::Series, maps::AddressSpace, procmem::ProcMem, target};
+use crate::{
+    analysis::growth::{Series, least_squares},
+    sys::{
+        clock::monotonic_ns,
+        maps::AddressSpace,
+        process::{self, foreign_root},
+        procmem::ProcMem,
+    },
+};
 
 /// Points kept per process for its growth line.
 const SERIES_POINTS: usize = 512;
@@ -42,8 +48,8 @@ impl Proc {
     pub fn discover(pid: u32) -> Self {
         let root = foreign_root(pid);
         let mut p = Self {
-            comm: comm(pid),
-            cmdline: target::command_line(pid),
+            comm: process::comm(pid).unwrap_or_default(),
+            cmdline: process::command_line(pid),
             parent: None,
             exited: false,
             execs: 0,
@@ -58,7 +64,7 @@ impl Proc {
             python_checked: None,
             may_python: false,
         };
-        p.reread(pid, crate::session::monotonic_ns());
+        p.reread(pid, monotonic_ns());
         p
     }
 
@@ -106,7 +112,7 @@ impl Proc {
         self.python_checked = None;
         let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
         self.comm = String::from_utf8_lossy(&comm[..len]).into_owned();
-        self.cmdline = target::command_line(pid);
+        self.cmdline = process::command_line(pid);
         self.root = foreign_root(pid);
         // The new image's mappings replace the old ones as they are reported or read: records
         // of them may have been applied already.
@@ -132,21 +138,8 @@ impl Proc {
 
     /// Least-squares growth of outstanding heap bytes (bytes/s).
     pub fn growth_bytes_per_s(&self) -> Option<f64> {
-        crate::analysis::growth::least_squares(self.series.points()).map(|f| f.slope)
+        least_squares(self.series.points()).map(|f| f.slope)
     }
-}
-
-fn comm(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_default()
-}
-
-/// `/proc/PID/root` when it is not memprof's own root.
-pub fn foreign_root(pid: u32) -> Option<String> {
-    let theirs = fs::metadata(format!("/proc/{pid}/root")).ok()?;
-    let ours = fs::metadata("/proc/self/root").ok()?;
-    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then(|| format!("/proc/{pid}/root"))
 }
 
 #[cfg(test)]
@@ -154,8 +147,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn own_process_is_under_our_root() {
-        assert_eq!(foreign_root(std::process::id()), None);
+    fn own_process_is_discovered() {
         let p = Proc::discover(std::process::id());
         assert!(!p.comm.is_empty());
         assert!(

@@ -10,7 +10,7 @@ use blazesym::symbolize::{
 };
 use serde::Serialize;
 
-use crate::stacks::{RawFrame, StackStore};
+use super::{RawFrame, StackStore};
 
 /// A frame as outputs show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -1,303 +1,41 @@
-//! Command line: `memprof trace --pid PID`, `memprof trace -- CMD ARGS`, `memprof diff A B`,
-//! `memprof mark NAME`.
+//! `memprof trace`: checks the options, finds the processes and their allocators, attaches,
+//! runs the session and writes the outputs.
 
 use std::{
     fs,
     io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use memprof_common::{DEFAULT_RING_BYTES, MAX_SAMPLE_MEAN};
+use memprof_common::DEFAULT_RING_BYTES;
 use serde::Serialize;
 
+use super::{
+    GATE_FAILED,
+    args::{TraceArgs, split_spec},
+};
 use crate::{
-    allocators::{self, Allocator},
-    analysis::categories::{self, Rule},
-    diff,
-    load::{Options, Targets, Tracer},
-    maps::AddressSpace,
-    marks,
-    mmaps::MmapWatcher,
-    output::{self, Live, OutputFiles},
+    analysis::categories::Rule,
+    ingest::{marks, mmaps::MmapWatcher},
+    output::{self, OutputFiles, json},
+    probe::{
+        Options, Targets, Tracer,
+        allocators::{self, Allocator},
+    },
     report,
-    session::{End, PidFd, Session, Settings, write_json_line},
-    target,
+    serve::{self, Live},
+    session::{End, Session, Settings},
+    sys::{
+        elf,
+        maps::AddressSpace,
+        process,
+        target::{self, PidFd},
+    },
 };
 
 /// Default ring size with `--unwind dwarf`: room for about 8000 records with 8 KiB copies.
 const DWARF_RING_BYTES: u32 = 64 << 20;
-
-/// Exit status of a CI gate that fails (`--fail-on-leak`, `diff --fail-if-grows`), kept apart
-/// from 1 (memprof itself failed).
-pub const GATE_FAILED: i32 = 3;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "memprof",
-    version,
-    about = "Trace the memory allocations of a running process or a command with eBPF"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Trace allocations until the process exits, --duration elapses, or Ctrl-C.
-    Trace(Box<TraceArgs>),
-    /// Compare two reports saved with `trace --output`: what grew and where.
-    Diff(DiffArgs),
-    /// Start a time phase NAME in a running trace (from another shell or a script).
-    Mark(MarkArgs),
-}
-
-#[derive(Debug, Args)]
-struct DiffArgs {
-    /// The earlier report.
-    before: PathBuf,
-    /// The later report.
-    after: PathBuf,
-    /// Write the comparison as one JSON object.
-    #[arg(long)]
-    json: bool,
-    /// Exit with status 3 when outstanding heap bytes grew by more than PCT percent.
-    #[arg(long, value_name = "PCT")]
-    fail_if_grows: Option<f64>,
-    /// Show only the N sites that changed most (text).
-    #[arg(long, default_value_t = 20)]
-    top: usize,
-}
-
-#[derive(Debug, Args)]
-struct MarkArgs {
-    /// Name of the phase that starts now.
-    name: String,
-    /// The traced process (needed when several traces run).
-    #[arg(long, short)]
-    pid: Option<u32>,
-}
-
-#[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  sudo memprof trace --pid 4242\n  \
-    sudo memprof trace -- python3 app.py --flag\n  \
-    sudo memprof trace --pid 4242 --duration 30s --interval 5s --json | jq .")]
-struct TraceArgs {
-    /// Attach to this running process.
-    #[arg(long, short)]
-    pid: Option<u32>,
-    /// Trace every process on the machine (except memprof), including those that start later;
-    /// the report ranks them (`processes`).
-    #[arg(long, conflicts_with = "pid")]
-    all: bool,
-    /// With --all: only processes named NAME (as `ps -o comm` shows it), including those that
-    /// exec into that name later, and their children.
-    #[arg(long, value_name = "NAME", requires = "all")]
-    comm: Option<String>,
-    /// With --all: only processes in this cgroup (v2; a path under the cgroup2 mount, usually
-    /// /sys/fs/cgroup, or relative to it, e.g. system.slice/nginx.service).
-    #[arg(long, value_name = "PATH", requires = "all", conflicts_with = "comm")]
-    cgroup: Option<PathBuf>,
-    /// Trace the processes the traced process forks, and theirs (default with a COMMAND).
-    #[arg(long, overrides_with = "no_follow_children")]
-    follow_children: bool,
-    /// Trace only the process itself, not its children (the default with --pid).
-    #[arg(long)]
-    no_follow_children: bool,
-    /// Order of `processes` in a multi-process report: outstanding (bytes) or growth.
-    #[arg(long, default_value = "outstanding", value_parser = ["outstanding", "growth"])]
-    rank: String,
-    /// Write NDJSON records to stdout instead of text. In spawn mode the command's stdout goes to
-    /// memprof's stderr, so stdout carries only JSON.
-    #[arg(long)]
-    json: bool,
-    /// Stop after this long (e.g. 30s, 500ms, 2m; a bare number means seconds).
-    #[arg(long, value_parser = parse_duration)]
-    duration: Option<Duration>,
-    /// Emit a snapshot this often.
-    #[arg(long, value_parser = parse_duration)]
-    interval: Option<Duration>,
-    /// Only list outstanding allocations at least this old.
-    #[arg(long, value_parser = parse_duration, default_value = "0s")]
-    min_age: Duration,
-    /// Show only the N largest call sites (default: 10 in text, all in JSON).
-    #[arg(long)]
-    top: Option<usize>,
-    /// Write a gzipped pprof profile (alloc/inuse objects and space) to FILE.
-    #[arg(long, value_name = "FILE")]
-    pprof: Option<PathBuf>,
-    /// Write folded stacks (in-use and allocated bytes) to FILE, for flamegraph tools.
-    #[arg(long, value_name = "FILE")]
-    folded: Option<PathBuf>,
-    /// Write a flamegraph SVG of in-use bytes to FILE.
-    #[arg(long, value_name = "FILE")]
-    flamegraph: Option<PathBuf>,
-    /// Write a DHAT JSON file (open it in valgrind's dh_view.html) to FILE.
-    #[arg(long, value_name = "FILE")]
-    dhat: Option<PathBuf>,
-    /// Write the per-call-site table as CSV to FILE.
-    #[arg(long, value_name = "FILE")]
-    csv: Option<PathBuf>,
-    /// Write a self-contained HTML report to FILE.
-    #[arg(long, value_name = "FILE")]
-    html: Option<PathBuf>,
-    /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9464) while tracing.
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<String>,
-    /// Serve a live dashboard at ADDR (e.g. 127.0.0.1:8080) while tracing.
-    #[arg(long, value_name = "ADDR")]
-    ui: Option<String>,
-    /// Save the final report (one JSON object) to FILE, for `memprof diff`.
-    #[arg(long, value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Memory limit to project growth against (e.g. 2G, 512M, 1.5GiB); the report gives the
-    /// hours until RSS reaches it.
-    #[arg(long, value_parser = parse_bytes)]
-    limit: Option<u64>,
-    /// Emit an alert when outstanding heap bytes exceed this (e.g. 100M).
-    #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
-    alert_threshold: Option<u64>,
-    /// Emit an alert when the heap grows faster than this many MB per hour.
-    #[arg(long, value_name = "MB_PER_HOUR")]
-    growth_threshold: Option<f64>,
-    /// Exit with status 3 when a call site's verdict is `leak`.
-    #[arg(long)]
-    fail_on_leak: bool,
-    /// A phase active while a thread is inside FUNCTION (repeatable): NAME=FUNCTION.
-    #[arg(long, value_name = "NAME=FUNCTION")]
-    phase: Vec<String>,
-    /// Group outstanding bytes by a rule on function or module names (repeatable):
-    /// NAME=REGEX. Groups matching no rule fall into their module.
-    #[arg(long, value_name = "NAME=REGEX")]
-    category: Vec<String>,
-    /// How often each call site's outstanding bytes are sampled for growth analysis.
-    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
-    sample_every: Duration,
-    /// Attach the probes with programs that return at once: measures the cost of the probes
-    /// themselves (the report counts nothing). For benchmarks.
-    #[arg(long)]
-    probe_floor: bool,
-    /// Probe every function at its first byte instead of after a decoded NULL check. For
-    /// benchmarks.
-    #[arg(long)]
-    no_placement: bool,
-    /// Measure memprof's kernel programs: turns on the kernel's BPF run-time statistics while
-    /// tracing (they cost each program two clock reads) and reports each program's runs and
-    /// mean time per run (`probe_stats`). For benchmarks.
-    #[arg(long)]
-    probe_stats: bool,
-    /// Per-thread slots for allocator calls in flight in the kernel (a power of two); threads
-    /// whose slot is taken use a slower hash. For tests of that path.
-    #[arg(long, hide = true, default_value_t = memprof_common::DEFAULT_CALL_SLOTS, value_parser = parse_call_slots)]
-    call_slots: u32,
-    /// How stacks are unwound: `fp` walks frame pointers in the kernel (cheapest; deeper frames
-    /// of code built without them are wrong); `dwarf` copies registers and --stack-bytes of
-    /// stack per allocation and unwinds them from the objects' CFI (.eh_frame), so code without
-    /// frame pointers gets whole stacks.
-    #[arg(long, default_value = "fp", value_parser = ["fp", "dwarf"])]
-    unwind: String,
-    /// With --unwind dwarf: bytes of stack copied per allocation (512 to 16384); deeper frames
-    /// than the copy holds end in an `unknown` frame.
-    #[arg(long, default_value_t = memprof_common::DEFAULT_STACK_COPY, value_parser = parse_stack_bytes)]
-    stack_bytes: u32,
-    /// Sample allocations by bytes: on average one allocation per SIZE allocated bytes is
-    /// recorded (e.g. 512K), and counts and bytes become unbiased estimates. Cheaper for
-    /// allocation-heavy processes. Default: record every allocation.
-    #[arg(long, value_parser = parse_sample_bytes, value_name = "SIZE")]
-    sample_bytes: Option<u64>,
-    /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
-    /// [default: 16 MiB; 64 MiB with --unwind dwarf, whose records carry stack copies]
-    #[arg(long, value_parser = parse_ring_bytes)]
-    ring_bytes: Option<u32>,
-    /// The command to spawn and trace from its first allocation.
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
-}
-
-fn parse_call_slots(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n) if n.is_power_of_two() && n <= 1 << 20 => Ok(n),
-        _ => Err(format!("expected a power of two up to 1048576, got {s:?}")),
-    }
-}
-
-/// Parses `500ms`, `30s`, `2m`, `1h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v * scale)),
-        _ => Err(format!("invalid duration {s:?} (try 30s, 500ms, 2m)")),
-    }
-}
-
-/// Parses `512M`, `2G`, `1.5GiB`, `4096` (bytes; K/M/G/T are powers of 1024).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("invalid size {s:?} (try 512M, 2G, 4096)")),
-    };
-    match num.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * scale as f64) as u64),
-        _ => Err(format!("invalid size {s:?} (try 512M, 2G, 4096)")),
-    }
-}
-
-fn split_spec(spec: &str, what: &str) -> Result<(String, String)> {
-    categories::parse_rule_spec(spec).map_err(|e| anyhow::anyhow!("invalid {what} {spec:?}: {e}"))
-}
-
-fn parse_stack_bytes(s: &str) -> Result<u32, String> {
-    let n = parse_bytes(s)?;
-    if !(512..=u64::from(memprof_common::MAX_STACK_COPY)).contains(&n) {
-        return Err(format!(
-            "must be between 512 and {} bytes",
-            memprof_common::MAX_STACK_COPY
-        ));
-    }
-    Ok(n as u32)
-}
-
-fn parse_sample_bytes(s: &str) -> Result<u64, String> {
-    let v = parse_bytes(s)?;
-    if v == 0 || v > MAX_SAMPLE_MEAN {
-        return Err(format!(
-            "sampling interval {s:?} must be between 1 byte and {} GiB",
-            MAX_SAMPLE_MEAN >> 30
-        ));
-    }
-    Ok(v)
-}
-
-fn parse_ring_bytes(s: &str) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    if v < 4096 || !v.is_power_of_two() {
-        return Err(format!("{v} is not a power of two of at least 4096"));
-    }
-    Ok(v)
-}
 
 /// The start record of the NDJSON stream.
 #[derive(Serialize)]
@@ -341,43 +79,7 @@ fn offsets(v: &[(String, u64)]) -> std::collections::BTreeMap<&str, u64> {
     v.iter().map(|(f, off)| (f.as_str(), *off)).collect()
 }
 
-/// Runs the command line; returns the process exit code.
-pub fn run() -> Result<i32> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Trace(args) => trace(*args),
-        Command::Diff(args) => diff_reports(&args),
-        Command::Mark(args) => {
-            marks::send(Path::new(marks::SOCKET_DIR), args.pid, &args.name)?;
-            Ok(0)
-        }
-    }
-}
-
-fn diff_reports(args: &DiffArgs) -> Result<i32> {
-    let before = diff::load_report(&args.before)?;
-    let after = diff::load_report(&args.after)?;
-    let d = diff::diff(&before, &after)?;
-    if args.json {
-        write_json_line(&d)?;
-    } else {
-        let mut out = std::io::stdout().lock();
-        write!(out, "{}", diff::render_text(&d, args.top))?;
-        out.flush()?;
-    }
-    match args.fail_if_grows {
-        Some(pct) if diff::grows_beyond(&d, pct) => {
-            eprintln!(
-                "memprof: outstanding heap bytes grew by more than {pct}% ({} -> {})",
-                d.outstanding_bytes_before, d.outstanding_bytes_after
-            );
-            Ok(GATE_FAILED)
-        }
-        _ => Ok(0),
-    }
-}
-
-fn trace(args: TraceArgs) -> Result<i32> {
+pub fn trace(args: TraceArgs) -> Result<i32> {
     let modes = usize::from(args.pid.is_some())
         + usize::from(args.all)
         + usize::from(!args.command.is_empty());
@@ -479,18 +181,18 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
     let mut pids = Vec::new();
     let mut allocators: Vec<Allocator> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for pid in target::all_pids() {
-        if pid == own || target::is_kernel_thread(pid) {
+    for pid in process::all_pids() {
+        if pid == own || process::is_kernel_thread(pid) {
             continue;
         }
         if let Some(name) = &args.comm
-            && target::comm(pid).as_deref()
+            && process::comm(pid).as_deref()
                 != Some(name.chars().take(15).collect::<String>().as_str())
         {
             continue;
         }
         if let Some((_, path)) = &cgroup
-            && target::cgroup_of(pid).as_deref() != Some(path.as_str())
+            && process::cgroup_of(pid).as_deref() != Some(path.as_str())
         {
             continue;
         }
@@ -501,7 +203,7 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
         };
         for a in found {
             let a = allocators::stable_path(pid, a);
-            if let Some(id) = target::file_id(&a.path)
+            if let Some(id) = elf::file_id(&a.path)
                 && seen.insert(id)
             {
                 allocators.push(a);
@@ -546,7 +248,7 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
 fn cgroup_id(path: &Path) -> Result<(u64, String)> {
     use std::os::unix::fs::MetadataExt as _;
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let root = target::cgroup2_root(&mounts)
+    let root = process::cgroup2_root(&mounts)
         .ok_or_else(|| anyhow::anyhow!("--cgroup needs cgroup v2, which is not mounted"))?;
     let full = if path.is_absolute() {
         path.to_path_buf()
@@ -658,10 +360,10 @@ fn trace_pid(
 
     let live = (args.metrics.is_some() || args.ui.is_some()).then(Live::default);
     if let (Some(addr), Some(live)) = (&args.metrics, &live) {
-        output::serve_metrics(addr, live.clone(), args.limit)?;
+        serve::serve_metrics(addr, live.clone(), args.limit)?;
     }
     if let (Some(addr), Some(live)) = (&args.ui, &live) {
-        output::serve_ui(addr, live.clone())?;
+        serve::serve_ui(addr, live.clone())?;
     }
     let files = OutputFiles {
         pprof: args.pprof.clone(),
@@ -690,7 +392,7 @@ fn trace_pid(
         mark_dir: Some(PathBuf::from(marks::SOCKET_DIR)),
         command: match spawned {
             Some(_) => args.command.clone(),
-            None => target::command_line(pid),
+            None => process::command_line(pid),
         },
         live: live.clone(),
         status_line: !args.json && std::io::stderr().is_terminal(),
@@ -727,7 +429,7 @@ fn trace_pid(
     };
     let report = report::finish(session.snapshot(), exited, code);
     if let Some(path) = &args.output {
-        save_report(path, &report)?;
+        json::save_report(path, &report)?;
     }
     session.publish_live(true);
     let profile = files.any().then(|| session.profile(&report));
@@ -746,12 +448,6 @@ fn trace_pid(
     } else {
         0
     })
-}
-
-fn save_report(path: &Path, report: &report::Report) -> Result<()> {
-    let mut bytes = serde_json::to_vec(report)?;
-    bytes.push(b'\n');
-    fs::write(path, bytes).with_context(|| format!("failed to write {}", path.display()))
 }
 
 /// Lets memprof exit without waiting for the kernel to remove its uprobes.
@@ -829,75 +525,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-
-    #[test]
-    fn byte_sizes() {
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
-        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
-        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_bytes("10kb"), Ok(10 << 10));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("5X").is_err());
-    }
-
-    #[test]
-    fn ring_sizes() {
-        assert_eq!(parse_ring_bytes("65536"), Ok(65536));
-        assert!(parse_ring_bytes("65535").is_err());
-        assert!(parse_ring_bytes("1024").is_err());
-    }
-
-    #[test]
-    fn call_slot_counts() {
-        assert_eq!(parse_call_slots("1"), Ok(1));
-        assert_eq!(parse_call_slots("16384"), Ok(16384));
-        assert_eq!(parse_call_slots("1048576"), Ok(1 << 20));
-        for bad in ["0", "3", "2097152", "-1", "x"] {
-            assert!(parse_call_slots(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn exit_codes() {
         assert_eq!(exit_code(7 << 8), 7);
         assert_eq!(exit_code(9), 137);
-    }
-
-    #[test]
-    fn cli_parses() {
-        Cli::try_parse_from([
-            "memprof",
-            "trace",
-            "--pid",
-            "1",
-            "--json",
-            "--duration",
-            "3s",
-        ])
-        .unwrap();
-        let cli = Cli::try_parse_from(["memprof", "trace", "--", "ls", "-l"]).unwrap();
-        let Command::Trace(args) = cli.command else {
-            panic!("not a trace command");
-        };
-        assert_eq!(args.command, vec!["ls", "-l"]);
-        Cli::try_parse_from([
-            "memprof",
-            "diff",
-            "a.json",
-            "b.json",
-            "--fail-if-grows",
-            "5",
-        ])
-        .unwrap();
-        Cli::try_parse_from(["memprof", "mark", "render", "--pid", "7"]).unwrap();
     }
 }

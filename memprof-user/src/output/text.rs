@@ -1,0 +1,432 @@
+//! The text a person reads: the report (at the end of a trace or at each `--interval`) and the
+//! comparison of two saved reports (`memprof diff`).
+
+use std::{cmp::Reverse, fmt::Write as _};
+
+use crate::{
+    analysis::diff::{Diff, SiteDelta},
+    report::{
+        ProcessReport, Report,
+        names::{change_bytes, human_bytes, signed_bytes},
+    },
+};
+
+/// The per-process table of a multi-process report: the first 20 processes as ranked.
+fn render_processes(out: &mut String, processes: &[ProcessReport]) {
+    const SHOWN: usize = 20;
+    let exited = processes.iter().filter(|p| p.exited).count();
+    let _ = writeln!(
+        out,
+        "\n{} processes traced ({exited} exited):\n  {:>8}  {:<16} {:>12} {:>10} {:>12}  TOP SITE",
+        processes.len(),
+        "PID",
+        "COMMAND",
+        "OUTSTANDING",
+        "ALLOCS",
+        "GROWTH MB/h",
+    );
+    for p in processes.iter().take(SHOWN) {
+        let top = p
+            .leaks
+            .first()
+            .map(|l| {
+                let name = l
+                    .stack
+                    .iter()
+                    .find_map(|f| f.function.as_deref())
+                    .unwrap_or("??");
+                format!("{name} ({})", human_bytes(l.bytes))
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:>8}  {:<16} {:>12} {:>10} {:>12}  {}{}",
+            p.pid,
+            p.comm,
+            human_bytes(p.totals.heap.outstanding_bytes + p.mmap.outstanding_bytes),
+            p.totals.heap.allocs,
+            p.growth_rate_mb_per_hour
+                .map_or("-".to_string(), |g| format!("{g:+.3}")),
+            top,
+            if p.exited { "  [exited]" } else { "" }
+        );
+    }
+    if processes.len() > SHOWN {
+        let _ = writeln!(
+            out,
+            "  ... and {} more (--json lists all)",
+            processes.len() - SHOWN
+        );
+    }
+}
+
+/// The text a person reads at the end of a trace (or at each `--interval`).
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let t = &r.totals.heap;
+    let losses = &r.totals;
+    let what = if r.record == "report" {
+        "report"
+    } else {
+        "snapshot"
+    };
+    let _ = write!(out, "memprof {what}: pid {}, {:.2} s", r.pid, r.elapsed_s);
+    match (r.exited, r.exit_code) {
+        (Some(true), Some(Some(code))) => {
+            let _ = write!(out, ", exited with status {code}");
+        }
+        (Some(true), _) => out.push_str(", exited"),
+        _ => {}
+    }
+    out.push('\n');
+    if let Some(s) = r.sampling {
+        let _ = writeln!(
+            out,
+            "  sampled      one allocation per {} on average: counts and bytes are estimates",
+            human_bytes(s.mean_bytes)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  allocations  {} ({})    frees {} ({})    unmatched frees {}",
+        t.allocs,
+        human_bytes(t.bytes_allocated),
+        t.frees,
+        human_bytes(t.bytes_freed),
+        t.unmatched_frees
+    );
+    let _ = writeln!(
+        out,
+        "  outstanding  {} in {} allocations    peak during trace {}",
+        human_bytes(t.outstanding_bytes),
+        t.outstanding_allocs,
+        human_bytes(t.peak_outstanding_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "  mmap         {} outstanding in {} mappings ({} mapped, {} unmapped)",
+        human_bytes(r.mmap.outstanding_bytes),
+        r.mmap.outstanding_maps,
+        human_bytes(r.mmap.bytes_mapped),
+        human_bytes(r.mmap.bytes_unmapped)
+    );
+    let _ = writeln!(
+        out,
+        "  lost events  {}    lost stacks {}    unknown frames {}",
+        losses.lost_events, losses.lost_stacks, r.unknown_frames
+    );
+    if !r.probe_stats.is_empty() {
+        let programs: Vec<String> = r
+            .probe_stats
+            .iter()
+            .map(|p| format!("{} {:.0} ns x {}", p.program, p.ns_per_run, p.runs))
+            .collect();
+        let _ = writeln!(out, "  programs     {}", programs.join(", "));
+    }
+    if let Some(rss) = r.rss_bytes {
+        let _ = write!(out, "  process      RSS {}", human_bytes(rss));
+        if let Some(pss) = r.pss_bytes {
+            let _ = write!(out, ", PSS {}", human_bytes(pss));
+        }
+        if let Some(untraced) = r.untraced_bytes {
+            let _ = write!(out, ", {} not traced", human_bytes(untraced));
+        }
+        out.push('\n');
+    }
+    if let Some(rate) = r.growth_rate_mb_per_hour {
+        let _ = write!(out, "  growth       heap {rate:+.3} MB/h");
+        if let Some(hours) = r.projected_limit_hours {
+            match hours {
+                Some(h) => {
+                    let _ = write!(out, ", reaches --limit in ~{h:.1} h");
+                }
+                None => out.push_str(", not growing toward --limit"),
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{}",
+            if r.leak_detected {
+                "    LEAK DETECTED"
+            } else {
+                ""
+            }
+        );
+    }
+    for p in &r.phases {
+        let _ = writeln!(
+            out,
+            "  phase {:<10} ({}) {} allocs {} frees, net {}, peak net {}, peak outstanding {}",
+            p.name,
+            p.kind,
+            p.allocs,
+            p.frees,
+            signed_bytes(p.net_bytes),
+            signed_bytes(p.peak_net_bytes),
+            human_bytes(p.peak_outstanding_bytes)
+        );
+    }
+    if !r.categories.is_empty() {
+        let list: Vec<String> = r
+            .categories
+            .iter()
+            .take(6)
+            .map(|c| format!("{} {}", c.name, human_bytes(c.bytes)))
+            .collect();
+        let _ = writeln!(out, "  by category  {}", list.join(", "));
+    }
+    for h in &r.churn_hotspots {
+        let b = &h.behaviour;
+        let _ = writeln!(
+            out,
+            "  churn        {}: {} allocations via {} ({}/s), {} freed, p90 lifetime {}",
+            h.site,
+            b.allocs_total,
+            h.allocator,
+            b.alloc_rate_per_s
+                .map_or("?".to_string(), |r| format!("{r:.0}")),
+            b.frees_total,
+            b.lifetime_p90_s
+                .map_or("?".to_string(), |s| format!("<= {:.3} ms", s * 1000.0))
+        );
+    }
+    for rec in &r.recommendations {
+        if rec.message.starts_with(&rec.site) {
+            let _ = writeln!(out, "  advice       [{}] {}", rec.kind, rec.message);
+        } else {
+            let _ = writeln!(
+                out,
+                "  advice       [{}] {}: {}",
+                rec.kind, rec.site, rec.message
+            );
+        }
+    }
+    if let Some(processes) = &r.processes {
+        render_processes(&mut out, processes);
+    }
+    if r.leaks.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nNo outstanding allocations at least {} s old.",
+            r.min_age_s
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nTop {} of {} call sites by outstanding bytes (age >= {} s):",
+        r.leaks.len(),
+        r.leak_groups,
+        r.min_age_s
+    );
+    for (i, leak) in r.leaks.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {} ({:+.0} B/s, r2 {:.2})",
+            i + 1,
+            human_bytes(leak.bytes),
+            leak.allocs,
+            leak.allocator,
+            leak.kind,
+            leak.oldest_age_s,
+            serde_json::to_value(leak.verdict)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            leak.growth_bytes_per_s,
+            leak.r2
+        );
+        if leak.stack.is_empty() {
+            let _ = writeln!(out, "       (stack not captured)");
+        }
+        for f in &leak.stack {
+            let name = f.function.as_deref().unwrap_or("??");
+            let module = match (f.kind, f.module.as_deref()) {
+                ("python", _) => "python",
+                (_, Some(m)) => m.rsplit('/').next().unwrap_or(m),
+                (_, None) => "?",
+            };
+            let _ = match (&f.file, f.line) {
+                (Some(file), Some(line)) => {
+                    let file = file.rsplit('/').next().unwrap_or(file);
+                    writeln!(out, "       {name} ({file}:{line}) [{module}]")
+                }
+                _ => writeln!(out, "       {name} [{module}] {}", f.addr),
+            };
+        }
+    }
+    out
+}
+
+/// The text a person reads: the total change, then the `top` sites that changed most (by
+/// absolute bytes), listed growth first.
+pub fn render_diff(d: &Diff, top: usize) -> String {
+    let mut out = String::new();
+    let pct = match d.growth_pct {
+        Some(p) => format!("{p:+.1}%"),
+        None if d.outstanding_bytes_after > 0 => "from nothing".to_string(),
+        None => "unchanged".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "memprof diff: outstanding heap {} -> {} ({}, {pct})    mmap {}",
+        human_bytes(d.outstanding_bytes_before),
+        human_bytes(d.outstanding_bytes_after),
+        change_bytes(d.delta_bytes),
+        change_bytes(d.mmap_delta_bytes),
+    );
+    let count = |status: &str| d.sites.iter().filter(|s| s.status == status).count();
+    let _ = writeln!(
+        out,
+        "  call sites   {} new, {} gone, {} grew, {} shrank, {} same",
+        count("new"),
+        count("gone"),
+        count("grew"),
+        count("shrank"),
+        count("same"),
+    );
+
+    let mut changed: Vec<(usize, &SiteDelta)> = d
+        .sites
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.delta_bytes != 0 || s.delta_allocs != 0)
+        .collect();
+    if changed.is_empty() {
+        out.push_str("\nNo call site changed.\n");
+        return out;
+    }
+    let total_changed = changed.len();
+    // The largest changes either way, shown in the diff's own order (growth first).
+    changed.sort_by_key(|&(i, s)| (Reverse(s.delta_bytes.unsigned_abs()), i));
+    changed.truncate(top);
+    changed.sort_by_key(|&(i, _)| i);
+
+    let _ = writeln!(
+        out,
+        "\nTop {} of {} changed call sites by bytes:",
+        changed.len(),
+        total_changed
+    );
+    let _ = writeln!(
+        out,
+        "{:>12} {:>11} {:>11} {:>8}  {:<7} {:<16} stack (innermost first)",
+        "change", "before", "after", "allocs", "status", "allocator"
+    );
+    for (_, s) in changed {
+        let _ = writeln!(
+            out,
+            "{:>12} {:>11} {:>11} {:>+8}  {:<7} {:<16} {}",
+            change_bytes(s.delta_bytes),
+            human_bytes(s.bytes_before),
+            human_bytes(s.bytes_after),
+            s.delta_allocs,
+            s.status,
+            format!("{} ({})", s.allocator, s.kind),
+            stack_text(&s.stack),
+        );
+    }
+    out
+}
+
+/// Frames shown per site in the text; the JSON has them all.
+const TEXT_FRAMES: usize = 4;
+
+fn stack_text(stack: &[String]) -> String {
+    if stack.is_empty() {
+        return "(stack not captured)".to_string();
+    }
+    let mut text = stack[..stack.len().min(TEXT_FRAMES)].join(" <- ");
+    if stack.len() > TEXT_FRAMES {
+        text.push_str(" <- ...");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use memprof_common::NO_STACK;
+
+    use super::*;
+    use crate::{
+        analysis::{
+            diff::{
+                diff,
+                tests::{after, before, frame, leak, report},
+            },
+            tracking::Tracker,
+        },
+        probe::ProbeStat,
+        report::{
+            fixtures::{alloc, inputs},
+            snapshot,
+        },
+        stacks::{StackStore, Symbolizer},
+        table::Tables,
+    };
+
+    #[test]
+    fn text_mentions_losses_and_sites() {
+        let mut table = Tables::new();
+        table.apply(&alloc(0x10, 64, NO_STACK, 1));
+        let stacks = StackStore::new();
+        let tracker = Tracker::new(&[], 0);
+        let mut sym = Symbolizer::new();
+        let text = render(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
+        assert!(text.contains("lost events  3"), "{text}");
+        assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
+        assert!(!text.contains("programs"), "{text}");
+        let mut probed = inputs(&table, &stacks, &tracker, 0);
+        probed.probe_stats = vec![
+            ProbeStat::new("alloc_return", 4, 1802),
+            ProbeStat::new("free_entry", 2, 401),
+        ];
+        let text = render(&snapshot(&probed, &mut sym));
+        assert!(
+            text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn text_lists_changes_by_size() {
+        let d = diff(&before(), &after()).unwrap();
+        let text = render_diff(&d, 3);
+        let expected = "\
+memprof diff: outstanding heap 9.8 KiB -> 12.2 KiB (+2.4 KiB, +25.0%)    mmap +4.0 KiB
+  call sites   1 new, 1 gone, 1 grew, 1 shrank, 1 same
+
+Top 3 of 4 changed call sites by bytes:
+      change      before       after   allocs  status  allocator        stack (innermost first)
+    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server?
+    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1? <- ?
+    -2.0 KiB     2.9 KiB      1000 B      -18  shrank  realloc (heap)   log_append
+";
+        assert_eq!(text, expected, "got:\n{text}");
+    }
+
+    #[test]
+    fn text_without_changes() {
+        let r = report("report", 0, 0, vec![]);
+        let text = render_diff(&diff(&r, &r).unwrap(), 10);
+        assert!(text.contains("0 B -> 0 B (0 B, unchanged)"), "{text}");
+        assert!(text.ends_with("No call site changed.\n"), "{text}");
+        let long = report(
+            "report",
+            8,
+            0,
+            vec![leak(
+                8,
+                1,
+                "malloc",
+                "heap",
+                (0..6)
+                    .map(|i| frame(Some(&format!("f{i}")), None, "0x1"))
+                    .collect(),
+            )],
+        );
+        let text = render_diff(&diff(&r, &long).unwrap(), 10);
+        assert!(text.contains("0 B -> 8 B (+8 B, from nothing)"), "{text}");
+        assert!(text.contains("f0 <- f1 <- f2 <- f3 <- ...\n"), "{text}");
+    }
+}

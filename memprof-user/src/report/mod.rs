@@ -1,0 +1,258 @@
+//! The report model: what a trace found, as plain data that serializes to the NDJSON records
+//! (`"type":"snapshot"` / `"type":"report"`), and the [`Profile`] every output format is made
+//! from. [`build`] fills them from the table and the analytics state; [`names`] is the one place
+//! that names frames and sites and formats byte counts. Outputs depend on this layer only.
+
+mod build;
+pub mod names;
+pub mod saved;
+
+use serde::Serialize;
+
+pub use self::build::{Inputs, ProcessInfo, finish, process_report, profile, snapshot};
+pub use crate::{
+    analysis::{
+        behaviour::BehaviourSummary, categories::Category, growth::Verdict,
+        recommend::Recommendation, tracking::PhaseReport,
+    },
+    probe::{KernelLosses, ProbeStat},
+    stacks::Frame,
+    table::{HeapTotals, MmapTotals},
+};
+
+/// What a long trace stopped keeping (see `Inputs::forgotten`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Forgotten {
+    /// Exited processes beyond the most recent 256, whose blocks count as freed.
+    pub processes: u64,
+    /// Call-site groups with nothing outstanding and idle for a minute, beyond 20 000.
+    pub groups: u64,
+}
+
+impl Forgotten {
+    fn is_none(&self) -> bool {
+        self.processes == 0 && self.groups == 0
+    }
+}
+
+/// How stacks were unwound with `--unwind dwarf`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UnwindStats {
+    /// Allocations whose stack copy was unwound.
+    pub allocations: u64,
+    /// Distinct stacks they produced.
+    pub stacks: u64,
+    /// Distinct stacks whose unwind stopped before the outermost frame (the copy ended, or no
+    /// rule applied); they end in a frame of kind `unknown`.
+    pub truncated_stacks: u64,
+}
+
+/// The report's `totals`: the table's heap counts and what was lost on the way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    #[serde(flatten)]
+    pub heap: HeapTotals,
+    /// Events that never reached the table: ring full, state map full, undecodable records.
+    pub lost_events: u64,
+    /// Allocations recorded without a stack.
+    pub lost_stacks: u64,
+}
+
+impl Totals {
+    fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
+        Self {
+            heap: *heap,
+            lost_events: k.ring_full + k.inflight_full + k.sampled_full + decode_errors,
+            lost_stacks: k.stack_lost,
+        }
+    }
+}
+
+/// Outstanding allocations sharing one call stack and allocator.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Leak {
+    pub bytes: u64,
+    pub allocs: u64,
+    pub oldest_age_s: f64,
+    pub allocator: &'static str,
+    /// `heap` (malloc family) or `mmap` (anonymous mapping outside the allocator).
+    pub kind: &'static str,
+    /// Growth of the group's outstanding bytes over the trace (least squares), and the verdict
+    /// drawn from it: `leak`, `growing`, `stable`, `churn` or `unknown` (too few samples).
+    pub verdict: Verdict,
+    pub confidence: f64,
+    pub growth_bytes_per_s: f64,
+    pub r2: f64,
+    pub growing_for_s: f64,
+    /// How the group allocates: rates, lifetimes, sizes, realloc chains.
+    pub behaviour: Option<BehaviourSummary>,
+    /// Innermost first; the allocator's own frames are not included.
+    pub stack: Vec<Frame>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    #[serde(rename = "type")]
+    pub record: &'static str,
+    pub pid: u32,
+    pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exited: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<Option<i32>>,
+    /// Present when the trace was sampled (`--sample-bytes`): every byte and allocation count
+    /// in the report (totals, sites, phases, behaviour) is then an estimate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
+    pub totals: Totals,
+    pub mmap: MmapTotals,
+    pub kernel: KernelLosses,
+    /// With `--probe-stats`: each kernel program's runs and mean time per run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probe_stats: Vec<ProbeStat>,
+    pub min_age_s: f64,
+    /// Number of call-stack groups passing `min_age_s`, before `--top` is applied.
+    pub leak_groups: usize,
+    /// Frames in `leaks` whose function could not be named.
+    pub unknown_frames: u64,
+    /// Whether any call-stack group has the verdict `leak`.
+    pub leak_detected: bool,
+    /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes).
+    pub growth_rate_mb_per_hour: Option<f64>,
+    /// Hours until the process's RSS reaches `--limit` at its current growth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projected_limit_hours: Option<Option<f64>>,
+    /// Resident and proportional set size of the process (absent once it exited).
+    pub rss_bytes: Option<u64>,
+    pub pss_bytes: Option<u64>,
+    pub vm_size_bytes: Option<u64>,
+    /// RSS not accounted for by traced heap and mmap bytes (fragmentation, untraced
+    /// allocators, stacks, code).
+    pub untraced_bytes: Option<u64>,
+    pub phases: Vec<PhaseReport>,
+    pub categories: Vec<Category>,
+    pub recommendations: Vec<Recommendation>,
+    /// Call sites allocating the most short-lived memory (freed again), including sites with
+    /// nothing outstanding: candidates for pooling or reuse.
+    pub churn_hotspots: Vec<Hotspot>,
+    pub leaks: Vec<Leak>,
+    /// Every traced process, largest (or fastest-growing, `--rank growth`) first: present when
+    /// the trace covers more than one process (`--all`, followed children).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<ProcessReport>>,
+    /// With `--unwind dwarf`: how many stacks were unwound and how many stopped early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<UnwindStats>,
+    /// Present when a long trace forgot exited processes or idle call sites.
+    #[serde(skip_serializing_if = "Forgotten::is_none")]
+    pub forgotten: Forgotten,
+}
+
+/// How a sampled trace was sampled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Sampling {
+    /// Mean sampling interval in bytes: each allocation of `s` bytes was recorded with
+    /// probability `1 - exp(-s / mean_bytes)` and stands for `1 / p` allocations and `s / p`
+    /// bytes.
+    pub mean_bytes: u64,
+    /// Always true: counts and bytes are unbiased estimates, not exact.
+    pub estimated: bool,
+}
+
+/// A call site that allocates and frees a lot.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Hotspot {
+    pub site: String,
+    pub allocator: &'static str,
+    pub behaviour: BehaviourSummary,
+    /// Innermost frames (up to 5).
+    pub stack: Vec<Frame>,
+}
+
+/// One traced process in a multi-process trace (`--all`, followed children).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    /// The traced process that forked it, when it was followed from its fork.
+    pub parent: Option<u32>,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    pub exited: bool,
+    /// How many times it replaced its image during the trace (its blocks from before an exec
+    /// count as freed at the exec).
+    pub execs: u32,
+    /// This process's counts. `lost_events` and `lost_stacks` are trace-wide: the kernel does
+    /// not know whose record it dropped.
+    pub totals: Totals,
+    pub mmap: MmapTotals,
+    /// Least-squares growth of its outstanding heap bytes over the trace.
+    pub growth_rate_mb_per_hour: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    /// Whether one of its call-stack groups has the verdict `leak`.
+    pub leak_detected: bool,
+    pub leak_groups: usize,
+    pub leaks: Vec<Leak>,
+}
+
+/// One call-stack group: every allocation made at one stack through one allocator.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Site {
+    /// Innermost first, allocator frames excluded.
+    pub stack: Vec<Frame>,
+    pub allocator: &'static str,
+    /// `heap` or `mmap`.
+    pub kind: &'static str,
+    /// Allocations made during the trace, and their bytes.
+    pub alloc_objects: u64,
+    pub alloc_bytes: u64,
+    /// Still outstanding at the end (or now, for live state).
+    pub inuse_objects: u64,
+    pub inuse_bytes: u64,
+    /// Highest outstanding bytes and blocks the site reached.
+    pub max_inuse_bytes: u64,
+    pub max_inuse_objects: u64,
+    /// Frees of the site's blocks, and the summed lifetimes of those freed blocks.
+    pub frees: u64,
+    pub freed_lifetime_ns: u128,
+    /// Outstanding bytes of the site at the sample where the process's heap peaked.
+    pub bytes_at_peak: u64,
+    pub verdict: Verdict,
+    pub growth_bytes_per_s: f64,
+    /// When the site first and last allocated (ns since the trace started).
+    pub first_alloc_ns: u64,
+    pub last_alloc_ns: u64,
+}
+
+/// One sample of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TimePoint {
+    /// Seconds since the trace started.
+    pub t_s: f64,
+    pub heap_bytes: u64,
+    pub rss_bytes: Option<u64>,
+}
+
+/// Everything an output is made from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Profile {
+    pub pid: u32,
+    /// The traced command (spawn mode) or the process's command line.
+    pub command: Vec<String>,
+    pub duration_s: f64,
+    /// Seconds since the start when the process's heap peaked (among samples).
+    pub peak_t_s: f64,
+    /// Every site, including those with nothing outstanding, sorted by `inuse_bytes` then
+    /// `alloc_bytes`, both descending.
+    pub sites: Vec<Site>,
+    pub timeline: Vec<TimePoint>,
+    /// The report (snapshot or final) the profile goes with.
+    pub report: Report,
+}
+
+#[cfg(test)]
+pub(crate) use build::tests as fixtures;
+
+#[cfg(test)]
+pub(crate) mod sample;

@@ -1,0 +1,131 @@
+//! The one place that names frames and call sites and formats byte counts, for every output.
+
+use std::fmt::Write as _;
+
+use memprof_common::AllocFn;
+
+use super::{Frame, Site};
+use crate::analysis::recommend;
+
+/// Site labels (Prometheus, dashboard) are cut to this many bytes.
+pub const MAX_SITE_LABEL: usize = 200;
+
+/// Human-readable byte count.
+pub fn human_bytes(b: u64) -> String {
+    recommend::fmt_bytes(b as f64)
+}
+
+/// Human-readable signed byte count: `-1.5 KiB`.
+pub fn signed_bytes(b: i64) -> String {
+    let sign = if b < 0 { "-" } else { "" };
+    format!("{sign}{}", human_bytes(b.unsigned_abs()))
+}
+
+/// Human-readable byte change with its sign: `+2.4 KiB`, `-1000 B`, `0 B`.
+pub fn change_bytes(b: i64) -> String {
+    let sign = match b {
+        0 => "",
+        1.. => "+",
+        _ => "-",
+    };
+    format!("{sign}{}", human_bytes(b.unsigned_abs()))
+}
+
+/// The last component of a path.
+pub fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// A frame's name: function, else `module+0xADDR`, else `[unknown]`.
+pub fn frame_name(frame: &Frame) -> String {
+    match (&frame.function, &frame.module) {
+        (Some(function), _) => function.clone(),
+        (None, Some(module)) => format!("{}+{}", base_name(module), frame.addr),
+        (None, None) => "[unknown]".to_owned(),
+    }
+}
+
+/// A stack's innermost named function, else `module@addr` of its innermost frame; None for an
+/// empty stack.
+fn stack_label(frames: &[Frame]) -> Option<String> {
+    frames.iter().find_map(|f| f.function.clone()).or_else(|| {
+        frames.first().map(|f| {
+            let module = f.module.as_deref().unwrap_or("?");
+            format!("{}@{}", base_name(module), f.addr)
+        })
+    })
+}
+
+/// A short name for a group's call site (hotspots, recommendations): [`stack_label`], else
+/// `(no stack, ALLOCATOR)`.
+pub fn group_name(frames: &[Frame], func: AllocFn) -> String {
+    stack_label(frames).unwrap_or_else(|| format!("(no stack, {})", func.name()))
+}
+
+/// A site's label for metrics and the dashboard: [`stack_label`], else `(no stack)`; at most
+/// [`MAX_SITE_LABEL`] bytes.
+pub fn site_label(site: &Site) -> String {
+    let mut name = stack_label(&site.stack).unwrap_or_else(|| "(no stack)".to_string());
+    if name.len() > MAX_SITE_LABEL {
+        let mut end = MAX_SITE_LABEL;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+        let _ = write!(name, "...");
+    }
+    name
+}
+
+/// A site's name in folded stacks, CSV and HTML: its innermost named function, else the name of
+/// its innermost frame, else `[unknown]` (no stack).
+pub fn site_name(site: &Site) -> String {
+    site.stack
+        .iter()
+        .find_map(|f| f.function.clone())
+        .or_else(|| site.stack.first().map(frame_name))
+        .unwrap_or_else(|| "[unknown]".to_owned())
+}
+
+/// The frame a site is named after (see [`site_name`]), if it has a stack.
+pub fn site_frame(site: &Site) -> Option<&Frame> {
+    site.stack
+        .iter()
+        .find(|f| f.function.is_some())
+        .or_else(|| site.stack.first())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::sample::{frame, sample_profile};
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(1000), "1000 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(8 << 20), "8.0 MiB");
+        assert_eq!(signed_bytes(-1536), "-1.5 KiB");
+        assert_eq!(signed_bytes(1536), "1.5 KiB");
+        assert_eq!(change_bytes(1536), "+1.5 KiB");
+        assert_eq!(change_bytes(0), "0 B");
+    }
+
+    #[test]
+    fn frame_and_site_names() {
+        let p = sample_profile();
+        assert_eq!(frame_name(&p.sites[0].stack[2]), "libc.so.6+0x7f0000001234");
+        assert_eq!(frame_name(&frame(None, None, None, 0x10)), "[unknown]");
+        assert_eq!(site_name(&p.sites[0]), "leak_widgets");
+        assert_eq!(site_name(&p.sites[2]), "[unknown]");
+        let unnamed_inner = Site {
+            stack: vec![
+                frame(None, Some("/lib/x.so"), None, 0x20),
+                frame(Some("f"), None, None, 0x30),
+            ],
+            ..p.sites[0].clone()
+        };
+        assert_eq!(site_name(&unnamed_inner), "f");
+        assert_eq!(site_frame(&unnamed_inner).unwrap().addr, "0x30");
+    }
+}

@@ -1,0 +1,32 @@
+//! Endpoints served while tracing: Prometheus metrics ([`metrics`]) and the live dashboard
+//! ([`dashboard`]). Both read a [`LiveState`] that the session replaces at each sample tick.
+
+pub mod dashboard;
+pub mod metrics;
+
+use crate::report::Profile;
+
+/// What the live endpoints serve, replaced at each sample tick while tracing.
+#[derive(Debug, Default)]
+pub struct LiveState {
+    /// The newest profile (its `report` is a snapshot).
+    pub profile: Option<std::sync::Arc<Profile>>,
+    /// Number of updates so far.
+    pub updates: u64,
+    /// Whether the trace has ended (the last profile is final).
+    pub finished: bool,
+}
+
+/// Shared between the trace and the endpoint threads.
+pub type Live = std::sync::Arc<std::sync::Mutex<LiveState>>;
+
+/// Serves Prometheus metrics from `live` at `addr` (`--metrics`) on a background thread.
+/// `limit` is `--limit` in bytes, exported as `memprof_rss_limit_bytes`.
+pub fn serve_metrics(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<()> {
+    metrics::serve(addr, live, limit)
+}
+
+/// Serves the live dashboard from `live` at `addr` (`--ui`) on a background thread.
+pub fn serve_ui(addr: &str, live: Live) -> anyhow::Result<()> {
+    dashboard::serve(addr, live)
+}

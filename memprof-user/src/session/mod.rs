@@ -1,0 +1,381 @@
+//! One trace from attach to final report: the loop that wires the layers together (ring buffer
+//! → decode → stacks → table → analytics → report → outputs), and its end conditions (process
+//! exit, `--duration`, SIGINT/SIGTERM).
+//!
+//! - [`observe`]: records taken from the ring and applied, process life cycles, sampling.
+//! - [`mappings`]: each process's view of its address space; stacks placed and unwound.
+//! - [`pythons`]: CPython processes, their threads, and mixed Python/native stacks.
+//! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
+//! - [`procs`]: what the session knows of each traced process.
+
+mod mappings;
+mod observe;
+mod procs;
+mod pythons;
+mod reports;
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, RawFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Interest, unix::AsyncFd},
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+
+pub use self::reports::Alert;
+use self::{procs::Proc, pythons::PyState};
+use crate::{
+    analysis::{categories::Rule, tracking::Tracker},
+    ingest::{marks, mmaps::MmapWatcher},
+    probe::Tracer,
+    report::{self},
+    serve::Live,
+    stacks::{
+        StackStore, Symbolizer,
+        unwind::{ObjectCache, ProcessUnwinder},
+    },
+    sys::{clock::monotonic_ns, maps::Mapping, target::PidFd},
+    table::{Change, Tables},
+};
+
+/// Exited processes kept in the report of a multi-process trace; older ones are forgotten.
+const EXITED_KEPT: usize = 256;
+
+/// Call-site groups kept with their history; beyond that, groups with nothing outstanding and
+/// no allocation for `GROUP_IDLE_NS` are forgotten, oldest first.
+const GROUPS_KEPT: usize = 20_000;
+const GROUP_IDLE_NS: u64 = 60_000_000_000;
+
+/// How often the ring buffer is drained when no record asked for a wakeup. The kernel side wakes
+/// the agent only for urgent records or a ring a sixteenth full, sparing the traced threads a
+/// context switch per allocation.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
+/// How the user asked the trace to run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub json: bool,
+    pub duration: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub min_age: Duration,
+    pub top: Option<usize>,
+    /// How often each group's outstanding bytes are sampled for growth analysis.
+    pub sample_every: Duration,
+    /// `--limit`: the memory limit the projection aims at.
+    pub limit: Option<u64>,
+    /// `--alert-threshold`: outstanding heap bytes that raise an alert.
+    pub alert_bytes: Option<u64>,
+    /// `--growth-threshold`: heap growth in MB/h that raises an alert.
+    pub alert_growth_mb_per_hour: Option<f64>,
+    /// Names of the `--phase` function phases, in cookie order.
+    pub phases: Vec<String>,
+    /// Directory of the `memprof mark` socket; None disables marks.
+    pub mark_dir: Option<std::path::PathBuf>,
+    /// The traced command line (for outputs that name it).
+    pub command: Vec<String>,
+    /// Shared state for live endpoints (`--metrics`, `--ui`), refreshed at each sample.
+    pub live: Option<Live>,
+    /// Show a status line on stderr (a terminal, not JSON on a pipe).
+    pub status_line: bool,
+    /// Report each process (`processes`): the trace covers more than one.
+    pub per_process: bool,
+    /// `--rank growth`: order `processes` by growth instead of outstanding bytes.
+    pub rank_by_growth: bool,
+    /// `--unwind dwarf`: allocations carry stack copies the agent unwinds.
+    pub dwarf: bool,
+}
+
+/// Why the trace ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The process exited; `status` is its wait status when memprof is its parent.
+    Exited {
+        status: Option<i32>,
+    },
+    Duration,
+    Signal,
+}
+
+pub struct Session {
+    /// The process the trace is about (0 with `--all`).
+    pid: u32,
+    tracer: Tracer,
+    table: Tables,
+    stacks: StackStore,
+    /// Every process seen, by pid.
+    procs: foldhash::HashMap<u32, Proc>,
+    /// `--unwind dwarf`: per-process unwinders, the objects they read, and counts.
+    unwinders: foldhash::HashMap<u32, ProcessUnwinder>,
+    unwind_objects: ObjectCache,
+    unwind_stats: report::UnwindStats,
+    /// The kernel's records of executable mappings (None when perf events are unavailable).
+    watch: Option<MmapWatcher>,
+    /// Mapping records of processes not seen yet (a child whose fork is still in the ring).
+    pending_maps: foldhash::HashMap<u32, Vec<Mapping>>,
+    /// CPython processes: their frame readers and registered threads.
+    pythons: foldhash::HashMap<u32, PyState>,
+    /// (device, inode) of mapped files found to hold no allocator.
+    plain_objects: std::collections::HashSet<(u64, u64)>,
+    /// Exited processes still reported, oldest first (see `EXITED_KEPT`).
+    exited: std::collections::VecDeque<u32>,
+    /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
+    evicted_processes: u64,
+    pruned_groups: u64,
+    symbolizer: Symbolizer,
+    decode_errors: u64,
+    start_ns: u64,
+    settings: Settings,
+    /// Whether memprof spawned the process (and so reaps it).
+    parent: bool,
+    /// The spawned command's exec was seen.
+    command_started: bool,
+    /// Readable once `pid` exits (None with `--all`).
+    pidfd: Option<PidFd>,
+    tracker: Tracker,
+    changes: Vec<Change>,
+    rules: Vec<Rule>,
+    /// Alerts currently raised (re-armed when the value falls back).
+    over_bytes: bool,
+    over_growth: bool,
+    /// Where `memprof mark` reaches this trace (None when marks are unavailable).
+    marks: Option<marks::Listener>,
+    /// Records decoded so far, and at the last status line.
+    events: u64,
+    events_at_status: (u64, u64),
+}
+
+impl Session {
+    pub fn new(
+        pid: u32,
+        tracer: Tracer,
+        settings: Settings,
+        rules: Vec<Rule>,
+        parent: bool,
+        pidfd: Option<PidFd>,
+    ) -> Self {
+        let start_ns = monotonic_ns();
+        let sample_bytes = tracer.sample_bytes;
+        Self {
+            tracker: Tracker::new(&settings.phases, start_ns),
+            changes: Vec::new(),
+            rules,
+            over_bytes: false,
+            over_growth: false,
+            command_started: false,
+            // Marks are optional: a trace goes on without them. Bound here, before the trace
+            // announces itself, so `memprof mark` works as soon as it has.
+            marks: settings.mark_dir.as_ref().and_then(|dir| {
+                marks::Listener::bind(dir, pid)
+                    .map_err(|e| eprintln!("memprof: warning: `memprof mark` unavailable: {e:#}"))
+                    .ok()
+            }),
+            events: 0,
+            events_at_status: (0, start_ns),
+            pidfd,
+            pid,
+            tracer,
+            table: Tables::with_sampling(sample_bytes),
+            stacks: StackStore::new(),
+            // A running process is read now (it may exit before its first stack is seen); a
+            // spawned command has not executed yet, so it is read at its first library load.
+            procs: if pid == 0 {
+                Default::default()
+            } else {
+                let mut p = Proc::discover(pid);
+                if parent {
+                    p.space = Default::default();
+                    p.space_stale = true;
+                }
+                [(pid, p)].into_iter().collect()
+            },
+            symbolizer: Symbolizer::new(),
+            unwinders: Default::default(),
+            unwind_objects: ObjectCache::default(),
+            unwind_stats: report::UnwindStats::default(),
+            watch: None,
+            pending_maps: Default::default(),
+            pythons: Default::default(),
+            plain_objects: Default::default(),
+            exited: Default::default(),
+            evicted_processes: 0,
+            pruned_groups: 0,
+            decode_errors: 0,
+            start_ns,
+            settings,
+            parent,
+        }
+    }
+
+    /// Runs until the process exits, the duration elapses or a signal arrives.
+    /// What must be in place before the trace is announced (and the target goes on): the
+    /// traced process's files kept open, a running interpreter's threads registered.
+    pub fn prepare(&mut self) {
+        self.pin_initial();
+        if !self.parent && self.pid != 0 {
+            self.scan_python(self.pid);
+        }
+    }
+
+    pub async fn run(&mut self) -> Result<End> {
+        let ring_fd: RawFd = self.tracer.events.as_raw_fd();
+        // SAFETY: the ring buffer's fd outlives this AsyncFd, which is dropped at the end of
+        // this function.
+        let ring = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("failed to poll the ring buffer")?;
+        let exited = match &self.pidfd {
+            // SAFETY: as above, the pidfd outlives the registration.
+            Some(pidfd) => Some(
+                unsafe { AsyncFd::register_with_interest(pidfd.as_raw_fd(), Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+                    .context("failed to poll the process")?,
+            ),
+            None => None,
+        };
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let deadline = self
+            .settings
+            .duration
+            .map(|d| tokio::time::Instant::now() + d);
+        let every = |i: Duration| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut ticker = self.settings.interval.map(every);
+        let mut sampler = Some(every(self.settings.sample_every));
+        let mut drainer = Some(every(DRAIN_EVERY));
+        let mark_socket = match &self.marks {
+            Some(listener) => Some(
+                UnixListener::from_std(listener.socket.try_clone()?)
+                    .context("failed to poll the mark socket")?,
+            ),
+            None => None,
+        };
+        // No sample now: a spawned command has not executed yet (its RSS would be memprof's).
+
+        let end = loop {
+            tokio::select! {
+                guard = ring.readable() => {
+                    let mut guard = guard?;
+                    self.drain();
+                    guard.clear_ready();
+                }
+                _ = exit_of(&exited) => {
+                    break End::Exited { status: self.reap() };
+                }
+                _ = sigint.recv() => break End::Signal,
+                _ = sigterm.recv() => break End::Signal,
+                _ = sleep_until(deadline) => break End::Duration,
+                _ = tick(&mut ticker) => {
+                    self.drain();
+                    let snap = self.snapshot();
+                    self.emit(&snap)?;
+                }
+                _ = tick(&mut drainer) => self.drain(),
+                _ = tick(&mut sampler) => {
+                    self.drain();
+                    self.sample();
+                    self.check_alerts()?;
+                    self.publish_live(false);
+                    self.status_line();
+                }
+                conn = accept(&mark_socket) => {
+                    if let Ok(stream) = conn {
+                        self.serve_mark(stream).await;
+                    }
+                }
+            }
+        };
+        if self.settings.status_line {
+            // Clear the status line before the report.
+            eprint!("\r\x1b[2K");
+        }
+        // Every event of the process was submitted before it went away: take them all.
+        self.drain();
+        drop(ring);
+        drop(exited);
+        Ok(end)
+    }
+
+    /// The wait status of our exited child, or `None` when memprof is not its parent.
+    fn reap(&self) -> Option<i32> {
+        if !self.parent {
+            return None;
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        (r == self.pid as i32).then_some(status)
+    }
+
+    /// Stops listening for marks and removes the socket file.
+    pub fn close_marks(&mut self) {
+        self.marks = None;
+    }
+
+    /// Turns the kernel's BPF statistics (`--probe-stats`) back off.
+    pub fn stop_probe_stats(&mut self) {
+        self.tracer.stop_probe_stats();
+    }
+
+    /// Answers one `memprof mark` connection.
+    async fn serve_mark(&mut self, stream: tokio::net::UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(read);
+        let read = reader.read_line(&mut line);
+        let answer = match tokio::time::timeout(Duration::from_secs(2), read).await {
+            Ok(Ok(_)) => match marks::parse_request(&line) {
+                Some(name) => {
+                    // Everything the process did before the mark belongs to the old phase.
+                    self.drain();
+                    let outstanding = self.table.heap_totals.outstanding_bytes;
+                    self.tracker.mark(name, monotonic_ns(), outstanding);
+                    "ok\n"
+                }
+                None => "error: expected `mark NAME`\n",
+            },
+            _ => return,
+        };
+        let _ = write.write_all(answer.as_bytes()).await;
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept(socket: &Option<UnixListener>) -> io::Result<tokio::net::UnixStream> {
+    match socket {
+        Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+async fn exit_of(fd: &Option<AsyncFd<RawFd>>) {
+    match fd {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,240 @@
+//! Taking the records waiting in the ring and applying them, in order: the table's changes feed
+//! the analytics tracker; process life-cycle records keep the process views, the allocator
+//! probes and the Python registrations up to date; sampling feeds the growth series.
+
+use memprof_common::NO_STACK;
+
+use super::{
+    EXITED_KEPT, GROUP_IDLE_NS, GROUPS_KEPT, Session,
+    mappings::{Unwinding, pin_files, unwind_copy},
+    procs::Proc,
+};
+use crate::{
+    ingest::event::{Event, decode_record},
+    probe::allocators,
+    sys::{clock::monotonic_ns, maps::Mapping, procmem::ProcMem},
+};
+
+impl Session {
+    /// Takes every record waiting in the ring buffer.
+    pub fn drain(&mut self) {
+        self.drain_mappings();
+        loop {
+            let Some(item) = self.tracer.events.next() else {
+                break;
+            };
+            self.events += 1;
+            let record = match decode_record(&item) {
+                Ok(r) => r,
+                Err(_) => {
+                    self.decode_errors += 1;
+                    continue;
+                }
+            };
+            let (tgid, mut event, py_stack) = (record.tgid, record.event, record.py_stack);
+            if let (Some(copy), Event::Alloc(a)) = (record.copy, &mut event) {
+                a.stack = unwind_copy(
+                    &mut Unwinding {
+                        watch: self.watch.as_mut(),
+                        procs: &mut self.procs,
+                        pending: &mut self.pending_maps,
+                        unwinders: &mut self.unwinders,
+                        objects: &mut self.unwind_objects,
+                        stacks: &mut self.stacks,
+                        stats: &mut self.unwind_stats,
+                        symbolizer: &mut self.symbolizer,
+                    },
+                    tgid,
+                    copy,
+                );
+            }
+            drop(item);
+            if let Event::Alloc(a) = &mut event {
+                a.stack = self.with_python(tgid, a.stack, py_stack);
+            }
+            self.observe(tgid, &event);
+        }
+    }
+
+    pub(super) fn observe(&mut self, tgid: u32, event: &Event) {
+        if !self.procs.contains_key(&tgid) {
+            let p = Proc::discover(tgid);
+            pin_files(&mut self.symbolizer, &p);
+            self.add_proc(tgid, p);
+        }
+        match *event {
+            Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
+                self.learn_stack(tgid, a.stack);
+            }
+            Event::ExecMap => {
+                // Read now, while the process surely lives; keep the old view if it is gone.
+                if let Some(p) = self.procs.get_mut(&tgid) {
+                    p.space_stale = true;
+                    if p.reread(tgid, monotonic_ns()) {
+                        pin_files(&mut self.symbolizer, p);
+                    }
+                }
+                self.detect_allocators(tgid);
+                // An interpreter loads its modules as it starts: register its threads early.
+                self.scan_python(tgid);
+            }
+            Event::Phase {
+                tid, phase, enter, ..
+            } => {
+                let outstanding = self.table.heap_totals.outstanding_bytes;
+                self.tracker.on_phase(tid, phase, enter, outstanding);
+            }
+            Event::Fork { child } => {
+                let p = Proc::forked(tgid, &self.procs[&tgid]);
+                self.procs.remove(&child);
+                self.add_proc(child, p);
+            }
+            Event::Exec { comm } => {
+                let changes = &mut self.changes;
+                self.table
+                    .release_process(tgid, monotonic_ns(), &mut |c| changes.push(c));
+                // A spawned command's own exec starts it: not a re-exec.
+                let first = self.parent && tgid == self.pid && !self.command_started;
+                self.command_started |= first;
+                if let Some(state) = self.pythons.remove(&tgid) {
+                    for tid in state.tids.keys() {
+                        self.tracer.remove_python_thread(*tid);
+                    }
+                }
+                if let Some(p) = self.procs.get_mut(&tgid) {
+                    p.exec(tgid, &comm);
+                    if first {
+                        p.execs = 0;
+                    }
+                }
+                self.detect_allocators(tgid);
+            }
+            Event::Exit => {
+                if let Some(p) = self.procs.get_mut(&tgid)
+                    && !p.exited
+                {
+                    p.exited = true;
+                    if tgid != self.pid {
+                        self.exited.push_back(tgid);
+                    }
+                }
+                self.evict_exited(monotonic_ns());
+            }
+            _ => {}
+        }
+        let changes = &mut self.changes;
+        self.table.apply_from(tgid, event, &mut |c| changes.push(c));
+        let outstanding = self.table.heap_totals.outstanding_bytes;
+        for change in self.changes.drain(..) {
+            self.tracker.on_change(&change, outstanding);
+        }
+    }
+
+    /// Keeps memory bounded on a long trace of many processes: the oldest exited processes
+    /// beyond `EXITED_KEPT` stop being reported (their blocks count as freed, as the system
+    /// freed them), and what memprof kept for them goes.
+    pub(super) fn evict_exited(&mut self, now: u64) {
+        while self.exited.len() > EXITED_KEPT {
+            let Some(pid) = self.exited.pop_front() else {
+                break;
+            };
+            let changes = &mut self.changes;
+            self.table
+                .forget_process(pid, now, &mut |c| changes.push(c));
+            self.procs.remove(&pid);
+            self.unwinders.remove(&pid);
+            self.pending_maps.remove(&pid);
+            if let Some(state) = self.pythons.remove(&pid) {
+                for tid in state.tids.keys() {
+                    self.tracer.remove_python_thread(*tid);
+                }
+            }
+            self.evicted_processes += 1;
+        }
+    }
+
+    /// After an exec, probes the allocators of the new image that no probe covers yet (a
+    /// static binary, another libc, jemalloc...). Its libraries are mapped one by one after the
+    /// exec, so this runs at each load until an allocator is found.
+    pub(super) fn detect_allocators(&mut self, tgid: u32) {
+        let Some(p) = self.procs.get_mut(&tgid) else {
+            return;
+        };
+        if p.detect_budget == 0 {
+            return;
+        }
+        p.detect_budget -= 1;
+        // An exec'd image usually maps only objects already looked at (the C library everyone
+        // uses): parse the ELF files again only when a new one appeared.
+        let ids: Vec<(u64, u64)> = p
+            .space
+            .mappings()
+            .iter()
+            .filter_map(Mapping::file_id)
+            .collect();
+        if !ids.is_empty()
+            && ids
+                .iter()
+                .all(|id| self.tracer.is_probed(*id) || self.plain_objects.contains(id))
+        {
+            return;
+        }
+        let Ok(found) = allocators::of_pid(tgid) else {
+            return;
+        };
+        // A dynamic program's allocators arrive with its libraries, the C library among the
+        // last: look again at each load until it is there.
+        if found
+            .iter()
+            .any(|a| matches!(a.kind, allocators::Kind::Glibc | allocators::Kind::Musl))
+        {
+            p.detect_budget = 0;
+        }
+        match self.tracer.add_allocators(&found) {
+            Ok(added) if !added.is_empty() => eprintln!(
+                "memprof: pid {tgid} ({}): now also probing {}",
+                p.comm,
+                added.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("memprof: warning: pid {tgid}: {e:#}"),
+        }
+        for id in ids {
+            if !self.tracer.is_probed(id) {
+                self.plain_objects.insert(id);
+            }
+        }
+    }
+
+    /// Samples outstanding bytes per group and per process, and the processes' RSS.
+    pub(super) fn sample(&mut self) {
+        // New Python threads since the last look.
+        let pythons: Vec<u32> = self.pythons.keys().copied().collect();
+        for pid in pythons {
+            self.scan_python(pid);
+        }
+        let now = monotonic_ns();
+        let t = (now - self.start_ns) as f64 / 1e9;
+        let mut rss = None;
+        for (pid, p) in &mut self.procs {
+            if p.exited {
+                continue;
+            }
+            let table = self.table.process(*pid);
+            if *pid != self.pid && table.is_none() {
+                continue;
+            }
+            if let Ok(mem) = ProcMem::read(*pid) {
+                p.last_mem = Some(mem);
+                if *pid == self.pid {
+                    rss = Some(mem.rss_bytes);
+                }
+            }
+            let outstanding = table.map_or(0, |t| t.heap_totals.outstanding_bytes);
+            p.series.push(t, outstanding as f64);
+        }
+        self.tracker
+            .sample(now, self.table.heap_totals.outstanding_bytes, rss);
+        self.pruned_groups += self.tracker.prune(GROUPS_KEPT, now, GROUP_IDLE_NS) as u64;
+    }
+}

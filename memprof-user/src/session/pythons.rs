@@ -1,0 +1,159 @@
+//! CPython processes: finding the interpreter, registering its threads with the kernel program,
+//! and turning the Python frames the kernel recorded into a stack with the native frames.
+
+use memprof_common::NO_STACK;
+
+use super::Session;
+use crate::{
+    stacks::{
+        mixed::{python_key, python_position},
+        python::{self, PyFrame, Resolver},
+    },
+    sys::clock::monotonic_ns,
+};
+
+/// What memprof knows of a CPython process.
+#[derive(Default)]
+pub(super) struct PyState {
+    pub(super) resolver: Option<Resolver>,
+    /// Detection attempts so far (the interpreter may not be mapped or initialized yet).
+    tries: u32,
+    last_scan_ns: u64,
+    /// Threads registered with the kernel program: tid -> thread state.
+    pub(super) tids: std::collections::HashMap<u32, u64>,
+}
+
+impl Session {
+    /// The stack key of an allocation: the native stack `native`, or, when the thread ran
+    /// Python (`py` names its frames in the kernel's map), a stack with those Python frames
+    /// placed where the interpreter's own frames begin. A Python thread not registered yet
+    /// makes memprof look for the process's threads again.
+    pub(super) fn with_python(&mut self, tgid: u32, native: u64, py: u64) -> u64 {
+        if py == memprof_common::NO_STACK {
+            self.scan_python(tgid);
+            return native;
+        }
+        let key = python_key(native, py);
+        if self.stacks.contains(key) {
+            return key;
+        }
+        if native != NO_STACK && !self.stacks.contains(native) {
+            self.learn_stack(tgid, native);
+        }
+        let pairs = self.tracer.py_stack(py);
+        let Some(state) = self.pythons.get_mut(&tgid) else {
+            return native;
+        };
+        let Some(resolver) = &mut state.resolver else {
+            return native;
+        };
+        let mut frames: Vec<PyFrame> = Vec::new();
+        for (code, instr) in pairs {
+            // Shim frames (code 0) and frames that have not started are left out, as CPython's
+            // tracebacks leave them out. A code object memprof cannot read any more (its
+            // process exited) stays as an unnamed Python frame, counted in `unknown_frames`.
+            if code == 0 || resolver.incomplete_frame(code, instr) {
+                continue;
+            }
+            frames.push(resolver.resolve(code, instr).unwrap_or_else(|_| PyFrame {
+                function: String::new(),
+                file: String::new(),
+                line: None,
+            }));
+        }
+        let natives = self
+            .stacks
+            .get(native)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        let at = python_position(&natives, self.stacks.modules(), &resolver.process.object);
+        self.stacks.insert_mixed(key, &natives, &frames, at);
+        key
+    }
+
+    /// Finds CPython in process `tgid` (once per image) and registers its threads with the
+    /// kernel program, at most every 20 ms per process.
+    pub(super) fn scan_python(&mut self, tgid: u32) {
+        const RESCAN_NS: u64 = 20_000_000;
+        const DETECT_TRIES: u32 = 20;
+        // Called for every allocation: a process that cannot be CPython is told apart once
+        // per change of its name or address space.
+        let Some(p) = self.procs.get_mut(&tgid) else {
+            return;
+        };
+        if !p.may_run_python() {
+            return;
+        }
+        let now = monotonic_ns();
+        let state = self.pythons.entry(tgid).or_default();
+        if now.saturating_sub(state.last_scan_ns) < RESCAN_NS {
+            return;
+        }
+        state.last_scan_ns = now;
+        if state.resolver.is_none() {
+            if state.tries >= DETECT_TRIES {
+                return;
+            }
+            state.tries += 1;
+            let Ok(resolver) = Resolver::new(tgid) else {
+                return;
+            };
+            let o = resolver.process.offsets;
+            let mut walk = memprof_common::PyWalk {
+                runtime: resolver.process.runtime,
+                runtime_interpreters_head: o.runtime_interpreters_head,
+                interp_threads_head: o.interp_threads_head,
+                tstate_next: o.tstate_next,
+                tstate_native_thread_id: o.tstate_native_thread_id,
+                tstate_frame: o.tstate_frame,
+                cframe_current_frame: o.cframe_current_frame,
+                frame_previous: o.frame_previous,
+                frame_code: o.frame_code,
+                frame_instr: o.frame_instr,
+                instr_is_pointer: u32::from(o.instr_kind == python::INSTR_POINTER),
+                frame_owner: o.frame_owner,
+                frame_span: 0,
+                frames_in_data_stack: u32::from(
+                    o.frame_model == python::FRAME_MODEL_INTERPRETER_FRAME,
+                ),
+                _pad: 0,
+            };
+            let Some(span) = walk.span_of_frame_fields() else {
+                return;
+            };
+            walk.frame_span = span;
+            if self.tracer.set_python(tgid, walk).is_err() {
+                return;
+            }
+            state.resolver = Some(resolver);
+        }
+        let Some(resolver) = &mut state.resolver else {
+            return;
+        };
+        let Ok(tstates) = resolver.thread_states() else {
+            return;
+        };
+        let mut live = std::collections::HashSet::new();
+        for tstate in tstates {
+            if let Ok(thread) = resolver.thread(tstate)
+                && let Some(tid) = thread.tid
+            {
+                live.insert(tid);
+                if state.tids.get(&tid) != Some(&tstate) {
+                    let _ = self.tracer.set_python_thread(tid, tstate);
+                    state.tids.insert(tid, tstate);
+                }
+            }
+        }
+        let gone: Vec<u32> = state
+            .tids
+            .keys()
+            .filter(|t| !live.contains(t))
+            .copied()
+            .collect();
+        for tid in gone {
+            state.tids.remove(&tid);
+            self.tracer.remove_python_thread(tid);
+        }
+    }
+}

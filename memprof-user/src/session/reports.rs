@@ -1,0 +1,222 @@
+//! What the trace tells while it runs and at its end: snapshots and the report, the profile the
+//! outputs and live endpoints take, alerts, and the status line.
+
+use std::io::{self, Write as _};
+
+use serde::Serialize;
+
+use super::Session;
+use crate::{
+    output::{json, text},
+    report::{self, Inputs, ProcessInfo, Profile, Report, names::human_bytes},
+    sys::{clock::monotonic_ns, procmem::ProcMem},
+};
+
+/// An `"type":"alert"` record.
+#[derive(Clone, Debug, Serialize)]
+pub struct Alert {
+    #[serde(rename = "type")]
+    pub record: &'static str,
+    /// `threshold` (outstanding bytes over `--alert-threshold`) or `growth` (heap growth over
+    /// `--growth-threshold`).
+    pub kind: &'static str,
+    pub pid: u32,
+    pub elapsed_s: f64,
+    pub value: f64,
+    pub limit: f64,
+    pub message: String,
+}
+
+impl Session {
+    pub(super) fn inputs(&self, now: u64) -> Inputs<'_> {
+        Inputs {
+            pid: self.pid,
+            table: &self.table,
+            stacks: &self.stacks,
+            kernel: report::KernelLosses {
+                mapping_records_lost: self.watch.as_ref().map_or(0, |w| w.lost),
+                ..self.tracer.losses()
+            },
+            probe_stats: self.tracer.probe_stats(),
+            decode_errors: self.decode_errors,
+            now_ns: now,
+            elapsed_s: (now - self.start_ns) as f64 / 1e9,
+            min_age_ns: self.settings.min_age.as_nanos() as u64,
+            tracker: &self.tracker,
+            unwind: self.settings.dwarf.then_some(self.unwind_stats),
+            forgotten: report::Forgotten {
+                processes: self.evicted_processes,
+                groups: self.pruned_groups,
+            },
+            limit: self.settings.limit,
+            rules: &self.rules,
+            mem: ProcMem::read(self.pid)
+                .ok()
+                .or(self.procs.get(&self.pid).and_then(|p| p.last_mem)),
+            top: self
+                .settings
+                .top
+                .or(if self.settings.json { None } else { Some(10) }),
+        }
+    }
+
+    pub fn snapshot(&mut self) -> Report {
+        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        let inputs = self.inputs(monotonic_ns());
+        let mut report = report::snapshot(&inputs, &mut symbolizer);
+        if self.settings.per_process {
+            let mut processes: Vec<_> = self
+                .procs
+                .iter()
+                .filter(|(pid, _)| **pid == self.pid || self.table.process(**pid).is_some())
+                .map(|(pid, p)| {
+                    let info = ProcessInfo {
+                        pid: *pid,
+                        parent: p.parent,
+                        comm: &p.comm,
+                        cmdline: &p.cmdline,
+                        exited: p.exited,
+                        execs: p.execs,
+                        mem: if p.exited {
+                            None
+                        } else {
+                            ProcMem::read(*pid).ok().or(p.last_mem)
+                        },
+                        growth_bytes_per_s: p.growth_bytes_per_s(),
+                    };
+                    report::process_report(
+                        &inputs,
+                        &mut symbolizer,
+                        &info,
+                        self.table.process(*pid),
+                    )
+                })
+                .collect();
+            let outstanding = |p: &report::ProcessReport| {
+                p.totals.heap.outstanding_bytes + p.mmap.outstanding_bytes
+            };
+            if self.settings.rank_by_growth {
+                processes.sort_by(|a, b| {
+                    let (ga, gb) = (
+                        a.growth_rate_mb_per_hour.unwrap_or(f64::MIN),
+                        b.growth_rate_mb_per_hour.unwrap_or(f64::MIN),
+                    );
+                    gb.total_cmp(&ga).then(a.pid.cmp(&b.pid))
+                });
+            } else {
+                processes
+                    .sort_by(|a, b| outstanding(b).cmp(&outstanding(a)).then(a.pid.cmp(&b.pid)));
+            }
+            report.processes = Some(processes);
+        }
+        self.symbolizer = symbolizer;
+        report
+    }
+
+    /// The profile the output writers take, for `report`.
+    pub fn profile(&mut self, report: &Report) -> Profile {
+        // The symbolizer (a cache) is taken out while the inputs borrow the rest.
+        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        let inputs = self.inputs(monotonic_ns());
+        let profile = report::profile(&inputs, &mut symbolizer, report, &self.settings.command);
+        self.symbolizer = symbolizer;
+        profile
+    }
+
+    /// Refreshes the live endpoints' state.
+    pub fn publish_live(&mut self, finished: bool) {
+        let Some(live) = self.settings.live.clone() else {
+            return;
+        };
+        let snapshot = self.snapshot();
+        let profile = std::sync::Arc::new(self.profile(&snapshot));
+        if let Ok(mut state) = live.lock() {
+            state.profile = Some(profile);
+            state.updates += 1;
+            state.finished = finished;
+        }
+    }
+
+    /// Writes a snapshot or report to stdout in the chosen format.
+    pub fn emit(&self, report: &Report) -> io::Result<()> {
+        if self.settings.json {
+            json::write_line(report)
+        } else {
+            let mut out = io::stdout().lock();
+            writeln!(out, "{}", text::render(report))?;
+            out.flush()
+        }
+    }
+
+    /// Elapsed time, event rate, outstanding bytes and losses on one stderr line.
+    pub(super) fn status_line(&mut self) {
+        if !self.settings.status_line {
+            return;
+        }
+        let now = monotonic_ns();
+        let (events_then, then) = self.events_at_status;
+        let rate = (self.events - events_then) as f64 / ((now - then).max(1) as f64 / 1e9);
+        self.events_at_status = (self.events, now);
+        let losses = self.tracer.losses();
+        eprint!(
+            "\r\x1b[2Kmemprof: {:.0} s  {:.0} events/s  outstanding {}  lost {}",
+            (now - self.start_ns) as f64 / 1e9,
+            rate,
+            human_bytes(self.table.heap_totals.outstanding_bytes),
+            losses.ring_full + losses.inflight_full + self.decode_errors
+        );
+    }
+
+    /// Raises `--alert-threshold` and `--growth-threshold` alerts, once per crossing.
+    pub(super) fn check_alerts(&mut self) -> io::Result<()> {
+        let elapsed_s = (monotonic_ns() - self.start_ns) as f64 / 1e9;
+        let mut alerts = Vec::new();
+        if let Some(limit) = self.settings.alert_bytes {
+            let value = self.table.heap_totals.outstanding_bytes;
+            let over = value > limit;
+            if over && !self.over_bytes {
+                alerts.push(Alert {
+                    record: "alert",
+                    kind: "threshold",
+                    pid: self.pid,
+                    elapsed_s,
+                    value: value as f64,
+                    limit: limit as f64,
+                    message: format!(
+                        "outstanding heap bytes {value} exceed --alert-threshold {limit}"
+                    ),
+                });
+            }
+            self.over_bytes = over;
+        }
+        if let Some(limit) = self.settings.alert_growth_mb_per_hour
+            && self.tracker.heap.points().len() >= 5
+            && let Some(slope) = self.tracker.heap_slope()
+        {
+            let value = slope * 3600.0 / 1e6;
+            let over = value > limit;
+            if over && !self.over_growth {
+                alerts.push(Alert {
+                    record: "alert",
+                    kind: "growth",
+                    pid: self.pid,
+                    elapsed_s,
+                    value,
+                    limit,
+                    message: format!(
+                        "heap grows {value:.3} MB/h, over --growth-threshold {limit} MB/h"
+                    ),
+                });
+            }
+            self.over_growth = over;
+        }
+        for alert in alerts {
+            if self.settings.json {
+                json::write_line(&alert)?;
+            } else {
+                eprintln!("memprof: alert: {}", alert.message);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! Call stacks: the store of raw frames placed in their objects ([`store`]), unwinding of
+//! `--unwind dwarf` stack copies ([`unwind`]), CPython frames read from a process
+//! ([`python`]) and merged with native ones ([`mixed`]), and naming frames ([`symbolize`]).
+
+pub mod mixed;
+pub mod python;
+pub mod store;
+pub mod symbolize;
+pub mod unwind;
+
+pub use store::{RawFrame, StackStore};
+pub use symbolize::{Frame, Symbolizer};

@@ -1,0 +1,91 @@
+//! Facts about processes from `/proc`: command lines, names, cgroups, the root a process lives
+//! under, the list of processes.
+
+use std::{fs, os::unix::fs::MetadataExt as _};
+
+/// The command line of process `pid` (empty if unreadable).
+pub fn command_line(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every process id in /proc, in order.
+pub fn all_pids() -> Vec<u32> {
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids
+}
+
+/// Kernel threads have no address space: an empty maps file.
+pub fn is_kernel_thread(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/maps")).map_or(true, |m| m.is_empty())
+}
+
+/// The process's name (`/proc/PID/comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// The process's cgroup v2 path (`0::/system.slice/x.service` → `/system.slice/x.service`).
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// Where cgroup v2 is mounted, from the text of /proc/self/mounts (`/sys/fs/cgroup` on a
+/// unified hierarchy, `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_root(mounts: &str) -> Option<std::path::PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| std::path::PathBuf::from(dir))
+    })
+}
+
+/// `/proc/PID/root` when it is not memprof's own root.
+pub fn foreign_root(pid: u32) -> Option<String> {
+    let theirs = fs::metadata(format!("/proc/{pid}/root")).ok()?;
+    let ours = fs::metadata("/proc/self/root").ok()?;
+    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then(|| format!("/proc/{pid}/root"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_root(hybrid),
+            Some(std::path::PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_root("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            Some(std::path::PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(cgroup2_root("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn own_process_is_under_our_root() {
+        assert_eq!(foreign_root(std::process::id()), None);
+        assert!(comm(std::process::id()).is_some_and(|c| !c.is_empty()));
+    }
+}
