@@ -6,7 +6,8 @@
 //!
 //! - [`tracking`]: the state kept while tracing, fed by the table's changes: per call-site
 //!   behaviour and series, the process's series, phases.
-//! - [`growth`]: the bounded time series of a group's outstanding bytes and its verdict
+//! - [`series`]: bounded time series and their least-squares lines.
+//! - [`growth`]: a group's verdict from the series of its outstanding bytes
 //!   (`leak`, `growing`, `stable`, `churn`, `unknown`), plus the projection to a limit.
 //! - [`behaviour`]: per-group counts, size and lifetime histograms, realloc chains.
 //! - [`categories`]: outstanding memory summed by user rule or by module.
@@ -20,11 +21,11 @@ pub mod diff;
 pub mod growth;
 pub mod memory;
 pub mod recommend;
+pub mod series;
 pub mod tracking;
 
 pub use behaviour::{BehaviourSummary, Log2Hist, SizeBucket, StackStats};
 pub use categories::{Category, GroupRef, Rule, categorize, parse_rule_spec};
-pub use growth::{
-    Activity, Fit, Growth, Series, Verdict, classify, least_squares, projection_hours,
-};
+pub use growth::{Activity, Growth, Verdict, classify, projection_hours};
 pub use recommend::{Recommendation, SiteFacts, recommend};
+pub use series::{Fit, Series, least_squares};

@@ -10,7 +10,8 @@ use serde::Serialize;
 use crate::{
     analysis::{
         behaviour::StackStats,
-        growth::{self, Activity, Growth, Series},
+        growth::{self, Activity, Growth},
+        series::{Series, least_squares},
     },
     table::Change,
 };
@@ -295,12 +296,12 @@ impl Tracker {
 
     /// Slope of the process's outstanding heap bytes (bytes/s) over the trace.
     pub fn heap_slope(&self) -> Option<f64> {
-        growth::least_squares(self.heap.points()).map(|f| f.slope)
+        least_squares(self.heap.points()).map(|f| f.slope)
     }
 
     /// Slope of the process's RSS (bytes/s) over the trace.
     pub fn rss_slope(&self) -> Option<f64> {
-        growth::least_squares(self.rss.points()).map(|f| f.slope)
+        least_squares(self.rss.points()).map(|f| f.slope)
     }
 
     /// All phases, function phases first, the open mark closed at `end_ns`.

@@ -45,15 +45,25 @@ pub fn frame_name(frame: &Frame) -> String {
     }
 }
 
-/// A stack's innermost named function, else `module@addr` of its innermost frame; None for an
-/// empty stack.
+/// A frame's short label (dashboard, metrics): its function, else `module@addr`.
+pub fn frame_label(frame: &Frame) -> String {
+    match &frame.function {
+        Some(name) => name.clone(),
+        None => format!(
+            "{}@{}",
+            base_name(frame.module.as_deref().unwrap_or("?")),
+            frame.addr
+        ),
+    }
+}
+
+/// A stack's innermost named function, else [`frame_label`] of its innermost frame; None for
+/// an empty stack.
 fn stack_label(frames: &[Frame]) -> Option<String> {
-    frames.iter().find_map(|f| f.function.clone()).or_else(|| {
-        frames.first().map(|f| {
-            let module = f.module.as_deref().unwrap_or("?");
-            format!("{}@{}", base_name(module), f.addr)
-        })
-    })
+    frames
+        .iter()
+        .find_map(|f| f.function.clone())
+        .or_else(|| frames.first().map(frame_label))
 }
 
 /// A short name for a group's call site (hotspots, recommendations): [`stack_label`], else

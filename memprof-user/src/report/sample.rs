@@ -137,39 +137,15 @@ pub(crate) fn sample_profile() -> Profile {
         ..HeapTotals::default()
     };
     let report = Report {
-        record: "report",
-        pid: 4242,
         elapsed_s: 2.0,
         duration_s: Some(2.0),
         exited: Some(true),
         exit_code: Some(Some(0)),
-        sampling: None,
-        totals: Totals {
-            heap,
-            lost_events: 3,
-            lost_stacks: 1,
-        },
-        mmap: MmapTotals::default(),
-        kernel: KernelLosses::default(),
-        probe_stats: Vec::new(),
-        min_age_s: 0.0,
         leak_groups: 3,
         unknown_frames: 1,
         leak_detected: true,
         growth_rate_mb_per_hour: Some(5.4),
-        projected_limit_hours: None,
-        rss_bytes: None,
-        pss_bytes: None,
-        vm_size_bytes: None,
-        untraced_bytes: None,
-        phases: vec![],
-        categories: vec![],
-        recommendations: vec![],
-        churn_hotspots: vec![],
-        leaks: vec![],
-        processes: None,
-        unwind: None,
-        forgotten: Default::default(),
+        ..report("report", 4242, heap, 3, 1)
     };
     Profile {
         pid: 4242,
@@ -185,5 +161,51 @@ pub(crate) fn sample_profile() -> Profile {
             })
             .collect(),
         report,
+    }
+}
+
+/// A report holding `heap` with `lost_events` and `lost_stacks`, every other field zero or
+/// empty.
+pub(crate) fn report(
+    record: &'static str,
+    pid: u32,
+    heap: HeapTotals,
+    lost_events: u64,
+    lost_stacks: u64,
+) -> Report {
+    Report {
+        record,
+        pid,
+        elapsed_s: 0.0,
+        duration_s: None,
+        exited: None,
+        exit_code: None,
+        sampling: None,
+        totals: Totals {
+            heap,
+            lost_events,
+            lost_stacks,
+        },
+        mmap: MmapTotals::default(),
+        kernel: KernelLosses::default(),
+        probe_stats: Vec::new(),
+        min_age_s: 0.0,
+        leak_groups: 0,
+        unknown_frames: 0,
+        leak_detected: false,
+        growth_rate_mb_per_hour: None,
+        projected_limit_hours: None,
+        rss_bytes: None,
+        pss_bytes: None,
+        vm_size_bytes: None,
+        untraced_bytes: None,
+        phases: vec![],
+        categories: vec![],
+        recommendations: vec![],
+        churn_hotspots: vec![],
+        leaks: vec![],
+        processes: None,
+        unwind: None,
+        forgotten: Default::default(),
     }
 }

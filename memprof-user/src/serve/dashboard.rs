@@ -29,9 +29,13 @@ use tiny_http::{Method, Request, Response};
 
 use super::{
     Live, LiveState,
-    metrics::{bind, header, severity},
+    http::{bind, header},
+    metrics::severity,
 };
-use crate::report::{Profile, Site, TimePoint, Verdict, names::site_label};
+use crate::report::{
+    Profile, Site, TimePoint, Verdict,
+    names::{frame_label, site_label},
+};
 
 /// Rows of the sites table.
 pub const TOP_GROWING: usize = 15;
@@ -328,213 +332,14 @@ fn top_growing(sites: &[Site], n: usize) -> (Vec<SiteView>, usize) {
             bytes: s.inuse_bytes,
             allocs: s.inuse_objects,
             growth_bytes_per_s: s.growth_bytes_per_s,
-            stack: s
-                .stack
-                .iter()
-                .take(FRAMES)
-                .map(|f| match &f.function {
-                    Some(name) => name.clone(),
-                    None => {
-                        let module = f.module.as_deref().unwrap_or("?");
-                        let file = module.rsplit('/').next().unwrap_or(module);
-                        format!("{file}@{}", f.addr)
-                    }
-                })
-                .collect(),
+            stack: s.stack.iter().take(FRAMES).map(frame_label).collect(),
         })
         .collect();
     (rows, count)
 }
 
 /// The page: inline CSS and JavaScript, an inline SVG chart, nothing fetched but `events`.
-const PAGE: &str = r##"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>memprof live</title>
-<style>
-:root { --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --heap: #2563eb; --rss: #d97706; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.4 system-ui, sans-serif; color: var(--fg); background: #f8fafc; }
-header { padding: 12px 20px; background: #fff; border-bottom: 1px solid var(--line);
-  display: flex; gap: 16px; align-items: baseline; flex-wrap: wrap; }
-header h1 { font-size: 18px; margin: 0; }
-#command { font-family: ui-monospace, monospace; color: var(--muted); overflow-wrap: anywhere; }
-#status { padding: 1px 8px; border-radius: 9px; background: #e5e7eb; }
-#status.live { background: #dcfce7; } #status.finished { background: #e0e7ff; }
-#status.down { background: #fee2e2; }
-main { padding: 16px 20px; max-width: 1200px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
-.card { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
-.card .k { color: var(--muted); font-size: 12px; } .card .v { font-size: 18px; font-weight: 600; }
-.card.alarm { border-color: #dc2626; background: #fef2f2; }
-section { background: #fff; border: 1px solid var(--line); border-radius: 6px; margin-top: 14px;
-  padding: 10px 14px; }
-section h2 { font-size: 15px; margin: 0 0 6px; }
-svg { width: 100%; height: auto; display: block; }
-#chart text { font-size: 11px; fill: var(--muted); }
-#chart .grid line { stroke: var(--line); }
-#heap-line { stroke: var(--heap); } #rss-line { stroke: var(--rss); }
-.legend span { margin-right: 14px; } .sw { display: inline-block; width: 12px; height: 3px;
-  vertical-align: middle; margin-right: 4px; }
-table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line); }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.site { font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
-.verdict { padding: 0 6px; border-radius: 8px; background: #f1f5f9; }
-.v-leak { background: #fee2e2; color: #991b1b; } .v-growing { background: #ffedd5; color: #9a3412; }
-.v-stable { background: #dcfce7; } .v-churn { background: #e0f2fe; }
-.muted { color: var(--muted); }
-</style>
-</head>
-<body>
-<header>
-  <h1>memprof</h1>
-  <span>pid <b id="pid">–</b></span>
-  <span id="command"></span>
-  <span id="status">connecting</span>
-  <span class="muted"><span id="elapsed">0</span> s traced, <span id="updates">0</span> updates</span>
-</header>
-<main>
-  <div class="cards">
-    <div class="card"><div class="k">outstanding heap</div><div class="v" id="heap">–</div></div>
-    <div class="card"><div class="k">heap blocks</div><div class="v" id="blocks">–</div></div>
-    <div class="card"><div class="k">peak heap</div><div class="v" id="peak">–</div></div>
-    <div class="card"><div class="k">RSS</div><div class="v" id="rss">–</div></div>
-    <div class="card"><div class="k">mmap (outside malloc)</div><div class="v" id="mmap">–</div></div>
-    <div class="card"><div class="k">heap growth</div><div class="v" id="growth">–</div></div>
-    <div class="card" id="leak-card"><div class="k">leak detected</div><div class="v" id="leak">–</div></div>
-    <div class="card" id="lost-card"><div class="k">lost events</div><div class="v" id="lost">–</div></div>
-  </div>
-  <section>
-    <h2>Memory over time</h2>
-    <div class="legend"><span><i class="sw" style="background:var(--heap)"></i>outstanding heap</span>
-      <span><i class="sw" style="background:var(--rss)"></i>RSS</span>
-      <span class="muted"><span id="points">0</span> samples</span></div>
-    <svg id="chart" viewBox="0 0 800 260" role="img" aria-label="memory over time" data-points="0">
-      <g class="grid" id="grid"></g>
-      <polyline id="rss-line" fill="none" stroke-width="2" points=""></polyline>
-      <polyline id="heap-line" fill="none" stroke-width="2" points=""></polyline>
-    </svg>
-  </section>
-  <section>
-    <h2>Top growing call sites <span class="muted" id="site-count"></span></h2>
-    <table id="sites">
-      <thead><tr><th>site</th><th>allocator</th><th>verdict</th><th class="n">outstanding</th>
-        <th class="n">blocks</th><th class="n">growth</th></tr></thead>
-      <tbody></tbody>
-    </table>
-  </section>
-</main>
-<script>
-'use strict';
-const $ = (id) => document.getElementById(id);
-const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-function bytes(b) {
-  if (b === null || b === undefined) return '–';
-  let v = Math.abs(b), i = 0;
-  while (v >= 1024 && i < UNITS.length - 1) { v /= 1024; i++; }
-  return (b < 0 ? '-' : '') + (i ? v.toFixed(1) : v.toFixed(0)) + ' ' + UNITS[i];
-}
-function rate(b) { return b === null || b === undefined ? '–' : bytes(b) + '/s'; }
-function setStatus(text, cls) { const s = $('status'); s.textContent = text; s.className = cls || ''; }
-
-const W = 800, H = 260, L = 72, R = 12, T = 10, B = 28;
-function drawChart(tl) {
-  const n = tl.length;
-  $('points').textContent = n;
-  $('chart').setAttribute('data-points', n);
-  if (!n) return;
-  const t0 = tl[0].t_s, t1 = Math.max(tl[n - 1].t_s, t0 + 1e-9);
-  let max = 1;
-  for (const p of tl) max = Math.max(max, p.heap_bytes, p.rss_bytes || 0);
-  max *= 1.08;
-  const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
-  const y = (v) => H - B - v / max * (H - T - B);
-  const line = (get) => tl.filter((p) => get(p) !== null && get(p) !== undefined)
-    .map((p) => x(p.t_s).toFixed(1) + ',' + y(get(p)).toFixed(1)).join(' ');
-  $('heap-line').setAttribute('points', line((p) => p.heap_bytes));
-  $('rss-line').setAttribute('points', line((p) => p.rss_bytes));
-  let g = '';
-  for (let i = 0; i <= 4; i++) {
-    const v = max * i / 4, yy = y(v).toFixed(1);
-    g += '<line x1="' + L + '" x2="' + (W - R) + '" y1="' + yy + '" y2="' + yy + '"></line>' +
-      '<text x="' + (L - 6) + '" y="' + yy + '" text-anchor="end" dy="4">' + bytes(v) + '</text>';
-  }
-  for (let i = 0; i <= 4; i++) {
-    const t = t0 + (t1 - t0) * i / 4;
-    const anchor = i === 0 ? 'start' : i === 4 ? 'end' : 'middle';
-    g += '<text x="' + x(t).toFixed(1) + '" y="' + (H - 8) + '" text-anchor="' + anchor + '">' +
-      t.toFixed(1) + ' s</text>';
-  }
-  $('grid').innerHTML = g;
-}
-
-function cell(tr, text, cls) {
-  const td = document.createElement('td');
-  td.textContent = text;
-  if (cls) td.className = cls;
-  tr.appendChild(td);
-  return td;
-}
-function drawSites(sites, count) {
-  const body = $('sites').tBodies[0];
-  const rows = [];
-  for (const s of sites) {
-    const tr = document.createElement('tr');
-    cell(tr, s.site, 'site').title = s.stack.join(' \u2190 ');
-    cell(tr, s.allocator);
-    const v = document.createElement('span');
-    v.className = 'verdict v-' + s.verdict;
-    v.textContent = s.verdict;
-    cell(tr, '').appendChild(v);
-    cell(tr, bytes(s.bytes), 'n');
-    cell(tr, String(s.allocs), 'n');
-    cell(tr, rate(s.growth_bytes_per_s), 'n');
-    rows.push(tr);
-  }
-  body.replaceChildren(...rows);
-  $('site-count').textContent = count > sites.length ? '(' + sites.length + ' of ' + count + ')' : '';
-}
-
-function render(s) {
-  if (s.pid === undefined) return;
-  $('pid').textContent = s.pid;
-  $('command').textContent = (s.command || []).join(' ');
-  $('elapsed').textContent = s.elapsed_s.toFixed(1);
-  $('heap').textContent = bytes(s.heap_outstanding_bytes);
-  $('blocks').textContent = s.heap_outstanding_allocations;
-  $('peak').textContent = bytes(s.heap_peak_outstanding_bytes);
-  $('rss').textContent = bytes(s.rss_bytes);
-  $('mmap').textContent = bytes(s.mmap_outstanding_bytes);
-  $('growth').textContent = s.growth_rate_mb_per_hour === null ? '–' :
-    s.growth_rate_mb_per_hour.toFixed(3) + ' MB/h';
-  $('leak').textContent = s.leak_detected ? 'yes' : 'no';
-  $('leak-card').classList.toggle('alarm', s.leak_detected);
-  $('lost').textContent = s.lost_events;
-  $('lost-card').classList.toggle('alarm', s.lost_events > 0);
-  drawChart(s.timeline || []);
-  drawSites(s.sites || [], s.site_count || 0);
-}
-
-let received = 0;
-const events = new EventSource('events');
-events.onopen = () => setStatus('live', 'live');
-events.onmessage = (e) => {
-  received++;
-  $('updates').textContent = received;
-  render(JSON.parse(e.data));
-};
-events.addEventListener('end', () => { events.close(); setStatus('finished', 'finished'); });
-events.onerror = () => {
-  if (events.readyState === EventSource.CLOSED) setStatus('disconnected', 'down');
-  else setStatus('reconnecting', 'down');
-};
-</script>
-</body>
-</html>
-"##;
+const PAGE: &str = include_str!("dashboard.html");
 
 #[cfg(test)]
 mod tests {

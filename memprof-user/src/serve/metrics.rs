@@ -34,9 +34,9 @@
 //! | `memprof_site_outstanding_bytes{site,allocator,kind,verdict}` | gauge | top sites' `inuse_bytes` |
 //! | `memprof_site_growth_bytes_per_second{site,allocator,kind,verdict}` | gauge | top sites' `growth_bytes_per_s` |
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
+use std::net::SocketAddr;
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::Context as _;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric as _},
@@ -44,7 +44,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::{Live, LiveState};
+use super::{
+    Live, LiveState,
+    http::{bind, header},
+};
 use crate::report::{Profile, Site, Verdict, names::site_label};
 
 /// Per-site series: at most this many sites.
@@ -52,52 +55,6 @@ pub const TOP_SITES: usize = 10;
 
 /// The content type of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// Parses a listen address: `HOST:PORT`, or a bare `PORT` / `:PORT` meaning 127.0.0.1:PORT.
-pub fn listen_addr(addr: &str) -> anyhow::Result<SocketAddr> {
-    let s = addr.trim();
-    let loopback = |port: &str| -> anyhow::Result<SocketAddr> {
-        let port: u16 = port
-            .parse()
-            .map_err(|_| anyhow!("{port:?} is not a port number"))?;
-        Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-    };
-    if s.is_empty() {
-        bail!("empty address: expected HOST:PORT or PORT");
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        return loopback(s);
-    }
-    if let Some(port) = s.strip_prefix(':') {
-        return loopback(port);
-    }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok(sa);
-    }
-    if s.parse::<IpAddr>().is_ok() || !s.contains(':') {
-        bail!("{s:?} has no port: expected HOST:PORT or PORT");
-    }
-    s.to_socket_addrs()
-        .with_context(|| format!("cannot resolve {s:?}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{s:?} resolves to no address"))
-}
-
-/// Binds `addr` for the endpoint `flag` (`--metrics`, `--ui`).
-pub(super) fn bind(flag: &str, addr: &str) -> anyhow::Result<(tiny_http::Server, SocketAddr)> {
-    let sa = listen_addr(addr).with_context(|| format!("{flag} {addr}: invalid address"))?;
-    let server = tiny_http::Server::http(sa)
-        .map_err(|e| anyhow!("{flag} {addr}: cannot listen on {sa}: {e}"))?;
-    // With port 0 the system picks the port: report the real one.
-    let bound = server.server_addr().to_ip().unwrap_or(sa);
-    Ok((server, bound))
-}
-
-/// A header for tiny_http responses.
-pub(super) fn header(name: &str, value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
-        .expect("static header names and values are valid")
-}
 
 /// Starts the metrics endpoint on a background thread; returns once `addr` is bound.
 pub fn serve(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<()> {
@@ -491,7 +448,7 @@ pub(super) mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::report::{Frame, HeapTotals, KernelLosses, MmapTotals, Report, TimePoint, Totals};
+    use crate::report::{Frame, HeapTotals, MmapTotals, Report, TimePoint, sample};
 
     pub fn frame(function: Option<&str>) -> Frame {
         Frame {
@@ -538,42 +495,17 @@ pub(super) mod tests {
             reused_addresses: 0,
         };
         let report = Report {
-            record: "snapshot",
-            pid: 42,
             elapsed_s: 3.0,
-            duration_s: None,
-            exited: None,
-            exit_code: None,
-            sampling: None,
-            totals: Totals {
-                heap,
-                lost_events: 7,
-                lost_stacks: 1,
-            },
             mmap: MmapTotals {
                 outstanding_bytes: 8192,
                 ..MmapTotals::default()
             },
-            kernel: KernelLosses::default(),
-            probe_stats: Vec::new(),
-            min_age_s: 0.0,
             leak_groups: sites.len(),
-            unknown_frames: 0,
             leak_detected: true,
             growth_rate_mb_per_hour: Some(3.6),
             projected_limit_hours: Some(Some(2.0)),
             rss_bytes: Some(1 << 20),
-            pss_bytes: None,
-            vm_size_bytes: None,
-            untraced_bytes: None,
-            phases: Vec::new(),
-            categories: Vec::new(),
-            recommendations: Vec::new(),
-            churn_hotspots: Vec::new(),
-            leaks: Vec::new(),
-            processes: None,
-            unwind: None,
-            forgotten: Default::default(),
+            ..sample::report("snapshot", 42, heap, 7, 1)
         };
         Profile {
             pid: 42,
@@ -600,21 +532,6 @@ pub(super) mod tests {
     fn sample<'a>(body: &'a str, series: &str) -> Option<&'a str> {
         body.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-    }
-
-    #[test]
-    fn addresses() {
-        let v4 = |s: &str| listen_addr(s).unwrap().to_string();
-        assert_eq!(v4("9464"), "127.0.0.1:9464");
-        assert_eq!(v4(":9464"), "127.0.0.1:9464");
-        assert_eq!(v4("127.0.0.1:9464"), "127.0.0.1:9464");
-        assert_eq!(v4("0.0.0.0:9464"), "0.0.0.0:9464");
-        assert_eq!(v4("[::1]:80"), "[::1]:80");
-        assert!(listen_addr("localhost:9464").unwrap().ip().is_loopback());
-        assert!(listen_addr("").is_err());
-        assert!(listen_addr("127.0.0.1").is_err());
-        assert!(listen_addr(":http").is_err());
-        assert!(listen_addr("99999").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! ([`dashboard`]). Both read a [`LiveState`] that the session replaces at each sample tick.
 
 pub mod dashboard;
+pub mod http;
 pub mod metrics;
 
 use crate::report::Profile;

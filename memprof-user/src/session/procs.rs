@@ -3,7 +3,7 @@
 //! growth.
 
 use crate::{
-    analysis::growth::{Series, least_squares},
+    analysis::series::{Series, least_squares},
     sys::{
         clock::monotonic_ns,
         maps::AddressSpace,

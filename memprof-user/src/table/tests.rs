@@ -1,0 +1,283 @@
+//! Tests of the tables: exact counts through allocations, frees, reallocs, maps, execs and
+//! sampling.
+
+use super::*;
+
+fn alloc(func: AllocFn, addr: u64, size: u64) -> Event {
+    Event::Alloc(Alloc {
+        tid: 1,
+        func,
+        mmap: func == AllocFn::Mmap,
+        addr,
+        size,
+        stack: 5,
+        ts_ns: 10,
+    })
+}
+
+fn free(func: AllocFn, addr: u64) -> Event {
+    Event::Free {
+        tid: 1,
+        func,
+        addr,
+        ts_ns: 20,
+    }
+}
+
+#[test]
+fn malloc_free_and_unmatched() {
+    let mut t = Table::new();
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+    t.apply(&alloc(AllocFn::Calloc, 0x20, 50));
+    t.apply(&free(AllocFn::Free, 0x10));
+    t.apply(&free(AllocFn::Free, 0x999));
+    let h = t.heap_totals;
+    assert_eq!(
+        (h.allocs, h.frees, h.bytes_allocated, h.bytes_freed),
+        (2, 1, 150, 100)
+    );
+    assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (1, 50));
+    assert_eq!(h.peak_outstanding_bytes, 150);
+    assert_eq!(h.unmatched_frees, 1);
+}
+
+#[test]
+fn realloc_moves_block_to_new_caller() {
+    let mut t = Table::new();
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+    t.apply(&free(AllocFn::Realloc, 0x10));
+    t.apply(&alloc(AllocFn::Realloc, 0x40, 3000));
+    let h = t.heap_totals;
+    assert_eq!((h.allocs, h.frees, h.bytes_freed), (2, 1, 100));
+    assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (1, 3000));
+    let blocks: Vec<_> = t.heap_blocks().map(|(a, b)| (a, b.func)).collect();
+    assert_eq!(blocks, vec![(0x40, AllocFn::Realloc)]);
+}
+
+#[test]
+fn failed_realloc_restores_block() {
+    let mut t = Table::new();
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+    t.apply(&free(AllocFn::Realloc, 0x10));
+    assert_eq!(t.heap_totals.outstanding_bytes, 0);
+    t.apply(&Event::ReallocFailed { tid: 1 });
+    let h = t.heap_totals;
+    assert_eq!(
+        (h.frees, h.outstanding_allocs, h.outstanding_bytes),
+        (0, 1, 100)
+    );
+    assert_eq!(
+        t.heap_blocks().next().map(|(_, b)| b.func),
+        Some(AllocFn::Malloc)
+    );
+}
+
+#[test]
+fn realloc_of_unknown_block_is_one_unmatched_free() {
+    let mut t = Table::new();
+    t.apply(&free(AllocFn::Realloc, 0x10));
+    t.apply(&alloc(AllocFn::Realloc, 0x10, 64));
+    let h = t.heap_totals;
+    assert_eq!(
+        (h.unmatched_frees, h.frees, h.outstanding_bytes),
+        (1, 0, 64)
+    );
+}
+
+#[test]
+fn reused_address_replaces_block() {
+    let mut t = Table::new();
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 30));
+    let h = t.heap_totals;
+    assert_eq!(
+        (
+            h.reused_addresses,
+            h.outstanding_allocs,
+            h.outstanding_bytes
+        ),
+        (1, 1, 30)
+    );
+}
+
+#[test]
+fn munmap_splits_and_trims_mappings() {
+    let mut t = Table::new();
+    t.apply(&alloc(AllocFn::Mmap, 0x10000, 0x10000));
+    // Punch a hole in the middle: two pieces remain.
+    t.apply(&Event::Munmap {
+        addr: 0x14000,
+        len: 0x4000,
+    });
+    let m = t.mmap_totals;
+    assert_eq!((m.outstanding_maps, m.outstanding_bytes), (2, 0xc000));
+    assert_eq!((m.unmaps, m.bytes_unmapped), (1, 0x4000));
+    // Unmap across the tail of the first piece and the head of the second.
+    t.apply(&Event::Munmap {
+        addr: 0x13000,
+        len: 0x6000,
+    });
+    let regions: Vec<_> = t.map_regions().map(|(a, r)| (a, r.size)).collect();
+    assert_eq!(regions, vec![(0x10000, 0x3000), (0x19000, 0x7000)]);
+    assert_eq!(t.mmap_totals.outstanding_bytes, 0xa000);
+    // Unmapping something never tracked changes nothing.
+    t.apply(&Event::Munmap {
+        addr: 0x1,
+        len: 0x1000,
+    });
+    assert_eq!(t.mmap_totals.unmaps, 2);
+}
+
+#[test]
+fn changes_report_frees_reallocs_and_chains() {
+    let mut t = Table::new();
+    let mut seen = Vec::new();
+    let mut on = |c: Change| seen.push(c);
+    t.apply_with(&alloc(AllocFn::Malloc, 0x10, 100), &mut on);
+    t.apply_with(&free(AllocFn::Realloc, 0x10), &mut on);
+    t.apply_with(&alloc(AllocFn::Realloc, 0x20, 200), &mut on);
+    t.apply_with(&free(AllocFn::Realloc, 0x20), &mut on);
+    t.apply_with(&alloc(AllocFn::Realloc, 0x30, 300), &mut on);
+    t.apply_with(&free(AllocFn::Free, 0x30), &mut on);
+    let summary: Vec<(&str, u64, u32)> = seen
+        .iter()
+        .map(|c| match c {
+            Change::Alloc { block, .. } => ("alloc", block.size, block.chain),
+            Change::Free { block, bytes, .. } => ("free", *bytes, block.chain),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("alloc", 100, 0),
+            ("free", 100, 0),
+            ("alloc", 200, 1),
+            ("free", 200, 1),
+            ("alloc", 300, 2),
+            ("free", 300, 2),
+        ]
+    );
+}
+
+#[test]
+fn tables_sum_processes_and_release_at_exec() {
+    let mut t = Tables::new();
+    let mut seen = Vec::new();
+    let mut on = |c: Change| seen.push(c);
+    t.apply_from(1, &alloc(AllocFn::Malloc, 0x10, 100), &mut on);
+    // The same address in another process is another block.
+    t.apply_from(2, &alloc(AllocFn::Malloc, 0x10, 30), &mut on);
+    t.apply_from(2, &alloc(AllocFn::Mmap, 0x10000, 0x1000), &mut on);
+    let h = t.heap_totals;
+    assert_eq!(
+        (h.allocs, h.outstanding_allocs, h.outstanding_bytes),
+        (2, 2, 130)
+    );
+    assert_eq!(h.peak_outstanding_bytes, 130);
+    assert_eq!(t.process(2).unwrap().heap_totals.outstanding_bytes, 30);
+    t.apply_from(1, &free(AllocFn::Free, 0x10), &mut on);
+    t.release_process(2, 99, &mut on);
+    let h = t.heap_totals;
+    assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (2, 130, 0));
+    assert_eq!(h.peak_outstanding_bytes, 130);
+    assert_eq!(
+        (
+            t.mmap_totals.outstanding_bytes,
+            t.mmap_totals.bytes_unmapped
+        ),
+        (0, 0x1000)
+    );
+    assert_eq!(t.heap_blocks().count() + t.map_regions().count(), 0);
+    let frees = seen
+        .iter()
+        .filter(|c| matches!(c, Change::Free { .. }))
+        .count();
+    assert_eq!(frees, 3);
+}
+
+#[test]
+fn sampled_blocks_stand_for_their_weight() {
+    // 1 KiB blocks sampled with mean 64 KiB: each stands for 1 / (1 - exp(-1/64)) = 64.50
+    // allocations, rounded at random to 64 or 65 (standard deviation at most 1/2 each).
+    let mut t = Table::with_sampling(64 << 10);
+    let sampled = |i: u64| {
+        Event::Alloc(Alloc {
+            tid: 1,
+            func: AllocFn::Malloc,
+            mmap: false,
+            addr: 0x1000 + i * 0x1000,
+            size: 1024,
+            stack: 5,
+            ts_ns: 1_000_000 + i * 7_919,
+        })
+    };
+    let mut seen = Vec::new();
+    for i in 0..1000 {
+        t.apply_with(&sampled(i), &mut |c| seen.push(c));
+    }
+    let w = 1.0 / sample_probability(1024, 64 << 10);
+    let h = t.heap_totals;
+    // 5 standard deviations of the rounding: 5 * sqrt(1000 / 4).
+    assert!(
+        (h.allocs as f64 - 1000.0 * w).abs() < 80.0,
+        "{} vs {}",
+        h.allocs,
+        1000.0 * w
+    );
+    assert_eq!(h.bytes_allocated, h.allocs * 1024);
+    assert_eq!(h.outstanding_allocs, h.allocs);
+    let counted: u64 = seen
+        .iter()
+        .map(|c| match c {
+            Change::Alloc { count, .. } => u64::from(*count),
+            Change::Free { .. } => 0,
+        })
+        .sum();
+    assert_eq!(counted, h.allocs, "changes carry the counts the totals sum");
+    for i in 0..1000 {
+        t.apply(&free(AllocFn::Free, 0x1000 + i * 0x1000));
+    }
+    let h = t.heap_totals;
+    assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (0, 0));
+    assert_eq!((h.frees, h.bytes_freed), (h.allocs, h.bytes_allocated));
+    // A block far above the mean is sampled almost surely and stands for itself.
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 4 << 20));
+    assert_eq!(t.heap_totals.outstanding_allocs, 1);
+    assert_eq!(t.heap_totals.outstanding_bytes, 4 << 20);
+}
+
+#[test]
+fn settled_realloc_frees_the_old_block_without_a_new_one() {
+    let mut t = Table::new();
+    let mut seen = Vec::new();
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+    t.apply(&free(AllocFn::Realloc, 0x10));
+    t.apply_with(&Event::ReallocSettled { tid: 1, ts_ns: 30 }, &mut |c| {
+        seen.push(c)
+    });
+    let h = t.heap_totals;
+    assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (1, 100, 0));
+    assert!(matches!(seen[..], [Change::Free { bytes: 100, .. }]));
+    // A later realloc on the thread finds nothing pending.
+    t.apply(&alloc(AllocFn::Realloc, 0x20, 64));
+    assert_eq!(t.heap_totals.unmatched_frees, 0);
+}
+
+#[test]
+fn mremap_moves_and_resizes() {
+    let mut t = Table::new();
+    t.apply(&alloc(AllocFn::Mmap, 0x10000, 0x2000));
+    t.apply(&Event::Mremap {
+        old_addr: 0x10000,
+        old_len: 0x2000,
+        new_addr: 0x50000,
+        new_len: 0x5000,
+    });
+    let regions: Vec<_> = t.map_regions().map(|(a, r)| (a, r.size, r.stack)).collect();
+    assert_eq!(regions, vec![(0x50000, 0x5000, 5)]);
+    let m = t.mmap_totals;
+    assert_eq!(
+        (m.maps, m.bytes_mapped, m.outstanding_bytes),
+        (1, 0x5000, 0x5000)
+    );
+}
