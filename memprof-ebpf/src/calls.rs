@@ -49,7 +49,7 @@ static SPILLED: Array<u64> = Array::with_max_entries(1, 0);
 /// What a thread's calls learn for the next ones (`ThreadHints`), in a slot chosen as in
 /// `CALLS`. A thread that finds another thread's hints there starts afresh: they are hints.
 #[map]
-pub(crate) static THREAD_HINTS: Array<ThreadHints> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
+static THREAD_HINTS: Array<ThreadHints> = Array::with_max_entries(DEFAULT_CALL_SLOTS, 0);
 
 /// With sampling: the sampled blocks still live. A free, or the old block of a realloc, is
 /// reported only when its address is here, so frees stay exact for what was sampled.
@@ -93,7 +93,7 @@ struct CallSlot {
 /// A `THREAD_HINTS` slot: what thread `owner` (a `pid_tgid`; 0: nobody) learnt.
 #[repr(C)]
 pub(crate) struct ThreadHints {
-    pub(crate) owner: u64,
+    owner: u64,
     /// With sampling: the bytes left until the next sample point. Redrawn when a thread takes
     /// the slot over, which the exponential distribution's lack of memory allows (the distance
     /// left of any draw is again exponential with the same mean).
@@ -111,7 +111,7 @@ pub(crate) const OLD_SAMPLED_FLAG: u32 = 2;
 
 /// Thread `id`'s index in the per-thread arrays (`CALLS`, `THREAD_HINTS`).
 #[inline(always)]
-pub(crate) fn slot_index(id: u64) -> u32 {
+fn slot_index(id: u64) -> u32 {
     // SAFETY: a read of a global the loader patches.
     id as u32 & unsafe { core::ptr::read_volatile(&CALL_SLOT_MASK) }
 }
@@ -263,8 +263,25 @@ pub(crate) fn leave() -> Option<(u64, Inflight)> {
 
 /// Frees thread `id`'s call state (its slot, or its `INFLIGHT` entry).
 #[inline(always)]
-pub(crate) fn end_call(id: u64) {
+fn end_call(id: u64) {
     end_call_in(call_slot(id), id);
+}
+
+/// Thread `id` is exiting: what it left here goes.
+#[inline(always)]
+pub(crate) fn forget_thread(id: u64) {
+    // A thread that dies inside an allocator call (killed, or exiting from a signal handler)
+    // leaves its state behind.
+    end_call(id);
+    // Its hints go too: the thread id may be reused with another stack.
+    if let Some(hints) = THREAD_HINTS.get_ptr_mut(slot_index(id)) {
+        // SAFETY: a map value.
+        unsafe {
+            if (*hints).owner == id {
+                (*hints).owner = 0;
+            }
+        }
+    }
 }
 
 /// `end_call` with the thread's `CALLS` slot at hand.

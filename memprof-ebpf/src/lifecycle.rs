@@ -10,7 +10,7 @@ use memprof_common::{Counter, EventKind, ExecEvent, ForkEvent, mode};
 
 use crate::{
     COMM, FOLLOW,
-    calls::{THREAD_HINTS, end_call, slot_index},
+    calls::forget_thread,
     emit::{count, emit_with, header},
     filter::{TGIDS, floor, mode, traced},
 };
@@ -112,18 +112,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    // A thread that dies inside an allocator call (killed, or exiting from a signal handler)
-    // leaves its state behind.
-    end_call(id);
-    // Its hints go too: the thread id may be reused with another stack.
-    if let Some(hints) = THREAD_HINTS.get_ptr_mut(slot_index(id)) {
-        // SAFETY: a map value.
-        unsafe {
-            if (*hints).owner == id {
-                (*hints).owner = 0;
-            }
-        }
-    }
+    forget_thread(id);
     if group_dead == 0 {
         return 0;
     }
