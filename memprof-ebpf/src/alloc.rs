@@ -1,0 +1,282 @@
+//! The allocator programs: an entry probe per allocator function (one line each over
+//! `calls::enter`), `free`, and the one return probe every allocator shares, which records the
+//! block with its stack.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_user,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use memprof_common::{AllocEvent, AllocFn, EventKind, FreeEvent, RemapEvent, unwind};
+
+use crate::{
+    UNWIND,
+    calls::{
+        Inflight, OLD_SAMPLED_FLAG, SAMPLED_FLAG, call_state, enter, in_flight, leave,
+        remember_sampled, sample_mean, take_sampled,
+    },
+    dwarf::emit_alloc_stack,
+    emit::{emit, emit_with, header},
+    filter::traced_thread,
+    python::py_stack,
+    stack::stack_key,
+};
+
+/// `mmap`'s flag for a mapping backed by no file, and its return value on failure.
+pub(crate) const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_FAILED: u64 = u64::MAX;
+
+#[inline(always)]
+pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+#[inline(always)]
+fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: u64, size: u64) {
+    if kind as u16 == EventKind::Alloc as u16 && !remember_sampled(id, addr) {
+        if func == AllocFn::Realloc as u32 || func == AllocFn::Reallocarray as u32 {
+            // The provisional free of a sampled old block is settled without a new block.
+            emit_free(EventKind::ReallocSettled, func, id, 0);
+        }
+        return;
+    }
+    // SAFETY: a read of a global the loader patches.
+    if unsafe { core::ptr::read_volatile(&UNWIND) } == unwind::DWARF {
+        emit_alloc_stack(
+            ctx,
+            u64::from(kind == EventKind::Mmap) << 32 | u64::from(func),
+            id,
+            addr,
+            size,
+        );
+        return;
+    }
+    let (stack, new_stack) = stack_key(ctx, id);
+    let (py_stack, new_py) = py_stack(id);
+    emit_with(
+        AllocEvent {
+            header: header(kind, func, id),
+            addr,
+            size,
+            stack,
+            py_stack,
+        },
+        new_stack || new_py,
+    );
+}
+
+#[inline(always)]
+fn emit_free(kind: EventKind, func: u32, id: u64, addr: u64) {
+    emit(FreeEvent {
+        header: header(kind, func, id),
+        addr,
+    });
+}
+
+// ---- entry probes: one line each over `enter` ----
+
+#[uprobe]
+pub fn malloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Malloc, arg(&ctx, 0), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn valloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Valloc, arg(&ctx, 0), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn pvalloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Pvalloc, arg(&ctx, 0), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn calloc_entry(ctx: ProbeContext) -> u32 {
+    enter(
+        AllocFn::Calloc,
+        arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)),
+        0,
+        0,
+    );
+    0
+}
+
+#[uprobe]
+pub fn memalign_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Memalign, arg(&ctx, 1), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::AlignedAlloc, arg(&ctx, 1), 0, 0);
+    0
+}
+
+#[uprobe]
+pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0), 0);
+    0
+}
+
+#[uprobe]
+pub fn realloc_entry(ctx: ProbeContext) -> u32 {
+    realloc_common(AllocFn::Realloc, arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+#[uprobe]
+pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
+    let (nmemb, size) = (arg(&ctx, 1), arg(&ctx, 2));
+    // On overflow the call fails without touching the block; size 0 would mean "free".
+    // No `checked_mul` (nor a division check, which LLVM folds back into one): both lower to a
+    // 128-bit multiply the BPF backend lacks. A factor of 2^32 or more with a nonzero other
+    // factor cannot be satisfied by any allocator, so it is reported as the largest size.
+    let total = if nmemb == 0 || size == 0 {
+        0
+    } else if nmemb >> 32 != 0 || size >> 32 != 0 {
+        u64::MAX
+    } else {
+        nmemb * size
+    };
+    realloc_common(AllocFn::Reallocarray, arg(&ctx, 0), total);
+    0
+}
+
+/// realloc(p, n) = free(p) + alloc(n). The free is announced at entry, before the allocator can
+/// hand the block to another thread. With n > 0 it is provisional (tagged with the realloc): the
+/// agent settles it at the return, or restores the block on `ReallocFailed`. realloc(p, 0)
+/// frees p whatever it returns, so that free is final (tagged `free`).
+#[inline(always)]
+fn realloc_common(func: AllocFn, old: u64, size: u64) {
+    if let Some(id) = enter(func, size, old, 0)
+        && old != 0
+        && old_block_reported(id, old)
+    {
+        let tag = if size == 0 { AllocFn::Free } else { func };
+        emit_free(EventKind::Free, tag as u32, id, old);
+    }
+}
+
+/// With sampling, a realloc's old block is announced only if it was sampled; the call's state
+/// remembers that for the return.
+#[inline(always)]
+fn old_block_reported(id: u64, old: u64) -> bool {
+    if sample_mean() == 0 {
+        return true;
+    }
+    if !take_sampled(id, old) {
+        return false;
+    }
+    if let Some(state) = call_state(id) {
+        // SAFETY: the state belongs to this thread; only this thread touches it.
+        unsafe { (*state).flags |= OLD_SAMPLED_FLAG };
+    }
+    true
+}
+
+/// The return of an unsampled call: nothing to record, except the fate of a realloc's sampled
+/// old block, whose free was announced at entry.
+#[inline(always)]
+fn unsampled_return(id: u64, state: &Inflight, ret: u64) {
+    if state.flags & OLD_SAMPLED_FLAG == 0 || state.size == 0 {
+        return;
+    }
+    if ret != 0 {
+        emit_free(EventKind::ReallocSettled, state.func, id, state.arg);
+    } else if remember_sampled(id, state.arg) {
+        emit_free(EventKind::ReallocFailed, state.func, id, state.arg);
+    }
+}
+
+/// A failed realloc's old block lives on: with sampling, only a sampled one was announced, and
+/// it is remembered again.
+#[inline(always)]
+fn restore_old(id: u64, state: &Inflight) -> bool {
+    if sample_mean() == 0 {
+        return true;
+    }
+    state.flags & OLD_SAMPLED_FLAG != 0 && remember_sampled(id, state.arg)
+}
+
+/// `free` has no return probe: the block is released at entry, unless the call is made by an
+/// allocator in flight on this thread (which owns the accounting).
+#[uprobe]
+pub fn free_entry(ctx: ProbeContext) -> u32 {
+    let addr = arg(&ctx, 0);
+    if addr == 0 {
+        return 0;
+    }
+    if let Some(id) = traced_thread()
+        && !in_flight(id)
+        && take_sampled(id, addr)
+    {
+        emit_free(EventKind::Free, AllocFn::Free as u32, id, addr);
+    }
+    0
+}
+
+// ---- the one return probe shared by every allocator ----
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let Some((id, state)) = leave() else {
+        return 0;
+    };
+    let ret: u64 = ctx.ret();
+    if state.flags & SAMPLED_FLAG == 0 {
+        unsampled_return(id, &state, ret);
+        return 0;
+    }
+    // Match on the raw value: `AllocFn::from_u32` has a bounds check whose panic path the
+    // verifier rejects.
+    const REALLOC: u32 = AllocFn::Realloc as u32;
+    const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
+    const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
+    const MMAP: u32 = AllocFn::Mmap as u32;
+    const MREMAP: u32 = AllocFn::Mremap as u32;
+    let func = state.func;
+    match func {
+        REALLOC | REALLOCARRAY => {
+            if ret != 0 {
+                emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
+            } else if state.arg != 0 && state.size != 0 && restore_old(id, &state) {
+                emit_free(EventKind::ReallocFailed, func, id, state.arg);
+            }
+        }
+        POSIX_MEMALIGN => {
+            // Returns 0 on success and stores the block through the out pointer.
+            if ret as u32 == 0 {
+                // SAFETY: reads user memory through the helper, which checks the access.
+                if let Ok(addr) = unsafe { bpf_probe_read_user(state.arg as *const u64) } {
+                    emit_alloc(&ctx, EventKind::Alloc, func, id, addr, state.size);
+                }
+            }
+        }
+        MMAP => {
+            if ret != MAP_FAILED && state.arg & MAP_ANONYMOUS != 0 {
+                emit_alloc(&ctx, EventKind::Mmap, func, id, ret, state.size);
+            }
+        }
+        MREMAP => {
+            if ret != MAP_FAILED {
+                emit(RemapEvent {
+                    header: header(EventKind::Mremap, func, id),
+                    old_addr: state.arg,
+                    old_len: state.arg2,
+                    new_addr: ret,
+                    new_len: state.size,
+                });
+            }
+        }
+        _ => {
+            if ret != 0 {
+                emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
+            }
+        }
+    }
+    0
+}

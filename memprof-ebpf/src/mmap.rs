@@ -1,0 +1,83 @@
+//! Mappings: libc's `mmap`, `mremap` (whose returns `alloc::alloc_return` records) and
+//! `munmap`, and the `mmap` syscall tracepoints that report executable file mappings.
+
+use aya_ebpf::{
+    macros::{map, tracepoint, uprobe},
+    maps::HashMap,
+    programs::{ProbeContext, TracePointContext},
+};
+use memprof_common::{AllocFn, EventKind, UnmapEvent};
+
+use crate::{
+    alloc::{MAP_ANONYMOUS, arg},
+    calls::{enter, in_flight},
+    emit::{emit, emit_with, header},
+    filter::traced_thread,
+};
+
+const PROT_EXEC: u64 = 0x4;
+
+/// Threads inside an `mmap` syscall that maps a file executable (set at entry, taken at exit).
+#[map]
+static EXEC_MAPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+
+#[uprobe]
+pub fn mmap_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Mmap, arg(&ctx, 1), arg(&ctx, 3), 0);
+    0
+}
+
+#[uprobe]
+pub fn mremap_entry(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Mremap, arg(&ctx, 2), arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+#[uprobe]
+pub fn munmap_entry(ctx: ProbeContext) -> u32 {
+    if let Some(id) = traced_thread()
+        && !in_flight(id)
+    {
+        emit(UnmapEvent {
+            header: header(EventKind::Munmap, AllocFn::Munmap as u32, id),
+            addr: arg(&ctx, 0),
+            len: arg(&ctx, 1),
+        });
+    }
+    0
+}
+
+/// A file mapped executable (a library being loaded) tells the agent to re-read the target's
+/// address space at once: a short-lived process may be gone before its first stack is
+/// processed, and its mappings with it. The loader maps libraries with its own `mmap`, which no
+/// libc probe sees, hence the syscall tracepoints; the record goes out at the syscall's exit,
+/// when the mapping exists.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    let Some(id) = traced_thread() else {
+        return 0;
+    };
+    // struct syscall_trace_enter: common header (8 bytes), int nr, unsigned long args[6] at 16.
+    // SAFETY: offsets inside the tracepoint record, checked by the helper.
+    let (prot, flags) = unsafe {
+        (
+            ctx.read_at::<u64>(16 + 2 * 8).unwrap_or(0),
+            ctx.read_at::<u64>(16 + 3 * 8).unwrap_or(0),
+        )
+    };
+    if prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS == 0 {
+        let _ = EXEC_MAPS.insert(id, 1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_mmap(_ctx: TracePointContext) -> u32 {
+    let Some(id) = traced_thread() else {
+        return 0;
+    };
+    if EXEC_MAPS.remove(id).is_ok() {
+        emit_with(header(EventKind::ExecMap, AllocFn::Mmap as u32, id), true);
+    }
+    0
+}
