@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn text_mentions_losses_and_sites() {
-        let mut table = Tables::new();
+        let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
         let stacks = StackStore::new();
         let tracker = Tracker::new(&[], 0);

@@ -21,7 +21,7 @@ use crate::{
     probe::{KernelLosses, ProbeStat},
     stacks::{Frame, StackStore, Symbolizer},
     sys::procmem::ProcMem,
-    table::{LiveAlloc, Table, Tables},
+    table::{LiveAlloc, Table, Tables, sample_count},
 };
 
 /// Hotspots listed: at most this many, each with at least `HOTSPOT_MIN_ALLOCS` allocations of
@@ -331,7 +331,11 @@ fn ranked_groups(
                 ..Group::default()
             });
         // Mappings are never sampled: they stand for themselves.
-        let count = if mmap { 1 } else { inputs.table.count(block) };
+        let count = if mmap {
+            1
+        } else {
+            sample_count(block, inputs.table.sample_mean())
+        };
         g.bytes += block.size * u64::from(count);
         g.allocs += u64::from(count);
         g.oldest_ns = g.oldest_ns.min(block.ts_ns);
@@ -404,7 +408,7 @@ pub fn process_report(
     info: &ProcessInfo<'_>,
     table: Option<&Table>,
 ) -> ProcessReport {
-    let empty = Table::new();
+    let empty = Table::default();
     let table = table.unwrap_or(&empty);
     let ranked = ranked_groups(
         inputs,
@@ -504,7 +508,7 @@ pub(crate) mod tests {
 
     #[test]
     fn groups_by_stack_sorted_by_bytes_with_age_filter() {
-        let mut table = Tables::new();
+        let mut table = Tables::default();
         table.apply(&alloc(0x10, 100, 1, 1_000_000_000));
         table.apply(&alloc(0x20, 100, 1, 9_000_000_000));
         table.apply(&alloc(0x30, 500, 2, 2_000_000_000));
@@ -530,7 +534,7 @@ pub(crate) mod tests {
 
     #[test]
     fn json_has_contract_fields() {
-        let mut table = Tables::new();
+        let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
         let stacks = StackStore::new();
         let tracker = Tracker::new(&[], 0);

@@ -44,12 +44,11 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// A process seen for the first time: read what /proc still shows.
-    pub fn discover(pid: u32) -> Self {
-        let root = foreign_root(pid);
-        let mut p = Self {
-            comm: process::comm(pid).unwrap_or_default(),
-            cmdline: process::command_line(pid),
+    /// A process named `comm` running `cmdline` under `root`, with nothing read yet.
+    fn new(comm: String, cmdline: Vec<String>, root: Option<String>) -> Self {
+        Self {
+            comm,
+            cmdline,
             parent: None,
             exited: false,
             execs: 0,
@@ -63,7 +62,16 @@ impl Proc {
             detect_budget: 0,
             python_checked: None,
             may_python: false,
-        };
+        }
+    }
+
+    /// A process seen for the first time: read what /proc still shows.
+    pub fn discover(pid: u32) -> Self {
+        let mut p = Self::new(
+            process::comm(pid).unwrap_or_default(),
+            process::command_line(pid),
+            foreign_root(pid),
+        );
         p.reread(pid, monotonic_ns());
         p
     }
@@ -71,21 +79,15 @@ impl Proc {
     /// A process forked by a traced one: until it execs, it has its parent's image.
     pub fn forked(parent_pid: u32, parent: &Self) -> Self {
         Self {
-            comm: parent.comm.clone(),
-            cmdline: parent.cmdline.clone(),
             parent: Some(parent_pid),
-            exited: false,
-            execs: 0,
-            root: parent.root.clone(),
             space: parent.space.clone(),
             space_stale: parent.space_stale,
             space_read_ns: parent.space_read_ns,
-            space_gen: 0,
-            series: Series::new(SERIES_POINTS),
-            last_mem: None,
-            detect_budget: 0,
-            python_checked: None,
-            may_python: false,
+            ..Self::new(
+                parent.comm.clone(),
+                parent.cmdline.clone(),
+                parent.root.clone(),
+            )
         }
     }
 

@@ -134,10 +134,6 @@ pub struct Tables {
 }
 
 impl Tables {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Tables whose blocks were sampled with mean interval `mean` bytes (see
     /// [`Table::with_sampling`]); 0: every allocation recorded.
     pub fn with_sampling(mean: u64) -> Self {
@@ -150,11 +146,6 @@ impl Tables {
     /// The mean sampling interval (0: not sampled).
     pub fn sample_mean(&self) -> u64 {
         self.sample_mean
-    }
-
-    /// How many allocations `block` stands for (see [`Table::count`]).
-    pub fn count(&self, block: &LiveAlloc) -> u32 {
-        sample_count(block, self.sample_mean)
     }
 
     /// Applies one event of process 0 (tests and replays of one process).
@@ -187,56 +178,21 @@ impl Tables {
     }
 
     fn account(&mut self, before: (HeapTotals, MmapTotals), after: (HeapTotals, MmapTotals)) {
-        let delta = |total: &mut u64, old: u64, new: u64| {
-            *total = total.wrapping_add(new.wrapping_sub(old));
-        };
+        /// Adds each field's change from `$old` to `$new` to the field of `$total`.
+        macro_rules! add_changes {
+            ($total:expr, $old:expr, $new:expr; $($field:ident),+) => {
+                $($total.$field = $total.$field.wrapping_add($new.$field.wrapping_sub($old.$field));)+
+            };
+        }
         let (h0, m0) = before;
         let (h1, m1) = after;
         let h = &mut self.heap_totals;
-        delta(&mut h.allocs, h0.allocs, h1.allocs);
-        delta(&mut h.frees, h0.frees, h1.frees);
-        delta(
-            &mut h.bytes_allocated,
-            h0.bytes_allocated,
-            h1.bytes_allocated,
-        );
-        delta(&mut h.bytes_freed, h0.bytes_freed, h1.bytes_freed);
-        delta(
-            &mut h.outstanding_allocs,
-            h0.outstanding_allocs,
-            h1.outstanding_allocs,
-        );
-        delta(
-            &mut h.outstanding_bytes,
-            h0.outstanding_bytes,
-            h1.outstanding_bytes,
-        );
-        delta(
-            &mut h.unmatched_frees,
-            h0.unmatched_frees,
-            h1.unmatched_frees,
-        );
-        delta(
-            &mut h.reused_addresses,
-            h0.reused_addresses,
-            h1.reused_addresses,
-        );
+        add_changes!(h, h0, h1; allocs, frees, bytes_allocated, bytes_freed, outstanding_allocs,
+            outstanding_bytes, unmatched_frees, reused_addresses);
         h.peak_outstanding_bytes = h.peak_outstanding_bytes.max(h.outstanding_bytes);
         let m = &mut self.mmap_totals;
-        delta(&mut m.maps, m0.maps, m1.maps);
-        delta(&mut m.unmaps, m0.unmaps, m1.unmaps);
-        delta(&mut m.bytes_mapped, m0.bytes_mapped, m1.bytes_mapped);
-        delta(&mut m.bytes_unmapped, m0.bytes_unmapped, m1.bytes_unmapped);
-        delta(
-            &mut m.outstanding_maps,
-            m0.outstanding_maps,
-            m1.outstanding_maps,
-        );
-        delta(
-            &mut m.outstanding_bytes,
-            m0.outstanding_bytes,
-            m1.outstanding_bytes,
-        );
+        add_changes!(m, m0, m1; maps, unmaps, bytes_mapped, bytes_unmapped, outstanding_maps,
+            outstanding_bytes);
     }
 
     /// Forgets process `tgid` (an exited process memprof stops reporting): its blocks count as

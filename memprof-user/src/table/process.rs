@@ -32,10 +32,6 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// A table for a trace sampled with mean interval `mean` bytes (0: not sampled).
     pub fn with_sampling(mean: u64) -> Self {
         Self {

@@ -26,7 +26,7 @@ fn free(func: AllocFn, addr: u64) -> Event {
 
 #[test]
 fn malloc_free_and_unmatched() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&alloc(AllocFn::Calloc, 0x20, 50));
     t.apply(&free(AllocFn::Free, 0x10));
@@ -43,7 +43,7 @@ fn malloc_free_and_unmatched() {
 
 #[test]
 fn realloc_moves_block_to_new_caller() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&free(AllocFn::Realloc, 0x10));
     t.apply(&alloc(AllocFn::Realloc, 0x40, 3000));
@@ -56,7 +56,7 @@ fn realloc_moves_block_to_new_caller() {
 
 #[test]
 fn failed_realloc_restores_block() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&free(AllocFn::Realloc, 0x10));
     assert_eq!(t.heap_totals.outstanding_bytes, 0);
@@ -74,7 +74,7 @@ fn failed_realloc_restores_block() {
 
 #[test]
 fn realloc_of_unknown_block_is_one_unmatched_free() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&free(AllocFn::Realloc, 0x10));
     t.apply(&alloc(AllocFn::Realloc, 0x10, 64));
     let h = t.heap_totals;
@@ -86,7 +86,7 @@ fn realloc_of_unknown_block_is_one_unmatched_free() {
 
 #[test]
 fn reused_address_replaces_block() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&alloc(AllocFn::Malloc, 0x10, 30));
     let h = t.heap_totals;
@@ -102,7 +102,7 @@ fn reused_address_replaces_block() {
 
 #[test]
 fn munmap_splits_and_trims_mappings() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&alloc(AllocFn::Mmap, 0x10000, 0x10000));
     // Punch a hole in the middle: two pieces remain.
     t.apply(&Event::Munmap {
@@ -130,7 +130,7 @@ fn munmap_splits_and_trims_mappings() {
 
 #[test]
 fn changes_report_frees_reallocs_and_chains() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     let mut seen = Vec::new();
     let mut on = |c: Change| seen.push(c);
     t.apply_with(&alloc(AllocFn::Malloc, 0x10, 100), &mut on);
@@ -161,7 +161,7 @@ fn changes_report_frees_reallocs_and_chains() {
 
 #[test]
 fn tables_sum_processes_and_release_at_exec() {
-    let mut t = Tables::new();
+    let mut t = Tables::default();
     let mut seen = Vec::new();
     let mut on = |c: Change| seen.push(c);
     t.apply_from(1, &alloc(AllocFn::Malloc, 0x10, 100), &mut on);
@@ -248,7 +248,7 @@ fn sampled_blocks_stand_for_their_weight() {
 
 #[test]
 fn settled_realloc_frees_the_old_block_without_a_new_one() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     let mut seen = Vec::new();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&free(AllocFn::Realloc, 0x10));
@@ -265,7 +265,7 @@ fn settled_realloc_frees_the_old_block_without_a_new_one() {
 
 #[test]
 fn mremap_moves_and_resizes() {
-    let mut t = Table::new();
+    let mut t = Table::default();
     t.apply(&alloc(AllocFn::Mmap, 0x10000, 0x2000));
     t.apply(&Event::Mremap {
         old_addr: 0x10000,
