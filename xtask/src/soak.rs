@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{Workspace, run};
+use crate::util::{Workspace, run, tv, wait4};
 
 /// malloc(64)/free pairs a second in the target. Measured on the 2-core VM over an hour: 12.5% of
 /// a core for the traced target and 1.3% for memprof.
@@ -395,22 +395,6 @@ fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
-}
-
-fn wait4(pid: u32) -> Result<(i32, libc::rusage)> {
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid value to be overwritten.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child with valid pointers.
-    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
-    if r != pid as i32 {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
-    }
-    Ok((status, usage))
-}
-
-fn tv(t: libc::timeval) -> f64 {
-    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -137,3 +137,21 @@ pub fn ensure_root(command: &str, why: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Waits for child `pid`: its wait status and resource usage.
+pub fn wait4(pid: u32) -> Result<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid value to be overwritten.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid pointers.
+    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    if r != pid as i32 {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    Ok((status, usage))
+}
+
+/// A `timeval` in seconds.
+pub fn tv(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}

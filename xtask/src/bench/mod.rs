@@ -1,0 +1,373 @@
+//! `cargo xtask bench`: what tracing costs, measured side by side in one run.
+//!
+//! Each workload in `bench/` waits for SIGUSR1 after printing `ready`, so a tracer attaches by
+//! pid first, and reports its own elapsed time (process start and exit excluded). Modes:
+//! untraced; memprof's probes with programs that return at once (`--probe-floor`, the floor of
+//! the probe set); memprof full; both again with every probe at the function's first byte
+//! (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`); bpftrace
+//! with a memleak-like script when installed. Each runs `--reps`
+//! times; medians and ratios go to `target/bench/results.md` and `results.json`. The agent's
+//! CPU time and peak RSS come from `wait4` on memprof (the workload is not its child in pid
+//! mode, so they are the agent's alone). The agent's memory per outstanding allocation is given
+//! twice: from its peak RSS, and from its steady RSS (`VmRSS`, once settled) while `hold` keeps
+//! its blocks. The kernel programs' own time per run (`--probe-stats`) is measured on the churn
+//! loop in each mode, and on `deep` (the same loop under 60 frames) for the frame walk.
+//!
+//! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
+//! replayed through decode → table → tracker → report, in events per second; the full bench runs
+//! it too, after the workloads.
+
+mod micro;
+mod run;
+
+use std::{ffi::OsString, fmt::Write as _, fs, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use self::micro::micro;
+use self::{
+    micro::micro_markdown,
+    run::{human_ns, median, run_once},
+};
+use crate::util::{Workspace, find_program};
+
+/// How a workload runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Untraced,
+    Floor,
+    FloorAtEntry,
+    Full,
+    Sampled,
+    Dwarf,
+    FullAtEntry,
+    Bpftrace,
+}
+
+/// The sampling interval of the sampled mode.
+const SAMPLE_BYTES: &str = "512K";
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Untraced => "untraced",
+            Self::Floor => "floor (probes, empty programs)",
+            Self::FloorAtEntry => "floor, free probed at +0",
+            Self::Full => "memprof",
+            Self::Sampled => "memprof --sample-bytes 512K",
+            Self::Dwarf => "memprof --unwind dwarf",
+            Self::FullAtEntry => "memprof, free probed at +0",
+            Self::Bpftrace => "bpftrace memleak-like",
+        }
+    }
+
+    fn memprof_flags(self) -> Option<&'static [&'static str]> {
+        match self {
+            Self::Floor => Some(&["--probe-floor"]),
+            Self::FloorAtEntry => Some(&["--probe-floor", "--no-placement"]),
+            Self::Full => Some(&[]),
+            Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
+            Self::Dwarf => Some(&["--unwind", "dwarf"]),
+            Self::FullAtEntry => Some(&["--no-placement"]),
+            Self::Untraced | Self::Bpftrace => None,
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    elapsed_ns: f64,
+    ops: f64,
+    events: u64,
+    lost: u64,
+    agent_cpu_s: f64,
+    agent_max_rss_kib: u64,
+    /// A holding workload: the agent's settled RSS while the workload held its blocks.
+    agent_steady_rss_kib: u64,
+    /// From the workload's exit to the tracer's exit (drain, symbolize, report).
+    report_s: f64,
+    /// With `--probe-stats`: (program, ns per run).
+    probe_ns: Vec<(String, f64)>,
+}
+
+struct Workload {
+    name: &'static str,
+    command: Vec<OsString>,
+}
+
+pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
+    let mut reps = 5;
+    let mut quick = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.to_str() {
+            Some("--reps") => {
+                reps = it
+                    .next()
+                    .and_then(|v| v.to_str()?.parse().ok())
+                    .context("--reps takes a number")?;
+            }
+            Some("--quick") => quick = true,
+            Some("--micro") => {
+                let results = micro(ws)?;
+                let md = micro_markdown(&results);
+                let out_dir = ws.target_dir().join("bench");
+                fs::create_dir_all(&out_dir)?;
+                fs::write(out_dir.join("micro.md"), &md)?;
+                println!("{md}");
+                return Ok(());
+            }
+            _ => bail!("`cargo xtask bench` takes [--reps N] [--quick] [--micro], got {arg:?}"),
+        }
+    }
+    let out_dir = ws.target_dir().join("bench");
+    fs::create_dir_all(&out_dir)?;
+    let memprof = ws.target_dir().join("release/memprof");
+    let build = |name: &str| -> Result<PathBuf> {
+        let exe = out_dir.join(name);
+        let src = ws.root.join("bench").join(format!("{name}.c"));
+        crate::util::run(
+            ws.command("cc")
+                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+                .arg(&exe)
+                .arg(&src),
+        )?;
+        Ok(exe)
+    };
+    let churn = build("churn")?;
+    let hold = build("hold")?;
+    let stacks = build("stacks")?;
+    let deep = build("deep")?;
+    let python = find_program("python3").context("python3 not found")?;
+    let scale = |full: &str, small: &str| -> OsString { if quick { small } else { full }.into() };
+    let workloads = [
+        Workload {
+            name: "churn: malloc(64)/free pairs",
+            command: vec![churn.into(), scale("200000", "20000")],
+        },
+        Workload {
+            name: "python: build/dump/parse JSON",
+            command: vec![
+                python.clone().into(),
+                ws.root.join("bench/json_work.py").into(),
+                scale("60", "4"),
+            ],
+        },
+    ];
+    let bpftrace = find_program("bpftrace");
+    let mut modes = vec![
+        Mode::Untraced,
+        Mode::Floor,
+        Mode::FloorAtEntry,
+        Mode::Full,
+        Mode::Sampled,
+        Mode::Dwarf,
+        Mode::FullAtEntry,
+    ];
+    if bpftrace.is_some() {
+        modes.push(Mode::Bpftrace);
+    }
+
+    let mut md = String::new();
+    let mut json_rows = Vec::new();
+    let _ = writeln!(
+        md,
+        "| workload | mode | median per op | × untraced | × floor | events/s | lost | agent CPU s | agent peak RSS |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for w in &workloads {
+        let mut medians: Vec<(Mode, f64)> = Vec::new();
+        for &mode in &modes {
+            let mut runs = Vec::new();
+            for _ in 0..reps {
+                runs.push(run_once(
+                    &memprof,
+                    bpftrace.as_deref(),
+                    mode,
+                    &w.command,
+                    false,
+                    false,
+                )?);
+            }
+            let per_op = median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect());
+            medians.push((mode, per_op));
+            let untraced = medians[0].1;
+            let floor = medians
+                .iter()
+                .find(|(m, _)| *m == Mode::Floor)
+                .map(|(_, v)| *v);
+            let r = &runs[runs.len() / 2];
+            let events_per_s = median(
+                runs.iter()
+                    .map(|r| r.events as f64 / (r.elapsed_ns / 1e9).max(1e-9))
+                    .collect(),
+            );
+            // A sampled report's counts are estimates, not events: no events/s for it.
+            let traced = mode.memprof_flags().is_some();
+            let events_shown = traced && mode != Mode::Sampled;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+                w.name,
+                mode.name(),
+                human_ns(per_op),
+                per_op / untraced,
+                floor.map_or("".into(), |f| format!("{:.2}", per_op / f)),
+                if events_shown {
+                    format!("{events_per_s:.0}")
+                } else {
+                    String::new()
+                },
+                if traced {
+                    r.lost.to_string()
+                } else {
+                    String::new()
+                },
+                if traced {
+                    format!("{:.2}", r.agent_cpu_s)
+                } else {
+                    String::new()
+                },
+                if traced {
+                    format!("{:.1} MiB", r.agent_max_rss_kib as f64 / 1024.0)
+                } else {
+                    String::new()
+                },
+            );
+            json_rows.push(format!(
+                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
+                w.name,
+                mode.name(),
+                per_op / untraced,
+                r.lost,
+                r.agent_cpu_s,
+                r.agent_max_rss_kib
+            ));
+            eprintln!("bench: {} / {}: {}", w.name, mode.name(), human_ns(per_op));
+        }
+    }
+
+    // Agent memory per outstanding allocation: 1M held blocks against none.
+    let held = if quick { 100_000 } else { 1_000_000 };
+    let with = run_once(
+        &memprof,
+        None,
+        Mode::Full,
+        &[hold.clone().into(), held.to_string().into()],
+        true,
+        false,
+    )?;
+    let without = run_once(
+        &memprof,
+        None,
+        Mode::Full,
+        &[hold.into(), "0".into()],
+        true,
+        false,
+    )?;
+    let per_alloc =
+        |with: u64, without: u64| (with.saturating_sub(without) * 1024) as f64 / held as f64;
+    let peak_per_alloc = per_alloc(with.agent_max_rss_kib, without.agent_max_rss_kib);
+    let steady_per_alloc = per_alloc(with.agent_steady_rss_kib, without.agent_steady_rss_kib);
+    // Report latency with many distinct stacks.
+    let distinct = if quick { 100 } else { 1000 };
+    let many = run_once(
+        &memprof,
+        None,
+        Mode::Full,
+        &[stacks.into(), distinct.to_string().into()],
+        false,
+        false,
+    )?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let _ = writeln!(
+        md,
+        "\nAgent memory per outstanding allocation ({held} blocks held against none):  \n\
+         - peak RSS: {peak_per_alloc:.0} B ({:.1} MiB against {:.1} MiB)  \n\
+         - steady RSS while held: {steady_per_alloc:.0} B ({:.1} MiB against {:.1} MiB)\n\n\
+         Report with {distinct} distinct stacks: {:.2} s from the workload's exit to memprof's.",
+        mib(with.agent_max_rss_kib),
+        mib(without.agent_max_rss_kib),
+        mib(with.agent_steady_rss_kib),
+        mib(without.agent_steady_rss_kib),
+        many.report_s
+    );
+    json_rows.push(format!(
+        "{{\"agent_bytes_per_outstanding_alloc\":{peak_per_alloc:.1},\"agent_steady_bytes_per_outstanding_alloc\":{steady_per_alloc:.1},\"held\":{held},\"agent_peak_rss_kib\":{},\"agent_peak_rss_kib_none_held\":{},\"agent_steady_rss_kib\":{},\"agent_steady_rss_kib_none_held\":{},\"report_s_distinct_stacks\":{:.3},\"distinct_stacks\":{distinct}}}",
+        with.agent_max_rss_kib,
+        without.agent_max_rss_kib,
+        with.agent_steady_rss_kib,
+        without.agent_steady_rss_kib,
+        many.report_s
+    ));
+    // What memprof's kernel programs themselves cost per call, from the kernel's BPF run-time
+    // statistics (a separate run: the statistics add two clock reads to every program run).
+    let churn = &workloads[0];
+    let stat_modes = [Mode::Floor, Mode::Full, Mode::Sampled, Mode::Dwarf];
+    let programs = ["malloc_entry", "free_entry", "alloc_return"];
+    let _ = writeln!(
+        md,
+        "\nKernel programs' own time per run on {} (`--probe-stats`, one run each; the \
+         statistics add about 30 ns per run):\n\n| mode | {} |\n| --- |{}",
+        churn.name,
+        programs.join(" | "),
+        " --- |".repeat(programs.len())
+    );
+    for mode in stat_modes {
+        let r = run_once(&memprof, None, mode, &churn.command, false, true)?;
+        let ns = |p: &str| r.probe_ns.iter().find(|(n, _)| n == p).map(|(_, v)| *v);
+        let _ = writeln!(
+            md,
+            "| {} | {} |",
+            mode.name(),
+            programs
+                .iter()
+                .map(|p| ns(p).map_or("".into(), |v| format!("{v:.0} ns")))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        for p in programs {
+            if let Some(v) = ns(p) {
+                json_rows.push(format!(
+                    "{{\"workload\":{:?},\"mode\":{:?},\"program\":{p:?},\"ns_per_run\":{v:.1}}}",
+                    churn.name,
+                    mode.name()
+                ));
+            }
+        }
+    }
+    // The frame walk's windows on a deep stack: one full run with statistics.
+    let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];
+    let r = run_once(&memprof, None, Mode::Full, &deep_cmd, false, true)?;
+    if let Some((_, v)) = r.probe_ns.iter().find(|(n, _)| n == "alloc_return") {
+        let _ = writeln!(
+            md,
+            "\nalloc_return with the same pairs at the bottom of 60 frames of about 160 bytes \
+             (`bench/deep.c`, memprof, `--probe-stats`): {v:.0} ns"
+        );
+        json_rows.push(format!(
+            "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":\"alloc_return\",\"ns_per_run\":{v:.1}}}",
+            Mode::Full.name()
+        ));
+    }
+    let micro_results = micro(ws)?;
+    md.push_str(&micro_markdown(&micro_results));
+    for (name, v) in &micro_results {
+        json_rows.push(format!("{{\"micro\":{name:?},\"events_per_s\":{v:.0}}}"));
+    }
+    fs::write(out_dir.join("results.md"), &md)?;
+    fs::write(
+        out_dir.join("results.json"),
+        format!("[\n{}\n]\n", json_rows.join(",\n")),
+    )?;
+    println!("{md}");
+    eprintln!(
+        "bench: results in {} and results.json",
+        out_dir.join("results.md").display()
+    );
+    Ok(())
+}
