@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 /// Keep in step with xtask's setup and ../shared/toolchain.md.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+const EBPF_TOOLCHAIN: &str = "nightly-2026-06-25";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);

@@ -186,7 +186,7 @@ fn call_state_in(slot: Option<*mut CallSlot>, id: u64) -> Option<*mut Inflight> 
     if load(spilled()?) == 0 {
         return None;
     }
-    INFLIGHT.get_ptr_mut(id)
+    INFLIGHT.get_ptr_mut(&id)
 }
 
 /// The state of thread `id`'s allocator call in flight, if any.
@@ -218,19 +218,22 @@ pub(crate) fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64
         // SAFETY: a map value; the compare-and-exchange makes this thread its only writer
         // until it sets `owner` back to 0.
         unsafe {
-            let claimed = atomic_cxchg::<
-                u64,
-                { AtomicOrdering::Acquire },
-                { AtomicOrdering::Relaxed },
-            >(&raw mut (*slot).owner, 0, id)
-            .1;
-            if claimed {
+            // The old value tells whether the slot was free: branching on the returned bool
+            // emits IR that bpf-linker rejects ("Invalid record").
+            let old =
+                atomic_cxchg::<u64, { AtomicOrdering::Acquire }, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*slot).owner,
+                    0,
+                    id,
+                )
+                .0;
+            if old == 0 {
                 (*slot).state = state;
                 return Some(id);
             }
         }
     }
-    if INFLIGHT.insert(id, state, BPF_NOEXIST as u64).is_err() {
+    if INFLIGHT.insert(&id, &state, BPF_NOEXIST as u64).is_err() {
         count(Counter::InflightFull);
         return None;
     }
@@ -299,7 +302,7 @@ fn end_call_in(slot: Option<*mut CallSlot>, id: u64) {
     }
     if let Some(n) = spilled()
         && load(n) != 0
-        && INFLIGHT.remove(id).is_ok()
+        && INFLIGHT.remove(&id).is_ok()
     {
         add(n, u64::MAX);
     }
@@ -355,7 +358,7 @@ pub(crate) fn remember_sampled(id: u64, addr: u64) -> bool {
     if sample_mean() == 0 {
         return true;
     }
-    if SAMPLED.insert(sampled_key(id, addr), 1, 0).is_ok() {
+    if SAMPLED.insert(&sampled_key(id, addr), &1, 0).is_ok() {
         return true;
     }
     count(Counter::SampledFull);

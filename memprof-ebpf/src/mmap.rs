@@ -66,7 +66,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
         )
     };
     if prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS == 0 {
-        let _ = EXEC_MAPS.insert(id, 1, 0);
+        let _ = EXEC_MAPS.insert(&id, &1, 0);
     }
     0
 }
@@ -76,7 +76,7 @@ pub fn sys_exit_mmap(_ctx: TracePointContext) -> u32 {
     let Some(id) = traced_thread() else {
         return 0;
     };
-    if EXEC_MAPS.remove(id).is_ok() {
+    if EXEC_MAPS.remove(&id).is_ok() {
         emit_with(header(EventKind::ExecMap, AllocFn::Mmap as u32, id), true);
     }
     0

@@ -133,12 +133,12 @@ pub fn store_stack(frames: u64) -> u64 {
     {
         return key;
     }
-    let known = if STACKS.get_ptr(key).is_some() {
+    let known = if STACKS.get_ptr(&key).is_some() {
         key
     } else {
         // SAFETY: as above.
         let trace = unsafe { &*buf };
-        match STACKS.insert(key, trace, BPF_NOEXIST as u64) {
+        match STACKS.insert(&key, trace, BPF_NOEXIST as u64) {
             Ok(()) => key | STACK_NEW,
             // Another CPU inserted the same stack meanwhile.
             Err(-17) => key,

@@ -10,7 +10,7 @@ use crate::util::{Workspace, cargo_program, ensure_root, find_program, output_of
 
 /// The nightly that builds the eBPF crate; keep in step with `memprof-user/build.rs`. Newer
 /// nightlies may move to an LLVM that Debian 12 does not ship for bpf-linker.
-pub const NIGHTLY: &str = "nightly-2026-05-20";
+pub const NIGHTLY: &str = "nightly-2026-06-25";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -171,7 +171,7 @@ fn nightly(ws: &Workspace) -> Result<()> {
 }
 
 /// Whether `rustup toolchain list` output has `name`, listed with its host triple
-/// (`nightly-2026-05-20-x86_64-unknown-linux-gnu (active)`) or without.
+/// (`nightly-2026-06-25-x86_64-unknown-linux-gnu (active)`) or without.
 fn lists_toolchain(list: &str, name: &str) -> bool {
     list.lines()
         .filter_map(|line| line.split_whitespace().next())
@@ -314,11 +314,11 @@ mod tests {
     fn rustup_toolchains() {
         let list = "stable-x86_64-unknown-linux-gnu (active, default)\n\
                     nightly-x86_64-unknown-linux-gnu\n\
-                    nightly-2026-05-20-x86_64-unknown-linux-gnu\n\
+                    nightly-2026-06-25-x86_64-unknown-linux-gnu\n\
                     1.95.0-x86_64-unknown-linux-gnu\n";
         assert!(lists_toolchain(list, NIGHTLY));
         assert!(lists_toolchain(
-            "nightly-2026-05-20-x86_64-unknown-linux-gnu (active)\n",
+            "nightly-2026-06-25-x86_64-unknown-linux-gnu (active)\n",
             NIGHTLY
         ));
         let without = "stable-x86_64-unknown-linux-gnu (active, default)\n\

@@ -175,7 +175,7 @@ impl Tracer {
             )?;
             for pid in pids {
                 tgids
-                    .insert(pid, 1, 0)
+                    .insert(pid, &1, 0)
                     .context("failed to add a process to trace")?;
             }
         }
@@ -329,7 +329,7 @@ fn attach_objects(
     let shown_of = |c: &Chosen| -> &str { &allocators[c.object].shown };
     for c in chosen.iter().filter(|c| c.spec.returns) {
         uprobe(ebpf, "alloc_return")?
-            .attach(c.sym.file_offset, path_of(c), scope)
+            .attach([c.sym.file_offset], path_of(c), scope)
             .with_context(|| {
                 format!(
                     "failed to attach uretprobe to {} in {}",
@@ -340,7 +340,7 @@ fn attach_objects(
     }
     for c in &chosen {
         uprobe(ebpf, c.spec.entry)?
-            .attach(c.sym.file_offset + c.skip, path_of(c), scope)
+            .attach([c.sym.file_offset + c.skip], path_of(c), scope)
             .with_context(|| format!("failed to attach uprobe to {} in {}", c.name, shown_of(c)))?;
     }
     Ok(report)
@@ -396,7 +396,7 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, scope: UProbeScope) -> Res
                 cookie: Some(index as u64),
             };
             uprobe(ebpf, program)?
-                .attach(point, object, scope)
+                .attach([point], object, scope)
                 .with_context(|| {
                     format!(
                         "phase {name}: failed to attach to {function} in {}",

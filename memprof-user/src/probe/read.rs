@@ -26,17 +26,17 @@ impl Tracer {
     /// Lets the kernel program walk the Python frames of CPython process `tgid`.
     pub fn set_python(&mut self, tgid: u32, walk: PyWalk) -> Result<()> {
         self.py_procs
-            .insert(tgid, walk, 0)
+            .insert(&tgid, &walk, 0)
             .context("failed to register a Python process")?;
         self.py_active
-            .set(0, 1, 0)
+            .set(0, &1, 0)
             .context("failed to enable Python stacks")
     }
 
     /// Registers thread `tid` as running Python with thread state `tstate`.
     pub fn set_python_thread(&mut self, tid: u32, tstate: u64) -> Result<()> {
         self.py_threads
-            .insert(tid, tstate, 0)
+            .insert(&tid, &tstate, 0)
             .context("failed to register a Python thread")
     }
 
