@@ -60,3 +60,37 @@ pub mod mode {
 
 /// Size of the `TGIDS` map: processes followed at once in [`mode::SET`].
 pub const DEFAULT_TGID_ENTRIES: u32 = 16 * 1024;
+
+/// Registers an entry program can read an argument from when placement moved its probe past
+/// a copy of the argument (see [`cookie`]).
+pub const ARG_REGS: [&str; 9] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9", "rax", "r10", "r11"];
+
+/// The attach cookie of the allocator entry programs: which function a probe sits in and where
+/// its arguments are. Bits 0–7: the `AllocFn`; bits 8 + 4k to 11 + 4k: where ABI argument k
+/// (0 to 5) is read: 0 from its own register, n from `ARG_REGS[n - 1]`.
+pub mod cookie {
+    use crate::AllocFn;
+
+    /// The cookie of a probe in a function of kind `func` whose arguments are at `arg_regs`.
+    pub const fn encode(func: AllocFn, arg_regs: [u8; 6]) -> u64 {
+        let mut c = func as u64;
+        let mut k = 0;
+        while k < 6 {
+            c |= ((arg_regs[k] & 0xf) as u64) << (8 + 4 * k);
+            k += 1;
+        }
+        c
+    }
+
+    /// The `AllocFn` value of cookie `c`.
+    #[inline(always)]
+    pub const fn func(c: u64) -> u32 {
+        (c & 0xff) as u32
+    }
+
+    /// Where ABI argument `k` is read: 0 for its own register, else `ARG_REGS` index + 1.
+    #[inline(always)]
+    pub const fn arg_reg(c: u64, k: usize) -> u32 {
+        ((c >> (8 + 4 * k)) & 0xf) as u32
+    }
+}

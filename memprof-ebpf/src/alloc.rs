@@ -1,13 +1,18 @@
-//! The allocator programs: an entry probe per allocator function (one line each over
-//! `calls::enter`), `free`, and the one return probe every allocator shares, which records the
-//! block with its stack.
+//! The allocator programs: one entry program for every probed function (`free`, `munmap` and
+//! the libc mapping calls included), told apart by the attach cookie, and the one return
+//! program every allocating function shares, which records the block with its stack. Each
+//! comes twice, for classic uprobes and for multi-uprobe links (the section decides which
+//! attach the loader uses); the agent loads one pair.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
+    EbpfContext as _,
+    helpers::{bpf_get_attach_cookie, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use memprof_common::{AllocEvent, AllocFn, EventKind, FreeEvent, RemapEvent, unwind};
+use memprof_common::{
+    AllocEvent, AllocFn, EventKind, FreeEvent, RemapEvent, UnmapEvent, cookie, unwind,
+};
 
 use crate::{
     UNWIND,
@@ -17,7 +22,7 @@ use crate::{
     },
     dwarf::emit_alloc_stack,
     emit::{emit, emit_with, header},
-    filter::traced_thread,
+    filter::{floor, traced_thread},
     python::py_stack,
     stack::stack_key,
 };
@@ -26,9 +31,27 @@ use crate::{
 pub(crate) const MAP_ANONYMOUS: u64 = 0x20;
 const MAP_FAILED: u64 = u64::MAX;
 
+/// ABI argument `n` of the probed call: from its register, or from the register placement
+/// found it copied to (the cookie says, see `memprof_common::cookie`).
 #[inline(always)]
-pub(crate) fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+pub(crate) fn arg(ctx: &ProbeContext, cookie: u64, n: usize) -> u64 {
+    let regs = ctx.regs;
+    // SAFETY: the program's own register context; constant offsets.
+    unsafe {
+        match cookie::arg_reg(cookie, n) {
+            0 => ctx.arg::<u64>(n).unwrap_or(0),
+            1 => (*regs).rdi,
+            2 => (*regs).rsi,
+            3 => (*regs).rdx,
+            4 => (*regs).rcx,
+            5 => (*regs).r8,
+            6 => (*regs).r9,
+            7 => (*regs).rax,
+            8 => (*regs).r10,
+            9 => (*regs).r11,
+            _ => 0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -73,64 +96,68 @@ fn emit_free(kind: EventKind, func: u32, id: u64, addr: u64) {
     });
 }
 
-// ---- entry probes: one line each over `enter` ----
+// ---- one entry program for every probed function; the attach cookie says which ----
 
+/// The entry of a probed function: the attach cookie is its `AllocFn` (what its arguments
+/// mean), so one program, and one link per object, serves every entry point.
+#[inline(always)]
+fn entry(ctx: &ProbeContext) {
+    if floor() {
+        return;
+    }
+    // SAFETY: the helper reads the cookie of the link that ran this program.
+    let c = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let func = cookie::func(c);
+    let argn = |n: usize| arg(ctx, c, n);
+    // Match on raw values: `AllocFn::from_u32` has a bounds check whose panic path the verifier
+    // rejects.
+    const MALLOC: u32 = AllocFn::Malloc as u32;
+    const VALLOC: u32 = AllocFn::Valloc as u32;
+    const PVALLOC: u32 = AllocFn::Pvalloc as u32;
+    const CALLOC: u32 = AllocFn::Calloc as u32;
+    const MEMALIGN: u32 = AllocFn::Memalign as u32;
+    const ALIGNED_ALLOC: u32 = AllocFn::AlignedAlloc as u32;
+    const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
+    const REALLOC: u32 = AllocFn::Realloc as u32;
+    const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
+    const FREE: u32 = AllocFn::Free as u32;
+    const MMAP: u32 = AllocFn::Mmap as u32;
+    const MUNMAP: u32 = AllocFn::Munmap as u32;
+    const MREMAP: u32 = AllocFn::Mremap as u32;
+    match func {
+        MALLOC => drop(enter(AllocFn::Malloc, argn(0), 0, 0)),
+        VALLOC => drop(enter(AllocFn::Valloc, argn(0), 0, 0)),
+        PVALLOC => drop(enter(AllocFn::Pvalloc, argn(0), 0, 0)),
+        CALLOC => drop(enter(AllocFn::Calloc, argn(0).wrapping_mul(argn(1)), 0, 0)),
+        MEMALIGN => drop(enter(AllocFn::Memalign, argn(1), 0, 0)),
+        ALIGNED_ALLOC => drop(enter(AllocFn::AlignedAlloc, argn(1), 0, 0)),
+        POSIX_MEMALIGN => drop(enter(AllocFn::PosixMemalign, argn(2), argn(0), 0)),
+        REALLOC => realloc_common(AllocFn::Realloc, argn(0), argn(1)),
+        REALLOCARRAY => reallocarray(argn(0), argn(1), argn(2)),
+        FREE => free(argn(0)),
+        MMAP => drop(enter(AllocFn::Mmap, argn(1), argn(3), 0)),
+        MREMAP => drop(enter(AllocFn::Mremap, argn(2), argn(0), argn(1))),
+        MUNMAP => munmap(argn(0), argn(1)),
+        _ => {}
+    }
+}
+
+/// Entry probes attached one per function (classic uprobes, the fallback).
 #[uprobe]
-pub fn malloc_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::Malloc, arg(&ctx, 0), 0, 0);
+pub fn alloc_entry(ctx: ProbeContext) -> u32 {
+    entry(&ctx);
     0
 }
 
-#[uprobe]
-pub fn valloc_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::Valloc, arg(&ctx, 0), 0, 0);
+/// Entry probes attached as one multi-uprobe link per object and process.
+#[uprobe(multi)]
+pub fn alloc_entry_multi(ctx: ProbeContext) -> u32 {
+    entry(&ctx);
     0
 }
 
-#[uprobe]
-pub fn pvalloc_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::Pvalloc, arg(&ctx, 0), 0, 0);
-    0
-}
-
-#[uprobe]
-pub fn calloc_entry(ctx: ProbeContext) -> u32 {
-    enter(
-        AllocFn::Calloc,
-        arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)),
-        0,
-        0,
-    );
-    0
-}
-
-#[uprobe]
-pub fn memalign_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::Memalign, arg(&ctx, 1), 0, 0);
-    0
-}
-
-#[uprobe]
-pub fn aligned_alloc_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::AlignedAlloc, arg(&ctx, 1), 0, 0);
-    0
-}
-
-#[uprobe]
-pub fn posix_memalign_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0), 0);
-    0
-}
-
-#[uprobe]
-pub fn realloc_entry(ctx: ProbeContext) -> u32 {
-    realloc_common(AllocFn::Realloc, arg(&ctx, 0), arg(&ctx, 1));
-    0
-}
-
-#[uprobe]
-pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
-    let (nmemb, size) = (arg(&ctx, 1), arg(&ctx, 2));
+#[inline(always)]
+fn reallocarray(old: u64, nmemb: u64, size: u64) {
     // On overflow the call fails without touching the block; size 0 would mean "free".
     // No `checked_mul` (nor a division check, which LLVM folds back into one): both lower to a
     // 128-bit multiply the BPF backend lacks. A factor of 2^32 or more with a nonzero other
@@ -142,8 +169,7 @@ pub fn reallocarray_entry(ctx: ProbeContext) -> u32 {
     } else {
         nmemb * size
     };
-    realloc_common(AllocFn::Reallocarray, arg(&ctx, 0), total);
-    0
+    realloc_common(AllocFn::Reallocarray, old, total);
 }
 
 /// realloc(p, n) = free(p) + alloc(n). The free is announced at entry, before the allocator can
@@ -204,11 +230,10 @@ fn restore_old(id: u64, state: &Inflight) -> bool {
 
 /// `free` has no return probe: the block is released at entry, unless the call is made by an
 /// allocator in flight on this thread (which owns the accounting).
-#[uprobe]
-pub fn free_entry(ctx: ProbeContext) -> u32 {
-    let addr = arg(&ctx, 0);
+#[inline(always)]
+fn free(addr: u64) {
     if addr == 0 {
-        return 0;
+        return;
     }
     if let Some(id) = traced_thread()
         && !in_flight(id)
@@ -216,20 +241,48 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     {
         emit_free(EventKind::Free, AllocFn::Free as u32, id, addr);
     }
-    0
+}
+
+/// `munmap` outside an allocator call: the range leaves the process's mappings.
+#[inline(always)]
+fn munmap(addr: u64, len: u64) {
+    if let Some(id) = traced_thread()
+        && !in_flight(id)
+    {
+        emit(UnmapEvent {
+            header: header(EventKind::Munmap, AllocFn::Munmap as u32, id),
+            addr,
+            len,
+        });
+    }
 }
 
 // ---- the one return probe shared by every allocator ----
 
+/// Return probes attached one per function (classic uretprobes, the fallback).
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    exit(&ctx);
+    0
+}
+
+/// Return probes attached as one multi-uprobe link per object and process.
+#[uretprobe(multi)]
+pub fn alloc_return_multi(ctx: RetProbeContext) -> u32 {
+    exit(&ctx);
+    0
+}
+
+/// The return of an allocating function: records its block.
+#[inline(always)]
+fn exit(ctx: &RetProbeContext) {
     let Some((id, state)) = leave() else {
-        return 0;
+        return;
     };
     let ret: u64 = ctx.ret();
     if state.flags & SAMPLED_FLAG == 0 {
         unsampled_return(id, &state, ret);
-        return 0;
+        return;
     }
     // Match on the raw value: `AllocFn::from_u32` has a bounds check whose panic path the
     // verifier rejects.
@@ -242,7 +295,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     match func {
         REALLOC | REALLOCARRAY => {
             if ret != 0 {
-                emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
+                emit_alloc(ctx, EventKind::Alloc, func, id, ret, state.size);
             } else if state.arg != 0 && state.size != 0 && restore_old(id, &state) {
                 emit_free(EventKind::ReallocFailed, func, id, state.arg);
             }
@@ -252,13 +305,13 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             if ret as u32 == 0 {
                 // SAFETY: reads user memory through the helper, which checks the access.
                 if let Ok(addr) = unsafe { bpf_probe_read_user(state.arg as *const u64) } {
-                    emit_alloc(&ctx, EventKind::Alloc, func, id, addr, state.size);
+                    emit_alloc(ctx, EventKind::Alloc, func, id, addr, state.size);
                 }
             }
         }
         MMAP => {
             if ret != MAP_FAILED && state.arg & MAP_ANONYMOUS != 0 {
-                emit_alloc(&ctx, EventKind::Mmap, func, id, ret, state.size);
+                emit_alloc(ctx, EventKind::Mmap, func, id, ret, state.size);
             }
         }
         MREMAP => {
@@ -274,9 +327,8 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         }
         _ => {
             if ret != 0 {
-                emit_alloc(&ctx, EventKind::Alloc, func, id, ret, state.size);
+                emit_alloc(ctx, EventKind::Alloc, func, id, ret, state.size);
             }
         }
     }
-    0
 }

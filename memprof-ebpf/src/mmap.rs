@@ -1,17 +1,16 @@
-//! Mappings: libc's `mmap`, `mremap` (whose returns `alloc::alloc_return` records) and
-//! `munmap`, and the `mmap` syscall tracepoints that report executable file mappings.
+//! The `mmap` syscall tracepoints that report executable file mappings (libc's `mmap`,
+//! `mremap` and `munmap` calls are `alloc`'s).
 
 use aya_ebpf::{
-    macros::{map, tracepoint, uprobe},
+    macros::{map, tracepoint},
     maps::HashMap,
-    programs::{ProbeContext, TracePointContext},
+    programs::TracePointContext,
 };
-use memprof_common::{AllocFn, EventKind, UnmapEvent};
+use memprof_common::{AllocFn, EventKind};
 
 use crate::{
-    alloc::{MAP_ANONYMOUS, arg},
-    calls::{enter, in_flight},
-    emit::{emit, emit_with, header},
+    alloc::MAP_ANONYMOUS,
+    emit::{emit_with, header},
     filter::traced_thread,
 };
 
@@ -20,32 +19,6 @@ const PROT_EXEC: u64 = 0x4;
 /// Threads inside an `mmap` syscall that maps a file executable (set at entry, taken at exit).
 #[map]
 static EXEC_MAPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
-
-#[uprobe]
-pub fn mmap_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::Mmap, arg(&ctx, 1), arg(&ctx, 3), 0);
-    0
-}
-
-#[uprobe]
-pub fn mremap_entry(ctx: ProbeContext) -> u32 {
-    enter(AllocFn::Mremap, arg(&ctx, 2), arg(&ctx, 0), arg(&ctx, 1));
-    0
-}
-
-#[uprobe]
-pub fn munmap_entry(ctx: ProbeContext) -> u32 {
-    if let Some(id) = traced_thread()
-        && !in_flight(id)
-    {
-        emit(UnmapEvent {
-            header: header(EventKind::Munmap, AllocFn::Munmap as u32, id),
-            addr: arg(&ctx, 0),
-            len: arg(&ctx, 1),
-        });
-    }
-    0
-}
 
 /// A file mapped executable (a library being loaded) tells the agent to re-read the target's
 /// address space at once: a short-lived process may be gone before its first stack is

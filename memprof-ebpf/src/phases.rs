@@ -1,4 +1,5 @@
-//! Phases: functions named by `--phase`; the attach cookie is the phase's index.
+//! Phases: functions named by `--phase`; the attach cookie is the phase's index. Classic and
+//! multi-uprobe variants, as in `alloc`.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,6 +22,18 @@ pub fn phase_entry(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn phase_return(ctx: RetProbeContext) -> u32 {
+    phase_event(ctx.as_ptr(), EventKind::PhaseLeave);
+    0
+}
+
+#[uprobe(multi)]
+pub fn phase_entry_multi(ctx: ProbeContext) -> u32 {
+    phase_event(ctx.as_ptr(), EventKind::PhaseEnter);
+    0
+}
+
+#[uretprobe(multi)]
+pub fn phase_return_multi(ctx: RetProbeContext) -> u32 {
     phase_event(ctx.as_ptr(), EventKind::PhaseLeave);
     0
 }

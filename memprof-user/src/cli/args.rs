@@ -147,6 +147,10 @@ pub struct TraceArgs {
     /// whose slot is taken use a slower hash. For tests of that path.
     #[arg(long, hide = true, default_value_t = memprof_common::DEFAULT_CALL_SLOTS, value_parser = parse_call_slots)]
     pub call_slots: u32,
+    /// How probes are attached: `multi` (multi-uprobe links, where the kernel has them) or
+    /// `classic` (one uprobe per function, the fallback on older kernels). For tests.
+    #[arg(long, hide = true, value_parser = ["multi", "classic"])]
+    pub links: Option<String>,
     /// How stacks are unwound: `fp` walks frame pointers in the kernel (cheapest; deeper frames
     /// of code built without them are wrong); `dwarf` copies registers and --stack-bytes of
     /// stack per allocation and unwinds them from the objects' CFI (.eh_frame), so code without

@@ -20,7 +20,7 @@ use crate::{
     ingest::{marks, mmaps::MmapWatcher},
     output::{self, OutputFiles, json},
     probe::{
-        Options, Targets, Tracer,
+        LinkKind, Options, Targets, Tracer,
         allocators::{self, Allocator},
     },
     report,
@@ -54,6 +54,8 @@ struct Start<'a> {
     placed: std::collections::BTreeMap<&'a str, u64>,
     /// Every allocator object probed, the main one first.
     allocators: Vec<StartAllocator<'a>>,
+    /// How probes are attached: `multi` (multi-uprobe links) or `classic`.
+    links: &'static str,
 }
 
 /// One allocator object of the start record.
@@ -69,6 +71,16 @@ struct StartAllocator<'a> {
     /// Free-like functions not probed because they hand the block to a probed one.
     forwards: Vec<[&'a str; 2]>,
     placed: std::collections::BTreeMap<&'a str, u64>,
+    /// Where each entry probe sits and why.
+    placements: Vec<StartPlacement<'a>>,
+}
+
+/// One entry probe's place in its function.
+#[derive(Serialize)]
+struct StartPlacement<'a> {
+    function: &'a str,
+    offset: u64,
+    why: &'a str,
 }
 
 fn pairs(v: &[(String, String)]) -> Vec<[&str; 2]> {
@@ -315,6 +327,10 @@ fn trace_pid(
         floor: args.probe_floor,
         no_placement: args.no_placement,
         call_slots: args.call_slots,
+        links: args.links.as_deref().map(|l| match l {
+            "classic" => LinkKind::Classic,
+            _ => LinkKind::Multi,
+        }),
         probe_stats: args.probe_stats,
         stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
         sample_bytes: args.sample_bytes.unwrap_or(0),
@@ -353,8 +369,18 @@ fn trace_pid(
                 aliases: pairs(&o.aliases),
                 forwards: pairs(&o.forwards),
                 placed: offsets(&o.placed),
+                placements: o
+                    .placements
+                    .iter()
+                    .map(|(function, offset, why)| StartPlacement {
+                        function,
+                        offset: *offset,
+                        why,
+                    })
+                    .collect(),
             })
             .collect(),
+        links: tracer.link_kind().name(),
     };
     let start = serde_json::to_string(&start)?;
 
@@ -423,6 +449,16 @@ fn trace_pid(
         session.run().await
     })?;
 
+    // The probes go first, so a process that lives on runs untraced while the report is made;
+    // what they sent before is taken after.
+    let (links, took) = session.detach();
+    session.drain();
+    if args.probe_stats {
+        eprintln!(
+            "memprof: detached {links} probe links in {:.1} ms",
+            took.as_secs_f64() * 1e3
+        );
+    }
     let (exited, code) = match end {
         End::Exited { status } => (true, status.map(exit_code)),
         End::Duration | End::Signal => (false, None),
@@ -438,7 +474,7 @@ fn trace_pid(
     if let Some(profile) = &profile {
         output::write_files(profile, &files)?;
     }
-    detach_in_background(session);
+    drop(session);
     if args.fail_on_leak && report.leak_detected {
         eprintln!("memprof: leak detected (--fail-on-leak)");
         return Ok(GATE_FAILED);
@@ -448,65 +484,6 @@ fn trace_pid(
     } else {
         0
     })
-}
-
-/// Lets memprof exit without waiting for the kernel to remove its uprobes.
-///
-/// Removing a uprobe waits for RCU grace periods and the kernel serializes removals (about
-/// 0.1 s each here: 2.5 s for one libc's probes). A forked child keeps the probes' file
-/// descriptors, closes its copies of stdin, stdout and stderr (a reader of memprof's output sees
-/// the end at once), waits for memprof to exit (end of file on a pipe only memprof writes) and
-/// exits in turn: the last holder of the descriptors is the one that waits for the kernel, and
-/// nobody waits for it. The probes only ever fire for the traced process.
-///
-/// The session is forgotten, not dropped: dropping detaches each link explicitly (a disable
-/// ioctl that waits like a removal), while closing a descriptor the child still holds is free.
-fn detach_in_background(mut session: Session) {
-    // The mark socket's file goes now: a forgotten session never drops it. The statistics
-    // descriptor too, or the child would keep them on.
-    session.close_marks();
-    session.stop_probe_stats();
-    let mut pipe = [0; 2];
-    // SAFETY: plain syscalls; the child makes only async-signal-safe calls.
-    unsafe {
-        if libc::pipe(pipe.as_mut_ptr()) != 0 {
-            // No background detach: dropping the session detaches in the foreground.
-            return;
-        }
-        match libc::fork() {
-            0 => {
-                libc::close(pipe[1]);
-                libc::close(0);
-                libc::close(1);
-                libc::close(2);
-                // Sockets (`--metrics`, `--ui`, marks) must not outlive memprof: a port would
-                // stay bound. fstat is async-signal-safe; the probes' descriptors are not
-                // sockets.
-                for fd in 3..4096 {
-                    let mut st: libc::stat = std::mem::zeroed();
-                    if fd != pipe[0]
-                        && libc::fstat(fd, &mut st) == 0
-                        && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
-                    {
-                        libc::close(fd);
-                    }
-                }
-                let mut byte = 0u8;
-                while libc::read(pipe[0], (&raw mut byte).cast(), 1) < 0 {}
-                libc::_exit(0);
-            }
-            -1 => {
-                libc::close(pipe[0]);
-                libc::close(pipe[1]);
-                return;
-            }
-            _ => {
-                // The write end stays open until memprof exits.
-                libc::close(pipe[0]);
-            }
-        }
-    }
-    std::mem::forget(session);
 }
 
 /// Shell-style exit code of a wait status: the exit status, or 128 + the killing signal.

@@ -3,27 +3,19 @@
 //! before entry probes: an entry seen without its return would leave the thread marked as
 //! inside an allocator.
 
-use std::{
-    collections::HashSet,
-    fs,
-    num::NonZeroU32,
-    os::fd::OwnedFd,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashSet, fs, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
-    },
+    programs::TracePoint,
 };
 use memprof_common::{MAX_SAMPLE_MEAN, PyStack, PyWalk, StackTrace, mode, unwind};
 
 use super::{
     allocators::Allocator,
+    links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
 };
 use crate::sys::elf::file_id;
@@ -33,9 +25,15 @@ static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 
 /// The loaded programs and the maps the agent reads.
 pub struct Tracer {
-    /// Owns the programs and their links; dropping it detaches everything (memprof's normal
-    /// exit leaves that to a background child, see `cli::detach_in_background`).
+    /// Owns the programs and the tracepoint links.
     pub(super) ebpf: Ebpf,
+    /// The uprobe links, by process; dropping them detaches the probes.
+    pub(super) links: Links,
+    /// Every probe set attached so far: a process that joins the trace gets them all.
+    pub(super) sets: Vec<ProbeSet>,
+    /// Links are scoped to each traced process (`--pid`, a command and its children), not
+    /// system-wide (`--all`).
+    pub(super) per_process: bool,
     pub events: RingBuf<MapData>,
     pub(super) stacks: AyaHashMap<MapData, u64, StackTrace>,
     pub(super) counters: PerCpuArray<MapData, u64>,
@@ -46,8 +44,6 @@ pub struct Tracer {
     pub attach: AttachReport,
     /// Mean sampling interval in bytes the programs were loaded with (0: not sampled).
     pub sample_bytes: u64,
-    /// Where probes go (one process, or every process mapping the object).
-    pub(super) scope: UProbeScope,
     pub(super) placement: bool,
     /// (device, inode) of every object probed.
     pub(super) probed: HashSet<(u64, u64)>,
@@ -58,11 +54,13 @@ pub struct Tracer {
 /// Which processes the programs report on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Targets {
-    /// One process; its probes are installed in it alone (the cheapest for the rest of the
-    /// machine).
+    /// One process; its probes are installed in it alone, so the rest of the machine runs at
+    /// untraced speed.
     One(u32),
     /// These processes, plus their forks with `follow`, plus processes that exec into the name
-    /// `comm`. Probes go in every process mapping a probed object and the programs filter.
+    /// `comm`. Without `comm`, each process gets probes of its own as it joins (the session
+    /// calls [`Tracer::follow`]); with `comm`, probes go in every process mapping a probed
+    /// object and the programs filter.
     Set {
         pids: Vec<u32>,
         follow: bool,
@@ -73,12 +71,15 @@ pub enum Targets {
 }
 
 impl Targets {
-    fn scope(&self) -> UProbeScope {
+    /// The processes whose probes are their own from the start; None when probes are
+    /// system-wide.
+    fn own_probes(&self) -> Option<Vec<u32>> {
         match self {
-            Self::One(pid) => {
-                NonZeroU32::new(*pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess)
-            }
-            _ => UProbeScope::AllProcesses,
+            Self::One(pid) => Some(vec![*pid]),
+            Self::Set {
+                pids, comm: None, ..
+            } => Some(pids.clone()),
+            _ => None,
         }
     }
 }
@@ -105,6 +106,8 @@ pub struct Options<'a> {
     /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
     /// CFI (`--unwind dwarf`); None: the kernel walks frame pointers.
     pub stack_copy: Option<u32>,
+    /// How probes are attached (None: multi links where the kernel has them).
+    pub links: Option<LinkKind>,
 }
 
 /// The kernel's `COMM` value for a process name: its first 15 bytes, NUL-padded.
@@ -179,11 +182,22 @@ impl Tracer {
                     .context("failed to add a process to trace")?;
             }
         }
-        let scope = opts.targets.scope();
-        load_programs(&mut ebpf)?;
-        let attach = attach_objects(&mut ebpf, opts.allocators, scope, !opts.no_placement, true)?;
+        let mut links = Links::new(opts.links.unwrap_or_else(LinkKind::detect));
+        links.load(&mut ebpf, Family::Alloc)?;
+        let placement = !opts.no_placement;
+        let (attach, mut sets) = plan_objects(opts.allocators, placement, true)?;
+        let phase_sets = plan_phases(opts)?;
+        if !phase_sets.is_empty() {
+            links.load(&mut ebpf, Family::Phase)?;
+        }
+        sets.extend(phase_sets);
+        let own = opts.targets.own_probes();
+        for pid in own.clone().unwrap_or(vec![0]) {
+            for set in &sets {
+                links.attach(&mut ebpf, set, pid)?;
+            }
+        }
         attach_tracepoints(&mut ebpf)?;
-        attach_phases(&mut ebpf, opts, scope)?;
         let mut probed = HashSet::new();
         for a in opts.allocators {
             if let Some(id) = file_id(&a.path) {
@@ -212,8 +226,10 @@ impl Tracer {
             py_threads,
             py_stacks,
             attach,
-            scope,
-            placement: !opts.no_placement,
+            links,
+            sets,
+            per_process: own.is_some(),
+            placement,
             probed,
             stats,
             sample_bytes,
@@ -221,8 +237,9 @@ impl Tracer {
     }
 
     /// Probes the allocator objects among `allocators` not probed yet (a process that started
-    /// or exec'd during the trace with an allocator of its own); returns their names.
-    pub fn add_allocators(&mut self, allocators: &[Allocator]) -> Result<Vec<String>> {
+    /// or exec'd during the trace with an allocator of its own), for process `pid` (and the
+    /// processes that join later) or system-wide; returns their names.
+    pub fn add_allocators(&mut self, allocators: &[Allocator], pid: u32) -> Result<Vec<String>> {
         let mut new = Vec::new();
         for a in allocators {
             match file_id(&a.path) {
@@ -233,10 +250,46 @@ impl Tracer {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let report = attach_objects(&mut self.ebpf, &new, self.scope, self.placement, false)?;
+        let (report, sets) = plan_objects(&new, self.placement, false)?;
+        let scope = if self.per_process { pid } else { 0 };
+        for set in &sets {
+            self.links.attach(&mut self.ebpf, set, scope)?;
+        }
+        self.sets.extend(sets);
         let names: Vec<String> = report.objects.iter().map(|o| o.path.clone()).collect();
         self.attach.objects.extend(report.objects);
         Ok(names)
+    }
+
+    /// Process `pid` joined the trace (a traced process forked it): with per-process probes, it
+    /// gets its own. Its early allocations, before the probes are in, are not seen.
+    pub fn follow(&mut self, pid: u32) -> Result<()> {
+        if !self.per_process || self.links.covers(pid) {
+            return Ok(());
+        }
+        for set in &self.sets {
+            self.links.attach(&mut self.ebpf, set, pid)?;
+        }
+        Ok(())
+    }
+
+    /// Process `pid` left the trace (it exited): its probes go, on a thread of their own.
+    pub fn release(&mut self, pid: u32) {
+        if self.per_process {
+            self.links.release(pid);
+        }
+    }
+
+    /// How probes are attached.
+    pub fn link_kind(&self) -> LinkKind {
+        self.links.kind
+    }
+
+    /// Detaches every uprobe (links closed side by side); returns the number of links and how
+    /// long it took.
+    pub fn detach(&mut self) -> (usize, Duration) {
+        let n = self.links.len();
+        (n, self.links.detach())
     }
 }
 
@@ -245,41 +298,13 @@ fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
 }
 
-fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
-    let program: &mut UProbe = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
-        .try_into()
-        .with_context(|| format!("program {name} is not a uprobe"))?;
-    Ok(program)
-}
-
-/// Loads every allocator program once (objects probed later reuse them).
-fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let mut names: Vec<&str> = Vec::new();
-    for s in PLAN {
-        if !names.contains(&s.entry) {
-            names.push(s.entry);
-        }
-    }
-    names.push("alloc_return");
-    for name in names {
-        uprobe(ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel rejected program {name}"))?;
-    }
-    Ok(())
-}
-
-/// Plans and attaches the probes of `allocators`. With `required`, some object must define
-/// malloc and free (the first attach of a trace).
-fn attach_objects(
-    ebpf: &mut Ebpf,
+/// Plans the probes of `allocators`: what is probed where, and one probe set per object. With
+/// `required`, some object must define malloc and free (the first attach of a trace).
+fn plan_objects(
     allocators: &[Allocator],
-    scope: UProbeScope,
     placement: bool,
     required: bool,
-) -> Result<AttachReport> {
+) -> Result<(AttachReport, Vec<ProbeSet>)> {
     let mut report = AttachReport::default();
     let mut chosen: Vec<Chosen> = Vec::new();
     for (index, a) in allocators.iter().enumerate() {
@@ -324,26 +349,25 @@ fn attach_objects(
         report.placed = main.placed.clone();
     }
 
-    // Returns first, then entries (see the module docs).
-    let path_of = |c: &Chosen| -> &Path { &allocators[c.object].path };
-    let shown_of = |c: &Chosen| -> &str { &allocators[c.object].shown };
-    for c in chosen.iter().filter(|c| c.spec.returns) {
-        uprobe(ebpf, "alloc_return")?
-            .attach([c.sym.file_offset], path_of(c), scope)
-            .with_context(|| {
-                format!(
-                    "failed to attach uretprobe to {} in {}",
-                    c.name,
-                    shown_of(c)
-                )
-            })?;
-    }
-    for c in &chosen {
-        uprobe(ebpf, c.spec.entry)?
-            .attach([c.sym.file_offset + c.skip], path_of(c), scope)
-            .with_context(|| format!("failed to attach uprobe to {} in {}", c.name, shown_of(c)))?;
-    }
-    Ok(report)
+    let sets = allocators
+        .iter()
+        .enumerate()
+        .map(|(index, a)| {
+            let of_object = || chosen.iter().filter(move |c| c.object == index);
+            ProbeSet {
+                path: a.path.clone(),
+                shown: a.shown.clone(),
+                family: Family::Alloc,
+                entries: of_object().map(Chosen::entry_point).collect(),
+                returns: of_object()
+                    .filter(|c| c.spec.returns)
+                    .map(|c| (c.sym.file_offset, 0))
+                    .collect(),
+            }
+        })
+        .filter(|set| !set.entries.is_empty())
+        .collect();
+    Ok((report, sets))
 }
 
 /// Library loads and the process life cycle.
@@ -367,13 +391,10 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// Probes entry and return of each `--phase` function; the attach cookie is the phase index.
-fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, scope: UProbeScope) -> Result<()> {
-    if opts.phases.is_empty() {
-        return Ok(());
-    }
-    uprobe(ebpf, "phase_entry")?.load()?;
-    uprobe(ebpf, "phase_return")?.load()?;
+/// The probe sets of the `--phase` functions: entry and return of each, the cookie is the
+/// phase's index.
+fn plan_phases(opts: &Options<'_>) -> Result<Vec<ProbeSet>> {
+    let mut sets: Vec<ProbeSet> = Vec::new();
     for (index, (name, function)) in opts.phases.iter().enumerate() {
         let found = opts.phase_objects.iter().find_map(|object| {
             let data = fs::read(object).ok()?;
@@ -390,20 +411,20 @@ fn attach_phases(ebpf: &mut Ebpf, opts: &Options<'_>, scope: UProbeScope) -> Res
                     .join(", ")
             );
         };
-        for program in ["phase_return", "phase_entry"] {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(index as u64),
-            };
-            uprobe(ebpf, program)?
-                .attach([point], object, scope)
-                .with_context(|| {
-                    format!(
-                        "phase {name}: failed to attach to {function} in {}",
-                        object.display()
-                    )
-                })?;
+        let point = (offset, index as u64);
+        match sets.iter_mut().find(|s| &s.path == object) {
+            Some(set) => {
+                set.entries.push(point);
+                set.returns.push(point);
+            }
+            None => sets.push(ProbeSet {
+                path: object.clone(),
+                shown: object.display().to_string(),
+                family: Family::Phase,
+                entries: vec![point],
+                returns: vec![point],
+            }),
         }
     }
-    Ok(())
+    Ok(sets)
 }

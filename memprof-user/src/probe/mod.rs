@@ -4,6 +4,7 @@
 
 pub mod allocators;
 pub mod counters;
+pub mod links;
 pub mod load;
 pub mod loader;
 pub mod placement;
@@ -11,4 +12,5 @@ pub mod plan;
 mod read;
 
 pub use counters::{KernelLosses, ProbeStat};
+pub use links::LinkKind;
 pub use load::{Options, Targets, Tracer};

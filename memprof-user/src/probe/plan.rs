@@ -13,19 +13,21 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
+use memprof_common::{AllocFn, cookie};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, ObjectSymbolTable as _};
 
-use super::{allocators::Allocator, placement};
+use super::{
+    allocators::Allocator,
+    placement::{self, Placement},
+};
 
-/// One allocator entry point and the programs that watch it.
+/// One allocator entry point and how the programs watch it.
 pub(super) struct ProbeSpec {
     pub(super) symbol: &'static str,
-    pub(super) entry: &'static str,
+    /// What the entry program reads of the call (its attach cookie).
+    pub(super) entry: AllocFn,
     /// Whether `alloc_return` watches the return.
     pub(super) returns: bool,
-    /// A call with a NULL first argument does nothing memprof records, so the entry probe may
-    /// sit after a leading NULL check (see `placement`).
-    pub(super) null_is_noop: bool,
     /// jemalloc builds may prefix the name (`je_malloc`, `_rjem_malloc`; see `allocators`).
     pub(super) prefixed: bool,
     /// Releases the block in its first argument (`free_entry`).
@@ -35,12 +37,11 @@ pub(super) struct ProbeSpec {
 }
 
 /// An allocating function: its size argument is read by `entry`, its result by `alloc_return`.
-const fn alloc(symbol: &'static str, entry: &'static str) -> ProbeSpec {
+const fn alloc(symbol: &'static str, entry: AllocFn) -> ProbeSpec {
     ProbeSpec {
         symbol,
         entry,
         returns: true,
-        null_is_noop: false,
         prefixed: false,
         frees: false,
         core: false,
@@ -51,9 +52,8 @@ const fn alloc(symbol: &'static str, entry: &'static str) -> ProbeSpec {
 const fn release(symbol: &'static str) -> ProbeSpec {
     ProbeSpec {
         returns: false,
-        null_is_noop: true,
         frees: true,
-        ..alloc(symbol, "free_entry")
+        ..alloc(symbol, AllocFn::Free)
     }
 }
 
@@ -71,39 +71,39 @@ const fn core(s: ProbeSpec) -> ProbeSpec {
 /// In order of preference when two symbols share an address. `malloc` and `free` must be
 /// defined by some allocator object; everything else is optional.
 pub(super) const PLAN: &[ProbeSpec] = &[
-    core(prefixed(alloc("malloc", "malloc_entry"))),
+    core(prefixed(alloc("malloc", AllocFn::Malloc))),
     core(prefixed(release("free"))),
-    core(prefixed(alloc("calloc", "calloc_entry"))),
-    core(prefixed(alloc("realloc", "realloc_entry"))),
-    core(prefixed(alloc("reallocarray", "reallocarray_entry"))),
-    core(prefixed(alloc("posix_memalign", "posix_memalign_entry"))),
-    core(prefixed(alloc("memalign", "memalign_entry"))),
-    core(prefixed(alloc("aligned_alloc", "aligned_alloc_entry"))),
-    core(prefixed(alloc("valloc", "valloc_entry"))),
-    core(prefixed(alloc("pvalloc", "pvalloc_entry"))),
-    core(alloc("mmap", "mmap_entry")),
+    core(prefixed(alloc("calloc", AllocFn::Calloc))),
+    core(prefixed(alloc("realloc", AllocFn::Realloc))),
+    core(prefixed(alloc("reallocarray", AllocFn::Reallocarray))),
+    core(prefixed(alloc("posix_memalign", AllocFn::PosixMemalign))),
+    core(prefixed(alloc("memalign", AllocFn::Memalign))),
+    core(prefixed(alloc("aligned_alloc", AllocFn::AlignedAlloc))),
+    core(prefixed(alloc("valloc", AllocFn::Valloc))),
+    core(prefixed(alloc("pvalloc", AllocFn::Pvalloc))),
+    core(alloc("mmap", AllocFn::Mmap)),
     core(ProbeSpec {
         returns: false,
-        ..alloc("munmap", "munmap_entry")
+        ..alloc("munmap", AllocFn::Munmap)
     }),
-    core(alloc("mremap", "mremap_entry")),
+    core(alloc("mremap", AllocFn::Mremap)),
     // jemalloc's own API (xallocx resizes in place and is not probed) and C23 sized frees.
-    prefixed(alloc("mallocx", "malloc_entry")),
-    prefixed(alloc("rallocx", "realloc_entry")),
+    prefixed(alloc("mallocx", AllocFn::Malloc)),
+    prefixed(alloc("rallocx", AllocFn::Realloc)),
     prefixed(release("sdallocx")),
     prefixed(release("dallocx")),
     prefixed(release("free_sized")),
     prefixed(release("free_aligned_sized")),
     // C++ operator new and delete (x86-64 mangling), for allocators that implement them
     // (jemalloc, tcmalloc, mimalloc) and C++ runtimes (libstdc++'s call malloc and free).
-    alloc("_Znwm", "malloc_entry"),
-    alloc("_Znam", "malloc_entry"),
-    alloc("_ZnwmRKSt9nothrow_t", "malloc_entry"),
-    alloc("_ZnamRKSt9nothrow_t", "malloc_entry"),
-    alloc("_ZnwmSt11align_val_t", "malloc_entry"),
-    alloc("_ZnamSt11align_val_t", "malloc_entry"),
-    alloc("_ZnwmSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
-    alloc("_ZnamSt11align_val_tRKSt9nothrow_t", "malloc_entry"),
+    alloc("_Znwm", AllocFn::Malloc),
+    alloc("_Znam", AllocFn::Malloc),
+    alloc("_ZnwmRKSt9nothrow_t", AllocFn::Malloc),
+    alloc("_ZnamRKSt9nothrow_t", AllocFn::Malloc),
+    alloc("_ZnwmSt11align_val_t", AllocFn::Malloc),
+    alloc("_ZnamSt11align_val_t", AllocFn::Malloc),
+    alloc("_ZnwmSt11align_val_tRKSt9nothrow_t", AllocFn::Malloc),
+    alloc("_ZnamSt11align_val_tRKSt9nothrow_t", AllocFn::Malloc),
     release("_ZdlPv"),
     release("_ZdaPv"),
     release("_ZdlPvm"),
@@ -118,20 +118,20 @@ pub(super) const PLAN: &[ProbeSpec] = &[
     release("_ZdaPvSt11align_val_tRKSt9nothrow_t"),
     // mimalloc's own API where it is not an alias of the standard names (size first; the
     // `mi_heap_*` functions, which take the heap first, are not probed).
-    alloc("mi_zalloc", "malloc_entry"),
-    alloc("mi_malloc_aligned", "malloc_entry"),
-    alloc("mi_zalloc_aligned", "malloc_entry"),
-    alloc("mi_mallocn", "calloc_entry"),
-    alloc("mi_calloc_aligned", "calloc_entry"),
-    alloc("mi_realloc_aligned", "realloc_entry"),
-    alloc("mi_rezalloc", "realloc_entry"),
-    alloc("mi_reallocn", "reallocarray_entry"),
-    alloc("mi_recalloc", "reallocarray_entry"),
-    alloc("mi_new_n", "calloc_entry"),
-    alloc("mi_new_nothrow", "malloc_entry"),
-    alloc("mi_new_aligned_nothrow", "malloc_entry"),
-    alloc("mi_new_realloc", "realloc_entry"),
-    alloc("mi_new_reallocn", "reallocarray_entry"),
+    alloc("mi_zalloc", AllocFn::Malloc),
+    alloc("mi_malloc_aligned", AllocFn::Malloc),
+    alloc("mi_zalloc_aligned", AllocFn::Malloc),
+    alloc("mi_mallocn", AllocFn::Calloc),
+    alloc("mi_calloc_aligned", AllocFn::Calloc),
+    alloc("mi_realloc_aligned", AllocFn::Realloc),
+    alloc("mi_rezalloc", AllocFn::Realloc),
+    alloc("mi_reallocn", AllocFn::Reallocarray),
+    alloc("mi_recalloc", AllocFn::Reallocarray),
+    alloc("mi_new_n", AllocFn::Calloc),
+    alloc("mi_new_nothrow", AllocFn::Malloc),
+    alloc("mi_new_aligned_nothrow", AllocFn::Malloc),
+    alloc("mi_new_realloc", AllocFn::Realloc),
+    alloc("mi_new_reallocn", AllocFn::Reallocarray),
     release("mi_free_size"),
     release("mi_free_aligned"),
     release("mi_free_size_aligned"),
@@ -156,6 +156,8 @@ pub struct ObjectReport {
     pub forwards: Vec<(String, String)>,
     /// Entry probes placed past the function's first instruction: (function, offset).
     pub placed: Vec<(String, u64)>,
+    /// Where each entry probe sits and why: (function, offset, reason).
+    pub placements: Vec<(String, u64, String)>,
     /// The plan's functions (unprefixed names) the object defines, probed or not.
     pub defined: Vec<&'static str>,
 }
@@ -181,7 +183,18 @@ pub(super) struct Chosen {
     pub(super) spec: &'static ProbeSpec,
     pub(super) name: String,
     pub(super) sym: FunctionSym,
-    pub(super) skip: u64,
+    /// Where the entry probe sits in the function, and where it reads the arguments.
+    pub(super) placement: Placement,
+}
+
+impl Chosen {
+    /// The entry probe's (file offset, attach cookie).
+    pub(super) fn entry_point(&self) -> (u64, u64) {
+        (
+            self.sym.file_offset + self.placement.offset,
+            cookie::encode(self.spec.entry, self.placement.arg_regs),
+        )
+    }
 }
 
 /// The functions of `PLAN` that allocator `a` (file contents `data`) defines, deduplicated by
@@ -224,7 +237,7 @@ pub(super) fn plan_object(
                     spec: s,
                     name: name.clone(),
                     sym: *sym,
-                    skip: 0,
+                    placement: Placement::default(),
                 });
             }
         }
@@ -276,12 +289,15 @@ pub(super) fn plan_object(
     report.forwards = forwards;
 
     for c in &mut chosen {
-        if c.spec.null_is_noop && placement {
-            c.skip = placement::skip_null_check(c.sym.code(data), c.sym.vaddr);
+        if placement {
+            c.placement = placement::place(c.sym.code(data), c.sym.vaddr, c.spec.entry);
         }
-        if c.skip > 0 {
-            report.placed.push((c.name.clone(), c.skip));
+        if c.placement.offset > 0 {
+            report.placed.push((c.name.clone(), c.placement.offset));
         }
+        report
+            .placements
+            .push((c.name.clone(), c.placement.offset, c.placement.why.clone()));
         report.probes.push(c.name.clone());
     }
     Ok((report, chosen))

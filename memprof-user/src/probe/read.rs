@@ -80,12 +80,6 @@ impl Tracer {
         stats
     }
 
-    /// Turns the kernel's BPF run-time statistics back off (they stay on while any holder of
-    /// the descriptor lives, such as a forked child).
-    pub fn stop_probe_stats(&mut self) {
-        self.stats = None;
-    }
-
     /// The kernel's loss counters, summed over CPUs.
     pub fn losses(&self) -> KernelLosses {
         let read = |c: Counter| -> u64 {

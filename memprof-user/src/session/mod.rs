@@ -315,14 +315,10 @@ impl Session {
         (r == self.pid as i32).then_some(status)
     }
 
-    /// Stops listening for marks and removes the socket file.
-    pub fn close_marks(&mut self) {
-        self.marks = None;
-    }
-
-    /// Turns the kernel's BPF statistics (`--probe-stats`) back off.
-    pub fn stop_probe_stats(&mut self) {
-        self.tracer.stop_probe_stats();
+    /// Detaches every probe: no event comes after (but those in the ring, see `drain`).
+    /// Returns the number of links and how long detaching took.
+    pub fn detach(&mut self) -> (usize, std::time::Duration) {
+        self.tracer.detach()
     }
 
     /// Answers one `memprof mark` connection.

@@ -85,6 +85,10 @@ impl Session {
                 self.tracker.on_phase(tid, phase, enter, outstanding);
             }
             Event::Fork { child } => {
+                // Probes of its own first: the child already runs.
+                if let Err(e) = self.tracer.follow(child) {
+                    eprintln!("memprof: warning: pid {child}: {e:#}");
+                }
                 let p = Proc::forked(tgid, &self.procs[&tgid]);
                 self.procs.remove(&child);
                 self.add_proc(child, p);
@@ -117,6 +121,7 @@ impl Session {
                     if tgid != self.pid {
                         self.exited.push_back(tgid);
                     }
+                    self.tracer.release(tgid);
                 }
                 self.evict_exited(monotonic_ns());
             }
@@ -190,7 +195,7 @@ impl Session {
         {
             p.detect_budget = 0;
         }
-        match self.tracer.add_allocators(&found) {
+        match self.tracer.add_allocators(&found, tgid) {
             Ok(added) if !added.is_empty() => eprintln!(
                 "memprof: pid {tgid} ({}): now also probing {}",
                 p.comm,

@@ -1,0 +1,250 @@
+//! Links: probe sets attached to files, for one process or for every process, and detached
+//! all at once.
+//!
+//! One program serves every entry point of a family (the attach cookie tells the functions
+//! apart, see `memprof-ebpf/src/alloc.rs`), so a file's probes for one process take one entry
+//! link and one return link. With multi-uprobe links (kernel 6.6+, process-wide pid filter in
+//! 6.9+) each is one kernel object whatever the number of functions; classic uprobes, the
+//! fallback, take one perf event per function.
+//!
+//! Detaching waits for an RCU grace period per link: the links are closed from threads side by
+//! side, so a set detaches in about the time of one.
+
+use std::{
+    collections::BTreeMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf,
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
+    },
+    sys::{UProbeMultiFeature, is_uprobe_multi_supported},
+};
+
+/// How probes are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// One multi-uprobe link per file, program and process.
+    Multi,
+    /// One classic uprobe (a perf event) per function, program and process.
+    Classic,
+}
+
+impl LinkKind {
+    /// Multi links when the kernel has them with a process-wide pid filter, else classic.
+    pub fn detect() -> Self {
+        match is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter) {
+            Ok(true) => Self::Multi,
+            _ => Self::Classic,
+        }
+    }
+
+    /// `multi` or `classic`, as the start record says.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Multi => "multi",
+            Self::Classic => "classic",
+        }
+    }
+}
+
+/// Which programs a probe set runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `alloc_entry` / `alloc_return`: the cookie is the function's `AllocFn`.
+    Alloc,
+    /// `phase_entry` / `phase_return`: the cookie is the phase's index.
+    Phase,
+}
+
+impl Family {
+    /// The (entry, return) programs of the family for `kind`.
+    pub fn programs(self, kind: LinkKind) -> (&'static str, &'static str) {
+        match (self, kind) {
+            (Self::Alloc, LinkKind::Multi) => ("alloc_entry_multi", "alloc_return_multi"),
+            (Self::Alloc, LinkKind::Classic) => ("alloc_entry", "alloc_return"),
+            (Self::Phase, LinkKind::Multi) => ("phase_entry_multi", "phase_return_multi"),
+            (Self::Phase, LinkKind::Classic) => ("phase_entry", "phase_return"),
+        }
+    }
+}
+
+/// What one file gets: entry probes and return probes, each an offset in the file and the
+/// cookie its program reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeSet {
+    pub path: PathBuf,
+    /// The file as the process names it (for messages).
+    pub shown: String,
+    pub family: Family,
+    pub entries: Vec<(u64, u64)>,
+    pub returns: Vec<(u64, u64)>,
+}
+
+/// The links memprof holds, by the process they are scoped to (0: every process).
+pub struct Links {
+    pub kind: LinkKind,
+    held: BTreeMap<u32, Vec<UProbeLink>>,
+}
+
+impl Links {
+    pub fn new(kind: LinkKind) -> Self {
+        Self {
+            kind,
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// Loads the programs of `family` (once per trace; objects probed later reuse them).
+    pub fn load(&self, ebpf: &mut Ebpf, family: Family) -> Result<()> {
+        let (entry, ret) = family.programs(self.kind);
+        for name in [entry, ret] {
+            uprobe(ebpf, name)?
+                .load()
+                .with_context(|| format!("the kernel rejected program {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches `set` for process `pid` (0: every process): returns first, then entries, so
+    /// that no entry runs without its return in place.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, set: &ProbeSet, pid: u32) -> Result<()> {
+        let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        let (entry, ret) = set.family.programs(self.kind);
+        let mut links = Vec::new();
+        for (program, points, what) in [
+            (ret, &set.returns, "return"),
+            (entry, &set.entries, "entry"),
+        ] {
+            if points.is_empty() {
+                continue;
+            }
+            let link = attach_points(ebpf, program, points, &set.path, scope).with_context(|| {
+                format!(
+                    "failed to attach {} {what} probe{} in {}{}",
+                    points.len(),
+                    if points.len() == 1 { "" } else { "s" },
+                    set.shown,
+                    if pid == 0 {
+                        String::new()
+                    } else {
+                        format!(" for pid {pid}")
+                    }
+                )
+            });
+            match link {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    // Nothing half-attached stays: an entry without its return would leave the
+                    // thread marked as inside an allocator.
+                    detach_all(links);
+                    return Err(e);
+                }
+            }
+        }
+        self.held.entry(pid).or_default().extend(links);
+        Ok(())
+    }
+
+    /// Whether links are held for process `pid`.
+    pub fn covers(&self, pid: u32) -> bool {
+        self.held.contains_key(&pid)
+    }
+
+    /// Detaches the links of process `pid` (it exited) on a thread of their own, so the trace
+    /// goes on at once.
+    pub fn release(&mut self, pid: u32) {
+        if let Some(links) = self.held.remove(&pid) {
+            let _ = std::thread::Builder::new()
+                .name("memprof-detach".into())
+                .spawn(move || detach_all(links));
+        }
+    }
+
+    /// Number of links held.
+    pub fn len(&self) -> usize {
+        self.held.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Detaches every link; returns how long it took.
+    pub fn detach(&mut self) -> Duration {
+        let start = Instant::now();
+        let links: Vec<UProbeLink> = std::mem::take(&mut self.held)
+            .into_values()
+            .flatten()
+            .collect();
+        detach_all(links);
+        start.elapsed()
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// The uprobe program `name`.
+pub fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
+    let program: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not a uprobe"))?;
+    Ok(program)
+}
+
+/// Attaches program `name` at `points` (offset, cookie) of `path` and takes the link out of
+/// the program, so its lifetime is memprof's to decide.
+fn attach_points(
+    ebpf: &mut Ebpf,
+    name: &str,
+    points: &[(u64, u64)],
+    path: &Path,
+    scope: UProbeScope,
+) -> Result<UProbeLink> {
+    let program = uprobe(ebpf, name)?;
+    let id = program.attach(
+        points.iter().map(|&(offset, cookie)| UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(offset),
+            cookie: Some(cookie),
+        }),
+        path,
+        scope,
+    )?;
+    Ok(program.take_link(id)?)
+}
+
+/// Detaches `links`, each kernel link closed from a thread of its own (at most 64 at once).
+fn detach_all(links: Vec<UProbeLink>) {
+    const THREADS: usize = 64;
+    // A classic link of several functions holds one perf link per function: apart, they
+    // detach side by side too.
+    let mut parts: Vec<Box<dyn Send>> = Vec::new();
+    for link in links {
+        match link.into_fd_links() {
+            Ok(fds) => parts.extend(fds.into_iter().map(|fd| Box::new(fd) as Box<dyn Send>)),
+            Err(link) => parts.push(Box::new(link)),
+        }
+    }
+    if parts.len() <= 1 {
+        return;
+    }
+    let per_thread = parts.len().div_ceil(THREADS);
+    std::thread::scope(|s| {
+        while !parts.is_empty() {
+            let chunk: Vec<Box<dyn Send>> = parts.drain(..per_thread.min(parts.len())).collect();
+            s.spawn(move || drop(chunk));
+        }
+    });
+}
