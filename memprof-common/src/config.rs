@@ -94,3 +94,38 @@ pub mod cookie {
         ((c >> (8 + 4 * k)) & 0xf) as u32
     }
 }
+
+/// Uprobe sessions (kernel 6.10+): the entry program's return value decides whether the return
+/// half runs. The session kfuncs cannot be called by name from the kernel programs' language:
+/// the programs call these helper ids, which no kernel has, and the agent rewrites each such
+/// call into a call of the kfunc before it loads the program.
+pub mod session {
+    /// `bool bpf_session_is_return(void)`.
+    pub const IS_RETURN: u32 = 0x7fff_0001;
+    /// `__u64 *bpf_session_cookie(void)`.
+    pub const COOKIE: u32 = 0x7fff_0002;
+    /// The kfuncs' names, by placeholder.
+    pub const KFUNCS: [(u32, &str); 2] = [
+        (IS_RETURN, "bpf_session_is_return"),
+        (COOKIE, "bpf_session_cookie"),
+    ];
+    /// Entry return value: run the return half.
+    pub const RUN_RETURN: i32 = 0;
+    /// Entry return value: skip the return half.
+    pub const SKIP_RETURN: i32 = 1;
+}
+
+/// Most executable ranges of allocator objects kept per process (`ALLOC_TEXT`).
+pub const MAX_TEXT_RANGES: usize = 8;
+
+/// The executable ranges of the allocator objects a process maps (`ALLOC_TEXT`, set by the
+/// agent): with sampled sessions, an anonymous mapping an allocator makes for itself outside a
+/// recorded call is told apart by its caller lying in one of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextRanges {
+    pub len: u32,
+    pub _pad: u32,
+    /// `[start, end)` of each range.
+    pub ranges: [[u64; 2]; MAX_TEXT_RANGES],
+}

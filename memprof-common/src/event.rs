@@ -1,7 +1,7 @@
 //! The ring buffer's records: the header every record starts with, the kinds and the bodies.
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 3;
+pub const EVENT_VERSION: u16 = 4;
 
 /// What a ring-buffer record describes. Stable values: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,10 @@ pub enum EventKind {
     /// entry) succeeded, but its new block was not sampled. The agent settles the provisional
     /// free without a new block: [`FreeEvent`] carrying the old address.
     ReallocSettled = 14,
+    /// A traced process's new child, before its first instruction: it stopped itself and
+    /// waits for the agent to attach its probes and continue it ([`EventHeader`] only; `tgid`
+    /// is the child).
+    ChildPaused = 15,
 }
 
 impl EventKind {
@@ -62,6 +66,7 @@ impl EventKind {
             12 => Self::Exit,
             13 => Self::AllocStack,
             14 => Self::ReallocSettled,
+            15 => Self::ChildPaused,
             _ => return None,
         })
     }

@@ -34,6 +34,7 @@ mod pod {
     unsafe impl aya::Pod for super::UnwindEvent {}
     unsafe impl aya::Pod for super::PyWalk {}
     unsafe impl aya::Pod for super::PyStack {}
+    unsafe impl aya::Pod for super::TextRanges {}
 }
 
 #[cfg(test)]
@@ -63,10 +64,10 @@ mod tests {
         }
         assert_eq!(AllocFn::from_u32(0), None);
         assert_eq!(AllocFn::from_u32(14), None);
-        for k in 1..=14 {
+        for k in 1..=15 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }
-        assert_eq!(EventKind::from_u16(15), None);
+        assert_eq!(EventKind::from_u16(16), None);
         assert_eq!(EventKind::from_u16(14), Some(EventKind::ReallocSettled));
     }
 

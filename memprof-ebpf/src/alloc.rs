@@ -10,15 +10,16 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
+use aya_log_ebpf::trace;
 use memprof_common::{
-    AllocEvent, AllocFn, EventKind, FreeEvent, RemapEvent, UnmapEvent, cookie, unwind,
+    AllocEvent, AllocFn, EventKind, FreeEvent, RemapEvent, UnmapEvent, cookie, session, unwind,
 };
 
 use crate::{
     UNWIND,
     calls::{
-        Inflight, OLD_SAMPLED_FLAG, SAMPLED_FLAG, call_state, enter, in_flight, leave,
-        remember_sampled, sample_mean, take_sampled,
+        Inflight, OLD_SAMPLED_FLAG, SAMPLED_FLAG, Session, call_state, enter, enter_session,
+        in_allocator_text, in_flight, leave, remember_sampled, sample_mean, take_sampled,
     },
     dwarf::emit_alloc_stack,
     emit::{emit, emit_with, header},
@@ -35,22 +36,30 @@ const MAP_FAILED: u64 = u64::MAX;
 /// found it copied to (the cookie says, see `memprof_common::cookie`).
 #[inline(always)]
 pub(crate) fn arg(ctx: &ProbeContext, cookie: u64, n: usize) -> u64 {
-    let regs = ctx.regs;
-    // SAFETY: the program's own register context; constant offsets.
-    unsafe {
-        match cookie::arg_reg(cookie, n) {
-            0 => ctx.arg::<u64>(n).unwrap_or(0),
-            1 => (*regs).rdi,
-            2 => (*regs).rsi,
-            3 => (*regs).rdx,
-            4 => (*regs).rcx,
-            5 => (*regs).r8,
-            6 => (*regs).r9,
-            7 => (*regs).rax,
-            8 => (*regs).r10,
-            9 => (*regs).r11,
-            _ => 0,
-        }
+    let loc = cookie::arg_reg(cookie, n) as usize;
+    if loc == 0 {
+        return ctx.arg::<u64>(n).unwrap_or(0);
+    }
+    // Each register is loaded at its own constant offset (volatile, so the loads are not
+    // merged into one at a computed offset of the context, which the verifier refuses), then
+    // picked by value.
+    // SAFETY: the program's own register context.
+    let regs = unsafe { &*ctx.regs };
+    let r = |v: &u64| unsafe { core::ptr::read_volatile(v) };
+    let values = [
+        r(&regs.rdi),
+        r(&regs.rsi),
+        r(&regs.rdx),
+        r(&regs.rcx),
+        r(&regs.r8),
+        r(&regs.r9),
+        r(&regs.rax),
+        r(&regs.r10),
+        r(&regs.r11),
+    ];
+    match values.get(loc - 1) {
+        Some(v) => *v,
+        None => 0,
     }
 }
 
@@ -142,6 +151,160 @@ fn entry(ctx: &ProbeContext) {
     }
 }
 
+// ---- uprobe sessions: entry and return in one program, the return skipped when unneeded ----
+
+const FREE_FN: u32 = AllocFn::Free as u32;
+const MUNMAP_FN: u32 = AllocFn::Munmap as u32;
+
+/// `bpf_session_is_return()`, through a placeholder the agent rewrites (`memprof_common::
+/// session`).
+#[inline(always)]
+fn session_is_return() -> bool {
+    // SAFETY: a placeholder helper id; the agent turns the call into one of the kfunc, which
+    // takes no argument and returns a C bool (only its low byte is defined).
+    let f: unsafe extern "C" fn() -> u64 =
+        unsafe { core::mem::transmute(session::IS_RETURN as usize) };
+    unsafe { f() & 0xff != 0 }
+}
+
+/// Every probed function in one uprobe session link per object and process: the entry half
+/// records the call (as `entry` does) and returns `RUN_RETURN` only when the return half has
+/// something to record; nested calls, frees and, with sampling, unsampled calls skip it, which
+/// saves the return's trap. Loaded by the agent itself (aya has no session attach): the section
+/// name only makes aya's parser accept the object, and aya never loads it.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe.multi/alloc_session")]
+pub fn alloc_session(ctx: *mut core::ffi::c_void) -> i32 {
+    if session_is_return() {
+        exit(&RetProbeContext::new(ctx));
+        return session::RUN_RETURN;
+    }
+    session_entry(&ProbeContext::new(ctx))
+}
+
+#[inline(always)]
+fn session_entry(ctx: &ProbeContext) -> i32 {
+    // SAFETY: the helper reads the cookie of the link that ran this program.
+    let c = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if floor() {
+        // The floor of a session: both halves of the functions that return something.
+        return if matches!(cookie::func(c), FREE_FN | MUNMAP_FN) {
+            session::SKIP_RETURN
+        } else {
+            session::RUN_RETURN
+        };
+    }
+    let argn = |n: usize| arg(ctx, c, n);
+    const MALLOC: u32 = AllocFn::Malloc as u32;
+    const VALLOC: u32 = AllocFn::Valloc as u32;
+    const PVALLOC: u32 = AllocFn::Pvalloc as u32;
+    const CALLOC: u32 = AllocFn::Calloc as u32;
+    const MEMALIGN: u32 = AllocFn::Memalign as u32;
+    const ALIGNED_ALLOC: u32 = AllocFn::AlignedAlloc as u32;
+    const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
+    const REALLOC: u32 = AllocFn::Realloc as u32;
+    const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
+    const FREE: u32 = AllocFn::Free as u32;
+    const MMAP: u32 = AllocFn::Mmap as u32;
+    const MUNMAP: u32 = AllocFn::Munmap as u32;
+    const MREMAP: u32 = AllocFn::Mremap as u32;
+    let none = |_| 0;
+    let decided = match cookie::func(c) {
+        MALLOC => enter_session(AllocFn::Malloc, argn(0), 0, 0, none),
+        VALLOC => enter_session(AllocFn::Valloc, argn(0), 0, 0, none),
+        PVALLOC => enter_session(AllocFn::Pvalloc, argn(0), 0, 0, none),
+        CALLOC => enter_session(AllocFn::Calloc, argn(0).wrapping_mul(argn(1)), 0, 0, none),
+        MEMALIGN => enter_session(AllocFn::Memalign, argn(1), 0, 0, none),
+        ALIGNED_ALLOC => enter_session(AllocFn::AlignedAlloc, argn(1), 0, 0, none),
+        POSIX_MEMALIGN => enter_session(AllocFn::PosixMemalign, argn(2), argn(0), 0, none),
+        REALLOC => return realloc_session(AllocFn::Realloc, argn(0), argn(1)),
+        REALLOCARRAY => {
+            return realloc_session(
+                AllocFn::Reallocarray,
+                argn(0),
+                reallocarray_size(argn(1), argn(2)),
+            );
+        }
+        FREE => {
+            free(argn(0));
+            Session::Skip
+        }
+        MUNMAP => {
+            munmap(argn(0), argn(1));
+            Session::Skip
+        }
+        MMAP => {
+            if allocators_own_mapping(ctx, argn(3)) {
+                Session::Skip
+            } else {
+                enter_session(AllocFn::Mmap, argn(1), argn(3), 0, none)
+            }
+        }
+        MREMAP => enter_session(AllocFn::Mremap, argn(2), argn(0), argn(1), none),
+        _ => Session::Skip,
+    };
+    match decided {
+        Session::Record(_) => session::RUN_RETURN,
+        Session::Skip => session::SKIP_RETURN,
+    }
+}
+
+/// A realloc in a session: recorded when its new block is sampled, or its old block was
+/// (whose free is announced now, provisionally, as `realloc_common` does).
+#[inline(always)]
+fn realloc_session(func: AllocFn, old: u64, size: u64) -> i32 {
+    let mut announce = false;
+    let decided = enter_session(func, size, old, 0, |id| {
+        if old == 0 {
+            return 0;
+        }
+        if sample_mean() == 0 {
+            announce = true;
+            return 0;
+        }
+        if take_sampled(id, old) {
+            announce = true;
+            return OLD_SAMPLED_FLAG;
+        }
+        0
+    });
+    match decided {
+        Session::Record(id) => {
+            if announce {
+                let tag = if size == 0 { AllocFn::Free } else { func };
+                emit_free(EventKind::Free, tag as u32, id, old);
+            }
+            session::RUN_RETURN
+        }
+        Session::Skip => session::SKIP_RETURN,
+    }
+}
+
+/// With sampling, whether an anonymous mapping is one an allocator makes for itself (an arena,
+/// an extent) inside a call that keeps no state: its caller lies in an allocator object's code
+/// (`ALLOC_TEXT`). Thread stacks (`MAP_STACK`) are the process's own.
+#[inline(always)]
+fn allocators_own_mapping(ctx: &ProbeContext, flags: u64) -> bool {
+    const MAP_STACK: u64 = 0x20000;
+    if sample_mean() == 0 || flags & MAP_ANONYMOUS == 0 || flags & MAP_STACK != 0 {
+        return false;
+    }
+    let Some(id) = traced_thread() else {
+        return false;
+    };
+    if in_flight(id) {
+        return false;
+    }
+    // SAFETY: the program's own register context; the probe sits where the stack pointer is
+    // still the entry's (placement), so the return address is at its top.
+    let sp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: a user read through the helper, which checks the access.
+    let Ok(caller) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
+        return false;
+    };
+    in_allocator_text((id >> 32) as u32, caller)
+}
+
 /// Entry probes attached one per function (classic uprobes, the fallback).
 #[uprobe]
 pub fn alloc_entry(ctx: ProbeContext) -> u32 {
@@ -158,18 +321,22 @@ pub fn alloc_entry_multi(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn reallocarray(old: u64, nmemb: u64, size: u64) {
-    // On overflow the call fails without touching the block; size 0 would mean "free".
-    // No `checked_mul` (nor a division check, which LLVM folds back into one): both lower to a
-    // 128-bit multiply the BPF backend lacks. A factor of 2^32 or more with a nonzero other
-    // factor cannot be satisfied by any allocator, so it is reported as the largest size.
-    let total = if nmemb == 0 || size == 0 {
+    realloc_common(AllocFn::Reallocarray, old, reallocarray_size(nmemb, size));
+}
+
+/// reallocarray's size. On overflow the call fails without touching the block; size 0 would
+/// mean "free". No `checked_mul` (nor a division check, which LLVM folds back into one): both
+/// lower to a 128-bit multiply the BPF backend lacks. A factor of 2^32 or more with a nonzero
+/// other factor cannot be satisfied by any allocator, so it is reported as the largest size.
+#[inline(always)]
+fn reallocarray_size(nmemb: u64, size: u64) -> u64 {
+    if nmemb == 0 || size == 0 {
         0
     } else if nmemb >> 32 != 0 || size >> 32 != 0 {
         u64::MAX
     } else {
         nmemb * size
-    };
-    realloc_common(AllocFn::Reallocarray, old, total);
+    }
 }
 
 /// realloc(p, n) = free(p) + alloc(n). The free is announced at entry, before the allocator can
@@ -279,6 +446,14 @@ fn exit(ctx: &RetProbeContext) {
     let Some((id, state)) = leave() else {
         return;
     };
+    trace!(
+        ctx,
+        "tid {}: {} of {} bytes returns {:x}",
+        id as u32,
+        state.func,
+        state.size,
+        ctx.ret::<u64>()
+    );
     let ret: u64 = ctx.ret();
     if state.flags & SAMPLED_FLAG == 0 {
         unsampled_return(id, &state, ret);

@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use memprof_common::{
     AllocFn, Counter, DEFAULT_CALL_SLOTS, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_SAMPLED_ENTRIES,
-    exp_interval,
+    DEFAULT_TGID_ENTRIES, MAX_TEXT_RANGES, TextRanges, exp_interval,
 };
 
 use crate::{CALL_SLOT_MASK, SAMPLE_BYTES, emit::count, filter::traced_thread};
@@ -205,15 +205,66 @@ pub(crate) fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64
         unsafe { (*state).depth += 1 };
         return None;
     }
-    let state = Inflight {
+    let flags = sample_flags(id, func, size);
+    claim(slot, id, call(func, size, arg, arg2, flags)).then_some(id)
+}
+
+/// What a session's entry decides about its return half.
+pub(crate) enum Session {
+    /// Not traced, nested in a traced call, or (with sampling) not sampled: no state is kept
+    /// and the return half is skipped.
+    Skip,
+    /// The outermost traced call, whose return half records it.
+    Record(u64),
+}
+
+/// `enter` for uprobe sessions (see `alloc::alloc_session`): a nested call keeps no depth (its
+/// return half is skipped), and with sampling an unsampled call keeps no state either, unless
+/// `keep` says its return matters anyway (a realloc whose old block was sampled).
+#[inline(always)]
+pub(crate) fn enter_session(
+    func: AllocFn,
+    size: u64,
+    arg: u64,
+    arg2: u64,
+    keep: impl FnOnce(u64) -> u32,
+) -> Session {
+    let Some(id) = traced_thread() else {
+        return Session::Skip;
+    };
+    let slot = call_slot(id);
+    if call_state_in(slot, id).is_some() {
+        return Session::Skip;
+    }
+    let flags = sample_flags(id, func, size) | keep(id);
+    if flags == 0 {
+        return Session::Skip;
+    }
+    if claim(slot, id, call(func, size, arg, arg2, flags)) {
+        Session::Record(id)
+    } else {
+        Session::Skip
+    }
+}
+
+/// The state of a new outermost call.
+#[inline(always)]
+fn call(func: AllocFn, size: u64, arg: u64, arg2: u64, flags: u32) -> Inflight {
+    Inflight {
         func: func as u32,
         depth: 0,
         size,
         arg,
         arg2,
-        flags: sample_flags(id, func, size),
+        flags,
         _pad: 0,
-    };
+    }
+}
+
+/// Stores `state` as thread `id`'s call in flight: in its `CALLS` slot when free, else spilled
+/// in `INFLIGHT` (counted when that is full).
+#[inline(always)]
+fn claim(slot: Option<*mut CallSlot>, id: u64, state: Inflight) -> bool {
     if let Some(slot) = slot {
         // SAFETY: a map value; the compare-and-exchange makes this thread its only writer
         // until it sets `owner` back to 0.
@@ -229,18 +280,18 @@ pub(crate) fn enter(func: AllocFn, size: u64, arg: u64, arg2: u64) -> Option<u64
                 .0;
             if old == 0 {
                 (*slot).state = state;
-                return Some(id);
+                return true;
             }
         }
     }
     if INFLIGHT.insert(&id, &state, BPF_NOEXIST as u64).is_err() {
         count(Counter::InflightFull);
-        return None;
+        return false;
     }
     if let Some(n) = spilled() {
         add(n, 1);
     }
-    Some(id)
+    true
 }
 
 /// Ends the calling thread's allocator call; returns its state when it was the outermost one.
@@ -375,6 +426,33 @@ pub(crate) fn take_sampled(id: u64, addr: u64) -> bool {
     // A lookup first: most freed blocks were not sampled, and a lookup takes no bucket lock.
     let key = sampled_key(id, addr);
     SAMPLED.get_ptr(&key).is_some() && SAMPLED.remove(&key).is_ok()
+}
+
+/// The executable ranges of the allocator objects each process maps (see
+/// `alloc::allocators_own_mapping`), set by the agent.
+#[map]
+static ALLOC_TEXT: HashMap<u32, TextRanges> = HashMap::with_max_entries(DEFAULT_TGID_ENTRIES, 0);
+
+/// Whether `addr` lies in the code of an allocator object process `tgid` maps.
+#[inline(always)]
+pub(crate) fn in_allocator_text(tgid: u32, addr: u64) -> bool {
+    let Some(text) = ALLOC_TEXT.get_ptr(&tgid) else {
+        return false;
+    };
+    // SAFETY: a map value, read only.
+    let text = unsafe { &*text };
+    let mut i = 0;
+    while i < MAX_TEXT_RANGES {
+        if i as u32 >= text.len {
+            break;
+        }
+        let [start, end] = text.ranges[i];
+        if start <= addr && addr < end {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Whether the calling thread is inside a traced allocator call.

@@ -2,14 +2,15 @@
 //! shrinks its set here).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_send_signal},
     macros::tracepoint,
     programs::TracePointContext,
 };
+use aya_log_ebpf::{debug, info, warn};
 use memprof_common::{Counter, EventKind, ExecEvent, ForkEvent, mode};
 
 use crate::{
-    COMM, FOLLOW,
+    COMM, FOLLOW, PAUSE_CHILDREN,
     calls::forget_thread,
     emit::{count, emit_with, header},
     filter::{TGIDS, floor, mode, traced},
@@ -43,8 +44,13 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
     if mode() == mode::SET && TGIDS.insert(&child, &1, 0).is_err() {
         count(Counter::TgidsFull);
+        warn!(
+            &ctx,
+            "process {} not followed: the set of traced processes is full", child
+        );
         return 0;
     }
+    debug!(&ctx, "process {} forked {}", (id >> 32) as u32, child);
     emit_with(
         ForkEvent {
             header: header(EventKind::Fork, 0, id),
@@ -59,7 +65,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 /// A process replacing its image. In `mode::SET` with `COMM` set, a process that execs into
 /// that name joins the set.
 #[tracepoint]
-pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     if floor() {
         return 0;
     }
@@ -71,8 +77,13 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         }
         if TGIDS.insert(&tgid, &1, 0).is_err() {
             count(Counter::TgidsFull);
+            warn!(
+                &ctx,
+                "process {} not traced: the set of traced processes is full", tgid
+            );
             return 0;
         }
+        info!(&ctx, "process {} joins the trace by its name", tgid);
     }
     emit_with(
         ExecEvent {
@@ -96,6 +107,38 @@ fn comm_matches() -> bool {
         Ok(comm) => comm == want,
         Err(_) => false,
     }
+}
+
+/// The child side of a traced process's fork (or clone of a process, or vfork), at the
+/// system call's exit, before the child's first instruction. With probes of each process's
+/// own (`PAUSE_CHILDREN`), the child has none yet: it stops itself (SIGSTOP) and the agent,
+/// told by the record, attaches its probes and continues it (SIGCONT), so none of its
+/// allocations is missed.
+#[tracepoint]
+pub fn fork_child(ctx: TracePointContext) -> u32 {
+    // SAFETY: a read of a global the loader patches.
+    if floor() || unsafe { core::ptr::read_volatile(&PAUSE_CHILDREN) } == 0 {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // A new thread is no new process; the parent's side returns the child's pid.
+    if id as u32 != tgid || !traced(tgid) {
+        return 0;
+    }
+    // struct syscall_trace_exit: common header (8 bytes), int nr, long ret at 16.
+    // SAFETY: an offset inside the tracepoint record, checked by the helper.
+    if unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1) != 0 {
+        return 0;
+    }
+    const SIGSTOP: u32 = 19;
+    // SAFETY: signals the current task, the new child.
+    if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
+        return 0;
+    }
+    debug!(&ctx, "process {} waits for its probes", tgid);
+    emit_with(header(EventKind::ChildPaused, 0, id), true);
+    0
 }
 
 /// The last thread of a process exiting.

@@ -88,6 +88,11 @@ static WAKEUP_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
 static FLOOR: u32 = 0;
 
+/// Nonzero: each traced process has probes of its own, so a new child stops itself until the
+/// agent attached its probes (`lifecycle::fork_child`).
+#[unsafe(no_mangle)]
+static PAUSE_CHILDREN: u32 = 0;
+
 /// Mean sampling interval in bytes (`--sample-bytes`); 0 records every allocation. Set by the
 /// agent, at most `MAX_SAMPLE_MEAN`.
 #[unsafe(no_mangle)]

@@ -143,13 +143,18 @@ pub struct TraceArgs {
     /// mean time per run (`probe_stats`). For benchmarks.
     #[arg(long)]
     pub probe_stats: bool,
+    /// Print the kernel programs' diagnostics at this level and above on stderr: off, error,
+    /// warn, info, debug or trace (every traced allocation: slow). Off costs nothing.
+    #[arg(long, value_name = "LEVEL", default_value = "off", value_parser = crate::probe::kernel_log::LEVELS)]
+    pub kernel_log: String,
     /// Per-thread slots for allocator calls in flight in the kernel (a power of two); threads
     /// whose slot is taken use a slower hash. For tests of that path.
     #[arg(long, hide = true, default_value_t = memprof_common::DEFAULT_CALL_SLOTS, value_parser = parse_call_slots)]
     pub call_slots: u32,
-    /// How probes are attached: `multi` (multi-uprobe links, where the kernel has them) or
-    /// `classic` (one uprobe per function, the fallback on older kernels). For tests.
-    #[arg(long, hide = true, value_parser = ["multi", "classic"])]
+    /// How probes are attached: `session` (uprobe sessions, 6.10+), `multi` (multi-uprobe
+    /// links, 6.9+) or `classic` (one uprobe per function). Default: the first the kernel has.
+    /// For tests and benchmarks.
+    #[arg(long, hide = true, value_parser = ["session", "multi", "classic"])]
     pub links: Option<String>,
     /// How stacks are unwound: `fp` walks frame pointers in the kernel (cheapest; deeper frames
     /// of code built without them are wrong); `dwarf` copies registers and --stack-bytes of

@@ -22,6 +22,7 @@ use crate::{
     probe::{
         LinkKind, Options, Targets, Tracer,
         allocators::{self, Allocator},
+        kernel_log,
     },
     report,
     serve::{self, Live},
@@ -314,6 +315,7 @@ fn trace_pid(
     } else {
         format!("pid {pid}")
     };
+    let attach_start = std::time::Instant::now();
     let tracer = Tracer::attach(&Options {
         targets,
         allocators,
@@ -327,7 +329,9 @@ fn trace_pid(
         floor: args.probe_floor,
         no_placement: args.no_placement,
         call_slots: args.call_slots,
+        kernel_log: kernel_log::level(&args.kernel_log).unwrap_or(0),
         links: args.links.as_deref().map(|l| match l {
+            "session" => LinkKind::Session,
             "classic" => LinkKind::Classic,
             _ => LinkKind::Multi,
         }),
@@ -336,6 +340,14 @@ fn trace_pid(
         sample_bytes: args.sample_bytes.unwrap_or(0),
     })
     .with_context(|| format!("failed to trace {what}"))?;
+    if args.probe_stats {
+        eprintln!(
+            "memprof: attached {} probe links ({}) in {:.1} ms",
+            tracer.link_count(),
+            tracer.link_kind().name(),
+            attach_start.elapsed().as_secs_f64() * 1e3
+        );
+    }
 
     let attach = &tracer.attach;
     let library = allocators.first().map_or("", |a| a.shown.as_str());

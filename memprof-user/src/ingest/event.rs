@@ -41,6 +41,8 @@ pub enum Event {
     },
     /// A library was mapped: the address-space view is stale.
     ExecMap,
+    /// A new child of a traced process stopped itself, waiting for its probes.
+    ChildPaused,
     /// A thread entered (`enter`) or left a `--phase` function.
     Phase {
         tid: u32,
@@ -207,6 +209,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
             })
         }
         EventKind::ExecMap => Event::ExecMap,
+        EventKind::ChildPaused => Event::ChildPaused,
         EventKind::Fork => {
             let e: ForkEvent = read(bytes)?;
             Event::Fork { child: e.child }

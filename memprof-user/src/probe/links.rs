@@ -2,10 +2,11 @@
 //! all at once.
 //!
 //! One program serves every entry point of a family (the attach cookie tells the functions
-//! apart, see `memprof-ebpf/src/alloc.rs`), so a file's probes for one process take one entry
-//! link and one return link. With multi-uprobe links (kernel 6.6+, process-wide pid filter in
-//! 6.9+) each is one kernel object whatever the number of functions; classic uprobes, the
-//! fallback, take one perf event per function.
+//! apart, see `memprof-ebpf/src/alloc.rs`), so a file's probes for one process take one
+//! session link (kernel 6.10+), or one entry link and one return link. A session or
+//! multi-uprobe link (kernel 6.6+, process-wide pid filter in 6.9+) is one kernel object
+//! whatever the number of functions; classic uprobes, the last fallback, take one perf event
+//! per function.
 //!
 //! Detaching waits for an RCU grace period per link: the links are closed from threads side by
 //! side, so a set detaches in about the time of one.
@@ -13,6 +14,7 @@
 use std::{
     collections::BTreeMap,
     num::NonZeroU32,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -27,9 +29,14 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 
+use super::session::SessionProgram;
+
 /// How probes are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkKind {
+    /// One uprobe session link per file and process (kernel 6.10+): entry and return in one
+    /// program, the return skipped when the entry says so (see `session`).
+    Session,
     /// One multi-uprobe link per file, program and process.
     Multi,
     /// One classic uprobe (a perf event) per function, program and process.
@@ -45,9 +52,10 @@ impl LinkKind {
         }
     }
 
-    /// `multi` or `classic`, as the start record says.
+    /// `session`, `multi` or `classic`, as the start record says.
     pub fn name(self) -> &'static str {
         match self {
+            Self::Session => "session",
             Self::Multi => "multi",
             Self::Classic => "classic",
         }
@@ -67,9 +75,13 @@ impl Family {
     /// The (entry, return) programs of the family for `kind`.
     pub fn programs(self, kind: LinkKind) -> (&'static str, &'static str) {
         match (self, kind) {
+            (Self::Alloc, LinkKind::Session) => ("alloc_session", "alloc_session"),
             (Self::Alloc, LinkKind::Multi) => ("alloc_entry_multi", "alloc_return_multi"),
             (Self::Alloc, LinkKind::Classic) => ("alloc_entry", "alloc_return"),
-            (Self::Phase, LinkKind::Multi) => ("phase_entry_multi", "phase_return_multi"),
+            // Phases have no session program: their links are multi ones.
+            (Self::Phase, LinkKind::Session | LinkKind::Multi) => {
+                ("phase_entry_multi", "phase_return_multi")
+            }
             (Self::Phase, LinkKind::Classic) => ("phase_entry", "phase_return"),
         }
     }
@@ -87,18 +99,49 @@ pub struct ProbeSet {
     pub returns: Vec<(u64, u64)>,
 }
 
+/// A link memprof holds: one aya made, or a session link (a descriptor).
+enum Held {
+    Aya(UProbeLink),
+    Session(OwnedFd),
+}
+
 /// The links memprof holds, by the process they are scoped to (0: every process).
 pub struct Links {
     pub kind: LinkKind,
-    held: BTreeMap<u32, Vec<UProbeLink>>,
+    /// The session program, with `LinkKind::Session`.
+    session: Option<SessionProgram>,
+    held: BTreeMap<u32, Vec<Held>>,
 }
 
 impl Links {
-    pub fn new(kind: LinkKind) -> Self {
-        Self {
+    /// Links of `kind` (`None`: the best the kernel has: sessions, else multi links, else
+    /// classic uprobes). Loads the allocator programs.
+    pub fn new(ebpf: &mut Ebpf, object: &[u8], kind: Option<LinkKind>) -> Result<Self> {
+        let session = match kind {
+            Some(LinkKind::Session) => Some(SessionProgram::load(ebpf, object, "alloc_session")?),
+            None => SessionProgram::load(ebpf, object, "alloc_session").ok(),
+            Some(_) => None,
+        };
+        let kind = match (&session, kind) {
+            (Some(_), _) => LinkKind::Session,
+            (None, Some(kind)) => kind,
+            (None, None) => LinkKind::detect(),
+        };
+        let links = Self {
             kind,
+            session,
             held: BTreeMap::new(),
+        };
+        if kind != LinkKind::Session {
+            links.load(ebpf, Family::Alloc)?;
         }
+        Ok(links)
+    }
+
+    /// The session program's runs and run time, with sessions.
+    pub fn session_stats(&self) -> Option<(&'static str, u64, u64)> {
+        let s = self.session.as_ref()?;
+        s.stats().map(|(runs, ns)| (s.name, runs, ns))
     }
 
     /// Loads the programs of `family` (once per trace; objects probed later reuse them).
@@ -115,6 +158,20 @@ impl Links {
     /// Attaches `set` for process `pid` (0: every process): returns first, then entries, so
     /// that no entry runs without its return in place.
     pub fn attach(&mut self, ebpf: &mut Ebpf, set: &ProbeSet, pid: u32) -> Result<()> {
+        if let (Some(session), Family::Alloc) = (&self.session, set.family) {
+            let fd = session
+                .attach(&set.path, &set.entries, pid)
+                .with_context(|| {
+                    format!(
+                        "failed to attach {} probes in {}{}",
+                        set.entries.len(),
+                        set.shown,
+                        for_pid(pid)
+                    )
+                })?;
+            self.held.entry(pid).or_default().push(Held::Session(fd));
+            return Ok(());
+        }
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
         let (entry, ret) = set.family.programs(self.kind);
         let mut links = Vec::new();
@@ -131,15 +188,11 @@ impl Links {
                     points.len(),
                     if points.len() == 1 { "" } else { "s" },
                     set.shown,
-                    if pid == 0 {
-                        String::new()
-                    } else {
-                        format!(" for pid {pid}")
-                    }
+                    for_pid(pid)
                 )
             });
             match link {
-                Ok(link) => links.push(link),
+                Ok(link) => links.push(Held::Aya(link)),
                 Err(e) => {
                     // Nothing half-attached stays: an entry without its return would leave the
                     // thread marked as inside an allocator.
@@ -179,7 +232,7 @@ impl Links {
     /// Detaches every link; returns how long it took.
     pub fn detach(&mut self) -> Duration {
         let start = Instant::now();
-        let links: Vec<UProbeLink> = std::mem::take(&mut self.held)
+        let links: Vec<Held> = std::mem::take(&mut self.held)
             .into_values()
             .flatten()
             .collect();
@@ -225,16 +278,28 @@ fn attach_points(
     Ok(program.take_link(id)?)
 }
 
+/// " for pid N", or nothing for every process.
+fn for_pid(pid: u32) -> String {
+    if pid == 0 {
+        String::new()
+    } else {
+        format!(" for pid {pid}")
+    }
+}
+
 /// Detaches `links`, each kernel link closed from a thread of its own (at most 64 at once).
-fn detach_all(links: Vec<UProbeLink>) {
+fn detach_all(links: Vec<Held>) {
     const THREADS: usize = 64;
     // A classic link of several functions holds one perf link per function: apart, they
     // detach side by side too.
     let mut parts: Vec<Box<dyn Send>> = Vec::new();
     for link in links {
-        match link.into_fd_links() {
-            Ok(fds) => parts.extend(fds.into_iter().map(|fd| Box::new(fd) as Box<dyn Send>)),
-            Err(link) => parts.push(Box::new(link)),
+        match link {
+            Held::Session(fd) => parts.push(Box::new(fd)),
+            Held::Aya(link) => match link.into_fd_links() {
+                Ok(fds) => parts.extend(fds.into_iter().map(|fd| Box::new(fd) as Box<dyn Send>)),
+                Err(link) => parts.push(Box::new(link)),
+            },
         }
     }
     if parts.len() <= 1 {

@@ -9,12 +9,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
-use memprof_common::{MAX_SAMPLE_MEAN, PyStack, PyWalk, StackTrace, mode, unwind};
+use aya_log::EbpfLogger;
+use memprof_common::{MAX_SAMPLE_MEAN, PyStack, PyWalk, StackTrace, TextRanges, mode, unwind};
 
 use super::{
     allocators::Allocator,
+    kernel_log::KernelLog,
     links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
 };
@@ -41,12 +43,17 @@ pub struct Tracer {
     pub(super) py_active: Array<MapData, u32>,
     pub(super) py_threads: AyaHashMap<MapData, u32, u64>,
     pub(super) py_stacks: AyaHashMap<MapData, u64, PyStack>,
+    pub(super) alloc_text: AyaHashMap<MapData, u32, TextRanges>,
     pub attach: AttachReport,
     /// Mean sampling interval in bytes the programs were loaded with (0: not sampled).
     pub sample_bytes: u64,
     pub(super) placement: bool,
     /// (device, inode) of every object probed.
     pub(super) probed: HashSet<(u64, u64)>,
+    /// The links of `fork_child`, which pauses new children until their probes are in.
+    pub(super) fork_child: Vec<TracePointLinkId>,
+    /// The kernel programs' log records, with `--kernel-log`.
+    pub(super) logs: Option<EbpfLogger<KernelLog>>,
     /// Keeps the kernel's run-time statistics of BPF programs on (`--probe-stats`).
     pub(super) stats: Option<OwnedFd>,
 }
@@ -106,8 +113,10 @@ pub struct Options<'a> {
     /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
     /// CFI (`--unwind dwarf`); None: the kernel walks frame pointers.
     pub stack_copy: Option<u32>,
-    /// How probes are attached (None: multi links where the kernel has them).
+    /// How probes are attached (None: the best the kernel has).
     pub links: Option<LinkKind>,
+    /// The kernel programs' log level (`kernel_log::LEVELS`; 0: off).
+    pub kernel_log: u8,
 }
 
 /// The kernel's `COMM` value for a process name: its first 15 bytes, NUL-padded.
@@ -147,6 +156,11 @@ impl Tracer {
             .override_global("MODE", &mode, true)
             .override_global("TARGET_TGID", &target, true)
             .override_global("FOLLOW", &u32::from(follow), true)
+            .override_global(
+                "PAUSE_CHILDREN",
+                &u32::from(follow && opts.targets.own_probes().is_some()),
+                true,
+            )
             .override_global("COMM", &comm, true)
             .override_global("CGROUP_ID", &cgroup, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
@@ -166,6 +180,7 @@ impl Tracer {
             .override_global("STACK_COPY", &opts.stack_copy.unwrap_or(0), true)
             .override_global("SAMPLE_BYTES", &sample_bytes, true)
             .override_global("CALL_SLOT_MASK", &(opts.call_slots - 1), true)
+            .override_global(aya_log::LEVEL, &opts.kernel_log, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("CALLS", opts.call_slots)
             .map_max_entries("THREAD_HINTS", opts.call_slots)
@@ -182,8 +197,16 @@ impl Tracer {
                     .context("failed to add a process to trace")?;
             }
         }
-        let mut links = Links::new(opts.links.unwrap_or_else(LinkKind::detect));
-        links.load(&mut ebpf, Family::Alloc)?;
+        // Before the logger takes its map: the session program's relocation needs it.
+        let mut links = Links::new(&mut ebpf, EBPF_OBJECT, opts.links)?;
+        let logs = if opts.kernel_log > 0 {
+            Some(
+                EbpfLogger::init_with_logger(&mut ebpf, KernelLog)
+                    .context("failed to read the kernel programs' logs")?,
+            )
+        } else {
+            None
+        };
         let placement = !opts.no_placement;
         let (attach, mut sets) = plan_objects(opts.allocators, placement, true)?;
         let phase_sets = plan_phases(opts)?;
@@ -197,7 +220,7 @@ impl Tracer {
                 links.attach(&mut ebpf, set, pid)?;
             }
         }
-        attach_tracepoints(&mut ebpf)?;
+        let fork_child = attach_tracepoints(&mut ebpf)?;
         let mut probed = HashSet::new();
         for a in opts.allocators {
             if let Some(id) = file_id(&a.path) {
@@ -216,6 +239,7 @@ impl Tracer {
         let py_active = Array::try_from(take(&mut ebpf, "PY_ACTIVE")?)?;
         let py_threads = AyaHashMap::try_from(take(&mut ebpf, "PY_THREADS")?)?;
         let py_stacks = AyaHashMap::try_from(take(&mut ebpf, "PY_STACKS")?)?;
+        let alloc_text = AyaHashMap::try_from(take(&mut ebpf, "ALLOC_TEXT")?)?;
         Ok(Self {
             ebpf,
             events,
@@ -225,6 +249,9 @@ impl Tracer {
             py_active,
             py_threads,
             py_stacks,
+            alloc_text,
+            fork_child,
+            logs,
             attach,
             links,
             sets,
@@ -262,7 +289,7 @@ impl Tracer {
     }
 
     /// Process `pid` joined the trace (a traced process forked it): with per-process probes, it
-    /// gets its own. Its early allocations, before the probes are in, are not seen.
+    /// gets its own. It waits for them, stopped (`ChildPaused`): the session continues it.
     pub fn follow(&mut self, pid: u32) -> Result<()> {
         if !self.per_process || self.links.covers(pid) {
             return Ok(());
@@ -278,6 +305,7 @@ impl Tracer {
         if self.per_process {
             self.links.release(pid);
         }
+        let _ = self.alloc_text.remove(&pid);
     }
 
     /// How probes are attached.
@@ -285,9 +313,23 @@ impl Tracer {
         self.links.kind
     }
 
+    /// Number of probe links held.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
     /// Detaches every uprobe (links closed side by side); returns the number of links and how
-    /// long it took.
+    /// long it took. No child pauses after this (see `follow`).
     pub fn detach(&mut self) -> (usize, Duration) {
+        if let Some(tp) = self
+            .ebpf
+            .program_mut("fork_child")
+            .and_then(|p| <&mut TracePoint>::try_from(p).ok())
+        {
+            for link in self.fork_child.drain(..) {
+                let _ = tp.detach(link);
+            }
+        }
         let n = self.links.len();
         (n, self.links.detach())
     }
@@ -371,24 +413,37 @@ fn plan_objects(
 }
 
 /// Library loads and the process life cycle.
-fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
+/// Library loads and the process life cycle; returns the links of `fork_child`, which the
+/// end of a trace detaches first (see `Tracer::detach`).
+fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<TracePointLinkId>> {
+    let mut fork_child = Vec::new();
     for (program, category, name) in [
         ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
         ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
         ("task_newtask", "task", "task_newtask"),
         ("sched_process_exec", "sched", "sched_process_exec"),
         ("sched_process_exit", "sched", "sched_process_exit"),
+        ("fork_child", "syscalls", "sys_exit_fork"),
+        ("fork_child", "syscalls", "sys_exit_vfork"),
+        ("fork_child", "syscalls", "sys_exit_clone"),
+        ("fork_child", "syscalls", "sys_exit_clone3"),
     ] {
         let tp: &mut TracePoint = ebpf
             .program_mut(program)
             .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
             .try_into()?;
-        tp.load()
-            .with_context(|| format!("the kernel rejected program {program}"))?;
-        tp.attach(category, name)
+        if tp.fd().is_err() {
+            tp.load()
+                .with_context(|| format!("the kernel rejected program {program}"))?;
+        }
+        let link = tp
+            .attach(category, name)
             .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
+        if program == "fork_child" {
+            fork_child.push(link);
+        }
     }
-    Ok(())
+    Ok(fork_child)
 }
 
 /// The probe sets of the `--phase` functions: entry and return of each, the cookie is the

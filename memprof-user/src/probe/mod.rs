@@ -4,12 +4,14 @@
 
 pub mod allocators;
 pub mod counters;
+pub mod kernel_log;
 pub mod links;
 pub mod load;
 pub mod loader;
 pub mod placement;
 pub mod plan;
 mod read;
+mod session;
 
 pub use counters::{KernelLosses, ProbeStat};
 pub use links::LinkKind;

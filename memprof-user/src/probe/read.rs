@@ -2,10 +2,12 @@
 //! loss counters and run-time statistics.
 
 use anyhow::{Context as _, Result};
-use memprof_common::{COUNTER_SLOTS, Counter, PyWalk};
+
+use crate::sys::maps::AddressSpace;
+use memprof_common::{COUNTER_SLOTS, Counter, MAX_TEXT_RANGES, PyWalk, TextRanges};
 
 use super::{
-    Tracer,
+    LinkKind, Tracer,
     counters::{KernelLosses, ProbeStat},
 };
 
@@ -74,6 +76,11 @@ impl Tracer {
                     info.run_time().as_nanos() as u64,
                 ))
             })
+            .chain(
+                self.links
+                    .session_stats()
+                    .map(|(name, runs, ns)| ProbeStat::new(name, runs, ns)),
+            )
             .filter(|s| s.runs > 0)
             .collect();
         stats.sort_by(|a, b| a.program.cmp(&b.program));
@@ -97,6 +104,47 @@ impl Tracer {
             processes_missed: read(Counter::TgidsFull),
             mapping_records_lost: 0,
             sampled_full: read(Counter::SampledFull),
+        }
+    }
+
+    /// Whether the kernel needs each process's allocator code ranges (`set_allocator_text`):
+    /// with sampled sessions, where unsampled calls keep no state.
+    pub fn wants_allocator_text(&self) -> bool {
+        self.sample_bytes != 0 && self.links.kind == LinkKind::Session
+    }
+
+    /// Tells the kernel where the allocator objects of process `tgid` lie, from its address
+    /// space `space` (every mapping of a probed file; the first `MAX_TEXT_RANGES` after
+    /// merging neighbours).
+    pub fn set_allocator_text(&mut self, tgid: u32, space: &AddressSpace) {
+        let mut text = TextRanges::default();
+        for m in space.mappings() {
+            if !m.file_id().is_some_and(|id| self.probed.contains(&id)) {
+                continue;
+            }
+            let n = text.len as usize;
+            if n > 0 && text.ranges[n - 1][1] == m.start {
+                text.ranges[n - 1][1] = m.end;
+            } else if n < MAX_TEXT_RANGES {
+                text.ranges[n] = [m.start, m.end];
+                text.len += 1;
+            }
+        }
+        if text.len > 0 {
+            let _ = self.alloc_text.insert(&tgid, &text, 0);
+        }
+    }
+
+    /// The descriptor to poll for kernel log records, with `--kernel-log`.
+    pub fn log_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.logs.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Writes the kernel log records waiting, if any.
+    pub fn flush_logs(&mut self) {
+        if let Some(logs) = &mut self.logs {
+            logs.flush();
         }
     }
 }

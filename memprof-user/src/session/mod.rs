@@ -216,6 +216,7 @@ impl Session {
     /// traced process's files kept open, a running interpreter's threads registered.
     pub fn prepare(&mut self) {
         self.pin_initial();
+        self.allocator_text(self.pid);
         if !self.parent && self.pid != 0 {
             self.scan_python(self.pid);
         }
@@ -258,6 +259,16 @@ impl Session {
             ),
             None => None,
         };
+        let logs = match self.tracer.log_fd() {
+            // SAFETY: the logger's descriptor outlives this registration (both end with the
+            // session).
+            Some(fd) => Some(
+                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+                    .context("failed to poll the kernel logs")?,
+            ),
+            None => None,
+        };
         // No sample now: a spawned command has not executed yet (its RSS would be memprof's).
 
         let end = loop {
@@ -279,6 +290,12 @@ impl Session {
                     self.emit(&snap)?;
                 }
                 _ = tick(&mut drainer) => self.drain(),
+                guard = readable(&logs) => {
+                    if let Ok(mut guard) = guard {
+                        self.tracer.flush_logs();
+                        guard.clear_ready();
+                    }
+                }
                 _ = tick(&mut sampler) => {
                     self.drain();
                     self.sample();
@@ -354,6 +371,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 async fn accept(socket: &Option<UnixListener>) -> io::Result<tokio::net::UnixStream> {
     match socket {
         Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+async fn readable(
+    fd: &Option<AsyncFd<RawFd>>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, RawFd>> {
+    match fd {
+        Some(fd) => fd.readable().await,
         None => std::future::pending().await,
     }
 }

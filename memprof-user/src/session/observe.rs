@@ -61,6 +61,7 @@ impl Session {
             let p = Proc::discover(tgid);
             pin_files(&mut self.symbolizer, &p);
             self.add_proc(tgid, p);
+            self.allocator_text(tgid);
         }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
@@ -75,6 +76,7 @@ impl Session {
                     }
                 }
                 self.detect_allocators(tgid);
+                self.allocator_text(tgid);
                 // An interpreter loads its modules as it starts: register its threads early.
                 self.scan_python(tgid);
             }
@@ -83,6 +85,14 @@ impl Session {
             } => {
                 let outstanding = self.table.heap_totals.outstanding_bytes;
                 self.tracker.on_phase(tid, phase, enter, outstanding);
+            }
+            Event::ChildPaused => {
+                // Stopped before its first instruction: its probes first, then it goes on.
+                if let Err(e) = self.tracer.follow(tgid) {
+                    eprintln!("memprof: warning: pid {tgid}: {e:#}");
+                }
+                // SAFETY: a signal to a process memprof stopped.
+                unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
             }
             Event::Fork { child } => {
                 // Probes of its own first: the child already runs.
@@ -241,5 +251,16 @@ impl Session {
         self.tracker
             .sample(now, self.table.heap_totals.outstanding_bytes, rss);
         self.pruned_groups += self.tracker.prune(GROUPS_KEPT, now, GROUP_IDLE_NS) as u64;
+    }
+
+    /// Tells the kernel where process `tgid`'s allocator code lies, when it needs to know (see
+    /// `Tracer::wants_allocator_text`).
+    pub(super) fn allocator_text(&mut self, tgid: u32) {
+        if !self.tracer.wants_allocator_text() {
+            return;
+        }
+        if let Some(p) = self.procs.get(&tgid) {
+            self.tracer.set_allocator_text(tgid, &p.space);
+        }
     }
 }

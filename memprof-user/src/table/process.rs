@@ -119,6 +119,7 @@ impl Table {
                 new_len,
             } => self.remap(old_addr, old_len, new_addr, new_len, on),
             Event::ExecMap
+            | Event::ChildPaused
             | Event::Phase { .. }
             | Event::Fork { .. }
             | Event::Exec { .. }
