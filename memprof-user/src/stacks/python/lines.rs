@@ -6,7 +6,7 @@
 pub fn lnotab_line(lnotab: &[u8], firstlineno: i32, lasti: i64) -> i32 {
     let mut line = firstlineno;
     let mut addr = 0i64;
-    for pair in lnotab.chunks_exact(2) {
+    for pair in lnotab.as_chunks::<2>().0 {
         addr += i64::from(pair[0]);
         if addr > lasti {
             break;
@@ -21,7 +21,7 @@ pub fn lnotab_line(lnotab: &[u8], firstlineno: i32, lasti: i64) -> i32 {
 pub fn linetable310_line(table: &[u8], firstlineno: i32, offset: i64) -> Option<i32> {
     let mut line = firstlineno;
     let mut start = 0i64;
-    for pair in table.chunks_exact(2) {
+    for pair in table.as_chunks::<2>().0 {
         let end = start + i64::from(pair[0]);
         let delta = pair[1] as i8;
         if delta != -128 {

@@ -300,18 +300,16 @@ impl Resolver {
         Ok(match kind {
             1 => raw.iter().map(|&b| char::from(b)).collect(),
             2 => raw
-                .chunks_exact(2)
-                .map(|c| {
-                    char::from_u32(u32::from(u16::from_le_bytes([c[0], c[1]])))
-                        .unwrap_or('\u{fffd}')
-                })
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|c| char::from_u32(u32::from(u16::from_le_bytes(*c))).unwrap_or('\u{fffd}'))
                 .collect(),
             _ => raw
-                .chunks_exact(4)
-                .map(|c| {
-                    char::from_u32(u32::from_le_bytes(c.try_into().expect("4 bytes")))
-                        .unwrap_or('\u{fffd}')
-                })
+                .as_chunks::<4>()
+                .0
+                .iter()
+                .map(|c| char::from_u32(u32::from_le_bytes(*c)).unwrap_or('\u{fffd}'))
                 .collect(),
         })
     }
