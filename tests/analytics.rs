@@ -277,33 +277,6 @@ fn scratch() -> &'static Path {
 // ---------------------------------------------------------------------------------------------
 
 impl Finished {
-    fn assert_no_panic(&self) {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "memprof panicked\n{}",
-            self.context()
-        );
-    }
-
-    fn assert_code(&self, code: i32, why: &str) {
-        self.assert_no_panic();
-        assert_eq!(
-            self.code(),
-            Some(code),
-            "{} should exit {code} ({why})\n{}",
-            self.what,
-            self.context()
-        );
-    }
-
-    /// The records of one type.
-    fn records(&self, kind: &str) -> Vec<Value> {
-        self.ndjson()
-            .into_iter()
-            .filter(|r| r["type"] == kind)
-            .collect()
-    }
-
     /// The final `report` record, after checking the stream's shape: `start` first, `report`
     /// last, only snapshots and alerts in between.
     fn report(&self) -> Value {

@@ -376,27 +376,6 @@ impl Finished {
         check_report_shape(&report, &self.context());
         report
     }
-
-    fn start(&self) -> Value {
-        self.ndjson()
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| panic!("no NDJSON output\n{}", self.context()))
-    }
-
-    fn assert_success(&self) {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "memprof panicked\n{}",
-            self.context()
-        );
-        assert_eq!(
-            self.code(),
-            Some(0),
-            "memprof should exit 0\n{}",
-            self.context()
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
