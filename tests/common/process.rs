@@ -456,13 +456,6 @@ impl Driven {
     }
 }
 
-/// Starts `cmd` with stdout and stderr read line by line and stdin kept open for writing.
-pub(crate) fn spawn_with_stdin(what: &str, cmd: &mut Command) -> (Proc, ChildStdin) {
-    let mut proc = Proc::start(what.to_string(), cmd, Stdio::piped());
-    let stdin = proc.child.stdin.take().unwrap();
-    (proc, stdin)
-}
-
 /// Starts a fixture that prints `ready` when it is set up and waits for SIGUSR1.
 pub(crate) fn start_target(what: &str, program: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(program);
