@@ -6,13 +6,20 @@ use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
 use serde_json::Value;
 
 use super::{DEADLINE, interrupt, leaker, process, procs, reported};
-use crate::common::{Checks, num, site_total, start_trace};
+use crate::common::{Checks, Proc, num, site_total, start_trace};
+
+/// `memprof trace --all --json OPTS`, once it traces.
+fn trace_all(opts: &[&str]) -> Proc {
+    let mut args = vec!["--all", "--json"];
+    args.extend(opts);
+    start_trace(&args, String::new)
+}
 
 #[test]
 fn all_mode_reports_each_process_exactly() {
     let mut a = leaker(7, 1000);
     let mut b = leaker(13, 500);
-    let mp = start_trace(&["--all", "--json", "--duration", "60s"], String::new);
+    let mp = trace_all(&["--duration", "60s"]);
     a.go("leaked");
     b.go("leaked");
     // Started after memprof attached: covered all the same.
@@ -80,10 +87,7 @@ fn all_mode_reports_each_process_exactly() {
 #[test]
 fn comm_narrows_all_mode_to_one_name() {
     let mut a = leaker(5, 300);
-    let mp = start_trace(
-        &["--all", "--comm", "procs", "--json", "--duration", "60s"],
-        String::new,
-    );
+    let mp = trace_all(&["--comm", "procs", "--duration", "60s"]);
     a.go("leaked");
     // `sleep` allocates too, but is not named procs.
     let other = Command::new("sleep").arg("0.1").status().unwrap();
@@ -120,17 +124,7 @@ fn cgroup_narrows_all_mode_to_one_cgroup() {
     let mut inside = leaker(6, 700);
     fs::write(cg.join("cgroup.procs"), inside.proc.pid().to_string()).unwrap();
     let mut outside = leaker(2, 900);
-    let mp = start_trace(
-        &[
-            "--all",
-            "--cgroup",
-            cg.to_str().unwrap(),
-            "--json",
-            "--duration",
-            "60s",
-        ],
-        String::new,
-    );
+    let mp = trace_all(&["--cgroup", cg.to_str().unwrap(), "--duration", "60s"]);
     inside.go("leaked");
     outside.go("leaked");
     let (f, r) = interrupt(mp);
@@ -154,10 +148,7 @@ fn exited_processes_beyond_the_limit_are_forgotten() {
     // the report, the 44 before them are forgotten (and counted), so memory stays bounded.
     // --comm needs a matching process running when memprof starts.
     let mut anchor = leaker(1, 10);
-    let mp = start_trace(
-        &["--all", "--comm", "procs", "--json", "--duration", "120s"],
-        String::new,
-    );
+    let mp = trace_all(&["--comm", "procs", "--duration", "120s"]);
     anchor.go("leaked");
     for _ in 0..300 {
         let status = Command::new(procs())
