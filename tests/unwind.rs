@@ -11,21 +11,21 @@
 mod common;
 
 use std::{
-    fs,
-    io::Write as _,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{
-    Checks, FIXTURE_SRC, Finished, Proc, STARTUP, final_report, frame_fn, frame_names,
-    memprof_trace, num, require_root, spawn_with_stdin, stack,
+    Checks, Driven, FIXTURE_SRC, FP, Finished, attach, compile_with, final_report, frame_names,
+    num, require_root, run_trace, site_groups, stack, work_dir,
 };
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(90);
+/// Built without frame pointers unless told otherwise.
+const NO_FP: &str = "-fomit-frame-pointer";
 
 struct Fixtures {
     deep: PathBuf,
@@ -38,78 +38,28 @@ fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     require_root();
     FIXTURES.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-unwind");
-        fs::create_dir_all(&dir).unwrap();
-        let src = Path::new(FIXTURE_SRC);
-        let build = |compiler: &str, args: &[&str]| {
-            let mut cmd = Command::new(compiler);
-            cmd.current_dir(&dir).args(["-O2", "-g"]);
-            if !args.contains(&"-fno-omit-frame-pointer") {
-                cmd.arg("-fomit-frame-pointer");
-            }
-            cmd.args(args);
-            let res = cmd
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
-            assert!(
-                res.status.success(),
-                "{cmd:?} failed:\n{}",
-                String::from_utf8_lossy(&res.stderr)
-            );
-        };
+        let dir = work_dir("memprof-unwind");
+        let src = |name: &str| PathBuf::from(FIXTURE_SRC).join(name);
         let deep = dir.join("deep");
-        build(
-            "cc",
-            &[
-                "-o",
-                deep.to_str().unwrap(),
-                src.join("deep.c").to_str().unwrap(),
-            ],
-        );
-        build(
+        compile_with("cc", &deep, &src("deep.c"), &[NO_FP]);
+        compile_with(
             "c++",
-            &[
-                "-fPIC",
-                "-shared",
-                "-o",
-                dir.join("libdeepnew.so").to_str().unwrap(),
-                src.join("deepnew.cpp").to_str().unwrap(),
-            ],
+            &dir.join("libdeepnew.so"),
+            &src("deepnew.cpp"),
+            &[NO_FP, "-fPIC", "-shared"],
         );
         let deepnew = dir.join("deepnew");
         let rpath = format!("-Wl,-rpath,{}", dir.display());
-        build(
+        compile_with(
             "cc",
-            &[
-                "-o",
-                deepnew.to_str().unwrap(),
-                src.join("deepnew_main.c").to_str().unwrap(),
-                "-L",
-                dir.to_str().unwrap(),
-                "-ldeepnew",
-                &rpath,
-            ],
+            &deepnew,
+            &src("deepnew_main.c"),
+            &[NO_FP, "-L", dir.to_str().unwrap(), "-ldeepnew", &rpath],
         );
         let tall = dir.join("tall");
-        build(
-            "cc",
-            &[
-                "-fno-omit-frame-pointer",
-                "-o",
-                tall.to_str().unwrap(),
-                src.join("tall.c").to_str().unwrap(),
-            ],
-        );
+        compile_with("cc", &tall, &src("tall.c"), &[FP]);
         let threads = dir.join("threads");
-        build(
-            "cc",
-            &[
-                "-pthread",
-                "-o",
-                threads.to_str().unwrap(),
-                src.join("threads.c").to_str().unwrap(),
-            ],
-        );
+        compile_with("cc", &threads, &src("threads.c"), &[NO_FP, "-pthread"]);
         Fixtures {
             deep,
             deepnew,
@@ -124,35 +74,19 @@ fn names(group: &Value) -> Vec<String> {
     frame_names(group).into_iter().map(String::from).collect()
 }
 
-/// Groups whose innermost frame is `function`.
-fn groups<'a>(r: &'a Value, function: &str) -> Vec<&'a Value> {
-    r["leaks"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-        .iter()
-        .filter(|g| stack(g).first().and_then(frame_fn) == Some(function))
-        .collect()
-}
-
 /// Runs `memprof trace --json [opts] -- program` to the end: the run and its final report.
 fn trace_spawned(opts: &[&str], program: &Path) -> (Finished, Value) {
-    let program = program.to_str().unwrap();
     let mut args = vec!["--json", "--duration", "60s"];
     args.extend(opts);
-    args.extend(["--", program]);
-    let run = Proc::spawn(
-        format!("memprof trace {}", args.join(" ")),
-        &mut memprof_trace(&args),
-    )
-    .finish(DEADLINE);
+    args.extend(["--", program.to_str().unwrap()]);
+    let run = run_trace(&args, DEADLINE);
     let report = final_report(&run);
     (run, report)
 }
 
 /// The two chains of deep.c: each exactly one group, with every frame named down to main.
 fn check_deep(c: &mut Checks, r: &Value) {
-    let leaf = groups(r, "leaf_alloc");
+    let leaf = site_groups(r, "leaf_alloc");
     c.eq("groups at leaf_alloc (one per call chain)", leaf.len(), 2);
     for (outer, bytes, allocs) in [("outer_a", 1200, 12), ("outer_b", 1500, 5)] {
         let chain: Vec<&&Value> = leaf
@@ -180,7 +114,7 @@ fn check_deep(c: &mut Checks, r: &Value) {
             format!("{outer}: every frame native, none unknown: {kinds:?} {n:?}"),
         );
     }
-    c.eq("no churn group", groups(r, "churn").len(), 0);
+    c.eq("no churn group", site_groups(r, "churn").len(), 0);
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
     c.check(
         r["unwind"]["allocations"].as_u64().unwrap_or(0) >= 10017,
@@ -200,42 +134,12 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
 #[test]
 fn dwarf_unwinds_when_attached_by_pid() {
     let f = fixtures();
-    let (mut target, mut stdin) =
-        spawn_with_stdin("deep --wait", Command::new(&f.deep).arg("--wait"));
-    target.expect_stdout_line("ready");
-    let pid = target.pid().to_string();
-    let mp = Proc::spawn(
-        "memprof trace --unwind dwarf --pid",
-        &mut memprof_trace(&[
-            "--json",
-            "--unwind",
-            "dwarf",
-            "--pid",
-            &pid,
-            "--duration",
-            "60s",
-        ]),
-    );
-    let deadline = Instant::now() + STARTUP;
-    assert!(
-        mp.err
-            .wait_line(deadline, |l| l.starts_with("memprof: tracing "))
-            .is_some(),
-        "memprof did not start\n{}",
-        mp.output_so_far()
-    );
-    stdin.write_all(b"go\n").unwrap();
-    stdin.flush().unwrap();
-    let deadline = Instant::now() + STARTUP;
-    assert!(
-        target
-            .out
-            .wait_line(deadline, |l| l.starts_with("done"))
-            .is_some()
-    );
+    let mut target = Driven::start("deep --wait", Command::new(&f.deep).arg("--wait"));
+    let mp = attach(&target.proc, &["--unwind", "dwarf", "--duration", "60s"]);
+    target.go("done");
     mp.signal(libc::SIGINT);
     let run = mp.finish(DEADLINE);
-    drop(stdin);
+    drop(target);
     let r = final_report(&run);
     let mut c = Checks::new("--unwind dwarf, by pid");
     check_deep(&mut c, &r);
@@ -247,7 +151,7 @@ fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
     let f = fixtures();
     let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.deepnew);
     let mut c = Checks::new("operator new without frame pointers");
-    let leaf = groups(&r, "cxx_leaf");
+    let leaf = site_groups(&r, "cxx_leaf");
     c.eq("groups at cxx_leaf", leaf.len(), 1);
     if let Some(g) = leaf.first() {
         c.eq(
@@ -273,7 +177,7 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
     // accidentally kept frame pointers.
     let f = fixtures();
     let (run, r) = trace_spawned(&[], &f.deep);
-    let intact = groups(&r, "leaf_alloc").iter().any(|g| {
+    let intact = site_groups(&r, "leaf_alloc").iter().any(|g| {
         names(g).iter().take(5).map(String::as_str).eq([
             "leaf_alloc",
             "inner",
@@ -296,7 +200,7 @@ fn frame_pointer_walk_follows_tall_stacks() {
     let f = fixtures();
     let (run, r) = trace_spawned(&[], &f.tall);
     let mut c = Checks::new("frame pointers, tall stacks");
-    let leaf = groups(&r, "tall_leaf");
+    let leaf = site_groups(&r, "tall_leaf");
     c.eq("groups at tall_leaf", leaf.len(), 2);
     for (middle, depth, bytes, allocs) in [("climb", 40, 861, 7), ("bulky", 6, 12000, 3)] {
         let chain: Vec<&&Value> = leaf
@@ -332,7 +236,7 @@ fn dwarf_unwinds_each_thread_on_its_own_stack() {
     let f = fixtures();
     let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.threads);
     let mut c = Checks::new("--unwind dwarf, threads");
-    let leak = groups(&r, "thread_leak");
+    let leak = site_groups(&r, "thread_leak");
     c.eq("groups at thread_leak", leak.len(), 1);
     if let Some(g) = leak.first() {
         c.eq(
