@@ -118,7 +118,9 @@ fn python_frames(frames: &[Shown]) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
+/// `whole`: the native part of the stacks is whole (tables or dwarf, not frame pointers), so
+/// the Python frames' place among native ones is checked too.
+fn check(c: &mut Checks, r: &Value, fx: &Fixture, whole: bool) {
     for (function, line, bytes, allocs) in [
         ("leak_via_ctypes", fx.ctypes_line, 3333, 3),
         ("leak_via_extension", fx.extension_line, 8888, 4),
@@ -142,19 +144,19 @@ fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
             py.last().is_some_and(|(f, _)| f == "<module>"),
             format!("{function}: the outermost Python frame is <module>: {py:?}"),
         );
-        if dwarf {
-            // Python frames sit between the native code they called and the interpreter.
+        if whole {
+            // The native code the Python function called, then the eval loop's frame that ran
+            // it, then the Python frames.
             let first_py = frames
                 .iter()
                 .position(|(k, _, _)| k == "python")
                 .unwrap_or(0);
             let eval = frames
                 .iter()
-                .position(|(_, f, _)| f == "_PyEval_EvalFrameDefault")
-                .unwrap_or(0);
+                .position(|(_, f, _)| f == "_PyEval_EvalFrameDefault");
             c.check(
-                first_py > 0 && eval > first_py,
-                format!("{function}: native, then Python, then the eval loop: {frames:?}"),
+                first_py > 0 && eval == Some(first_py - 1),
+                format!("{function}: native, then the eval loop, then Python: {frames:?}"),
             );
         }
     }
@@ -201,13 +203,18 @@ fn spawned(unwind: &str) {
     );
     let r = final_report(&run);
     let mut c = Checks::new(format!("Python frames, spawned, --unwind {unwind}"));
-    check(&mut c, &r, fx, unwind == "dwarf");
+    check(&mut c, &r, fx, unwind != "fp");
     c.finish(|| run.context());
 }
 
 #[test]
 fn python_frames_on_native_allocations_spawned() {
     spawned("fp");
+}
+
+#[test]
+fn python_frames_on_native_allocations_spawned_tables() {
+    spawned("tables");
 }
 
 #[test]
@@ -230,6 +237,6 @@ fn python_frames_on_native_allocations_by_pid() {
     let run = mp.finish(DEADLINE);
     let r = final_report(&run);
     let mut c = Checks::new("Python frames, by pid");
-    check(&mut c, &r, fx, false);
+    check(&mut c, &r, fx, true);
     c.finish(|| run.context());
 }

@@ -1,10 +1,13 @@
-//! End-to-end tests of `--unwind dwarf` with the real `memprof` binary and real eBPF: code built
-//! without frame pointers gets whole, exact stacks, one group per call site.
+//! End-to-end tests of unwinding code built without frame pointers with the real `memprof`
+//! binary and real eBPF: the default `--unwind tables` (the kernel walks with tables built from
+//! CFI) and `--unwind dwarf` (stack copies unwound by memprof) give whole, exact stacks, one
+//! group per call site; `--unwind fp` does not.
 //!
 //! Fixtures: tests/fixtures/deep.c (a leak four calls deep, `-fomit-frame-pointer`) and
 //! deepnew.cpp + deepnew_main.c (C++ `operator new` in a shared library without frame pointers);
 //! tall.c (frame-pointer stacks 41 and 7 frames tall, for the kernel's windowed frame walk);
-//! threads.c (four threads without frame pointers: each thread's stack top is learnt apart).
+//! threads.c (four threads without frame pointers: each thread's stack top is learnt apart);
+//! deepopen.c (loads libdeepnew.so with dlopen mid-run: code the tables learn of late).
 //! Needs root, `cc` and `c++`:
 //! `cargo test --release -p memprof-user --test unwind -- --test-threads=1`.
 
@@ -32,6 +35,8 @@ struct Fixtures {
     deepnew: PathBuf,
     tall: PathBuf,
     threads: PathBuf,
+    deepopen: PathBuf,
+    libdeepnew: PathBuf,
 }
 
 fn fixtures() -> &'static Fixtures {
@@ -60,11 +65,15 @@ fn fixtures() -> &'static Fixtures {
         compile_with("cc", &tall, &src("tall.c"), &[FP]);
         let threads = dir.join("threads");
         compile_with("cc", &threads, &src("threads.c"), &[NO_FP, "-pthread"]);
+        let deepopen = dir.join("deepopen");
+        compile_with("cc", &deepopen, &src("deepopen.c"), &[NO_FP, "-ldl"]);
         Fixtures {
             deep,
             deepnew,
             tall,
             threads,
+            deepopen,
+            libdeepnew: dir.join("libdeepnew.so"),
         }
     })
 }
@@ -76,9 +85,15 @@ fn names(group: &Value) -> Vec<String> {
 
 /// Runs `memprof trace --json [opts] -- program` to the end: the run and its final report.
 fn trace_spawned(opts: &[&str], program: &Path) -> (Finished, Value) {
+    trace_spawned_args(opts, program, &[])
+}
+
+/// `trace_spawned` with arguments for the program.
+fn trace_spawned_args(opts: &[&str], program: &Path, program_args: &[&str]) -> (Finished, Value) {
     let mut args = vec!["--json", "--duration", "60s"];
     args.extend(opts);
     args.extend(["--", program.to_str().unwrap()]);
+    args.extend(program_args);
     let run = run_trace(&args, DEADLINE);
     let report = final_report(&run);
     (run, report)
@@ -122,6 +137,27 @@ fn check_deep(c: &mut Checks, r: &Value) {
     );
 }
 
+/// With tables, the kernel's walks of every allocation reached the entry: all bytes end there
+/// (walked in the kernel, or copied and unwound by memprof where the tables were behind).
+fn check_whole(c: &mut Checks, r: &Value) {
+    let u = &r["unwind"];
+    c.eq("unwind mode", u["mode"].as_str(), Some("tables"));
+    let ends = u["tables"]["ends"].as_object().cloned().unwrap_or_default();
+    let stopped: Vec<&String> = ends.keys().filter(|k| !k.starts_with("entry")).collect();
+    c.check(stopped.is_empty(), format!("walks that stopped early: {u}"));
+    c.eq("entry share", u["tables"]["entry_share"].as_f64(), Some(1.0));
+}
+
+#[test]
+fn tables_unwind_a_deep_chain_without_frame_pointers_by_default() {
+    let f = fixtures();
+    let (run, r) = trace_spawned(&[], &f.deep);
+    let mut c = Checks::new("default mode (tables), spawned");
+    check_deep(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
 #[test]
 fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
     let f = fixtures();
@@ -133,16 +169,29 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
 
 #[test]
 fn dwarf_unwinds_when_attached_by_pid() {
+    deep_by_pid("dwarf");
+}
+
+#[test]
+fn tables_unwind_when_attached_by_pid() {
+    deep_by_pid("tables");
+}
+
+/// deep.c traced by pid with `--unwind MODE`: both chains whole.
+fn deep_by_pid(mode: &str) {
     let f = fixtures();
     let mut target = Driven::start("deep --wait", Command::new(&f.deep).arg("--wait"));
-    let mp = attach(&target.proc, &["--unwind", "dwarf", "--duration", "60s"]);
+    let mp = attach(&target.proc, &["--unwind", mode, "--duration", "60s"]);
     target.go("done");
     mp.signal(libc::SIGINT);
     let run = mp.finish(DEADLINE);
     drop(target);
     let r = final_report(&run);
-    let mut c = Checks::new("--unwind dwarf, by pid");
+    let mut c = Checks::new(format!("--unwind {mode}, by pid"));
     check_deep(&mut c, &r);
+    if mode == "tables" {
+        check_whole(&mut c, &r);
+    }
     c.finish(|| run.context());
 }
 
@@ -150,33 +199,96 @@ fn dwarf_unwinds_when_attached_by_pid() {
 fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
     let f = fixtures();
     let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.deepnew);
-    let mut c = Checks::new("operator new without frame pointers");
-    let leaf = site_groups(&r, "cxx_leaf");
-    c.eq("groups at cxx_leaf", leaf.len(), 1);
+    let mut c = Checks::new("operator new without frame pointers, dwarf");
+    check_deepnew(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+#[test]
+fn tables_unwind_operator_new_in_a_library_without_frame_pointers() {
+    let f = fixtures();
+    let (run, r) = trace_spawned(&[], &f.deepnew);
+    let mut c = Checks::new("operator new without frame pointers, tables");
+    check_deepnew(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+/// A library loaded with dlopen mid-run, by a command memprof started: it stops at the load
+/// until its table is in, and the allocations right after have whole stacks.
+#[test]
+fn tables_unwind_a_library_loaded_mid_run() {
+    let f = fixtures();
+    let (run, r) = trace_spawned_args(&[], &f.deepopen, &[f.libdeepnew.to_str().unwrap()]);
+    let mut c = Checks::new("dlopen mid-run, spawned");
+    check_deepnew(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+/// The same, attached by pid: memprof does not stop a process it did not start, so the walks
+/// that meet the new library before its table is in go out as stack copies; either way every
+/// stack is whole.
+#[test]
+fn tables_unwind_a_library_loaded_mid_run_by_pid() {
+    let f = fixtures();
+    let mut target = Driven::start(
+        "deepopen --wait",
+        Command::new(&f.deepopen).arg(&f.libdeepnew).arg("--wait"),
+    );
+    let mp = attach(&target.proc, &["--duration", "60s"]);
+    target.go("done");
+    mp.signal(libc::SIGINT);
+    let run = mp.finish(DEADLINE);
+    drop(target);
+    let r = final_report(&run);
+    let mut c = Checks::new("dlopen mid-run, by pid");
+    check_deepnew(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+/// deepnew's one leak: 7 x 48 bytes three calls into the library, then main. Innermost comes
+/// `cxx_leaf`, or `operator new` when the C++ library came with `dlopen` (memprof then probes
+/// only the C library's `malloc`, which `operator new` calls).
+fn check_deepnew(c: &mut Checks, r: &Value) {
+    let leaf: Vec<&Value> = r["leaks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter(|g| names(g).iter().any(|n| n == "cxx_leaf"))
+        .collect();
+    c.eq("groups through cxx_leaf", leaf.len(), 1);
     if let Some(g) = leaf.first() {
         c.eq(
             "bytes, allocs",
             (num(g, "bytes"), num(g, "allocs")),
             (7 * 48, 7),
         );
+        let n = names(g);
+        let at = n.iter().position(|f| f == "cxx_leaf").unwrap_or(0);
+        c.check(
+            n[..at].iter().all(|f| f.starts_with("operator new")),
+            format!("only operator new inside cxx_leaf: {n:?}"),
+        );
         c.eq(
-            "innermost four frames",
-            names(g).into_iter().take(4).collect::<Vec<_>>(),
+            "four frames from cxx_leaf",
+            n.iter().skip(at).take(4).cloned().collect::<Vec<_>>(),
             ["cxx_leaf", "cxx_mid(int)", "cxx_entry", "main"]
                 .map(String::from)
                 .to_vec(),
         );
     }
-    c.finish(|| run.context());
 }
 
 #[test]
-fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
-    // The same fixture without --unwind dwarf: the kernel's frame-pointer walk stops or goes
-    // wrong after the leaf, which is why dwarf exists. Guards against a test fixture that
+fn frame_pointer_mode_loses_the_chain() {
+    // The same fixture with --unwind fp: the kernel's frame-pointer walk stops or goes wrong
+    // after the leaf, which is why the other modes exist. Guards against a test fixture that
     // accidentally kept frame pointers.
     let f = fixtures();
-    let (run, r) = trace_spawned(&[], &f.deep);
+    let (run, r) = trace_spawned(&["--unwind", "fp"], &f.deep);
     let intact = site_groups(&r, "leaf_alloc").iter().any(|g| {
         names(g).iter().take(5).map(String::as_str).eq([
             "leaf_alloc",
@@ -198,7 +310,7 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
 #[test]
 fn frame_pointer_walk_follows_tall_stacks() {
     let f = fixtures();
-    let (run, r) = trace_spawned(&[], &f.tall);
+    let (run, r) = trace_spawned(&["--unwind", "fp"], &f.tall);
     let mut c = Checks::new("frame pointers, tall stacks");
     let leaf = site_groups(&r, "tall_leaf");
     c.eq("groups at tall_leaf", leaf.len(), 2);
@@ -233,9 +345,22 @@ fn frame_pointer_walk_follows_tall_stacks() {
 /// with no frame cut short.
 #[test]
 fn dwarf_unwinds_each_thread_on_its_own_stack() {
+    threads("dwarf");
+}
+
+/// With tables, each thread's walk ends at its start in `clone3`, the outermost frame.
+#[test]
+fn tables_unwind_each_thread_to_its_start() {
+    threads("tables");
+}
+
+fn threads(mode: &str) {
     let f = fixtures();
-    let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.threads);
-    let mut c = Checks::new("--unwind dwarf, threads");
+    let (run, r) = trace_spawned(&["--unwind", mode], &f.threads);
+    let mut c = Checks::new(format!("--unwind {mode}, threads"));
+    if mode == "tables" {
+        check_whole(&mut c, &r);
+    }
     let leak = site_groups(&r, "thread_leak");
     c.eq("groups at thread_leak", leak.len(), 1);
     if let Some(g) = leak.first() {

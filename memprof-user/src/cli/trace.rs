@@ -337,6 +337,9 @@ fn trace_pid(
         }),
         probe_stats: args.probe_stats,
         stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
+        fallback_copy: args.stack_bytes,
+        pause_for_code: args.unwind == "tables" && spawned.is_some(),
+        tables: args.unwind == "tables",
         sample_bytes: args.sample_bytes.unwrap_or(0),
     })
     .with_context(|| format!("failed to trace {what}"))?;

@@ -115,6 +115,9 @@ pub fn render(r: &Report) -> String {
         "  lost events  {}    lost stacks {}    unknown frames {}",
         losses.lost_events, losses.lost_stacks, r.unknown_frames
     );
+    if let Some(u) = &r.unwind {
+        unwind_line(&mut out, u);
+    }
     if !r.probe_stats.is_empty() {
         let programs: Vec<String> = r
             .probe_stats
@@ -341,6 +344,43 @@ fn stack_text(stack: &[String]) -> String {
         text.push_str(" <- ...");
     }
     text
+}
+
+/// One line on how far stack walks got: with tables, the share of bytes whose stack reached
+/// the thread's entry and the main reasons the others stopped.
+fn unwind_line(out: &mut String, u: &crate::report::UnwindStats) {
+    let _ = write!(
+        out,
+        "  stacks       --unwind {}: {} stacks, {} stopped early",
+        u.mode, u.stacks, u.truncated_stacks
+    );
+    if let Some(t) = &u.tables {
+        let _ = write!(
+            out,
+            "; {:.1}% of {} reached the entry",
+            t.entry_share * 100.0,
+            human_bytes(t.bytes)
+        );
+        let mut ends: Vec<(&str, u64)> = t
+            .ends
+            .iter()
+            .filter(|(k, _)| **k != "entry")
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        ends.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = ends
+            .iter()
+            .take(3)
+            .map(|(k, v)| format!("{} {}", k, human_bytes(*v)))
+            .collect();
+        if !parts.is_empty() {
+            let _ = write!(out, " (others: {})", parts.join(", "));
+        }
+        if t.files_without_table > 0 {
+            let _ = write!(out, "; {} files without a table", t.files_without_table);
+        }
+    }
+    out.push('\n');
 }
 
 #[cfg(test)]

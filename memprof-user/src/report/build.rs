@@ -161,7 +161,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         churn_hotspots,
         leaks,
         processes: None,
-        unwind: inputs.unwind,
+        unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
     }
 }
@@ -259,8 +259,8 @@ fn churn_hotspots(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Hotsp
     busy.truncate(HOTSPOTS);
     busy.into_iter()
         .map(|(key, _)| {
-            let mut stack = frames_of(inputs, symbolizer, key.0);
-            stack.truncate(5);
+            // The whole stack: where the churn comes from is often several frames up.
+            let stack = frames_of(inputs, symbolizer, key.0);
             Hotspot {
                 site: group_name(&stack, key.1),
                 allocator: key.1.name(),

@@ -2,6 +2,8 @@
 //! process's view of its address space current, so stacks are placed in their objects (and,
 //! with `--unwind dwarf`, unwound) while the process still lives.
 
+use memprof_common::{ExecMap, MAP_NO_TABLE};
+
 use super::{Session, procs::Proc};
 use crate::{
     ingest::{event, mmaps::MmapWatcher},
@@ -57,7 +59,10 @@ impl Session {
     /// pointers deeper frames are often garbage that no re-read would place.
     pub(super) fn learn_stack(&mut self, tgid: u32, key: u64) {
         const REREAD_NS: u64 = 50_000_000;
-        let ips = self.tracer.stack(key);
+        let (ips, end) = self.tracer.stack(key);
+        if end != 0 {
+            self.stack_ends.insert(key, end as u8);
+        }
         let now = monotonic_ns();
         // Code mapped after the records were last taken (the ring is read while the process
         // runs on): take them again first.
@@ -88,6 +93,67 @@ impl Session {
     }
 }
 
+impl Session {
+    /// With `--unwind tables`: tells the kernel where process `tgid`'s executable files lie
+    /// and which table each has, building and uploading the tables of files seen for the
+    /// first time. Rewritten only when the list changed.
+    pub(super) fn update_tables(&mut self, tgid: u32) {
+        let Some(tables) = self.tracer.tables.as_mut() else {
+            return;
+        };
+        // The epoch first: code mapped after this read moves it on, and walks meeting that
+        // code fall back to stack copies until the next update.
+        let epoch = tables.epoch(tgid);
+        let Some(p) = self.procs.get_mut(&tgid) else {
+            return;
+        };
+        if self.tables_epoch.get(&tgid).is_some_and(|&e| e != epoch)
+            && p.reread(tgid, monotonic_ns())
+        {
+            pin_files(&mut self.symbolizer, p);
+        }
+        self.tables_epoch.insert(tgid, epoch);
+        let mut maps: Vec<ExecMap> = Vec::new();
+        for m in p.space.mappings().iter().filter(|m| m.exec) {
+            let Some(id) = m.file_id() else {
+                continue;
+            };
+            // Through the process's own view of the file: it works for files deleted or
+            // replaced since, and inside containers.
+            let open = || {
+                let via = format!("/proc/{tgid}/map_files/{:x}-{:x}", m.start, m.end);
+                [via.as_str(), m.path.as_str()]
+                    .into_iter()
+                    .find_map(open_regular)
+            };
+            let (module, bias) = self
+                .table_files
+                .mapping(tables, id, m.start, m.offset, open)
+                .unwrap_or((None, 0));
+            maps.push(ExecMap {
+                start: m.start,
+                end: m.end,
+                bias,
+                module: module.unwrap_or(0),
+                flags: if module.is_some() { 0 } else { MAP_NO_TABLE },
+            });
+        }
+        let signature = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for m in &maps {
+                (m.start, m.end, m.bias, m.module, m.flags).hash(&mut h);
+            }
+            epoch.hash(&mut h);
+            h.finish()
+        };
+        if self.tables_written.get(&tgid) != Some(&signature) {
+            tables.set_process(tgid, &maps, epoch);
+            self.tables_written.insert(tgid, signature);
+        }
+    }
+}
+
 /// What unwinding a stack copy touches (fields of `Session`, borrowed apart from the ring
 /// buffer the copy lives in).
 pub(super) struct Unwinding<'a> {
@@ -101,9 +167,14 @@ pub(super) struct Unwinding<'a> {
     pub(super) symbolizer: &'a mut Symbolizer,
 }
 
-/// Unwinds one `--unwind dwarf` stack copy of process `tgid` and returns its stack key, storing
-/// the stack the first time it is seen.
-pub(super) fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCopy<'_>) -> u64 {
+/// Unwinds one stack copy of process `tgid` (`--unwind dwarf`, or a table walk's fallback) and
+/// returns its stack key, storing the stack the first time it is seen, and whether the unwind
+/// stopped before the outermost frame.
+pub(super) fn unwind_copy(
+    u: &mut Unwinding<'_>,
+    tgid: u32,
+    copy: event::StackCopy<'_>,
+) -> (u64, bool) {
     const REREAD_NS: u64 = 50_000_000;
     let now = monotonic_ns();
     if u.procs
@@ -141,7 +212,7 @@ pub(super) fn unwind_copy(u: &mut Unwinding<'_>, tgid: u32, copy: event::StackCo
             u.symbolizer.frames(u.stacks, frames);
         }
     }
-    key
+    (key, out.truncated)
 }
 
 /// Applies the kernel's mapping records written since the last call (see `Session::watch`).
@@ -183,4 +254,16 @@ pub(super) fn pin_files(symbolizer: &mut Symbolizer, p: &Proc) {
             symbolizer.pin(&m.path);
         }
     }
+}
+
+/// `path` opened for reading if it is a regular file: a FIFO or device a process put in a
+/// file's place is refused without blocking.
+fn open_regular(path: &str) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
 }

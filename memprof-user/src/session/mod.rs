@@ -37,6 +37,7 @@ use crate::{
     serve::Live,
     stacks::{
         StackStore, Symbolizer,
+        tables::TableFiles,
         unwind::{ObjectCache, ProcessUnwinder},
     },
     sys::{clock::monotonic_ns, maps::Mapping, target::PidFd},
@@ -113,6 +114,17 @@ pub struct Session {
     unwinders: foldhash::HashMap<u32, ProcessUnwinder>,
     unwind_objects: ObjectCache,
     unwind_stats: report::UnwindStats,
+    /// How the kernel's table walk of each stack ended (`unwind_end`, when not 0), and what
+    /// the walks of the allocations reached.
+    stack_ends: foldhash::HashMap<u64, u8>,
+    table_walks: report::TableWalks,
+    table_allocations: u64,
+    /// Tables built, by file, and the signature of the mapping list last written per process
+    /// (`--unwind tables`).
+    table_files: TableFiles,
+    tables_written: foldhash::HashMap<u32, u64>,
+    /// Each process's `EXEC_EPOCH` when its mappings were last given to the kernel.
+    tables_epoch: foldhash::HashMap<u32, u64>,
     /// The kernel's records of executable mappings (None when perf events are unavailable).
     watch: Option<MmapWatcher>,
     /// Mapping records of processes not seen yet (a child whose fork is still in the ring).
@@ -197,6 +209,12 @@ impl Session {
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),
+            stack_ends: Default::default(),
+            table_walks: Default::default(),
+            table_allocations: 0,
+            table_files: TableFiles::default(),
+            tables_written: Default::default(),
+            tables_epoch: Default::default(),
             watch: None,
             pending_maps: Default::default(),
             pythons: Default::default(),
@@ -217,6 +235,7 @@ impl Session {
     pub fn prepare(&mut self) {
         self.pin_initial();
         self.allocator_text(self.pid);
+        self.update_tables(self.pid);
         if !self.parent && self.pid != 0 {
             self.scan_python(self.pid);
         }

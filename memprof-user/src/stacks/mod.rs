@@ -6,6 +6,7 @@ pub mod mixed;
 pub mod python;
 pub mod store;
 pub mod symbolize;
+pub mod tables;
 pub mod unwind;
 
 pub use store::{RawFrame, StackStore};
