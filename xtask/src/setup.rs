@@ -21,7 +21,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// the demo use (jq, a C compiler and headers, setpriv from util-linux), then the real
 /// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
 /// Chromium, valgrind's DHAT) and the allocators the allocator tests link against (jemalloc,
-/// tcmalloc, mimalloc, musl).
+/// tcmalloc, mimalloc, musl), and the bench's real workload and reference tracer (redis-server
+/// under redis-benchmark from redis-tools, heaptrack).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -40,6 +41,9 @@ const APT_PACKAGES: &[&str] = &[
     "libgoogle-perftools-dev",
     "libmimalloc-dev",
     "musl-tools",
+    "redis-server",
+    "redis-tools",
+    "heaptrack",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
