@@ -3,10 +3,12 @@
 //! Each workload in `bench/` waits for SIGUSR1 after printing `ready`, so a tracer attaches by
 //! pid first, and reports its own elapsed time (process start and exit excluded). Modes:
 //! untraced; memprof's probes with programs that return at once (`--probe-floor`, the floor of
-//! the probe set); memprof full; both again with every probe at the function's first byte
-//! (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`); bpftrace
-//! with a memleak-like script when installed. Each runs `--reps`
-//! times; medians and ratios go to `target/bench/results.md` and `results.json`. The agent's
+//! the probe set, on the default links and on classic uprobes); memprof full (default links
+//! and multi-uprobe links); the floor and full mode again with every probe at the function's
+//! first byte (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`);
+//! bpftrace with a memleak-like script when installed. The `--reps` runs go rep-major (each
+//! rep runs every mode in turn, so drift falls on every mode alike); medians and ratios go to
+//! `target/bench/results.md` and `results.json`. The agent's
 //! CPU time and peak RSS come from `wait4` on memprof (the workload is not its child in pid
 //! mode, so they are the agent's alone). The agent's memory per outstanding allocation is given
 //! twice: from its peak RSS, and from its steady RSS (`VmRSS`, once settled) while `hold` keeps
@@ -36,8 +38,10 @@ use crate::util::{Workspace, find_program};
 enum Mode {
     Untraced,
     Floor,
+    FloorClassic,
     FloorAtEntry,
     Full,
+    FullMulti,
     Sampled,
     Dwarf,
     FullAtEntry,
@@ -52,8 +56,10 @@ impl Mode {
         match self {
             Self::Untraced => "untraced",
             Self::Floor => "floor (probes, empty programs)",
+            Self::FloorClassic => "floor, classic uprobes",
             Self::FloorAtEntry => "floor, free probed at +0",
             Self::Full => "memprof",
+            Self::FullMulti => "memprof --links multi",
             Self::Sampled => "memprof --sample-bytes 512K",
             Self::Dwarf => "memprof --unwind dwarf",
             Self::FullAtEntry => "memprof, free probed at +0",
@@ -64,8 +70,10 @@ impl Mode {
     fn memprof_flags(self) -> Option<&'static [&'static str]> {
         match self {
             Self::Floor => Some(&["--probe-floor"]),
+            Self::FloorClassic => Some(&["--probe-floor", "--links", "classic"]),
             Self::FloorAtEntry => Some(&["--probe-floor", "--no-placement"]),
             Self::Full => Some(&[]),
+            Self::FullMulti => Some(&["--links", "multi"]),
             Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
             Self::Dwarf => Some(&["--unwind", "dwarf"]),
             Self::FullAtEntry => Some(&["--no-placement"]),
@@ -159,8 +167,10 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut modes = vec![
         Mode::Untraced,
         Mode::Floor,
+        Mode::FloorClassic,
         Mode::FloorAtEntry,
         Mode::Full,
+        Mode::FullMulti,
         Mode::Sampled,
         Mode::Dwarf,
         Mode::FullAtEntry,
@@ -179,27 +189,40 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         md,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    for w in &workloads {
-        let mut medians: Vec<(Mode, f64)> = Vec::new();
-        for &mode in &modes {
-            let mut runs = Vec::new();
-            for _ in 0..reps {
-                runs.push(run_once(
+    let mut ratio_lines = Vec::new();
+    for (index, w) in workloads.iter().enumerate() {
+        // Rep-major: each rep runs every mode in turn, so drift over the bench (other work on
+        // the machine, thermal state) falls on every mode alike.
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); modes.len()];
+        for rep in 0..reps {
+            for (&mode, runs) in modes.iter().zip(&mut runs) {
+                let run = run_once(
                     &memprof,
                     bpftrace.as_deref(),
                     mode,
                     &w.command,
                     false,
                     false,
-                )?);
+                )?;
+                eprintln!(
+                    "bench: {} / {} (rep {}): {}",
+                    w.name,
+                    mode.name(),
+                    rep + 1,
+                    human_ns(run.elapsed_ns / run.ops.max(1.0))
+                );
+                runs.push(run);
             }
-            let per_op = median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect());
-            medians.push((mode, per_op));
-            let untraced = medians[0].1;
-            let floor = medians
-                .iter()
-                .find(|(m, _)| *m == Mode::Floor)
-                .map(|(_, v)| *v);
+        }
+        let per_op: Vec<f64> = runs
+            .iter()
+            .map(|runs| median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect()))
+            .collect();
+        let of = |mode: Mode| modes.iter().position(|&m| m == mode).map(|i| per_op[i]);
+        let untraced = per_op[0];
+        // Against the floor of the default links.
+        let floor = of(Mode::Floor);
+        for ((&mode, runs), &per_op) in modes.iter().zip(&runs).zip(&per_op) {
             let r = &runs[runs.len() / 2];
             let events_per_s = median(
                 runs.iter()
@@ -239,16 +262,36 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 },
             );
             json_rows.push(format!(
-                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
+                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"x_floor\":{:.3},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
                 w.name,
                 mode.name(),
                 per_op / untraced,
+                floor.map_or(0.0, |f| per_op / f),
                 r.lost,
                 r.agent_cpu_s,
                 r.agent_max_rss_kib
             ));
-            eprintln!("bench: {} / {}: {}", w.name, mode.name(), human_ns(per_op));
         }
+        // The churn loop's verdicts: full mode and sampled against the default links' floor.
+        if index == 0
+            && let (Some(floor), Some(full), Some(sampled)) =
+                (floor, of(Mode::Full), of(Mode::Sampled))
+        {
+            let (full, sampled) = (full / floor, sampled / floor);
+            ratio_lines.push(format!(
+                "{}: memprof ÷ floor = {full:.2} (goal ≤ 1.15); memprof --sample-bytes \
+                 {SAMPLE_BYTES} ÷ floor = {sampled:.2} (goal ≤ 0.80); medians of {reps}, \
+                 interleaved.",
+                w.name
+            ));
+            json_rows.push(format!(
+                "{{\"workload\":{:?},\"full_x_floor\":{full:.3},\"sampled_x_floor\":{sampled:.3},\"reps\":{reps}}}",
+                w.name
+            ));
+        }
+    }
+    for line in ratio_lines {
+        let _ = writeln!(md, "\n{line}");
     }
 
     // Agent memory per outstanding allocation: 1M held blocks against none.
