@@ -95,8 +95,33 @@ struct Run {
     agent_steady_rss_kib: u64,
     /// From the workload's exit to the tracer's exit (drain, symbolize, report).
     report_s: f64,
-    /// With `--probe-stats`: (program, ns per run).
-    probe_ns: Vec<(String, f64)>,
+    /// With `--probe-stats`: each program's runs and mean time.
+    probe_stats: Vec<ProbeStat>,
+}
+
+/// One kernel program's runs and mean time per run (`--probe-stats`).
+#[derive(Clone, Debug, PartialEq)]
+struct ProbeStat {
+    program: String,
+    runs: u64,
+    ns_per_run: f64,
+}
+
+impl Run {
+    /// The allocator programs (`alloc_*`; not the process-tracking tracepoints).
+    fn alloc_programs(&self) -> impl Iterator<Item = &ProbeStat> {
+        self.probe_stats
+            .iter()
+            .filter(|s| s.program.starts_with("alloc_"))
+    }
+
+    /// Kernel time in the allocator programs per workload operation.
+    fn alloc_ns_per_op(&self) -> f64 {
+        self.alloc_programs()
+            .map(|s| s.ns_per_run * s.runs as f64)
+            .sum::<f64>()
+            / self.ops.max(1.0)
+    }
 }
 
 struct Workload {
@@ -350,50 +375,102 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     // What memprof's kernel programs themselves cost per call, from the kernel's BPF run-time
     // statistics (a separate run: the statistics add two clock reads to every program run).
     let churn = &workloads[0];
-    let stat_modes = [Mode::Floor, Mode::Full, Mode::Sampled, Mode::Dwarf];
-    let programs = ["malloc_entry", "free_entry", "alloc_return"];
+    let stat_modes = [
+        Mode::Floor,
+        Mode::FloorClassic,
+        Mode::Full,
+        Mode::FullMulti,
+        Mode::Sampled,
+        Mode::Dwarf,
+    ];
+    let mut stat_runs = Vec::new();
+    for mode in stat_modes {
+        stat_runs.push(run_once(&memprof, None, mode, &churn.command, false, true)?);
+    }
+    // The programs differ by kind of link: a column for each one seen.
+    let mut programs: Vec<&str> = stat_runs
+        .iter()
+        .flat_map(|r| r.alloc_programs().map(|s| s.program.as_str()))
+        .collect();
+    programs.sort_unstable();
+    programs.dedup();
     let _ = writeln!(
         md,
         "\nKernel programs' own time per run on {} (`--probe-stats`, one run each; the \
-         statistics add about 30 ns per run):\n\n| mode | {} |\n| --- |{}",
+         statistics add about 30 ns per run), with runs per pair, and their total per pair (a \
+         session program runs at entry and, unless the entry skips it, at return):\n\n\
+         | mode | {} | per pair |\n| --- |{} --- |",
         churn.name,
         programs.join(" | "),
         " --- |".repeat(programs.len())
     );
-    for mode in stat_modes {
-        let r = run_once(&memprof, None, mode, &churn.command, false, true)?;
-        let ns = |p: &str| r.probe_ns.iter().find(|(n, _)| n == p).map(|(_, v)| *v);
+    for (mode, r) in stat_modes.iter().zip(&stat_runs) {
+        let stat = |p: &str| r.alloc_programs().find(|s| s.program == p);
         let _ = writeln!(
             md,
-            "| {} | {} |",
+            "| {} | {} | {:.0} ns |",
             mode.name(),
             programs
                 .iter()
-                .map(|p| ns(p).map_or("".into(), |v| format!("{v:.0} ns")))
+                .map(|p| stat(p).map_or("".into(), |s| format!(
+                    "{:.0} ns × {:.2}",
+                    s.ns_per_run,
+                    s.runs as f64 / r.ops.max(1.0)
+                )))
                 .collect::<Vec<_>>()
-                .join(" | ")
+                .join(" | "),
+            r.alloc_ns_per_op()
         );
-        for p in programs {
-            if let Some(v) = ns(p) {
-                json_rows.push(format!(
-                    "{{\"workload\":{:?},\"mode\":{:?},\"program\":{p:?},\"ns_per_run\":{v:.1}}}",
-                    churn.name,
-                    mode.name()
-                ));
-            }
+        for s in r.alloc_programs() {
+            json_rows.push(format!(
+                "{{\"workload\":{:?},\"mode\":{:?},\"program\":{:?},\"runs\":{},\"ns_per_run\":{:.1}}}",
+                churn.name,
+                mode.name(),
+                s.program,
+                s.runs,
+                s.ns_per_run
+            ));
         }
+        json_rows.push(format!(
+            "{{\"workload\":{:?},\"mode\":{:?},\"kernel_ns_per_op\":{:.1}}}",
+            churn.name,
+            mode.name(),
+            r.alloc_ns_per_op()
+        ));
     }
     // The frame walk's windows on a deep stack: one full run with statistics.
     let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];
     let r = run_once(&memprof, None, Mode::Full, &deep_cmd, false, true)?;
-    if let Some((_, v)) = r.probe_ns.iter().find(|(n, _)| n == "alloc_return") {
+    if r.alloc_programs().next().is_some() {
+        let per_pair = r.alloc_ns_per_op();
+        let programs = r
+            .alloc_programs()
+            .map(|s| {
+                format!(
+                    "{} {:.0} ns × {:.2}",
+                    s.program,
+                    s.ns_per_run,
+                    s.runs as f64 / r.ops.max(1.0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         let _ = writeln!(
             md,
-            "\nalloc_return with the same pairs at the bottom of 60 frames of about 160 bytes \
-             (`bench/deep.c`, memprof, `--probe-stats`): {v:.0} ns"
+            "\nThe same pairs at the bottom of 60 frames of about 160 bytes (`bench/deep.c`, \
+             memprof, `--probe-stats`): {per_pair:.0} ns per pair in the kernel ({programs})"
         );
+        for s in r.alloc_programs() {
+            json_rows.push(format!(
+                "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":{:?},\"runs\":{},\"ns_per_run\":{:.1}}}",
+                Mode::Full.name(),
+                s.program,
+                s.runs,
+                s.ns_per_run
+            ));
+        }
         json_rows.push(format!(
-            "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":\"alloc_return\",\"ns_per_run\":{v:.1}}}",
+            "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"kernel_ns_per_op\":{per_pair:.1}}}",
             Mode::Full.name()
         ));
     }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Mode, Run};
+use super::{Mode, ProbeStat, Run};
 use crate::util::{tv, wait4};
 
 /// Starts `command --wait`, attaches the tracer of `mode`, lets the workload go, and collects
@@ -117,7 +117,7 @@ pub(super) fn run_once(
         {
             run.events = json_u64(report, "\"allocs\":") + json_u64(report, "\"frees\":");
             run.lost = json_u64(report, "\"lost_events\":");
-            run.probe_ns = probe_stats_of(report);
+            run.probe_stats = probe_stats_of(report);
         }
     }
     Ok(run)
@@ -206,25 +206,31 @@ fn parse_result(line: &str) -> Result<(f64, f64)> {
     }
 }
 
-/// `probe_stats` of a JSON report: (program, ns_per_run) pairs.
-fn probe_stats_of(report: &str) -> Vec<(String, f64)> {
+/// `probe_stats` of a JSON report, one per program.
+fn probe_stats_of(report: &str) -> Vec<ProbeStat> {
     let Some(start) = report.find("\"probe_stats\":[") else {
         return Vec::new();
     };
     let list = &report[start..];
     let list = &list[..list.find(']').unwrap_or(list.len())];
+    let number = |entry: &str, key: &str| -> Option<f64> {
+        entry
+            .split(key)
+            .nth(1)?
+            .split(|c: char| c != '.' && !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
     list.split('{')
         .skip(1)
         .filter_map(|entry| {
             let name = entry.split("\"program\":\"").nth(1)?.split('"').next()?;
-            let ns = entry
-                .split("\"ns_per_run\":")
-                .nth(1)?
-                .split(|c: char| c != '.' && !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_string(), ns))
+            Some(ProbeStat {
+                program: name.to_string(),
+                runs: number(entry, "\"runs\":")? as u64,
+                ns_per_run: number(entry, "\"ns_per_run\":")?,
+            })
         })
         .collect()
 }
@@ -266,8 +272,16 @@ mod tests {
         assert_eq!(
             probe_stats_of(report),
             vec![
-                ("alloc_return".to_string(), 437.5),
-                ("free_entry".to_string(), 201.0)
+                ProbeStat {
+                    program: "alloc_return".to_string(),
+                    runs: 12,
+                    ns_per_run: 437.5
+                },
+                ProbeStat {
+                    program: "free_entry".to_string(),
+                    runs: 9,
+                    ns_per_run: 201.0
+                }
             ]
         );
         assert!(probe_stats_of(r#"{"kernel":{}}"#).is_empty());
