@@ -15,11 +15,15 @@
 //! its blocks. The kernel programs' own time per run (`--probe-stats`) is measured on the churn
 //! loop in each mode, and on `deep` (the same loop under 60 frames) for the frame walk.
 //!
+//! Then: the time to attach and detach the full probe set for each kind of link (`attach`).
+//!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
 //! it too, after the workloads.
 
+mod attach;
 mod micro;
+mod proc;
 mod run;
 
 use std::{ffi::OsString, fmt::Write as _, fs, path::PathBuf};
@@ -474,6 +478,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
             Mode::Full.name()
         ));
     }
+    attach::attach_detach(&memprof, reps, &mut md, &mut json_rows)?;
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
     for (name, v) in &micro_results {
