@@ -15,13 +15,16 @@
 //! its blocks. The kernel programs' own time per run (`--probe-stats`) is measured on the churn
 //! loop in each mode, and on `deep` (the same loop under 60 frames) for the frame walk.
 //!
-//! Then: the time to attach and detach the full probe set for each kind of link (`attach`).
+//! Then: the time to attach and detach the full probe set for each kind of link (`attach`);
+//! and an untraced churn loop's speed beside memprof tracing a spawned command with children
+//! (`beside`).
 //!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
 //! it too, after the workloads.
 
 mod attach;
+mod beside;
 mod micro;
 mod proc;
 mod run;
@@ -172,7 +175,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         )?;
         Ok(exe)
     };
-    let churn = build("churn")?;
+    let churn_exe = build("churn")?;
     let hold = build("hold")?;
     let stacks = build("stacks")?;
     let deep = build("deep")?;
@@ -181,7 +184,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let workloads = [
         Workload {
             name: "churn: malloc(64)/free pairs",
-            command: vec![churn.into(), scale("200000", "20000")],
+            command: vec![churn_exe.clone().into(), scale("200000", "20000")],
         },
         Workload {
             name: "python: build/dump/parse JSON",
@@ -479,6 +482,15 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         ));
     }
     attach::attach_detach(&memprof, reps, &mut md, &mut json_rows)?;
+    let beside_ops = if quick { 2_000_000 } else { 10_000_000 };
+    beside::beside(
+        &memprof,
+        &churn_exe,
+        beside_ops,
+        reps,
+        &mut md,
+        &mut json_rows,
+    )?;
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
     for (name, v) in &micro_results {

@@ -136,6 +136,13 @@ fn parent_of(stat: &str) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The name (`/proc/PID/comm`) of process `pid`.
+pub(super) fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +172,7 @@ mod tests {
             found = descendants(sh.id());
         }
         assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|&pid| comm(pid).as_deref() == Some("sleep")));
         assert!(sh.exited().unwrap().is_none());
         drop(sh);
         std::thread::sleep(Duration::from_millis(100));

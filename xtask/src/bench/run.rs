@@ -171,7 +171,9 @@ fn bpftrace_script(pid: u32) -> String {
     )
 }
 
-fn wait_for_line(child: &mut Child, needle: &str, stderr: bool) -> Result<()> {
+/// Waits for a line holding `needle` on the child's stderr (else stdout), which is then read
+/// to its end on a thread of its own; fails with what the child printed if it ends first.
+pub(super) fn wait_for_line(child: &mut Child, needle: &str, stderr: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let pipe: Box<dyn std::io::Read + Send> = if stderr {
         Box::new(child.stderr.take().context("no stderr")?)
@@ -179,19 +181,28 @@ fn wait_for_line(child: &mut Child, needle: &str, stderr: bool) -> Result<()> {
         Box::new(child.stdout.take().context("no stdout")?)
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let needle = needle.to_string();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(pipe).lines();
-        let mut sent = false;
-        for line in lines.by_ref().map_while(Result::ok) {
-            if !sent && line.contains(&needle) {
-                let _ = tx.send(());
-                sent = true;
-            }
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            // Once the line is found nobody listens: the rest is only drained.
+            let _ = tx.send(line);
         }
     });
-    rx.recv_timeout(deadline - Instant::now())
-        .context("the tracer did not start in time")
+    let mut seen = String::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains(needle) => return Ok(()),
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the tracer did not start in time; it printed:\n{seen}")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the tracer ended before it started tracing; it printed:\n{seen}")
+            }
+        }
+    }
 }
 
 fn parse_result(line: &str) -> Result<(f64, f64)> {
