@@ -16,8 +16,9 @@
 //! loop in each mode, and on `deep` (the same loop under 60 frames) for the frame walk.
 //!
 //! Then: the time to attach and detach the full probe set for each kind of link (`attach`);
-//! and an untraced churn loop's speed beside memprof tracing a spawned command with children
-//! (`beside`).
+//! an untraced churn loop's speed beside memprof tracing a spawned command with children
+//! (`beside`); and a real workload, Debian's redis-server under redis-benchmark, untraced,
+//! under memprof and under heaptrack (`redis`).
 //!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
@@ -27,6 +28,7 @@ mod attach;
 mod beside;
 mod micro;
 mod proc;
+mod redis;
 mod run;
 
 use std::{ffi::OsString, fmt::Write as _, fs, path::PathBuf};
@@ -491,6 +493,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         &mut md,
         &mut json_rows,
     )?;
+    redis::redis(&memprof, reps, quick, &mut md, &mut json_rows)?;
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
     for (name, v) in &micro_results {

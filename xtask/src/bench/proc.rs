@@ -45,6 +45,12 @@ impl Guarded {
         self.child.id()
     }
 
+    /// Sends `signal` to the process alone.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(self.id() as i32, signal) };
+    }
+
     /// Whether it has exited (and is reaped).
     pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
         let status = self.child.try_wait()?;
@@ -67,6 +73,12 @@ impl Guarded {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit.
+    pub fn stop(&mut self, signal: i32, timeout: Duration) -> Result<ExitStatus> {
+        self.signal(signal);
+        self.wait_for(timeout)
     }
 
     /// Reads its stderr (a pipe) to the end, then waits up to `timeout` for the exit.
@@ -141,6 +153,25 @@ pub(super) fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|s| s.trim_end().to_string())
+}
+
+/// A directory of its own under the system's temporary directory, removed when dropped.
+pub(super) struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path)
+            .with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]

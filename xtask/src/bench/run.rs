@@ -246,7 +246,7 @@ fn probe_stats_of(report: &str) -> Vec<ProbeStat> {
         .collect()
 }
 
-fn json_u64(text: &str, key: &str) -> u64 {
+pub(super) fn json_u64(text: &str, key: &str) -> u64 {
     text.find(key)
         .map(|i| &text[i + key.len()..])
         .and_then(|rest| {
