@@ -57,6 +57,11 @@ enum Mode {
     Bpftrace,
 }
 
+/// Slower than this per malloc/free pair, an untraced churn loop has breakpoints in it: another
+/// tracer's probes on libc (a system-wide trace by another process, say). Untraced, a pair
+/// takes about 10 ns here; one uprobe trap alone takes several hundred.
+const TRAPPED_NS: f64 = 200.0;
+
 /// The sampling interval of the sampled mode.
 const SAMPLE_BYTES: &str = "512K";
 
@@ -304,6 +309,14 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 r.lost,
                 r.agent_cpu_s,
                 r.agent_max_rss_kib
+            ));
+        }
+        if index == 0 && untraced > TRAPPED_NS {
+            ratio_lines.push(format!(
+                "Warning: {} took {} per pair untraced: another tracer's probes were in every \
+                 process using libc meanwhile (another memprof --all, bpftrace, ...).",
+                w.name,
+                human_ns(untraced)
             ));
         }
         // The churn loop's verdicts: full mode and sampled against the default links' floor.
