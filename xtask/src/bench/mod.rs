@@ -228,6 +228,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         md,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
+    // Lines after the table, on the churn loop (the first workload).
     let mut ratio_lines = Vec::new();
     for (index, w) in workloads.iter().enumerate() {
         // Rep-major: each rep runs every mode in turn, so drift over the bench (other work on
@@ -262,6 +263,10 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         // Against the floor of the default links.
         let floor = of(Mode::Floor);
         for ((&mode, runs), &per_op) in modes.iter().zip(&runs).zip(&per_op) {
+            // Nothing to say of an untraced run against the floor.
+            let x_floor = floor
+                .filter(|_| mode != Mode::Untraced)
+                .map(|f| per_op / f);
             let r = &runs[runs.len() / 2];
             let events_per_s = median(
                 runs.iter()
@@ -278,7 +283,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 mode.name(),
                 human_ns(per_op),
                 per_op / untraced,
-                floor.map_or("".into(), |f| format!("{:.2}", per_op / f)),
+                x_floor.map_or("".into(), |x| format!("{x:.2}")),
                 if events_shown {
                     format!("{events_per_s:.0}")
                 } else {
@@ -301,11 +306,11 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 },
             );
             json_rows.push(format!(
-                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"x_floor\":{:.3},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
+                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"x_floor\":{},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
                 w.name,
                 mode.name(),
                 per_op / untraced,
-                floor.map_or(0.0, |f| per_op / f),
+                x_floor.map_or("null".into(), |x| format!("{x:.3}")),
                 r.lost,
                 r.agent_cpu_s,
                 r.agent_max_rss_kib
