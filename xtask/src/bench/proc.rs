@@ -155,11 +155,12 @@ pub(super) fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_string())
 }
 
-/// A directory of its own under the system's temporary directory, removed when dropped.
-pub(super) struct TempDir(pub std::path::PathBuf);
+/// A temporary file or directory, removed when dropped.
+pub(super) struct TempPath(pub std::path::PathBuf);
 
-impl TempDir {
-    pub fn new(prefix: &str) -> Result<Self> {
+impl TempPath {
+    /// A directory of its own under the system's temporary directory.
+    pub fn dir(prefix: &str) -> Result<Self> {
         let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path)
@@ -168,9 +169,13 @@ impl TempDir {
     }
 }
 
-impl Drop for TempDir {
+impl Drop for TempPath {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if self.0.is_dir() {
+            let _ = fs::remove_dir_all(&self.0);
+        } else {
+            let _ = fs::remove_file(&self.0);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     SAMPLE_BYTES,
-    proc::{Guarded, TempDir, comm, descendants},
+    proc::{Guarded, TempPath, comm, descendants},
     run::{json_u64, median, wait_for_line},
 };
 use crate::util::find_program;
@@ -91,7 +91,7 @@ pub(super) fn redis(
         eprintln!("bench: heaptrack not installed: no heaptrack row in the redis workload");
     }
     let requests = if quick { 20_000 } else { 200_000 };
-    let dir = TempDir::new("memprof-bench-redis")?;
+    let dir = TempPath::dir("memprof-bench-redis")?;
     let mut runs: Vec<Vec<Run>> = modes.iter().map(|_| Vec::new()).collect();
     for _ in 0..reps {
         for (&mode, runs) in modes.iter().zip(&mut runs) {
@@ -187,6 +187,9 @@ fn once(programs: &Programs, mode: Mode, requests: u32, dir: &Path) -> Result<Ru
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut started = Guarded::spawn(&mut cmd, "redis-server")?;
+    // heaptrack's script reads from this pipe and removes it at its exit, which a kill skips.
+    let _fifo = (mode == Mode::Heaptrack)
+        .then(|| TempPath(PathBuf::from(format!("/tmp/heaptrack_fifo{}", started.id()))));
     wait_ready(&mut started, addr)?;
     // Under heaptrack, redis-server is a child of heaptrack's script.
     let redis_pid = if mode == Mode::Heaptrack {
@@ -225,8 +228,9 @@ fn once(programs: &Programs, mode: Mode, requests: u32, dir: &Path) -> Result<Ru
         .context("failed to run redis-benchmark")?;
     if !out.status.success() {
         bail!(
-            "redis-benchmark failed ({}): {}",
+            "redis-benchmark failed ({}): {}{}",
             out.status,
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
