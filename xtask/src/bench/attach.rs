@@ -4,9 +4,10 @@
 
 use std::{
     fmt::Write as _,
+    fs,
     path::Path,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -69,6 +70,7 @@ fn once(memprof: &Path, kind: &str) -> Result<Timing> {
             .stdout(Stdio::null()),
         "sleep",
     )?;
+    wait_for_libc(sleep.id())?;
     let mut tracer = Guarded::spawn(
         Command::new(memprof)
             .args(["trace", "--probe-stats", "--duration", "1s", "--links", kind])
@@ -86,6 +88,27 @@ fn once(memprof: &Path, kind: &str) -> Result<Timing> {
     parse_timing(&stderr).with_context(|| {
         format!("no attach and detach lines from memprof --links {kind}:\n{stderr}")
     })
+}
+
+/// Waits until process `pid` has libc mapped (a spawned process maps it after its exec), at
+/// most 10 s.
+fn wait_for_libc(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps_libc(&maps) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bail!("sleep (pid {pid}) did not map libc within 10 s")
+}
+
+/// Whether a `/proc/PID/maps` listing maps glibc's `libc.so.6`.
+fn maps_libc(maps: &str) -> bool {
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .any(|path| path.rsplit('/').next() == Some("libc.so.6"))
 }
 
 /// The two `--probe-stats` lines of memprof's stderr.
@@ -119,6 +142,18 @@ fn parse_detached(line: &str) -> Option<(u64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_libc_in_maps() {
+        let maps = "55d0c2a00000-55d0c2a02000 r--p 00000000 fe:01 1234 /usr/bin/sleep\n\
+                    7f1e2c400000-7f1e2c428000 r--p 00000000 fe:01 5678 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                    7ffd5a1f0000-7ffd5a211000 rw-p 00000000 00:00 0 [stack]\n";
+        assert!(maps_libc(maps));
+        let before = "55d0c2a00000-55d0c2a02000 r--p 00000000 fe:01 1234 /usr/bin/sleep\n\
+                      7f1e2c600000-7f1e2c62a000 r--p 00000000 fe:01 91 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n";
+        assert!(!maps_libc(before));
+        assert!(maps_libc(&fs::read_to_string("/proc/self/maps").unwrap()));
+    }
 
     #[test]
     fn parses_probe_stats_lines() {
