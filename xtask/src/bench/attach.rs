@@ -73,7 +73,14 @@ fn once(memprof: &Path, kind: &str) -> Result<Timing> {
     wait_for_libc(sleep.id())?;
     let mut tracer = Guarded::spawn(
         Command::new(memprof)
-            .args(["trace", "--probe-stats", "--duration", "1s", "--links", kind])
+            .args([
+                "trace",
+                "--probe-stats",
+                "--duration",
+                "1s",
+                "--links",
+                kind,
+            ])
             .args(["--pid", &sleep.id().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -166,7 +173,10 @@ mod tests {
             Some((40, 1210.0))
         );
         assert_eq!(parse_attached("memprof: tracing pid 12"), None);
-        assert_eq!(parse_detached("memprof: detached some probe links in 1 ms"), None);
+        assert_eq!(
+            parse_detached("memprof: detached some probe links in 1 ms"),
+            None
+        );
         let stderr = "memprof: attached 4 probe links (multi) in 51.0 ms\n\
                       memprof: tracing pid 7 (20 probes on libc.so.6; Ctrl-C to stop)\n\
                       memprof: detached 4 probe links in 60.5 ms\n";

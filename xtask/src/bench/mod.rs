@@ -264,9 +264,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         let floor = of(Mode::Floor);
         for ((&mode, runs), &per_op) in modes.iter().zip(&runs).zip(&per_op) {
             // Nothing to say of an untraced run against the floor.
-            let x_floor = floor
-                .filter(|_| mode != Mode::Untraced)
-                .map(|f| per_op / f);
+            let x_floor = floor.filter(|_| mode != Mode::Untraced).map(|f| per_op / f);
             let r = &runs[runs.len() / 2];
             let events_per_s = median(
                 runs.iter()

@@ -208,7 +208,11 @@ mod tests {
             found = descendants(sh.id());
         }
         assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found.iter().all(|&pid| comm(pid).as_deref() == Some("sleep")));
+        assert!(
+            found
+                .iter()
+                .all(|&pid| comm(pid).as_deref() == Some("sleep"))
+        );
         assert!(sh.exited().unwrap().is_none());
         drop(sh);
         std::thread::sleep(Duration::from_millis(100));

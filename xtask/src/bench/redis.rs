@@ -68,9 +68,10 @@ pub(super) fn redis(
     md: &mut String,
     json: &mut Vec<String>,
 ) -> Result<()> {
-    let (Some(server), Some(benchmark)) =
-        (find_program("redis-server"), find_program("redis-benchmark"))
-    else {
+    let (Some(server), Some(benchmark)) = (
+        find_program("redis-server"),
+        find_program("redis-benchmark"),
+    ) else {
         let why = "redis-server or redis-benchmark is not installed (`cargo xtask setup` \
                    installs Debian's redis-server and redis-tools)";
         eprintln!("bench: skipping the redis workload: {why}");
@@ -188,8 +189,12 @@ fn once(programs: &Programs, mode: Mode, requests: u32, dir: &Path) -> Result<Ru
         .stderr(Stdio::null());
     let mut started = Guarded::spawn(&mut cmd, "redis-server")?;
     // heaptrack's script reads from this pipe and removes it at its exit, which a kill skips.
-    let _fifo = (mode == Mode::Heaptrack)
-        .then(|| TempPath(PathBuf::from(format!("/tmp/heaptrack_fifo{}", started.id()))));
+    let _fifo = (mode == Mode::Heaptrack).then(|| {
+        TempPath(PathBuf::from(format!(
+            "/tmp/heaptrack_fifo{}",
+            started.id()
+        )))
+    });
     wait_ready(&mut started, addr)?;
     // Under heaptrack, redis-server is a child of heaptrack's script.
     let redis_pid = if mode == Mode::Heaptrack {
