@@ -45,10 +45,17 @@ impl Mode {
     }
 }
 
-/// One benchmark run: requests/s per test (in `TESTS` order) and memprof's lost events.
+/// One benchmark run: requests/s per test (in `TESTS` order) and, under memprof, its report's
+/// allocations and frees (estimates when sampled) and lost events.
 struct Run {
     rps: Vec<f64>,
-    lost: Option<u64>,
+    traced: Option<Traced>,
+}
+
+#[derive(Clone, Copy)]
+struct Traced {
+    events: u64,
+    lost: u64,
 }
 
 /// The programs a run takes.
@@ -116,7 +123,8 @@ pub(super) fn redis(
         md,
         "\nredis-server (Debian, jemalloc) under `redis-benchmark -t set,get,lpush -n {requests}` \
          on loopback, median of {reps}; requests/s and share of untraced (goal: at least 40% \
-         under memprof, 55% sampled):\n\n| mode | {} | lost |\n| --- |{} --- |",
+         under memprof, 55% sampled), and memprof's allocations + frees (estimated when sampled) \
+         and lost events:\n\n| mode | {} | allocs + frees | lost |\n| --- |{} --- | --- |",
         TESTS.map(|(_, t)| t).join(" | "),
         " --- |".repeat(TESTS.len())
     );
@@ -139,13 +147,23 @@ pub(super) fn redis(
                 rps[i]
             ));
         }
-        let lost = runs.iter().filter_map(|r| r.lost).max();
+        let traced: Vec<Traced> = runs.iter().filter_map(|r| r.traced).collect();
+        let (mut events, mut lost) = (String::new(), String::new());
+        if !traced.is_empty() {
+            let median_events = median(traced.iter().map(|t| t.events as f64).collect());
+            let max_lost = traced.iter().map(|t| t.lost).max().unwrap_or(0);
+            json.push(format!(
+                "{{\"redis_mode\":{:?},\"requests\":{requests},\"allocs_and_frees\":{median_events:.0},\"lost\":{max_lost}}}",
+                mode.name()
+            ));
+            events = format!("{median_events:.0}");
+            lost = max_lost.to_string();
+        }
         let _ = writeln!(
             md,
-            "| {} | {} | {} |",
+            "| {} | {} | {events} | {lost} |",
             mode.name(),
             cells.join(" | "),
-            lost.map_or(String::new(), |l| l.to_string())
         );
     }
     Ok(())
@@ -252,7 +270,7 @@ fn once(programs: &Programs, mode: Mode, requests: u32, dir: &Path) -> Result<Ru
         })
         .collect::<Result<Vec<f64>>>()?;
 
-    let mut lost = None;
+    let mut traced = None;
     if let Some((mut tracer, stdout)) = tracer.take() {
         let status = tracer.stop(libc::SIGINT, Duration::from_secs(120))?;
         let stdout = stdout.join().unwrap_or_default();
@@ -264,7 +282,10 @@ fn once(programs: &Programs, mode: Mode, requests: u32, dir: &Path) -> Result<Ru
             .rev()
             .find(|l| l.contains("\"type\":\"report\""))
             .context("no report from memprof")?;
-        lost = Some(json_u64(report, "\"lost_events\":"));
+        traced = Some(Traced {
+            events: json_u64(report, "\"allocs\":") + json_u64(report, "\"frees\":"),
+            lost: json_u64(report, "\"lost_events\":"),
+        });
     }
     // redis-server shuts down on SIGTERM; heaptrack's script then waits for its interpreter to
     // finish writing before it exits.
@@ -274,7 +295,7 @@ fn once(programs: &Programs, mode: Mode, requests: u32, dir: &Path) -> Result<Ru
     if mode != Mode::Heaptrack && !status.success() {
         bail!("redis-server exited with {status}");
     }
-    Ok(Run { rps, lost })
+    Ok(Run { rps, traced })
 }
 
 /// Reads a pipe to its end on a thread of its own, so the writer never blocks on it.
