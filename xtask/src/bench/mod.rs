@@ -509,7 +509,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         &mut md,
         &mut json_rows,
     )?;
-    redis::redis(&memprof, reps, quick, &mut md, &mut json_rows)?;
+    redis::redis(&memprof, &churn_exe, reps, quick, &mut md, &mut json_rows)?;
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
     for (name, v) in &micro_results {

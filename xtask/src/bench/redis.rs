@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{
     SAMPLE_BYTES,
     proc::{Guarded, TempPath, comm, descendants},
-    run::{json_u64, median, wait_for_line},
+    run::{json_u64, libc_probed_elsewhere, median, wait_for_line},
 };
 use crate::util::find_program;
 
@@ -67,9 +67,11 @@ struct Programs<'a> {
 }
 
 /// Runs redis-benchmark `reps` times in every mode, rep-major, and writes the medians; skips
-/// with a message when redis-server or redis-benchmark is not installed.
+/// with a message when redis-server or redis-benchmark is not installed. Before and after
+/// each run, `churn` checks that no other tracer has breakpoints in libc.
 pub(super) fn redis(
     memprof: &Path,
+    churn: &Path,
     reps: usize,
     quick: bool,
     md: &mut String,
@@ -101,10 +103,15 @@ pub(super) fn redis(
     let requests = if quick { 20_000 } else { 200_000 };
     let dir = TempPath::dir("memprof-bench-redis")?;
     let mut runs: Vec<Vec<Run>> = modes.iter().map(|_| Vec::new()).collect();
+    let mut disturbed = 0;
     for _ in 0..reps {
         for (&mode, runs) in modes.iter().zip(&mut runs) {
+            let before = libc_probed_elsewhere(churn)?;
             let run = once(&programs, mode, requests, &dir.0)
                 .with_context(|| format!("redis workload, {}", mode.name()))?;
+            if before || libc_probed_elsewhere(churn)? {
+                disturbed += 1;
+            }
             eprintln!(
                 "bench: redis / {}: {}",
                 mode.name(),
@@ -119,6 +126,16 @@ pub(super) fn redis(
         }
     }
 
+    if disturbed > 0 {
+        let _ = writeln!(
+            md,
+            "\nWarning: another tracer had breakpoints in libc around {disturbed} of the {} redis \
+             runs below (another memprof --all, bpftrace, ...): their throughput says little.",
+            reps * modes.len()
+        );
+        json.push(format!("{{\"redis_runs_disturbed\":{disturbed}}}"));
+        eprintln!("bench: warning: another tracer probed libc around {disturbed} redis runs");
+    }
     let _ = writeln!(
         md,
         "\nredis-server (Debian, jemalloc) under `redis-benchmark -t set,get,lpush -n {requests}` \

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Mode, ProbeStat, Run};
+use super::{Mode, ProbeStat, Run, TRAPPED_NS};
 use crate::util::{tv, wait4};
 
 /// Starts `command --wait`, attaches the tracer of `mode`, lets the workload go, and collects
@@ -121,6 +121,15 @@ pub(super) fn run_once(
         }
     }
     Ok(run)
+}
+
+/// Whether another tracer's breakpoints are in libc now: a short untraced run of `churn` (the
+/// malloc/free loop) takes over `TRAPPED_NS` per pair.
+pub(super) fn libc_probed_elsewhere(churn: &Path) -> Result<bool> {
+    let command = [churn.into(), "20000".into()];
+    // The tracer's path is not used untraced.
+    let r = run_once(Path::new(""), None, Mode::Untraced, &command, false, false)?;
+    Ok(r.elapsed_ns / r.ops.max(1.0) > TRAPPED_NS)
 }
 
 /// `VmRSS` of process `pid` in KiB.
