@@ -145,7 +145,11 @@ fn check_whole(c: &mut Checks, r: &Value) {
     let ends = u["tables"]["ends"].as_object().cloned().unwrap_or_default();
     let stopped: Vec<&String> = ends.keys().filter(|k| !k.starts_with("entry")).collect();
     c.check(stopped.is_empty(), format!("walks that stopped early: {u}"));
-    c.eq("entry share", u["tables"]["entry_share"].as_f64(), Some(1.0));
+    c.eq(
+        "entry share",
+        u["tables"]["entry_share"].as_f64(),
+        Some(1.0),
+    );
 }
 
 #[test]

@@ -21,8 +21,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// the demo use (jq, a C compiler and headers, setpriv from util-linux), then the real
 /// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
 /// Chromium, valgrind's DHAT), the allocators the allocator tests link against (jemalloc,
-/// tcmalloc, mimalloc, musl), and the distribution's own programs the stack tests trace as
-/// they ship, without frame pointers (sqlite3, python3).
+/// tcmalloc, mimalloc, musl), the distribution's own programs the stack tests trace as they
+/// ship, without frame pointers (sqlite3, python3), and the bench's real workload and
+/// reference tracer (redis-server under redis-benchmark from redis-tools, heaptrack).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -43,6 +44,9 @@ const APT_PACKAGES: &[&str] = &[
     "musl-tools",
     "sqlite3",
     "python3",
+    "redis-server",
+    "redis-tools",
+    "heaptrack",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
