@@ -2,6 +2,7 @@
 //! `--unwind dwarf` stack copies ([`unwind`]), CPython frames read from a process
 //! ([`python`]) and merged with native ones ([`mixed`]), and naming frames ([`symbolize`]).
 
+pub mod debuginfo;
 pub mod mixed;
 pub mod python;
 pub mod store;
