@@ -162,6 +162,11 @@ pub struct TraceArgs {
     /// frame pointers gets whole stacks.
     #[arg(long, default_value = "fp", value_parser = ["fp", "dwarf"])]
     pub unwind: String,
+    /// Also look for separate debug files under DIR (by build id in DIR/.build-id/, or by
+    /// `.gnu_debuglink` name), before /usr/lib/debug of the process's root and memprof's own.
+    /// Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
     /// With --unwind dwarf: bytes of stack copied per allocation (512 to 16384); deeper frames
     /// than the copy holds end in an `unknown` frame.
     #[arg(long, default_value_t = memprof_common::DEFAULT_STACK_COPY, value_parser = parse_stack_bytes)]

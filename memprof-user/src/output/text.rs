@@ -251,7 +251,10 @@ pub fn render(r: &Report) -> String {
                     let file = file.rsplit('/').next().unwrap_or(file);
                     writeln!(out, "       {name} ({file}:{line}) [{module}]")
                 }
-                _ => writeln!(out, "       {name} [{module}] {}", f.addr),
+                _ => match f.offset {
+                    Some(offset) => writeln!(out, "       {name} [{module}+{offset:#x}]"),
+                    None => writeln!(out, "       {name} [{module}]"),
+                },
             };
         }
     }
@@ -398,8 +401,8 @@ memprof diff: outstanding heap 9.8 KiB -> 12.2 KiB (+2.4 KiB, +25.0%)    mmap +4
 
 Top 3 of 4 changed call sites by bytes:
       change      before       after   allocs  status  allocator        stack (innermost first)
-    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server?
-    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1? <- ?
+    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server+0x5000
+    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1+0x1000 <- ?
     -2.0 KiB     2.9 KiB      1000 B      -18  shrank  realloc (heap)   log_append
 ";
         assert_eq!(text, expected, "got:\n{text}");

@@ -88,6 +88,8 @@ pub struct Settings {
     pub rank_by_growth: bool,
     /// `--unwind dwarf`: allocations carry stack copies the agent unwinds.
     pub dwarf: bool,
+    /// `--debug-dir`: where to look for debug files before the system's directories.
+    pub debug_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Why the trace ended.
@@ -193,7 +195,7 @@ impl Session {
                 }
                 [(pid, p)].into_iter().collect()
             },
-            symbolizer: Symbolizer::new(),
+            symbolizer: Symbolizer::with_debug_dirs(settings.debug_dirs.clone()),
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),

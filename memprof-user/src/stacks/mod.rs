@@ -1,6 +1,7 @@
 //! Call stacks: the store of raw frames placed in their objects ([`store`]), unwinding of
 //! `--unwind dwarf` stack copies ([`unwind`]), CPython frames read from a process
-//! ([`python`]) and merged with native ones ([`mixed`]), and naming frames ([`symbolize`]).
+//! ([`python`]) and merged with native ones ([`mixed`]), naming frames ([`symbolize`], with the
+//! debug information the system has: [`debuginfo`]).
 
 pub mod debuginfo;
 pub mod mixed;
