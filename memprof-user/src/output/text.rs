@@ -364,7 +364,7 @@ mod tests {
             fixtures::{alloc, inputs},
             snapshot,
         },
-        stacks::{StackStore, Symbolizer},
+        stacks::Sites,
         table::Tables,
     };
 
@@ -372,19 +372,18 @@ mod tests {
     fn text_mentions_losses_and_sites() {
         let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
-        let stacks = StackStore::new();
+        let sites = Sites::new();
         let tracker = Tracker::new(&[], 0);
-        let mut sym = Symbolizer::new();
-        let text = render(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
+        let text = render(&snapshot(&inputs(&table, &sites, &tracker, 0)));
         assert!(text.contains("lost events  3"), "{text}");
         assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
         assert!(!text.contains("programs"), "{text}");
-        let mut probed = inputs(&table, &stacks, &tracker, 0);
+        let mut probed = inputs(&table, &sites, &tracker, 0);
         probed.probe_stats = vec![
             ProbeStat::new("alloc_return", 4, 1802),
             ProbeStat::new("free_entry", 2, 401),
         ];
-        let text = render(&snapshot(&probed, &mut sym));
+        let text = render(&snapshot(&probed));
         assert!(
             text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
             "{text}"

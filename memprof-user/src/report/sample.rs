@@ -147,6 +147,7 @@ pub(crate) fn sample_profile() -> Profile {
         exit_code: Some(Some(0)),
         leak_groups: 3,
         unknown_frames: 1,
+        stack_frames: 7,
         leak_detected: true,
         growth_rate_mb_per_hour: Some(5.4),
         ..report("report", 4242, heap, 3, 1)
@@ -196,6 +197,7 @@ pub(crate) fn report(
         min_age_s: 0.0,
         leak_groups: 0,
         unknown_frames: 0,
+        stack_frames: 0,
         leak_detected: false,
         growth_rate_mb_per_hour: None,
         projected_limit_hours: None,

@@ -36,7 +36,7 @@ use crate::{
     report::{self},
     serve::Live,
     stacks::{
-        StackStore, Symbolizer,
+        Sites, StackStore, Symbolizer,
         unwind::{ObjectCache, ProcessUnwinder},
     },
     sys::{clock::monotonic_ns, maps::Mapping, target::PidFd},
@@ -129,6 +129,8 @@ pub struct Session {
     evicted_processes: u64,
     pruned_groups: u64,
     symbolizer: Symbolizer,
+    /// The call site of every stack key the analysis saw.
+    sites: Sites,
     decode_errors: u64,
     start_ns: u64,
     settings: Settings,
@@ -196,6 +198,7 @@ impl Session {
                 [(pid, p)].into_iter().collect()
             },
             symbolizer: Symbolizer::with_debug_dirs(settings.debug_dirs.clone()),
+            sites: Sites::new(),
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),

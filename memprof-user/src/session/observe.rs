@@ -141,7 +141,11 @@ impl Session {
         self.table.apply_from(tgid, event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
-            self.tracker.on_change(&change, outstanding);
+            // Named the first time it is seen, while the process surely still lives.
+            let site = self
+                .sites
+                .learn(change.block().stack, &self.stacks, &mut self.symbolizer);
+            self.tracker.on_change(&change, site, outstanding);
         }
     }
 
