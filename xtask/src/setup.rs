@@ -21,7 +21,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// the demo use (jq, a C compiler and headers, setpriv from util-linux), then the real
 /// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
 /// Chromium, valgrind's DHAT) and the allocators the allocator tests link against (jemalloc,
-/// tcmalloc, mimalloc, musl).
+/// tcmalloc, mimalloc, musl), and what the naming tests make debug files and MiniDebugInfo
+/// with (binutils' objcopy, strip and nm; xz).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -40,6 +41,8 @@ const APT_PACKAGES: &[&str] = &[
     "libgoogle-perftools-dev",
     "libmimalloc-dev",
     "musl-tools",
+    "binutils",
+    "xz-utils",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
