@@ -4,11 +4,13 @@
 //!
 //! - [`observe`]: records taken from the ring and applied, process life cycles, sampling.
 //! - [`mappings`]: each process's view of its address space; stacks placed and unwound.
+//! - [`naming`]: the tracker's inputs, in order, once their stacks are named.
 //! - [`pythons`]: CPython processes, their threads, and mixed Python/native stacks.
 //! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
 //! - [`procs`]: what the session knows of each traced process.
 
 mod mappings;
+mod naming;
 mod observe;
 mod procs;
 mod pythons;
@@ -36,7 +38,8 @@ use crate::{
     report::{self},
     serve::Live,
     stacks::{
-        Sites, StackStore, Symbolizer,
+        Sites, StackStore,
+        namer::Namer,
         unwind::{ObjectCache, ProcessUnwinder},
     },
     sys::{clock::monotonic_ns, maps::Mapping, target::PidFd},
@@ -128,9 +131,12 @@ pub struct Session {
     /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
     evicted_processes: u64,
     pruned_groups: u64,
-    symbolizer: Symbolizer,
+    /// Names stacks on its own thread.
+    namer: Namer,
     /// The call site of every stack key the analysis saw.
     sites: Sites,
+    /// Tracker inputs waiting for names.
+    pending: naming::Pending,
     decode_errors: u64,
     start_ns: u64,
     settings: Settings,
@@ -197,8 +203,9 @@ impl Session {
                 }
                 [(pid, p)].into_iter().collect()
             },
-            symbolizer: Symbolizer::with_debug_dirs(settings.debug_dirs.clone()),
+            namer: Namer::new(settings.debug_dirs.clone()),
             sites: Sites::new(),
+            pending: Default::default(),
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),
@@ -355,7 +362,11 @@ impl Session {
                     // Everything the process did before the mark belongs to the old phase.
                     self.drain();
                     let outstanding = self.table.heap_totals.outstanding_bytes;
-                    self.tracker.mark(name, monotonic_ns(), outstanding);
+                    self.track(naming::Input::Mark {
+                        name: name.to_string(),
+                        ts_ns: monotonic_ns(),
+                        outstanding,
+                    });
                     "ok\n"
                 }
                 None => "error: expected `mark NAME`\n",

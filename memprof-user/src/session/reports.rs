@@ -61,6 +61,7 @@ impl Session {
     }
 
     pub fn snapshot(&mut self) -> Report {
+        self.settle();
         let inputs = self.inputs(monotonic_ns());
         let mut report = report::snapshot(&inputs);
         if self.settings.per_process {
@@ -108,6 +109,7 @@ impl Session {
 
     /// The profile the output writers take, for `report`.
     pub fn profile(&mut self, report: &Report) -> Profile {
+        self.settle();
         let inputs = self.inputs(monotonic_ns());
         report::profile(&inputs, report, &self.settings.command)
     }

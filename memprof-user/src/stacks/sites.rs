@@ -2,9 +2,10 @@
 //! and not by the kernel's stack key (a hash of return addresses, which differs for two calls
 //! on one line, and for each garbage frame an unstable unwind leaves).
 //!
-//! Each raw stack key is mapped once, when the analysis first sees it, to the site of its
-//! symbolized frames ([`Sites::learn`]); the mapping never changes afterwards, so the
-//! allocations and frees of one block always land in the same site. Two frames are the same
+//! Each raw stack key is mapped once, when its frames have been named ([`Sites::intern`]), to
+//! the site of its symbolized frames; the mapping never changes afterwards, so the allocations
+//! and frees of one block always land in the same site. A key whose stack was not stored, or
+//! is empty, maps to [`SiteId::NONE`]. Two frames are the same
 //! when they read the same ([`FrameKey`]): a named frame by module, function, file, line and
 //! whether it was inlined (its return address does not matter); an unnamed native frame by
 //! module and file offset; a Python frame by function, file and line; every `unknown` frame is
@@ -14,7 +15,7 @@ use std::{cmp::Ordering, collections::HashMap};
 
 use memprof_common::NO_STACK;
 
-use super::{Frame, StackStore, Symbolizer};
+use super::Frame;
 
 /// A call site; [`SiteId::NONE`] for allocations without a stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -86,22 +87,6 @@ impl Sites {
         Self::default()
     }
 
-    /// The site of raw stack `stack`, naming its frames the first time it is seen. A key that
-    /// is `NO_STACK`, or that the store does not hold, is [`SiteId::NONE`], for good.
-    pub fn learn(&mut self, stack: u64, store: &StackStore, symbolizer: &mut Symbolizer) -> SiteId {
-        if stack == NO_STACK {
-            return SiteId::NONE;
-        }
-        if let Some(site) = self.by_stack.get(&stack) {
-            return *site;
-        }
-        let frames = store
-            .get(stack)
-            .map(|raw| symbolizer.frames(store, raw))
-            .unwrap_or_default();
-        self.intern(stack, &frames)
-    }
-
     /// Maps raw stack `stack` to the site of `frames` (innermost first), interning it.
     pub fn intern(&mut self, stack: u64, frames: &[Frame]) -> SiteId {
         let site = if frames.is_empty() {
@@ -146,7 +131,15 @@ impl Sites {
 
     /// The site raw stack `stack` was mapped to ([`SiteId::NONE`] when it never was).
     pub fn site_of(&self, stack: u64) -> SiteId {
-        self.by_stack.get(&stack).copied().unwrap_or(SiteId::NONE)
+        self.get(stack).unwrap_or(SiteId::NONE)
+    }
+
+    /// The site raw stack `stack` was mapped to, if it was (`NO_STACK` always is).
+    pub fn get(&self, stack: u64) -> Option<SiteId> {
+        match stack {
+            NO_STACK => Some(SiteId::NONE),
+            _ => self.by_stack.get(&stack).copied(),
+        }
     }
 
     fn ids(&self, site: SiteId) -> &[u32] {
@@ -257,10 +250,9 @@ pub(crate) mod tests {
         assert_eq!(sites.intern(5, &[]), SiteId::NONE);
         assert_eq!(sites.site_of(5), SiteId::NONE);
         assert_eq!(sites.site_of(6), SiteId::NONE, "never learned");
-        let store = StackStore::new();
-        let mut sym = Symbolizer::new();
-        assert_eq!(sites.learn(NO_STACK, &store, &mut sym), SiteId::NONE);
-        assert_eq!(sites.learn(7, &store, &mut sym), SiteId::NONE);
+        assert_eq!(sites.get(6), None);
+        assert_eq!(sites.get(5), Some(SiteId::NONE));
+        assert_eq!(sites.get(NO_STACK), Some(SiteId::NONE));
         assert!(sites.frames(SiteId::NONE).is_empty());
         assert!(sites.is_empty());
     }

@@ -20,8 +20,9 @@ use blazesym::symbolize::{
 use serde::{Serialize, Serializer};
 
 use super::{
-    RawFrame, StackStore,
+    RawFrame,
     debuginfo::{ObjectInfo, fd_path},
+    python::PyFrame,
 };
 
 /// A frame as outputs show it.
@@ -116,16 +117,11 @@ impl Symbolizer {
         }
     }
 
-    /// Keeps `path` open, so that frames in it can be named after it stops resolving, and
-    /// finds its debug information now (under the process's root, reachable only while the
-    /// process lives).
-    pub fn pin(&mut self, path: &str) {
-        if !self.pinned.contains_key(path)
-            && let Ok(file) = std::fs::File::open(path)
-        {
-            self.pinned.insert(path.to_string(), file);
-            self.object(path);
-        }
+    /// Names frames in `path` from `file` (kept open: the path stops working when its process
+    /// exits), with what [`ObjectInfo::inspect`] learned of it while the path still worked.
+    pub fn pin(&mut self, path: &str, file: std::fs::File, object: ObjectInfo) {
+        self.pinned.insert(path.to_string(), file);
+        self.objects.insert(path.to_string(), object);
     }
 
     /// The path that opens `logical` (its pinned file, if any).
@@ -145,13 +141,19 @@ impl Symbolizer {
         &self.objects[logical]
     }
 
-    /// Symbolizes a stored stack: one frame per raw frame, preceded by the functions inlined at
-    /// its address (innermost first).
-    pub fn frames(&mut self, store: &StackStore, frames: &[RawFrame]) -> Vec<Frame> {
-        self.prepare(store, frames);
+    /// Symbolizes a stored stack (whose frames index `modules` and `python`, as in the
+    /// `StackStore`): one frame per raw frame, preceded by the functions inlined at its address
+    /// (innermost first).
+    pub fn frames(
+        &mut self,
+        modules: &[String],
+        python: &[PyFrame],
+        frames: &[RawFrame],
+    ) -> Vec<Frame> {
+        self.prepare(modules, frames);
         let mut out = Vec::with_capacity(frames.len());
         for f in frames {
-            if let Some(py) = f.python.and_then(|i| store.python_frames().get(i as usize)) {
+            if let Some(py) = f.python.and_then(|i| python.get(i as usize)) {
                 let known = |s: &String| (!s.is_empty()).then(|| s.clone());
                 out.push(Frame {
                     function: known(&py.function),
@@ -169,16 +171,17 @@ impl Symbolizer {
                 out.push(Frame::unknown());
                 continue;
             };
+            let Some(module) = modules.get(m as usize) else {
+                out.push(Frame::unknown());
+                continue;
+            };
             let native = Frame {
                 function: None,
-                module: Some(store.modules()[m as usize].clone()),
+                module: Some(module.clone()),
                 file: None,
                 line: None,
                 offset: Some(f.file_offset),
-                build_id: self
-                    .objects
-                    .get(&store.modules()[m as usize])
-                    .and_then(|o| o.build_id.clone()),
+                build_id: self.objects.get(module).and_then(|o| o.build_id.clone()),
                 inlined: false,
                 kind: "native",
             };
@@ -199,10 +202,12 @@ impl Symbolizer {
     }
 
     /// Resolves, one batch per module, the frames not yet in the cache.
-    fn prepare(&mut self, store: &StackStore, frames: &[RawFrame]) {
+    fn prepare(&mut self, modules: &[String], frames: &[RawFrame]) {
         let mut todo: HashMap<u32, Vec<u64>> = HashMap::new();
         for f in frames {
-            if let (Some(m), None) = (f.module, f.python) {
+            if let (Some(m), None) = (f.module, f.python)
+                && (m as usize) < modules.len()
+            {
                 let off = lookup_offset(f);
                 if !self.cache.contains_key(&(m, off)) {
                     todo.entry(m).or_default().push(off);
@@ -212,7 +217,7 @@ impl Symbolizer {
         for (module, mut offsets) in todo {
             offsets.sort_unstable();
             offsets.dedup();
-            let logical = &store.modules()[module as usize];
+            let logical = &modules[module as usize];
             let open = self.open_path(logical);
             self.object(logical);
             let names = resolve(&self.blaze, &self.objects[logical], &open, &offsets);
@@ -330,7 +335,7 @@ pub fn build_id(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::maps::AddressSpace;
+    use crate::{stacks::StackStore, sys::maps::AddressSpace};
 
     /// The test binary names its own functions, with offsets in its file and its build id.
     #[test]
@@ -343,7 +348,7 @@ mod tests {
         store.insert(1, &[here, u64::MAX], &space);
         let raw = store.get(1).unwrap().to_vec();
         let mut sym = Symbolizer::new();
-        let frames = sym.frames(&store, &raw);
+        let frames = sym.frames(store.modules(), store.python_frames(), &raw);
         let own = frames.iter().find(|f| !f.inlined).unwrap();
         assert!(
             own.function
