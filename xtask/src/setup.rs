@@ -22,8 +22,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
 /// Chromium, valgrind's DHAT), the allocators the allocator tests link against (jemalloc,
 /// tcmalloc, mimalloc, musl), the distribution's own programs the stack tests trace as they
-/// ship, without frame pointers (sqlite3, python3), and the bench's real workload and
-/// reference tracer (redis-server under redis-benchmark from redis-tools, heaptrack).
+/// ship, without frame pointers (sqlite3, python3), the bench's real workload and reference
+/// tracer (redis-server under redis-benchmark from redis-tools, heaptrack), and what the
+/// naming tests make debug files and MiniDebugInfo with (binutils' objcopy, strip and nm; xz).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -47,6 +48,8 @@ const APT_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "heaptrack",
+    "binutils",
+    "xz-utils",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -163,6 +163,11 @@ pub struct TraceArgs {
     /// memprof from the CFI.
     #[arg(long, default_value = "tables", value_parser = ["tables", "fp", "dwarf"])]
     pub unwind: String,
+    /// Also look for separate debug files under DIR (by build id in DIR/.build-id/, or by
+    /// `.gnu_debuglink` name), before /usr/lib/debug of the process's root and memprof's own.
+    /// Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
     /// With --unwind dwarf: bytes of stack copied per allocation (512 to 16384); deeper frames
     /// than the copy holds end in an `unknown` frame. With --unwind tables, the size of the
     /// copies sent instead while a process's new code is not in the tables yet.

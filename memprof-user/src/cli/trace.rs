@@ -440,6 +440,7 @@ fn trace_pid(
         per_process,
         rank_by_growth: args.rank == "growth",
         dwarf: args.unwind == "dwarf",
+        debug_dirs: args.debug_dir.clone(),
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
     // Mapping records make frames of short-lived processes nameable; without perf events the

@@ -254,7 +254,10 @@ pub fn render(r: &Report) -> String {
                     let file = file.rsplit('/').next().unwrap_or(file);
                     writeln!(out, "       {name} ({file}:{line}) [{module}]")
                 }
-                _ => writeln!(out, "       {name} [{module}] {}", f.addr),
+                _ => match f.offset {
+                    Some(offset) => writeln!(out, "       {name} [{module}+{offset:#x}]"),
+                    None => writeln!(out, "       {name} [{module}]"),
+                },
             };
         }
     }
@@ -401,7 +404,7 @@ mod tests {
             fixtures::{alloc, inputs},
             snapshot,
         },
-        stacks::{StackStore, Symbolizer},
+        stacks::Sites,
         table::Tables,
     };
 
@@ -409,19 +412,18 @@ mod tests {
     fn text_mentions_losses_and_sites() {
         let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
-        let stacks = StackStore::new();
+        let sites = Sites::new();
         let tracker = Tracker::new(&[], 0);
-        let mut sym = Symbolizer::new();
-        let text = render(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
+        let text = render(&snapshot(&inputs(&table, &sites, &tracker, 0)));
         assert!(text.contains("lost events  3"), "{text}");
         assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
         assert!(!text.contains("programs"), "{text}");
-        let mut probed = inputs(&table, &stacks, &tracker, 0);
+        let mut probed = inputs(&table, &sites, &tracker, 0);
         probed.probe_stats = vec![
             ProbeStat::new("alloc_return", 4, 1802),
             ProbeStat::new("free_entry", 2, 401),
         ];
-        let text = render(&snapshot(&probed, &mut sym));
+        let text = render(&snapshot(&probed));
         assert!(
             text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
             "{text}"
@@ -438,8 +440,8 @@ memprof diff: outstanding heap 9.8 KiB -> 12.2 KiB (+2.4 KiB, +25.0%)    mmap +4
 
 Top 3 of 4 changed call sites by bytes:
       change      before       after   allocs  status  allocator        stack (innermost first)
-    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server?
-    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1? <- ?
+    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server+0x5000
+    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1+0x1000 <- ?
     -2.0 KiB     2.9 KiB      1000 B      -18  shrank  realloc (heap)   log_append
 ";
         assert_eq!(text, expected, "got:\n{text}");

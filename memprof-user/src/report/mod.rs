@@ -94,7 +94,7 @@ impl Totals {
     }
 }
 
-/// Outstanding allocations sharing one call stack and allocator.
+/// Outstanding allocations sharing one call site (symbolized stack) and allocator.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Leak {
     pub bytes: u64,
@@ -141,8 +141,11 @@ pub struct Report {
     pub min_age_s: f64,
     /// Number of call-stack groups passing `min_age_s`, before `--top` is applied.
     pub leak_groups: usize,
-    /// Frames in `leaks` whose function could not be named.
+    /// Frames that could not be unwound or named (no function: `module+0xOFFSET`, `[unknown]`,
+    /// an unreadable Python frame), over the stacks of every call site of the trace (each
+    /// group of `--csv` and pprof, not only `leaks`), out of `stack_frames` frames.
     pub unknown_frames: u64,
+    pub stack_frames: u64,
     /// Whether any call-stack group has the verdict `leak`.
     pub leak_detected: bool,
     /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes).
@@ -222,7 +225,7 @@ pub struct ProcessReport {
     pub leaks: Vec<Leak>,
 }
 
-/// One call-stack group: every allocation made at one stack through one allocator.
+/// One call-site group: every allocation made at one symbolized stack through one allocator.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Site {
     /// Innermost first, allocator frames excluded.

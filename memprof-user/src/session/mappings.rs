@@ -9,7 +9,8 @@ use crate::{
     ingest::{event, mmaps::MmapWatcher},
     report,
     stacks::{
-        StackStore, Symbolizer,
+        StackStore,
+        namer::Namer,
         unwind::{self as unwinding, ObjectCache, ProcessUnwinder},
     },
     sys::{
@@ -22,7 +23,7 @@ impl Session {
     /// Keeps the files of the traced process open when they live under another root.
     pub(super) fn pin_initial(&mut self) {
         if let Some(p) = self.procs.get(&self.pid) {
-            pin_files(&mut self.symbolizer, p);
+            pin_files(&mut self.namer, p);
         }
     }
 
@@ -38,7 +39,7 @@ impl Session {
             self.watch.as_mut(),
             &mut self.procs,
             &mut self.pending_maps,
-            &mut self.symbolizer,
+            &mut self.namer,
         );
     }
 
@@ -47,7 +48,7 @@ impl Session {
         let p = self.procs.entry(tgid).or_insert(p);
         if let Some(maps) = self.pending_maps.remove(&tgid) {
             for m in maps {
-                apply_mapping(&mut self.symbolizer, p, tgid, m);
+                apply_mapping(&mut self.namer, p, tgid, m);
             }
         }
     }
@@ -80,16 +81,11 @@ impl Session {
             || (!StackStore::covered(&p.space, &ips)
                 && now.saturating_sub(p.space_read_ns) > REREAD_NS);
         if reread && p.reread(tgid, now) {
-            pin_files(&mut self.symbolizer, p);
+            pin_files(&mut self.namer, p);
         }
+        // Files under another root are reachable only while the process lives: they were
+        // opened, and their debug information found, as they were mapped (`pin_files`).
         self.stacks.insert(key, &ips, &p.space);
-        // Files under another root are reachable only while the process lives: name the
-        // frames now.
-        if p.root.is_some()
-            && let Some(frames) = self.stacks.get(key)
-        {
-            self.symbolizer.frames(&self.stacks, frames);
-        }
     }
 }
 
@@ -110,7 +106,7 @@ impl Session {
         if self.tables_epoch.get(&tgid).is_some_and(|&e| e != epoch)
             && p.reread(tgid, monotonic_ns())
         {
-            pin_files(&mut self.symbolizer, p);
+            pin_files(&mut self.namer, p);
         }
         self.tables_epoch.insert(tgid, epoch);
         let mut maps: Vec<ExecMap> = Vec::new();
@@ -164,7 +160,7 @@ pub(super) struct Unwinding<'a> {
     pub(super) objects: &'a mut ObjectCache,
     pub(super) stacks: &'a mut StackStore,
     pub(super) stats: &'a mut report::UnwindStats,
-    pub(super) symbolizer: &'a mut Symbolizer,
+    pub(super) namer: &'a mut Namer,
 }
 
 /// Unwinds one stack copy of process `tgid` (`--unwind dwarf`, or a table walk's fallback) and
@@ -181,19 +177,19 @@ pub(super) fn unwind_copy(
         .get(&tgid)
         .is_some_and(|p| p.space.find(copy.ip).is_none())
     {
-        drain_mappings(u.watch.as_deref_mut(), u.procs, u.pending, u.symbolizer);
+        drain_mappings(u.watch.as_deref_mut(), u.procs, u.pending, u.namer);
     }
     let p = u.procs.entry(tgid).or_insert_with(|| Proc::discover(tgid));
     if let Some(maps) = u.pending.remove(&tgid) {
         for m in maps {
-            apply_mapping(u.symbolizer, p, tgid, m);
+            apply_mapping(u.namer, p, tgid, m);
         }
     }
     // The caller's code must be in the view of the address space, or its CFI is not found.
     let stale = p.space_stale
         || (p.space.find(copy.ip).is_none() && now.saturating_sub(p.space_read_ns) > REREAD_NS);
     if stale && p.reread(tgid, now) {
-        pin_files(u.symbolizer, p);
+        pin_files(u.namer, p);
     }
     let unwinder = u.unwinders.entry(tgid).or_default();
     unwinder.update(&p.space, p.space_gen, u.objects);
@@ -206,11 +202,6 @@ pub(super) fn unwind_copy(
         if out.truncated {
             u.stats.truncated_stacks += 1;
         }
-        if p.root.is_some()
-            && let Some(frames) = u.stacks.get(key)
-        {
-            u.symbolizer.frames(u.stacks, frames);
-        }
     }
     (key, out.truncated)
 }
@@ -220,14 +211,14 @@ pub(super) fn drain_mappings(
     watch: Option<&mut MmapWatcher>,
     procs: &mut foldhash::HashMap<u32, Proc>,
     pending: &mut foldhash::HashMap<u32, Vec<Mapping>>,
-    symbolizer: &mut Symbolizer,
+    namer: &mut Namer,
 ) {
     const PENDING_MAX: usize = 16384;
     let Some(watch) = watch else {
         return;
     };
     watch.drain(|r| match procs.get_mut(&r.pid) {
-        Some(p) => apply_mapping(symbolizer, p, r.pid, r.mapping),
+        Some(p) => apply_mapping(namer, p, r.pid, r.mapping),
         None => {
             if pending.values().map(Vec::len).sum::<usize>() >= PENDING_MAX {
                 pending.clear();
@@ -238,20 +229,20 @@ pub(super) fn drain_mappings(
 }
 
 /// Adds a mapping the kernel reported to process `pid`'s view.
-pub(super) fn apply_mapping(symbolizer: &mut Symbolizer, p: &mut Proc, pid: u32, mut m: Mapping) {
+pub(super) fn apply_mapping(namer: &mut Namer, p: &mut Proc, pid: u32, mut m: Mapping) {
     if p.root.is_some() {
         m.path = maps::file_of(pid, &m.path, &m.dev, m.inode);
-        symbolizer.pin(&m.path);
+        namer.pin(&m.path);
     }
     p.space.insert(m);
     p.space_gen += 1;
 }
 
 /// Keeps the mapped files of a process under another root open: their paths go away with it.
-pub(super) fn pin_files(symbolizer: &mut Symbolizer, p: &Proc) {
+pub(super) fn pin_files(namer: &mut Namer, p: &Proc) {
     if p.root.is_some() {
         for m in p.space.mappings() {
-            symbolizer.pin(&m.path);
+            namer.pin(&m.path);
         }
     }
 }

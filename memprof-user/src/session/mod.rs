@@ -4,11 +4,13 @@
 //!
 //! - [`observe`]: records taken from the ring and applied, process life cycles, sampling.
 //! - [`mappings`]: each process's view of its address space; stacks placed and unwound.
+//! - [`naming`]: the tracker's inputs, in order, once their stacks are named.
 //! - [`pythons`]: CPython processes, their threads, and mixed Python/native stacks.
 //! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
 //! - [`procs`]: what the session knows of each traced process.
 
 mod mappings;
+mod naming;
 mod observe;
 mod procs;
 mod pythons;
@@ -36,7 +38,8 @@ use crate::{
     report::{self},
     serve::Live,
     stacks::{
-        StackStore, Symbolizer,
+        Sites, StackStore,
+        namer::Namer,
         tables::TableFiles,
         unwind::{ObjectCache, ProcessUnwinder},
     },
@@ -89,6 +92,8 @@ pub struct Settings {
     pub rank_by_growth: bool,
     /// `--unwind dwarf`: allocations carry stack copies the agent unwinds.
     pub dwarf: bool,
+    /// `--debug-dir`: where to look for debug files before the system's directories.
+    pub debug_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Why the trace ended.
@@ -138,7 +143,12 @@ pub struct Session {
     /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
     evicted_processes: u64,
     pruned_groups: u64,
-    symbolizer: Symbolizer,
+    /// Names stacks on its own thread.
+    namer: Namer,
+    /// The call site of every stack key the analysis saw.
+    sites: Sites,
+    /// Tracker inputs waiting for names.
+    pending: naming::Pending,
     decode_errors: u64,
     start_ns: u64,
     settings: Settings,
@@ -205,7 +215,9 @@ impl Session {
                 }
                 [(pid, p)].into_iter().collect()
             },
-            symbolizer: Symbolizer::new(),
+            namer: Namer::new(settings.debug_dirs.clone()),
+            sites: Sites::new(),
+            pending: Default::default(),
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),
@@ -369,7 +381,11 @@ impl Session {
                     // Everything the process did before the mark belongs to the old phase.
                     self.drain();
                     let outstanding = self.table.heap_totals.outstanding_bytes;
-                    self.tracker.mark(name, monotonic_ns(), outstanding);
+                    self.track(naming::Input::Mark {
+                        name: name.to_string(),
+                        ts_ns: monotonic_ns(),
+                        outstanding,
+                    });
                     "ok\n"
                 }
                 None => "error: expected `mark NAME`\n",

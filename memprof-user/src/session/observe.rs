@@ -5,8 +5,9 @@
 use memprof_common::{NO_STACK, unwind_end};
 
 use super::{
-    EXITED_KEPT, GROUP_IDLE_NS, GROUPS_KEPT, Session,
+    EXITED_KEPT, Session,
     mappings::{Unwinding, pin_files, unwind_copy},
+    naming::Input,
     procs::Proc,
     reports::reached_entry,
 };
@@ -47,7 +48,7 @@ impl Session {
                         objects: &mut self.unwind_objects,
                         stacks: &mut self.stacks,
                         stats: &mut self.unwind_stats,
-                        symbolizer: &mut self.symbolizer,
+                        namer: &mut self.namer,
                     },
                     tgid,
                     copy,
@@ -66,7 +67,7 @@ impl Session {
             drop(item);
             if newly {
                 if let Some(p) = self.procs.get(&tgid) {
-                    pin_files(&mut self.symbolizer, p);
+                    pin_files(&mut self.namer, p);
                 }
                 self.allocator_text(tgid);
                 self.update_tables(tgid);
@@ -87,6 +88,7 @@ impl Session {
                 self.count_walk(stack, size);
             }
         }
+        self.pump_ready();
     }
 
     pub(super) fn observe(&mut self, tgid: u32, event: &Event) {
@@ -94,7 +96,7 @@ impl Session {
         // mappings for the kernel's walks.
         if !self.procs.contains_key(&tgid) {
             let p = Proc::discover(tgid);
-            pin_files(&mut self.symbolizer, &p);
+            pin_files(&mut self.namer, &p);
             self.add_proc(tgid, p);
             self.allocator_text(tgid);
             self.update_tables(tgid);
@@ -108,7 +110,7 @@ impl Session {
                 if let Some(p) = self.procs.get_mut(&tgid) {
                     p.space_stale = true;
                     if p.reread(tgid, monotonic_ns()) {
-                        pin_files(&mut self.symbolizer, p);
+                        pin_files(&mut self.namer, p);
                     }
                 }
                 self.detect_allocators(tgid);
@@ -121,7 +123,12 @@ impl Session {
                 tid, phase, enter, ..
             } => {
                 let outstanding = self.table.heap_totals.outstanding_bytes;
-                self.tracker.on_phase(tid, phase, enter, outstanding);
+                self.track(Input::Phase {
+                    tid,
+                    phase,
+                    enter,
+                    outstanding,
+                });
             }
             Event::ChildPaused => {
                 // Stopped before its first instruction: its probes and its mappings first,
@@ -183,9 +190,14 @@ impl Session {
         let changes = &mut self.changes;
         self.table.apply_from(tgid, event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
-        for change in self.changes.drain(..) {
-            self.tracker.on_change(&change, outstanding);
+        let mut changes = std::mem::take(&mut self.changes);
+        for change in changes.drain(..) {
+            self.track(Input::Change {
+                change,
+                outstanding,
+            });
         }
+        self.changes = changes;
     }
 
     /// Keeps memory bounded on a long trace of many processes: the oldest exited processes
@@ -291,9 +303,11 @@ impl Session {
             let outstanding = table.map_or(0, |t| t.heap_totals.outstanding_bytes);
             p.series.push(t, outstanding as f64);
         }
-        self.tracker
-            .sample(now, self.table.heap_totals.outstanding_bytes, rss);
-        self.pruned_groups += self.tracker.prune(GROUPS_KEPT, now, GROUP_IDLE_NS) as u64;
+        self.track(Input::Sample {
+            ts_ns: now,
+            heap: self.table.heap_totals.outstanding_bytes,
+            rss,
+        });
     }
 
     /// Tells the kernel where process `tgid`'s allocator code lies, when it needs to know (see

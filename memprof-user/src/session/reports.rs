@@ -34,7 +34,7 @@ impl Session {
         Inputs {
             pid: self.pid,
             table: &self.table,
-            stacks: &self.stacks,
+            sites: &self.sites,
             kernel: report::KernelLosses {
                 mapping_records_lost: self.watch.as_ref().map_or(0, |w| w.lost),
                 ..self.tracer.losses()
@@ -63,9 +63,9 @@ impl Session {
     }
 
     pub fn snapshot(&mut self) -> Report {
-        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        self.settle();
         let inputs = self.inputs(monotonic_ns());
-        let mut report = report::snapshot(&inputs, &mut symbolizer);
+        let mut report = report::snapshot(&inputs);
         if self.settings.per_process {
             let mut processes: Vec<_> = self
                 .procs
@@ -86,12 +86,7 @@ impl Session {
                         },
                         growth_bytes_per_s: p.growth_bytes_per_s(),
                     };
-                    report::process_report(
-                        &inputs,
-                        &mut symbolizer,
-                        &info,
-                        self.table.process(*pid),
-                    )
+                    report::process_report(&inputs, &info, self.table.process(*pid))
                 })
                 .collect();
             let outstanding = |p: &report::ProcessReport| {
@@ -111,18 +106,14 @@ impl Session {
             }
             report.processes = Some(processes);
         }
-        self.symbolizer = symbolizer;
         report
     }
 
     /// The profile the output writers take, for `report`.
     pub fn profile(&mut self, report: &Report) -> Profile {
-        // The symbolizer (a cache) is taken out while the inputs borrow the rest.
-        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        self.settle();
         let inputs = self.inputs(monotonic_ns());
-        let profile = report::profile(&inputs, &mut symbolizer, report, &self.settings.command);
-        self.symbolizer = symbolizer;
-        profile
+        report::profile(&inputs, report, &self.settings.command)
     }
 
     /// Refreshes the live endpoints' state.
