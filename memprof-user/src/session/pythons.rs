@@ -90,7 +90,11 @@ impl Session {
     /// kernel program, at most every 20 ms per process.
     pub(super) fn scan_python(&mut self, tgid: u32) {
         const RESCAN_NS: u64 = 20_000_000;
-        const DETECT_TRIES: u32 = 20;
+        // Until the interpreter is found (it may not be mapped or initialized yet, and a slow
+        // start under load takes seconds), detection is retried every RESCAN_NS for the first
+        // DETECT_FAST_TRIES, then every DETECT_SLOW_NS for as long as the process may run Python.
+        const DETECT_FAST_TRIES: u32 = 20;
+        const DETECT_SLOW_NS: u64 = 250_000_000;
         // Called for every allocation: a process that cannot be CPython is told apart once
         // per change of its name or address space.
         let Some(p) = self.procs.get_mut(&tgid) else {
@@ -101,15 +105,21 @@ impl Session {
         }
         let now = monotonic_ns();
         let state = self.pythons.entry(tgid).or_default();
-        if now.saturating_sub(state.last_scan_ns) < RESCAN_NS {
+        let interval = if state.resolver.is_none() {
+            if state.tries < DETECT_FAST_TRIES {
+                RESCAN_NS
+            } else {
+                DETECT_SLOW_NS
+            }
+        } else {
+            RESCAN_NS
+        };
+        if now.saturating_sub(state.last_scan_ns) < interval {
             return;
         }
         state.last_scan_ns = now;
         if state.resolver.is_none() {
-            if state.tries >= DETECT_TRIES {
-                return;
-            }
-            state.tries += 1;
+            state.tries = state.tries.saturating_add(1);
             let Ok(resolver) = Resolver::new(tgid) else {
                 return;
             };
