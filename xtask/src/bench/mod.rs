@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: what tracing costs, measured side by side in one run.
 //!
-//! Each workload in `bench/` waits for SIGUSR1 after printing `ready`, so a tracer attaches by
+//! Workloads: the churn loop built with frame pointers and again without (as distributions
+//! build), and a Python JSON workload. Each workload in `bench/` waits for SIGUSR1 after printing `ready`, so a tracer attaches by
 //! pid first, and reports its own elapsed time (process start and exit excluded). Modes:
 //! untraced; memprof's probes with programs that return at once (`--probe-floor`, the floor of
-//! the probe set, on the default links and on classic uprobes); memprof full (default links
-//! and multi-uprobe links); the floor and full mode again with every probe at the function's
+//! the probe set, on the default links and on classic uprobes); memprof full (default links,
+//! with the default unwind tables and with `--unwind fp`, and multi-uprobe links); the floor and full mode again with every probe at the function's
 //! first byte (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`);
 //! bpftrace with a memleak-like script when installed. The `--reps` runs go rep-major (each
 //! rep runs every mode in turn, so drift falls on every mode alike); medians and ratios go to
@@ -50,6 +51,7 @@ enum Mode {
     FloorClassic,
     FloorAtEntry,
     Full,
+    FullFp,
     FullMulti,
     Sampled,
     Dwarf,
@@ -73,6 +75,7 @@ impl Mode {
             Self::FloorClassic => "floor, classic uprobes",
             Self::FloorAtEntry => "floor, free probed at +0",
             Self::Full => "memprof",
+            Self::FullFp => "memprof --unwind fp",
             Self::FullMulti => "memprof --links multi",
             Self::Sampled => "memprof --sample-bytes 512K",
             Self::Dwarf => "memprof --unwind dwarf",
@@ -87,6 +90,7 @@ impl Mode {
             Self::FloorClassic => Some(&["--probe-floor", "--links", "classic"]),
             Self::FloorAtEntry => Some(&["--probe-floor", "--no-placement"]),
             Self::Full => Some(&[]),
+            Self::FullFp => Some(&["--unwind", "fp"]),
             Self::FullMulti => Some(&["--links", "multi"]),
             Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
             Self::Dwarf => Some(&["--unwind", "dwarf"]),
@@ -171,18 +175,28 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let out_dir = ws.target_dir().join("bench");
     fs::create_dir_all(&out_dir)?;
     let memprof = ws.target_dir().join("release/memprof");
-    let build = |name: &str| -> Result<PathBuf> {
-        let exe = out_dir.join(name);
+    // Built with frame pointers, as `--unwind fp` needs, unless `no_fp` (as distributions
+    // build: the default mode's unwind tables then do the work).
+    let build_as = |name: &str, exe_name: &str, no_fp: bool| -> Result<PathBuf> {
+        let exe = out_dir.join(exe_name);
         let src = ws.root.join("bench").join(format!("{name}.c"));
         crate::util::run(
             ws.command("cc")
-                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+                .args(["-O2", "-g"])
+                .arg(if no_fp {
+                    "-fomit-frame-pointer"
+                } else {
+                    "-fno-omit-frame-pointer"
+                })
+                .arg("-o")
                 .arg(&exe)
                 .arg(&src),
         )?;
         Ok(exe)
     };
+    let build = |name: &str| build_as(name, name, false);
     let churn_exe = build("churn")?;
+    let churn_no_fp = build_as("churn", "churn_nofp", true)?;
     let hold = build("hold")?;
     let stacks = build("stacks")?;
     let deep = build("deep")?;
@@ -192,6 +206,10 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Workload {
             name: "churn: malloc(64)/free pairs",
             command: vec![churn_exe.clone().into(), scale("200000", "20000")],
+        },
+        Workload {
+            name: "churn, no frame pointers",
+            command: vec![churn_no_fp.into(), scale("200000", "20000")],
         },
         Workload {
             name: "python: build/dump/parse JSON",
@@ -209,6 +227,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Mode::FloorClassic,
         Mode::FloorAtEntry,
         Mode::Full,
+        Mode::FullFp,
         Mode::FullMulti,
         Mode::Sampled,
         Mode::Dwarf,
@@ -314,7 +333,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 r.agent_max_rss_kib
             ));
         }
-        if index == 0 && untraced > TRAPPED_NS {
+        if index <= 1 && untraced > TRAPPED_NS {
             ratio_lines.push(format!(
                 "Warning: {} took {} per pair untraced: another tracer's probes were in every \
                  process using libc meanwhile (another memprof --all, bpftrace, ...).",
@@ -322,20 +341,22 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 human_ns(untraced)
             ));
         }
-        // The churn loop's verdicts: full mode and sampled against the default links' floor.
-        if index == 0
-            && let (Some(floor), Some(full), Some(sampled)) =
-                (floor, of(Mode::Full), of(Mode::Sampled))
+        // The churn loops' verdicts: the default mode (unwind tables), frame pointers and
+        // sampled against the default links' floor.
+        if index <= 1
+            && let (Some(floor), Some(full), Some(fp), Some(sampled)) =
+                (floor, of(Mode::Full), of(Mode::FullFp), of(Mode::Sampled))
         {
-            let (full, sampled) = (full / floor, sampled / floor);
+            let (full, fp, sampled) = (full / floor, fp / floor, sampled / floor);
             ratio_lines.push(format!(
-                "{}: memprof ÷ floor = {full:.2} (goal ≤ 1.15); memprof --sample-bytes \
+                "{}: memprof ÷ floor = {full:.2} (goal ≤ 1.15 with frame pointers, ≤ 1.35 \
+                 without); --unwind fp ÷ floor = {fp:.2}; memprof --sample-bytes \
                  {SAMPLE_BYTES} ÷ floor = {sampled:.2} (goal ≤ 0.80); medians of {reps}, \
                  interleaved.",
                 w.name
             ));
             json_rows.push(format!(
-                "{{\"workload\":{:?},\"full_x_floor\":{full:.3},\"sampled_x_floor\":{sampled:.3},\"reps\":{reps}}}",
+                "{{\"workload\":{:?},\"full_x_floor\":{full:.3},\"fp_x_floor\":{fp:.3},\"sampled_x_floor\":{sampled:.3},\"reps\":{reps}}}",
                 w.name
             ));
         }
@@ -404,6 +425,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Mode::Floor,
         Mode::FloorClassic,
         Mode::Full,
+        Mode::FullFp,
         Mode::FullMulti,
         Mode::Sampled,
         Mode::Dwarf,
@@ -463,10 +485,14 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
             r.alloc_ns_per_op()
         ));
     }
-    // The frame walk's windows on a deep stack: one full run with statistics.
+    // The stack walk on a deep stack, with tables and with frame pointers: one full run with
+    // statistics each.
     let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];
-    let r = run_once(&memprof, None, Mode::Full, &deep_cmd, false, true)?;
-    if r.alloc_programs().next().is_some() {
+    for mode in [Mode::Full, Mode::FullFp] {
+        let r = run_once(&memprof, None, mode, &deep_cmd, false, true)?;
+        if r.alloc_programs().next().is_none() {
+            continue;
+        }
         let per_pair = r.alloc_ns_per_op();
         let programs = r
             .alloc_programs()
@@ -483,12 +509,13 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         let _ = writeln!(
             md,
             "\nThe same pairs at the bottom of 60 frames of about 160 bytes (`bench/deep.c`, \
-             memprof, `--probe-stats`): {per_pair:.0} ns per pair in the kernel ({programs})"
+             {}, `--probe-stats`): {per_pair:.0} ns per pair in the kernel ({programs})",
+            mode.name()
         );
         for s in r.alloc_programs() {
             json_rows.push(format!(
                 "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":{:?},\"runs\":{},\"ns_per_run\":{:.1}}}",
-                Mode::Full.name(),
+                mode.name(),
                 s.program,
                 s.runs,
                 s.ns_per_run
@@ -496,7 +523,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         }
         json_rows.push(format!(
             "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"kernel_ns_per_op\":{per_pair:.1}}}",
-            Mode::Full.name()
+            mode.name()
         ));
     }
     attach::attach_detach(&memprof, reps, &mut md, &mut json_rows)?;
