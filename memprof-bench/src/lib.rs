@@ -7,7 +7,7 @@ use memprof::{
     analysis::tracking::Tracker,
     ingest::event::{DecodeError, Event, decode, encode},
     report::{self, Inputs, KernelLosses, Report},
-    stacks::{StackStore, Symbolizer},
+    stacks::{Frame, Sites},
     table::{Change, Tables},
 };
 use memprof_common::{
@@ -147,8 +147,7 @@ pub struct Agent {
     pub table: Tables,
     pub tracker: Tracker,
     changes: Vec<Change>,
-    stacks: StackStore,
-    symbolizer: Symbolizer,
+    sites: Sites,
     last_ts: u64,
 }
 
@@ -158,8 +157,7 @@ impl Agent {
             table: Tables::with_sampling(sample_bytes),
             tracker: Tracker::new(&[], 0),
             changes: Vec::new(),
-            stacks: StackStore::new(),
-            symbolizer: Symbolizer::new(),
+            sites: Sites::new(),
             last_ts: 0,
         }
     }
@@ -174,7 +172,14 @@ impl Agent {
         self.table.apply_from(0, &event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
-            self.tracker.on_change(&change, outstanding);
+            let stack = change.block().stack;
+            let site = match self.sites.get(stack) {
+                Some(site) => site,
+                // Stacks are not symbolized here: each stack key is a site of one unnamed
+                // frame at its own offset, as the naming thread would hand it over.
+                None => self.sites.intern(stack, &[unnamed_frame(stack)]),
+            };
+            self.tracker.on_change(&change, site, outstanding);
         }
         Ok(())
     }
@@ -192,7 +197,7 @@ impl Agent {
             table: &self.table,
             unwind: None,
             forgotten: Default::default(),
-            stacks: &self.stacks,
+            sites: &self.sites,
             kernel: KernelLosses::default(),
             probe_stats: Vec::new(),
             decode_errors: 0,
@@ -205,7 +210,17 @@ impl Agent {
             rules: &[],
             mem: None,
         };
-        report::snapshot(&inputs, &mut self.symbolizer)
+        report::snapshot(&inputs)
+    }
+}
+
+/// The one frame of synthetic stack `stack`: an unnamed native frame in a module of its own.
+fn unnamed_frame(stack: u64) -> Frame {
+    Frame {
+        module: Some("synthetic".to_string()),
+        offset: Some(stack),
+        kind: "native",
+        ..Frame::unknown()
     }
 }
 

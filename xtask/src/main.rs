@@ -46,7 +46,7 @@ commands:
 
 /// Crates tested by `cargo xtask test`. Not `--workspace`: that selects every member,
 /// including `memprof-ebpf`, which only builds for the BPF target.
-const TEST_PACKAGES: &[&str] = &["memprof-common", "memprof-user", "xtask"];
+const TEST_PACKAGES: &[&str] = &["memprof-common", "memprof-user", "memprof-bench", "xtask"];
 
 /// Flags aya-build passes for the kernel object: debug info carries the BTF the loader needs.
 const EBPF_RUSTFLAGS: &[&str] = &[
