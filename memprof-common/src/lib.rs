@@ -27,6 +27,7 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::AllocEvent {}
     unsafe impl aya::Pod for super::FreeEvent {}
+    unsafe impl aya::Pod for super::PyFreeEvent {}
     unsafe impl aya::Pod for super::UnmapEvent {}
     unsafe impl aya::Pod for super::RemapEvent {}
     unsafe impl aya::Pod for super::StackTrace {}
@@ -54,6 +55,7 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 24);
         assert_eq!(size_of::<AllocEvent>(), 56);
         assert_eq!(size_of::<FreeEvent>(), 32);
+        assert_eq!(size_of::<PyFreeEvent>(), 40);
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<RemapEvent>(), 56);
         assert_eq!(size_of::<PhaseEvent>(), 32);
@@ -77,10 +79,10 @@ mod tests {
         }
         assert_eq!(AllocFn::from_u32(0), None);
         assert_eq!(AllocFn::from_u32(14), None);
-        for k in 1..=15 {
+        for k in 1..=16 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }
-        assert_eq!(EventKind::from_u16(16), None);
+        assert_eq!(EventKind::from_u16(17), None);
         assert_eq!(EventKind::from_u16(14), Some(EventKind::ReallocSettled));
     }
 

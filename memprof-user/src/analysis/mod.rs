@@ -14,12 +14,14 @@
 //! - [`recommend`]: advice that quotes the measurements it rests on.
 //! - [`memory`]: resident memory no traced allocation accounts for.
 //! - [`diff`]: what changed between two saved reports, site by site.
+//! - [`pyphases`]: phases named by Python function, and which frames are those functions.
 
 pub mod behaviour;
 pub mod categories;
 pub mod diff;
 pub mod growth;
 pub mod memory;
+pub mod pyphases;
 pub mod recommend;
 pub mod series;
 pub mod tracking;
