@@ -41,6 +41,9 @@ pub(super) struct PyPhases {
     threads: HashMap<u32, (u32, u64)>,
     /// Phases some thread was in.
     seen: u64,
+    /// Python frames of allocator calls that could not be read (the process had exited or
+    /// the code object was gone): whether those calls were inside a phase is not known.
+    unreadable: u64,
     /// Qualified names read from source files: (file, line, name) -> qualified name.
     qualnames: HashMap<(String, u32, String), Option<String>>,
     /// The interpreters of the Python processes whose frames were read: (pid, executable,
@@ -57,6 +60,7 @@ impl PyPhases {
             stacks: HashMap::new(),
             threads: HashMap::new(),
             seen: 0,
+            unreadable: 0,
             qualnames: HashMap::new(),
             interpreters: BTreeSet::new(),
         })
@@ -69,7 +73,8 @@ impl PyPhases {
             .iter()
             .map(|(pid, exe, version)| format!("{exe} (CPython {version}, pid {pid})"))
             .collect();
-        self.phases
+        let mut warnings: Vec<String> = self
+            .phases
             .iter()
             .enumerate()
             .filter(|(i, _)| self.seen & (1 << i) == 0)
@@ -85,7 +90,15 @@ impl PyPhases {
                     )
                 }
             })
-            .collect()
+            .collect();
+        if self.unreadable > 0 {
+            warnings.push(format!(
+                "{} Python frames of allocator calls (counted once per distinct stack) could not be read (the process exited or \
+                 freed the code first): the Python phases may miss those calls",
+                self.unreadable
+            ));
+        }
+        warnings
     }
 }
 
@@ -189,6 +202,9 @@ impl Session {
                 continue;
             }
             let Ok(frame) = resolver.resolve(code, instr) else {
+                // Typically the process exited before its frames were read: counted, and
+                // reported with the phases.
+                pp.unreadable += 1;
                 continue;
             };
             let qualname = match (from_source, frame.line) {
