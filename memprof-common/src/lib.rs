@@ -62,7 +62,7 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 32);
         assert_eq!(size_of::<ExecEvent>(), 40);
         assert_eq!(size_of::<UnwindEvent>(), 80);
-        assert_eq!(size_of::<PyWalk>(), 64);
+        assert_eq!(size_of::<PyWalk>(), 72);
         assert_eq!(size_of::<StackTrace>(), 1024);
         assert_eq!(size_of::<UnwindRow>(), 8);
         assert_eq!(size_of::<RowBlock>(), 512);
@@ -139,6 +139,7 @@ mod tests {
             frame_span: 0,
             frames_in_data_stack: 0,
             frame_is_entry: PY_NONE,
+            code_firstlineno: 40,
         };
         assert_eq!(walk.span_of_frame_fields(), Some(108));
         // _PyInterpreterFrame of 3.12: f_code 0, previous 8, prev_instr 56, char owner 70.

@@ -132,6 +132,7 @@ impl Session {
                     o.frame_model == python::FRAME_MODEL_INTERPRETER_FRAME,
                 ),
                 frame_is_entry: o.frame_is_entry,
+                code_firstlineno: o.code_firstlineno,
             };
             let Some(span) = walk.span_of_frame_fields() else {
                 return;
