@@ -330,7 +330,10 @@ impl Session {
                     let snap = self.snapshot();
                     self.emit(&snap)?;
                 }
-                _ = tick(&mut drainer) => self.drain(),
+                _ = tick(&mut drainer) => {
+                    self.drain();
+                    self.scan_deferred_pythons();
+                }
                 guard = readable(&logs) => {
                     if let Ok(mut guard) = guard {
                         self.tracer.flush_logs();
