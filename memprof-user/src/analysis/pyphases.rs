@@ -48,6 +48,11 @@ impl PyPattern {
         self.parts.len() > 1
     }
 
+    /// The function's own name: the last part.
+    pub fn function(&self) -> &str {
+        self.parts.last().map_or("", String::as_str)
+    }
+
     /// Whether a frame running `qualname` (the code object's qualified name) from `file` is
     /// this function.
     pub fn matches(&self, qualname: &str, file: &str) -> bool {
@@ -314,6 +319,7 @@ mod tests {
         assert!(p("f.<locals>.g").matches("f.<locals>.g", file));
         assert!(p("render").matches("render", "<frozen runpy>"));
         assert!(!p("render").dotted() && p("a.render").dotted());
+        assert_eq!(p("ssg.Builder.render").function(), "render");
     }
 
     const SOURCE: &str = r#"import os

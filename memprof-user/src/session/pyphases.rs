@@ -207,7 +207,13 @@ impl Session {
                 pp.unreadable += 1;
                 continue;
             };
-            let qualname = match (from_source, frame.line) {
+            // The source is read only for a function some dotted name ends with.
+            let wanted = from_source
+                && pp
+                    .phases
+                    .iter()
+                    .any(|(_, p)| p.dotted() && p.function() == frame.function);
+            let qualname = match (wanted, frame.line) {
                 (true, Some(line)) => {
                     let key = (frame.file.clone(), line, frame.function.clone());
                     if pp.qualnames.len() >= CACHE_MAX {
