@@ -422,3 +422,116 @@ fn python_phase_bad_names_fail_cleanly() {
         c.finish(|| run.context());
     }
 }
+
+/// Ten builds of tests/fixtures/pybuilds.py saved with `--output`, then `memprof trend`: the
+/// Python site `cache_pages` grows by 4000 B per run (within 1%), r² 1, and is the only
+/// growing site; `load_config` holds 3000 B in every run; `--fail-on-growth 3900` fails (exit
+/// 3) and 4100 passes.
+#[test]
+fn python_builds_trend_finds_the_leaking_function() {
+    let fx = fixture();
+    let script = Path::new(FIXTURE_SRC).join("pybuilds.py");
+    let dir = work_dir("memprof-pybuilds");
+    let reports: Vec<PathBuf> = (0..10)
+        .map(|i| {
+            let path = dir.join(format!("build-{i}.json"));
+            let _ = fs::remove_file(&path);
+            let run = run_trace(
+                &[
+                    "--json",
+                    "--duration",
+                    "60s",
+                    "--output",
+                    path.to_str().unwrap(),
+                    "--",
+                    fx.python.to_str().unwrap(),
+                    script.to_str().unwrap(),
+                    &i.to_string(),
+                ],
+                DEADLINE,
+            );
+            assert_eq!(run.code(), Some(0), "build {i}\n{}", run.context());
+            path
+        })
+        .collect();
+    let trend = |opts: &[&str]| {
+        let mut cmd = Command::new(common::MEMPROF);
+        cmd.arg("trend").args(&reports).args(opts);
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = trend(&["--json"]);
+    let mut c = Checks::new("trend of ten Python builds");
+    c.eq("exit status", code, Some(0));
+    c.eq("stderr (complete reports: no warning)", stderr.as_str(), "");
+    let t: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    let sites = t["sites"].as_array().cloned().unwrap_or_default();
+    // A site holding a Python frame of `function`, summed over the sites that do.
+    let python_site = |function: &str| -> Vec<&Value> {
+        sites
+            .iter()
+            .filter(|s| {
+                s["stack"]
+                    .as_array()
+                    .is_some_and(|st| st.iter().any(|f| f.as_str() == Some(function)))
+            })
+            .collect()
+    };
+    let cache = python_site("cache_pages");
+    c.eq("sites under cache_pages", cache.len(), 1);
+    if let Some(s) = cache.first() {
+        let bytes: Vec<Option<u64>> = s["bytes"]
+            .as_array()
+            .map(|b| b.iter().map(Value::as_u64).collect())
+            .unwrap_or_default();
+        c.eq(
+            "cache_pages: bytes per run",
+            bytes,
+            (0..10u64).map(|i| Some(4000 * (i + 1))).collect::<Vec<_>>(),
+        );
+        let slope = s["slope_bytes_per_run"].as_f64().unwrap_or(f64::NAN);
+        c.check(
+            (slope - 4000.0).abs() <= 40.0,
+            format!("cache_pages slope {slope} is 4000 B/run within 1%"),
+        );
+        c.eq(
+            "cache_pages verdict",
+            s["verdict"].as_str(),
+            Some("growing"),
+        );
+    }
+    let config = python_site("load_config");
+    c.eq("sites under load_config", config.len(), 1);
+    if let Some(s) = config.first() {
+        c.eq(
+            "load_config: bytes per run",
+            s["bytes"].as_array().cloned().unwrap_or_default(),
+            vec![Value::from(3000u64); 10],
+        );
+        c.eq("load_config verdict", s["verdict"].as_str(), Some("stable"));
+    }
+    let growing: Vec<&Value> = sites.iter().filter(|s| s["verdict"] == "growing").collect();
+    c.eq("growing sites", growing.len(), 1);
+    c.check(
+        growing.first().is_some_and(|g| {
+            g["stack"]
+                .as_array()
+                .is_some_and(|st| st.iter().any(|f| f.as_str() == Some("cache_pages")))
+        }),
+        "the growing site is cache_pages'".to_string(),
+    );
+    let (strict, _, strict_err) = trend(&["--fail-on-growth", "3900"]);
+    c.eq("--fail-on-growth 3900: exit status", strict, Some(3));
+    c.check(
+        strict_err.lines().filter(|l| !l.is_empty()).count() == 1
+            && strict_err.starts_with("memprof: 1 site(s) grow by more than 3900 B per run"),
+        format!("the gate says why in one line: {strict_err:?}"),
+    );
+    let (lax, _, _) = trend(&["--fail-on-growth", "4100"]);
+    c.eq("--fail-on-growth 4100: exit status", lax, Some(0));
+    c.finish(|| format!("{stdout}\n{stderr}"));
+}

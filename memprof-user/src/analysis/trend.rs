@@ -4,8 +4,9 @@
 //!
 //! Sites are matched across reports as `memprof diff` matches them (`analysis::diff`): by
 //! allocator, kind and frame names. A site missing from a report had nothing outstanding in
-//! that run (reports list every site with outstanding bytes): it counts as 0 bytes there and
-//! is shown as absent, never dropped.
+//! that run (a complete report lists every site with outstanding bytes): it counts as 0 bytes
+//! there and is shown as absent, never dropped. A report saved with `--top` or `--min-age`
+//! lists only some sites: such runs are named in `incomplete_runs` (and warned about).
 //!
 //! Verdicts, with `rise` = slope × (runs − 1) (the fitted change over the series) and `mean`
 //! the site's mean outstanding bytes:
@@ -127,6 +128,57 @@ pub struct Trend {
     pub total_verdict: &'static str,
     /// Growing sites first (steepest first), then the others by slope, then by stack.
     pub sites: Vec<SiteTrend>,
+    /// Runs whose report does not list every call site (saved with `--top` or `--min-age`):
+    /// a site missing from one of them is counted as 0 bytes there though it may hold some.
+    pub incomplete_runs: Vec<IncompleteRun>,
+}
+
+/// A report listing only some of its call sites.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IncompleteRun {
+    pub run: String,
+    /// Sites listed, of `leak_groups`.
+    pub listed: usize,
+    pub leak_groups: u64,
+    pub min_age_s: f64,
+}
+
+impl IncompleteRun {
+    /// What the report leaves out, for a warning.
+    pub fn describe(&self) -> String {
+        let mut why = Vec::new();
+        if (self.listed as u64) < self.leak_groups {
+            why.push(format!(
+                "lists {} of its {} call sites (saved with --top)",
+                self.listed, self.leak_groups
+            ));
+        }
+        if self.min_age_s > 0.0 {
+            why.push(format!(
+                "lists only sites older than {} s (--min-age)",
+                self.min_age_s
+            ));
+        }
+        format!(
+            "{} {}: a site missing from it counts as 0 bytes there; save reports with --json \
+             and no --top or --min-age for a complete trend",
+            self.run,
+            why.join(" and ")
+        )
+    }
+}
+
+/// The run, if its report leaves call sites out (see [`Trend::incomplete_runs`]).
+fn incomplete(name: &str, v: &Value) -> Option<IncompleteRun> {
+    let listed = v.get("leaks").and_then(Value::as_array).map_or(0, Vec::len);
+    let leak_groups = v.get("leak_groups").and_then(Value::as_u64).unwrap_or(0);
+    let min_age_s = v.get("min_age_s").and_then(Value::as_f64).unwrap_or(0.0);
+    ((listed as u64) < leak_groups || min_age_s > 0.0).then(|| IncompleteRun {
+        run: name.to_string(),
+        listed,
+        leak_groups,
+        min_age_s,
+    })
 }
 
 /// The trend over `reports` (name, parsed JSON), in run order.
@@ -184,6 +236,10 @@ pub fn trend(reports: &[(String, Value)]) -> Result<Trend> {
         total_r2: f.r2,
         total_verdict: verdict(&ys, &f),
         sites,
+        incomplete_runs: reports
+            .iter()
+            .filter_map(|(name, v)| incomplete(name, v))
+            .collect(),
     })
 }
 

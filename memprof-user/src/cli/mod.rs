@@ -90,6 +90,9 @@ fn trend_reports(args: &TrendArgs) -> Result<i32> {
         .map(|p| Ok((p.display().to_string(), saved::load_report(p)?)))
         .collect::<Result<Vec<_>>>()?;
     let t = trend::trend(&reports)?;
+    for run in &t.incomplete_runs {
+        eprintln!("memprof: warning: {}", run.describe());
+    }
     if let Some(path) = &args.html {
         std::fs::write(path, output::trend::render_html(&t))
             .with_context(|| format!("failed to write {}", path.display()))?;

@@ -241,6 +241,7 @@ mod tests {
                     present_runs: 1,
                 },
             ],
+            incomplete_runs: Vec::new(),
         }
     }
 
