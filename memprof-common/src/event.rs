@@ -1,7 +1,7 @@
 //! The ring buffer's records: the header every record starts with, the kinds and the bodies.
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 5;
+pub const EVENT_VERSION: u16 = 6;
 
 /// What a ring-buffer record describes. Stable values: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub enum EventKind {
     /// waits for the agent to attach its probes and continue it ([`EventHeader`] only; `tgid`
     /// is the child).
     ChildPaused = 15,
+    /// A release of a block, with the Python frames of the thread that released it (only
+    /// while Python phases are traced, `PY_FREES`): [`PyFreeEvent`].
+    PyFree = 16,
 }
 
 impl EventKind {
@@ -67,6 +70,7 @@ impl EventKind {
             13 => Self::AllocStack,
             14 => Self::ReallocSettled,
             15 => Self::ChildPaused,
+            16 => Self::PyFree,
             _ => return None,
         })
     }
@@ -181,6 +185,18 @@ pub struct AllocEvent {
 pub struct FreeEvent {
     pub header: EventHeader,
     pub addr: u64,
+}
+
+/// A block was released by a thread whose Python frames are recorded (`EventKind::PyFree`):
+/// the Python phases it was released in are the agent's to tell.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFreeEvent {
+    pub header: EventHeader,
+    pub addr: u64,
+    /// As [`AllocEvent::py_stack`]: the Python frames of the releasing thread, or
+    /// [`NO_STACK`] (none running, or not a Python thread the agent registered).
+    pub py_stack: u64,
 }
 
 /// A range was unmapped (`EventKind::Munmap`).

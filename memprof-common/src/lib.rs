@@ -27,6 +27,7 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::AllocEvent {}
     unsafe impl aya::Pod for super::FreeEvent {}
+    unsafe impl aya::Pod for super::PyFreeEvent {}
     unsafe impl aya::Pod for super::UnmapEvent {}
     unsafe impl aya::Pod for super::RemapEvent {}
     unsafe impl aya::Pod for super::StackTrace {}
@@ -54,13 +55,14 @@ mod tests {
         assert_eq!(size_of::<EventHeader>(), 24);
         assert_eq!(size_of::<AllocEvent>(), 56);
         assert_eq!(size_of::<FreeEvent>(), 32);
+        assert_eq!(size_of::<PyFreeEvent>(), 40);
         assert_eq!(size_of::<UnmapEvent>(), 40);
         assert_eq!(size_of::<RemapEvent>(), 56);
         assert_eq!(size_of::<PhaseEvent>(), 32);
         assert_eq!(size_of::<ForkEvent>(), 32);
         assert_eq!(size_of::<ExecEvent>(), 40);
         assert_eq!(size_of::<UnwindEvent>(), 80);
-        assert_eq!(size_of::<PyWalk>(), 64);
+        assert_eq!(size_of::<PyWalk>(), 72);
         assert_eq!(size_of::<StackTrace>(), 1024);
         assert_eq!(size_of::<UnwindRow>(), 8);
         assert_eq!(size_of::<RowBlock>(), 512);
@@ -77,10 +79,10 @@ mod tests {
         }
         assert_eq!(AllocFn::from_u32(0), None);
         assert_eq!(AllocFn::from_u32(14), None);
-        for k in 1..=15 {
+        for k in 1..=16 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }
-        assert_eq!(EventKind::from_u16(16), None);
+        assert_eq!(EventKind::from_u16(17), None);
         assert_eq!(EventKind::from_u16(14), Some(EventKind::ReallocSettled));
     }
 
@@ -137,6 +139,7 @@ mod tests {
             frame_span: 0,
             frames_in_data_stack: 0,
             frame_is_entry: PY_NONE,
+            code_firstlineno: 40,
         };
         assert_eq!(walk.span_of_frame_fields(), Some(108));
         // _PyInterpreterFrame of 3.12: f_code 0, previous 8, prev_instr 56, char owner 70.

@@ -39,11 +39,29 @@ pub struct PyWalk {
     /// it set is the outermost of its `_PyEval_EvalFrameDefault` call, and is recorded with
     /// [`PY_ENTRY`] in its instruction field.
     pub frame_is_entry: u32,
+    /// `co_firstlineno` (an int) in a code object, or [`PY_NONE`]: the walk tags each frame's
+    /// instruction field with it ([`py_line_tag`]), so that the agent, which reads code
+    /// objects later, can tell a code object freed since and replaced by another at the same
+    /// address.
+    pub code_firstlineno: u32,
 }
 
 /// Set in a recorded instruction field: the frame is the outermost its call of the eval loop
 /// runs (3.11's `is_entry`). Instruction fields never use the top bit.
 pub const PY_ENTRY: u64 = 1 << 63;
+
+/// Bits of a recorded instruction field that hold the frame's code's line tag
+/// ([`py_line_tag`]); instruction fields (an offset, or a user-space pointer below 2^48) never
+/// use them.
+pub const PY_LINE_TAG_SHIFT: u32 = 48;
+pub const PY_LINE_TAG_MASK: u64 = 0x7fff << PY_LINE_TAG_SHIFT;
+
+/// The tag of a code object's `co_firstlineno` (1 to 0x7fff; 0 is "not read"), in place in a
+/// recorded instruction field.
+#[inline(always)]
+pub fn py_line_tag(firstlineno: i32) -> u64 {
+    ((firstlineno as u32 as u64) % 0x7fff + 1) << PY_LINE_TAG_SHIFT
+}
 
 /// Most bytes of one Python frame the kernel walk copies (a power of two).
 pub const PY_FRAME_COPY: u32 = 128;

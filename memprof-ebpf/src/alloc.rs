@@ -12,11 +12,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::trace;
 use memprof_common::{
-    AllocEvent, AllocFn, EventKind, FreeEvent, RemapEvent, UnmapEvent, cookie, session, unwind,
+    AllocEvent, AllocFn, EventKind, FreeEvent, PyFreeEvent, RemapEvent, UnmapEvent, cookie,
+    session, unwind,
 };
 
 use crate::{
-    UNWIND,
+    PY_FREES, UNWIND,
     calls::{
         Inflight, OLD_SAMPLED_FLAG, SAMPLED_FLAG, Session, call_state, enter, enter_session,
         in_allocator_text, in_flight, leave, remember_sampled, sample_mean, take_sampled,
@@ -110,6 +111,22 @@ fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: 
 
 #[inline(always)]
 fn emit_free(kind: EventKind, func: u32, id: u64, addr: u64) {
+    // With Python phases, a free carries the freeing thread's Python frames: whether it
+    // happened inside a phase is the agent's to tell.
+    // SAFETY: a read of a global the loader patches.
+    if kind as u16 == EventKind::Free as u16 && unsafe { core::ptr::read_volatile(&PY_FREES) } != 0
+    {
+        let (py_stack, new_py) = py_stack(id);
+        emit_with(
+            PyFreeEvent {
+                header: header(EventKind::PyFree, func, id),
+                addr,
+                py_stack,
+            },
+            new_py,
+        );
+        return;
+    }
     emit(FreeEvent {
         header: header(kind, func, id),
         addr,

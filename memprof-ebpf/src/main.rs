@@ -100,6 +100,11 @@ static PAUSE_CHILDREN: u32 = 0;
 #[unsafe(no_mangle)]
 static PAUSE_FOR_CODE: u32 = 0;
 
+/// Nonzero: frees record the Python frames of the freeing thread (`PyFreeEvent`), for phases
+/// named by Python function (`--phase NAME=py:QUALNAME`); set by the agent.
+#[unsafe(no_mangle)]
+static PY_FREES: u32 = 0;
+
 /// Mean sampling interval in bytes (`--sample-bytes`); 0 records every allocation. Set by the
 /// agent, at most `MAX_SAMPLE_MEAN`.
 #[unsafe(no_mangle)]

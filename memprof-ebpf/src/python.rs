@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use memprof_common::{
     Counter, DEFAULT_STACK_ENTRIES, MAX_PY_FRAMES, NO_STACK, PY_ENTRY, PY_FRAME_COPY,
-    PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PyStack, PyWalk,
+    PY_FRAME_OWNED_BY_CSTACK, PY_LINE_TAG_MASK, PY_NONE, PyStack, PyWalk, py_line_tag,
 };
 
 use crate::{emit::count, stack::copy_stack};
@@ -193,6 +193,16 @@ pub fn py_frame(frame: u64, i: u64) -> u64 {
     let shim = walk.frame_owner != PY_NONE
         && frame_field::<u8>(bytes, at + walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
     let code = if shim { 0 } else { code };
+    // The code's first line, so that a code object freed before the agent reads it is not
+    // taken for the one that took its place.
+    let instr = if code != 0 && walk.code_firstlineno != PY_NONE {
+        match user::<i32>(code.wrapping_add(u64::from(walk.code_firstlineno))) {
+            Some(line) => (instr & !PY_LINE_TAG_MASK) | py_line_tag(line),
+            None => instr,
+        }
+    } else {
+        instr
+    };
     // 3.11 marks the outermost frame of each call of the eval loop instead.
     let entry =
         walk.frame_is_entry != PY_NONE && frame_field::<u8>(bytes, at + walk.frame_is_entry) != 0;

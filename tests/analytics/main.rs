@@ -1,7 +1,7 @@
 //! End-to-end tests of memprof's leak analytics (this crate and the fixtures it names are owned
 //! by the tests/ directory): growth verdicts and rates, behaviour, recommendations,
 //! `--fail-on-leak`, alerts, process memory and `--limit` projection, categories, function phases
-//! and time marks (`memprof mark`), saved reports and `memprof diff`. They run the real `memprof`
+//! and time marks (`memprof mark`), saved reports, `memprof diff` and `memprof trend`. They run the real `memprof`
 //! binary as root against C fixtures compiled at test time (`cc -O2 -g -fno-omit-frame-pointer`)
 //! and assert on its NDJSON output.
 //!
@@ -45,6 +45,7 @@ mod memory;
 mod phases;
 mod plateau;
 mod recipes;
+mod trend;
 
 use std::{
     ffi::OsString,

@@ -142,6 +142,29 @@ fn check_phase(c: &mut Checks, phase: &Value, fact: &PhaseFact) {
     }
 }
 
+/// The phases' `(outstanding_bytes, outstanding_allocs)` at the end: what each allocated and
+/// nobody freed. phases.c keeps one 100000 B block of load_phase and nothing of render_phase;
+/// the `load` mark holds that and the 7000 B kept before it, the `render` mark the 500000 B
+/// block.
+const FN_OUTSTANDING: [(u64, u64); 2] = [(100_000, 1), (0, 0)];
+const MARK_OUTSTANDING: [(u64, u64); 2] = [(107_000, 2), (500_000, 1)];
+
+fn check_outstanding(c: &mut Checks, phases: &[Value], want: [(u64, u64); 2]) {
+    c.eq(
+        "phases: outstanding_bytes, outstanding_allocs",
+        phases
+            .iter()
+            .map(|p| {
+                (
+                    p["outstanding_bytes"].as_u64().unwrap_or(u64::MAX),
+                    p["outstanding_allocs"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect::<Vec<_>>(),
+        want.to_vec(),
+    );
+}
+
 fn check_phases_totals(c: &mut Checks, report: &Value) {
     for (key, want) in PHASES_TOTALS {
         c.eq(
@@ -234,7 +257,9 @@ fn phases_function_phases_pid_exact() {
     run.assert_code(0, "pid mode ends when the target exits");
     let report = run.report();
     let mut c = Checks::new("pid mode function phases");
-    for p in check_phases(&mut c, &report, [&LOAD_FN, &RENDER_FN]) {
+    let phases = check_phases(&mut c, &report, [&LOAD_FN, &RENDER_FN]);
+    check_outstanding(&mut c, phases, FN_OUTSTANDING);
+    for p in phases {
         c.check(
             p.get("start_s").is_none() && p.get("end_s").is_none(),
             format!("function phases carry no start_s/end_s: {p}"),
@@ -259,7 +284,8 @@ fn phases_function_phases_spawn_exact() {
     run.assert_code(0, "the fixture exits 0");
     let report = run.report();
     let mut c = Checks::new("spawn mode function phases");
-    check_phases(&mut c, &report, [&LOAD_FN, &RENDER_FN]);
+    let phases = check_phases(&mut c, &report, [&LOAD_FN, &RENDER_FN]);
+    check_outstanding(&mut c, phases, FN_OUTSTANDING);
     // The block load_phase keeps: the return probe on load_phase replaced its return address
     // on the stack while it ran, and the stack still names its caller.
     let kept: Vec<Vec<&str>> = leaks(&report)
@@ -300,6 +326,7 @@ fn phases_marks_exact() {
     let report = run.report();
     let mut c = Checks::new("mark phases");
     let phases = check_phases(&mut c, &report, [&LOAD_MARK, &RENDER_MARK]);
+    check_outstanding(&mut c, phases, MARK_OUTSTANDING);
     if !phases.is_empty() {
         let t = |i: usize, k: &str| phases[i][k].as_f64();
         let (s0, e0, s1, e1) = (

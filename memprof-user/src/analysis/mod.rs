@@ -14,15 +14,19 @@
 //! - [`recommend`]: advice that quotes the measurements it rests on.
 //! - [`memory`]: resident memory no traced allocation accounts for.
 //! - [`diff`]: what changed between two saved reports, site by site.
+//! - [`trend`]: each call site's outstanding bytes over a series of saved reports.
+//! - [`pyphases`]: phases named by Python function, and which frames are those functions.
 
 pub mod behaviour;
 pub mod categories;
 pub mod diff;
 pub mod growth;
 pub mod memory;
+pub mod pyphases;
 pub mod recommend;
 pub mod series;
 pub mod tracking;
+pub mod trend;
 
 pub use behaviour::{BehaviourSummary, Log2Hist, SizeBucket, StackStats};
 pub use categories::{Category, GroupRef, Rule, categorize, parse_rule_spec};

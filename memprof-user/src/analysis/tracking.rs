@@ -1,6 +1,6 @@
 //! Analytics state kept while tracing, fed by the table's changes: per call-stack group
 //! behaviour and outstanding-bytes series, the process's series, and phases (functions named by
-//! `--phase`, and time marks sent with `memprof mark`).
+//! `--phase`, native or Python, and time marks sent with `memprof mark`).
 
 use foldhash::HashMap;
 
@@ -34,7 +34,8 @@ pub struct GroupState {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PhaseReport {
     pub name: String,
-    /// `function` (active while a thread is inside it) or `mark` (from its mark to the next).
+    /// `function` (active while a thread is inside it), `python` (the same, for a Python
+    /// function) or `mark` (from its mark to the next).
     pub kind: &'static str,
     pub allocs: u64,
     pub frees: u64,
@@ -44,6 +45,10 @@ pub struct PhaseReport {
     pub net_bytes: i64,
     /// Highest running `net_bytes` inside the phase.
     pub peak_net_bytes: i64,
+    /// Bytes allocated inside the phase and not freed yet (wherever the free comes), and
+    /// their blocks.
+    pub outstanding_bytes: u64,
+    pub outstanding_allocs: u64,
     /// Highest process outstanding heap bytes while the phase was active (never the global
     /// peak unless the phase held it).
     pub peak_outstanding_bytes: u64,
@@ -79,6 +84,29 @@ impl PhaseReport {
         self.peak_net_bytes = self.peak_net_bytes.max(self.net_bytes);
         self.peak_outstanding_bytes = self.peak_outstanding_bytes.max(outstanding);
     }
+
+    /// Keeps `outstanding_bytes` and `outstanding_allocs`: a block allocated inside the phase,
+    /// or freed after being allocated there.
+    fn hold(&mut self, change: &Change) {
+        match *change {
+            Change::Alloc { block, count, .. } => {
+                self.outstanding_bytes += block.size * u64::from(count);
+                self.outstanding_allocs += u64::from(count);
+            }
+            Change::Free {
+                bytes,
+                whole,
+                count,
+                ..
+            } => {
+                self.outstanding_bytes = self.outstanding_bytes.saturating_sub(bytes);
+                if whole {
+                    self.outstanding_allocs =
+                        self.outstanding_allocs.saturating_sub(u64::from(count));
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +117,10 @@ struct Phases {
     /// Per thread, the phases it is inside, innermost last (recursion repeats an index).
     threads: HashMap<u32, Vec<u32>>,
     marks: Vec<PhaseReport>,
+    /// Per group allocated inside function phases, those phases (bit `i` for phase `i`, the
+    /// first 64): a block freed is taken from the outstanding bytes of its group's phases.
+    /// A call site's stack holds the phase's function, so its blocks share their phases.
+    group_phases: HashMap<GroupKey, u64>,
 }
 
 pub struct Tracker {
@@ -122,6 +154,18 @@ impl Tracker {
             },
             start_ns,
         }
+    }
+
+    /// Adds function phases of kind `python`, named by `names`, after those `new` was given:
+    /// their indexes follow.
+    pub fn add_python_phases(&mut self, names: &[String]) {
+        let p = &mut self.phases;
+        p.functions.extend(names.iter().map(|name| PhaseReport {
+            name: name.clone(),
+            kind: "python",
+            ..PhaseReport::default()
+        }));
+        p.active.resize(p.functions.len(), 0);
     }
 
     fn group(&mut self, key: GroupKey) -> &mut GroupState {
@@ -177,7 +221,10 @@ impl Tracker {
         if !heap_change {
             return;
         }
+        let born_s = self.seconds(change.block().ts_ns);
         let p = &mut self.phases;
+        let key = (site, change.block().func, false);
+        let mut inside = 0u64;
         if let Some(stack) = p.threads.get(&tid) {
             let mut counted: Vec<u32> = Vec::new();
             for &i in stack {
@@ -185,7 +232,21 @@ impl Tracker {
                     counted.push(i);
                     if let Some(r) = p.functions.get_mut(i as usize) {
                         r.count(change, outstanding);
+                        if matches!(change, Change::Alloc { .. }) {
+                            r.hold(change);
+                            inside |= 1u64.checked_shl(i).unwrap_or(0);
+                        }
                     }
+                }
+            }
+        }
+        if inside != 0 {
+            *p.group_phases.entry(key).or_default() |= inside;
+        }
+        if let (Change::Free { .. }, Some(&held)) = (change, p.group_phases.get(&key)) {
+            for (i, r) in p.functions.iter_mut().enumerate().take(64) {
+                if held & (1 << i) != 0 {
+                    r.hold(change);
                 }
             }
         }
@@ -197,6 +258,19 @@ impl Tracker {
         }
         if let Some(mark) = p.marks.last_mut() {
             mark.count(change, outstanding);
+        }
+        // The mark the block was allocated in: the last to start before it.
+        let held_by = match change {
+            Change::Alloc { .. } => p.marks.last_mut(),
+            Change::Free { .. } => {
+                let n = p
+                    .marks
+                    .partition_point(|m| m.start_s.is_some_and(|s| s <= born_s));
+                n.checked_sub(1).and_then(|i| p.marks.get_mut(i))
+            }
+        };
+        if let Some(mark) = held_by {
+            mark.hold(change);
         }
     }
 
@@ -281,6 +355,7 @@ impl Tracker {
         let mut removed = 0;
         for (_, key) in idle.into_iter().take(excess) {
             self.groups.remove(&key);
+            self.phases.group_phases.remove(&key);
             removed += 1;
         }
         removed
@@ -383,16 +458,94 @@ mod tests {
         assert_eq!((p.net_bytes, p.peak_net_bytes), (200, 300));
         assert_eq!(p.peak_outstanding_bytes, 800, "peak while active, not 5700");
         assert_eq!(p.entries, 1);
+        assert_eq!((p.outstanding_bytes, p.outstanding_allocs), (200, 1));
+    }
+
+    #[test]
+    fn phase_outstanding_follows_its_blocks_and_python_phases_come_last() {
+        let mut t = Tracker::new(&["load".to_string()], 0);
+        t.add_python_phases(&["render".to_string()]);
+        let other = SiteId::new(8);
+        t.on_phase(1, 1, true, 0);
+        t.on_change(&alloc(300, 1), SITE, 300);
+        t.on_phase(1, 1, false, 300);
+        // Freed outside the phase, by another thread: no longer outstanding in it, but not
+        // one of its frees either.
+        t.on_change(&free(300, 2), SITE, 0);
+        t.on_phase(1, 1, true, 0);
+        t.on_change(&alloc(40, 1), SITE, 40);
+        t.on_change(&alloc(2, 1), other, 42);
+        t.on_phase(1, 1, false, 42);
+        t.on_change(&alloc(7, 1), SITE, 49); // after the phase
+        let phases = t.phases(0);
+        assert_eq!(
+            phases
+                .iter()
+                .map(|p| (p.name.as_str(), p.kind))
+                .collect::<Vec<_>>(),
+            [("load", "function"), ("render", "python")]
+        );
+        let r = &phases[1];
+        assert_eq!(
+            (r.allocs, r.frees, r.bytes_allocated, r.net_bytes, r.entries),
+            (3, 0, 342, 342, 2)
+        );
+        assert_eq!((r.outstanding_bytes, r.outstanding_allocs), (42, 2));
+        assert_eq!(
+            phases[0],
+            PhaseReport {
+                name: "load".to_string(),
+                kind: "function",
+                ..PhaseReport::default()
+            }
+        );
     }
 
     #[test]
     fn marks_split_time_and_close_at_end() {
         let mut t = Tracker::new(&[], 0);
+        // Blocks as the kernel stamps them, allocated at 1.5 s and 2.5 s.
+        let at = |c: Change, ts_ns| match c {
+            Change::Alloc {
+                mut block,
+                tid,
+                mmap,
+                count,
+            } => {
+                block.ts_ns = ts_ns;
+                Change::Alloc {
+                    block,
+                    tid,
+                    mmap,
+                    count,
+                }
+            }
+            Change::Free {
+                mut block,
+                bytes,
+                whole,
+                tid,
+                ts_ns: freed_ns,
+                mmap,
+                count,
+            } => {
+                block.ts_ns = ts_ns;
+                Change::Free {
+                    block,
+                    bytes,
+                    whole,
+                    tid,
+                    ts_ns: freed_ns,
+                    mmap,
+                    count,
+                }
+            }
+        };
         t.mark("load", 1_000_000_000, 0);
-        t.on_change(&alloc(64, 9), SITE, 64);
+        t.on_change(&at(alloc(64, 9), 1_500_000_000), SITE, 64);
         t.mark("render", 2_000_000_000, 64);
-        t.on_change(&alloc(32, 3), SITE, 96);
-        t.on_change(&free(64, 3), SITE, 32);
+        t.on_change(&at(alloc(32, 3), 2_500_000_000), SITE, 96);
+        t.on_change(&at(free(64, 3), 1_500_000_000), SITE, 32);
         let phases = t.phases(5_000_000_000);
         let got: Vec<_> = phases
             .iter()
@@ -414,6 +567,14 @@ mod tests {
             ]
         );
         assert_eq!(phases[1].peak_outstanding_bytes, 96);
+        // The 64 B block of `load`, freed in `render`: still `load`'s, and freed.
+        assert_eq!(
+            phases
+                .iter()
+                .map(|p| (p.outstanding_bytes, p.outstanding_allocs))
+                .collect::<Vec<_>>(),
+            [(0, 0), (32, 1)]
+        );
     }
 
     #[test]

@@ -27,6 +27,26 @@ pub struct DiffArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TrendArgs {
+    /// Reports saved with `trace --output`, one per run, oldest first (at least 3).
+    #[arg(required = true, num_args = 1..)]
+    pub reports: Vec<PathBuf>,
+    /// Write the trend as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write an HTML page with a chart of bytes per run to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Exit with status 3 when a site's verdict is growing and it grows by more than
+    /// BYTES_PER_RUN per run (e.g. 4096, 64KiB).
+    #[arg(long, value_name = "BYTES_PER_RUN", value_parser = parse_bytes)]
+    pub fail_on_growth: Option<u64>,
+    /// Show only the first N sites (text; growing first, steepest first).
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+}
+
+#[derive(Debug, Args)]
 pub struct MarkArgs {
     /// Name of the phase that starts now.
     pub name: String,

@@ -1,20 +1,20 @@
 //! The command line: `memprof trace --pid PID`, `memprof trace -- CMD ARGS`, `memprof diff A B`,
-//! `memprof mark NAME`.
+//! `memprof trend R1 R2 ... RN`, `memprof mark NAME`.
 
 mod args;
 mod trace;
 
 use std::{io::Write as _, path::Path};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
-use self::args::{DiffArgs, MarkArgs, TraceArgs};
+use self::args::{DiffArgs, MarkArgs, TraceArgs, TrendArgs};
 pub use self::args::{parse_bytes, parse_duration};
 use crate::{
-    analysis::diff,
+    analysis::{diff, trend},
     ingest::marks,
-    output::{json, text},
+    output::{self, json, text},
     report::saved,
 };
 
@@ -39,6 +39,9 @@ enum Command {
     Trace(Box<TraceArgs>),
     /// Compare two reports saved with `trace --output`: what grew and where.
     Diff(DiffArgs),
+    /// Each call site's outstanding bytes over reports saved run after run: slope per run,
+    /// r² and a verdict (growing, shrinking, stable, noisy).
+    Trend(TrendArgs),
     /// Start a time phase NAME in a running trace (from another shell or a script).
     Mark(MarkArgs),
 }
@@ -49,6 +52,7 @@ pub fn run() -> Result<i32> {
     match cli.command {
         Command::Trace(args) => trace::trace(*args),
         Command::Diff(args) => diff_reports(&args),
+        Command::Trend(args) => trend_reports(&args),
         Command::Mark(args) => {
             marks::send(Path::new(marks::SOCKET_DIR), args.pid, &args.name)?;
             Ok(0)
@@ -77,6 +81,43 @@ fn diff_reports(args: &DiffArgs) -> Result<i32> {
         }
         _ => Ok(0),
     }
+}
+
+fn trend_reports(args: &TrendArgs) -> Result<i32> {
+    let reports = args
+        .reports
+        .iter()
+        .map(|p| Ok((p.display().to_string(), saved::load_report(p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let t = trend::trend(&reports)?;
+    for run in &t.incomplete_runs {
+        eprintln!("memprof: warning: {}", run.describe());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, output::trend::render_html(&t))
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    if args.json {
+        json::write_line(&t)?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", output::trend::render(&t, args.top))?;
+        out.flush()?;
+    }
+    let Some(limit) = args.fail_on_growth else {
+        return Ok(0);
+    };
+    let growing = trend::growing_beyond(&t, limit as f64);
+    let Some(first) = growing.first() else {
+        return Ok(0);
+    };
+    eprintln!(
+        "memprof: {} site(s) grow by more than {limit} B per run; steepest {:.1} B/run at {}",
+        growing.len(),
+        first.slope_bytes_per_run,
+        first.stack.first().map_or("?", String::as_str)
+    );
+    Ok(GATE_FAILED)
 }
 
 #[cfg(test)]
@@ -110,5 +151,20 @@ mod tests {
         ])
         .unwrap();
         Cli::try_parse_from(["memprof", "mark", "render", "--pid", "7"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "memprof",
+            "trend",
+            "a.json",
+            "b.json",
+            "c.json",
+            "--fail-on-growth",
+            "4KiB",
+        ])
+        .unwrap();
+        let Command::Trend(args) = cli.command else {
+            panic!("not a trend command");
+        };
+        assert_eq!((args.reports.len(), args.fail_on_growth), (3, Some(4096)));
+        assert!(Cli::try_parse_from(["memprof", "trend"]).is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use memprof_common::DEFAULT_RING_BYTES;
 use serde::Serialize;
 
@@ -16,21 +16,22 @@ use super::{
     args::{TraceArgs, split_spec},
 };
 use crate::{
-    analysis::categories::Rule,
+    analysis::{categories::Rule, pyphases::PyPattern},
     ingest::{marks, mmaps::MmapWatcher},
     output::{self, OutputFiles, json},
     probe::{
-        LinkKind, Options, Targets, Tracer,
+        LinkKind, Options, PhaseNotFound, Targets, Tracer,
         allocators::{self, Allocator},
-        kernel_log,
+        kernel_log, loader,
     },
     report,
     serve::{self, Live},
     session::{End, Session, Settings},
+    stacks::python,
     sys::{
         elf,
         maps::AddressSpace,
-        process,
+        process, shims,
         target::{self, PidFd},
     },
 };
@@ -100,11 +101,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         bail!("give one of --pid PID, --all, or -- COMMAND [ARGS...]");
     }
     // Check every option before touching the target.
-    let phases = args
-        .phase
-        .iter()
-        .map(|spec| split_spec(spec, "--phase"))
-        .collect::<Result<Vec<_>>>()?;
+    let (phases, py_phases) = phase_specs(&args.phase)?;
     let rules = args
         .category
         .iter()
@@ -124,12 +121,20 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     target::check_kernel(std::path::Path::new("/sys"))?;
 
     if args.all {
-        return trace_all(&args, &phases, rules);
+        return trace_all(&args, &phases, &py_phases, rules);
     }
     let (pid, allocators, objects, spawned) = match args.pid {
         Some(pid) => {
             if pid == std::process::id() {
                 bail!("memprof cannot trace itself");
+            }
+            if let Some((name, pattern)) = py_phases.first()
+                && !args.follow_children
+                && let Err(e) = python::detect(pid)
+            {
+                let exe = fs::read_link(format!("/proc/{pid}/exe"))
+                    .map_or_else(|_| "?".to_string(), |p| p.display().to_string());
+                bail!("--phase {name}=py:{}: {e} ({exe})", pattern.name);
             }
             let allocators = allocators::of_pid(pid)?;
             // Phase functions: the executable first, then every mapped file.
@@ -147,9 +152,22 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         None => {
             let path = target::resolve_command(&args.command[0])?;
             let allocators = allocators::for_command(&path)?;
+            // Phase functions: in the program the command ends up running (through shims
+            // and wrappers), then in its libraries.
+            let objects = if phases.is_empty() {
+                Vec::new()
+            } else {
+                let real = shims::real_program(&path);
+                let mut objects = vec![real.clone()];
+                if let Ok(libraries) = loader::objects_of_command(&real) {
+                    objects.extend(libraries.into_iter().map(|c| c.path));
+                }
+                objects.dedup();
+                objects
+            };
             // Fork before any thread exists (the runtime is built afterwards).
             let child = target::spawn_stopped(&path, &args.command, args.json)?;
-            (child.pid, allocators, vec![path], Some(child))
+            (child.pid, allocators, objects, Some(child))
         }
     };
     let follow = if spawned.is_some() {
@@ -173,6 +191,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             targets,
             allocators: &allocators,
             phases: &phases,
+            py_phases: &py_phases,
             objects: &objects,
         },
         rules,
@@ -188,7 +207,12 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
 
 /// `memprof trace --all`: every process (or those of `--comm`/`--cgroup`), probing each
 /// allocator object the running processes use once.
-fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) -> Result<i32> {
+fn trace_all(
+    args: &TraceArgs,
+    phases: &[(String, String)],
+    py_phases: &[(String, PyPattern)],
+    rules: Vec<Rule>,
+) -> Result<i32> {
     let cgroup = args.cgroup.as_deref().map(cgroup_id).transpose()?;
     let own = std::process::id();
     let mut pids = Vec::new();
@@ -250,6 +274,7 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
             targets,
             allocators: &allocators,
             phases,
+            py_phases,
             objects: &[],
         },
         rules,
@@ -288,6 +313,7 @@ struct Target<'a> {
     /// The main allocator first.
     allocators: &'a [Allocator],
     phases: &'a [(String, String)],
+    py_phases: &'a [(String, PyPattern)],
     objects: &'a [PathBuf],
 }
 
@@ -302,6 +328,7 @@ fn trace_pid(
         targets,
         allocators,
         phases,
+        py_phases,
         objects,
     } = target;
     let pidfd = if pid == 0 {
@@ -316,7 +343,7 @@ fn trace_pid(
         format!("pid {pid}")
     };
     let attach_start = std::time::Instant::now();
-    let tracer = Tracer::attach(&Options {
+    let attached = Tracer::attach(&Options {
         targets,
         allocators,
         ring_bytes: args.ring_bytes.unwrap_or(if args.unwind == "dwarf" {
@@ -326,6 +353,7 @@ fn trace_pid(
         }),
         phases,
         phase_objects: objects,
+        python_frees: !py_phases.is_empty(),
         floor: args.probe_floor,
         no_placement: args.no_placement,
         call_slots: args.call_slots,
@@ -341,8 +369,21 @@ fn trace_pid(
         pause_for_code: args.unwind == "tables" && spawned.is_some(),
         tables: args.unwind == "tables",
         sample_bytes: args.sample_bytes.unwrap_or(0),
-    })
-    .with_context(|| format!("failed to trace {what}"))?;
+    });
+    let tracer = match attached {
+        Ok(tracer) => tracer,
+        Err(e) => match e.downcast_ref::<PhaseNotFound>() {
+            // The function may be Python code run by the interpreter traced.
+            Some(missing) if is_python_program(&missing.object) => bail!(
+                "failed to trace {what}: {missing}: {} is a Python interpreter; for a Python \
+                 function write --phase {}=py:{}",
+                missing.object,
+                missing.name,
+                missing.function
+            ),
+            _ => return Err(e.context(format!("failed to trace {what}"))),
+        },
+    };
     if args.probe_stats {
         eprintln!(
             "memprof: attached {} probe links ({}) in {:.1} ms",
@@ -430,6 +471,7 @@ fn trace_pid(
         alert_bytes: args.alert_threshold,
         alert_growth_mb_per_hour: args.growth_threshold,
         phases: phases.iter().map(|(name, _)| name.clone()).collect(),
+        py_phases: py_phases.to_vec(),
         mark_dir: Some(PathBuf::from(marks::SOCKET_DIR)),
         command: match spawned {
             Some(_) => args.command.clone(),
@@ -480,6 +522,9 @@ fn trace_pid(
         End::Duration | End::Signal => (false, None),
     };
     let report = report::finish(session.snapshot(), exited, code);
+    for warning in session.python_phase_warnings() {
+        eprintln!("memprof: warning: {warning}");
+    }
     if let Some(path) = &args.output {
         json::save_report(path, &report)?;
     }
@@ -500,6 +545,42 @@ fn trace_pid(
     } else {
         0
     })
+}
+
+/// The `--phase NAME=FUNCTION` specs split into native functions and Python ones
+/// (`NAME=py:QUALNAME`), each checked.
+fn phase_specs(specs: &[String]) -> Result<PhaseSpecs> {
+    // Phases are counted per call site in a 64-bit set.
+    const MAX_PHASES: usize = 64;
+    if specs.len() > MAX_PHASES {
+        bail!(
+            "at most {MAX_PHASES} --phase options are supported ({} given)",
+            specs.len()
+        );
+    }
+    let mut native = Vec::new();
+    let mut python = Vec::new();
+    for spec in specs {
+        let (name, function) = split_spec(spec, "--phase")?;
+        match function.strip_prefix("py:") {
+            Some(qualname) => {
+                let pattern = PyPattern::parse(qualname)
+                    .map_err(|e| anyhow!("invalid --phase {spec:?}: {e}"))?;
+                python.push((name, pattern));
+            }
+            None => native.push((name, function)),
+        }
+    }
+    Ok((native, python))
+}
+
+/// Native phases (name, function) and Python ones (name, function).
+type PhaseSpecs = (Vec<(String, String)>, Vec<(String, PyPattern)>);
+
+/// Whether `path` is a CPython interpreter (`python3.12`) or its library (`libpython3.12.so`).
+fn is_python_program(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("python") || name.starts_with("libpython")
 }
 
 /// Shell-style exit code of a wait status: the exit status, or 128 + the killing signal.

@@ -5,7 +5,7 @@
 
 use memprof_common::{
     AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent,
-    PhaseEvent, RemapEvent, UnmapEvent, UnwindEvent,
+    PhaseEvent, PyFreeEvent, RemapEvent, UnmapEvent, UnwindEvent,
 };
 
 /// One decoded record.
@@ -108,7 +108,8 @@ pub struct Record<'a> {
     /// The process it belongs to.
     pub tgid: u32,
     pub event: Event,
-    /// Key of the Python frames of an allocation (`NO_STACK` for none or another kind).
+    /// Key of the Python frames of an allocation, or of a free recorded with them
+    /// (`EventKind::PyFree`); `NO_STACK` for none or another kind.
     pub py_stack: u64,
     /// The stack copy of an `AllocStack` record: its `Event::Alloc` has no stack key until the
     /// agent has unwound the copy.
@@ -150,6 +151,16 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         }
         EventKind::Free => {
             let e: FreeEvent = read(bytes)?;
+            Event::Free {
+                tid,
+                func: func()?,
+                addr: e.addr,
+                ts_ns: header.ts_ns,
+            }
+        }
+        EventKind::PyFree => {
+            let e: PyFreeEvent = read(bytes)?;
+            py_stack = e.py_stack;
             Event::Free {
                 tid,
                 func: func()?,
@@ -365,6 +376,30 @@ mod tests {
         // A record shorter than its stated copy is refused, never read past.
         bytes.truncate(bytes.len() - 1);
         assert!(matches!(decode(&bytes), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn decodes_free_with_python_frames() {
+        let bytes = encode(&PyFreeEvent {
+            header: header(EventKind::PyFree, AllocFn::Realloc),
+            addr: 0x2000,
+            py_stack: 91,
+        });
+        let record = decode_record(&bytes).unwrap();
+        assert_eq!(
+            record.event,
+            Event::Free {
+                tid: 8,
+                func: AllocFn::Realloc,
+                addr: 0x2000,
+                ts_ns: 99
+            }
+        );
+        assert_eq!(record.py_stack, 91);
+        assert_eq!(
+            decode(&bytes[..32]),
+            Err(DecodeError::Short { got: 32, need: 40 })
+        );
     }
 
     #[test]

@@ -482,6 +482,8 @@ mod tests {
             bytes_freed: 1000,
             net_bytes: 2000,
             peak_net_bytes: 2500,
+            outstanding_bytes: 2000,
+            outstanding_allocs: 2,
             peak_outstanding_bytes: 9000,
             entries: 1,
             start_s: Some(0.0),

@@ -14,6 +14,7 @@ pub mod html;
 pub mod json;
 pub mod pprof;
 pub mod text;
+pub mod trend;
 
 use crate::report::Profile;
 

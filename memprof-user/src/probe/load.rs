@@ -3,7 +3,13 @@
 //! before entry probes: an entry seen without its return would leave the thread marked as
 //! inside an allocator.
 
-use std::{collections::HashSet, fs, os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    fs,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -106,6 +112,8 @@ pub struct Options<'a> {
     pub phases: &'a [(String, String)],
     /// Files to look for phase functions in, in order of preference.
     pub phase_objects: &'a [PathBuf],
+    /// Frees record the freeing thread's Python frames (phases named by Python function).
+    pub python_frees: bool,
     /// Attach programs that return at once (measures the probes' own cost).
     pub floor: bool,
     /// Probe every function at its first byte (no `placement`).
@@ -202,6 +210,7 @@ impl Tracer {
                 true,
             )
             .override_global("SAMPLE_BYTES", &sample_bytes, true)
+            .override_global("PY_FREES", &u32::from(opts.python_frees), true)
             .override_global("CALL_SLOT_MASK", &(opts.call_slots - 1), true)
             .override_global(aya_log::LEVEL, &opts.kernel_log, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
@@ -492,6 +501,44 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<TracePointLinkId>> {
     Ok(fork_child)
 }
 
+/// A `--phase` function that none of the objects looked in defines.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "phase {name}: function {function} not found in {object}{}",
+    match others {
+        0 => String::new(),
+        1 => " or the 1 other object it maps".to_string(),
+        n => format!(" or the {n} other objects it maps"),
+    }
+)]
+pub struct PhaseNotFound {
+    pub name: String,
+    pub function: String,
+    /// The program: the first object looked in.
+    pub object: String,
+    /// How many other objects were looked in.
+    pub others: usize,
+}
+
+/// A path as its process sees it: `/proc/PID/exe` is where the link leads, `/proc/PID/root/X`
+/// is `X`.
+fn shown_object(path: &Path) -> String {
+    let text = path.display().to_string();
+    if let Some(rest) = text.strip_prefix("/proc/")
+        && let Some((_, inside)) = rest.split_once('/')
+    {
+        if inside == "exe"
+            && let Ok(target) = fs::read_link(path)
+        {
+            return target.display().to_string();
+        }
+        if let Some(file) = inside.strip_prefix("root") {
+            return file.to_string();
+        }
+    }
+    text
+}
+
 /// The probe sets of the `--phase` functions: entry and return of each, the cookie is the
 /// phase's index.
 fn plan_phases(opts: &Options<'_>) -> Result<Vec<ProbeSet>> {
@@ -503,14 +550,17 @@ fn plan_phases(opts: &Options<'_>) -> Result<Vec<ProbeSet>> {
             found.get(function).map(|sym| (object, sym.file_offset))
         });
         let Some((object, offset)) = found else {
-            bail!(
-                "phase {name}: function {function} not found in {}",
-                opts.phase_objects
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            return Err(PhaseNotFound {
+                name: name.clone(),
+                function: function.clone(),
+                object: opts
+                    .phase_objects
+                    .first()
+                    .map(|p| shown_object(p))
+                    .unwrap_or_default(),
+                others: opts.phase_objects.len().saturating_sub(1),
+            }
+            .into());
         };
         let point = (offset, index as u64);
         match sets.iter_mut().find(|s| &s.path == object) {

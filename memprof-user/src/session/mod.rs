@@ -6,6 +6,7 @@
 //! - [`mappings`]: each process's view of its address space; stacks placed and unwound.
 //! - [`naming`]: the tracker's inputs, in order, once their stacks are named.
 //! - [`pythons`]: CPython processes, their threads, and mixed Python/native stacks.
+//! - [`pyphases`]: phases named by Python function, told from the frames of each call.
 //! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
 //! - [`procs`]: what the session knows of each traced process.
 
@@ -13,6 +14,7 @@ mod mappings;
 mod naming;
 mod observe;
 mod procs;
+mod pyphases;
 mod pythons;
 mod reports;
 
@@ -30,9 +32,9 @@ use tokio::{
 };
 
 pub use self::reports::Alert;
-use self::{procs::Proc, pythons::PyState};
+use self::{procs::Proc, pyphases::PyPhases, pythons::PyState};
 use crate::{
-    analysis::{categories::Rule, tracking::Tracker},
+    analysis::{categories::Rule, pyphases::PyPattern, tracking::Tracker},
     ingest::{marks, mmaps::MmapWatcher},
     probe::Tracer,
     report::{self},
@@ -78,6 +80,8 @@ pub struct Settings {
     pub alert_growth_mb_per_hour: Option<f64>,
     /// Names of the `--phase` function phases, in cookie order.
     pub phases: Vec<String>,
+    /// `--phase NAME=py:QUALNAME`: the phases named by Python function, after the native ones.
+    pub py_phases: Vec<(String, PyPattern)>,
     /// Directory of the `memprof mark` socket; None disables marks.
     pub mark_dir: Option<std::path::PathBuf>,
     /// The traced command line (for outputs that name it).
@@ -136,6 +140,8 @@ pub struct Session {
     pending_maps: foldhash::HashMap<u32, Vec<Mapping>>,
     /// CPython processes: their frame readers and registered threads.
     pythons: foldhash::HashMap<u32, PyState>,
+    /// Phases named by Python function, and the threads inside them.
+    py_phases: Option<PyPhases>,
     /// (device, inode) of mapped files found to hold no allocator.
     plain_objects: std::collections::HashSet<(u64, u64)>,
     /// Exited processes still reported, oldest first (see `EXITED_KEPT`).
@@ -182,8 +188,12 @@ impl Session {
     ) -> Self {
         let start_ns = monotonic_ns();
         let sample_bytes = tracer.sample_bytes;
+        let mut tracker = Tracker::new(&settings.phases, start_ns);
+        let py_names: Vec<String> = settings.py_phases.iter().map(|(n, _)| n.clone()).collect();
+        tracker.add_python_phases(&py_names);
         Self {
-            tracker: Tracker::new(&settings.phases, start_ns),
+            py_phases: PyPhases::new(&settings.py_phases, settings.phases.len()),
+            tracker,
             changes: Vec::new(),
             rules,
             over_bytes: false,
@@ -320,7 +330,10 @@ impl Session {
                     let snap = self.snapshot();
                     self.emit(&snap)?;
                 }
-                _ = tick(&mut drainer) => self.drain(),
+                _ = tick(&mut drainer) => {
+                    self.drain();
+                    self.scan_deferred_pythons();
+                }
                 guard = readable(&logs) => {
                     if let Ok(mut guard) = guard {
                         self.tracer.flush_logs();

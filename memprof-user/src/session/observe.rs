@@ -79,6 +79,7 @@ impl Session {
             if let Event::Alloc(a) = &mut event {
                 a.stack = self.with_python(tgid, a.stack, py_stack);
             }
+            self.python_phase_turns(tgid, &event, py_stack);
             self.observe(tgid, &event);
             if paused {
                 // SAFETY: a signal to a process that stopped itself for this record.
@@ -283,6 +284,7 @@ impl Session {
         for pid in pythons {
             self.scan_python(pid);
         }
+        self.python_phase_threads_gone();
         let now = monotonic_ns();
         let t = (now - self.start_ns) as f64 / 1e9;
         let mut rss = None;

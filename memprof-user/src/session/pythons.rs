@@ -19,6 +19,9 @@ pub(super) struct PyState {
     /// Detection attempts so far (the interpreter may not be mapped or initialized yet).
     tries: u32,
     last_scan_ns: u64,
+    /// A look was asked for within `RESCAN_NS` of the last one: due at the next drain tick
+    /// (a thread that allocates once and then waits is registered before it runs on).
+    deferred: bool,
     /// Threads registered with the kernel program: tid -> thread state.
     pub(super) tids: std::collections::HashMap<u32, u64>,
 }
@@ -86,6 +89,19 @@ impl Session {
         key
     }
 
+    /// The looks for new Python threads put off by `scan_python`'s rate limit.
+    pub(super) fn scan_deferred_pythons(&mut self) {
+        let due: Vec<u32> = self
+            .pythons
+            .iter()
+            .filter(|(_, s)| s.deferred)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in due {
+            self.scan_python(pid);
+        }
+    }
+
     /// Finds CPython in process `tgid` (once per image) and registers its threads with the
     /// kernel program, at most every 20 ms per process.
     pub(super) fn scan_python(&mut self, tgid: u32) {
@@ -115,9 +131,11 @@ impl Session {
             RESCAN_NS
         };
         if now.saturating_sub(state.last_scan_ns) < interval {
+            state.deferred = true;
             return;
         }
         state.last_scan_ns = now;
+        state.deferred = false;
         if state.resolver.is_none() {
             state.tries = state.tries.saturating_add(1);
             let Ok(resolver) = Resolver::new(tgid) else {
@@ -142,6 +160,7 @@ impl Session {
                     o.frame_model == python::FRAME_MODEL_INTERPRETER_FRAME,
                 ),
                 frame_is_entry: o.frame_is_entry,
+                code_firstlineno: o.code_firstlineno,
             };
             let Some(span) = walk.span_of_frame_fields() else {
                 return;

@@ -128,22 +128,22 @@ fn delta(before: u64, after: u64) -> i64 {
 
 /// A call site's identity across reports.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct SiteKey {
-    stack: Vec<String>,
-    allocator: String,
-    kind: String,
+pub(crate) struct SiteKey {
+    pub(crate) stack: Vec<String>,
+    pub(crate) allocator: String,
+    pub(crate) kind: String,
 }
 
-/// The parts of a report a diff uses.
-struct Parsed {
-    outstanding_bytes: u64,
-    mmap_outstanding_bytes: u64,
+/// The parts of a report a diff (or a trend) uses.
+pub(crate) struct Parsed {
+    pub(crate) outstanding_bytes: u64,
+    pub(crate) mmap_outstanding_bytes: u64,
     /// (bytes, allocs) per site, groups sharing an identity summed.
-    sites: HashMap<SiteKey, (u64, u64)>,
+    pub(crate) sites: HashMap<SiteKey, (u64, u64)>,
 }
 
 impl Parsed {
-    fn new(v: &Value) -> Result<Self> {
+    pub(crate) fn new(v: &Value) -> Result<Self> {
         match v.get("type").and_then(Value::as_str) {
             Some("report" | "snapshot") => {}
             other => bail!(

@@ -3,6 +3,8 @@
 
 use std::{collections::HashMap, path::Path};
 
+use memprof_common::{PY_LINE_TAG_MASK, py_line_tag};
+
 use super::{
     FRAME_OWNED_BY_CSTACK, FRAME_OWNED_BY_GENERATOR, GLIBC_PTHREAD_TID, INSTR_LASTI_BYTES,
     INSTR_LASTI_UNITS, INSTR_POINTER, MAX_FRAMES, MAX_INTERPRETERS, MAX_STRING_BYTES,
@@ -166,6 +168,7 @@ impl Resolver {
     /// Whether a pair the kernel recorded is a frame CPython's tracebacks leave out (one that
     /// has not run its first instruction), or not a code object at all.
     pub fn incomplete_frame(&self, code: u64, instr: u64) -> bool {
+        let instr = instr & !PY_LINE_TAG_MASK;
         if self.codes.contains_key(&code) {
             return false;
         }
@@ -208,6 +211,13 @@ impl Resolver {
             self.codes.insert(code, info);
         }
         let info = &self.codes[&code];
+        // The kernel tags the field with the first line of the code it ran: another line
+        // means the code object was freed since and another took its address.
+        let tag = instr & PY_LINE_TAG_MASK;
+        if tag != 0 && tag != py_line_tag(info.firstlineno) {
+            return Err(self.invalid("code object replaced since the call", code));
+        }
+        let instr = instr & !PY_LINE_TAG_MASK;
         let o = &self.process.offsets;
         let line = match o.instr_kind {
             INSTR_LASTI_BYTES => Some(lnotab_line(
