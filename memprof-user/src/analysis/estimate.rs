@@ -4,7 +4,7 @@
 //! Every estimate of a sampled trace is a sum over the sampled blocks (see
 //! `table::sample_variance`), so its variance is estimated by a sum too, kept beside it: added
 //! at each sampled allocation, taken away at its free. The interval is the normal one,
-//! `estimate ± 1.96 σ`, cut at 0; the peak has one of its own ([`super::peak`]).
+//! `estimate ± 1.96 σ`, cut at 0; the peak has one of its own (see the peak module).
 
 use serde::Serialize;
 

@@ -66,6 +66,35 @@ pub const LEAK_MAX_RECENT_RATIO: f64 = 2.0;
 pub const CHURN_MIN_FREE_RATIO: f64 = 0.9;
 /// `churn` needs at least this many allocations.
 pub const CHURN_MIN_ALLOCS: u64 = 100;
+/// Shortest span of samples (seconds) over which a heap growth rate is given: a rate from a
+/// few seconds extrapolated to an hour says nothing.
+pub const RATE_MIN_SPAN_S: f64 = 5.0;
+/// Least r² of the fit for a heap growth rate.
+pub const RATE_MIN_R2: f64 = 0.8;
+
+/// The growth of a heap (bytes/s) from its samples over the trace (or over a process's life,
+/// its samples ending when it exited), or why none is given: fewer than [`MIN_POINTS`]
+/// samples, a span under [`RATE_MIN_SPAN_S`], or a fit with `r² <` [`RATE_MIN_R2`].
+pub fn heap_rate(points: &[(f64, f64)]) -> Result<f64, String> {
+    if points.len() < MIN_POINTS {
+        return Err(format!("{} samples, fewer than {MIN_POINTS}", points.len()));
+    }
+    let span = match (points.first(), points.last()) {
+        (Some(a), Some(b)) => b.0 - a.0,
+        _ => 0.0,
+    };
+    if span < RATE_MIN_SPAN_S {
+        return Err(format!(
+            "samples span {span:.1} s, under {RATE_MIN_SPAN_S} s"
+        ));
+    }
+    let fit = least_squares(points).ok_or_else(|| "no fit".to_string())?;
+    if fit.r2 < RATE_MIN_R2 {
+        return Err(format!("weak fit (r² {:.2} < {RATE_MIN_R2})", fit.r2));
+    }
+    Ok(fit.slope)
+}
+
 /// Number of points at which confidence is no longer reduced for shortness.
 pub const FULL_CONFIDENCE_POINTS: f64 = 20.0;
 
@@ -305,6 +334,29 @@ mod tests {
         let g = classify(&s, &quiet());
         assert_eq!(g.verdict, Verdict::Stable, "{g:?}");
         assert_eq!(g.growing_for_s, 0.0);
+    }
+
+    #[test]
+    fn heap_rate_needs_span_points_and_fit() {
+        let line: Vec<(f64, f64)> = (0..7).map(|i| (i as f64, 1000.0 * i as f64)).collect();
+        assert_eq!(heap_rate(&line), Ok(1000.0));
+        let short: Vec<(f64, f64)> = (0..7).map(|i| (i as f64 * 0.5, 1e6 * i as f64)).collect();
+        assert_eq!(
+            heap_rate(&short),
+            Err("samples span 3.0 s, under 5 s".to_string())
+        );
+        assert_eq!(
+            heap_rate(&line[..4]),
+            Err("4 samples, fewer than 5".to_string())
+        );
+        let noise: Vec<(f64, f64)> = (0..12)
+            .map(|i| (i as f64, if i % 2 == 0 { 0.0 } else { 1e6 }))
+            .collect();
+        assert!(
+            heap_rate(&noise)
+                .unwrap_err()
+                .starts_with("weak fit (r² 0.0")
+        );
     }
 
     #[test]

@@ -10,11 +10,13 @@ use serde::Serialize;
 use crate::{
     analysis::{
         behaviour::StackStats,
+        estimate::Spread,
         growth::{self, Activity, Growth},
+        peak::{Held, PeakSet, Snapshot, Step},
         series::{Series, least_squares},
     },
     stacks::SiteId,
-    table::Change,
+    table::{Change, sample_split, sample_variance},
 };
 
 /// A call-site group: the site (symbolized stack, see `stacks::sites`), allocator, whether it is
@@ -99,6 +101,51 @@ pub struct Tracker {
     pub rss: Series,
     phases: Phases,
     start_ns: u64,
+    /// What each group held at the heap's peak, over every traced process (see
+    /// [`crate::analysis::peak`]).
+    peak: PeakSet<GroupKey>,
+    /// The same per process, when the trace covers several (`--all`, followed children).
+    process_peaks: Option<HashMap<u32, PeakSet<GroupKey>>>,
+    /// `--sample-bytes` (0 without sampling).
+    sample_mean: u64,
+}
+
+/// One heap change as the peak takes it: bytes and blocks, with sampling their variances and
+/// the block's weights in the two half-rate samples (see `table::sample_split`).
+fn peak_step(change: &Change, mean: u64) -> Step {
+    let (block, increase, ts_ns, count) = match *change {
+        Change::Alloc { block, count, .. } => (block, true, block.ts_ns, count),
+        Change::Free {
+            block,
+            ts_ns,
+            count,
+            ..
+        } => (block, false, ts_ns, count),
+    };
+    let count = u64::from(count);
+    let (spread, halves) = if mean == 0 {
+        (Spread::default(), [(0.0, 0.0); 2])
+    } else {
+        let s = block.size as f64;
+        let v = sample_variance(&block, mean);
+        (
+            Spread {
+                bytes: v * s * s,
+                blocks: v,
+            },
+            sample_split(&block, mean).map(|w| (s * w, s * s * (w * w - w).max(0.0))),
+        )
+    };
+    Step {
+        held: Held {
+            bytes: block.size.saturating_mul(count),
+            blocks: count,
+            spread,
+        },
+        increase,
+        ts_ns,
+        halves,
+    }
 }
 
 impl Tracker {
@@ -121,7 +168,45 @@ impl Tracker {
                 ..Phases::default()
             },
             start_ns,
+            peak: PeakSet::new(false),
+            process_peaks: None,
+            sample_mean: 0,
         }
+    }
+
+    /// Keeps the peak's intervals for a trace sampled at `sample_mean` bytes (0: exact), and
+    /// with `per_process` a peak of each process besides the trace's.
+    pub fn with_peaks(mut self, sample_mean: u64, per_process: bool) -> Self {
+        self.sample_mean = sample_mean;
+        self.peak = PeakSet::new(sample_mean > 0);
+        self.process_peaks = per_process.then(HashMap::default);
+        self
+    }
+
+    /// The heap's peak over the trace: its total, moment and what each group held then.
+    pub fn peak(&self) -> Snapshot<GroupKey> {
+        self.peak.snapshot()
+    }
+
+    /// The peak of process `pid` (multi-process traces only).
+    pub fn process_peak(&self, pid: u32) -> Option<Snapshot<GroupKey>> {
+        Some(self.process_peaks.as_ref()?.get(&pid)?.snapshot())
+    }
+
+    /// Forgets what was kept for the peak of process `pid` (no longer reported).
+    pub fn forget_process(&mut self, pid: u32) {
+        if let Some(p) = &mut self.process_peaks {
+            p.remove(&pid);
+        }
+    }
+
+    /// Slots the peaks keep (one per group holding something now or at a peak).
+    pub fn peak_slots(&self) -> usize {
+        self.peak.len()
+            + self
+                .process_peaks
+                .as_ref()
+                .map_or(0, |p| p.values().map(PeakSet::len).sum())
     }
 
     fn group(&mut self, key: GroupKey) -> &mut GroupState {
@@ -134,6 +219,11 @@ impl Tracker {
     /// Records one table change of a block allocated at `site`; `outstanding` is the process's
     /// outstanding heap bytes after it.
     pub fn on_change(&mut self, change: &Change, site: SiteId, outstanding: u64) {
+        self.on_change_in(0, change, site, outstanding);
+    }
+
+    /// [`Tracker::on_change`] for a block of process `pid`.
+    pub fn on_change_in(&mut self, pid: u32, change: &Change, site: SiteId, outstanding: u64) {
         let tid = match *change {
             Change::Alloc {
                 block,
@@ -176,6 +266,16 @@ impl Tracker {
         );
         if !heap_change {
             return;
+        }
+        let key = (site, change.block().func, false);
+        let step = peak_step(change, self.sample_mean);
+        self.peak.change(key, &step);
+        if let Some(peaks) = &mut self.process_peaks {
+            let sampled = self.sample_mean > 0;
+            peaks
+                .entry(pid)
+                .or_insert_with(|| PeakSet::new(sampled))
+                .change(key, &step);
         }
         let p = &mut self.phases;
         if let Some(stack) = p.threads.get(&tid) {
@@ -256,6 +356,10 @@ impl Tracker {
             }
         }
         self.heap.push(t, heap_outstanding as f64);
+        self.peak.prune();
+        if let Some(peaks) = &mut self.process_peaks {
+            peaks.values_mut().for_each(PeakSet::prune);
+        }
         if let Some(rss) = rss {
             self.rss.push(t, rss as f64);
         }

@@ -6,7 +6,7 @@ use std::{cmp::Reverse, fmt::Write as _};
 use crate::{
     analysis::diff::{Diff, SiteDelta},
     report::{
-        ProcessReport, Report,
+        Frame, Peak, ProcessReport, Report,
         names::{change_bytes, human_bytes, signed_bytes},
     },
 };
@@ -51,6 +51,11 @@ fn render_processes(out: &mut String, processes: &[ProcessReport]) {
             if p.exited { "  [exited]" } else { "" }
         );
     }
+    for p in processes.iter().take(SHOWN) {
+        if let (None, Some(note)) = (p.growth_rate_mb_per_hour, &p.growth_rate_note) {
+            let _ = writeln!(out, "  pid {}: no growth rate ({note})", p.pid);
+        }
+    }
     if processes.len() > SHOWN {
         let _ = writeln!(
             out,
@@ -58,6 +63,56 @@ fn render_processes(out: &mut String, processes: &[ProcessReport]) {
             processes.len() - SHOWN
         );
     }
+}
+
+/// The "at the peak" section: the heap's highest and the sites holding it then.
+fn render_peak(out: &mut String, peak: &Peak, whose: &str) {
+    if peak.bytes == 0 {
+        return;
+    }
+    let interval = match peak.bytes_interval {
+        Some([lo, hi]) => format!(" (95% interval {} .. {})", human_bytes(lo), human_bytes(hi)),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "\nAt the peak{whose}: {} B ({}){interval} in {} allocations, {:.3} s into the trace:",
+        peak.bytes,
+        human_bytes(peak.bytes),
+        peak.allocs,
+        peak.at_s
+    );
+    for site in &peak.sites {
+        let _ = writeln!(
+            out,
+            "  {:>12} B in {:>6} allocations via {:<14} {}",
+            site.bytes,
+            site.allocs,
+            site.allocator,
+            stack_line(&site.stack)
+        );
+    }
+    if peak.other_sites > 0 {
+        let _ = writeln!(
+            out,
+            "  {:>12} B in {:>6} allocations at {} more sites",
+            peak.other_bytes, peak.other_allocs, peak.other_sites
+        );
+    }
+}
+
+/// A stack on one line: up to 4 function names, innermost first.
+fn stack_line(stack: &[Frame]) -> String {
+    if stack.is_empty() {
+        return "(stack not captured)".to_string();
+    }
+    let names: Vec<&str> = stack
+        .iter()
+        .take(4)
+        .map(|f| f.function.as_deref().unwrap_or("??"))
+        .collect();
+    let more = if stack.len() > 4 { " < ..." } else { "" };
+    format!("{}{more}", names.join(" < "))
 }
 
 /// The text a person reads at the end of a trace (or at each `--interval`).
@@ -136,6 +191,11 @@ pub fn render(r: &Report) -> String {
         }
         out.push('\n');
     }
+    if r.growth_rate_mb_per_hour.is_none()
+        && let Some(note) = &r.growth_rate_note
+    {
+        let _ = writeln!(out, "  growth       heap: no rate ({note})");
+    }
     if let Some(rate) = r.growth_rate_mb_per_hour {
         let _ = write!(out, "  growth       heap {rate:+.3} MB/h");
         if let Some(hours) = r.projected_limit_hours {
@@ -204,6 +264,7 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    render_peak(&mut out, &r.peak, "");
     if let Some(processes) = &r.processes {
         render_processes(&mut out, processes);
     }

@@ -5,14 +5,15 @@
 use std::collections::HashMap;
 
 use super::{
-    Forgotten, Hotspot, Leak, ProcessReport, Profile, Report, Sampling, Site, TimePoint, Totals,
-    UnwindStats, names::group_name,
+    Forgotten, Hotspot, Leak, Peak, PeakSite, ProcessReport, Profile, Report, Sampling, Site,
+    TimePoint, Totals, UnwindStats, names::group_name,
 };
 use crate::{
     analysis::{
         categories::{self, GroupRef, Rule},
         growth::{self, Verdict},
         memory,
+        peak::Snapshot,
         recommend::{self, Recommendation, SiteFacts},
         tracking::{GroupKey, Tracker},
     },
@@ -117,6 +118,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         growth::projection_hours(current, slope, limit as f64).map(round3)
     });
 
+    let growth_rate = mb_per_hour(growth::heap_rate(inputs.tracker.heap.points()));
     Report {
         record: "snapshot",
         pid: inputs.pid,
@@ -144,10 +146,9 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         unknown_frames,
         stack_frames,
         leak_detected,
-        growth_rate_mb_per_hour: inputs
-            .tracker
-            .heap_slope()
-            .map(|s| round3(s * 3600.0 / 1e6)),
+        growth_rate_mb_per_hour: growth_rate.as_ref().ok().copied(),
+        growth_rate_note: growth_rate.err(),
+        peak: peak_of(inputs, inputs.tracker.peak()),
         projected_limit_hours,
         rss_bytes: inputs.mem.map(|m| m.rss_bytes),
         pss_bytes: inputs.mem.and_then(|m| m.pss_bytes),
@@ -170,6 +171,49 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
     }
 }
 
+/// A growth rate in MB/h (rounded to 0.001), or why none is given.
+fn mb_per_hour(rate: Result<f64, String>) -> Result<f64, String> {
+    rate.map(|s| round3(s * 3600.0 / 1e6))
+}
+
+/// A peak as reported: the sites largest first, `--top` of them.
+fn peak_of(inputs: &Inputs<'_>, mut snap: Snapshot<GroupKey>) -> Peak {
+    snap.sites.sort_by(|(ka, a), (kb, b)| {
+        (b.bytes, b.blocks)
+            .cmp(&(a.bytes, a.blocks))
+            .then_with(|| inputs.sites.order(ka.0, kb.0))
+            .then((ka.1 as u32).cmp(&(kb.1 as u32)))
+    });
+    let (other_sites, rest) = snap.keep_largest(inputs.top.unwrap_or(usize::MAX));
+    let start_ns = inputs
+        .now_ns
+        .saturating_sub((inputs.elapsed_s * 1e9) as u64);
+    Peak {
+        bytes: snap.total.bytes,
+        allocs: snap.total.blocks,
+        at_s: if snap.at_ns == 0 {
+            0.0
+        } else {
+            (snap.at_ns.saturating_sub(start_ns) as f64 / 1e3).round() / 1e6
+        },
+        bytes_interval: snap.bounds.map(|b| b.0.0),
+        allocs_interval: snap.bounds.map(|b| b.1.0),
+        sites: snap
+            .sites
+            .into_iter()
+            .map(|((site, func, _), held)| PeakSite {
+                bytes: held.bytes,
+                allocs: held.blocks,
+                allocator: func.name(),
+                stack: inputs.sites.frames(site),
+            })
+            .collect(),
+        other_sites: other_sites as u64,
+        other_bytes: rest.bytes,
+        other_allocs: rest.blocks,
+    }
+}
+
 /// Builds the [`Profile`] the output writers take, for `report`.
 pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Profile {
     let tracker = inputs.tracker;
@@ -188,13 +232,20 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
                 .map(|(_, v)| *v as u64),
         })
         .collect();
-    let peak_t_s = timeline
-        .iter()
-        .max_by_key(|p| p.heap_bytes)
-        .map_or(0.0, |p| p.t_s);
     let start_ns = inputs
         .now_ns
         .saturating_sub((inputs.elapsed_s * 1e9) as u64);
+    let peak = tracker.peak();
+    let peak_t_s = if peak.at_ns == 0 {
+        0.0
+    } else {
+        peak.at_ns.saturating_sub(start_ns) as f64 / 1e9
+    };
+    let at_peak: HashMap<GroupKey, (u64, u64)> = peak
+        .sites
+        .iter()
+        .map(|(k, v)| (*k, (v.bytes, v.blocks)))
+        .collect();
     let mut groups: Vec<_> = tracker.groups.iter().collect();
     groups.sort_by(|(ka, a), (kb, b)| {
         (b.stats.outstanding_bytes, b.stats.bytes_allocated)
@@ -208,13 +259,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
         .map(|(key @ (site, func, mmap), g)| {
             let s = &g.stats;
             let growth = tracker.growth(key);
-            let bytes_at_peak = g
-                .series
-                .points()
-                .iter()
-                .take_while(|(t, _)| *t <= peak_t_s + 1e-9)
-                .last()
-                .map_or(0, |(_, v)| *v as u64);
+            let (bytes_at_peak, objects_at_peak) = at_peak.get(key).copied().unwrap_or_default();
             Site {
                 stack: inputs.sites.frames(*site),
                 allocator: func.name(),
@@ -228,6 +273,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
                 frees: s.frees,
                 freed_lifetime_ns: s.freed_lifetime_ns,
                 bytes_at_peak,
+                objects_at_peak,
                 verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
                 growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
                 first_alloc_ns: s.first_ns.saturating_sub(start_ns),
@@ -393,7 +439,8 @@ pub struct ProcessInfo<'a> {
     pub exited: bool,
     pub execs: u32,
     pub mem: Option<ProcMem>,
-    pub growth_bytes_per_s: Option<f64>,
+    /// Its heap's growth over its life in the trace (bytes/s), or why none is given.
+    pub growth: Result<f64, String>,
 }
 
 /// The `processes` entry of one process.
@@ -426,7 +473,12 @@ pub fn process_report(
         execs: info.execs,
         totals: Totals::new(&table.heap_totals, &inputs.kernel, inputs.decode_errors),
         mmap: table.mmap_totals,
-        growth_rate_mb_per_hour: info.growth_bytes_per_s.map(|s| round3(s * 3600.0 / 1e6)),
+        growth_rate_mb_per_hour: mb_per_hour(info.growth.clone()).ok(),
+        growth_rate_note: info.growth.clone().err(),
+        peak: inputs
+            .tracker
+            .process_peak(info.pid)
+            .map(|snap| peak_of(inputs, snap)),
         rss_bytes: info.mem.map(|m| m.rss_bytes),
         leak_detected,
         leak_groups,

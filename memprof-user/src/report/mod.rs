@@ -94,6 +94,45 @@ impl Totals {
     }
 }
 
+/// The heap at its highest (the malloc family's outstanding bytes; anonymous mappings apart):
+/// when, and what each call site held then, exact (kept while tracing, not sampled).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Peak {
+    pub bytes: u64,
+    pub allocs: u64,
+    /// Seconds since the trace started (µs resolution); the first moment of a tie.
+    pub at_s: f64,
+    /// Sampled traces: 95% confidence intervals of `bytes` and `allocs` (the exact peak lies
+    /// in them with probability at least 95%: see `analysis::peak`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_interval: Option<[u64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_interval: Option<[u64; 2]>,
+    /// The call sites holding something at the peak, largest first (`--top` of them).
+    pub sites: Vec<PeakSite>,
+    /// Sites at the peak beyond `--top`, and what they held together.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_sites: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_bytes: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_allocs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// What one call site (and allocator) held at a peak.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeakSite {
+    pub bytes: u64,
+    pub allocs: u64,
+    pub allocator: &'static str,
+    /// Innermost first; the allocator's own frames are not included.
+    pub stack: Vec<Frame>,
+}
+
 /// Outstanding allocations sharing one call site (symbolized stack) and allocator.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Leak {
@@ -148,8 +187,13 @@ pub struct Report {
     pub stack_frames: u64,
     /// Whether any call-stack group has the verdict `leak`.
     pub leak_detected: bool,
-    /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes).
+    /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes),
+    /// null when the samples do not support one (`growth_rate_note` says why).
     pub growth_rate_mb_per_hour: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_rate_note: Option<String>,
+    /// The heap at its peak and who held it.
+    pub peak: Peak,
     /// Hours until the process's RSS reaches `--limit` at its current growth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub projected_limit_hours: Option<Option<f64>>,
@@ -216,8 +260,14 @@ pub struct ProcessReport {
     /// not know whose record it dropped.
     pub totals: Totals,
     pub mmap: MmapTotals,
-    /// Least-squares growth of its outstanding heap bytes over the trace.
+    /// Least-squares growth of its outstanding heap bytes over its life in the trace, null
+    /// when the samples do not support one (`growth_rate_note` says why).
     pub growth_rate_mb_per_hour: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_rate_note: Option<String>,
+    /// This process's heap at its peak and who held it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak: Option<Peak>,
     pub rss_bytes: Option<u64>,
     /// Whether one of its call-stack groups has the verdict `leak`.
     pub leak_detected: bool,
@@ -245,8 +295,9 @@ pub struct Site {
     /// Frees of the site's blocks, and the summed lifetimes of those freed blocks.
     pub frees: u64,
     pub freed_lifetime_ns: u128,
-    /// Outstanding bytes of the site at the sample where the process's heap peaked.
+    /// What the site held when the heap peaked (exact: see [`Peak`]).
     pub bytes_at_peak: u64,
+    pub objects_at_peak: u64,
     pub verdict: Verdict,
     pub growth_bytes_per_s: f64,
     /// When the site first and last allocated (ns since the trace started).
@@ -270,7 +321,7 @@ pub struct Profile {
     /// The traced command (spawn mode) or the process's command line.
     pub command: Vec<String>,
     pub duration_s: f64,
-    /// Seconds since the start when the process's heap peaked (among samples).
+    /// Seconds since the start when the heap peaked (exact, see [`Peak`]).
     pub peak_t_s: f64,
     /// Every site, including those with nothing outstanding, sorted by `inuse_bytes` then
     /// `alloc_bytes`, both descending.

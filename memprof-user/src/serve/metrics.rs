@@ -477,6 +477,7 @@ pub(super) mod tests {
             frees: 1,
             freed_lifetime_ns: 10,
             bytes_at_peak: bytes,
+            objects_at_peak: 2,
             verdict,
             growth_bytes_per_s: bytes as f64 / 100.0,
             first_alloc_ns: 0,

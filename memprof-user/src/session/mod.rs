@@ -183,7 +183,8 @@ impl Session {
         let start_ns = monotonic_ns();
         let sample_bytes = tracer.sample_bytes;
         Self {
-            tracker: Tracker::new(&settings.phases, start_ns),
+            tracker: Tracker::new(&settings.phases, start_ns)
+                .with_peaks(sample_bytes, settings.per_process),
             changes: Vec::new(),
             rules,
             over_bytes: false,
