@@ -18,7 +18,12 @@ const AT_PEAK: [(&str, u64, u64); 2] = [("temp_buffer", 1_048_576, 1), ("cache_a
 
 /// The sites of a `peak` object as (innermost function, bytes, allocs), in order.
 fn peak_sites(peak: &Value) -> Vec<(String, u64, u64)> {
-    peak["sites"]
+    site_list(&peak["sites"])
+}
+
+/// A list of sites at a peak as (innermost function, bytes, allocs), in order.
+fn site_list(sites: &Value) -> Vec<(String, u64, u64)> {
+    sites
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or(&[])
@@ -103,10 +108,69 @@ fn peak_names_the_temporary_buffer_json_and_dhat() {
     let dhat = scratch().join("peak.dhat.json");
     let _ = fs::remove_file(&dhat);
     let dhat_arg = dhat.to_str().unwrap();
-    let run = spawn_trace(&["--dhat", dhat_arg], &[&fixtures().peak]);
+    let run = spawn_trace(
+        &[
+            "--dhat",
+            dhat_arg,
+            "--phase",
+            "build=build",
+            "--phase",
+            "serve=serve",
+        ],
+        &[&fixtures().peak],
+    );
     run.assert_code(0, "the fixture exits 0");
     let report = run.report();
     let mut c = Checks::new("peak: JSON and DHAT");
+    // Each phase's own peak: build holds the global one; serve peaks at its end on the cache
+    // (its 300 blocks and build's 10), the buffer long gone.
+    let phases = report["phases"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let phase = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let (build, serve) = (phase("build"), phase("serve"));
+    c.eq(
+        "build: peak_sites",
+        site_list(&build["peak_sites"]),
+        expected_sites(),
+    );
+    c.eq(
+        "build: peak_outstanding_bytes",
+        build["peak_outstanding_bytes"].as_u64(),
+        Some(PEAK_BYTES),
+    );
+    c.eq(
+        "serve: peak_sites",
+        site_list(&serve["peak_sites"]),
+        vec![
+            ("cache_add".to_string(), 300_000, 300),
+            ("cache_add".to_string(), 10_000, 10),
+        ],
+    );
+    let callers: Vec<&str> = serve["peak_sites"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|s| frame_names(s).get(1).copied().unwrap_or("?"))
+        .collect();
+    c.eq(
+        "serve: the cache's callers",
+        callers,
+        vec!["serve", "build"],
+    );
+    c.eq(
+        "serve: peak_outstanding_bytes",
+        serve["peak_outstanding_bytes"].as_u64(),
+        Some(310_000),
+    );
     let peak = &report["peak"];
     c.eq("peak.bytes", peak["bytes"].as_u64(), Some(PEAK_BYTES));
     c.eq("peak.allocs", peak["allocs"].as_u64(), Some(PEAK_BLOCKS));

@@ -303,6 +303,16 @@ impl<K: Copy + Eq + Hash> PeakSet<K> {
         }
     }
 
+    /// What site `key` holds now.
+    pub fn now_of(&self, key: &K) -> Held {
+        self.slots.get(key).map(|s| s.now).unwrap_or_default()
+    }
+
+    /// Every site with a slot and what it holds now.
+    pub fn current(&self) -> impl Iterator<Item = (K, &Held)> {
+        self.slots.iter().map(|(k, s)| (*k, &s.now))
+    }
+
     /// Slots kept (for the cost measurements).
     pub fn len(&self) -> usize {
         self.slots.len()

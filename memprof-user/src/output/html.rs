@@ -459,7 +459,7 @@ pub fn inline_svg(svg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{PhaseReport, Recommendation, sample::sample_profile};
+    use crate::report::{Phase, PhaseReport, Recommendation, sample::sample_profile};
 
     #[test]
     fn digits_and_bytes() {
@@ -473,7 +473,7 @@ mod tests {
     #[test]
     fn page_has_everything_escaped() {
         let mut p = sample_profile();
-        p.report.phases.push(PhaseReport {
+        p.report.phases.push(Phase::from(PhaseReport {
             name: "load<x>".into(),
             kind: "mark",
             allocs: 3,
@@ -486,7 +486,7 @@ mod tests {
             entries: 1,
             start_s: Some(0.0),
             end_s: Some(1.0),
-        });
+        }));
         p.report.recommendations.push(Recommendation {
             kind: "leak",
             site: "leak_widgets".into(),

@@ -228,6 +228,28 @@ pub fn render(r: &Report) -> String {
             signed_bytes(p.peak_net_bytes),
             human_bytes(p.peak_outstanding_bytes)
         );
+        if !p.peak_sites.is_empty() {
+            let sites: Vec<String> = p
+                .peak_sites
+                .iter()
+                .take(3)
+                .map(|s| {
+                    let name = s
+                        .stack
+                        .first()
+                        .and_then(|f| f.function.as_deref())
+                        .unwrap_or("??");
+                    format!("{name} {} B in {}", s.bytes, s.allocs)
+                })
+                .collect();
+            let more = p.peak_sites.len().saturating_sub(3);
+            let more = if more > 0 {
+                format!(", {more} more")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "        at its peak: {}{more}", sites.join(", "));
+        }
     }
     if !r.categories.is_empty() {
         let list: Vec<String> = r

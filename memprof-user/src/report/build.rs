@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use super::{
-    Forgotten, Hotspot, Leak, Peak, PeakSite, ProcessReport, Profile, Report, Sampling, Site,
-    TimePoint, Totals, UnwindStats, names::group_name,
+    Forgotten, Hotspot, Leak, Peak, PeakSite, Phase, ProcessReport, Profile, Report, Sampling,
+    Site, TimePoint, Totals, UnwindStats, names::group_name,
 };
 use crate::{
     analysis::{
@@ -160,7 +160,16 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
                 inputs.table.mmap_totals.outstanding_bytes,
             )
         }),
-        phases: inputs.tracker.phases(inputs.now_ns),
+        phases: inputs
+            .tracker
+            .phases(inputs.now_ns)
+            .into_iter()
+            .zip(inputs.tracker.phase_peaks())
+            .map(|(phase, peak)| Phase {
+                phase,
+                peak_sites: peak.map_or_else(Vec::new, |snap| peak_of(inputs, snap).sites),
+            })
+            .collect(),
         categories,
         recommendations,
         churn_hotspots,

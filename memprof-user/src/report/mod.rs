@@ -123,6 +123,31 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
+/// One phase's accounting, and the sites holding something at the phase's own peak (the
+/// heap's highest while it was active), largest first (`--top` of them).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Phase {
+    #[serde(flatten)]
+    pub phase: PhaseReport,
+    pub peak_sites: Vec<PeakSite>,
+}
+
+impl From<PhaseReport> for Phase {
+    fn from(phase: PhaseReport) -> Self {
+        Self {
+            phase,
+            peak_sites: Vec::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Phase {
+    type Target = PhaseReport;
+    fn deref(&self) -> &PhaseReport {
+        &self.phase
+    }
+}
+
 /// What one call site (and allocator) held at a peak.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PeakSite {
@@ -204,7 +229,7 @@ pub struct Report {
     /// RSS not accounted for by traced heap and mmap bytes (fragmentation, untraced
     /// allocators, stacks, code).
     pub untraced_bytes: Option<u64>,
-    pub phases: Vec<PhaseReport>,
+    pub phases: Vec<Phase>,
     pub categories: Vec<Category>,
     pub recommendations: Vec<Recommendation>,
     /// Call sites allocating the most short-lived memory (freed again), including sites with
