@@ -149,11 +149,19 @@ pub struct Growth {
     /// Time from the last sample within the noise floor of the series' minimum to the newest
     /// sample (0 unless `leak` or `growing`).
     pub growing_for_s: f64,
+    /// Why the verdict is `unknown` (None for every other verdict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
+/// Why a group's verdict is `unknown`: its series is too short.
+pub const UNKNOWN_FEW_SAMPLES: &str = "fewer than 5 samples";
+pub const UNKNOWN_SHORT_SPAN: &str = "samples span under 2 s";
+
 impl Growth {
-    fn unknown(fit: Option<Fit>) -> Self {
+    fn unknown(fit: Option<Fit>, reason: &'static str) -> Self {
         Self {
+            reason: Some(reason),
             verdict: Verdict::Unknown,
             confidence: 0.0,
             growth_bytes_per_s: fit.map_or(0.0, |f| f.slope),
@@ -191,12 +199,15 @@ pub fn classify(series: &Series, activity: &Activity) -> Growth {
         (Some(first), Some(last)) => last.0 - first.0,
         _ => 0.0,
     };
-    let Some(whole) = whole.filter(|_| n >= MIN_POINTS && span >= MIN_SPAN_S) else {
-        return Growth::unknown(whole);
+    if n < MIN_POINTS {
+        return Growth::unknown(whole, UNKNOWN_FEW_SAMPLES);
+    }
+    let Some(whole) = whole.filter(|_| span >= MIN_SPAN_S) else {
+        return Growth::unknown(whole, UNKNOWN_SHORT_SPAN);
     };
     let recent_points = &points[n - n.div_ceil(2)..];
     let Some(recent) = least_squares(recent_points) else {
-        return Growth::unknown(Some(whole));
+        return Growth::unknown(Some(whole), UNKNOWN_SHORT_SPAN);
     };
 
     let floor = noise_floor(points);
@@ -222,6 +233,7 @@ pub fn classify(series: &Series, activity: &Activity) -> Growth {
             growth_bytes_per_s: fit.slope,
             r2: fit.r2,
             growing_for_s: growing_for(points, floor),
+            reason: None,
         };
     }
 
@@ -238,6 +250,7 @@ pub fn classify(series: &Series, activity: &Activity) -> Growth {
         growth_bytes_per_s: recent.slope,
         r2: recent.r2,
         growing_for_s: 0.0,
+        reason: None,
     }
 }
 
@@ -370,7 +383,8 @@ mod tests {
                 confidence: 1.0,
                 growth_bytes_per_s: 0.0,
                 r2: 1.0,
-                growing_for_s: 0.0
+                growing_for_s: 0.0,
+                reason: None,
             }
         );
     }
@@ -411,12 +425,17 @@ mod tests {
         let three = series([(0.0, 0.0), (1.0, 1e6), (2.0, 2e6)]);
         let g = classify(&three, &quiet());
         assert_eq!(g.verdict, Verdict::Unknown);
+        assert_eq!(g.reason, Some(UNKNOWN_FEW_SAMPLES));
         assert_eq!(g.confidence, 0.0);
         let short = series((0..10).map(|i| (i as f64 * 0.1, 1e6 * i as f64)));
+        let g = classify(&short, &quiet());
+        assert_eq!(g.verdict, Verdict::Unknown, "0.9 s span");
+        assert_eq!(g.reason, Some(UNKNOWN_SHORT_SPAN));
+        let long = series((0..10).map(|i| (i as f64, 1e6 * i as f64)));
         assert_eq!(
-            classify(&short, &quiet()).verdict,
-            Verdict::Unknown,
-            "0.9 s span"
+            classify(&long, &quiet()).reason,
+            None,
+            "a verdict needs no reason"
         );
         assert_eq!(
             classify(&Series::new(8), &quiet()).verdict,

@@ -306,21 +306,24 @@ pub fn render(r: &Report) -> String {
         r.min_age_s
     );
     for (i, leak) in r.leaks.iter().enumerate() {
+        let verdict = match leak.verdict_reason {
+            Some(reason) => format!("{}: {reason}", leak.verdict.as_str()),
+            None => format!(
+                "{} ({:+.0} B/s, r2 {:.2})",
+                leak.verdict.as_str(),
+                leak.growth_bytes_per_s,
+                leak.r2
+            ),
+        };
         let _ = writeln!(
             out,
-            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {} ({:+.0} B/s, r2 {:.2})",
+            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {verdict}",
             i + 1,
             human_bytes(leak.bytes),
             leak.allocs,
             leak.allocator,
             leak.kind,
             leak.oldest_age_s,
-            serde_json::to_value(leak.verdict)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            leak.growth_bytes_per_s,
-            leak.r2
         );
         if leak.stack.is_empty() {
             let _ = writeln!(out, "       (stack not captured)");

@@ -180,6 +180,14 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
     }
 }
 
+/// Why a group's verdict is `unknown`: its own reason, or that it was never sampled.
+fn verdict_reason(growth: Option<&growth::Growth>) -> Option<&'static str> {
+    match growth {
+        Some(g) => g.reason,
+        None => Some(growth::UNKNOWN_FEW_SAMPLES),
+    }
+}
+
 /// A growth rate in MB/h (rounded to 0.001), or why none is given.
 fn mb_per_hour(rate: Result<f64, String>) -> Result<f64, String> {
     rate.map(|s| round3(s * 3600.0 / 1e6))
@@ -284,6 +292,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
                 bytes_at_peak,
                 objects_at_peak,
                 verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                verdict_reason: verdict_reason(growth.as_ref()),
                 growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
                 first_alloc_ns: s.first_ns.saturating_sub(start_ns),
                 last_alloc_ns: s.last_ns.saturating_sub(start_ns),
@@ -425,6 +434,7 @@ fn leaks_of(
                 allocator: func.name(),
                 kind: if mmap { "mmap" } else { "heap" },
                 verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                verdict_reason: verdict_reason(growth.as_ref()),
                 confidence: growth.map_or(0.0, |g| g.confidence),
                 growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
                 r2: growth.map_or(0.0, |g| round3(g.r2)),

@@ -170,6 +170,9 @@ pub struct Leak {
     /// Growth of the group's outstanding bytes over the trace (least squares), and the verdict
     /// drawn from it: `leak`, `growing`, `stable`, `churn` or `unknown` (too few samples).
     pub verdict: Verdict,
+    /// Why the verdict is `unknown` (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_reason: Option<&'static str>,
     pub confidence: f64,
     pub growth_bytes_per_s: f64,
     pub r2: f64,
@@ -324,6 +327,9 @@ pub struct Site {
     pub bytes_at_peak: u64,
     pub objects_at_peak: u64,
     pub verdict: Verdict,
+    /// Why the verdict is `unknown` (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_reason: Option<&'static str>,
     pub growth_bytes_per_s: f64,
     /// When the site first and last allocated (ns since the trace started).
     pub first_alloc_ns: u64,

@@ -46,6 +46,7 @@ pub(crate) fn site(stack: Vec<Frame>, allocator: &'static str, kind: &'static st
         bytes_at_peak: 0,
         objects_at_peak: 0,
         verdict: Verdict::Unknown,
+        verdict_reason: None,
         growth_bytes_per_s: 0.0,
         first_alloc_ns: 0,
         last_alloc_ns: 0,

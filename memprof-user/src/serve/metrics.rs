@@ -479,6 +479,7 @@ pub(super) mod tests {
             bytes_at_peak: bytes,
             objects_at_peak: 2,
             verdict,
+            verdict_reason: None,
             growth_bytes_per_s: bytes as f64 / 100.0,
             first_alloc_ns: 0,
             last_alloc_ns: 5,
