@@ -7,7 +7,7 @@ use memprof::{
     analysis::tracking::Tracker,
     ingest::event::{DecodeError, Event, decode, encode},
     report::{self, Inputs, KernelLosses, Report},
-    stacks::{StackStore, Symbolizer},
+    stacks::{Frame, Sites},
     table::{Change, Tables},
 };
 use memprof_common::{
@@ -147,8 +147,7 @@ pub struct Agent {
     pub table: Tables,
     pub tracker: Tracker,
     changes: Vec<Change>,
-    stacks: StackStore,
-    symbolizer: Symbolizer,
+    sites: Sites,
     last_ts: u64,
 }
 
@@ -158,8 +157,7 @@ impl Agent {
             table: Tables::with_sampling(sample_bytes),
             tracker: Tracker::new(&[], 0),
             changes: Vec::new(),
-            stacks: StackStore::new(),
-            symbolizer: Symbolizer::new(),
+            sites: Sites::new(),
             last_ts: 0,
         }
     }
@@ -174,7 +172,25 @@ impl Agent {
         self.table.apply_from(0, &event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
-            self.tracker.on_change(&change, outstanding);
+            let stack = change.block().stack;
+            let site = match self.sites.get(stack) {
+                Some(site) => site,
+                // One named frame per raw stack, as the naming thread would give.
+                None => self.sites.intern(
+                    stack,
+                    &[Frame {
+                        function: Some(format!("site_{stack}")),
+                        module: None,
+                        file: None,
+                        line: None,
+                        offset: None,
+                        build_id: None,
+                        inlined: false,
+                        kind: "native",
+                    }],
+                ),
+            };
+            self.tracker.on_change(&change, site, outstanding);
         }
         Ok(())
     }
@@ -185,14 +201,14 @@ impl Agent {
             .sample(self.last_ts, self.table.heap_totals.outstanding_bytes, None);
     }
 
-    /// A snapshot report of everything so far (stacks are unnamed: no symbolization).
+    /// A snapshot report of everything so far (stacks are named `site_N`: no symbolization).
     pub fn report(&mut self) -> Report {
         let inputs = Inputs {
             pid: 4242,
             table: &self.table,
             unwind: None,
             forgotten: Default::default(),
-            stacks: &self.stacks,
+            sites: &self.sites,
             kernel: KernelLosses::default(),
             probe_stats: Vec::new(),
             decode_errors: 0,
@@ -205,7 +221,7 @@ impl Agent {
             rules: &[],
             mem: None,
         };
-        report::snapshot(&inputs, &mut self.symbolizer)
+        report::snapshot(&inputs)
     }
 }
 
