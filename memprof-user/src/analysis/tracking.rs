@@ -115,6 +115,8 @@ pub struct Tracker {
     mark_peaks: Vec<Option<Snapshot<GroupKey>>>,
     /// The newest change's time (ns).
     last_ns: u64,
+    /// Sampled traces: the variance of the estimated heap allocations, bytes and count.
+    pub allocated_spread: Spread,
 }
 
 /// One heap change as the peak takes it: bytes and blocks, with sampling their variances and
@@ -182,6 +184,7 @@ impl Tracker {
             mark_watch: None,
             mark_peaks: Vec::new(),
             last_ns: start_ns,
+            allocated_spread: Spread::default(),
         }
     }
 
@@ -301,6 +304,9 @@ impl Tracker {
         }
         let key = (site, change.block().func, false);
         let step = peak_step(change, self.sample_mean);
+        if step.increase {
+            self.allocated_spread.add(&step.held.spread);
+        }
         self.last_ns = self.last_ns.max(step.ts_ns);
         let held = self.peak.now_of(&key);
         let total = *self.peak.track.now();

@@ -140,6 +140,13 @@ pub fn render(r: &Report) -> String {
             "  sampled      one allocation per {} on average: counts and bytes are estimates",
             human_bytes(s.mean_bytes)
         );
+        let range = |[lo, hi]: [u64; 2]| format!("{} .. {}", human_bytes(lo), human_bytes(hi));
+        let _ = writeln!(
+            out,
+            "  95% ranges   allocated {}    outstanding {}",
+            range(s.bytes_allocated_interval),
+            range(s.outstanding_bytes_interval)
+        );
     }
     let _ = writeln!(
         out,

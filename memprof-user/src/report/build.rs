@@ -11,6 +11,7 @@ use super::{
 use crate::{
     analysis::{
         categories::{self, GroupRef, Rule},
+        estimate::{Bounds, Spread},
         growth::{self, Verdict},
         memory,
         peak::Snapshot,
@@ -20,7 +21,7 @@ use crate::{
     probe::{KernelLosses, ProbeStat},
     stacks::{Frame, Sites},
     sys::procmem::ProcMem,
-    table::{LiveAlloc, Table, Tables, sample_count},
+    table::{LiveAlloc, Table, Tables, sample_count, sample_variance},
 };
 
 /// Hotspots listed: at most this many, each with at least `HOTSPOT_MIN_ALLOCS` allocations of
@@ -62,6 +63,8 @@ struct Group {
     bytes: u64,
     allocs: u64,
     oldest_ns: u64,
+    /// Sampled traces: the variance of `bytes` and `allocs`.
+    spread: Spread,
 }
 
 /// Builds a snapshot record; [`finish`] turns one into the final report.
@@ -128,10 +131,35 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         exit_code: None,
         sampling: match inputs.table.sample_mean() {
             0 => None,
-            mean_bytes => Some(Sampling {
-                mean_bytes,
-                estimated: true,
-            }),
+            mean_bytes => {
+                let heap = &inputs.table.heap_totals;
+                let allocated = inputs.tracker.allocated_spread;
+                let outstanding =
+                    inputs
+                        .table
+                        .heap_blocks()
+                        .fold(Spread::default(), |mut s, (_, b)| {
+                            s.add(&block_spread(&b, mean_bytes));
+                            s
+                        });
+                Some(Sampling {
+                    mean_bytes,
+                    estimated: true,
+                    bytes_allocated_interval: Bounds::around(heap.bytes_allocated, allocated.bytes)
+                        .0,
+                    allocs_interval: Bounds::around(heap.allocs, allocated.blocks).0,
+                    outstanding_bytes_interval: Bounds::around(
+                        heap.outstanding_bytes,
+                        outstanding.bytes,
+                    )
+                    .0,
+                    outstanding_allocs_interval: Bounds::around(
+                        heap.outstanding_allocs,
+                        outstanding.blocks,
+                    )
+                    .0,
+                })
+            }
         },
         totals: Totals::new(
             &inputs.table.heap_totals,
@@ -177,6 +205,16 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         processes: None,
         unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
+    }
+}
+
+/// The variance one sampled heap block adds to estimated bytes and counts.
+fn block_spread(block: &LiveAlloc, mean: u64) -> Spread {
+    let v = sample_variance(block, mean);
+    let s = block.size as f64;
+    Spread {
+        bytes: v * s * s,
+        blocks: v,
     }
 }
 
@@ -396,6 +434,8 @@ fn ranked_groups(
         let count = if mmap {
             1
         } else {
+            g.spread
+                .add(&block_spread(block, inputs.table.sample_mean()));
             sample_count(block, inputs.table.sample_mean())
         };
         g.bytes += block.size * u64::from(count);
@@ -427,9 +467,12 @@ fn leaks_of(
         .map(|(key @ (site, func, mmap), g)| {
             let stack = inputs.sites.frames(site);
             let growth = inputs.tracker.growth(&key);
+            let sampled = inputs.table.sample_mean() > 0 && !mmap;
             Leak {
                 bytes: g.bytes,
                 allocs: g.allocs,
+                bytes_interval: sampled.then(|| Bounds::around(g.bytes, g.spread.bytes).0),
+                allocs_interval: sampled.then(|| Bounds::around(g.allocs, g.spread.blocks).0),
                 oldest_age_s: ns_to_s(inputs.now_ns.saturating_sub(g.oldest_ns)),
                 allocator: func.name(),
                 kind: if mmap { "mmap" } else { "heap" },

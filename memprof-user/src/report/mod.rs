@@ -163,6 +163,11 @@ pub struct PeakSite {
 pub struct Leak {
     pub bytes: u64,
     pub allocs: u64,
+    /// Sampled traces: 95% confidence intervals of `bytes` and `allocs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_interval: Option<[u64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_interval: Option<[u64; 2]>,
     pub oldest_age_s: f64,
     pub allocator: &'static str,
     /// `heap` (malloc family) or `mmap` (anonymous mapping outside the allocator).
@@ -251,7 +256,7 @@ pub struct Report {
     pub forgotten: Forgotten,
 }
 
-/// How a sampled trace was sampled.
+/// How a sampled trace was sampled, and how far its estimates may be from the exact values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Sampling {
     /// Mean sampling interval in bytes: each allocation of `s` bytes was recorded with
@@ -260,6 +265,13 @@ pub struct Sampling {
     pub mean_bytes: u64,
     /// Always true: counts and bytes are unbiased estimates, not exact.
     pub estimated: bool,
+    /// 95% confidence intervals `[low, high]` of the heap totals' estimates
+    /// (`totals.bytes_allocated`, `totals.allocs`, `totals.outstanding_bytes`,
+    /// `totals.outstanding_allocs`); the peak's are in `peak`, each site's in its `leaks` entry.
+    pub bytes_allocated_interval: [u64; 2],
+    pub allocs_interval: [u64; 2],
+    pub outstanding_bytes_interval: [u64; 2],
+    pub outstanding_allocs_interval: [u64; 2],
 }
 
 /// A call site that allocates and frees a lot.
