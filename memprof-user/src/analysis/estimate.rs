@@ -35,6 +35,15 @@ impl Bounds {
         Self([lo as u64, hi.min(u64::MAX as f64) as u64])
     }
 
+    /// Bytes only: the high end at least `estimate + 3 × mean` (`mean` the sampling interval).
+    /// Bytes that were never sampled leave no variance behind: with none sampled the estimate
+    /// is 0 with variance 0, yet up to `-ln(0.05) × mean ≈ 3 × mean` bytes go unsampled with
+    /// probability 5% (the gaps between sample points are exponential with mean `mean`).
+    pub fn with_unseen(self, estimate: u64, mean: u64) -> Self {
+        let floor = estimate.saturating_add(mean.saturating_mul(3));
+        Self([self.0[0], self.0[1].max(floor)])
+    }
+
     pub fn low(&self) -> u64 {
         self.0[0]
     }
@@ -87,6 +96,8 @@ mod tests {
         assert!(Bounds::around(1000, 100.0).contains(1019));
         assert!(!Bounds::around(1000, 100.0).contains(1021));
         assert_eq!(serde_json::to_string(&Bounds([1, 2])).unwrap(), "[1,2]");
+        assert_eq!(Bounds::around(0, 0.0).with_unseen(0, 100).0, [0, 300]);
+        assert_eq!(Bounds([5, 10_000]).with_unseen(5_000, 100).0, [5, 10_000]);
     }
 
     #[test]

@@ -146,12 +146,14 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
                     mean_bytes,
                     estimated: true,
                     bytes_allocated_interval: Bounds::around(heap.bytes_allocated, allocated.bytes)
+                        .with_unseen(heap.bytes_allocated, mean_bytes)
                         .0,
                     allocs_interval: Bounds::around(heap.allocs, allocated.blocks).0,
                     outstanding_bytes_interval: Bounds::around(
                         heap.outstanding_bytes,
                         outstanding.bytes,
                     )
+                    .with_unseen(heap.outstanding_bytes, mean_bytes)
                     .0,
                     outstanding_allocs_interval: Bounds::around(
                         heap.outstanding_allocs,
@@ -251,7 +253,10 @@ fn peak_of(inputs: &Inputs<'_>, mut snap: Snapshot<GroupKey>) -> Peak {
         } else {
             (snap.at_ns.saturating_sub(start_ns) as f64 / 1e3).round() / 1e6
         },
-        bytes_interval: snap.bounds.map(|b| b.0.0),
+        bytes_interval: snap.bounds.map(|b| {
+            b.0.with_unseen(snap.total.bytes, inputs.table.sample_mean())
+                .0
+        }),
         allocs_interval: snap.bounds.map(|b| b.1.0),
         sites: snap
             .sites
@@ -471,7 +476,11 @@ fn leaks_of(
             Leak {
                 bytes: g.bytes,
                 allocs: g.allocs,
-                bytes_interval: sampled.then(|| Bounds::around(g.bytes, g.spread.bytes).0),
+                bytes_interval: sampled.then(|| {
+                    Bounds::around(g.bytes, g.spread.bytes)
+                        .with_unseen(g.bytes, inputs.table.sample_mean())
+                        .0
+                }),
                 allocs_interval: sampled.then(|| Bounds::around(g.allocs, g.spread.blocks).0),
                 oldest_age_s: ns_to_s(inputs.now_ns.saturating_sub(g.oldest_ns)),
                 allocator: func.name(),
