@@ -108,8 +108,12 @@ fn peak_names_the_temporary_buffer_json_and_dhat() {
     let dhat = scratch().join("peak.dhat.json");
     let _ = fs::remove_file(&dhat);
     let dhat_arg = dhat.to_str().unwrap();
+    let csv = scratch().join("peak.csv");
+    let _ = fs::remove_file(&csv);
     let run = spawn_trace(
         &[
+            "--csv",
+            csv.to_str().unwrap(),
             "--dhat",
             dhat_arg,
             "--phase",

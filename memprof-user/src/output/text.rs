@@ -271,8 +271,12 @@ pub fn render(r: &Report) -> String {
         let b = &h.behaviour;
         let _ = writeln!(
             out,
-            "  churn        {}: {} allocations via {} ({}/s), {} freed, p90 lifetime {}",
+            "  churn        {} [{}]: {} allocations via {} ({}/s), {} freed, p90 lifetime {}",
             h.site,
+            match h.verdict_reason {
+                Some(reason) => format!("{}: {reason}", h.verdict.as_str()),
+                None => h.verdict.as_str().to_string(),
+            },
             b.allocs_total,
             h.allocator,
             b.alloc_rate_per_s

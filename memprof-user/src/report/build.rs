@@ -373,9 +373,12 @@ fn churn_hotspots(inputs: &Inputs<'_>) -> Vec<Hotspot> {
         .map(|(key, _)| {
             // The whole stack: where the churn comes from is often several frames up.
             let stack = inputs.sites.frames(key.0);
+            let growth = inputs.tracker.growth(key);
             Hotspot {
                 site: group_name(&stack, key.1),
                 allocator: key.1.name(),
+                verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                verdict_reason: verdict_reason(growth.as_ref()),
                 behaviour: inputs.tracker.groups[key].stats.summary(inputs.now_ns),
                 stack,
             }

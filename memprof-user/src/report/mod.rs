@@ -279,6 +279,11 @@ pub struct Sampling {
 pub struct Hotspot {
     pub site: String,
     pub allocator: &'static str,
+    /// The site's verdict, as everywhere else (a hotspot is listed for its churn whatever its
+    /// verdict), and why it is `unknown` when it is.
+    pub verdict: Verdict,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_reason: Option<&'static str>,
     pub behaviour: BehaviourSummary,
     /// Innermost frames (up to 5).
     pub stack: Vec<Frame>,
