@@ -5,7 +5,48 @@
 use std::{hint::black_box, time::Duration};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use memprof::analysis::peak::{Held, PeakSet, Step};
 use memprof_bench::{Agent, replay, synthetic_records};
+
+/// `n` heap changes at `sites` call sites with about `live` blocks outstanding (sizes 16 B to
+/// 4 KiB), as the peak takes them: one step per allocation or free.
+fn peak_steps(n: usize, sites: u32, live: usize) -> Vec<(u32, Step)> {
+    let mut state = 0x5eed_u64;
+    let mut next = |m: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % m
+    };
+    let mut blocks: Vec<(u32, u64)> = Vec::with_capacity(live * 2);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let grow = blocks.len() < live || next(100) < 50;
+        let (site, size, increase) = if grow || blocks.is_empty() {
+            let b = (next(u64::from(sites)) as u32, 16 << next(9));
+            blocks.push(b);
+            (b.0, b.1, true)
+        } else {
+            let j = next(blocks.len() as u64) as usize;
+            let b = blocks.swap_remove(j);
+            (b.0, b.1, false)
+        };
+        out.push((
+            site,
+            Step {
+                held: Held {
+                    bytes: size,
+                    blocks: 1,
+                    ..Held::default()
+                },
+                increase,
+                ts_ns: 1_000 * i as u64,
+                ..Step::default()
+            },
+        ));
+    }
+    out
+}
 
 /// Records per replay: 200 000 events, 256 call sites, about 10 000 blocks outstanding.
 const EVENTS: usize = 200_000;
@@ -42,7 +83,26 @@ fn agent(c: &mut Criterion) {
     group.bench_function("ingest_and_report", |b| {
         b.iter(|| black_box(replay(&records, SAMPLE_EVERY, 0)))
     });
+    // The cost of keeping who held the peak: each heap change through a `PeakSet` (what the
+    // tracker does per change, once for the trace and once more per process with `--all`).
+    let steps = peak_steps(EVENTS, SITES, LIVE);
+    group.bench_function("peak_keep", |b| {
+        b.iter(|| {
+            let mut set = PeakSet::new(false);
+            for (site, step) in steps.iter() {
+                set.change(*site, black_box(step));
+            }
+            black_box(set.snapshot().total)
+        })
+    });
     group.finish();
+    eprintln!(
+        "peak: {} B per site slot (key and slot, before the hash map's overhead)",
+        std::mem::size_of::<(
+            (memprof::stacks::SiteId, memprof_common::AllocFn, bool),
+            memprof::analysis::peak::Slot
+        )>()
+    );
 }
 
 criterion_group!(benches, agent);

@@ -190,7 +190,7 @@ impl Agent {
             .sample(self.last_ts, self.table.heap_totals.outstanding_bytes, None);
     }
 
-    /// A snapshot report of everything so far (stacks are unnamed: no symbolization).
+    /// A snapshot report of everything so far (stacks are named `site_N`: no symbolization).
     pub fn report(&mut self) -> Report {
         let inputs = Inputs {
             pid: 4242,

@@ -13,6 +13,8 @@
 //! - `tests/fixtures/phases.c`: exact allocations inside `load_phase` and `render_phase` and
 //!   outside them, released by SIGUSR1 (`--wait`) or in two steps (`--marks`).
 //! - `tests/fixtures/diff_sites.c`: leaks a number of blocks per site given on the command line.
+//! - `tests/fixtures/peak.c`: the heap peaks on a 1 MiB buffer freed before the end, beside a
+//!   cache that is kept; `--churn S` allocates and frees for S seconds.
 //!
 //! Needs root (eBPF) and a memprof built with its kernel programs (not `AYA_BUILD_SKIP=1`):
 //! `sudo -E cargo test --release -p memprof-user --test analytics -- --test-threads=1` (about
@@ -42,6 +44,7 @@ mod categories;
 mod diff;
 mod growth;
 mod memory;
+mod peak;
 mod phases;
 mod plateau;
 mod recipes;
@@ -69,6 +72,7 @@ struct Fixtures {
     growth: PathBuf,
     phases: PathBuf,
     diff_sites: PathBuf,
+    peak: PathBuf,
 }
 
 /// Compiles every fixture once per test process (and checks root first).
@@ -82,6 +86,7 @@ fn fixtures() -> &'static Fixtures {
             growth: build("growth"),
             phases: build("phases"),
             diff_sites: build("diff_sites"),
+            peak: build("peak"),
         }
     })
 }

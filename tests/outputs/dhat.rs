@@ -190,6 +190,14 @@ fn dhat_numbers_match_valgrind() {
                 "memprof {function}.{field}"
             );
         }
+        // What the site held at the heap's peak (t-gmax): exact, as valgrind's.
+        for field in ["gb", "gbk"] {
+            assert_eq!(
+                dhat_sum(&mine, function, field),
+                dhat_sum(&vg, function, field),
+                "memprof {function}.{field} vs valgrind's"
+            );
+        }
         // Lifetimes: the site's blocks lived a positive time; gb never exceeds mb.
         assert!(dhat_sum(&mine, function, "tl") > 0, "{function}.tl");
         assert!(dhat_sum(&mine, function, "gb") <= dhat_sum(&mine, function, "mb"));

@@ -61,6 +61,18 @@ fn pprof_top_inuse_space_exact_bytes() {
     assert!(default.contains("Type: inuse_space"), "{default}");
 }
 
+/// `peak_space`: what each site held when the heap peaked, summing to the report's peak.
+#[test]
+fn pprof_peak_space_sums_to_the_peak() {
+    let text = go_pprof(&["-top", "-sample_index=peak_space", "-unit=B"]);
+    assert!(text.contains("Type: peak_space"), "{text}");
+    let peak = trace().report["peak"]["bytes"].as_u64().unwrap();
+    assert!(
+        text.contains(&format!("Total samples = {peak}B")),
+        "peak.bytes {peak}\n{text}"
+    );
+}
+
 #[test]
 fn pprof_top_alloc_objects_and_space_exact() {
     let text = go_pprof(&["-top", "-sample_index=alloc_objects"]);

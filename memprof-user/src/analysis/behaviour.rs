@@ -2,7 +2,8 @@
 //! histograms), realloc chains, and the summary a report shows of them.
 //!
 //! Quantiles come from log2 buckets, so they are upper bounds: "the median size is at most
-//! 255 B", never an exact value.
+//! 255 B", never an exact value; bounds never go beyond the smallest and largest values
+//! observed (a 1000 B allocation's bucket reads `1000..=1000`, not `512..=1023`).
 
 use serde::Serialize;
 
@@ -11,11 +12,18 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Log2Hist {
     counts: [u64; 64],
+    /// The smallest and largest values added.
+    min: u64,
+    max: u64,
 }
 
 impl Default for Log2Hist {
     fn default() -> Self {
-        Self { counts: [0; 64] }
+        Self {
+            counts: [0; 64],
+            min: u64::MAX,
+            max: 0,
+        }
     }
 }
 
@@ -47,6 +55,10 @@ impl Log2Hist {
     pub fn add_n(&mut self, v: u64, n: u64) {
         let b = bucket(v);
         self.counts[b] = self.counts[b].saturating_add(n);
+        if n > 0 {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
     }
 
     /// Number of values added.
@@ -54,8 +66,8 @@ impl Log2Hist {
         self.counts.iter().sum()
     }
 
-    /// The upper bound (`2^(i+1) − 1`) of the bucket holding the q-quantile, `q` in `[0, 1]`
-    /// (clamped); `None` if empty. The q-quantile is the value of rank `max(1, ceil(q × count))`.
+    /// The upper bound (`2^(i+1) − 1`, or the largest value added if smaller) of the bucket
+    /// holding the q-quantile, `q` in `[0, 1]` (clamped); `None` if empty. The q-quantile is the value of rank `max(1, ceil(q × count))`.
     pub fn quantile(&self, q: f64) -> Option<u64> {
         let total = self.count();
         if total == 0 {
@@ -67,19 +79,20 @@ impl Log2Hist {
         for (i, &c) in self.counts.iter().enumerate() {
             seen += c;
             if seen >= rank {
-                return Some(upper(i));
+                return Some(upper(i).min(self.max));
             }
         }
         None
     }
 
-    /// Non-empty buckets as (lower bound, upper bound, count), smallest first.
+    /// Non-empty buckets as (lower bound, upper bound, count), smallest first, the bounds
+    /// within the smallest and largest values added.
     pub fn buckets(&self) -> Vec<(u64, u64, u64)> {
         self.counts
             .iter()
             .enumerate()
             .filter(|&(_, &c)| c > 0)
-            .map(|(i, &c)| (lower(i), upper(i), c))
+            .map(|(i, &c)| (lower(i).max(self.min), upper(i).min(self.max), c))
             .collect()
     }
 }
@@ -263,10 +276,15 @@ mod tests {
         assert_eq!(h.quantile(0.0), Some(127), "rank 1");
         assert_eq!(h.quantile(0.5), Some(127), "rank 5 of 10");
         assert_eq!(h.quantile(0.6), Some(127), "rank 6 of 10");
-        assert_eq!(h.quantile(0.61), Some(8191), "rank 7 of 10");
-        assert_eq!(h.quantile(0.9), Some(8191));
-        assert_eq!(h.quantile(1.0), Some(8191));
-        assert_eq!(h.quantile(7.0), Some(8191), "q clamped to 1");
+        assert_eq!(
+            h.quantile(0.61),
+            Some(5000),
+            "rank 7 of 10: never above the largest value"
+        );
+        assert_eq!(h.quantile(0.9), Some(5000));
+        assert_eq!(h.quantile(1.0), Some(5000));
+        assert_eq!(h.quantile(7.0), Some(5000), "q clamped to 1");
+        assert_eq!(h.buckets(), [(100, 127, 6), (4096, 5000, 4)]);
     }
 
     #[test]
@@ -284,8 +302,8 @@ mod tests {
         assert_eq!((s.realloc_moves, s.max_realloc_chain), (2, 3));
         assert_eq!(
             s.lifetimes_ns.buckets(),
-            vec![(262_144, 524_287, 1)],
-            "500 µs"
+            vec![(500_000, 500_000, 1)],
+            "500 µs: the bucket's bounds cut to the value seen"
         );
         // 4 allocations over [1 s, 3 s].
         assert_eq!(s.alloc_rate(3_000_000_000), Some(2.0));
@@ -300,7 +318,7 @@ mod tests {
         assert_eq!((s.outstanding_allocs, s.outstanding_bytes), (0, 0));
         assert_eq!(
             s.lifetimes_ns.quantile(0.5),
-            Some(1),
+            Some(0),
             "negative lifetime counts as 0"
         );
     }
@@ -326,19 +344,20 @@ mod tests {
                 allocs_total: 11,
                 frees_total: 10,
                 alloc_rate_per_s: Some(2.75),
-                // 1 ms lies in [2^19, 2^20 − 1] ns; 1 s in [2^29, 2^30 − 1] ns.
+                // 1 ms lies in [2^19, 2^20 − 1] ns; 1 s in [2^29, 2^30 − 1] ns, cut to the
+                // longest lifetime seen (1 s).
                 lifetime_p50_s: Some(1_048_575e-9),
-                lifetime_p90_s: Some(1_073_741_823e-9),
+                lifetime_p90_s: Some(1.0),
                 size_p50_bytes: Some(63),
                 size_histogram: vec![
                     SizeBucket {
-                        min_bytes: 32,
+                        min_bytes: 48,
                         max_bytes: 63,
                         count: 10
                     },
                     SizeBucket {
                         min_bytes: 2048,
-                        max_bytes: 4095,
+                        max_bytes: 3000,
                         count: 1
                     },
                 ],

@@ -66,6 +66,35 @@ pub const LEAK_MAX_RECENT_RATIO: f64 = 2.0;
 pub const CHURN_MIN_FREE_RATIO: f64 = 0.9;
 /// `churn` needs at least this many allocations.
 pub const CHURN_MIN_ALLOCS: u64 = 100;
+/// Shortest span of samples (seconds) over which a heap growth rate is given: a rate from a
+/// few seconds extrapolated to an hour says nothing.
+pub const RATE_MIN_SPAN_S: f64 = 5.0;
+/// Least r² of the fit for a heap growth rate.
+pub const RATE_MIN_R2: f64 = 0.8;
+
+/// The growth of a heap (bytes/s) from its samples over the trace (or over a process's life,
+/// its samples ending when it exited), or why none is given: fewer than [`MIN_POINTS`]
+/// samples, a span under [`RATE_MIN_SPAN_S`], or a fit with `r² <` [`RATE_MIN_R2`].
+pub fn heap_rate(points: &[(f64, f64)]) -> Result<f64, String> {
+    if points.len() < MIN_POINTS {
+        return Err(format!("{} samples, fewer than {MIN_POINTS}", points.len()));
+    }
+    let span = match (points.first(), points.last()) {
+        (Some(a), Some(b)) => b.0 - a.0,
+        _ => 0.0,
+    };
+    if span < RATE_MIN_SPAN_S {
+        return Err(format!(
+            "samples span {span:.1} s, under {RATE_MIN_SPAN_S} s"
+        ));
+    }
+    let fit = least_squares(points).ok_or_else(|| "no fit".to_string())?;
+    if fit.r2 < RATE_MIN_R2 {
+        return Err(format!("weak fit (r² {:.2} < {RATE_MIN_R2})", fit.r2));
+    }
+    Ok(fit.slope)
+}
+
 /// Number of points at which confidence is no longer reduced for shortness.
 pub const FULL_CONFIDENCE_POINTS: f64 = 20.0;
 
@@ -120,11 +149,19 @@ pub struct Growth {
     /// Time from the last sample within the noise floor of the series' minimum to the newest
     /// sample (0 unless `leak` or `growing`).
     pub growing_for_s: f64,
+    /// Why the verdict is `unknown` (None for every other verdict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
+/// Why a group's verdict is `unknown`: its series is too short.
+pub const UNKNOWN_FEW_SAMPLES: &str = "fewer than 5 samples";
+pub const UNKNOWN_SHORT_SPAN: &str = "samples span under 2 s";
+
 impl Growth {
-    fn unknown(fit: Option<Fit>) -> Self {
+    fn unknown(fit: Option<Fit>, reason: &'static str) -> Self {
         Self {
+            reason: Some(reason),
             verdict: Verdict::Unknown,
             confidence: 0.0,
             growth_bytes_per_s: fit.map_or(0.0, |f| f.slope),
@@ -162,12 +199,15 @@ pub fn classify(series: &Series, activity: &Activity) -> Growth {
         (Some(first), Some(last)) => last.0 - first.0,
         _ => 0.0,
     };
-    let Some(whole) = whole.filter(|_| n >= MIN_POINTS && span >= MIN_SPAN_S) else {
-        return Growth::unknown(whole);
+    if n < MIN_POINTS {
+        return Growth::unknown(whole, UNKNOWN_FEW_SAMPLES);
+    }
+    let Some(whole) = whole.filter(|_| span >= MIN_SPAN_S) else {
+        return Growth::unknown(whole, UNKNOWN_SHORT_SPAN);
     };
     let recent_points = &points[n - n.div_ceil(2)..];
     let Some(recent) = least_squares(recent_points) else {
-        return Growth::unknown(Some(whole));
+        return Growth::unknown(Some(whole), UNKNOWN_SHORT_SPAN);
     };
 
     let floor = noise_floor(points);
@@ -193,6 +233,7 @@ pub fn classify(series: &Series, activity: &Activity) -> Growth {
             growth_bytes_per_s: fit.slope,
             r2: fit.r2,
             growing_for_s: growing_for(points, floor),
+            reason: None,
         };
     }
 
@@ -209,6 +250,7 @@ pub fn classify(series: &Series, activity: &Activity) -> Growth {
         growth_bytes_per_s: recent.slope,
         r2: recent.r2,
         growing_for_s: 0.0,
+        reason: None,
     }
 }
 
@@ -308,6 +350,29 @@ mod tests {
     }
 
     #[test]
+    fn heap_rate_needs_span_points_and_fit() {
+        let line: Vec<(f64, f64)> = (0..7).map(|i| (i as f64, 1000.0 * i as f64)).collect();
+        assert_eq!(heap_rate(&line), Ok(1000.0));
+        let short: Vec<(f64, f64)> = (0..7).map(|i| (i as f64 * 0.5, 1e6 * i as f64)).collect();
+        assert_eq!(
+            heap_rate(&short),
+            Err("samples span 3.0 s, under 5 s".to_string())
+        );
+        assert_eq!(
+            heap_rate(&line[..4]),
+            Err("4 samples, fewer than 5".to_string())
+        );
+        let noise: Vec<(f64, f64)> = (0..12)
+            .map(|i| (i as f64, if i % 2 == 0 { 0.0 } else { 1e6 }))
+            .collect();
+        assert!(
+            heap_rate(&noise)
+                .unwrap_err()
+                .starts_with("weak fit (r² 0.0")
+        );
+    }
+
+    #[test]
     fn constant_series_is_stable_with_slope_0() {
         let s = series((0..30).map(|i| (i as f64, 1_048_576.0)));
         let g = classify(&s, &quiet());
@@ -318,7 +383,8 @@ mod tests {
                 confidence: 1.0,
                 growth_bytes_per_s: 0.0,
                 r2: 1.0,
-                growing_for_s: 0.0
+                growing_for_s: 0.0,
+                reason: None,
             }
         );
     }
@@ -359,12 +425,17 @@ mod tests {
         let three = series([(0.0, 0.0), (1.0, 1e6), (2.0, 2e6)]);
         let g = classify(&three, &quiet());
         assert_eq!(g.verdict, Verdict::Unknown);
+        assert_eq!(g.reason, Some(UNKNOWN_FEW_SAMPLES));
         assert_eq!(g.confidence, 0.0);
         let short = series((0..10).map(|i| (i as f64 * 0.1, 1e6 * i as f64)));
+        let g = classify(&short, &quiet());
+        assert_eq!(g.verdict, Verdict::Unknown, "0.9 s span");
+        assert_eq!(g.reason, Some(UNKNOWN_SHORT_SPAN));
+        let long = series((0..10).map(|i| (i as f64, 1e6 * i as f64)));
         assert_eq!(
-            classify(&short, &quiet()).verdict,
-            Verdict::Unknown,
-            "0.9 s span"
+            classify(&long, &quiet()).reason,
+            None,
+            "a verdict needs no reason"
         );
         assert_eq!(
             classify(&Series::new(8), &quiet()).verdict,

@@ -9,6 +9,9 @@
 //! - [`series`]: bounded time series and their least-squares lines.
 //! - [`growth`]: a group's verdict from the series of its outstanding bytes
 //!   (`leak`, `growing`, `stable`, `churn`, `unknown`), plus the projection to a limit.
+//! - [`peak`]: what each site held at the heap's peak (the trace's, a process's, a phase's),
+//!   kept as the changes come.
+//! - [`estimate`]: confidence intervals of sampled estimates.
 //! - [`behaviour`]: per-group counts, size and lifetime histograms, realloc chains.
 //! - [`categories`]: outstanding memory summed by user rule or by module.
 //! - [`recommend`]: advice that quotes the measurements it rests on.
@@ -20,8 +23,10 @@
 pub mod behaviour;
 pub mod categories;
 pub mod diff;
+pub mod estimate;
 pub mod growth;
 pub mod memory;
+pub mod peak;
 pub mod pyphases;
 pub mod recommend;
 pub mod series;

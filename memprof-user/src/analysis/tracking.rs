@@ -10,11 +10,13 @@ use serde::Serialize;
 use crate::{
     analysis::{
         behaviour::StackStats,
+        estimate::Spread,
         growth::{self, Activity, Growth},
+        peak::{Held, PeakSet, Snapshot, Step, Watch},
         series::{Series, least_squares},
     },
     stacks::SiteId,
-    table::Change,
+    table::{Change, sample_split, sample_variance},
 };
 
 /// A call-site group: the site (symbolized stack, see `stacks::sites`), allocator, whether it is
@@ -131,6 +133,60 @@ pub struct Tracker {
     pub rss: Series,
     phases: Phases,
     start_ns: u64,
+    /// What each group held at the heap's peak, over every traced process (see
+    /// [`crate::analysis::peak`]).
+    peak: PeakSet<GroupKey>,
+    /// The same per process, when the trace covers several (`--all`, followed children).
+    process_peaks: Option<HashMap<u32, PeakSet<GroupKey>>>,
+    /// `--sample-bytes` (0 without sampling).
+    sample_mean: u64,
+    /// The peak of each function phase while active, and of the open mark.
+    function_watches: Vec<Watch<GroupKey>>,
+    mark_watch: Option<Watch<GroupKey>>,
+    /// The peaks of the closed marks, in order.
+    mark_peaks: Vec<Option<Snapshot<GroupKey>>>,
+    /// The newest change's time (ns).
+    last_ns: u64,
+    /// Sampled traces: the variance of the estimated heap allocations, bytes and count.
+    pub allocated_spread: Spread,
+}
+
+/// One heap change as the peak takes it: bytes and blocks, with sampling their variances and
+/// the block's weights in the two half-rate samples (see `table::sample_split`).
+fn peak_step(change: &Change, mean: u64) -> Step {
+    let (block, increase, ts_ns, count) = match *change {
+        Change::Alloc { block, count, .. } => (block, true, block.ts_ns, count),
+        Change::Free {
+            block,
+            ts_ns,
+            count,
+            ..
+        } => (block, false, ts_ns, count),
+    };
+    let count = u64::from(count);
+    let (spread, halves) = if mean == 0 {
+        (Spread::default(), [(0.0, 0.0); 2])
+    } else {
+        let s = block.size as f64;
+        let v = sample_variance(&block, mean);
+        (
+            Spread {
+                bytes: v * s * s,
+                blocks: v,
+            },
+            sample_split(&block, mean).map(|w| (s * w, s * s * (w * w - w).max(0.0))),
+        )
+    };
+    Step {
+        held: Held {
+            bytes: block.size.saturating_mul(count),
+            blocks: count,
+            spread,
+        },
+        increase,
+        ts_ns,
+        halves,
+    }
 }
 
 impl Tracker {
@@ -153,6 +209,14 @@ impl Tracker {
                 ..Phases::default()
             },
             start_ns,
+            peak: PeakSet::new(false),
+            process_peaks: None,
+            sample_mean: 0,
+            function_watches: functions.iter().map(|_| Watch::new(false)).collect(),
+            mark_watch: None,
+            mark_peaks: Vec::new(),
+            last_ns: start_ns,
+            allocated_spread: Spread::default(),
         }
     }
 
@@ -166,6 +230,65 @@ impl Tracker {
             ..PhaseReport::default()
         }));
         p.active.resize(p.functions.len(), 0);
+        let sampled = self.sample_mean > 0;
+        self.function_watches
+            .extend(names.iter().map(|_| Watch::new(sampled)));
+    }
+
+    /// Keeps the peak's intervals for a trace sampled at `sample_mean` bytes (0: exact), and
+    /// with `per_process` a peak of each process besides the trace's.
+    pub fn with_peaks(mut self, sample_mean: u64, per_process: bool) -> Self {
+        self.sample_mean = sample_mean;
+        self.peak = PeakSet::new(sample_mean > 0);
+        self.process_peaks = per_process.then(HashMap::default);
+        for w in &mut self.function_watches {
+            *w = Watch::new(sample_mean > 0);
+        }
+        self
+    }
+
+    /// The peaks of the phases, in the order of [`Tracker::phases`] (None: never active).
+    pub fn phase_peaks(&self) -> Vec<Option<Snapshot<GroupKey>>> {
+        let total = self.peak.track.now();
+        let snap = |w: &Watch<GroupKey>| w.snapshot(total, self.peak.current());
+        let mut out: Vec<_> = self.function_watches.iter().map(snap).collect();
+        out.extend(self.mark_peaks.iter().cloned());
+        if let Some(w) = &self.mark_watch {
+            out.push(snap(w));
+        }
+        out
+    }
+
+    fn watches(&mut self) -> impl Iterator<Item = &mut Watch<GroupKey>> {
+        self.function_watches
+            .iter_mut()
+            .chain(self.mark_watch.as_mut())
+    }
+
+    /// The heap's peak over the trace: its total, moment and what each group held then.
+    pub fn peak(&self) -> Snapshot<GroupKey> {
+        self.peak.snapshot()
+    }
+
+    /// The peak of process `pid` (multi-process traces only).
+    pub fn process_peak(&self, pid: u32) -> Option<Snapshot<GroupKey>> {
+        Some(self.process_peaks.as_ref()?.get(&pid)?.snapshot())
+    }
+
+    /// Forgets what was kept for the peak of process `pid` (no longer reported).
+    pub fn forget_process(&mut self, pid: u32) {
+        if let Some(p) = &mut self.process_peaks {
+            p.remove(&pid);
+        }
+    }
+
+    /// Slots the peaks keep (one per group holding something now or at a peak).
+    pub fn peak_slots(&self) -> usize {
+        self.peak.len()
+            + self
+                .process_peaks
+                .as_ref()
+                .map_or(0, |p| p.values().map(PeakSet::len).sum())
     }
 
     fn group(&mut self, key: GroupKey) -> &mut GroupState {
@@ -178,6 +301,11 @@ impl Tracker {
     /// Records one table change of a block allocated at `site`; `outstanding` is the process's
     /// outstanding heap bytes after it.
     pub fn on_change(&mut self, change: &Change, site: SiteId, outstanding: u64) {
+        self.on_change_in(0, change, site, outstanding);
+    }
+
+    /// [`Tracker::on_change`] for a block of process `pid`.
+    pub fn on_change_in(&mut self, pid: u32, change: &Change, site: SiteId, outstanding: u64) {
         let tid = match *change {
             Change::Alloc {
                 block,
@@ -221,9 +349,32 @@ impl Tracker {
         if !heap_change {
             return;
         }
+        let key = (site, change.block().func, false);
+        let step = peak_step(change, self.sample_mean);
+        if step.increase {
+            self.allocated_spread.add(&step.held.spread);
+        }
+        self.last_ns = self.last_ns.max(step.ts_ns);
+        let held = self.peak.now_of(&key);
+        let total = *self.peak.track.now();
+        for w in self.watches() {
+            w.before(key, held, &total, &step);
+        }
+        self.peak.change(key, &step);
+        let total = *self.peak.track.now();
+        let halves = self.peak.track.halves().copied();
+        for w in self.watches() {
+            w.after(&total, halves.as_ref(), step.ts_ns);
+        }
+        if let Some(peaks) = &mut self.process_peaks {
+            let sampled = self.sample_mean > 0;
+            peaks
+                .entry(pid)
+                .or_insert_with(|| PeakSet::new(sampled))
+                .change(key, &step);
+        }
         let born_s = self.seconds(change.block().ts_ns);
         let p = &mut self.phases;
-        let key = (site, change.block().func, false);
         let mut inside = 0u64;
         if let Some(stack) = p.threads.get(&tid) {
             let mut counted: Vec<u32> = Vec::new();
@@ -281,9 +432,16 @@ impl Tracker {
             return;
         };
         let stack = p.threads.entry(tid).or_default();
+        let total = *self.peak.track.now();
+        let Some(watch) = self.function_watches.get_mut(phase as usize) else {
+            return;
+        };
         if enter {
             if !stack.contains(&phase) {
                 p.active[phase as usize] += 1;
+                if p.active[phase as usize] == 1 {
+                    watch.activate(&total, self.peak.track.halves(), self.last_ns);
+                }
             }
             stack.push(phase);
             report.entries += 1;
@@ -292,6 +450,9 @@ impl Tracker {
             stack.remove(pos);
             if !stack.contains(&phase) {
                 p.active[phase as usize] -= 1;
+                if p.active[phase as usize] == 0 {
+                    watch.deactivate(&total);
+                }
             }
             if stack.is_empty() {
                 p.threads.remove(&tid);
@@ -305,6 +466,15 @@ impl Tracker {
         if let Some(prev) = self.phases.marks.last_mut() {
             prev.end_s = Some(t);
         }
+        let total = *self.peak.track.now();
+        if let Some(mut w) = self.mark_watch.take() {
+            w.deactivate(&total);
+            self.mark_peaks
+                .push(w.snapshot(&total, self.peak.current()));
+        }
+        let mut w = Watch::new(self.sample_mean > 0);
+        w.activate(&total, self.peak.track.halves(), ts_ns);
+        self.mark_watch = Some(w);
         self.phases.marks.push(PhaseReport {
             name: name.to_string(),
             kind: "mark",
@@ -330,6 +500,18 @@ impl Tracker {
             }
         }
         self.heap.push(t, heap_outstanding as f64);
+        let peak = &self.peak;
+        for w in self
+            .function_watches
+            .iter_mut()
+            .chain(self.mark_watch.as_mut())
+        {
+            w.prune(|k| peak.now_of(k));
+        }
+        self.peak.prune();
+        if let Some(peaks) = &mut self.process_peaks {
+            peaks.values_mut().for_each(PeakSet::prune);
+        }
         if let Some(rss) = rss {
             self.rss.push(t, rss as f64);
         }
@@ -498,6 +680,89 @@ mod tests {
                 kind: "function",
                 ..PhaseReport::default()
             }
+        );
+    }
+
+    /// The trace's peak and each phase's, with what each site held then: a temporary buffer
+    /// freed before the end makes the global peak; a later mark peaks on the cache.
+    #[test]
+    fn peaks_of_the_trace_and_of_phases() {
+        let cache = SiteId::new(1);
+        let temp = SiteId::new(2);
+        let at = |size: u64, ts_ns: u64| LiveAlloc {
+            size,
+            ts_ns,
+            stack: 0,
+            func: AllocFn::Malloc,
+            chain: 0,
+        };
+        let alloc = |block| Change::Alloc {
+            block,
+            tid: 1,
+            mmap: false,
+            count: 1,
+        };
+        let mut t = Tracker::new(&["build".to_string()], 0).with_peaks(0, true);
+        let mut held = 0;
+        let mut change = |t: &mut Tracker, c: Change, site| {
+            held = match c {
+                Change::Alloc { block, .. } => held + block.size,
+                Change::Free { bytes, .. } => held - bytes,
+            };
+            t.on_change_in(7, &c, site, held);
+        };
+        t.on_phase(1, 0, true, 0);
+        for i in 0..10 {
+            change(&mut t, alloc(at(1000, 10 + i)), cache);
+        }
+        let buf = at(1 << 20, 30);
+        change(&mut t, alloc(buf), temp);
+        change(
+            &mut t,
+            Change::Free {
+                block: buf,
+                bytes: 1 << 20,
+                whole: true,
+                tid: 1,
+                ts_ns: 40,
+                mmap: false,
+                count: 1,
+            },
+            temp,
+        );
+        t.on_phase(1, 0, false, 10_000);
+        t.mark("serve", 50, 10_000);
+        for i in 0..300 {
+            change(&mut t, alloc(at(1000, 60 + i)), cache);
+        }
+        t.sample(1_000, 310_000, None);
+        let sites = |s: &Snapshot<GroupKey>| {
+            let mut v: Vec<(SiteId, u64, u64)> = s
+                .sites
+                .iter()
+                .map(|(k, h)| (k.0, h.bytes, h.blocks))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let peak = t.peak();
+        assert_eq!(
+            (peak.total.bytes, peak.total.blocks, peak.at_ns),
+            (1_058_576, 11, 30)
+        );
+        assert_eq!(sites(&peak), [(cache, 10_000, 10), (temp, 1_048_576, 1)]);
+        assert_eq!(sites(&t.process_peak(7).unwrap()), sites(&peak));
+        let phases = t.phase_peaks();
+        assert_eq!(phases.len(), 2);
+        let build = phases[0].as_ref().unwrap();
+        assert_eq!(sites(build), sites(&peak), "build held the global peak");
+        let serve = phases[1].as_ref().unwrap();
+        assert_eq!(serve.total.bytes, 310_000);
+        assert_eq!(sites(serve), [(cache, 310_000, 310)]);
+        assert_eq!(
+            t.peak_slots(),
+            4,
+            "two sites, in the trace's peak and process 7's"
         );
     }
 

@@ -6,16 +6,19 @@
 //! reads and writes, so `rb`, `wb` and `acc` are left out of every program point, as DHAT does
 //! when it has no access data), `tu` "µs" with `Mtu` "s" (times are microseconds since the trace
 //! started, rates per second), `tuth` 10 (the "short-lived" bar: 10 µs on average), `cmd`,
-//! `pid`, `te` (the end), `tg` (when the heap peaked, among the samples), `pps` and `ftbl`.
+//! `pid`, `te` (the end), `tg` (when the heap peaked: the exact moment, as `peak.at_s`),
+//! `pps` and `ftbl`.
 //!
-//! One program point per [`Site`] (mmap sites included), with:
+//! One program point per heap [`Site`] (the malloc family, as DHAT sees it; anonymous mappings
+//! made outside the allocator are left out, so `tb` sums to the report's `bytes_allocated` and
+//! `gb` to its peak), with:
 //!
 //! | field | value |
 //! | --- | --- |
 //! | `tb`, `tbk` | bytes and blocks allocated (`alloc_bytes`, `alloc_objects`) |
 //! | `tl` | summed lifetimes, µs: the freed blocks' exact lifetimes, plus for blocks still live their age at the end, estimated as if they had been allocated at the midpoint of the site's first and last allocation |
-//! | `mb`, `mbk` | the most the site held at once (`max_inuse_*`) |
-//! | `gb`, `gbk` | what the site held when the heap peaked (`bytes_at_peak`; blocks are exact when those bytes equal the site's in-use or max bytes, else estimated from the site's average block size) |
+//! | `mb`, `mbk` | the most the site held at once (`max_inuse_*`, never below `gb`, `eb`) |
+//! | `gb`, `gbk` | what the site held when the heap peaked (`bytes_at_peak`, `objects_at_peak`: exact) |
 //! | `eb`, `ebk` | still live at the end (`inuse_*`) |
 //! | `fs` | indices into `ftbl`, innermost frame first |
 //!
@@ -88,6 +91,7 @@ pub fn build(profile: &Profile) -> DhatFile {
     let pps = profile
         .sites
         .iter()
+        .filter(|site| site.kind == "heap")
         .map(|site| {
             let fs = if site.stack.is_empty() {
                 vec![frame_index("0x0: ??? (no stack)".to_owned())]
@@ -112,7 +116,7 @@ pub fn build(profile: &Profile) -> DhatFile {
         cmd: profile.command.join(" "),
         pid: profile.pid,
         te: end_ns / 1000,
-        tg: (secs_to_ns(profile.peak_t_s) / 1000).min(end_ns / 1000),
+        tg: ((secs_to_ns(profile.peak_t_s) + 500) / 1000).min(end_ns / 1000),
         pps,
         ftbl,
     }
@@ -125,21 +129,9 @@ pub fn program_point(site: &Site, end_ns: u64, fs: Vec<usize>) -> ProgramPoint {
     let live_ns = u128::from(site.inuse_objects) * u128::from(end_ns.saturating_sub(mid_ns));
     let tl_us = (site.freed_lifetime_ns.saturating_add(live_ns) + 500) / 1000;
 
-    let mb = site.max_inuse_bytes.max(site.inuse_bytes);
-    let mbk = site.max_inuse_objects.max(site.inuse_objects);
-    let gb = site.bytes_at_peak.min(mb);
-    let gbk = if gb == 0 {
-        0
-    } else if gb == site.inuse_bytes {
-        site.inuse_objects
-    } else if gb == mb {
-        mbk
-    } else if site.alloc_bytes > 0 {
-        let est = (gb as f64 * site.alloc_objects as f64 / site.alloc_bytes as f64).round() as u64;
-        est.clamp(1, mbk.max(1))
-    } else {
-        1
-    };
+    let (gb, gbk) = (site.bytes_at_peak, site.objects_at_peak);
+    let mb = site.max_inuse_bytes.max(site.inuse_bytes).max(gb);
+    let mbk = site.max_inuse_objects.max(site.inuse_objects).max(gbk);
     ProgramPoint {
         tb: site.alloc_bytes,
         tbk: site.alloc_objects,
@@ -227,7 +219,6 @@ mod tests {
             ),
             (21000, 7, 7_000_000, 21000, 7, 21000, 7)
         );
-        // 18000 B at the peak: 6 blocks of the site's 3000 B average.
         assert_eq!((leak.gb, leak.gbk), (18000, 6));
         let frames: Vec<&str> = leak.fs.iter().map(|&i| d.ftbl[i].as_str()).collect();
         assert_eq!(
@@ -238,14 +229,12 @@ mod tests {
                 "0x27234: ??? (in /usr/lib/x86_64-linux-gnu/libc.so.6)",
             ]
         );
-        // The mmap site's function has no line: module instead.
-        assert_eq!(
-            d.ftbl[d.pps[1].fs[0]],
-            "0x2000: map<int, \"q\">::grow;now (in /opt/app)"
-        );
-        assert_eq!(d.ftbl[d.pps[2].fs[0]], "0x0: ??? (no stack)");
+        // Heap sites only: the mapping is not DHAT's.
+        assert_eq!(d.pps.len(), 3);
+        assert!(!d.ftbl.iter().any(|f| f.contains("grow")));
+        assert_eq!(d.ftbl[d.pps[1].fs[0]], "0x0: ??? (no stack)");
         // Churn: everything freed, 210 lifetimes summing to 2.1 ms.
-        let churn = &d.pps[3];
+        let churn = &d.pps[2];
         assert_eq!(
             (
                 churn.tb, churn.tbk, churn.tl, churn.mb, churn.mbk, churn.gb, churn.gbk, churn.eb
@@ -254,7 +243,7 @@ mod tests {
         );
         // Frames shared between sites are listed once.
         let mains = d.ftbl.iter().filter(|f| f.contains(": main (")).count();
-        assert_eq!(mains, 3);
+        assert_eq!(mains, 2);
     }
 
     #[test]
@@ -262,11 +251,11 @@ mod tests {
         let mut p = sample_profile();
         p.duration_s = f64::NAN;
         p.peak_t_s = -1.0;
-        p.sites[0].bytes_at_peak = 5000;
+        p.sites[0].bytes_at_peak = 50000;
         p.sites[0].alloc_bytes = 0;
         let d = build(&p);
         assert_eq!((d.te, d.tg), (0, 0));
-        assert_eq!(d.pps[0].gbk, 1);
+        assert_eq!((d.pps[0].gb, d.pps[0].mb), (50000, 50000), "mb >= gb");
         p.sites.clear();
         let d = build(&p);
         assert!(d.pps.is_empty());

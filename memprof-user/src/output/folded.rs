@@ -27,6 +27,8 @@ pub enum Metric {
     InUse,
     /// Bytes allocated during the trace.
     Allocated,
+    /// Bytes held when the heap peaked.
+    AtPeak,
 }
 
 impl Metric {
@@ -34,6 +36,7 @@ impl Metric {
         match self {
             Metric::InUse => site.inuse_bytes,
             Metric::Allocated => site.alloc_bytes,
+            Metric::AtPeak => site.bytes_at_peak,
         }
     }
 
@@ -41,6 +44,7 @@ impl Metric {
         match self {
             Metric::InUse => "in-use bytes",
             Metric::Allocated => "allocated bytes",
+            Metric::AtPeak => "bytes at the peak",
         }
     }
 }

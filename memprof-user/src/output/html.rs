@@ -66,19 +66,26 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 details ol { margin: .3em 0; padding-left: 1.6em; font-family: ui-monospace, monospace; font-size: .9em; }
 .where { color: #666; }
 .lost { color: #8a0000; font-weight: 600; }
-#flame svg { max-width: 100%; height: auto; }
+#flame svg, #peak svg { max-width: 100%; height: auto; }
 #flame #search, #flame #matched, #flame #unzoom { display: none; }
+#peak #peak-search, #peak #peak-matched, #peak #peak-unzoom { display: none; }
 #memory-chart { max-width: 100%; height: auto; font-family: system-ui, sans-serif; }
 ";
 
 /// The page for `profile`.
 pub fn render(profile: &Profile) -> anyhow::Result<String> {
     let flame = flamegraph::svg(profile, Metric::InUse, false)?;
-    Ok(page(profile, &inline_svg(&flame)))
+    let peak = flamegraph::svg(profile, Metric::AtPeak, false)?;
+    // Its ids apart from the first one's: one page, each id once.
+    let peak = inline_svg(&peak)
+        .replace(" id=\"", " id=\"peak-")
+        .replace("url(#", "url(#peak-");
+    Ok(page(profile, &inline_svg(&flame), &peak))
 }
 
-/// The page, with `flame_svg` (already fit to be inlined) as the flamegraph.
-fn page(profile: &Profile, flame_svg: &str) -> String {
+/// The page, with `flame_svg` and `peak_svg` (already fit to be inlined) as the flamegraphs
+/// of in-use bytes and of bytes at the peak.
+fn page(profile: &Profile, flame_svg: &str, peak_svg: &str) -> String {
     let mut h = String::new();
     let command = profile.command.join(" ");
     let _ = write!(
@@ -96,6 +103,15 @@ fn page(profile: &Profile, flame_svg: &str) -> String {
     let _ = write!(
         h,
         "<section id=\"flame\">\n<h2>In-use bytes by call stack</h2>\n{flame_svg}\n</section>\n"
+    );
+    let peak = &profile.report.peak;
+    let _ = write!(
+        h,
+        "<section id=\"peak\">\n<h2>At the peak: {} in {} allocations, {:.3} s \
+         into the trace</h2>\n{peak_svg}\n</section>\n",
+        exact_bytes(peak.bytes),
+        peak.allocs,
+        peak.at_s
     );
     phases(&mut h, profile);
     recommendations(&mut h, profile);
@@ -327,6 +343,9 @@ fn sites_table(h: &mut String, sites: &[Site]) {
     );
     for site in sites.iter().take(TOP_SITES) {
         let verdict = site.verdict.as_str();
+        let reason = site
+            .verdict_reason
+            .map_or(String::new(), |r| format!(" title=\"{}\"", escape(r)));
         let growth = if site.growth_bytes_per_s.is_finite() {
             format!("{:.1} B/s", site.growth_bytes_per_s)
         } else {
@@ -335,7 +354,7 @@ fn sites_table(h: &mut String, sites: &[Site]) {
         let _ = writeln!(
             h,
             "<tr><td><code>{}</code></td><td>{} ({})</td>\
-             <td><span class=\"verdict v-{verdict}\">{verdict}</span></td>\
+             <td><span class=\"verdict v-{verdict}\"{reason}>{verdict}</span></td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td>{}</td></tr>",
@@ -459,7 +478,7 @@ pub fn inline_svg(svg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{PhaseReport, Recommendation, sample::sample_profile};
+    use crate::report::{Phase, PhaseReport, Recommendation, sample::sample_profile};
 
     #[test]
     fn digits_and_bytes() {
@@ -473,7 +492,7 @@ mod tests {
     #[test]
     fn page_has_everything_escaped() {
         let mut p = sample_profile();
-        p.report.phases.push(PhaseReport {
+        p.report.phases.push(Phase::from(PhaseReport {
             name: "load<x>".into(),
             kind: "mark",
             allocs: 3,
@@ -488,7 +507,7 @@ mod tests {
             entries: 1,
             start_s: Some(0.0),
             end_s: Some(1.0),
-        });
+        }));
         p.report.recommendations.push(Recommendation {
             kind: "leak",
             site: "leak_widgets".into(),
@@ -541,6 +560,30 @@ mod tests {
         assert!(html.contains("no samples were taken"));
         assert!(html.contains("no in-use bytes to draw"));
         assert!(!html.contains("NaN"));
+    }
+
+    #[test]
+    fn peak_flamegraph_beside_the_in_use_one() {
+        let mut p = sample_profile();
+        p.report.peak.bytes = 18064;
+        p.report.peak.allocs = 7;
+        p.report.peak.at_s = 1.5;
+        let html = render(&p).unwrap();
+        assert!(html.contains("<h2>At the peak: 18,064 B in 7 allocations, 1.500 s"));
+        let peak = &html[html.find("<section id=\"peak\">").unwrap()..];
+        assert!(
+            peak.contains("leak_widgets"),
+            "the site holding bytes at the peak"
+        );
+        assert!(!peak.contains("churn_buffers"), "nothing at the peak");
+        // Each id once on the page.
+        let ids: Vec<&str> = html
+            .split(" id=\"")
+            .skip(1)
+            .map(|s| &s[..s.find('"').unwrap()])
+            .collect();
+        let unique: std::collections::BTreeSet<&&str> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "duplicate ids");
     }
 
     #[test]

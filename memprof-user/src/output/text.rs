@@ -6,7 +6,7 @@ use std::{cmp::Reverse, fmt::Write as _};
 use crate::{
     analysis::diff::{Diff, SiteDelta},
     report::{
-        ProcessReport, Report,
+        Frame, Peak, ProcessReport, Report,
         names::{change_bytes, human_bytes, signed_bytes},
     },
 };
@@ -51,6 +51,11 @@ fn render_processes(out: &mut String, processes: &[ProcessReport]) {
             if p.exited { "  [exited]" } else { "" }
         );
     }
+    for p in processes.iter().take(SHOWN) {
+        if let (None, Some(note)) = (p.growth_rate_mb_per_hour, &p.growth_rate_note) {
+            let _ = writeln!(out, "  pid {}: no growth rate ({note})", p.pid);
+        }
+    }
     if processes.len() > SHOWN {
         let _ = writeln!(
             out,
@@ -58,6 +63,56 @@ fn render_processes(out: &mut String, processes: &[ProcessReport]) {
             processes.len() - SHOWN
         );
     }
+}
+
+/// The "at the peak" section: the heap's highest and the sites holding it then.
+fn render_peak(out: &mut String, peak: &Peak, whose: &str) {
+    if peak.bytes == 0 {
+        return;
+    }
+    let interval = match peak.bytes_interval {
+        Some([lo, hi]) => format!(" (95% interval {} .. {})", human_bytes(lo), human_bytes(hi)),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "\nAt the peak{whose}: {} B ({}){interval} in {} allocations, {:.3} s into the trace:",
+        peak.bytes,
+        human_bytes(peak.bytes),
+        peak.allocs,
+        peak.at_s
+    );
+    for site in &peak.sites {
+        let _ = writeln!(
+            out,
+            "  {:>12} B in {:>6} allocations via {:<14} {}",
+            site.bytes,
+            site.allocs,
+            site.allocator,
+            stack_line(&site.stack)
+        );
+    }
+    if peak.other_sites > 0 {
+        let _ = writeln!(
+            out,
+            "  {:>12} B in {:>6} allocations at {} more sites",
+            peak.other_bytes, peak.other_allocs, peak.other_sites
+        );
+    }
+}
+
+/// A stack on one line: up to 4 function names, innermost first.
+fn stack_line(stack: &[Frame]) -> String {
+    if stack.is_empty() {
+        return "(stack not captured)".to_string();
+    }
+    let names: Vec<&str> = stack
+        .iter()
+        .take(4)
+        .map(|f| f.function.as_deref().unwrap_or("??"))
+        .collect();
+    let more = if stack.len() > 4 { " < ..." } else { "" };
+    format!("{}{more}", names.join(" < "))
 }
 
 /// The text a person reads at the end of a trace (or at each `--interval`).
@@ -84,6 +139,13 @@ pub fn render(r: &Report) -> String {
             out,
             "  sampled      one allocation per {} on average: counts and bytes are estimates",
             human_bytes(s.mean_bytes)
+        );
+        let range = |[lo, hi]: [u64; 2]| format!("{} .. {}", human_bytes(lo), human_bytes(hi));
+        let _ = writeln!(
+            out,
+            "  95% ranges   allocated {}    outstanding {}",
+            range(s.bytes_allocated_interval),
+            range(s.outstanding_bytes_interval)
         );
     }
     let _ = writeln!(
@@ -136,6 +198,11 @@ pub fn render(r: &Report) -> String {
         }
         out.push('\n');
     }
+    if r.growth_rate_mb_per_hour.is_none()
+        && let Some(note) = &r.growth_rate_note
+    {
+        let _ = writeln!(out, "  growth       heap: no rate ({note})");
+    }
     if let Some(rate) = r.growth_rate_mb_per_hour {
         let _ = write!(out, "  growth       heap {rate:+.3} MB/h");
         if let Some(hours) = r.projected_limit_hours {
@@ -168,6 +235,28 @@ pub fn render(r: &Report) -> String {
             signed_bytes(p.peak_net_bytes),
             human_bytes(p.peak_outstanding_bytes)
         );
+        if !p.peak_sites.is_empty() {
+            let sites: Vec<String> = p
+                .peak_sites
+                .iter()
+                .take(3)
+                .map(|s| {
+                    let name = s
+                        .stack
+                        .first()
+                        .and_then(|f| f.function.as_deref())
+                        .unwrap_or("??");
+                    format!("{name} {} B in {}", s.bytes, s.allocs)
+                })
+                .collect();
+            let more = p.peak_sites.len().saturating_sub(3);
+            let more = if more > 0 {
+                format!(", {more} more")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "        at its peak: {}{more}", sites.join(", "));
+        }
     }
     if !r.categories.is_empty() {
         let list: Vec<String> = r
@@ -182,8 +271,12 @@ pub fn render(r: &Report) -> String {
         let b = &h.behaviour;
         let _ = writeln!(
             out,
-            "  churn        {}: {} allocations via {} ({}/s), {} freed, p90 lifetime {}",
+            "  churn        {} [{}]: {} allocations via {} ({}/s), {} freed, p90 lifetime {}",
             h.site,
+            match h.verdict_reason {
+                Some(reason) => format!("{}: {reason}", h.verdict.as_str()),
+                None => h.verdict.as_str().to_string(),
+            },
             b.allocs_total,
             h.allocator,
             b.alloc_rate_per_s
@@ -204,6 +297,7 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    render_peak(&mut out, &r.peak, "");
     if let Some(processes) = &r.processes {
         render_processes(&mut out, processes);
     }
@@ -223,21 +317,24 @@ pub fn render(r: &Report) -> String {
         r.min_age_s
     );
     for (i, leak) in r.leaks.iter().enumerate() {
+        let verdict = match leak.verdict_reason {
+            Some(reason) => format!("{}: {reason}", leak.verdict.as_str()),
+            None => format!(
+                "{} ({:+.0} B/s, r2 {:.2})",
+                leak.verdict.as_str(),
+                leak.growth_bytes_per_s,
+                leak.r2
+            ),
+        };
         let _ = writeln!(
             out,
-            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {} ({:+.0} B/s, r2 {:.2})",
+            "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {verdict}",
             i + 1,
             human_bytes(leak.bytes),
             leak.allocs,
             leak.allocator,
             leak.kind,
             leak.oldest_age_s,
-            serde_json::to_value(leak.verdict)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            leak.growth_bytes_per_s,
-            leak.r2
         );
         if leak.stack.is_empty() {
             let _ = writeln!(out, "       (stack not captured)");

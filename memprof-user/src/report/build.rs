@@ -5,21 +5,23 @@
 use std::collections::HashMap;
 
 use super::{
-    Forgotten, Hotspot, Leak, ProcessReport, Profile, Report, Sampling, Site, TimePoint, Totals,
-    UnwindStats, names::group_name,
+    Forgotten, Hotspot, Leak, Peak, PeakSite, Phase, ProcessReport, Profile, Report, Sampling,
+    Site, TimePoint, Totals, UnwindStats, names::group_name,
 };
 use crate::{
     analysis::{
         categories::{self, GroupRef, Rule},
+        estimate::{Bounds, Spread},
         growth::{self, Verdict},
         memory,
+        peak::Snapshot,
         recommend::{self, Recommendation, SiteFacts},
         tracking::{GroupKey, Tracker},
     },
     probe::{KernelLosses, ProbeStat},
     stacks::{Frame, Sites},
     sys::procmem::ProcMem,
-    table::{LiveAlloc, Table, Tables, sample_count},
+    table::{LiveAlloc, Table, Tables, sample_count, sample_variance},
 };
 
 /// Hotspots listed: at most this many, each with at least `HOTSPOT_MIN_ALLOCS` allocations of
@@ -61,6 +63,8 @@ struct Group {
     bytes: u64,
     allocs: u64,
     oldest_ns: u64,
+    /// Sampled traces: the variance of `bytes` and `allocs`.
+    spread: Spread,
 }
 
 /// Builds a snapshot record; [`finish`] turns one into the final report.
@@ -117,6 +121,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         growth::projection_hours(current, slope, limit as f64).map(round3)
     });
 
+    let growth_rate = mb_per_hour(growth::heap_rate(inputs.tracker.heap.points()));
     Report {
         record: "snapshot",
         pid: inputs.pid,
@@ -126,10 +131,37 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         exit_code: None,
         sampling: match inputs.table.sample_mean() {
             0 => None,
-            mean_bytes => Some(Sampling {
-                mean_bytes,
-                estimated: true,
-            }),
+            mean_bytes => {
+                let heap = &inputs.table.heap_totals;
+                let allocated = inputs.tracker.allocated_spread;
+                let outstanding =
+                    inputs
+                        .table
+                        .heap_blocks()
+                        .fold(Spread::default(), |mut s, (_, b)| {
+                            s.add(&block_spread(&b, mean_bytes));
+                            s
+                        });
+                Some(Sampling {
+                    mean_bytes,
+                    estimated: true,
+                    bytes_allocated_interval: Bounds::around(heap.bytes_allocated, allocated.bytes)
+                        .with_unseen(heap.bytes_allocated, mean_bytes)
+                        .0,
+                    allocs_interval: Bounds::around(heap.allocs, allocated.blocks).0,
+                    outstanding_bytes_interval: Bounds::around(
+                        heap.outstanding_bytes,
+                        outstanding.bytes,
+                    )
+                    .with_unseen(heap.outstanding_bytes, mean_bytes)
+                    .0,
+                    outstanding_allocs_interval: Bounds::around(
+                        heap.outstanding_allocs,
+                        outstanding.blocks,
+                    )
+                    .0,
+                })
+            }
         },
         totals: Totals::new(
             &inputs.table.heap_totals,
@@ -144,10 +176,9 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         unknown_frames,
         stack_frames,
         leak_detected,
-        growth_rate_mb_per_hour: inputs
-            .tracker
-            .heap_slope()
-            .map(|s| round3(s * 3600.0 / 1e6)),
+        growth_rate_mb_per_hour: growth_rate.as_ref().ok().copied(),
+        growth_rate_note: growth_rate.err(),
+        peak: peak_of(inputs, inputs.tracker.peak()),
         projected_limit_hours,
         rss_bytes: inputs.mem.map(|m| m.rss_bytes),
         pss_bytes: inputs.mem.and_then(|m| m.pss_bytes),
@@ -159,7 +190,16 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
                 inputs.table.mmap_totals.outstanding_bytes,
             )
         }),
-        phases: inputs.tracker.phases(inputs.now_ns),
+        phases: inputs
+            .tracker
+            .phases(inputs.now_ns)
+            .into_iter()
+            .zip(inputs.tracker.phase_peaks())
+            .map(|(phase, peak)| Phase {
+                phase,
+                peak_sites: peak.map_or_else(Vec::new, |snap| peak_of(inputs, snap).sites),
+            })
+            .collect(),
         categories,
         recommendations,
         churn_hotspots,
@@ -167,6 +207,70 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         processes: None,
         unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
+    }
+}
+
+/// The variance one sampled heap block adds to estimated bytes and counts.
+fn block_spread(block: &LiveAlloc, mean: u64) -> Spread {
+    let v = sample_variance(block, mean);
+    let s = block.size as f64;
+    Spread {
+        bytes: v * s * s,
+        blocks: v,
+    }
+}
+
+/// Why a group's verdict is `unknown`: its own reason, or that it was never sampled.
+fn verdict_reason(growth: Option<&growth::Growth>) -> Option<&'static str> {
+    match growth {
+        Some(g) => g.reason,
+        None => Some(growth::UNKNOWN_FEW_SAMPLES),
+    }
+}
+
+/// A growth rate in MB/h (rounded to 0.001), or why none is given.
+fn mb_per_hour(rate: Result<f64, String>) -> Result<f64, String> {
+    rate.map(|s| round3(s * 3600.0 / 1e6))
+}
+
+/// A peak as reported: the sites largest first, `--top` of them.
+fn peak_of(inputs: &Inputs<'_>, mut snap: Snapshot<GroupKey>) -> Peak {
+    snap.sites.sort_by(|(ka, a), (kb, b)| {
+        (b.bytes, b.blocks)
+            .cmp(&(a.bytes, a.blocks))
+            .then_with(|| inputs.sites.order(ka.0, kb.0))
+            .then((ka.1 as u32).cmp(&(kb.1 as u32)))
+    });
+    let (other_sites, rest) = snap.keep_largest(inputs.top.unwrap_or(usize::MAX));
+    let start_ns = inputs
+        .now_ns
+        .saturating_sub((inputs.elapsed_s * 1e9) as u64);
+    Peak {
+        bytes: snap.total.bytes,
+        allocs: snap.total.blocks,
+        at_s: if snap.at_ns == 0 {
+            0.0
+        } else {
+            (snap.at_ns.saturating_sub(start_ns) as f64 / 1e3).round() / 1e6
+        },
+        bytes_interval: snap.bounds.map(|b| {
+            b.0.with_unseen(snap.total.bytes, inputs.table.sample_mean())
+                .0
+        }),
+        allocs_interval: snap.bounds.map(|b| b.1.0),
+        sites: snap
+            .sites
+            .into_iter()
+            .map(|((site, func, _), held)| PeakSite {
+                bytes: held.bytes,
+                allocs: held.blocks,
+                allocator: func.name(),
+                stack: inputs.sites.frames(site),
+            })
+            .collect(),
+        other_sites: other_sites as u64,
+        other_bytes: rest.bytes,
+        other_allocs: rest.blocks,
     }
 }
 
@@ -188,13 +292,20 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
                 .map(|(_, v)| *v as u64),
         })
         .collect();
-    let peak_t_s = timeline
-        .iter()
-        .max_by_key(|p| p.heap_bytes)
-        .map_or(0.0, |p| p.t_s);
     let start_ns = inputs
         .now_ns
         .saturating_sub((inputs.elapsed_s * 1e9) as u64);
+    let peak = tracker.peak();
+    let peak_t_s = if peak.at_ns == 0 {
+        0.0
+    } else {
+        peak.at_ns.saturating_sub(start_ns) as f64 / 1e9
+    };
+    let at_peak: HashMap<GroupKey, (u64, u64)> = peak
+        .sites
+        .iter()
+        .map(|(k, v)| (*k, (v.bytes, v.blocks)))
+        .collect();
     let mut groups: Vec<_> = tracker.groups.iter().collect();
     groups.sort_by(|(ka, a), (kb, b)| {
         (b.stats.outstanding_bytes, b.stats.bytes_allocated)
@@ -208,13 +319,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
         .map(|(key @ (site, func, mmap), g)| {
             let s = &g.stats;
             let growth = tracker.growth(key);
-            let bytes_at_peak = g
-                .series
-                .points()
-                .iter()
-                .take_while(|(t, _)| *t <= peak_t_s + 1e-9)
-                .last()
-                .map_or(0, |(_, v)| *v as u64);
+            let (bytes_at_peak, objects_at_peak) = at_peak.get(key).copied().unwrap_or_default();
             Site {
                 stack: inputs.sites.frames(*site),
                 allocator: func.name(),
@@ -228,7 +333,9 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
                 frees: s.frees,
                 freed_lifetime_ns: s.freed_lifetime_ns,
                 bytes_at_peak,
+                objects_at_peak,
                 verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                verdict_reason: verdict_reason(growth.as_ref()),
                 growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
                 first_alloc_ns: s.first_ns.saturating_sub(start_ns),
                 last_alloc_ns: s.last_ns.saturating_sub(start_ns),
@@ -266,9 +373,12 @@ fn churn_hotspots(inputs: &Inputs<'_>) -> Vec<Hotspot> {
         .map(|(key, _)| {
             // The whole stack: where the churn comes from is often several frames up.
             let stack = inputs.sites.frames(key.0);
+            let growth = inputs.tracker.growth(key);
             Hotspot {
                 site: group_name(&stack, key.1),
                 allocator: key.1.name(),
+                verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                verdict_reason: verdict_reason(growth.as_ref()),
                 behaviour: inputs.tracker.groups[key].stats.summary(inputs.now_ns),
                 stack,
             }
@@ -332,6 +442,8 @@ fn ranked_groups(
         let count = if mmap {
             1
         } else {
+            g.spread
+                .add(&block_spread(block, inputs.table.sample_mean()));
             sample_count(block, inputs.table.sample_mean())
         };
         g.bytes += block.size * u64::from(count);
@@ -363,13 +475,21 @@ fn leaks_of(
         .map(|(key @ (site, func, mmap), g)| {
             let stack = inputs.sites.frames(site);
             let growth = inputs.tracker.growth(&key);
+            let sampled = inputs.table.sample_mean() > 0 && !mmap;
             Leak {
                 bytes: g.bytes,
                 allocs: g.allocs,
+                bytes_interval: sampled.then(|| {
+                    Bounds::around(g.bytes, g.spread.bytes)
+                        .with_unseen(g.bytes, inputs.table.sample_mean())
+                        .0
+                }),
+                allocs_interval: sampled.then(|| Bounds::around(g.allocs, g.spread.blocks).0),
                 oldest_age_s: ns_to_s(inputs.now_ns.saturating_sub(g.oldest_ns)),
                 allocator: func.name(),
                 kind: if mmap { "mmap" } else { "heap" },
                 verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
+                verdict_reason: verdict_reason(growth.as_ref()),
                 confidence: growth.map_or(0.0, |g| g.confidence),
                 growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
                 r2: growth.map_or(0.0, |g| round3(g.r2)),
@@ -393,7 +513,8 @@ pub struct ProcessInfo<'a> {
     pub exited: bool,
     pub execs: u32,
     pub mem: Option<ProcMem>,
-    pub growth_bytes_per_s: Option<f64>,
+    /// Its heap's growth over its life in the trace (bytes/s), or why none is given.
+    pub growth: Result<f64, String>,
 }
 
 /// The `processes` entry of one process.
@@ -426,7 +547,12 @@ pub fn process_report(
         execs: info.execs,
         totals: Totals::new(&table.heap_totals, &inputs.kernel, inputs.decode_errors),
         mmap: table.mmap_totals,
-        growth_rate_mb_per_hour: info.growth_bytes_per_s.map(|s| round3(s * 3600.0 / 1e6)),
+        growth_rate_mb_per_hour: mb_per_hour(info.growth.clone()).ok(),
+        growth_rate_note: info.growth.clone().err(),
+        peak: inputs
+            .tracker
+            .process_peak(info.pid)
+            .map(|snap| peak_of(inputs, snap)),
         rss_bytes: info.mem.map(|m| m.rss_bytes),
         leak_detected,
         leak_groups,

@@ -94,11 +94,80 @@ impl Totals {
     }
 }
 
+/// The heap at its highest (the malloc family's outstanding bytes; anonymous mappings apart):
+/// when, and what each call site held then, exact (kept while tracing, not sampled).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Peak {
+    pub bytes: u64,
+    pub allocs: u64,
+    /// Seconds since the trace started (µs resolution); the first moment of a tie.
+    pub at_s: f64,
+    /// Sampled traces: 95% confidence intervals of `bytes` and `allocs` (the exact peak lies
+    /// in them with probability at least 95%: see `analysis::peak`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_interval: Option<[u64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_interval: Option<[u64; 2]>,
+    /// The call sites holding something at the peak, largest first (`--top` of them).
+    pub sites: Vec<PeakSite>,
+    /// Sites at the peak beyond `--top`, and what they held together.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_sites: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_bytes: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub other_allocs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// One phase's accounting, and the sites holding something at the phase's own peak (the
+/// heap's highest while it was active), largest first (`--top` of them).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Phase {
+    #[serde(flatten)]
+    pub phase: PhaseReport,
+    pub peak_sites: Vec<PeakSite>,
+}
+
+impl From<PhaseReport> for Phase {
+    fn from(phase: PhaseReport) -> Self {
+        Self {
+            phase,
+            peak_sites: Vec::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Phase {
+    type Target = PhaseReport;
+    fn deref(&self) -> &PhaseReport {
+        &self.phase
+    }
+}
+
+/// What one call site (and allocator) held at a peak.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeakSite {
+    pub bytes: u64,
+    pub allocs: u64,
+    pub allocator: &'static str,
+    /// Innermost first; the allocator's own frames are not included.
+    pub stack: Vec<Frame>,
+}
+
 /// Outstanding allocations sharing one call site (symbolized stack) and allocator.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Leak {
     pub bytes: u64,
     pub allocs: u64,
+    /// Sampled traces: 95% confidence intervals of `bytes` and `allocs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_interval: Option<[u64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_interval: Option<[u64; 2]>,
     pub oldest_age_s: f64,
     pub allocator: &'static str,
     /// `heap` (malloc family) or `mmap` (anonymous mapping outside the allocator).
@@ -106,6 +175,9 @@ pub struct Leak {
     /// Growth of the group's outstanding bytes over the trace (least squares), and the verdict
     /// drawn from it: `leak`, `growing`, `stable`, `churn` or `unknown` (too few samples).
     pub verdict: Verdict,
+    /// Why the verdict is `unknown` (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_reason: Option<&'static str>,
     pub confidence: f64,
     pub growth_bytes_per_s: f64,
     pub r2: f64,
@@ -148,8 +220,13 @@ pub struct Report {
     pub stack_frames: u64,
     /// Whether any call-stack group has the verdict `leak`.
     pub leak_detected: bool,
-    /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes).
+    /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes),
+    /// null when the samples do not support one (`growth_rate_note` says why).
     pub growth_rate_mb_per_hour: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_rate_note: Option<String>,
+    /// The heap at its peak and who held it.
+    pub peak: Peak,
     /// Hours until the process's RSS reaches `--limit` at its current growth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub projected_limit_hours: Option<Option<f64>>,
@@ -160,7 +237,7 @@ pub struct Report {
     /// RSS not accounted for by traced heap and mmap bytes (fragmentation, untraced
     /// allocators, stacks, code).
     pub untraced_bytes: Option<u64>,
-    pub phases: Vec<PhaseReport>,
+    pub phases: Vec<Phase>,
     pub categories: Vec<Category>,
     pub recommendations: Vec<Recommendation>,
     /// Call sites allocating the most short-lived memory (freed again), including sites with
@@ -179,7 +256,7 @@ pub struct Report {
     pub forgotten: Forgotten,
 }
 
-/// How a sampled trace was sampled.
+/// How a sampled trace was sampled, and how far its estimates may be from the exact values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Sampling {
     /// Mean sampling interval in bytes: each allocation of `s` bytes was recorded with
@@ -188,6 +265,13 @@ pub struct Sampling {
     pub mean_bytes: u64,
     /// Always true: counts and bytes are unbiased estimates, not exact.
     pub estimated: bool,
+    /// 95% confidence intervals `[low, high]` of the heap totals' estimates
+    /// (`totals.bytes_allocated`, `totals.allocs`, `totals.outstanding_bytes`,
+    /// `totals.outstanding_allocs`); the peak's are in `peak`, each site's in its `leaks` entry.
+    pub bytes_allocated_interval: [u64; 2],
+    pub allocs_interval: [u64; 2],
+    pub outstanding_bytes_interval: [u64; 2],
+    pub outstanding_allocs_interval: [u64; 2],
 }
 
 /// A call site that allocates and frees a lot.
@@ -195,6 +279,11 @@ pub struct Sampling {
 pub struct Hotspot {
     pub site: String,
     pub allocator: &'static str,
+    /// The site's verdict, as everywhere else (a hotspot is listed for its churn whatever its
+    /// verdict), and why it is `unknown` when it is.
+    pub verdict: Verdict,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_reason: Option<&'static str>,
     pub behaviour: BehaviourSummary,
     /// Innermost frames (up to 5).
     pub stack: Vec<Frame>,
@@ -216,8 +305,14 @@ pub struct ProcessReport {
     /// not know whose record it dropped.
     pub totals: Totals,
     pub mmap: MmapTotals,
-    /// Least-squares growth of its outstanding heap bytes over the trace.
+    /// Least-squares growth of its outstanding heap bytes over its life in the trace, null
+    /// when the samples do not support one (`growth_rate_note` says why).
     pub growth_rate_mb_per_hour: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_rate_note: Option<String>,
+    /// This process's heap at its peak and who held it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak: Option<Peak>,
     pub rss_bytes: Option<u64>,
     /// Whether one of its call-stack groups has the verdict `leak`.
     pub leak_detected: bool,
@@ -245,9 +340,13 @@ pub struct Site {
     /// Frees of the site's blocks, and the summed lifetimes of those freed blocks.
     pub frees: u64,
     pub freed_lifetime_ns: u128,
-    /// Outstanding bytes of the site at the sample where the process's heap peaked.
+    /// What the site held when the heap peaked (exact: see [`Peak`]).
     pub bytes_at_peak: u64,
+    pub objects_at_peak: u64,
     pub verdict: Verdict,
+    /// Why the verdict is `unknown` (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict_reason: Option<&'static str>,
     pub growth_bytes_per_s: f64,
     /// When the site first and last allocated (ns since the trace started).
     pub first_alloc_ns: u64,
@@ -270,7 +369,7 @@ pub struct Profile {
     /// The traced command (spawn mode) or the process's command line.
     pub command: Vec<String>,
     pub duration_s: f64,
-    /// Seconds since the start when the process's heap peaked (among samples).
+    /// Seconds since the start when the heap peaked (exact, see [`Peak`]).
     pub peak_t_s: f64,
     /// Every site, including those with nothing outstanding, sorted by `inuse_bytes` then
     /// `alloc_bytes`, both descending.

@@ -193,7 +193,7 @@ impl Session {
         tracker.add_python_phases(&py_names);
         Self {
             py_phases: PyPhases::new(&settings.py_phases, settings.phases.len()),
-            tracker,
+            tracker: tracker.with_peaks(sample_bytes, settings.per_process),
             changes: Vec::new(),
             rules,
             over_bytes: false,

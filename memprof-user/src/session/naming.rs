@@ -16,8 +16,15 @@ const QUEUE_MAX: usize = 1 << 18;
 
 /// One input of the tracker.
 pub(super) enum Input {
-    /// A table change; `outstanding` is the process's outstanding heap bytes after it.
-    Change { change: Change, outstanding: u64 },
+    /// A table change of process `pid`; `outstanding` is the heap's outstanding bytes after
+    /// it.
+    Change {
+        pid: u32,
+        change: Change,
+        outstanding: u64,
+    },
+    /// Process `pid` is no longer reported: what the tracker kept for it alone goes.
+    Forget { pid: u32 },
     Phase {
         tid: u32,
         phase: u32,
@@ -115,12 +122,14 @@ impl Session {
     fn apply(&mut self, input: Input) {
         match input {
             Input::Change {
+                pid,
                 change,
                 outstanding,
             } => {
                 let site = self.sites.site_of(change.block().stack);
-                self.tracker.on_change(&change, site, outstanding);
+                self.tracker.on_change_in(pid, &change, site, outstanding);
             }
+            Input::Forget { pid } => self.tracker.forget_process(pid),
             Input::Phase {
                 tid,
                 phase,

@@ -194,6 +194,7 @@ impl Session {
         let mut changes = std::mem::take(&mut self.changes);
         for change in changes.drain(..) {
             self.track(Input::Change {
+                pid: tgid,
                 change,
                 outstanding,
             });
@@ -209,9 +210,18 @@ impl Session {
             let Some(pid) = self.exited.pop_front() else {
                 break;
             };
-            let changes = &mut self.changes;
+            let mut changes = Vec::new();
             self.table
                 .forget_process(pid, now, &mut |c| changes.push(c));
+            let outstanding = self.table.heap_totals.outstanding_bytes;
+            for change in changes {
+                self.track(Input::Change {
+                    pid,
+                    change,
+                    outstanding,
+                });
+            }
+            self.track(Input::Forget { pid });
             self.procs.remove(&pid);
             self.unwinders.remove(&pid);
             self.pending_maps.remove(&pid);

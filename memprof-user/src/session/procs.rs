@@ -3,7 +3,7 @@
 //! growth.
 
 use crate::{
-    analysis::series::{Series, least_squares},
+    analysis::series::Series,
     sys::{
         clock::monotonic_ns,
         maps::AddressSpace,
@@ -138,9 +138,10 @@ impl Proc {
         self.may_python
     }
 
-    /// Least-squares growth of outstanding heap bytes (bytes/s).
-    pub fn growth_bytes_per_s(&self) -> Option<f64> {
-        least_squares(self.series.points()).map(|f| f.slope)
+    /// Growth of outstanding heap bytes (bytes/s) over its life in the trace, or why none is
+    /// given.
+    pub fn growth(&self) -> Result<f64, String> {
+        crate::analysis::growth::heap_rate(self.series.points())
     }
 }
 

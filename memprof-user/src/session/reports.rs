@@ -84,7 +84,7 @@ impl Session {
                         } else {
                             ProcMem::read(*pid).ok().or(p.last_mem)
                         },
-                        growth_bytes_per_s: p.growth_bytes_per_s(),
+                        growth: p.growth(),
                     };
                     report::process_report(&inputs, &info, self.table.process(*pid))
                 })
@@ -183,8 +183,7 @@ impl Session {
             self.over_bytes = over;
         }
         if let Some(limit) = self.settings.alert_growth_mb_per_hour
-            && self.tracker.heap.points().len() >= 5
-            && let Some(slope) = self.tracker.heap_slope()
+            && let Ok(slope) = crate::analysis::growth::heap_rate(self.tracker.heap.points())
         {
             let value = slope * 3600.0 / 1e6;
             let over = value > limit;

@@ -57,15 +57,81 @@ pub fn sample_count(block: &LiveAlloc, mean: u64) -> u32 {
     if mean == 0 {
         return 1;
     }
-    let p = sample_probability(block.size, mean);
-    let w = if p > 0.0 { 1.0 / p } else { 1.0 };
+    let w = sample_weight(block.size, mean);
+    let coin = (block_hash(block) >> 11) as f64 / (1u64 << 53) as f64;
+    (w + coin).floor().clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
+/// `1 / p` for a block of `size` bytes (1 when `p` is 0 or without sampling).
+fn sample_weight(size: u64, mean: u64) -> f64 {
+    let p = sample_probability(size, mean);
+    if p > 0.0 { 1.0 / p } else { 1.0 }
+}
+
+/// A hash of what identifies a block (time stamp, stack, size): the same at its allocation
+/// and its free.
+fn block_hash(block: &LiveAlloc) -> u64 {
     let mut h = block.ts_ns ^ block.stack.rotate_left(29) ^ block.size.rotate_left(47);
     // splitmix64's finalizer
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
-    let coin = (h >> 11) as f64 / (1u64 << 53) as f64;
-    (w + coin).floor().clamp(1.0, f64::from(u32::MAX)) as u32
+    h ^ (h >> 31)
+}
+
+/// What one sampled heap block adds to the variance of an estimated count (multiply by
+/// `size²` for bytes): `(1 - p) / p² + r (1 - r)`, with `r` the fractional part of `1 / p`.
+///
+/// An estimate sums `count` (bytes: `size × count`) over the sampled blocks, each block of the
+/// population sampled independently with probability `p` (the sample points are a Poisson
+/// process over the allocated bytes) and counted `floor(1/p)` or `ceil(1/p)` times at random.
+/// Such a sum's variance is `Σ_all ((1 - p) / p + p r (1 - r))`, estimated without bias by
+/// `Σ_sampled ((1 - p) / p² + r (1 - r))`: this term per sampled block (0 without sampling).
+pub fn sample_variance(block: &LiveAlloc, mean: u64) -> f64 {
+    if mean == 0 {
+        return 0.0;
+    }
+    let p = sample_probability(block.size, mean);
+    if p <= 0.0 {
+        return 0.0;
+    }
+    let w = 1.0 / p;
+    let r = w.fract();
+    (1.0 - p) * w * w + r * (1.0 - r)
+}
+
+/// The weights a sampled heap block has in two independent samples at half the rate, 0 in
+/// the one it is not part of.
+///
+/// The kernel's sample points are a Poisson process of rate `1 / mean` over the allocated
+/// bytes; split at random into two processes of rate `1 / (2 mean)`, they are independent. A
+/// block of `size` bytes is in either with probability `q = 1 - exp(-size / (2 mean))`, in both
+/// with `q²`, and sampled at all with `p = 2q - q²`. So a block the kernel sampled is put in
+/// both halves with probability `q² / p` and in one of them with `q (1 - q) / p` each, by a coin
+/// drawn from the block itself (the same at its allocation and its free), and weighs `1 / q` in
+/// each half it is in: each half's sums are then unbiased estimates of their own, independent of
+/// the other half's (see `analysis::peak`). A block far larger than `mean` is in both.
+pub fn sample_split(block: &LiveAlloc, mean: u64) -> [f64; 2] {
+    if mean == 0 {
+        return [1.0, 1.0];
+    }
+    let q = sample_probability(block.size, mean.saturating_mul(2));
+    let p = q * (2.0 - q);
+    if q <= 0.0 || p <= 0.0 {
+        return [0.0, 0.0];
+    }
+    let w = 1.0 / q;
+    // Bits 0..53 of the hash: the count's coin uses bits 11..64, but the finalizer spreads
+    // every input bit over all of them; the rotation keeps the two coins apart.
+    let coin = (block_hash(block).rotate_left(32) >> 11) as f64 / (1u64 << 53) as f64;
+    let both = q * q / p;
+    let one = (1.0 - both) / 2.0;
+    if coin < both {
+        [w, w]
+    } else if coin < both + one {
+        [w, 0.0]
+    } else {
+        [0.0, w]
+    }
 }
 
 /// A change to what is outstanding, reported to the analysis layer by [`Table::apply_with`].

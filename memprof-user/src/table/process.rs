@@ -80,7 +80,11 @@ impl Table {
                 ts_ns,
             } => match func {
                 AllocFn::Realloc | AllocFn::Reallocarray => {
-                    let block = self.remove_heap(addr);
+                    // The block stays outstanding until the realloc returns: its bytes are the
+                    // caller's until then, and every change of the totals is reported as one.
+                    // A realloc whose return was never seen (its record lost) ends here.
+                    self.settle_realloc(tid, ts_ns, on);
+                    let block = self.heap.remove(addr);
                     self.reallocs.insert(tid, Pending { addr, block });
                 }
                 _ => match self.remove_heap(addr) {
@@ -97,7 +101,12 @@ impl Table {
                     block: Some(block),
                 }) = self.reallocs.remove(&tid)
                 {
-                    self.insert_heap(addr, block, tid, block.ts_ns, on);
+                    // Still outstanding: back where it was, the totals unchanged.
+                    if let Some(old) = self.heap.insert(addr, block) {
+                        self.heap_totals.reused_addresses += 1;
+                        let count = self.sub_outstanding(&old);
+                        on(freed(old, count, tid, block.ts_ns));
+                    }
                 }
             }
             Event::ReallocSettled { tid, ts_ns } => {
@@ -129,7 +138,10 @@ impl Table {
 
     /// The process's image went away (`execve`): every block and mapping is released at `ts_ns`.
     pub fn release_all(&mut self, ts_ns: u64, on: &mut impl FnMut(Change)) {
-        self.reallocs.clear();
+        let tids: Vec<u32> = self.reallocs.keys().copied().collect();
+        for tid in tids {
+            self.settle_realloc(tid, ts_ns, on);
+        }
         let heap = std::mem::take(&mut self.heap);
         for (_, block) in heap.iter() {
             let count = self.sub_outstanding(&block);
@@ -176,6 +188,7 @@ impl Table {
             Some(Pending {
                 block: Some(old), ..
             }) => {
+                self.sub_outstanding(&old);
                 let count = self.count_free(&old);
                 on(freed(old, count, tid, ts_ns));
                 Some(old)
@@ -341,9 +354,14 @@ impl Table {
         removed
     }
 
-    /// Outstanding heap blocks, as (address, block), in no particular order.
+    /// Outstanding heap blocks, as (address, block), in no particular order: those a realloc in
+    /// progress took over included (they are outstanding until it returns).
     pub fn heap_blocks(&self) -> impl Iterator<Item = (u64, LiveAlloc)> + '_ {
-        self.heap.iter()
+        self.heap.iter().chain(
+            self.reallocs
+                .values()
+                .filter_map(|p| Some((p.addr, p.block?))),
+        )
     }
 
     /// Outstanding mappings, as (start address, region).

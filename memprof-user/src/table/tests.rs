@@ -59,7 +59,11 @@ fn failed_realloc_restores_block() {
     let mut t = Table::default();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&free(AllocFn::Realloc, 0x10));
-    assert_eq!(t.heap_totals.outstanding_bytes, 0);
+    assert_eq!(
+        t.heap_totals.outstanding_bytes, 100,
+        "outstanding until the realloc returns"
+    );
+    assert_eq!(t.heap_blocks().count(), 1, "and listed");
     t.apply(&Event::ReallocFailed { tid: 1 });
     let h = t.heap_totals;
     assert_eq!(
@@ -280,4 +284,60 @@ fn mremap_moves_and_resizes() {
         (m.maps, m.bytes_mapped, m.outstanding_bytes),
         (1, 0x5000, 0x5000)
     );
+}
+
+/// While a realloc runs, its old block is still the caller's: another thread's allocation in
+/// between counts on top of it, every change of the totals comes as one [`Change`], and the
+/// running sum of the changes meets `peak_outstanding_bytes` exactly.
+#[test]
+fn realloc_in_flight_stays_outstanding_and_changes_sum_to_the_totals() {
+    let mut t = Table::default();
+    let mut seen = Vec::new();
+    let mut on = |c: Change| seen.push(c);
+    let other = |addr, size| {
+        Event::Alloc(Alloc {
+            tid: 2,
+            func: AllocFn::Malloc,
+            mmap: false,
+            addr,
+            size,
+            stack: 6,
+            ts_ns: 15,
+        })
+    };
+    t.apply_with(&alloc(AllocFn::Malloc, 0x10, 100), &mut on);
+    t.apply_with(&free(AllocFn::Realloc, 0x10), &mut on);
+    t.apply_with(&other(0x80, 50), &mut on);
+    assert_eq!(t.heap_totals.peak_outstanding_bytes, 150);
+    t.apply_with(&alloc(AllocFn::Realloc, 0x20, 300), &mut on);
+    // A realloc whose return is lost: the next one on the thread ends it.
+    t.apply_with(&free(AllocFn::Realloc, 0x20), &mut on);
+    t.apply_with(&free(AllocFn::Realloc, 0x80), &mut on);
+    t.apply_with(&alloc(AllocFn::Realloc, 0x90, 10), &mut on);
+    let h = t.heap_totals;
+    assert_eq!((h.outstanding_allocs, h.outstanding_bytes), (1, 10));
+    assert_eq!(h.peak_outstanding_bytes, 350);
+    assert_eq!((h.frees, h.bytes_freed), (3, 450));
+    let (mut now, mut peak) = (0i64, 0i64);
+    for c in &seen {
+        match c {
+            Change::Alloc { block, .. } => now += block.size as i64,
+            Change::Free { bytes, .. } => now -= *bytes as i64,
+        }
+        peak = peak.max(now);
+    }
+    assert_eq!((now, peak), (10, 350));
+}
+
+#[test]
+fn release_ends_a_realloc_in_flight() {
+    let mut t = Table::default();
+    let mut seen = Vec::new();
+    t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
+    t.apply(&free(AllocFn::Realloc, 0x10));
+    t.release_all(50, &mut |c| seen.push(c));
+    let h = t.heap_totals;
+    assert_eq!((h.outstanding_bytes, h.frees, h.bytes_freed), (0, 1, 100));
+    assert!(matches!(seen[..], [Change::Free { bytes: 100, .. }]));
+    assert_eq!(t.heap_blocks().count(), 0);
 }

@@ -2,9 +2,11 @@
 //! the tools built on it (<https://github.com/google/pprof/blob/main/proto/profile.proto>).
 //!
 //! The messages are written by hand with `prost` derives and the proto's field numbers. The
-//! profile has four sample types, in this order: `alloc_objects/count`, `alloc_space/bytes`,
-//! `inuse_objects/count`, `inuse_space/bytes` (the default, as in Go heap profiles). Each
-//! [`Site`] becomes one sample with those four values, labels `allocator`, `kind` and
+//! profile has six sample types, in this order: `alloc_objects/count`, `alloc_space/bytes`,
+//! `inuse_objects/count`, `inuse_space/bytes` (the default, as in Go heap profiles), then
+//! `peak_objects/count` and `peak_space/bytes`: what each site held when the heap peaked
+//! (`-sample_index=peak_space`). Each
+//! [`Site`] becomes one sample with those six values, labels `allocator`, `kind` and
 //! `verdict`, and its stack as locations, innermost first. A site without a stack gets one
 //! `[unknown]` location, so the samples still add up to the report's totals.
 //!
@@ -41,11 +43,13 @@ use crate::report::{
 };
 
 /// The sample types, in value order.
-pub const SAMPLE_TYPES: [(&str, &str); 4] = [
+pub const SAMPLE_TYPES: [(&str, &str); 6] = [
     ("alloc_objects", "count"),
     ("alloc_space", "bytes"),
     ("inuse_objects", "count"),
     ("inuse_space", "bytes"),
+    ("peak_objects", "count"),
+    ("peak_space", "bytes"),
 ];
 
 /// The gzipped profile for `profile`.
@@ -319,13 +323,15 @@ fn main_first(profile: &Profile, module: &str) -> u8 {
 }
 
 /// A site's values, in [`SAMPLE_TYPES`] order.
-pub fn values(site: &Site) -> [i64; 4] {
+pub fn values(site: &Site) -> [i64; 6] {
     let v = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     [
         v(site.alloc_objects),
         v(site.alloc_bytes),
         v(site.inuse_objects),
         v(site.inuse_bytes),
+        v(site.objects_at_peak),
+        v(site.bytes_at_peak),
     ]
 }
 
@@ -380,9 +386,9 @@ mod tests {
         assert_eq!(types, SAMPLE_TYPES);
         assert_eq!(s(&p, p.default_sample_type), "inuse_space");
         assert_eq!(p.sample.len(), profile.sites.len());
-        // leak_widgets: 7 blocks of 3000 B, none freed.
+        // leak_widgets: 7 blocks of 3000 B, none freed; 6 of them held at the peak.
         let leak = &p.sample[0];
-        assert_eq!(leak.value, vec![7, 21000, 7, 21000]);
+        assert_eq!(leak.value, vec![7, 21000, 7, 21000, 6, 18000]);
         assert_eq!(
             names(&p, leak),
             ["leak_widgets", "main", "libc.so.6+0x27234"]
@@ -522,6 +528,6 @@ mod tests {
         profile.sites.clear();
         let p = decode(&render(&profile).unwrap());
         assert!(p.sample.is_empty() && p.location.is_empty() && p.mapping.is_empty());
-        assert_eq!(p.sample_type.len(), 4);
+        assert_eq!(p.sample_type.len(), 6);
     }
 }
