@@ -13,6 +13,7 @@
 //! - [`categories`]: outstanding memory summed by user rule or by module.
 //! - [`recommend`]: advice that quotes the measurements it rests on.
 //! - [`memory`]: resident memory no traced allocation accounts for.
+//! - [`rss`]: RSS explained: live, retained by the allocator, untouched, other.
 //! - [`diff`]: what changed between two saved reports, site by site.
 
 pub mod behaviour;
@@ -21,6 +22,7 @@ pub mod diff;
 pub mod growth;
 pub mod memory;
 pub mod recommend;
+pub mod rss;
 pub mod series;
 pub mod tracking;
 

@@ -472,6 +472,7 @@ pub(super) mod tests {
             alloc_bytes: bytes * 2,
             inuse_objects: 2,
             inuse_bytes: bytes,
+            resident_bytes: Some(bytes / 2),
             max_inuse_bytes: bytes,
             max_inuse_objects: 2,
             frees: 1,
@@ -527,6 +528,7 @@ pub(super) mod tests {
                     rss_bytes: None,
                 },
             ],
+            rss_timeline: Vec::new(),
             report,
         }
     }

@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use memprof_common::unwind_end;
 
-use super::Session;
+use super::{Session, residency};
+
+/// Points of the RSS-explained timeline kept; past it, every other one is dropped.
+const RSS_TIMELINE_MAX: usize = 2048;
 use crate::{
     output::{json, text},
     report::{self, Inputs, ProcessInfo, Profile, Report, names::human_bytes},
@@ -55,6 +58,8 @@ impl Session {
             mem: ProcMem::read(self.pid)
                 .ok()
                 .or(self.procs.get(&self.pid).and_then(|p| p.last_mem)),
+            residency: &self.residency,
+            rss_timeline: &self.rss_timeline,
             top: self
                 .settings
                 .top
@@ -64,6 +69,7 @@ impl Session {
 
     pub fn snapshot(&mut self) -> Report {
         self.settle();
+        self.scan_residency();
         let inputs = self.inputs(monotonic_ns());
         let mut report = report::snapshot(&inputs);
         if self.settings.per_process {
@@ -107,6 +113,51 @@ impl Session {
             report.processes = Some(processes);
         }
         report
+    }
+
+    /// Explains the RSS of the main process and, with `per_process`, of every live traced
+    /// process (not with byte sampling: the table then holds only the sampled blocks).
+    fn scan_residency(&mut self) {
+        self.residency.clear();
+        if self.table.sample_mean() != 0 {
+            return;
+        }
+        let mut pids: Vec<u32> = if self.settings.per_process {
+            self.procs
+                .iter()
+                .filter(|(_, p)| !p.exited)
+                .map(|(pid, _)| *pid)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if self.pid != 0 && !pids.contains(&self.pid) {
+            pids.push(self.pid);
+        }
+        let empty = crate::table::Table::default();
+        for pid in pids {
+            let Ok(mem) = ProcMem::read(pid) else {
+                continue;
+            };
+            let table = self.table.process(pid).unwrap_or(&empty);
+            if let Ok(r) = residency::scan(pid, table, &self.sites, mem.rss_bytes) {
+                self.residency.insert(pid, r);
+            }
+        }
+        if let Some(r) = self.residency.get(&self.pid) {
+            if self.rss_timeline.len() >= RSS_TIMELINE_MAX {
+                // Keep every other point: the chart keeps its span at half the resolution.
+                let mut keep = false;
+                self.rss_timeline.retain(|_| {
+                    keep = !keep;
+                    keep
+                });
+            }
+            self.rss_timeline.push(report::RssPoint {
+                t_s: (monotonic_ns() - self.start_ns) as f64 / 1e9,
+                rss: r.explained,
+            });
+        }
     }
 
     /// The profile the output writers take, for `report`.

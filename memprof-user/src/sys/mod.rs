@@ -1,5 +1,5 @@
 //! The host and the processes on it, read from `/proc` and from files: address-space views,
-//! memory figures, ELF facts, process facts, the kernel's clock, the checks made before tracing
+//! memory figures and page residency, ELF facts, process facts, the kernel's clock, the checks made before tracing
 //! and spawning a command stopped before `exec`. Nothing here knows about eBPF.
 
 pub mod clock;
@@ -7,4 +7,5 @@ pub mod elf;
 pub mod maps;
 pub mod process;
 pub mod procmem;
+pub mod residency;
 pub mod target;
