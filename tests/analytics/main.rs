@@ -13,6 +13,8 @@
 //! - `tests/fixtures/phases.c`: exact allocations inside `load_phase` and `render_phase` and
 //!   outside them, released by SIGUSR1 (`--wait`) or in two steps (`--marks`).
 //! - `tests/fixtures/diff_sites.c`: leaks a number of blocks per site given on the command line.
+//! - `tests/fixtures/rss.c`: a 64 MiB block with 16 MiB written, and 14 MiB freed between live
+//!   blocks of the heap (RSS explained).
 //!
 //! Needs root (eBPF) and a memprof built with its kernel programs (not `AYA_BUILD_SKIP=1`):
 //! `sudo -E cargo test --release -p memprof-user --test analytics -- --test-threads=1` (about
@@ -45,6 +47,7 @@ mod memory;
 mod phases;
 mod plateau;
 mod recipes;
+mod rss;
 
 use std::{
     ffi::OsString,
@@ -68,6 +71,7 @@ struct Fixtures {
     growth: PathBuf,
     phases: PathBuf,
     diff_sites: PathBuf,
+    rss: PathBuf,
 }
 
 /// Compiles every fixture once per test process (and checks root first).
@@ -81,6 +85,7 @@ fn fixtures() -> &'static Fixtures {
             growth: build("growth"),
             phases: build("phases"),
             diff_sites: build("diff_sites"),
+            rss: build("rss"),
         }
     })
 }

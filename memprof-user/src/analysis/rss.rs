@@ -7,10 +7,10 @@
 //! mappings (`/proc/PID/pagemap`) and RSS (`VmRSS`), and passes them in.
 //!
 //! - An **allocator region** is the brk heap (`[heap]`: glibc's main arena, and any allocator
-//!   growing it) or an anonymous mapping in which a live block or traced mapping starts (glibc's
-//!   thread arenas and mmapped chunks, jemalloc/tcmalloc/mimalloc extents and spans). An anonymous
-//!   mapping of an allocator that holds no live block at all is not recognised as one: its
-//!   resident pages count as `other`.
+//!   growing it) or a mapping in which a live block or traced mapping starts (glibc's thread
+//!   arenas and mmapped chunks, jemalloc/tcmalloc/mimalloc extents and spans, shared anonymous
+//!   mappings). A mapping of an allocator that holds no live block at all is not recognised as
+//!   one: its resident pages count as `other`.
 //! - `live_resident_bytes`: bytes of live blocks and traced mappings that lie in resident pages
 //!   (each byte once, however many blocks cover it).
 //! - `allocator_retained_bytes`: the rest of the allocator regions' resident pages: freed chunks
@@ -80,17 +80,17 @@ impl RssExplained {
 }
 
 /// The regions (indices into `regions`, sorted by start) that are the allocator's: `[heap]`
-/// and anonymous regions in which an element of `live` starts. `live` is sorted by start.
+/// and every region in which an element of `live` starts (anonymous ones; shared anonymous
+/// mappings show as `/dev/zero (deleted)`; an allocator may carve blocks out of a memfd).
+/// `live` is sorted by start.
 pub fn allocator_regions(regions: &[Region], live: &[Live]) -> Vec<usize> {
     regions
         .iter()
         .enumerate()
         .filter(|(_, r)| {
             r.brk_heap || {
-                r.anonymous && {
-                    let i = live.partition_point(|l| l.start < r.start);
-                    live.get(i).is_some_and(|l| l.start < r.end)
-                }
+                let i = live.partition_point(|l| l.start < r.start);
+                live.get(i).is_some_and(|l| l.start < r.end)
             }
         })
         .map(|(i, _)| i)
@@ -293,7 +293,8 @@ mod tests {
             region(0x20000, 16, 8, true, true),  // [heap], nothing live
             region(0x40000, 16, 8, false, true), // anon, a block starts here
             region(0x60000, 16, 8, false, true), // anon, only covered by a block from before
-            region(0x80000, 4, 4, false, false), // a file where a (bogus) block starts
+            region(0x80000, 4, 4, false, false), // a file (memfd) where a block starts
+            region(0x90000, 4, 4, false, true),  // anon, nothing live
         ];
         let live = vec![
             Live {
@@ -307,7 +308,7 @@ mod tests {
                 group: 0,
             },
         ];
-        assert_eq!(allocator_regions(&regions, &live), vec![1, 2]);
+        assert_eq!(allocator_regions(&regions, &live), vec![1, 2, 4]);
         assert_eq!(
             within_budget(&regions, &[1, 2], 16 * P),
             vec![1],
