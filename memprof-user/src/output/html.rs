@@ -259,7 +259,8 @@ pub fn rss_chart(points: &[RssPoint], duration_s: f64) -> String {
         );
     }
     // Bands from the bottom: live, retained, other; each between the running sums.
-    let bands: [(&str, &str, fn(&RssPoint) -> u64); 3] = [
+    type Band = (&'static str, &'static str, fn(&RssPoint) -> u64);
+    let bands: [Band; 3] = [
         ("live", "#2b6cd9", |p| p.rss.live_resident_bytes),
         ("retained", "#d9822b", |p| p.rss.allocator_retained_bytes),
         ("other", "#9a9a9a", |p| p.rss.other_resident_bytes),

@@ -386,19 +386,20 @@ fn encode_profile(
                 .encode_gauge(&s.inuse_bytes)?;
         }
     }
-    let unit = Unit::Other("bytes_per_second".into());
-    let mut metric = encoder.encode_descriptor(
-        "memprof_site_growth",
-        "Growth of the top call sites' outstanding bytes (least squares)",
-        Some(&unit),
-        MetricType::Gauge,
-    )?;
-    for s in &top {
-        metric
-            .encode_family(&site_labels(s))?
-            .encode_gauge(&s.growth_bytes_per_s)?;
+    {
+        let unit = Unit::Other("bytes_per_second".into());
+        let mut metric = encoder.encode_descriptor(
+            "memprof_site_growth",
+            "Growth of the top call sites' outstanding bytes (least squares)",
+            Some(&unit),
+            MetricType::Gauge,
+        )?;
+        for s in &top {
+            metric
+                .encode_family(&site_labels(s))?
+                .encode_gauge(&s.growth_bytes_per_s)?;
+        }
     }
-    drop(metric);
     if top.iter().any(|s| s.resident_bytes.is_some()) {
         let mut metric = encoder.encode_descriptor(
             "memprof_site_resident",
