@@ -3,8 +3,9 @@
 //!
 //! The messages are written by hand with `prost` derives and the proto's field numbers. The
 //! profile has four sample types, in this order: `alloc_objects/count`, `alloc_space/bytes`,
-//! `inuse_objects/count`, `inuse_space/bytes` (the default, as in Go heap profiles). Each
-//! [`Site`] becomes one sample with those four values, labels `allocator`, `kind` and
+//! `inuse_objects/count`, `inuse_space/bytes` (the default, as in Go heap profiles), and, when
+//! RSS was explained, a fifth: `resident_space/bytes`, the site's in-use bytes that lie in
+//! resident pages. Each [`Site`] becomes one sample with those values, labels `allocator`, `kind` and
 //! `verdict`, and its stack as locations, innermost first. A site without a stack gets one
 //! `[unknown]` location, so the samples still add up to the report's totals.
 //!
@@ -47,6 +48,9 @@ pub const SAMPLE_TYPES: [(&str, &str); 4] = [
     ("inuse_objects", "count"),
     ("inuse_space", "bytes"),
 ];
+
+/// The sample type added when RSS was explained (sites have `resident_bytes`).
+pub const RESIDENT_TYPE: (&str, &str) = ("resident_space", "bytes");
 
 /// The gzipped profile for `profile`.
 pub fn render(profile: &Profile) -> anyhow::Result<Vec<u8>> {
@@ -108,8 +112,10 @@ struct ModuleSpan {
 /// Builds the (uncompressed) profile.
 pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
     let mut strings = Strings::new();
+    let resident = profile.sites.iter().any(|s| s.resident_bytes.is_some());
     let sample_type = SAMPLE_TYPES
         .iter()
+        .chain(resident.then_some(&RESIDENT_TYPE))
         .map(|(t, u)| ValueType {
             r#type: strings.get(t),
             unit: strings.get(u),
@@ -253,7 +259,14 @@ pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
         };
         sample.push(Sample {
             location_id,
-            value: values(site).to_vec(),
+            value: {
+                let mut v = values(site).to_vec();
+                if resident {
+                    let bytes = site.resident_bytes.unwrap_or(0);
+                    v.push(i64::try_from(bytes).unwrap_or(i64::MAX));
+                }
+                v
+            },
             label: vec![
                 label(allocator_key, site.allocator, &mut strings),
                 label(kind_key, site.kind, &mut strings),
@@ -523,5 +536,25 @@ mod tests {
         let p = decode(&render(&profile).unwrap());
         assert!(p.sample.is_empty() && p.location.is_empty() && p.mapping.is_empty());
         assert_eq!(p.sample_type.len(), 4);
+    }
+
+    #[test]
+    fn resident_space_when_rss_was_explained() {
+        let mut profile = sample_profile();
+        let p = decode(&render(&profile).unwrap());
+        assert_eq!(p.sample_type.len(), 4, "not explained: four types");
+        profile.sites[0].resident_bytes = Some(8192);
+        profile.sites[1].resident_bytes = Some(0);
+        let p = decode(&render(&profile).unwrap());
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        assert_eq!(p.sample_type.len(), 5);
+        assert_eq!(
+            (s(p.sample_type[4].r#type), s(p.sample_type[4].unit)),
+            RESIDENT_TYPE
+        );
+        assert_eq!(s(p.default_sample_type), "inuse_space");
+        assert!(p.sample.iter().all(|x| x.value.len() == 5));
+        assert_eq!(p.sample[0].value[4], 8192);
+        assert_eq!(p.sample[0].value[3], 21000);
     }
 }
