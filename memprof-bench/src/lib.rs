@@ -7,7 +7,7 @@ use memprof::{
     analysis::tracking::Tracker,
     ingest::event::{DecodeError, Event, decode, encode},
     report::{self, Inputs, KernelLosses, Report},
-    stacks::{StackStore, Symbolizer},
+    stacks::Sites,
     table::{Change, Tables},
 };
 use memprof_common::{
@@ -147,8 +147,8 @@ pub struct Agent {
     pub table: Tables,
     pub tracker: Tracker,
     changes: Vec<Change>,
-    stacks: StackStore,
-    symbolizer: Symbolizer,
+    /// Every stack is unnamed here (no symbolization): one site, `SiteId::NONE`.
+    sites: Sites,
     last_ts: u64,
 }
 
@@ -158,8 +158,7 @@ impl Agent {
             table: Tables::with_sampling(sample_bytes),
             tracker: Tracker::new(&[], 0),
             changes: Vec::new(),
-            stacks: StackStore::new(),
-            symbolizer: Symbolizer::new(),
+            sites: Sites::new(),
             last_ts: 0,
         }
     }
@@ -174,7 +173,8 @@ impl Agent {
         self.table.apply_from(0, &event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
         for change in self.changes.drain(..) {
-            self.tracker.on_change(&change, outstanding);
+            let site = self.sites.site_of(change.block().stack);
+            self.tracker.on_change(&change, site, outstanding);
         }
         Ok(())
     }
@@ -187,12 +187,13 @@ impl Agent {
 
     /// A snapshot report of everything so far (stacks are unnamed: no symbolization).
     pub fn report(&mut self) -> Report {
+        let no_residency = std::collections::HashMap::new();
         let inputs = Inputs {
             pid: 4242,
             table: &self.table,
             unwind: None,
             forgotten: Default::default(),
-            stacks: &self.stacks,
+            sites: &self.sites,
             kernel: KernelLosses::default(),
             probe_stats: Vec::new(),
             decode_errors: 0,
@@ -204,8 +205,10 @@ impl Agent {
             limit: None,
             rules: &[],
             mem: None,
+            residency: &no_residency,
+            rss_timeline: &[],
         };
-        report::snapshot(&inputs, &mut self.symbolizer)
+        report::snapshot(&inputs)
     }
 }
 
