@@ -230,8 +230,9 @@ pub fn retained_advice(e: &RssExplained) -> Option<Recommendation> {
             "the allocator keeps {} B resident that no live allocation uses ({:.0}% of RSS {} B, \
              against {} B live): freed chunks pinned by live neighbours or kept for reuse. With \
              glibc, call malloc_trim(0) after large frees, lower M_TRIM_THRESHOLD/M_MMAP_THRESHOLD, \
-             or limit arenas (MALLOC_ARENA_MAX=2); or use an allocator that returns memory \
-             (jemalloc, mimalloc)",
+             or limit arenas (MALLOC_ARENA_MAX=2); with jemalloc, lower dirty_decay_ms and \
+             muzzy_decay_ms (MALLOC_CONF) or purge; or move to an allocator that returns freed \
+             pages sooner",
             e.allocator_retained_bytes,
             share * 100.0,
             e.rss_bytes,
