@@ -9,6 +9,10 @@ use memprof_common::unwind_end;
 
 use super::{Session, residency};
 
+/// Processes whose RSS one snapshot explains in a multi-process trace (those holding the
+/// most traced bytes); the others' entries have no `rss_explained` that time.
+const RSS_SCANS_MAX: usize = 32;
+
 /// Points of the RSS-explained timeline kept; past it, every other one is dropped.
 const RSS_TIMELINE_MAX: usize = 2048;
 use crate::{
@@ -122,12 +126,23 @@ impl Session {
         if self.table.sample_mean() != 0 {
             return;
         }
+        // Per process: those holding the most traced bytes, up to RSS_SCANS_MAX.
         let mut pids: Vec<u32> = if self.settings.per_process {
-            self.procs
+            let mut held: Vec<(u64, u32)> = self
+                .procs
                 .iter()
                 .filter(|(_, p)| !p.exited)
-                .map(|(pid, _)| *pid)
-                .collect()
+                .filter_map(|(pid, _)| {
+                    let t = self.table.process(*pid)?;
+                    Some((
+                        t.heap_totals.outstanding_bytes + t.mmap_totals.outstanding_bytes,
+                        *pid,
+                    ))
+                })
+                .collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            held.truncate(RSS_SCANS_MAX);
+            held.into_iter().map(|(_, pid)| pid).collect()
         } else {
             Vec::new()
         };
