@@ -449,7 +449,14 @@ fn sites_table(h: &mut String, sites: &[Site]) {
             escape(&site_name(site)),
             escape(site.allocator),
             escape(site.kind),
-            bytes_cell(site.inuse_bytes),
+            match site.resident_bytes {
+                Some(r) => format!(
+                    "{}<br><small class=\"resident\">{} resident</small>",
+                    bytes_cell(site.inuse_bytes),
+                    bytes_cell(r)
+                ),
+                None => bytes_cell(site.inuse_bytes),
+            },
             group_digits(site.inuse_objects),
             bytes_cell(site.alloc_bytes),
             group_digits(site.alloc_objects),
@@ -662,7 +669,15 @@ mod tests {
             svg.contains("class=\"other\" fill=\"#9a9a9a\" fill-opacity=\"0.75\" points=\"90.0,40.0 880.0,40.0 880.0,90.0 90.0,90.0\""),
             "{svg}"
         );
-        let html = render(&sample_profile()).unwrap();
+        let mut p = sample_profile();
+        p.sites[0].resident_bytes = Some(16384);
+        let html = render(&p).unwrap();
+        assert!(
+            html.contains(
+                "<small class=\"resident\"><span title=\"16.0 KiB\">16,384 B</span> resident</small>"
+            ),
+            "{html}"
+        );
         assert!(
             html.contains("<section id=\"rss\">"),
             "the sample has an RSS timeline"
