@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{array, fixtures, one_group, summary};
 use crate::common::{
-    Checks, DEADLINE, Finished, Proc, attach, num, os, python, run_trace, start_target, tool,
+    Checks, DEADLINE, Finished, Proc, attach, num, os, python, start_target, start_trace, tool,
 };
 
 const MIB: u64 = 1 << 20;
@@ -18,15 +18,16 @@ const FRAG_SIZE: u64 = 32 * 1024;
 const FRAG_BLOCKS: u64 = 512;
 const FRAG_KEPT: u64 = FRAG_BLOCKS / 8;
 
-/// rss.c traced from before its allocations until after them, the report taken while it still
-/// runs (`--duration`), then the fixture stopped.
+/// rss.c traced from before its allocations until after them, the report taken (SIGINT) while
+/// it still runs, then the fixture stopped.
 fn rss_run() -> &'static Finished {
     static RUN: OnceLock<Finished> = OnceLock::new();
     RUN.get_or_init(|| {
         let mut target = start_target("rss --wait", &fixtures().rss, &["--wait"]);
-        let mp = attach(&target, &["--duration", "4s", "--top", "50"]);
+        let mp = attach(&target, &["--top", "50"]);
         target.signal(libc::SIGUSR1);
         target.expect_stdout_line("done");
+        mp.signal(libc::SIGINT);
         let run = mp.finish(DEADLINE);
         target.stop(libc::SIGTERM, Duration::from_secs(5));
         run
@@ -137,20 +138,24 @@ fn rss_explained_on_fixture() {
     c.finish(ctx);
 }
 
-/// A real interpreter (spawned, the report taken at `--duration` while it sleeps): Python 3 fills a 64 MiB bytearray's first
+/// A real interpreter (spawned, the report taken on SIGINT while it sleeps): Python 3 fills a 64 MiB bytearray's first
 /// 16 MiB: its group is 16 MiB resident, up to a page and huge-page rounding, and the parts of
 /// the interpreter's RSS add up.
 #[test]
 fn rss_explained_on_python() {
     let py = python();
-    let code = "import mmap, time\n\
+    let code = "import mmap, sys, time\n\
                 m = mmap.mmap(-1, 64 << 20)\n\
                 m[0:16 << 20] = b'x' * (16 << 20)\n\
-                print('done', flush=True)\n\
-                time.sleep(12)\n";
-    let mut args = os(&["--json", "--duration", "6s", "--top", "1000", "--"]);
+                print('rss-fixture: done', file=sys.stderr, flush=True)\n\
+                time.sleep(30)\n";
+    let mut args = os(&["--json", "--duration", "40s", "--top", "1000", "--"]);
     args.extend([py.into_os_string(), "-c".into(), code.into()]);
-    let run = run_trace(&args, DEADLINE);
+    // The report is taken (SIGINT) once the interpreter says it has written the 16 MiB.
+    let mut mp = start_trace(&args, String::new);
+    mp.expect_stderr_start("rss-fixture: done", Duration::from_secs(30), String::new);
+    mp.signal(libc::SIGINT);
+    let run = mp.finish(DEADLINE);
     let report = run.report();
     let ctx = || {
         format!(
@@ -203,7 +208,7 @@ fn redis_cli(socket: &std::path::Path, args: &[&str]) -> String {
 }
 
 /// Debian's redis-server (jemalloc): 200 000 values of 512 B, then every other key deleted,
-/// while traced. The freed values stay in jemalloc's partly used slabs: jemalloc's own
+/// while traced; the report is taken after that (SIGINT). The freed values stay in jemalloc's partly used slabs: jemalloc's own
 /// statistics (`INFO memory`: `allocator_resident - allocator_allocated`) say how much it keeps
 /// resident beyond what is allocated, and memprof's `allocator_retained_bytes` must agree
 /// within 10% (plus 4 MiB for what redis allocated before the trace, which memprof cannot tell
@@ -229,7 +234,9 @@ fn rss_explained_on_redis() {
         "redis-server made no socket\n{}",
         server.output_so_far()
     );
-    let mp = attach(&server, &["--duration", "15s", "--top", "20"]);
+    // Ended by SIGINT once redis is done (the safety net's --duration aside): a fixed
+    // duration could end the trace before a slowed-down redis has deleted the keys.
+    let mp = attach(&server, &["--top", "20"]);
     redis_cli(&socket, &["DEBUG", "POPULATE", "200000", "key", "512"]);
     redis_cli(
         &socket,
@@ -241,6 +248,7 @@ fn rss_explained_on_redis() {
     );
     let dbsize = redis_cli(&socket, &["DBSIZE"]);
     let info = redis_cli(&socket, &["INFO", "memory"]);
+    mp.signal(libc::SIGINT);
     let run = mp.finish(DEADLINE);
     server.stop(libc::SIGTERM, Duration::from_secs(5));
     let stat = |key: &str| -> u64 {
