@@ -13,6 +13,10 @@ use super::{Session, residency};
 /// most traced bytes); the others' entries have no `rss_explained` that time.
 const RSS_SCANS_MAX: usize = 32;
 
+/// Time one snapshot spends explaining other processes' RSS after the main one's; the
+/// processes left go without `rss_explained` that time.
+const RSS_SCANS_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Points of the RSS-explained timeline kept; past it, every other one is dropped.
 const RSS_TIMELINE_MAX: usize = 2048;
 use crate::{
@@ -146,11 +150,17 @@ impl Session {
         } else {
             Vec::new()
         };
-        if self.pid != 0 && !pids.contains(&self.pid) {
-            pids.push(self.pid);
+        pids.retain(|&pid| pid != self.pid);
+        if self.pid != 0 {
+            pids.insert(0, self.pid);
         }
         let empty = crate::table::Table::default();
-        for pid in pids {
+        let started = std::time::Instant::now();
+        for (i, pid) in pids.into_iter().enumerate() {
+            // The main process always; the others while the scans stay within their budget.
+            if i > 0 && started.elapsed() > RSS_SCANS_BUDGET {
+                break;
+            }
             let Ok(mem) = ProcMem::read(pid) else {
                 continue;
             };
