@@ -192,6 +192,7 @@ impl Agent {
 
     /// A snapshot report of everything so far (stacks are named `site_N`: no symbolization).
     pub fn report(&mut self) -> Report {
+        let no_residency = std::collections::HashMap::new();
         let inputs = Inputs {
             pid: 4242,
             table: &self.table,
@@ -209,6 +210,8 @@ impl Agent {
             limit: None,
             rules: &[],
             mem: None,
+            residency: &no_residency,
+            rss_timeline: &[],
         };
         report::snapshot(&inputs)
     }

@@ -15,6 +15,8 @@
 //! - `tests/fixtures/diff_sites.c`: leaks a number of blocks per site given on the command line.
 //! - `tests/fixtures/peak.c`: the heap peaks on a 1 MiB buffer freed before the end, beside a
 //!   cache that is kept; `--churn S` allocates and frees for S seconds.
+//! - `tests/fixtures/rss.c`: a 64 MiB block with 16 MiB written, and 14 MiB freed between live
+//!   blocks of the heap (RSS explained).
 //!
 //! Needs root (eBPF) and a memprof built with its kernel programs (not `AYA_BUILD_SKIP=1`):
 //! `sudo -E cargo test --release -p memprof-user --test analytics -- --test-threads=1` (about
@@ -48,6 +50,7 @@ mod peak;
 mod phases;
 mod plateau;
 mod recipes;
+mod rss;
 mod trend;
 
 use std::{
@@ -73,6 +76,7 @@ struct Fixtures {
     phases: PathBuf,
     diff_sites: PathBuf,
     peak: PathBuf,
+    rss: PathBuf,
 }
 
 /// Compiles every fixture once per test process (and checks root first).
@@ -87,6 +91,7 @@ fn fixtures() -> &'static Fixtures {
             phases: build("phases"),
             diff_sites: build("diff_sites"),
             peak: build("peak"),
+            rss: build("rss"),
         }
     })
 }

@@ -61,6 +61,7 @@ fn csv_rows_exact() {
             "verdict",
             "growth_bytes_per_s",
             "stack",
+            "resident_bytes",
         ]
     );
     let col = |name: &str| header.iter().position(|h| h == name).unwrap();
@@ -94,6 +95,11 @@ fn csv_rows_exact() {
         "verdict as in the report"
     );
     assert!(leak[col("growth_bytes_per_s")].parse::<f64>().unwrap() > 0.0);
+    assert_eq!(
+        leak[col("resident_bytes")],
+        "",
+        "the fixture exited before the report: RSS not explained"
+    );
     assert!(
         leak[col("stack")].starts_with("leak_widgets <- main <- "),
         "{leak:?}"

@@ -16,6 +16,7 @@
 //! - [`categories`]: outstanding memory summed by user rule or by module.
 //! - [`recommend`]: advice that quotes the measurements it rests on.
 //! - [`memory`]: resident memory no traced allocation accounts for.
+//! - [`rss`]: RSS explained: live, retained by the allocator, untouched, other.
 //! - [`diff`]: what changed between two saved reports, site by site.
 //! - [`trend`]: each call site's outstanding bytes over a series of saved reports.
 //! - [`pyphases`]: phases named by Python function, and which frames are those functions.
@@ -29,6 +30,7 @@ pub mod memory;
 pub mod peak;
 pub mod pyphases;
 pub mod recommend;
+pub mod rss;
 pub mod series;
 pub mod tracking;
 pub mod trend;

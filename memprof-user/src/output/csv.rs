@@ -15,6 +15,7 @@
 //! | `max_inuse_bytes` | the most the site held at once |
 //! | `verdict`, `growth_bytes_per_s` | the growth analysis (`leak`, `growing`, ...) |
 //! | `stack` | frame names, innermost first, joined by ` <- ` |
+//! | `resident_bytes` | of `inuse_bytes`, those in resident pages (empty when RSS was not explained: the process had exited, or the trace was sampled) |
 
 use std::fmt::Write as _;
 
@@ -24,7 +25,7 @@ use crate::report::{
 };
 
 /// The header's column names.
-pub const COLUMNS: [&str; 13] = [
+pub const COLUMNS: [&str; 14] = [
     "site",
     "module",
     "allocator",
@@ -38,6 +39,7 @@ pub const COLUMNS: [&str; 13] = [
     "verdict",
     "growth_bytes_per_s",
     "stack",
+    "resident_bytes",
 ];
 
 /// The CSV file for `profile`.
@@ -51,7 +53,7 @@ pub fn render(profile: &Profile) -> String {
 }
 
 /// A site's fields, in [`COLUMNS`] order.
-pub fn row(site: &Site) -> [String; 13] {
+pub fn row(site: &Site) -> [String; 14] {
     let module = site_frame(site)
         .and_then(|f| f.module.clone())
         .unwrap_or_default();
@@ -78,6 +80,9 @@ pub fn row(site: &Site) -> [String; 13] {
         site.verdict.as_str().to_owned(),
         number(site.growth_bytes_per_s),
         stack,
+        site.resident_bytes
+            .map(|b| b.to_string())
+            .unwrap_or_default(),
     ]
 }
 
@@ -176,6 +181,7 @@ mod tests {
                 "leak",
                 "1500.25",
                 "leak_widgets <- main <- libc.so.6+0x27234",
+                "",
             ]
         );
         // The name with a comma and quotes survives the round trip.
@@ -184,6 +190,9 @@ mod tests {
         // No stack: named [unknown], module empty.
         assert_eq!(&rows[3][..4], ["[unknown]", "", "calloc", "heap"]);
         assert_eq!(rows[4][8], "210");
+        let mut p = sample_profile();
+        p.sites[0].resident_bytes = Some(16384);
+        assert_eq!(parse(&render(&p))[1][13], "16384");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 
 use super::{escape, flamegraph, folded::Metric};
 use crate::report::{
-    Profile, Site, TimePoint,
+    Profile, RssPoint, Site, TimePoint,
     names::{frame_name, human_bytes, site_name},
 };
 
@@ -99,6 +99,11 @@ fn page(profile: &Profile, flame_svg: &str, peak_svg: &str) -> String {
     h.push_str("<section id=\"memory\">\n<h2>Memory over time</h2>\n");
     h.push_str(&timeline_chart(&profile.timeline, profile.duration_s));
     h.push_str("</section>\n");
+    if !profile.rss_timeline.is_empty() {
+        h.push_str("<section id=\"rss\">\n<h2>RSS explained</h2>\n");
+        h.push_str(&rss_chart(&profile.rss_timeline, profile.duration_s));
+        h.push_str("</section>\n");
+    }
     sites_table(&mut h, &profile.sites);
     let _ = write!(
         h,
@@ -188,6 +193,18 @@ fn header(h: &mut String, p: &Profile) {
     if let Some(rss) = r.rss_bytes {
         fact("RSS", bytes_cell(rss));
     }
+    if let Some(e) = &r.rss_explained {
+        fact(
+            "RSS explained",
+            format!(
+                "live {}, retained by the allocator {}, other {}; allocated, never touched {}",
+                bytes_cell(e.live_resident_bytes),
+                bytes_cell(e.allocator_retained_bytes),
+                bytes_cell(e.other_resident_bytes),
+                bytes_cell(e.untouched_live_bytes)
+            ),
+        );
+    }
     if let Some(rate) = r.growth_rate_mb_per_hour {
         fact("heap growth", format!("{rate:.3} MB/hour"));
     }
@@ -206,6 +223,96 @@ fn header(h: &mut String, p: &Profile) {
     fact("allocations without a stack", lost(t.lost_stacks));
     fact("unmatched frees", group_digits(t.heap.unmatched_frees));
     h.push_str("</dl>\n</header>\n");
+}
+
+/// RSS explained over time: live, retained and other resident bytes stacked (their top is
+/// RSS), against seconds, as an inline SVG.
+pub fn rss_chart(points: &[RssPoint], duration_s: f64) -> String {
+    const W: f64 = 900.0;
+    const H: f64 = 280.0;
+    const LEFT: f64 = 90.0;
+    const RIGHT: f64 = 20.0;
+    const TOP: f64 = 30.0;
+    const BOTTOM: f64 = 40.0;
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let t_max = points
+        .iter()
+        .map(|p| finite(p.t_s))
+        .fold(finite(duration_s), f64::max)
+        .max(1e-3);
+    let y_max = points
+        .iter()
+        .map(|p| p.rss.parts_bytes().max(p.rss.rss_bytes))
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64
+        * 1.05;
+    let x = |t: f64| LEFT + finite(t).clamp(0.0, t_max) / t_max * (W - LEFT - RIGHT);
+    let y = |v: u64| H - BOTTOM - v as f64 / y_max * (H - TOP - BOTTOM);
+    let mut s = format!(
+        "<svg id=\"rss-chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" \
+         height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"RSS explained over \
+         time\">\n<rect x=\"0\" y=\"0\" width=\"{W}\" height=\"{H}\" fill=\"#fafafa\"/>\n"
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{LEFT}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#888\"/>",
+        b = H - BOTTOM,
+        r = W - RIGHT
+    );
+    for i in 0..=4 {
+        let v = (y_max / 1.05 * f64::from(i) / 4.0) as u64;
+        let t = t_max * f64::from(i) / 4.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>\
+             <text x=\"{:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{t:.2} s</text>",
+            LEFT - 6.0,
+            y(v) + 4.0,
+            escape(&human_bytes(v)),
+            x(t),
+            H - BOTTOM + 16.0
+        );
+    }
+    // Bands from the bottom: live, retained, other; each between the running sums.
+    type Band = (&'static str, &'static str, fn(&RssPoint) -> u64);
+    let bands: [Band; 3] = [
+        ("live", "#2b6cd9", |p| p.rss.live_resident_bytes),
+        ("retained", "#d9822b", |p| p.rss.allocator_retained_bytes),
+        ("other", "#9a9a9a", |p| p.rss.other_resident_bytes),
+    ];
+    let mut below = vec![0u64; points.len()];
+    for (k, (class, color, part)) in bands.iter().enumerate() {
+        let above: Vec<u64> = points
+            .iter()
+            .zip(&below)
+            .map(|(p, b)| b + part(p))
+            .collect();
+        let mut coords: Vec<String> = points
+            .iter()
+            .zip(&above)
+            .map(|(p, v)| format!("{:.1},{:.1}", x(p.t_s), y(*v)))
+            .collect();
+        coords.extend(
+            points
+                .iter()
+                .zip(&below)
+                .rev()
+                .map(|(p, v)| format!("{:.1},{:.1}", x(p.t_s), y(*v))),
+        );
+        let _ = writeln!(
+            s,
+            "<polygon class=\"{class}\" fill=\"{color}\" fill-opacity=\"0.75\" points=\"{}\"/>\
+             <rect x=\"{:.1}\" y=\"8\" width=\"12\" height=\"10\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"17\" font-size=\"12\">{class}</text>",
+            coords.join(" "),
+            LEFT + 12.0 + 110.0 * k as f64,
+            LEFT + 30.0 + 110.0 * k as f64,
+        );
+        below = above;
+    }
+    s.push_str("</svg>\n");
+    s
 }
 
 /// The memory chart: heap outstanding bytes and RSS against seconds, as an inline SVG.
@@ -361,7 +468,14 @@ fn sites_table(h: &mut String, sites: &[Site]) {
             escape(&site_name(site)),
             escape(site.allocator),
             escape(site.kind),
-            bytes_cell(site.inuse_bytes),
+            match site.resident_bytes {
+                Some(r) => format!(
+                    "{}<br><small class=\"resident\">{} resident</small>",
+                    bytes_cell(site.inuse_bytes),
+                    bytes_cell(r)
+                ),
+                None => bytes_cell(site.inuse_bytes),
+            },
             group_digits(site.inuse_objects),
             bytes_cell(site.alloc_bytes),
             group_digits(site.alloc_objects),
@@ -546,6 +660,48 @@ mod tests {
         assert!(
             html.match_indices("url(")
                 .all(|(i, _)| html[i..].starts_with("url(#"))
+        );
+    }
+
+    #[test]
+    fn rss_chart_stacks_the_parts_up_to_rss() {
+        let point = |t_s: f64| RssPoint {
+            t_s,
+            rss: crate::report::RssExplained {
+                rss_bytes: 200,
+                live_resident_bytes: 100,
+                allocator_retained_bytes: 50,
+                other_resident_bytes: 50,
+                untouched_live_bytes: 1000,
+                ..Default::default()
+            },
+        };
+        let svg = rss_chart(&[point(0.0), point(1.0)], 1.0);
+        // y_max = 200 x 1.05 = 210 over the 210 px between y 30 and y 240: a byte is a pixel.
+        assert!(
+            svg.contains("class=\"live\" fill=\"#2b6cd9\" fill-opacity=\"0.75\" points=\"90.0,140.0 880.0,140.0 880.0,240.0 90.0,240.0\""),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("class=\"retained\" fill=\"#d9822b\" fill-opacity=\"0.75\" points=\"90.0,90.0 880.0,90.0 880.0,140.0 90.0,140.0\""),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("class=\"other\" fill=\"#9a9a9a\" fill-opacity=\"0.75\" points=\"90.0,40.0 880.0,40.0 880.0,90.0 90.0,90.0\""),
+            "{svg}"
+        );
+        let mut p = sample_profile();
+        p.sites[0].resident_bytes = Some(16384);
+        let html = render(&p).unwrap();
+        assert!(
+            html.contains(
+                "<small class=\"resident\"><span title=\"16.0 KiB\">16,384 B</span> resident</small>"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("<section id=\"rss\">"),
+            "the sample has an RSS timeline"
         );
     }
 

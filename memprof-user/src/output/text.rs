@@ -203,6 +203,9 @@ pub fn render(r: &Report) -> String {
     {
         let _ = writeln!(out, "  growth       heap: no rate ({note})");
     }
+    if let Some(e) = &r.rss_explained {
+        rss_line(&mut out, e);
+    }
     if let Some(rate) = r.growth_rate_mb_per_hour {
         let _ = write!(out, "  growth       heap {rate:+.3} MB/h");
         if let Some(hours) = r.projected_limit_hours {
@@ -326,7 +329,7 @@ pub fn render(r: &Report) -> String {
                 leak.r2
             ),
         };
-        let _ = writeln!(
+        let _ = write!(
             out,
             "#{:<3} {} in {} allocations via {} ({}), oldest {:.2} s, {verdict}",
             i + 1,
@@ -336,6 +339,10 @@ pub fn render(r: &Report) -> String {
             leak.kind,
             leak.oldest_age_s,
         );
+        if let Some(resident) = leak.resident_bytes {
+            let _ = write!(out, ", {} resident", human_bytes(resident));
+        }
+        out.push('\n');
         if leak.stack.is_empty() {
             let _ = writeln!(out, "       (stack not captured)");
         }
@@ -448,6 +455,29 @@ fn stack_text(stack: &[String]) -> String {
 
 /// One line on how far stack walks got: with tables, the share of bytes whose stack reached
 /// the thread's entry and the main reasons the others stopped.
+/// RSS explained on one line: the three parts that add up to it, then what is allocated but
+/// not resident.
+fn rss_line(out: &mut String, e: &crate::report::RssExplained) {
+    let _ = write!(
+        out,
+        "  RSS explained  live {}, retained by the allocator {}, other {} (of {}); allocated, \
+         never touched {}",
+        human_bytes(e.live_resident_bytes),
+        human_bytes(e.allocator_retained_bytes),
+        human_bytes(e.other_resident_bytes),
+        human_bytes(e.rss_bytes),
+        human_bytes(e.untouched_live_bytes),
+    );
+    if e.unscanned_bytes > 0 {
+        let _ = write!(
+            out,
+            "; {} of allocator mappings not scanned",
+            human_bytes(e.unscanned_bytes)
+        );
+    }
+    out.push('\n');
+}
+
 fn unwind_line(out: &mut String, u: &crate::report::UnwindStats) {
     let _ = write!(
         out,
@@ -525,6 +555,40 @@ mod tests {
             text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn text_explains_rss() {
+        let mut table = Tables::default();
+        table.apply(&alloc(0x10, 64, NO_STACK, 1));
+        let sites = Sites::new();
+        let tracker = Tracker::new(&[], 0);
+        let key = (
+            sites.site_of(NO_STACK),
+            memprof_common::AllocFn::Malloc,
+            false,
+        );
+        let residency: std::collections::HashMap<u32, crate::analysis::rss::Residency> = [(
+            42,
+            crate::analysis::rss::Residency {
+                explained: crate::report::sample::rss_explained(0),
+                groups: [(key, 48)].into_iter().collect(),
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect();
+        let mut i = inputs(&table, &sites, &tracker, 0);
+        i.residency = &residency;
+        let text = render(&snapshot(&i));
+        assert!(
+            text.contains(
+                "  RSS explained  live 293.0 KiB, retained by the allocator 195.3 KiB, other \
+                 488.3 KiB (of 976.6 KiB); allocated, never touched 48.8 KiB\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("r2 0.00), 48 B resident\n"), "{text}");
     }
 
     #[test]

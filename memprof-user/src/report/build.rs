@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use super::{
-    Forgotten, Hotspot, Leak, Peak, PeakSite, Phase, ProcessReport, Profile, Report, Sampling,
-    Site, TimePoint, Totals, UnwindStats, names::group_name,
+    Forgotten, Hotspot, Leak, Peak, PeakSite, Phase, ProcessReport, Profile, Report, RssPoint,
+    Sampling, Site, TimePoint, Totals, UnwindStats, names::group_name,
 };
 use crate::{
     analysis::{
@@ -16,6 +16,7 @@ use crate::{
         memory,
         peak::Snapshot,
         recommend::{self, Recommendation, SiteFacts},
+        rss::{self, Residency},
         tracking::{GroupKey, Tracker},
     },
     probe::{KernelLosses, ProbeStat},
@@ -56,6 +57,10 @@ pub struct Inputs<'a> {
     pub rules: &'a [Rule],
     /// The process's memory now (None once it exited).
     pub mem: Option<ProcMem>,
+    /// The last residency scan of each process (RSS explained).
+    pub residency: &'a HashMap<u32, Residency>,
+    /// The main process's RSS explained over time.
+    pub rss_timeline: &'a [RssPoint],
 }
 
 #[derive(Default)]
@@ -94,7 +99,9 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         .collect();
     let categories = categories::categorize(&refs, inputs.rules);
 
-    let leaks = leaks_of(inputs, ranked, inputs.top);
+    let residency = inputs.residency.get(&inputs.pid);
+    let untouched = untouched_advice(inputs, &ranked, residency);
+    let leaks = leaks_of(inputs, ranked, inputs.top, residency);
     let (unknown_frames, stack_frames) = inputs.tracker.groups.keys().fold((0, 0), |acc, key| {
         let (unnamed, all) = inputs.sites.unnamed(key.0);
         (acc.0 + unnamed as u64, acc.1 + all as u64)
@@ -106,7 +113,11 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
             .growth(k)
             .is_some_and(|g| g.verdict == Verdict::Leak)
     });
-    let recommendations = recommendations(inputs);
+    let mut recommendations = recommendations(inputs);
+    if let Some(r) = residency.and_then(|r| rss::retained_advice(&r.explained)) {
+        recommendations.push(r);
+    }
+    recommendations.extend(untouched);
     let churn_hotspots = churn_hotspots(inputs);
     let heap_totals = &inputs.table.heap_totals;
     let projected_limit_hours = inputs.limit.map(|limit| {
@@ -190,6 +201,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
                 inputs.table.mmap_totals.outstanding_bytes,
             )
         }),
+        rss_explained: residency.map(|r| r.explained),
         phases: inputs
             .tracker
             .phases(inputs.now_ns)
@@ -306,6 +318,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
         .iter()
         .map(|(k, v)| (*k, (v.bytes, v.blocks)))
         .collect();
+    let residency = inputs.residency.get(&inputs.pid);
     let mut groups: Vec<_> = tracker.groups.iter().collect();
     groups.sort_by(|(ka, a), (kb, b)| {
         (b.stats.outstanding_bytes, b.stats.bytes_allocated)
@@ -328,6 +341,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
                 alloc_bytes: s.bytes_allocated,
                 inuse_objects: s.outstanding_allocs,
                 inuse_bytes: s.outstanding_bytes,
+                resident_bytes: residency.map(|r| r.groups.get(key).copied().unwrap_or(0)),
                 max_inuse_bytes: s.max_outstanding_bytes,
                 max_inuse_objects: s.max_outstanding_allocs,
                 frees: s.frees,
@@ -349,6 +363,7 @@ pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Prof
         peak_t_s,
         sites,
         timeline,
+        rss_timeline: inputs.rss_timeline.to_vec(),
         report: report.clone(),
     }
 }
@@ -415,6 +430,29 @@ fn recommendations(inputs: &Inputs<'_>) -> Vec<Recommendation> {
     recommend::recommend(&facts)
 }
 
+/// `untouched` advice for the groups (all of them, before `--top`) holding many bytes they
+/// never made resident, largest untouched first.
+fn untouched_advice(
+    inputs: &Inputs<'_>,
+    ranked: &[(GroupKey, Group)],
+    residency: Option<&Residency>,
+) -> Vec<Recommendation> {
+    let Some(residency) = residency else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, Recommendation)> = ranked
+        .iter()
+        .filter_map(|(key, g)| {
+            let resident = residency.groups.get(key).copied().unwrap_or(0);
+            let site = group_name(&inputs.sites.frames(key.0), key.1);
+            let r = rss::untouched_advice(&site, g.bytes, resident)?;
+            Some((g.bytes.saturating_sub(resident), r))
+        })
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.site.cmp(&b.1.site)));
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
@@ -468,6 +506,7 @@ fn leaks_of(
     inputs: &Inputs<'_>,
     mut ranked: Vec<(GroupKey, Group)>,
     top: Option<usize>,
+    residency: Option<&Residency>,
 ) -> Vec<Leak> {
     ranked.truncate(top.unwrap_or(usize::MAX));
     ranked
@@ -491,6 +530,7 @@ fn leaks_of(
                 verdict: growth.map_or(Verdict::Unknown, |g| g.verdict),
                 verdict_reason: verdict_reason(growth.as_ref()),
                 confidence: growth.map_or(0.0, |g| g.confidence),
+                resident_bytes: residency.map(|r| r.groups.get(&key).copied().unwrap_or(0)),
                 growth_bytes_per_s: growth.map_or(0.0, |g| round3(g.growth_bytes_per_s)),
                 r2: growth.map_or(0.0, |g| round3(g.r2)),
                 growing_for_s: growth.map_or(0.0, |g| round3(g.growing_for_s)),
@@ -537,7 +577,8 @@ pub fn process_report(
             .growth(key)
             .is_some_and(|g| g.verdict == Verdict::Leak)
     });
-    let leaks = leaks_of(inputs, ranked, inputs.top);
+    let residency = inputs.residency.get(&info.pid);
+    let leaks = leaks_of(inputs, ranked, inputs.top, residency);
     ProcessReport {
         pid: info.pid,
         parent: info.parent,
@@ -554,6 +595,7 @@ pub fn process_report(
             .process_peak(info.pid)
             .map(|snap| peak_of(inputs, snap)),
         rss_bytes: info.mem.map(|m| m.rss_bytes),
+        rss_explained: residency.map(|r| r.explained),
         leak_detected,
         leak_groups,
         leaks,
@@ -595,6 +637,12 @@ pub(crate) mod tests {
         })
     }
 
+    /// No residency scan (a shared empty map: `Inputs` borrows it).
+    pub(crate) fn empty_residency() -> &'static HashMap<u32, Residency> {
+        static EMPTY: std::sync::OnceLock<HashMap<u32, Residency>> = std::sync::OnceLock::new();
+        EMPTY.get_or_init(HashMap::new)
+    }
+
     pub(crate) fn inputs<'a>(
         table: &'a Tables,
         sites: &'a Sites,
@@ -621,6 +669,8 @@ pub(crate) mod tests {
             min_age_ns,
             top: None,
             tracker,
+            residency: empty_residency(),
+            rss_timeline: &[],
             unwind: None,
             forgotten: Forgotten::default(),
             limit: None,

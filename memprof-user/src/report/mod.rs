@@ -13,7 +13,7 @@ pub use self::build::{Inputs, ProcessInfo, finish, process_report, profile, snap
 pub use crate::{
     analysis::{
         behaviour::BehaviourSummary, categories::Category, growth::Verdict,
-        recommend::Recommendation, tracking::PhaseReport,
+        recommend::Recommendation, rss::RssExplained, tracking::PhaseReport,
     },
     probe::{KernelLosses, ProbeStat},
     stacks::Frame,
@@ -179,6 +179,9 @@ pub struct Leak {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verdict_reason: Option<&'static str>,
     pub confidence: f64,
+    /// Of `bytes`, those in resident pages (absent when RSS could not be explained).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resident_bytes: Option<u64>,
     pub growth_bytes_per_s: f64,
     pub r2: f64,
     pub growing_for_s: f64,
@@ -237,6 +240,11 @@ pub struct Report {
     /// RSS not accounted for by traced heap and mmap bytes (fragmentation, untraced
     /// allocators, stacks, code).
     pub untraced_bytes: Option<u64>,
+    /// RSS split into live allocations, memory the allocator retains, and the rest (see
+    /// `analysis::rss`); absent once the process exited, with byte sampling, or when its
+    /// `/proc` files could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_explained: Option<RssExplained>,
     pub phases: Vec<Phase>,
     pub categories: Vec<Category>,
     pub recommendations: Vec<Recommendation>,
@@ -314,6 +322,8 @@ pub struct ProcessReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak: Option<Peak>,
     pub rss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_explained: Option<RssExplained>,
     /// Whether one of its call-stack groups has the verdict `leak`.
     pub leak_detected: bool,
     pub leak_groups: usize,
@@ -334,6 +344,8 @@ pub struct Site {
     /// Still outstanding at the end (or now, for live state).
     pub inuse_objects: u64,
     pub inuse_bytes: u64,
+    /// Of `inuse_bytes`, those in resident pages (None when RSS could not be explained).
+    pub resident_bytes: Option<u64>,
     /// Highest outstanding bytes and blocks the site reached.
     pub max_inuse_bytes: u64,
     pub max_inuse_objects: u64,
@@ -362,6 +374,15 @@ pub struct TimePoint {
     pub rss_bytes: Option<u64>,
 }
 
+/// RSS explained at one snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RssPoint {
+    /// Seconds since the trace started.
+    pub t_s: f64,
+    #[serde(flatten)]
+    pub rss: RssExplained,
+}
+
 /// Everything an output is made from.
 #[derive(Clone, Debug, Serialize)]
 pub struct Profile {
@@ -375,6 +396,8 @@ pub struct Profile {
     /// `alloc_bytes`, both descending.
     pub sites: Vec<Site>,
     pub timeline: Vec<TimePoint>,
+    /// RSS explained at each snapshot of the main process.
+    pub rss_timeline: Vec<RssPoint>,
     /// The report (snapshot or final) the profile goes with.
     pub report: Report,
 }

@@ -1,7 +1,8 @@
 //! A profile shaped like the outputs.c fixture, for the unit tests of every writer.
 
 use super::{
-    Frame, HeapTotals, KernelLosses, MmapTotals, Profile, Report, Site, TimePoint, Totals, Verdict,
+    Frame, HeapTotals, KernelLosses, MmapTotals, Profile, Report, RssExplained, RssPoint, Site,
+    TimePoint, Totals, Verdict,
 };
 
 /// The executable of the sample profile, and its build id (libc's is not known).
@@ -39,6 +40,7 @@ pub(crate) fn site(stack: Vec<Frame>, allocator: &'static str, kind: &'static st
         alloc_bytes: 0,
         inuse_objects: 0,
         inuse_bytes: 0,
+        resident_bytes: None,
         max_inuse_bytes: 0,
         max_inuse_objects: 0,
         frees: 0,
@@ -168,7 +170,27 @@ pub(crate) fn sample_profile() -> Profile {
                 rss_bytes: Some(1_000_000 + 4096 * i),
             })
             .collect(),
+        rss_timeline: (0..3)
+            .map(|i| RssPoint {
+                t_s: 0.5 + i as f64 * 0.5,
+                rss: rss_explained(i),
+            })
+            .collect(),
         report,
+    }
+}
+
+/// RSS explained at step `i`: 1 MB + 4096 i resident, split exactly.
+pub(crate) fn rss_explained(i: u64) -> RssExplained {
+    RssExplained {
+        rss_bytes: 1_000_000 + 4096 * i,
+        live_resident_bytes: 300_000 + 4096 * i,
+        allocator_retained_bytes: 200_000,
+        untouched_live_bytes: 50_000,
+        other_resident_bytes: 500_000,
+        allocator_regions: 2,
+        allocator_region_bytes: 2_000_000,
+        unscanned_bytes: 0,
     }
 }
 
@@ -210,6 +232,7 @@ pub(crate) fn report(
         pss_bytes: None,
         vm_size_bytes: None,
         untraced_bytes: None,
+        rss_explained: None,
         phases: vec![],
         categories: vec![],
         recommendations: vec![],

@@ -239,6 +239,8 @@ pub struct TraceView<'a> {
     pub frees: u64,
     pub mmap_outstanding_bytes: u64,
     pub rss_bytes: Option<u64>,
+    /// RSS split into live, retained by the allocator and other (absent when not explained).
+    pub rss_explained: Option<crate::report::RssExplained>,
     pub growth_rate_mb_per_hour: Option<f64>,
     pub projected_limit_hours: Option<f64>,
     pub leak_detected: bool,
@@ -257,6 +259,8 @@ pub struct SiteView {
     pub kind: &'static str,
     pub verdict: Verdict,
     pub bytes: u64,
+    /// Of `bytes`, those in resident pages (absent when RSS was not explained).
+    pub resident_bytes: Option<u64>,
     pub allocs: u64,
     pub growth_bytes_per_s: f64,
     /// Innermost first: function names, or `module@addr`.
@@ -296,6 +300,7 @@ fn trace_view(p: &Profile) -> TraceView<'_> {
         frees: r.totals.heap.frees,
         mmap_outstanding_bytes: r.mmap.outstanding_bytes,
         rss_bytes: r.rss_bytes,
+        rss_explained: r.rss_explained,
         growth_rate_mb_per_hour: r.growth_rate_mb_per_hour,
         projected_limit_hours: r.projected_limit_hours.flatten(),
         leak_detected: r.leak_detected,
@@ -330,6 +335,7 @@ fn top_growing(sites: &[Site], n: usize) -> (Vec<SiteView>, usize) {
             kind: s.kind,
             verdict: s.verdict,
             bytes: s.inuse_bytes,
+            resident_bytes: s.resident_bytes,
             allocs: s.inuse_objects,
             growth_bytes_per_s: s.growth_bytes_per_s,
             stack: s.stack.iter().take(FRAMES).map(frame_name).collect(),
@@ -385,10 +391,13 @@ mod tests {
         assert_eq!(v["pid"], 42);
         assert_eq!(v["heap_outstanding_bytes"], 4000);
         assert_eq!(v["rss_bytes"], 1 << 20);
+        assert_eq!(v["rss_explained"]["allocator_retained_bytes"], 200_000);
+        assert_eq!(v["rss_explained"]["live_resident_bytes"], 300_000);
         assert_eq!(v["timeline"].as_array().unwrap().len(), 2);
         assert_eq!(v["timeline"][1]["rss_bytes"], serde_json::Value::Null);
         assert_eq!(v["site_count"], 2);
         assert_eq!(v["sites"][0]["site"], "leaky");
+        assert_eq!(v["sites"][0]["resident_bytes"], 50, "half of its 100 B");
         assert_eq!(v["sites"][0]["verdict"], "leak");
         assert_eq!(v["sites"][0]["growth_bytes_per_s"], 12.5);
         assert_eq!(v["sites"][0]["stack"][1], "main");

@@ -33,6 +33,8 @@
 //! | `memprof_rss_limit_projected_seconds` | gauge | `projected_limit_hours` in s (only while RSS grows towards `--limit`) |
 //! | `memprof_site_outstanding_bytes{site,allocator,kind,verdict}` | gauge | top sites' `inuse_bytes` |
 //! | `memprof_site_growth_bytes_per_second{site,allocator,kind,verdict}` | gauge | top sites' `growth_bytes_per_s` |
+//! | `memprof_site_resident_bytes{site,allocator,kind,verdict}` | gauge | top sites' `resident_bytes` (when RSS is explained) |
+//! | `memprof_rss_explained_bytes{part}` | gauge | `rss_explained`: `part` is `live`, `retained`, `other` (they add up to RSS) or `untouched` (allocated, not resident) |
 
 use std::net::SocketAddr;
 
@@ -342,6 +344,25 @@ fn encode_profile(
         )?;
     }
 
+    if let Some(e) = &r.rss_explained {
+        let mut metric = encoder.encode_descriptor(
+            "memprof_rss_explained",
+            "RSS split into live allocations, memory the allocator retains and other memory \
+             (these three add up to RSS), and allocated bytes never made resident",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        for (part, value) in [
+            ("live", e.live_resident_bytes),
+            ("retained", e.allocator_retained_bytes),
+            ("other", e.other_resident_bytes),
+            ("untouched", e.untouched_live_bytes),
+        ] {
+            let labels: Labels = vec![("pid", profile.pid.to_string()), ("part", part.to_string())];
+            metric.encode_family(&labels)?.encode_gauge(&value)?;
+        }
+    }
+
     let top = top_sites(&profile.sites, TOP_SITES);
     let site_labels = |s: &SiteSum| -> Labels {
         vec![
@@ -365,17 +386,34 @@ fn encode_profile(
                 .encode_gauge(&s.inuse_bytes)?;
         }
     }
-    let unit = Unit::Other("bytes_per_second".into());
-    let mut metric = encoder.encode_descriptor(
-        "memprof_site_growth",
-        "Growth of the top call sites' outstanding bytes (least squares)",
-        Some(&unit),
-        MetricType::Gauge,
-    )?;
-    for s in &top {
-        metric
-            .encode_family(&site_labels(s))?
-            .encode_gauge(&s.growth_bytes_per_s)?;
+    {
+        let unit = Unit::Other("bytes_per_second".into());
+        let mut metric = encoder.encode_descriptor(
+            "memprof_site_growth",
+            "Growth of the top call sites' outstanding bytes (least squares)",
+            Some(&unit),
+            MetricType::Gauge,
+        )?;
+        for s in &top {
+            metric
+                .encode_family(&site_labels(s))?
+                .encode_gauge(&s.growth_bytes_per_s)?;
+        }
+    }
+    if top.iter().any(|s| s.resident_bytes.is_some()) {
+        let mut metric = encoder.encode_descriptor(
+            "memprof_site_resident",
+            "Of the top call sites' outstanding bytes, those in resident pages",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        for s in &top {
+            if let Some(resident) = s.resident_bytes {
+                metric
+                    .encode_family(&site_labels(s))?
+                    .encode_gauge(&resident)?;
+            }
+        }
     }
     Ok(())
 }
@@ -391,6 +429,8 @@ pub struct SiteSum {
     pub inuse_bytes: u64,
     pub inuse_objects: u64,
     pub growth_bytes_per_s: f64,
+    /// Of `inuse_bytes`, those in resident pages (None when RSS was not explained).
+    pub resident_bytes: Option<u64>,
 }
 
 /// The `n` sites (merged by [`site_label`], allocator and kind) holding the most outstanding
@@ -407,6 +447,10 @@ pub fn top_sites(sites: &[Site], n: usize) -> Vec<SiteSum> {
                 m.inuse_bytes += site.inuse_bytes;
                 m.inuse_objects += site.inuse_objects;
                 m.growth_bytes_per_s += site.growth_bytes_per_s;
+                m.resident_bytes = match (m.resident_bytes, site.resident_bytes) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                };
                 if severity(site.verdict) > severity(m.verdict) {
                     m.verdict = site.verdict;
                 }
@@ -419,6 +463,7 @@ pub fn top_sites(sites: &[Site], n: usize) -> Vec<SiteSum> {
                 inuse_bytes: site.inuse_bytes,
                 inuse_objects: site.inuse_objects,
                 growth_bytes_per_s: site.growth_bytes_per_s,
+                resident_bytes: site.resident_bytes,
             }),
         }
     }
@@ -472,6 +517,7 @@ pub(super) mod tests {
             alloc_bytes: bytes * 2,
             inuse_objects: 2,
             inuse_bytes: bytes,
+            resident_bytes: Some(bytes / 2),
             max_inuse_bytes: bytes,
             max_inuse_objects: 2,
             frees: 1,
@@ -509,6 +555,7 @@ pub(super) mod tests {
             growth_rate_mb_per_hour: Some(3.6),
             projected_limit_hours: Some(Some(2.0)),
             rss_bytes: Some(1 << 20),
+            rss_explained: Some(sample::rss_explained(0)),
             ..sample::report("snapshot", 42, heap, 7, 1)
         };
         Profile {
@@ -529,6 +576,7 @@ pub(super) mod tests {
                     rss_bytes: None,
                 },
             ],
+            rss_timeline: Vec::new(),
             report,
         }
     }
@@ -605,6 +653,20 @@ pub(super) mod tests {
         );
         assert!(body.contains("site=\"big\""));
         assert!(!body.contains("site=\"gone\""));
+        // RSS explained, and the sites' resident bytes (half of each: 500 of small's 1000).
+        for (part, value) in [
+            ("live", "300000"),
+            ("retained", "200000"),
+            ("other", "500000"),
+            ("untouched", "50000"),
+        ] {
+            let series = format!("memprof_rss_explained_bytes{{pid=\"42\",part=\"{part}\"}}");
+            assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
+        }
+        assert_eq!(
+            sample(&body, &format!("memprof_site_resident_bytes{small}")),
+            Some("500")
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`pyphases`]: phases named by Python function, told from the frames of each call.
 //! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
 //! - [`procs`]: what the session knows of each traced process.
+//! - [`residency`]: RSS explained, from the table and `/proc/PID/{smaps,pagemap}`.
 
 mod mappings;
 mod naming;
@@ -17,6 +18,7 @@ mod procs;
 mod pyphases;
 mod pythons;
 mod reports;
+mod residency;
 
 use std::{
     io,
@@ -175,6 +177,10 @@ pub struct Session {
     /// Records decoded so far, and at the last status line.
     events: u64,
     events_at_status: (u64, u64),
+    /// The last residency scan of each process (RSS explained), and the main process's
+    /// explanations over time.
+    residency: std::collections::HashMap<u32, crate::analysis::rss::Residency>,
+    rss_timeline: Vec<report::RssPoint>,
 }
 
 impl Session {
@@ -208,6 +214,8 @@ impl Session {
             }),
             events: 0,
             events_at_status: (0, start_ns),
+            residency: Default::default(),
+            rss_timeline: Vec::new(),
             pidfd,
             pid,
             tracer,

@@ -7,7 +7,18 @@ use serde::Serialize;
 
 use memprof_common::unwind_end;
 
-use super::Session;
+use super::{Session, residency};
+
+/// Processes whose RSS one snapshot explains in a multi-process trace (those holding the
+/// most traced bytes); the others' entries have no `rss_explained` that time.
+const RSS_SCANS_MAX: usize = 32;
+
+/// Time one snapshot spends explaining other processes' RSS after the main one's; the
+/// processes left go without `rss_explained` that time.
+const RSS_SCANS_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Points of the RSS-explained timeline kept; past it, every other one is dropped.
+const RSS_TIMELINE_MAX: usize = 2048;
 use crate::{
     output::{json, text},
     report::{self, Inputs, ProcessInfo, Profile, Report, names::human_bytes},
@@ -55,6 +66,8 @@ impl Session {
             mem: ProcMem::read(self.pid)
                 .ok()
                 .or(self.procs.get(&self.pid).and_then(|p| p.last_mem)),
+            residency: &self.residency,
+            rss_timeline: &self.rss_timeline,
             top: self
                 .settings
                 .top
@@ -64,6 +77,7 @@ impl Session {
 
     pub fn snapshot(&mut self) -> Report {
         self.settle();
+        self.scan_residency();
         let inputs = self.inputs(monotonic_ns());
         let mut report = report::snapshot(&inputs);
         if self.settings.per_process {
@@ -107,6 +121,68 @@ impl Session {
             report.processes = Some(processes);
         }
         report
+    }
+
+    /// Explains the RSS of the main process and, with `per_process`, of every live traced
+    /// process (not with byte sampling: the table then holds only the sampled blocks).
+    fn scan_residency(&mut self) {
+        self.residency.clear();
+        if self.table.sample_mean() != 0 {
+            return;
+        }
+        // Per process: those holding the most traced bytes, up to RSS_SCANS_MAX.
+        let mut pids: Vec<u32> = if self.settings.per_process {
+            let mut held: Vec<(u64, u32)> = self
+                .procs
+                .iter()
+                .filter(|(_, p)| !p.exited)
+                .filter_map(|(pid, _)| {
+                    let t = self.table.process(*pid)?;
+                    Some((
+                        t.heap_totals.outstanding_bytes + t.mmap_totals.outstanding_bytes,
+                        *pid,
+                    ))
+                })
+                .collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            held.truncate(RSS_SCANS_MAX);
+            held.into_iter().map(|(_, pid)| pid).collect()
+        } else {
+            Vec::new()
+        };
+        pids.retain(|&pid| pid != self.pid);
+        if self.pid != 0 {
+            pids.insert(0, self.pid);
+        }
+        let empty = crate::table::Table::default();
+        let started = std::time::Instant::now();
+        for (i, pid) in pids.into_iter().enumerate() {
+            // The main process always; the others while the scans stay within their budget.
+            if i > 0 && started.elapsed() > RSS_SCANS_BUDGET {
+                break;
+            }
+            let Ok(mem) = ProcMem::read(pid) else {
+                continue;
+            };
+            let table = self.table.process(pid).unwrap_or(&empty);
+            if let Ok(r) = residency::scan(pid, table, &self.sites, mem.rss_bytes) {
+                self.residency.insert(pid, r);
+            }
+        }
+        if let Some(r) = self.residency.get(&self.pid) {
+            if self.rss_timeline.len() >= RSS_TIMELINE_MAX {
+                // Keep every other point: the chart keeps its span at half the resolution.
+                let mut keep = false;
+                self.rss_timeline.retain(|_| {
+                    keep = !keep;
+                    keep
+                });
+            }
+            self.rss_timeline.push(report::RssPoint {
+                t_s: (monotonic_ns() - self.start_ns) as f64 / 1e9,
+                rss: r.explained,
+            });
+        }
     }
 
     /// The profile the output writers take, for `report`.

@@ -1,12 +1,13 @@
 //! The host and the processes on it, read from `/proc` and from files: address-space views,
-//! memory figures, ELF facts, process facts, the kernel's clock, the checks made before tracing,
-//! spawning a command stopped before `exec`, and the program a command's shims and wrappers
-//! end up running. Nothing here knows about eBPF.
+//! memory figures and page residency, ELF facts, process facts, the kernel's clock, the checks
+//! made before tracing, spawning a command stopped before `exec`, and the program a command's
+//! shims and wrappers end up running. Nothing here knows about eBPF.
 
 pub mod clock;
 pub mod elf;
 pub mod maps;
 pub mod process;
 pub mod procmem;
+pub mod residency;
 pub mod shims;
 pub mod target;

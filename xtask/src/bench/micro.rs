@@ -70,8 +70,25 @@ pub(super) fn micro_markdown(results: &[(String, f64)]) -> String {
         "\nAgent microbenchmark (memprof-bench: synthetic records through decode → table → \
          tracker → report):\n\n| benchmark | events/s |\n| --- | --- |\n",
     );
-    for (name, v) in results {
+    let (scans, agent): (Vec<_>, Vec<_>) = results
+        .iter()
+        .partition(|(name, _)| name.starts_with("residency/"));
+    for (name, v) in agent {
         let _ = writeln!(md, "| {name} | {:.2}M |", v / 1e6);
+    }
+    if !scans.is_empty() {
+        md.push_str(
+            "\nResidency scan (RSS explained: smaps, pagemap, explanation), in 4 KiB pages:\n\n\
+             | benchmark | pages/s | ms per GiB |\n| --- | --- | --- |\n",
+        );
+        for (name, v) in scans {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.2}M | {:.1} |",
+                v / 1e6,
+                262_144.0 / v * 1e3
+            );
+        }
     }
     md
 }

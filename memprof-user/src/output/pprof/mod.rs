@@ -5,8 +5,9 @@
 //! profile has six sample types, in this order: `alloc_objects/count`, `alloc_space/bytes`,
 //! `inuse_objects/count`, `inuse_space/bytes` (the default, as in Go heap profiles), then
 //! `peak_objects/count` and `peak_space/bytes`: what each site held when the heap peaked
-//! (`-sample_index=peak_space`). Each
-//! [`Site`] becomes one sample with those six values, labels `allocator`, `kind` and
+//! (`-sample_index=peak_space`), and, when RSS was explained, a seventh: `resident_space/bytes`,
+//! the site's in-use bytes that lie in resident pages. Each
+//! [`Site`] becomes one sample with those values, labels `allocator`, `kind` and
 //! `verdict`, and its stack as locations, innermost first. A site without a stack gets one
 //! `[unknown]` location, so the samples still add up to the report's totals.
 //!
@@ -51,6 +52,9 @@ pub const SAMPLE_TYPES: [(&str, &str); 6] = [
     ("peak_objects", "count"),
     ("peak_space", "bytes"),
 ];
+
+/// The sample type added when RSS was explained (sites have `resident_bytes`).
+pub const RESIDENT_TYPE: (&str, &str) = ("resident_space", "bytes");
 
 /// The gzipped profile for `profile`.
 pub fn render(profile: &Profile) -> anyhow::Result<Vec<u8>> {
@@ -112,8 +116,10 @@ struct ModuleSpan {
 /// Builds the (uncompressed) profile.
 pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
     let mut strings = Strings::new();
+    let resident = profile.sites.iter().any(|s| s.resident_bytes.is_some());
     let sample_type = SAMPLE_TYPES
         .iter()
+        .chain(resident.then_some(&RESIDENT_TYPE))
         .map(|(t, u)| ValueType {
             r#type: strings.get(t),
             unit: strings.get(u),
@@ -257,7 +263,14 @@ pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
         };
         sample.push(Sample {
             location_id,
-            value: values(site).to_vec(),
+            value: {
+                let mut v = values(site).to_vec();
+                if resident {
+                    let bytes = site.resident_bytes.unwrap_or(0);
+                    v.push(i64::try_from(bytes).unwrap_or(i64::MAX));
+                }
+                v
+            },
             label: vec![
                 label(allocator_key, site.allocator, &mut strings),
                 label(kind_key, site.kind, &mut strings),
@@ -529,5 +542,25 @@ mod tests {
         let p = decode(&render(&profile).unwrap());
         assert!(p.sample.is_empty() && p.location.is_empty() && p.mapping.is_empty());
         assert_eq!(p.sample_type.len(), 6);
+    }
+
+    #[test]
+    fn resident_space_when_rss_was_explained() {
+        let mut profile = sample_profile();
+        let p = decode(&render(&profile).unwrap());
+        assert_eq!(p.sample_type.len(), 6, "not explained: six types");
+        profile.sites[0].resident_bytes = Some(8192);
+        profile.sites[1].resident_bytes = Some(0);
+        let p = decode(&render(&profile).unwrap());
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        assert_eq!(p.sample_type.len(), 7);
+        assert_eq!(
+            (s(p.sample_type[6].r#type), s(p.sample_type[6].unit)),
+            RESIDENT_TYPE
+        );
+        assert_eq!(s(p.default_sample_type), "inuse_space");
+        assert!(p.sample.iter().all(|x| x.value.len() == 7));
+        assert_eq!(p.sample[0].value[6], 8192);
+        assert_eq!(p.sample[0].value[3], 21000);
     }
 }
