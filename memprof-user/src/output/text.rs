@@ -588,7 +588,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("r2 0.00), 48 B resident\n"), "{text}");
+        assert!(
+            text.contains("unknown: fewer than 5 samples, 48 B resident\n"),
+            "{text}"
+        );
     }
 
     #[test]
