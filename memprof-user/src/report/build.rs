@@ -167,6 +167,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         processes: None,
         unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
+        python: None,
     }
 }
 
@@ -431,6 +432,7 @@ pub fn process_report(
         leak_detected,
         leak_groups,
         leaks,
+        python: None,
     }
 }
 

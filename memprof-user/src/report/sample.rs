@@ -213,5 +213,6 @@ pub(crate) fn report(
         processes: None,
         unwind: None,
         forgotten: Default::default(),
+        python: None,
     }
 }

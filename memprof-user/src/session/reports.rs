@@ -66,6 +66,7 @@ impl Session {
         self.settle();
         let inputs = self.inputs(monotonic_ns());
         let mut report = report::snapshot(&inputs);
+        report.python = self.python_status(self.pid);
         if self.settings.per_process {
             let mut processes: Vec<_> = self
                 .procs
@@ -86,7 +87,9 @@ impl Session {
                         },
                         growth_bytes_per_s: p.growth_bytes_per_s(),
                     };
-                    report::process_report(&inputs, &info, self.table.process(*pid))
+                    let mut r = report::process_report(&inputs, &info, self.table.process(*pid));
+                    r.python = self.python_status(*pid);
+                    r
                 })
                 .collect();
             let outstanding = |p: &report::ProcessReport| {

@@ -1,15 +1,15 @@
 //! Finding CPython in a process: the mapped object that defines `_PyRuntime`, its load bias,
 //! its version and the layout to read it with.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::Path};
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
-use super::{DEBUG_OFFSETS_SIZE, DebugOffsets, Mem, PyOffsets, PyVersion, PythonError, Result};
-use crate::sys::maps::AddressSpace;
+use super::{
+    DEBUG_OFFSETS_SIZE, DebugOffsets, DebugOffsetsError, Mem, PyOffsets, PyVersion, PythonError,
+    Result,
+};
+use crate::sys::maps::{self, AddressSpace, Mapping};
 
 /// A CPython interpreter found in a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,9 +56,9 @@ pub fn detect(pid: u32) -> Result<PyProcess> {
         .map(|p| p.to_string_lossy().into_owned());
     let mut seen: Vec<&str> = Vec::new();
     // libpython before the executable: an executable linked against it does not define
-    // _PyRuntime, and one that embeds the interpreter (`python3.11` on Debian, uwsgi built
-    // statically) is found next.
-    let mut candidates: Vec<&str> = Vec::new();
+    // _PyRuntime, and one that embeds the interpreter (`python3.11` on Debian and 3.14 on,
+    // python-build-standalone's, uwsgi built statically) is found next.
+    let mut candidates: Vec<&Mapping> = Vec::new();
     for m in space.mappings() {
         if seen.contains(&m.path.as_str()) {
             continue;
@@ -66,23 +66,25 @@ pub fn detect(pid: u32) -> Result<PyProcess> {
         seen.push(&m.path);
         let base = file_name(&m.path);
         if base.starts_with("libpython") {
-            candidates.insert(0, &m.path);
+            candidates.insert(0, m);
         } else if base.contains("python") || exe.as_deref() == Some(m.path.as_str()) {
-            candidates.push(&m.path);
+            candidates.push(m);
         }
     }
-    for path in candidates {
-        let host = host_path(pid, path);
-        let Ok(data) = fs::read(&host) else { continue };
+    for m in candidates {
+        let path = m.path.as_str();
+        let Some((host, data)) = read_mapped(pid, m) else {
+            continue;
+        };
         let file = object::File::parse(&*data).map_err(|e| PythonError::Elf {
-            path: host.display().to_string(),
+            path: host.clone(),
             reason: e.to_string(),
         })?;
         let Some(symbols) = runtime_symbols(&file) else {
             continue;
         };
         let bias = load_bias(&file, &space, path).ok_or_else(|| PythonError::Elf {
-            path: host.display().to_string(),
+            path: host.clone(),
             reason: "no mapping of a loadable segment".into(),
         })?;
         return finish_detect(pid, path, bias, &symbols);
@@ -94,11 +96,11 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
     let mem = Mem::new(pid);
     let runtime = symbols.runtime.wrapping_add(bias);
     let mut head = [0u8; DEBUG_OFFSETS_SIZE];
-    let debug = mem
-        .read(runtime, &mut head)
-        .ok()
-        .and_then(|()| DebugOffsets::parse(&head));
-    let version = if let Some(d) = &debug {
+    let debug = match mem.read(runtime, &mut head) {
+        Ok(()) => DebugOffsets::parse(&head),
+        Err(_) => Err(DebugOffsetsError::NoCookie),
+    };
+    let version = if let Ok(d) = &debug {
         PyVersion::from_hex(d.version)
     } else if let Some(sym) = symbols.py_version {
         PyVersion::from_hex(u64::from(mem.u32(sym.wrapping_add(bias))?))
@@ -107,14 +109,37 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
             path: path.to_string(),
         })?
     };
-    let unsupported = PythonError::Unsupported { pid, version };
-    if version.major != 3 || debug.is_some_and(|d| d.free_threaded != 0) {
-        return Err(unsupported);
+    let unsupported = |reason: String| PythonError::Unsupported {
+        pid,
+        version,
+        reason,
+    };
+    if version.major != 3 || version.minor < 8 {
+        return Err(unsupported("memprof reads CPython 3.8 and later".into()));
     }
-    let table = PyOffsets::for_version(version.major, version.minor).ok_or(unsupported)?;
-    let offsets = match &debug {
-        Some(d) => table.with_debug_offsets(d),
-        None => table,
+    // A free-threaded build says so in its `_Py_DebugOffsets` (3.13t on), and its files are
+    // named `python3.14t`, `libpython3.14t.so`.
+    let named_free_threaded = file_name(path)
+        .strip_prefix("lib")
+        .unwrap_or(file_name(path))
+        .starts_with(&format!("python{}.{}t", version.major, version.minor));
+    if named_free_threaded || debug.as_ref().is_ok_and(|d| d.free_threaded != 0) {
+        return Err(unsupported(
+            "a free-threaded build (no GIL): its objects, frames and thread-local bytecode are \
+             laid out differently, and memprof reads only default builds"
+                .into(),
+        ));
+    }
+    let table = PyOffsets::for_version(version.major, version.minor);
+    let offsets = match (debug, table) {
+        (Ok(d), table) if version.minor >= 13 => PyOffsets::from_debug_offsets(&d, table),
+        (Err(e), _) if version.minor >= 13 => {
+            return Err(unsupported(format!(
+                "CPython 3.13 and later are read through the offsets they publish, and {e}"
+            )));
+        }
+        (_, Some(table)) => table,
+        (_, None) => return Err(unsupported("no layout known for this version".into())),
     };
     Ok(PyProcess {
         pid,
@@ -123,7 +148,7 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
         bias,
         runtime,
         code_type: symbols.code_type.map(|a| a.wrapping_add(bias)),
-        from_debug_offsets: debug.is_some(),
+        from_debug_offsets: version.minor >= 13,
         offsets,
         eval_loop: symbols
             .eval_loop
@@ -133,13 +158,47 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
     })
 }
 
+/// Most bytes of an object file read to find the interpreter's symbols: a libpython with its
+/// debug information is tens of MiB; the file belongs to the traced program.
+const MAX_OBJECT_BYTES: u64 = 512 << 20;
+
+/// The file at `path`, if it is no larger than [`MAX_OBJECT_BYTES`].
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    // Not blocking on a FIFO put where the file was, nor taking a terminal.
+    let file = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let len = meta.len();
+    if len > MAX_OBJECT_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{len} bytes, more than the {MAX_OBJECT_BYTES} memprof reads"
+        )));
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    file.take(MAX_OBJECT_BYTES).read_to_end(&mut data)?;
+    Ok(data)
+}
+
 pub(super) fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// The file behind a path of the process's mount namespace.
-fn host_path(pid: u32, path: &str) -> PathBuf {
-    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+/// The bytes of the file process `pid` maps at `m`, and the path they were read through: the
+/// process's own view of the mapping (`/proc/PID/map_files`, which works inside containers,
+/// chroots and for files replaced since), else the file `m.path` names where it is that very
+/// file, else `m.path` under the process's root.
+fn read_mapped(pid: u32, m: &Mapping) -> Option<(String, Vec<u8>)> {
+    let via = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let named = maps::file_of(pid, &m.path, &m.dev, m.inode);
+    [via, named]
+        .into_iter()
+        .find_map(|p| read_bounded(Path::new(&p)).ok().map(|data| (p, data)))
 }
 
 pub(super) fn runtime_symbols(file: &object::File<'_>) -> Option<RuntimeSymbols> {

@@ -7,7 +7,7 @@ use super::{
     FRAME_OWNED_BY_CSTACK, FRAME_OWNED_BY_GENERATOR, GLIBC_PTHREAD_TID, INSTR_LASTI_BYTES,
     INSTR_LASTI_UNITS, INSTR_POINTER, MAX_FRAMES, MAX_INTERPRETERS, MAX_STRING_BYTES,
     MAX_TABLE_BYTES, MAX_THREADS, Mem, NONE, PyFrame, PyProcess, PyThread, PythonError, Result,
-    detect, linetable310_line, lnotab_line, locations_line,
+    STACKREF_TAG_BITS, detect, linetable310_line, lnotab_line, locations_line,
 };
 
 /// What is cached of a code object.
@@ -132,7 +132,7 @@ impl Resolver {
         }
         let mut pairs = Vec::new();
         while frame != 0 && pairs.len() < MAX_FRAMES {
-            let code = self.mem.u64(frame + u64::from(o.frame_code))?;
+            let code = self.mem.u64(frame + u64::from(o.frame_code))? & !STACKREF_TAG_BITS;
             let instr = match o.instr_kind {
                 INSTR_POINTER => self.mem.u64(frame + u64::from(o.frame_instr))?,
                 _ => u64::from(self.mem.u32(frame + u64::from(o.frame_instr))?),
@@ -141,7 +141,7 @@ impl Resolver {
                 Some(a) => Some(self.mem.u8(a)?),
                 None => None,
             };
-            let shim = owner == Some(FRAME_OWNED_BY_CSTACK);
+            let shim = owner.is_some_and(|owner| owner >= FRAME_OWNED_BY_CSTACK);
             if !shim && self.is_code(code)? && !self.incomplete(code, instr, owner)? {
                 pairs.push((code, instr));
             }
@@ -279,7 +279,7 @@ impl Resolver {
         if addr == 0 {
             return Err(self.invalid("NULL string", addr));
         }
-        let len = self.mem.u64(addr + 16)?;
+        let len = self.mem.u64(addr + u64::from(o.unicode_length))?;
         let state = self.mem.u32(addr + u64::from(o.unicode_state))?;
         let kind = u64::from((state >> 2) & 7);
         let compact = (state >> 5) & 1 == 1;
