@@ -240,3 +240,241 @@ fn python_frames_on_native_allocations_by_pid() {
     check(&mut c, &r, fx, true);
     c.finish(|| run.context());
 }
+
+// --- CPython 3.14 and 3.15 in a container root ------------------------------------------------
+
+/// Where the Debian forky root with CPython 3.14 and 3.15 is kept between runs
+/// (`MEMPROF_FORKY_ROOT` picks another).
+const FORKY_ROOT: &str = "/var/cache/memprof-test/forky";
+/// The interpreters the root is built with.
+const FORKY_PYTHONS: &[&str] = &["python3.14", "python3.15"];
+
+/// A Debian forky root holding `python3.14` and `python3.15` (their executables embed
+/// libpython, as python-build-standalone's do), built with mmdebstrap on first use (about 2
+/// minutes, 320 MB; `cargo xtask setup` installs mmdebstrap) and reused after. It is built
+/// beside its final place and renamed there, so an interrupted build is never taken for one.
+/// The fixture script is copied into it at /opt/memprof-test.
+fn forky_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    require_root();
+    ROOT.get_or_init(|| {
+        let root = PathBuf::from(
+            std::env::var("MEMPROF_FORKY_ROOT").unwrap_or_else(|_| FORKY_ROOT.to_string()),
+        );
+        let complete = |r: &Path| {
+            FORKY_PYTHONS
+                .iter()
+                .all(|p| r.join("usr/bin").join(p).is_file())
+        };
+        if !complete(&root) {
+            let partial = root.with_extension("partial");
+            let _ = fs::remove_dir_all(&partial);
+            fs::create_dir_all(root.parent().unwrap()).unwrap();
+            let out = Command::new("mmdebstrap")
+                .args([
+                    "--variant=apt",
+                    "--aptopt=Acquire::Check-Valid-Until \"false\"",
+                    &format!("--include={}", FORKY_PYTHONS.join(",")),
+                    "forky",
+                ])
+                .arg(&partial)
+                .arg("http://deb.debian.org/debian")
+                .output()
+                .expect("mmdebstrap (cargo xtask setup installs it)");
+            assert!(
+                out.status.success() && complete(&partial),
+                "mmdebstrap failed to build the forky root: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = fs::remove_dir_all(&root);
+            fs::rename(&partial, &root).unwrap();
+        }
+        let dir = root.join("opt/memprof-test");
+        fs::create_dir_all(&dir).unwrap();
+        fs::copy(
+            Path::new(FIXTURE_SRC).join("pynative.py"),
+            dir.join("pynative.py"),
+        )
+        .unwrap();
+        root
+    })
+}
+
+/// The ctypes allocations of pynative.py run by `python` (`python3.14`) inside the forky root,
+/// without its extension module: exact bytes, the Python frames in order with their lines, the
+/// native frames of the call innermost, and the report's `python` status.
+fn check_forky(c: &mut Checks, r: &Value, python: &str) {
+    let text = fs::read_to_string(Path::new(FIXTURE_SRC).join("pynative.py")).unwrap();
+    let line_of =
+        |marker: &str| -> u64 { text.lines().position(|l| l.contains(marker)).unwrap() as u64 + 1 };
+    let (ctypes_line, deep_line, descend_line) = (
+        line_of("# LEAK_CTYPES_LINE"),
+        line_of("# LEAK_DEEP_LINE"),
+        line_of("# DESCEND_CALL_LINE"),
+    );
+    // The line that is exactly `text` (trimmed) of the script.
+    let exact =
+        |want: &str| -> u64 { text.lines().position(|l| l.trim() == want).unwrap() as u64 + 1 };
+    let status = &r["python"];
+    let minor = python.trim_start_matches("python");
+    c.check(
+        status["status"] == "ok"
+            && status["version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(&format!("{minor}.")))
+            && status["reason"] == "layout from the interpreter's _Py_DebugOffsets",
+        format!("python status: {status}"),
+    );
+    for (function, line, call, bytes, allocs) in [
+        (
+            "leak_via_ctypes",
+            ctypes_line,
+            "leak_via_ctypes(3)",
+            3333,
+            3,
+        ),
+        ("descend", deep_line, "descend(20)", 2468, 2),
+    ] {
+        let (total, frames) = python_site(r, function);
+        c.eq(
+            &format!("{python} {function}: bytes, allocs"),
+            total,
+            (bytes, allocs),
+        );
+        let mut want = vec![(function.to_string(), line)];
+        if function == "descend" {
+            want.extend(std::iter::repeat_n(
+                ("descend".to_string(), descend_line),
+                19,
+            ));
+        }
+        want.push(("main".to_string(), exact(call)));
+        want.push(("<module>".to_string(), exact("main()")));
+        c.eq(
+            &format!("{python} {function}: Python frames"),
+            python_frames(&frames),
+            want,
+        );
+        // Native innermost: libffi's call of malloc, then Python.
+        let first_py = frames.iter().position(|(k, _, _)| k == "python");
+        let ffi = frames.iter().position(|(_, f, _)| f == "ffi_call");
+        c.check(
+            frames.first().is_some_and(|(k, _, _)| k == "native")
+                && ffi.is_some_and(|at| first_py.is_some_and(|p| at < p)),
+            format!(
+                "{python} {function}: native frames (ffi_call) inside the Python ones: {frames:?}"
+            ),
+        );
+    }
+}
+
+fn forky_spawned(python: &str) {
+    let root = forky_root();
+    let run = run_trace(
+        &[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            "chroot",
+            root.to_str().unwrap(),
+            python,
+            "/opt/memprof-test/pynative.py",
+            "-",
+        ],
+        DEADLINE,
+    );
+    let r = final_report(&run);
+    let mut c = Checks::new(format!("{python} in a forky root, spawned"));
+    check_forky(&mut c, &r, python);
+    c.finish(|| run.context());
+}
+
+#[test]
+fn python_314_in_a_container_root_spawned() {
+    forky_spawned("python3.14");
+}
+
+#[test]
+fn python_315_in_a_container_root_spawned() {
+    forky_spawned("python3.15");
+}
+
+#[test]
+fn python_314_in_a_container_root_by_pid() {
+    let root = forky_root();
+    let mut target = Driven::start(
+        "python3.14 pynative.py --wait in a forky root",
+        Command::new("chroot").arg(root).args([
+            "python3.14",
+            "/opt/memprof-test/pynative.py",
+            "-",
+            "--wait",
+        ]),
+    );
+    let mp = attach(&target.proc, &["--duration", "60s"]);
+    target.go("done");
+    let run = mp.finish(DEADLINE);
+    let r = final_report(&run);
+    let mut c = Checks::new("python3.14 in a forky root, by pid");
+    check_forky(&mut c, &r, "python3.14");
+    c.finish(|| run.context());
+}
+
+/// An interpreter memprof does not read (pyenv's 3.7) gets a status line that says why, and
+/// its native allocations keep their native frames.
+#[test]
+fn python_unsupported_interpreter_says_why() {
+    require_root();
+    let python = "/root/.pyenv/versions/3.7.16/bin/python3.7";
+    let python = std::env::var("MEMPROF_TEST_PYTHON37").unwrap_or_else(|_| python.to_string());
+    assert!(Path::new(&python).is_file(), "no CPython 3.7 at {python}");
+    let run = run_trace(
+        &[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            &python,
+            "-c",
+            "import ctypes, time\n\
+             libc = ctypes.CDLL('libc.so.6')\n\
+             libc.malloc.restype = ctypes.c_void_p\n\
+             time.sleep(0.3)\n\
+             kept = [libc.malloc(43210) for _ in range(3)]\n\
+             time.sleep(0.5)\n",
+        ],
+        DEADLINE,
+    );
+    let r = final_report(&run);
+    let mut c = Checks::new("CPython 3.7: unsupported, said");
+    c.eq(
+        "python status",
+        r["python"]["status"].as_str(),
+        Some("unsupported"),
+    );
+    c.eq(
+        "python reason",
+        r["python"]["reason"].as_str(),
+        Some("memprof reads CPython 3.8 and later"),
+    );
+    let groups: Vec<&Value> = leaks(&r)
+        .iter()
+        .filter(|g| stack(g).iter().any(|f| frame_fn(f) == Some("ffi_call")))
+        .filter(|g| num(g, "bytes") % 43210 == 0)
+        .collect();
+    c.eq(
+        "the ctypes allocations: bytes",
+        groups.iter().map(|g| num(g, "bytes")).sum::<u64>(),
+        3 * 43210,
+    );
+    c.check(
+        groups.iter().all(|g| {
+            stack(g)
+                .iter()
+                .all(|f| f["kind"] == "native" || f["kind"] == "unknown")
+        }),
+        "native frames only",
+    );
+    c.finish(|| run.context());
+}
