@@ -80,9 +80,11 @@ pub fn detect(pid: u32) -> Result<PyProcess> {
             path: host.clone(),
             reason: e.to_string(),
         })?;
-        let Some(symbols) = runtime_symbols(&file) else {
+        let Some(mut symbols) = runtime_symbols(&file) else {
             continue;
         };
+        let split = split_parts(&file, &symbols.eval_loop);
+        symbols.eval_loop.extend(split);
         let bias = load_bias(&file, &space, path).ok_or_else(|| PythonError::Elf {
             path: host.clone(),
             reason: "no mapping of a loadable segment".into(),
@@ -232,6 +234,103 @@ pub(super) fn runtime_symbols(file: &object::File<'_>) -> Option<RuntimeSymbols>
         }
     }
     (found.runtime != 0).then_some(found)
+}
+
+/// Most parts of the eval loop kept, and most jump targets out of its named parts followed.
+const MAX_EVAL_PARTS: usize = 8;
+const MAX_SPLIT_TARGETS: usize = 64;
+/// Most bytes of the eval loop's named parts disassembled (3.11's is about 60 KiB).
+const MAX_EVAL_BYTES: u64 = 4 << 20;
+
+/// The parts of the eval loop a compiler split off (GCC's `_PyEval_EvalFrameDefault.cold`,
+/// where a build profiled for speed puts code it saw run rarely, and where the calls from
+/// Python into C can lie) that the symbol table does not name: a stripped executable, as
+/// distributions ship, keeps only the dynamic symbols, which name the entry part alone.
+/// Each is the `.eh_frame` entry that a direct jump from a named part (`parts`, link-time
+/// (address, size)) lands in, if that entry starts inside a frame: a function's own entry
+/// (where the caller's return address is all the stack holds: a tail call from the eval loop)
+/// is no part of it. Returns link-time (address, size) pairs not already in `parts`.
+pub(super) fn split_parts(file: &object::File<'_>, parts: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    use gimli::{BaseAddresses, CfaRule, EhFrame, LittleEndian, UnwindContext, UnwindSection as _};
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
+    use object::ObjectSection as _;
+
+    let inside = |list: &[(u64, u64)], a: u64| {
+        list.iter()
+            .any(|&(lo, size)| lo <= a && a < lo.saturating_add(size))
+    };
+    let mut targets: Vec<u64> = Vec::new();
+    for &(addr, size) in parts.iter().take(MAX_EVAL_PARTS) {
+        if size == 0 || size > MAX_EVAL_BYTES {
+            continue;
+        }
+        let Some(code) = file.sections().find_map(|sec| {
+            let end = sec.address().checked_add(sec.size())?;
+            if sec.address() <= addr && addr.checked_add(size)? <= end {
+                sec.data_range(addr, size).ok().flatten()
+            } else {
+                None
+            }
+        }) else {
+            continue;
+        };
+        let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+        for ins in decoder.iter() {
+            let branch = matches!(
+                ins.flow_control(),
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+            ) && ins.op0_kind() == OpKind::NearBranch64;
+            let target = ins.near_branch_target();
+            if branch && !inside(parts, target) && !targets.contains(&target) {
+                targets.push(target);
+                if targets.len() >= MAX_SPLIT_TARGETS {
+                    break;
+                }
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Vec::new();
+    }
+    let Some(eh) = file.section_by_name(".eh_frame") else {
+        return Vec::new();
+    };
+    let Ok(data) = eh.data() else {
+        return Vec::new();
+    };
+    let section = |name: &str| file.section_by_name(name).map_or(0, |s| s.address());
+    let bases = BaseAddresses::default()
+        .set_eh_frame(eh.address())
+        .set_text(section(".text"))
+        .set_got(section(".got"));
+    let eh_frame = EhFrame::new(data, LittleEndian);
+    let mut ctx = Box::new(UnwindContext::new());
+    let mut found: Vec<(u64, u64)> = Vec::new();
+    for target in targets {
+        if parts.len() + found.len() >= MAX_EVAL_PARTS {
+            break;
+        }
+        if inside(&found, target) {
+            continue;
+        }
+        let Ok(fde) = eh_frame.fde_for_address(&bases, target, EhFrame::cie_from_offset) else {
+            continue;
+        };
+        let start = fde.initial_address();
+        let Ok(row) = fde.unwind_info_for_address(&eh_frame, &bases, &mut ctx, start) else {
+            continue;
+        };
+        // At a function's entry the frame is the return address alone: CFA = rsp + 8, no
+        // register saved but the return address.
+        let entry = matches!(
+            row.cfa(),
+            CfaRule::RegisterAndOffset { register, offset: 8 } if *register == gimli::X86_64::RSP
+        ) && row.registers().all(|(r, _)| *r == gimli::X86_64::RA);
+        if !entry && !inside(parts, start) {
+            found.push((start, fde.len()));
+        }
+    }
+    found
 }
 
 /// Load bias of the object at `path` in the process: the start of one of its mappings minus the
