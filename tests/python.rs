@@ -411,6 +411,43 @@ fn python_315_in_a_container_root_spawned() {
     forky_spawned("python3.15");
 }
 
+/// A container of its own: new mount and pid namespaces with the forky root as their root, so
+/// the interpreter numbers its threads from 1 and names its files from that root.
+#[test]
+fn python_314_in_container_namespaces() {
+    let root = forky_root();
+    let run = run_trace(
+        &[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--mount-proc=/proc",
+            &format!("--root={}", root.display()),
+            "python3.14",
+            "/opt/memprof-test/pynative.py",
+            "-",
+        ],
+        DEADLINE,
+    );
+    let r = final_report(&run);
+    let mut c = Checks::new("python3.14 in mount and pid namespaces");
+    let processes = r["processes"].as_array().cloned().unwrap_or_default();
+    let python: Vec<&Value> = processes
+        .iter()
+        .filter(|p| p["comm"] == "python3.14")
+        .collect();
+    c.eq("python3.14 processes", python.len(), 1);
+    if let Some(p) = python.first() {
+        check_forky(&mut c, p, "python3.14");
+    }
+    c.finish(|| run.context());
+}
+
 #[test]
 fn python_314_in_a_container_root_by_pid() {
     let root = forky_root();
