@@ -296,14 +296,42 @@ fn forky_root() -> &'static Path {
             dir.join("pynative.py"),
         )
         .unwrap();
+        // A venv with its own copy of the interpreter (`--copies`, as on file systems without
+        // symbolic links), at a path and under a name of its own.
+        if !dir.join("venv315/bin/python").is_file() {
+            let out = Command::new("chroot")
+                .arg(&root)
+                .args([
+                    "python3.15",
+                    "-m",
+                    "venv",
+                    "--without-pip",
+                    "--copies",
+                    "/opt/memprof-test/venv315",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "venv: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         root
     })
 }
 
 /// The ctypes allocations of pynative.py run by `python` (`python3.14`) inside the forky root,
 /// without its extension module: exact bytes, the Python frames in order with their lines, the
-/// native frames of the call innermost, and the report's `python` status.
+/// native frames of the call innermost, the frame outside the Python ones, and the report's
+/// `python` status.
 fn check_forky(c: &mut Checks, r: &Value, python: &str) {
+    check_ctypes(c, r, python, true);
+}
+
+/// What [`check_forky`] checks, for `python` (`python3.11`); `forky`: Debian forky's build
+/// (3.14+: layout from `_Py_DebugOffsets`, PyEval_EvalCode just outside the Python frames).
+fn check_ctypes(c: &mut Checks, r: &Value, python: &str, forky: bool) {
     let text = fs::read_to_string(Path::new(FIXTURE_SRC).join("pynative.py")).unwrap();
     let line_of =
         |marker: &str| -> u64 { text.lines().position(|l| l.contains(marker)).unwrap() as u64 + 1 };
@@ -317,13 +345,22 @@ fn check_forky(c: &mut Checks, r: &Value, python: &str) {
         |want: &str| -> u64 { text.lines().position(|l| l.trim() == want).unwrap() as u64 + 1 };
     let status = &r["python"];
     let minor = python.trim_start_matches("python");
+    let from_debug_offsets = minor
+        .split_once('.')
+        .and_then(|(_, m)| m.parse::<u32>().ok())
+        .is_some_and(|m| m >= 13);
     c.check(
         status["status"] == "ok"
             && status["version"]
                 .as_str()
                 .is_some_and(|v| v.starts_with(&format!("{minor}.")))
-            && status["reason"] == "layout from the interpreter's _Py_DebugOffsets",
-        format!("python status: {status}"),
+            && status["reason"]
+                == if from_debug_offsets {
+                    "layout from the interpreter's _Py_DebugOffsets"
+                } else {
+                    "layout from memprof's table of the version"
+                },
+        format!("{python} status: {status}"),
     );
     for (function, line, call, bytes, allocs) in [
         (
@@ -369,6 +406,9 @@ fn check_forky(c: &mut Checks, r: &Value, python: &str) {
         // frames sit just outside the eval loop's native frame (in the part GCC split off,
         // which the stripped executable's symbols do not name) and inside PyEval_EvalCode.
         let last_py = frames.iter().rposition(|(k, _, _)| k == "python");
+        if !forky {
+            continue;
+        }
         c.eq(
             &format!("{python} {function}: the native frame outside the Python ones"),
             last_py
@@ -380,6 +420,11 @@ fn check_forky(c: &mut Checks, r: &Value, python: &str) {
 }
 
 fn forky_spawned(python: &str) {
+    forky_spawned_as(python, python);
+}
+
+/// pynative.py run by `program` inside the forky root, checked as CPython `python`.
+fn forky_spawned_as(program: &str, python: &str) {
     let root = forky_root();
     let run = run_trace(
         &[
@@ -389,14 +434,14 @@ fn forky_spawned(python: &str) {
             "--",
             "chroot",
             root.to_str().unwrap(),
-            python,
+            program,
             "/opt/memprof-test/pynative.py",
             "-",
         ],
         DEADLINE,
     );
     let r = final_report(&run);
-    let mut c = Checks::new(format!("{python} in a forky root, spawned"));
+    let mut c = Checks::new(format!("{program} in a forky root, spawned"));
     check_forky(&mut c, &r, python);
     c.finish(|| run.context());
 }
@@ -409,6 +454,11 @@ fn python_314_in_a_container_root_spawned() {
 #[test]
 fn python_315_in_a_container_root_spawned() {
     forky_spawned("python3.15");
+}
+
+#[test]
+fn python_315_venv_in_a_container_root_spawned() {
+    forky_spawned_as("/opt/memprof-test/venv315/bin/python", "python3.15");
 }
 
 /// A container of its own: new mount and pid namespaces with the forky root as their root, so
@@ -525,4 +575,41 @@ fn python_unsupported_interpreter_says_why() {
         "native frames only",
     );
     c.finish(|| run.context());
+}
+
+/// pyenv's CPython 3.8 to 3.13 (`/root/.pyenv/versions/3.X.*`), each attached to by pid while it
+/// waits: the same exact facts as on 3.14 and 3.15.
+#[test]
+fn python_38_to_313_by_pid() {
+    require_root();
+    let script = Path::new(FIXTURE_SRC).join("pynative.py");
+    let versions: Vec<PathBuf> = fs::read_dir("/root/.pyenv/versions")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for minor in 8..=13 {
+        let python = format!("python3.{minor}");
+        let Some(exe) = versions
+            .iter()
+            .filter(|v| {
+                v.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("3.{minor}.")))
+            })
+            .map(|v| v.join("bin").join(&python))
+            .find(|exe| exe.is_file())
+        else {
+            panic!("no pyenv CPython 3.{minor} under /root/.pyenv/versions");
+        };
+        let mut target = Driven::start(
+            &format!("{python} pynative.py - --wait"),
+            Command::new(&exe).arg(&script).args(["-", "--wait"]),
+        );
+        let mp = attach(&target.proc, &["--duration", "60s"]);
+        target.go("done");
+        let run = mp.finish(DEADLINE);
+        let r = final_report(&run);
+        let mut c = Checks::new(format!("{python} (pyenv), by pid"));
+        check_ctypes(&mut c, &r, &python, false);
+        c.finish(|| run.context());
+    }
 }
