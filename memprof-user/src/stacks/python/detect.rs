@@ -121,11 +121,7 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
     }
     // A free-threaded build says so in its `_Py_DebugOffsets` (3.13t on), and its files are
     // named `python3.14t`, `libpython3.14t.so`.
-    let named_free_threaded = file_name(path)
-        .strip_prefix("lib")
-        .unwrap_or(file_name(path))
-        .starts_with(&format!("python{}.{}t", version.major, version.minor));
-    if named_free_threaded || debug.as_ref().is_ok_and(|d| d.free_threaded != 0) {
+    if named_free_threaded(path, version) || debug.as_ref().is_ok_and(|d| d.free_threaded != 0) {
         return Err(unsupported(
             "a free-threaded build (no GIL): its objects, frames and thread-local bytecode are \
              laid out differently, and memprof reads only default builds"
@@ -234,6 +230,15 @@ pub(super) fn runtime_symbols(file: &object::File<'_>) -> Option<RuntimeSymbols>
         }
     }
     (found.runtime != 0).then_some(found)
+}
+
+/// Whether the object at `path` bears the name of a free-threaded build of `version`
+/// (`python3.14t`, `libpython3.14t.so.1.0`).
+fn named_free_threaded(path: &str, version: PyVersion) -> bool {
+    let name = file_name(path);
+    name.strip_prefix("lib")
+        .unwrap_or(name)
+        .starts_with(&format!("python{}.{}t", version.major, version.minor))
 }
 
 /// Most parts of the eval loop kept, and most jump targets out of its named parts followed.
@@ -349,4 +354,19 @@ fn load_bias(file: &object::File<'_>, space: &AddressSpace, path: &str) -> Optio
                 })
             })
         })
+}
+
+#[cfg(test)]
+mod detect_tests {
+    use super::*;
+
+    #[test]
+    fn free_threaded_names() {
+        let v = PyVersion::from_hex(0x030e_08f0);
+        assert!(named_free_threaded("/usr/bin/python3.14t", v));
+        assert!(named_free_threaded("/usr/lib/libpython3.14t.so.1.0", v));
+        assert!(!named_free_threaded("/usr/bin/python3.14", v));
+        assert!(!named_free_threaded("/usr/lib/libpython3.14.so.1.0", v));
+        assert!(!named_free_threaded("/opt/venv/bin/python", v));
+    }
 }
