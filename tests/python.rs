@@ -351,9 +351,10 @@ fn check_ctypes(c: &mut Checks, r: &Value, python: &str, forky: bool) {
         .is_some_and(|m| m >= 13);
     c.check(
         status["status"] == "ok"
+            // 3.8 to 3.10 tell no micro version but in their file names: `3.9`.
             && status["version"]
                 .as_str()
-                .is_some_and(|v| v.starts_with(&format!("{minor}.")))
+                .is_some_and(|v| v == minor || v.starts_with(&format!("{minor}.")))
             && status["reason"]
                 == if from_debug_offsets {
                     "layout from the interpreter's _Py_DebugOffsets"
@@ -550,6 +551,11 @@ fn python_unsupported_interpreter_says_why() {
         "python status",
         r["python"]["status"].as_str(),
         Some("unsupported"),
+    );
+    c.eq(
+        "python version",
+        r["python"]["version"].as_str(),
+        Some("3.7"),
     );
     c.eq(
         "python reason",

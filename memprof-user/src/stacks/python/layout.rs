@@ -17,6 +17,9 @@ pub struct PyVersion {
 }
 
 impl PyVersion {
+    /// `micro` of a version told from a file name: shown as `3.10`.
+    pub const MICRO_UNKNOWN: u8 = u8::MAX;
+
     /// From `PY_VERSION_HEX` (`Py_Version`, `_Py_DebugOffsets.version`): 0x030b07f0 is 3.11.7.
     pub fn from_hex(hex: u64) -> Self {
         Self {
@@ -27,7 +30,7 @@ impl PyVersion {
     }
 
     /// The version in a file name: `libpython3.11.so.1.0`, `python3.10`, `libpython3.8d.so`.
-    /// The micro version is unknown (0).
+    /// The micro version is unknown ([`PyVersion::MICRO_UNKNOWN`]).
     pub fn from_file_name(name: &str) -> Option<Self> {
         let at = name.find("python")? + "python".len();
         let rest = &name[at..];
@@ -36,14 +39,18 @@ impl PyVersion {
         Some(Self {
             major: major.parse().ok()?,
             minor: minor.parse().ok()?,
-            micro: 0,
+            micro: Self::MICRO_UNKNOWN,
         })
     }
 }
 
 impl std::fmt::Display for PyVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+        write!(f, "{}.{}", self.major, self.minor)?;
+        if self.micro != Self::MICRO_UNKNOWN {
+            write!(f, ".{}", self.micro)?;
+        }
+        Ok(())
     }
 }
 
@@ -881,15 +888,21 @@ mod tests {
             minor,
             micro,
         };
+        let unknown = PyVersion::MICRO_UNKNOWN;
         assert_eq!(
             PyVersion::from_file_name("libpython3.11.so.1.0"),
-            Some(v(3, 11, 0))
+            Some(v(3, 11, unknown))
         );
-        assert_eq!(PyVersion::from_file_name("python3.8"), Some(v(3, 8, 0)));
+        assert_eq!(
+            PyVersion::from_file_name("python3.8"),
+            Some(v(3, 8, unknown))
+        );
         assert_eq!(
             PyVersion::from_file_name("libpython3.7m.so.1.0"),
-            Some(v(3, 7, 0))
+            Some(v(3, 7, unknown))
         );
+        assert_eq!(v(3, 7, unknown).to_string(), "3.7");
+        assert_eq!(v(3, 14, 8).to_string(), "3.14.8");
         assert_eq!(PyVersion::from_file_name("python3"), None);
         assert_eq!(PyVersion::from_hex(0x030b07f0), v(3, 11, 7));
         assert_eq!(PyVersion::from_hex(0x030d00f0), v(3, 13, 0));
