@@ -311,17 +311,23 @@ pub(super) fn split_parts(file: &object::File<'_>, parts: &[(u64, u64)]) -> Vec<
     let eh_frame = EhFrame::new(data, LittleEndian);
     let mut ctx = Box::new(UnwindContext::new());
     let mut found: Vec<(u64, u64)> = Vec::new();
-    for target in targets {
-        if parts.len() + found.len() >= MAX_EVAL_PARTS {
+    // One pass over the entries (a lookup per target would parse them all each time).
+    let mut entries = eh_frame.entries(&bases);
+    while let Ok(Some(entry)) = entries.next() {
+        if parts.len() + found.len() >= MAX_EVAL_PARTS || targets.is_empty() {
             break;
         }
-        if inside(&found, target) {
-            continue;
-        }
-        let Ok(fde) = eh_frame.fde_for_address(&bases, target, EhFrame::cie_from_offset) else {
+        let gimli::CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let start = fde.initial_address();
+        let Ok(fde) = partial.parse(EhFrame::cie_from_offset) else {
+            continue;
+        };
+        let (start, end) = (fde.initial_address(), fde.end_address());
+        if start == 0 || !targets.iter().any(|&t| start <= t && t < end) {
+            continue;
+        }
+        targets.retain(|&t| !(start <= t && t < end));
         let Ok(row) = fde.unwind_info_for_address(&eh_frame, &bases, &mut ctx, start) else {
             continue;
         };
