@@ -83,8 +83,11 @@ pub fn detect(pid: u32) -> Result<PyProcess> {
         let Some(mut symbols) = runtime_symbols(&file) else {
             continue;
         };
-        let split = split_parts(&file, &symbols.eval_loop);
-        symbols.eval_loop.extend(split);
+        // Only a file without a symbol table (stripped) hides the split-off parts' names.
+        if file.symbols().next().is_none() {
+            let split = split_parts(&file, &symbols.eval_loop);
+            symbols.eval_loop.extend(split);
+        }
         let bias = load_bias(&file, &space, path).ok_or_else(|| PythonError::Elf {
             path: host.clone(),
             reason: "no mapping of a loadable segment".into(),
