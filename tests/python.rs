@@ -2,10 +2,15 @@
 //! real eBPF and the machine's CPython: allocations made through ctypes (libffi) and through a
 //! C extension module built here carry the Python functions and lines that made them, with
 //! exact bytes, when memprof spawns the interpreter and when it attaches to it by pid, with
-//! frame-pointer and with CFI unwinding.
+//! frame-pointer and with CFI unwinding. The same ctypes allocations are checked on pyenv's
+//! CPython 3.8 to 3.13 and on Debian forky's 3.14 and 3.15 inside a root of their own
+//! (chroot; mount and pid namespaces; a venv), and an interpreter memprof does not read
+//! (3.7) must say so in the report's `python` status.
 //!
-//! Fixtures: tests/fixtures/pynative.py and pyleak.c. Needs root, `cc`, and a python3 with its
-//! headers (`MEMPROF_TEST_PYTHON` picks another interpreter):
+//! Fixtures: tests/fixtures/pynative.py and pyleak.c. Needs root, `cc`, a python3 with its
+//! headers (`MEMPROF_TEST_PYTHON` picks another interpreter), pyenv's 3.7 to 3.13 under
+//! /root/.pyenv/versions, and mmdebstrap (`cargo xtask setup`) for the forky root, which the
+//! first test that needs it builds under /var/cache/memprof-test/forky (`MEMPROF_FORKY_ROOT`):
 //! `cargo test --release -p memprof-user --test python -- --test-threads=1`.
 
 mod common;
