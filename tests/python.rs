@@ -2,11 +2,16 @@
 //! real eBPF and the machine's CPython: allocations made through ctypes (libffi) and through a
 //! C extension module built here carry the Python functions and lines that made them, with
 //! exact bytes, when memprof spawns the interpreter and when it attaches to it by pid, with
-//! frame-pointer and with CFI unwinding; and phases named by Python function
-//! (`--phase NAME=py:QUALNAME`), every number exact, spawned and by pid in a thread.
+//! frame-pointer and with CFI unwinding. The same ctypes allocations are checked on pyenv's
+//! CPython 3.8 to 3.13 and on Debian forky's 3.14 and 3.15 inside a root of their own
+//! (chroot; mount and pid namespaces; a venv), and an interpreter memprof does not read
+//! (3.7) must say so in the report's `python` status. Phases named by Python function
+//! (`--phase NAME=py:QUALNAME`): every number exact, spawned and by pid in a thread.
 //!
-//! Fixtures: tests/fixtures/pynative.py, pyleak.c and pyphases.py. Needs root, `cc`, and a python3 with its
-//! headers (`MEMPROF_TEST_PYTHON` picks another interpreter):
+//! Fixtures: tests/fixtures/pynative.py, pyleak.c and pyphases.py. Needs root, `cc`, a python3
+//! with its headers (`MEMPROF_TEST_PYTHON` picks another interpreter), pyenv's 3.7 to 3.13 under
+//! /root/.pyenv/versions, and mmdebstrap (`cargo xtask setup`) for the forky root, which the
+//! first test that needs it builds under /var/cache/memprof-test/forky (`MEMPROF_FORKY_ROOT`):
 //! `cargo test --release -p memprof-user --test python -- --test-threads=1`.
 
 mod common;
@@ -534,4 +539,383 @@ fn python_builds_trend_finds_the_leaking_function() {
     let (lax, _, _) = trend(&["--fail-on-growth", "4100"]);
     c.eq("--fail-on-growth 4100: exit status", lax, Some(0));
     c.finish(|| format!("{stdout}\n{stderr}"));
+}
+
+// --- CPython 3.14 and 3.15 in a container root ------------------------------------------------
+
+/// Where the Debian forky root with CPython 3.14 and 3.15 is kept between runs
+/// (`MEMPROF_FORKY_ROOT` picks another).
+const FORKY_ROOT: &str = "/var/cache/memprof-test/forky";
+/// The interpreters the root is built with.
+const FORKY_PYTHONS: &[&str] = &["python3.14", "python3.15"];
+
+/// A Debian forky root holding `python3.14` and `python3.15` (their executables embed
+/// libpython, as python-build-standalone's do), built with mmdebstrap on first use (about 2
+/// minutes, 320 MB; `cargo xtask setup` installs mmdebstrap) and reused after. It is built
+/// beside its final place and renamed there, so an interrupted build is never taken for one.
+/// The fixture script is copied into it at /opt/memprof-test.
+fn forky_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    require_root();
+    ROOT.get_or_init(|| {
+        let root = PathBuf::from(
+            std::env::var("MEMPROF_FORKY_ROOT").unwrap_or_else(|_| FORKY_ROOT.to_string()),
+        );
+        let complete = |r: &Path| {
+            FORKY_PYTHONS
+                .iter()
+                .all(|p| r.join("usr/bin").join(p).is_file())
+        };
+        if !complete(&root) {
+            let partial = root.with_extension("partial");
+            let _ = fs::remove_dir_all(&partial);
+            fs::create_dir_all(root.parent().unwrap()).unwrap();
+            let out = Command::new("mmdebstrap")
+                .args([
+                    "--variant=apt",
+                    "--aptopt=Acquire::Check-Valid-Until \"false\"",
+                    &format!("--include={}", FORKY_PYTHONS.join(",")),
+                    "forky",
+                ])
+                .arg(&partial)
+                .arg("http://deb.debian.org/debian")
+                .output()
+                .expect("mmdebstrap (cargo xtask setup installs it)");
+            assert!(
+                out.status.success() && complete(&partial),
+                "mmdebstrap failed to build the forky root: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = fs::remove_dir_all(&root);
+            fs::rename(&partial, &root).unwrap();
+        }
+        let dir = root.join("opt/memprof-test");
+        fs::create_dir_all(&dir).unwrap();
+        fs::copy(
+            Path::new(FIXTURE_SRC).join("pynative.py"),
+            dir.join("pynative.py"),
+        )
+        .unwrap();
+        // A venv with its own copy of the interpreter (`--copies`, as on file systems without
+        // symbolic links), at a path and under a name of its own.
+        if !dir.join("venv315/bin/python").is_file() {
+            let out = Command::new("chroot")
+                .arg(&root)
+                .args([
+                    "python3.15",
+                    "-m",
+                    "venv",
+                    "--without-pip",
+                    "--copies",
+                    "/opt/memprof-test/venv315",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "venv: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        root
+    })
+}
+
+/// The ctypes allocations of pynative.py run by `python` (`python3.14`) inside the forky root,
+/// without its extension module: exact bytes, the Python frames in order with their lines, the
+/// native frames of the call innermost, the frame outside the Python ones, and the report's
+/// `python` status.
+fn check_forky(c: &mut Checks, r: &Value, python: &str) {
+    check_ctypes(c, r, python, true);
+}
+
+/// What [`check_forky`] checks, for `python` (`python3.11`); `forky`: Debian forky's build
+/// (3.14+: layout from `_Py_DebugOffsets`, PyEval_EvalCode just outside the Python frames).
+fn check_ctypes(c: &mut Checks, r: &Value, python: &str, forky: bool) {
+    let text = fs::read_to_string(Path::new(FIXTURE_SRC).join("pynative.py")).unwrap();
+    let line_of =
+        |marker: &str| -> u64 { text.lines().position(|l| l.contains(marker)).unwrap() as u64 + 1 };
+    let (ctypes_line, deep_line, descend_line) = (
+        line_of("# LEAK_CTYPES_LINE"),
+        line_of("# LEAK_DEEP_LINE"),
+        line_of("# DESCEND_CALL_LINE"),
+    );
+    // The line that is exactly `text` (trimmed) of the script.
+    let exact =
+        |want: &str| -> u64 { text.lines().position(|l| l.trim() == want).unwrap() as u64 + 1 };
+    let status = &r["python"];
+    let minor = python.trim_start_matches("python");
+    let from_debug_offsets = minor
+        .split_once('.')
+        .and_then(|(_, m)| m.parse::<u32>().ok())
+        .is_some_and(|m| m >= 13);
+    c.check(
+        status["status"] == "ok"
+            // 3.8 to 3.10 tell no micro version but in their file names: `3.9`.
+            && status["version"]
+                .as_str()
+                .is_some_and(|v| v == minor || v.starts_with(&format!("{minor}.")))
+            && status["reason"]
+                == if from_debug_offsets {
+                    "layout from the interpreter's _Py_DebugOffsets"
+                } else {
+                    "layout from memprof's table of the version"
+                },
+        format!("{python} status: {status}"),
+    );
+    for (function, line, call, bytes, allocs) in [
+        (
+            "leak_via_ctypes",
+            ctypes_line,
+            "leak_via_ctypes(3)",
+            3333,
+            3,
+        ),
+        ("descend", deep_line, "descend(20)", 2468, 2),
+    ] {
+        let (total, frames) = python_site(r, function);
+        c.eq(
+            &format!("{python} {function}: bytes, allocs"),
+            total,
+            (bytes, allocs),
+        );
+        let mut want = vec![(function.to_string(), line)];
+        if function == "descend" {
+            want.extend(std::iter::repeat_n(
+                ("descend".to_string(), descend_line),
+                19,
+            ));
+        }
+        want.push(("main".to_string(), exact(call)));
+        want.push(("<module>".to_string(), exact("main()")));
+        c.eq(
+            &format!("{python} {function}: Python frames"),
+            python_frames(&frames),
+            want,
+        );
+        // Native innermost: libffi's call of malloc, then Python.
+        let first_py = frames.iter().position(|(k, _, _)| k == "python");
+        let ffi = frames.iter().position(|(_, f, _)| f == "ffi_call");
+        c.check(
+            frames.first().is_some_and(|(k, _, _)| k == "native")
+                && ffi.is_some_and(|at| first_py.is_some_and(|p| at < p)),
+            format!(
+                "{python} {function}: native frames (ffi_call) inside the Python ones: {frames:?}"
+            ),
+        );
+        // All of them ran in one call of the eval loop, which PyEval_EvalCode made: the Python
+        // frames sit just outside the eval loop's native frame (in the part GCC split off,
+        // which the stripped executable's symbols do not name) and inside PyEval_EvalCode.
+        let last_py = frames.iter().rposition(|(k, _, _)| k == "python");
+        if !forky {
+            continue;
+        }
+        c.eq(
+            &format!("{python} {function}: the native frame outside the Python ones"),
+            last_py
+                .and_then(|p| frames.get(p + 1))
+                .map(|(_, f, _)| f.as_str()),
+            Some("PyEval_EvalCode"),
+        );
+    }
+}
+
+fn forky_spawned(python: &str) {
+    forky_spawned_as(python, python);
+}
+
+/// pynative.py run by `program` inside the forky root, checked as CPython `python`.
+fn forky_spawned_as(program: &str, python: &str) {
+    let root = forky_root();
+    let run = run_trace(
+        &[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            "chroot",
+            root.to_str().unwrap(),
+            program,
+            "/opt/memprof-test/pynative.py",
+            "-",
+        ],
+        DEADLINE,
+    );
+    let r = final_report(&run);
+    let mut c = Checks::new(format!("{program} in a forky root, spawned"));
+    check_forky(&mut c, &r, python);
+    c.finish(|| run.context());
+}
+
+#[test]
+fn python_314_in_a_container_root_spawned() {
+    forky_spawned("python3.14");
+}
+
+#[test]
+fn python_315_in_a_container_root_spawned() {
+    forky_spawned("python3.15");
+}
+
+#[test]
+fn python_315_venv_in_a_container_root_spawned() {
+    forky_spawned_as("/opt/memprof-test/venv315/bin/python", "python3.15");
+}
+
+/// A container of its own: new mount and pid namespaces with the forky root as their root, so
+/// the interpreter numbers its threads from 1 and names its files from that root.
+#[test]
+fn python_314_in_container_namespaces() {
+    let root = forky_root();
+    let run = run_trace(
+        &[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--mount-proc=/proc",
+            &format!("--root={}", root.display()),
+            "python3.14",
+            "/opt/memprof-test/pynative.py",
+            "-",
+        ],
+        DEADLINE,
+    );
+    let r = final_report(&run);
+    let mut c = Checks::new("python3.14 in mount and pid namespaces");
+    let processes = r["processes"].as_array().cloned().unwrap_or_default();
+    let python: Vec<&Value> = processes
+        .iter()
+        .filter(|p| p["comm"] == "python3.14")
+        .collect();
+    c.eq("python3.14 processes", python.len(), 1);
+    if let Some(p) = python.first() {
+        check_forky(&mut c, p, "python3.14");
+    }
+    c.finish(|| run.context());
+}
+
+#[test]
+fn python_314_in_a_container_root_by_pid() {
+    let root = forky_root();
+    let mut target = Driven::start(
+        "python3.14 pynative.py --wait in a forky root",
+        Command::new("chroot").arg(root).args([
+            "python3.14",
+            "/opt/memprof-test/pynative.py",
+            "-",
+            "--wait",
+        ]),
+    );
+    let mp = attach(&target.proc, &["--duration", "60s"]);
+    target.go("done");
+    let run = mp.finish(DEADLINE);
+    let r = final_report(&run);
+    let mut c = Checks::new("python3.14 in a forky root, by pid");
+    check_forky(&mut c, &r, "python3.14");
+    c.finish(|| run.context());
+}
+
+/// An interpreter memprof does not read (pyenv's 3.7) gets a status line that says why, and
+/// its native allocations keep their native frames.
+#[test]
+fn python_unsupported_interpreter_says_why() {
+    require_root();
+    let python = "/root/.pyenv/versions/3.7.16/bin/python3.7";
+    let python = std::env::var("MEMPROF_TEST_PYTHON37").unwrap_or_else(|_| python.to_string());
+    assert!(Path::new(&python).is_file(), "no CPython 3.7 at {python}");
+    let run = run_trace(
+        &[
+            "--json",
+            "--duration",
+            "60s",
+            "--",
+            &python,
+            "-c",
+            "import ctypes, time\n\
+             libc = ctypes.CDLL('libc.so.6')\n\
+             libc.malloc.restype = ctypes.c_void_p\n\
+             time.sleep(0.3)\n\
+             kept = [libc.malloc(43210) for _ in range(3)]\n\
+             time.sleep(0.5)\n",
+        ],
+        DEADLINE,
+    );
+    let r = final_report(&run);
+    let mut c = Checks::new("CPython 3.7: unsupported, said");
+    c.eq(
+        "python status",
+        r["python"]["status"].as_str(),
+        Some("unsupported"),
+    );
+    c.eq(
+        "python version",
+        r["python"]["version"].as_str(),
+        Some("3.7"),
+    );
+    c.eq(
+        "python reason",
+        r["python"]["reason"].as_str(),
+        Some("memprof reads CPython 3.8 and later"),
+    );
+    let groups: Vec<&Value> = leaks(&r)
+        .iter()
+        .filter(|g| stack(g).iter().any(|f| frame_fn(f) == Some("ffi_call")))
+        .filter(|g| num(g, "bytes").is_multiple_of(43210))
+        .collect();
+    c.eq(
+        "the ctypes allocations: bytes",
+        groups.iter().map(|g| num(g, "bytes")).sum::<u64>(),
+        3 * 43210,
+    );
+    c.check(
+        groups.iter().all(|g| {
+            stack(g)
+                .iter()
+                .all(|f| f["kind"] == "native" || f["kind"] == "unknown")
+        }),
+        "native frames only",
+    );
+    c.finish(|| run.context());
+}
+
+/// pyenv's CPython 3.8 to 3.13 (`/root/.pyenv/versions/3.X.*`), each attached to by pid while it
+/// waits: the same exact facts as on 3.14 and 3.15.
+#[test]
+fn python_38_to_313_by_pid() {
+    require_root();
+    let script = Path::new(FIXTURE_SRC).join("pynative.py");
+    let versions: Vec<PathBuf> = fs::read_dir("/root/.pyenv/versions")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for minor in 8..=13 {
+        let python = format!("python3.{minor}");
+        let Some(exe) = versions
+            .iter()
+            .filter(|v| {
+                v.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("3.{minor}.")))
+            })
+            .map(|v| v.join("bin").join(&python))
+            .find(|exe| exe.is_file())
+        else {
+            panic!("no pyenv CPython 3.{minor} under /root/.pyenv/versions");
+        };
+        let mut target = Driven::start(
+            &format!("{python} pynative.py - --wait"),
+            Command::new(&exe).arg(&script).args(["-", "--wait"]),
+        );
+        let mp = attach(&target.proc, &["--duration", "60s"]);
+        target.go("done");
+        let run = mp.finish(DEADLINE);
+        let r = final_report(&run);
+        let mut c = Checks::new(format!("{python} (pyenv), by pid"));
+        check_ctypes(&mut c, &r, &python, false);
+        c.finish(|| run.context());
+    }
 }

@@ -87,8 +87,15 @@ impl PyWalk {
 /// An absent field in [`PyWalk`].
 pub const PY_NONE: u32 = u32::MAX;
 
-/// `_PyInterpreterFrame.owner` of a shim frame of the C stack (3.12+).
+/// `_PyInterpreterFrame.owner` of the shim frame each call of the eval loop pushes (3.12+:
+/// `FRAME_OWNED_BY_CSTACK`, `FRAME_OWNED_BY_INTERPRETER` from 3.14, both 3); owners above it
+/// are no Python frames either.
 pub const PY_FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+/// Low bits of `_PyInterpreterFrame.f_executable` that tag the reference in 3.14+ (a
+/// `_PyStackRef`, `Py_TAG_BITS`): cleared to get the code object (objects are 8-byte aligned,
+/// so clearing them changes nothing before 3.14).
+pub const PY_STACKREF_TAG_BITS: u64 = 3;
 
 /// The Python frames of one allocation as the `PY_STACKS` map stores them: (code object
 /// address, instruction field) pairs, innermost first, keyed by a hash of the pairs.

@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use memprof_common::{
     Counter, DEFAULT_STACK_ENTRIES, MAX_PY_FRAMES, NO_STACK, PY_ENTRY, PY_FRAME_COPY,
-    PY_FRAME_OWNED_BY_CSTACK, PY_LINE_TAG_MASK, PY_NONE, PyStack, PyWalk, py_line_tag,
+    PY_FRAME_OWNED_BY_CSTACK, PY_LINE_TAG_MASK, PY_NONE, PY_STACKREF_TAG_BITS, PyStack, PyWalk,
+    py_line_tag,
 };
 
 use crate::{emit::count, stack::copy_stack};
@@ -183,15 +184,17 @@ pub fn py_frame(frame: u64, i: u64) -> u64 {
     };
     // SAFETY: as above.
     let bytes = unsafe { &(*copy).bytes };
-    let code = frame_field::<u64>(bytes, at + walk.frame_code);
+    // 3.14+ tag the low bits of `f_executable` (a `_PyStackRef`).
+    let code = frame_field::<u64>(bytes, at + walk.frame_code) & !PY_STACKREF_TAG_BITS;
     let instr = if walk.instr_is_pointer != 0 {
         frame_field::<u64>(bytes, at + walk.frame_instr)
     } else {
         u64::from(frame_field::<u32>(bytes, at + walk.frame_instr))
     };
-    // Shim frames of the C stack are recorded as code 0 and dropped by the agent.
+    // Shim frames (the eval loop's entry frame, owner 3 in 3.12+; owners above are no Python
+    // frames either) are recorded as code 0: the agent splits calls of the eval loop there.
     let shim = walk.frame_owner != PY_NONE
-        && frame_field::<u8>(bytes, at + walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
+        && frame_field::<u8>(bytes, at + walk.frame_owner) >= PY_FRAME_OWNED_BY_CSTACK;
     let code = if shim { 0 } else { code };
     // The code's first line, so that a code object freed before the agent reads it is not
     // taken for the one that took its place.

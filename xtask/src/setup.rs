@@ -24,7 +24,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// tcmalloc, mimalloc, musl), the distribution's own programs the stack tests trace as they
 /// ship, without frame pointers (sqlite3, python3), the bench's real workload and reference
 /// tracer (redis-server under redis-benchmark from redis-tools, heaptrack), and what the
-/// naming tests make debug files and MiniDebugInfo with (binutils' objcopy, strip and nm; xz).
+/// naming tests make debug files and MiniDebugInfo with (binutils' objcopy, strip and nm; xz),
+/// and mmdebstrap, with which the Python tests build (once, then cached) a Debian forky root
+/// holding CPython 3.14 and 3.15.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -50,6 +52,7 @@ const APT_PACKAGES: &[&str] = &[
     "heaptrack",
     "binutils",
     "xz-utils",
+    "mmdebstrap",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";

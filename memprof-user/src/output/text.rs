@@ -180,6 +180,18 @@ pub fn render(r: &Report) -> String {
     if let Some(u) = &r.unwind {
         unwind_line(&mut out, u);
     }
+    if let Some(py) = &r.python {
+        let version = py.version.as_deref().unwrap_or("(version unknown)");
+        let _ = if py.is_ok() {
+            writeln!(out, "  python       CPython {version}: Python frames read")
+        } else {
+            writeln!(
+                out,
+                "  python       CPython {version}: no Python frames ({}): {}",
+                py.status, py.reason
+            )
+        };
+    }
     if !r.probe_stats.is_empty() {
         let programs: Vec<String> = r
             .probe_stats

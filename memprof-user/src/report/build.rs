@@ -219,6 +219,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         processes: None,
         unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
+        python: None,
     }
 }
 
@@ -599,6 +600,7 @@ pub fn process_report(
         leak_detected,
         leak_groups,
         leaks,
+        python: None,
     }
 }
 

@@ -16,7 +16,7 @@ pub use crate::{
         recommend::Recommendation, rss::RssExplained, tracking::PhaseReport,
     },
     probe::{KernelLosses, ProbeStat},
-    stacks::Frame,
+    stacks::{Frame, python::PythonStatus},
     table::{HeapTotals, MmapTotals},
 };
 
@@ -262,6 +262,10 @@ pub struct Report {
     /// Present when a long trace forgot exited processes or idle call sites.
     #[serde(skip_serializing_if = "Forgotten::is_none")]
     pub forgotten: Forgotten,
+    /// Present when the process runs CPython: whether its Python frames are read, and if not
+    /// why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonStatus>,
 }
 
 /// How a sampled trace was sampled, and how far its estimates may be from the exact values.
@@ -328,6 +332,9 @@ pub struct ProcessReport {
     pub leak_detected: bool,
     pub leak_groups: usize,
     pub leaks: Vec<Leak>,
+    /// Present when it runs CPython (see [`Report::python`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonStatus>,
 }
 
 /// One call-site group: every allocation made at one symbolized stack through one allocator.

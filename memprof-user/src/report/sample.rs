@@ -241,5 +241,6 @@ pub(crate) fn report(
         processes: None,
         unwind: None,
         forgotten: Default::default(),
+        python: None,
     }
 }

@@ -7,7 +7,7 @@ use super::Session;
 use crate::{
     stacks::{
         mixed::{python_groups, python_key, python_places, python_position},
-        python::{self, PyFrame, Resolver},
+        python::{self, PyFrame, PythonError, PythonStatus, Resolver},
     },
     sys::clock::monotonic_ns,
 };
@@ -18,15 +18,26 @@ pub(super) struct PyState {
     pub(super) resolver: Option<Resolver>,
     /// Detection attempts so far (the interpreter may not be mapped or initialized yet).
     tries: u32,
+    /// The interpreter was found but cannot be read: detection stops.
+    given_up: bool,
     last_scan_ns: u64,
     /// A look was asked for within `RESCAN_NS` of the last one: due at the next drain tick
     /// (a thread that allocates once and then waits is registered before it runs on).
     deferred: bool,
     /// Threads registered with the kernel program: tid -> thread state.
     pub(super) tids: std::collections::HashMap<u32, u64>,
+    /// Whether its Python frames are read, and if not why (the report's `python`); `None`
+    /// while it is not known to run CPython.
+    pub(super) status: Option<PythonStatus>,
 }
 
 impl Session {
+    /// Whether process `pid`'s Python frames are read, and if not why (`None` while it is not
+    /// known to run CPython).
+    pub(super) fn python_status(&self, pid: u32) -> Option<PythonStatus> {
+        self.pythons.get(&pid).and_then(|s| s.status.clone())
+    }
+
     /// The stack key of an allocation: the native stack `native`, or, when the thread ran
     /// Python (`py` names its frames in the kernel's map), a stack with those Python frames
     /// in their places: each call of the eval loop's frames just outside that call's native
@@ -137,9 +148,30 @@ impl Session {
         state.last_scan_ns = now;
         state.deferred = false;
         if state.resolver.is_none() {
-            state.tries = state.tries.saturating_add(1);
-            let Ok(resolver) = Resolver::new(tgid) else {
+            if state.given_up
+                || state
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.status == "unsupported")
+            {
                 return;
+            }
+            state.tries = state.tries.saturating_add(1);
+            let resolver = match Resolver::new(tgid) {
+                Ok(resolver) => resolver,
+                Err(err) => {
+                    // Not CPython (yet: a command memprof started may not have mapped its
+                    // interpreter); anything else is said in the report.
+                    if !matches!(err, PythonError::NotPython { .. }) {
+                        state.status = PythonStatus::of_error(&err);
+                    }
+                    return;
+                }
+            };
+            let status = |reason: &str| PythonStatus {
+                version: Some(resolver.process.version.to_string()),
+                status: "unreadable",
+                reason: reason.to_string(),
             };
             let o = resolver.process.offsets;
             let mut walk = memprof_common::PyWalk {
@@ -163,12 +195,22 @@ impl Session {
                 code_firstlineno: o.code_firstlineno,
             };
             let Some(span) = walk.span_of_frame_fields() else {
+                state.status = Some(status(&format!(
+                    "the frame fields it publishes lie beyond the {} bytes the kernel program \
+                     reads per frame",
+                    memprof_common::PY_FRAME_COPY
+                )));
+                state.given_up = true;
                 return;
             };
             walk.frame_span = span;
-            if self.tracer.set_python(tgid, walk).is_err() {
+            if let Err(e) = self.tracer.set_python(tgid, walk) {
+                state.status = Some(status(&format!(
+                    "the kernel program's table of CPython processes refused it: {e:#}"
+                )));
                 return;
             }
+            state.status = Some(PythonStatus::ok(&resolver.process));
             state.resolver = Some(resolver);
         }
         let Some(resolver) = &mut state.resolver else {

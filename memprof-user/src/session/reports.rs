@@ -80,6 +80,7 @@ impl Session {
         self.scan_residency();
         let inputs = self.inputs(monotonic_ns());
         let mut report = report::snapshot(&inputs);
+        report.python = self.python_status(self.pid);
         if self.settings.per_process {
             let mut processes: Vec<_> = self
                 .procs
@@ -100,7 +101,9 @@ impl Session {
                         },
                         growth: p.growth(),
                     };
-                    report::process_report(&inputs, &info, self.table.process(*pid))
+                    let mut r = report::process_report(&inputs, &info, self.table.process(*pid));
+                    r.python = self.python_status(*pid);
+                    r
                 })
                 .collect();
             let outstanding = |p: &report::ProcessReport| {

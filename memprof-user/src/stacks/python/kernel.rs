@@ -27,16 +27,23 @@ impl Resolver {
     /// The [`PyKernelConfig`] of this process (reads the `autoTSSkey` key from it).
     pub fn kernel_config(&self) -> Result<PyKernelConfig> {
         let o = &self.process.offsets;
-        let tss = self.process.runtime + u64::from(o.runtime_tss_key);
-        let initialized = self.mem.u32(tss)?;
-        let key = self.mem.u32(tss + 4)?;
+        // 3.14 on publish no `autoTSSkey` offset: the kernel finds thread states by thread id.
+        let tss_key = match o.runtime_tss_key {
+            NONE => NONE,
+            off => {
+                let tss = self.process.runtime + u64::from(off);
+                let initialized = self.mem.u32(tss)?;
+                let key = self.mem.u32(tss + 4)?;
+                if initialized != 0 && key < 32 {
+                    key
+                } else {
+                    NONE
+                }
+            }
+        };
         Ok(PyKernelConfig {
             runtime: self.process.runtime,
-            tss_key: if initialized != 0 && key < 32 {
-                key
-            } else {
-                NONE
-            },
+            tss_key,
             pthread_specific: GLIBC_PTHREAD_SPECIFIC_1STBLOCK as u32,
             offsets: *o,
         })

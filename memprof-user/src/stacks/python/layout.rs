@@ -1,5 +1,7 @@
 //! CPython versions and the layout (struct offsets) of each: tables for 3.8 to 3.13, and the
-//! `_Py_DebugOffsets` that 3.13 publishes at the start of `_PyRuntime`.
+//! `_Py_DebugOffsets` that 3.13 and later publish at the start of `_PyRuntime`, read with the
+//! field order of each known layout of that struct (3.13, 3.14, 3.15; a newer version with
+//! the newest, checked).
 
 use super::{
     FRAME_MODEL_FRAME_OBJECT, FRAME_MODEL_INTERPRETER_FRAME, INSTR_LASTI_BYTES, INSTR_LASTI_UNITS,
@@ -15,6 +17,9 @@ pub struct PyVersion {
 }
 
 impl PyVersion {
+    /// `micro` of a version told from a file name: shown as `3.10`.
+    pub const MICRO_UNKNOWN: u8 = u8::MAX;
+
     /// From `PY_VERSION_HEX` (`Py_Version`, `_Py_DebugOffsets.version`): 0x030b07f0 is 3.11.7.
     pub fn from_hex(hex: u64) -> Self {
         Self {
@@ -25,7 +30,7 @@ impl PyVersion {
     }
 
     /// The version in a file name: `libpython3.11.so.1.0`, `python3.10`, `libpython3.8d.so`.
-    /// The micro version is unknown (0).
+    /// The micro version is unknown ([`PyVersion::MICRO_UNKNOWN`]).
     pub fn from_file_name(name: &str) -> Option<Self> {
         let at = name.find("python")? + "python".len();
         let rest = &name[at..];
@@ -34,14 +39,18 @@ impl PyVersion {
         Some(Self {
             major: major.parse().ok()?,
             minor: minor.parse().ok()?,
-            micro: 0,
+            micro: Self::MICRO_UNKNOWN,
         })
     }
 }
 
 impl std::fmt::Display for PyVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+        write!(f, "{}.{}", self.major, self.minor)?;
+        if self.micro != Self::MICRO_UNKNOWN {
+            write!(f, ".{}", self.micro)?;
+        }
+        Ok(())
     }
 }
 
@@ -121,6 +130,8 @@ pub struct PyOffsets {
 
     /// `PyASCIIObject.state` (the kind, compact and ascii bits).
     pub unicode_state: u32,
+    /// `PyASCIIObject.length`, in code points.
+    pub unicode_length: u32,
     /// `sizeof(PyASCIIObject)`: the data of a compact ASCII string.
     pub unicode_ascii_data: u32,
     /// `sizeof(PyCompactUnicodeObject)`: the data of another compact string.
@@ -165,6 +176,7 @@ impl PyOffsets {
             code_code_adaptive: NONE,
             code_firsttraceable: NONE,
             unicode_state: 32,
+            unicode_length: 16,
             unicode_ascii_data: 48,
             unicode_compact_data: 72,
             bytes_size: 16,
@@ -268,10 +280,54 @@ impl PyOffsets {
         Some(offsets)
     }
 
-    /// Overrides the fields `_Py_DebugOffsets` publishes (3.13's layout of it); the others
-    /// (`_co_firsttraceable`, `autoTSSkey`, the compact string size) stay as in the table.
-    pub(super) fn with_debug_offsets(self, d: &DebugOffsets) -> Self {
+    /// The layout of a process whose `_Py_DebugOffsets` were read (3.13+): every field the
+    /// struct publishes from it; what it does not publish from `table` (the hand-measured
+    /// layout of the version, where there is one: `autoTSSkey`) or from rules that have held
+    /// since 3.11 (`_co_firsttraceable` is the `int` 16 bytes before `co_code_adaptive`, followed
+    /// by `void *co_extra`; a compact non-ASCII string's data follows the ASCII header and
+    /// `Py_ssize_t utf8_length; char *utf8;`). A version with no table (3.14 on) costs no code
+    /// where its `_Py_DebugOffsets` layout is one memprof knows.
+    pub(super) fn from_debug_offsets(d: &DebugOffsets, table: Option<Self>) -> Self {
         let o = |v: u64| u32::try_from(v).unwrap_or(NONE);
+        let adaptive = o(d.code_code_adaptive);
+        let derived = Self {
+            version_hex: (d.version as u32) & 0xffff_0000,
+            frame_model: FRAME_MODEL_INTERPRETER_FRAME,
+            instr_kind: INSTR_POINTER,
+            runtime_interpreters_head: NONE,
+            runtime_tstate_current: NONE,
+            runtime_tss_key: NONE,
+            interp_next: NONE,
+            interp_threads_head: NONE,
+            tstate_next: NONE,
+            tstate_frame: NONE,
+            cframe_current_frame: NONE,
+            tstate_thread_id: NONE,
+            tstate_native_thread_id: NONE,
+            frame_previous: NONE,
+            frame_code: NONE,
+            frame_instr: NONE,
+            frame_owner: NONE,
+            frame_is_entry: NONE,
+            object_type: NONE,
+            code_name: NONE,
+            code_filename: NONE,
+            code_qualname: NONE,
+            code_firstlineno: NONE,
+            code_linetable: NONE,
+            code_code_adaptive: NONE,
+            code_firsttraceable: adaptive.checked_sub(16).unwrap_or(NONE),
+            unicode_state: NONE,
+            unicode_length: NONE,
+            unicode_ascii_data: NONE,
+            unicode_compact_data: match d.unicode_compact_size {
+                Some(size) => o(size),
+                None => o(d.unicode_ascii_size).saturating_add(16),
+            },
+            bytes_size: NONE,
+            bytes_data: NONE,
+        };
+        let base = table.unwrap_or(derived);
         Self {
             runtime_interpreters_head: o(d.runtime_interpreters_head),
             interp_next: o(d.interp_next),
@@ -285,30 +341,36 @@ impl PyOffsets {
             frame_code: o(d.frame_executable),
             frame_instr: o(d.frame_instr_ptr),
             frame_owner: o(d.frame_owner),
+            frame_is_entry: NONE,
             object_type: o(d.object_type),
             code_name: o(d.code_name),
             code_filename: o(d.code_filename),
             code_qualname: o(d.code_qualname),
             code_firstlineno: o(d.code_firstlineno),
             code_linetable: o(d.code_linetable),
-            code_code_adaptive: o(d.code_code_adaptive),
+            code_code_adaptive: adaptive,
             unicode_state: o(d.unicode_state),
+            unicode_length: o(d.unicode_length),
             unicode_ascii_data: o(d.unicode_ascii_size),
             bytes_size: o(d.bytes_size),
             bytes_data: o(d.bytes_data),
-            ..self
+            ..base
         }
     }
 }
 
-/// The fields of CPython 3.13's `_Py_DebugOffsets` (Include/internal/pycore_runtime.h) this
-/// module uses. It starts `_PyRuntime`: `char cookie[8] = "xdebugpy"; uint64_t version;
-/// uint64_t free_threaded;` then groups of `uint64_t` offsets, each group starting with the
-/// struct's size.
+/// The fields of CPython's `_Py_DebugOffsets` (3.13+: Include/internal/pycore_runtime.h,
+/// pycore_debug_offsets.h from 3.14) this module uses. The struct starts `_PyRuntime`:
+/// `char cookie[8] = "xdebugpy"; uint64_t version; uint64_t free_threaded;` then sections of
+/// `uint64_t` offsets, most starting with their struct's size. Each minor version may add
+/// fields anywhere, so where each field lies is read from [`DEBUG_LAYOUTS`], the field names
+/// of each known layout in order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DebugOffsets {
     pub version: u64,
     pub free_threaded: u64,
+    /// The version whose layout of the struct was used (`0x030f0000` for 3.15's).
+    pub layout: u32,
     pub runtime_interpreters_head: u64,
     pub interp_next: u64,
     pub interp_threads_head: u64,
@@ -330,50 +392,487 @@ pub struct DebugOffsets {
     pub bytes_size: u64,
     pub bytes_data: u64,
     pub unicode_state: u64,
+    pub unicode_length: u64,
     pub unicode_ascii_size: u64,
+    /// `sizeof(PyCompactUnicodeObject)`, published from 3.15.
+    pub unicode_compact_size: Option<u64>,
 }
 
-/// Bytes of 3.13's `_Py_DebugOffsets`.
-pub const DEBUG_OFFSETS_SIZE: usize = 584;
+/// Bytes of `_PyRuntime` read for its `_Py_DebugOffsets` (the largest known layout, 3.15's, is
+/// 968; a smaller one reads what follows it, which the parse ignores).
+pub const DEBUG_OFFSETS_SIZE: usize = 1024;
 const DEBUG_COOKIE: &[u8; 8] = b"xdebugpy";
 
+/// One section of `_Py_DebugOffsets`: its name and its fields' names, in order.
+type Section = (&'static str, &'static [&'static str]);
+
+/// 3.13's `_Py_DebugOffsets`, after the cookie, version and free_threaded fields.
+const LAYOUT_3_13: &[Section] = &[
+    (
+        "runtime_state",
+        &["size", "finalizing", "interpreters_head"],
+    ),
+    (
+        "interpreter_state",
+        &[
+            "size",
+            "id",
+            "next",
+            "threads_head",
+            "gc",
+            "imports_modules",
+            "sysdict",
+            "builtins",
+            "ceval_gil",
+            "gil_runtime_state",
+            "gil_runtime_state_enabled",
+            "gil_runtime_state_locked",
+            "gil_runtime_state_holder",
+        ],
+    ),
+    (
+        "thread_state",
+        &[
+            "size",
+            "prev",
+            "next",
+            "interp",
+            "current_frame",
+            "thread_id",
+            "native_thread_id",
+            "datastack_chunk",
+            "status",
+        ],
+    ),
+    (
+        "interpreter_frame",
+        &[
+            "size",
+            "previous",
+            "executable",
+            "instr_ptr",
+            "localsplus",
+            "owner",
+        ],
+    ),
+    (
+        "code_object",
+        &[
+            "size",
+            "filename",
+            "name",
+            "qualname",
+            "linetable",
+            "firstlineno",
+            "argcount",
+            "localsplusnames",
+            "localspluskinds",
+            "co_code_adaptive",
+        ],
+    ),
+    ("pyobject", &["size", "ob_type"]),
+    ("type_object", &["size", "tp_name", "tp_repr", "tp_flags"]),
+    ("tuple_object", &["size", "ob_item", "ob_size"]),
+    ("list_object", &["size", "ob_item", "ob_size"]),
+    ("dict_object", &["size", "ma_keys", "ma_values"]),
+    ("float_object", &["size", "ob_fval"]),
+    ("long_object", &["size", "lv_tag", "ob_digit"]),
+    ("bytes_object", &["size", "ob_size", "ob_sval"]),
+    (
+        "unicode_object",
+        &["size", "state", "length", "asciiobject_size"],
+    ),
+    ("gc", &["size", "collecting"]),
+];
+
+/// 3.14's (Include/internal/pycore_debug_offsets.h).
+const LAYOUT_3_14: &[Section] = &[
+    (
+        "runtime_state",
+        &["size", "finalizing", "interpreters_head"],
+    ),
+    (
+        "interpreter_state",
+        &[
+            "size",
+            "id",
+            "next",
+            "threads_head",
+            "threads_main",
+            "gc",
+            "imports_modules",
+            "sysdict",
+            "builtins",
+            "ceval_gil",
+            "gil_runtime_state",
+            "gil_runtime_state_enabled",
+            "gil_runtime_state_locked",
+            "gil_runtime_state_holder",
+            "code_object_generation",
+            "tlbc_generation",
+        ],
+    ),
+    (
+        "thread_state",
+        &[
+            "size",
+            "prev",
+            "next",
+            "interp",
+            "current_frame",
+            "thread_id",
+            "native_thread_id",
+            "datastack_chunk",
+            "status",
+        ],
+    ),
+    (
+        "interpreter_frame",
+        &[
+            "size",
+            "previous",
+            "executable",
+            "instr_ptr",
+            "localsplus",
+            "owner",
+            "stackpointer",
+            "tlbc_index",
+        ],
+    ),
+    (
+        "code_object",
+        &[
+            "size",
+            "filename",
+            "name",
+            "qualname",
+            "linetable",
+            "firstlineno",
+            "argcount",
+            "localsplusnames",
+            "localspluskinds",
+            "co_code_adaptive",
+            "co_tlbc",
+        ],
+    ),
+    ("pyobject", &["size", "ob_type"]),
+    ("type_object", &["size", "tp_name", "tp_repr", "tp_flags"]),
+    ("tuple_object", &["size", "ob_item", "ob_size"]),
+    ("list_object", &["size", "ob_item", "ob_size"]),
+    ("set_object", &["size", "used", "table", "mask"]),
+    ("dict_object", &["size", "ma_keys", "ma_values"]),
+    ("float_object", &["size", "ob_fval"]),
+    ("long_object", &["size", "lv_tag", "ob_digit"]),
+    ("bytes_object", &["size", "ob_size", "ob_sval"]),
+    (
+        "unicode_object",
+        &["size", "state", "length", "asciiobject_size"],
+    ),
+    ("gc", &["size", "collecting"]),
+    (
+        "gen_object",
+        &["size", "gi_name", "gi_iframe", "gi_frame_state"],
+    ),
+    ("llist_node", &["next", "prev"]),
+    (
+        "debugger_support",
+        &[
+            "eval_breaker",
+            "remote_debugger_support",
+            "remote_debugging_enabled",
+            "debugger_pending_call",
+            "debugger_script_path",
+            "debugger_script_path_size",
+        ],
+    ),
+];
+
+/// 3.15's.
+const LAYOUT_3_15: &[Section] = &[
+    (
+        "runtime_state",
+        &["size", "finalizing", "interpreters_head"],
+    ),
+    (
+        "interpreter_state",
+        &[
+            "size",
+            "id",
+            "next",
+            "threads_head",
+            "threads_main",
+            "gc",
+            "imports_modules",
+            "sysdict",
+            "builtins",
+            "ceval_gil",
+            "gil_runtime_state",
+            "gil_runtime_state_enabled",
+            "gil_runtime_state_locked",
+            "gil_runtime_state_holder",
+            "code_object_generation",
+            "tlbc_generation",
+        ],
+    ),
+    (
+        "thread_state",
+        &[
+            "size",
+            "prev",
+            "next",
+            "interp",
+            "current_frame",
+            "base_frame",
+            "last_profiled_frame",
+            "last_profiled_frame_seq",
+            "thread_id",
+            "native_thread_id",
+            "datastack_chunk",
+            "status",
+            "holds_gil",
+            "gil_requested",
+            "current_exception",
+            "exc_state",
+        ],
+    ),
+    ("err_stackitem", &["exc_value"]),
+    (
+        "interpreter_frame",
+        &[
+            "size",
+            "previous",
+            "executable",
+            "instr_ptr",
+            "localsplus",
+            "owner",
+            "stackpointer",
+            "tlbc_index",
+        ],
+    ),
+    (
+        "code_object",
+        &[
+            "size",
+            "filename",
+            "name",
+            "qualname",
+            "linetable",
+            "firstlineno",
+            "argcount",
+            "localsplusnames",
+            "localspluskinds",
+            "co_code_adaptive",
+            "co_tlbc",
+        ],
+    ),
+    ("pyobject", &["size", "ob_type"]),
+    (
+        "type_object",
+        &[
+            "size",
+            "tp_name",
+            "tp_repr",
+            "tp_flags",
+            "tp_basicsize",
+            "tp_dictoffset",
+        ],
+    ),
+    ("heap_type_object", &["size", "ht_cached_keys"]),
+    ("tuple_object", &["size", "ob_item", "ob_size"]),
+    ("list_object", &["size", "ob_item", "ob_size"]),
+    ("set_object", &["size", "used", "table", "mask"]),
+    ("dict_object", &["size", "ma_keys", "ma_values"]),
+    ("float_object", &["size", "ob_fval"]),
+    ("long_object", &["size", "lv_tag", "ob_digit"]),
+    ("bytes_object", &["size", "ob_size", "ob_sval"]),
+    (
+        "unicode_object",
+        &[
+            "size",
+            "state",
+            "length",
+            "asciiobject_size",
+            "compactunicodeobject_size",
+        ],
+    ),
+    (
+        "gc",
+        &[
+            "size",
+            "collecting",
+            "frame",
+            "generation_stats_size",
+            "generation_stats",
+        ],
+    ),
+    (
+        "gen_object",
+        &["size", "gi_name", "gi_iframe", "gi_frame_state"],
+    ),
+    ("llist_node", &["next", "prev"]),
+    (
+        "debugger_support",
+        &[
+            "eval_breaker",
+            "remote_debugger_support",
+            "remote_debugging_enabled",
+            "debugger_pending_call",
+            "debugger_script_path",
+            "debugger_script_path_size",
+        ],
+    ),
+];
+
+/// The known layouts of `_Py_DebugOffsets`, by the minor version that introduced each. A newer
+/// version is read with the newest layout, and kept only if the offsets it gives make sense
+/// ([`DebugOffsets::parse`]).
+pub const DEBUG_LAYOUTS: &[(u8, &[Section])] =
+    &[(13, LAYOUT_3_13), (14, LAYOUT_3_14), (15, LAYOUT_3_15)];
+
+/// Why the `_Py_DebugOffsets` at the start of `_PyRuntime` cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DebugOffsetsError {
+    #[error("no _Py_DebugOffsets (no xdebugpy cookie at the start of _PyRuntime)")]
+    NoCookie,
+    #[error("_Py_DebugOffsets names CPython {0}, which has none")]
+    TooOld(PyVersion),
+    #[error(
+        "its _Py_DebugOffsets do not read as the layout of 3.{layout} (the newest memprof knows): \
+         {why}"
+    )]
+    Layout { layout: u8, why: String },
+}
+
 impl DebugOffsets {
-    /// Parses the start of `_PyRuntime`; `None` without the `xdebugpy` cookie (before 3.13) or
-    /// for a version whose layout of the struct is not 3.13's (3.14 added fields in the middle).
-    pub fn parse(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < DEBUG_OFFSETS_SIZE || &bytes[..8] != DEBUG_COOKIE {
-            return None;
+    /// Parses the start of `_PyRuntime` (at least [`DEBUG_OFFSETS_SIZE`] bytes) with the layout
+    /// of its version (the newest known for a newer version), and checks that the offsets it
+    /// gives fit the sizes of their structs: a layout that does not match reads sizes and
+    /// offsets from the wrong places.
+    pub fn parse(bytes: &[u8]) -> Result<Self, DebugOffsetsError> {
+        if bytes.len() < 24 || &bytes[..8] != DEBUG_COOKIE {
+            return Err(DebugOffsetsError::NoCookie);
         }
-        let at = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().expect("8 bytes"));
-        let version = at(8);
-        if (version >> 16) != 0x030d {
-            return None;
+        let at = |off: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                bytes.get(off..off + 8)?.try_into().ok()?,
+            ))
+        };
+        let version = at(8).unwrap_or(0);
+        let v = PyVersion::from_hex(version);
+        let Some(&(layout, sections)) = DEBUG_LAYOUTS
+            .iter()
+            .rev()
+            .find(|(minor, _)| v.major > 3 || (v.major == 3 && v.minor >= *minor))
+        else {
+            return Err(DebugOffsetsError::TooOld(v));
+        };
+        let bad = |why: String| DebugOffsetsError::Layout { layout, why };
+        let field = |section: &str, name: &str| -> Option<u64> {
+            let mut off = 24;
+            for (s, fields) in sections {
+                for f in *fields {
+                    if *s == section && *f == name {
+                        return at(off);
+                    }
+                    off += 8;
+                }
+            }
+            None
+        };
+        let get = |section: &str, name: &str| {
+            field(section, name)
+                .ok_or_else(|| bad(format!("no {section}.{name} in the bytes read")))
+        };
+        // Every offset used must lie inside its struct, whose size the section publishes, and
+        // the sizes must be those of real structs.
+        let checked = |section: &str, names: &[&str], max_size: u64| {
+            let size = get(section, "size")?;
+            if size == 0 || size > max_size {
+                return Err(bad(format!("{section}.size is {size}")));
+            }
+            names
+                .iter()
+                .map(|name| {
+                    let off = get(section, name)?;
+                    if off >= size {
+                        return Err(bad(format!(
+                            "{section}.{name} is {off}, past the struct's {size} bytes"
+                        )));
+                    }
+                    Ok(off)
+                })
+                .collect::<Result<Vec<u64>, _>>()
+        };
+        let runtime = checked("runtime_state", &["interpreters_head"], 1 << 20)?;
+        let interp = checked("interpreter_state", &["next", "threads_head"], 1 << 20)?;
+        let tstate = checked(
+            "thread_state",
+            &["next", "current_frame", "thread_id", "native_thread_id"],
+            1 << 16,
+        )?;
+        let frame = checked(
+            "interpreter_frame",
+            &["previous", "executable", "instr_ptr", "owner"],
+            1 << 10,
+        )?;
+        let code = checked(
+            "code_object",
+            &[
+                "filename",
+                "name",
+                "qualname",
+                "linetable",
+                "firstlineno",
+                "co_code_adaptive",
+            ],
+            1 << 12,
+        )?;
+        let object = checked("pyobject", &["ob_type"], 64)?;
+        let bytes_obj = checked("bytes_object", &["ob_size", "ob_sval"], 256)?;
+        let unicode = checked("unicode_object", &["state", "length"], 256)?;
+        let ascii = get("unicode_object", "asciiobject_size")?;
+        if !(unicode[0] < ascii && ascii <= 128) {
+            return Err(bad(format!(
+                "unicode_object.asciiobject_size is {ascii} (state at {})",
+                unicode[0]
+            )));
         }
-        Some(Self {
+        let compact = field("unicode_object", "compactunicodeobject_size");
+        if let Some(size) = compact
+            && !(ascii < size && size <= 256)
+        {
+            return Err(bad(format!(
+                "unicode_object.compactunicodeobject_size is {size}"
+            )));
+        }
+        Ok(Self {
             version,
-            free_threaded: at(16),
-            runtime_interpreters_head: at(40),
-            interp_next: at(64),
-            interp_threads_head: at(72),
-            tstate_next: at(168),
-            tstate_current_frame: at(184),
-            tstate_thread_id: at(192),
-            tstate_native_thread_id: at(200),
-            frame_previous: at(232),
-            frame_executable: at(240),
-            frame_instr_ptr: at(248),
-            frame_owner: at(264),
-            code_filename: at(280),
-            code_name: at(288),
-            code_qualname: at(296),
-            code_linetable: at(304),
-            code_firstlineno: at(312),
-            code_code_adaptive: at(344),
-            object_type: at(360),
-            bytes_size: at(520),
-            bytes_data: at(528),
-            unicode_state: at(544),
-            unicode_ascii_size: at(560),
+            free_threaded: at(16).unwrap_or(0),
+            layout: 0x0300_0000 | (u32::from(layout) << 16),
+            runtime_interpreters_head: runtime[0],
+            interp_next: interp[0],
+            interp_threads_head: interp[1],
+            tstate_next: tstate[0],
+            tstate_current_frame: tstate[1],
+            tstate_thread_id: tstate[2],
+            tstate_native_thread_id: tstate[3],
+            frame_previous: frame[0],
+            frame_executable: frame[1],
+            frame_instr_ptr: frame[2],
+            frame_owner: frame[3],
+            code_filename: code[0],
+            code_name: code[1],
+            code_qualname: code[2],
+            code_linetable: code[3],
+            code_firstlineno: code[4],
+            code_code_adaptive: code[5],
+            object_type: object[0],
+            bytes_size: bytes_obj[0],
+            bytes_data: bytes_obj[1],
+            unicode_state: unicode[0],
+            unicode_length: unicode[1],
+            unicode_ascii_size: ascii,
+            unicode_compact_size: compact,
         })
     }
 }
@@ -389,15 +888,21 @@ mod tests {
             minor,
             micro,
         };
+        let unknown = PyVersion::MICRO_UNKNOWN;
         assert_eq!(
             PyVersion::from_file_name("libpython3.11.so.1.0"),
-            Some(v(3, 11, 0))
+            Some(v(3, 11, unknown))
         );
-        assert_eq!(PyVersion::from_file_name("python3.8"), Some(v(3, 8, 0)));
+        assert_eq!(
+            PyVersion::from_file_name("python3.8"),
+            Some(v(3, 8, unknown))
+        );
         assert_eq!(
             PyVersion::from_file_name("libpython3.7m.so.1.0"),
-            Some(v(3, 7, 0))
+            Some(v(3, 7, unknown))
         );
+        assert_eq!(v(3, 7, unknown).to_string(), "3.7");
+        assert_eq!(v(3, 14, 8).to_string(), "3.14.8");
         assert_eq!(PyVersion::from_file_name("python3"), None);
         assert_eq!(PyVersion::from_hex(0x030b07f0), v(3, 11, 7));
         assert_eq!(PyVersion::from_hex(0x030d00f0), v(3, 13, 0));
@@ -411,27 +916,177 @@ mod tests {
             assert_eq!(o.frame_model == FRAME_MODEL_INTERPRETER_FRAME, minor >= 11);
             assert_eq!(o.code_qualname != NONE, minor >= 11);
             assert_eq!(o.runtime_tstate_current != NONE, minor <= 11);
+            // The rules `from_debug_offsets` derives what 3.14+ do not publish with.
+            if minor >= 11 {
+                assert_eq!(
+                    o.code_firsttraceable,
+                    o.code_code_adaptive - 16,
+                    "3.{minor}"
+                );
+            }
+            if minor >= 12 {
+                assert_eq!(
+                    o.unicode_compact_data,
+                    o.unicode_ascii_data + 16,
+                    "3.{minor}"
+                );
+            }
         }
         assert_eq!(PyOffsets::for_version(3, 7), None);
         assert_eq!(PyOffsets::for_version(3, 14), None);
         assert_eq!(
             std::mem::size_of::<PyOffsets>(),
-            31 * 4,
+            32 * 4,
             "u32 fields, no padding"
         );
     }
 
+    /// The start of `_PyRuntime` as a build initializes it: the cookie, `version`,
+    /// `free_threaded`, then the offsets (`words`).
+    fn runtime_head(version: u64, free_threaded: u64, words: &[u64]) -> Vec<u8> {
+        let mut bytes = vec![0u8; DEBUG_OFFSETS_SIZE];
+        bytes[..8].copy_from_slice(b"xdebugpy");
+        for (i, w) in [version, free_threaded].iter().chain(words).enumerate() {
+            bytes[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// `_Py_DebugOffsets` of pyenv's CPython 3.13.0 (libpython3.13.so.1.0's `.data`).
+    const PY_3_13_0: &[u64] = &[
+        283320, 608, 632, 194968, 7272, 7264, 7344, 7400, 7656, 7640, 7648, 16, 7752, 0, 7768,
+        7760, 304, 0, 8, 16, 72, 152, 160, 232, 32, 80, 8, 0, 56, 72, 70, 208, 112, 120, 128, 136,
+        68, 52, 96, 104, 200, 16, 8, 416, 24, 88, 168, 32, 24, 16, 40, 24, 16, 48, 32, 40, 24, 16,
+        32, 16, 24, 40, 16, 32, 64, 32, 16, 40, 240, 200,
+    ];
+    /// Of Debian's CPython 3.14.8 (forky's /usr/bin/python3.14, libpython linked in).
+    const PY_3_14_8: &[u64] = &[
+        316616, 784, 808, 225864, 7280, 7272, 7344, 7360, 7408, 7688, 7672, 7680, 16, 7784, 0,
+        7800, 7792, 7992, 0, 832, 0, 8, 16, 72, 152, 160, 232, 32, 88, 8, 0, 56, 80, 74, 64, 0,
+        216, 112, 120, 128, 136, 68, 52, 96, 104, 208, 0, 16, 8, 416, 24, 88, 168, 40, 32, 16, 40,
+        24, 16, 200, 24, 40, 32, 48, 32, 40, 24, 16, 32, 16, 24, 40, 16, 32, 64, 32, 16, 40, 264,
+        192, 160, 24, 72, 67, 0, 8, 24, 304, 8076, 0, 4, 512,
+    ];
+    /// Of Debian's CPython 3.15.0 (forky's /usr/bin/python3.15).
+    const PY_3_15_0: &[u64] = &[
+        346568, 912, 936, 226240, 7272, 7264, 7336, 7352, 7400, 7592, 7576, 7584, 16, 7736, 0,
+        7752, 7744, 7944, 0, 888, 0, 8, 16, 72, 80, 88, 96, 176, 184, 256, 32, 36, 40, 136, 288, 0,
+        88, 8, 0, 56, 80, 74, 64, 0, 216, 112, 120, 128, 136, 68, 52, 96, 104, 208, 0, 16, 8, 424,
+        24, 88, 168, 32, 288, 944, 888, 40, 32, 16, 40, 24, 16, 200, 24, 40, 32, 48, 32, 40, 24,
+        16, 32, 16, 24, 40, 16, 32, 64, 32, 16, 40, 56, 176, 112, 120, 1112, 104, 160, 24, 72, 67,
+        0, 8, 24, 344, 8028, 0, 4, 512,
+    ];
+
+    #[test]
+    fn debug_offsets_of_3_13_are_the_measured_table() {
+        let d = DebugOffsets::parse(&runtime_head(0x030d00f0, 0, PY_3_13_0)).expect("3.13.0");
+        assert_eq!(d.layout, 0x030d_0000);
+        let table = PyOffsets::for_version(3, 13);
+        assert_eq!(PyOffsets::from_debug_offsets(&d, table), table.unwrap());
+        // Without the table, only `autoTSSkey` (which the kernel does not use) is missing.
+        let derived = PyOffsets::from_debug_offsets(&d, None);
+        assert_eq!(
+            derived,
+            PyOffsets {
+                runtime_tss_key: NONE,
+                ..table.unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn debug_offsets_of_3_14_and_3_15() {
+        let want_3_14 = PyOffsets {
+            version_hex: 0x030e_0000,
+            frame_model: FRAME_MODEL_INTERPRETER_FRAME,
+            instr_kind: INSTR_POINTER,
+            runtime_interpreters_head: 808,
+            runtime_tstate_current: NONE,
+            runtime_tss_key: NONE,
+            interp_next: 7272,
+            interp_threads_head: 7344,
+            tstate_next: 8,
+            tstate_frame: 72,
+            cframe_current_frame: NONE,
+            tstate_thread_id: 152,
+            tstate_native_thread_id: 160,
+            frame_previous: 8,
+            frame_code: 0,
+            frame_instr: 56,
+            frame_owner: 74,
+            frame_is_entry: NONE,
+            object_type: 8,
+            code_name: 120,
+            code_filename: 112,
+            code_qualname: 128,
+            code_firstlineno: 68,
+            code_linetable: 136,
+            code_code_adaptive: 208,
+            code_firsttraceable: 192,
+            unicode_state: 32,
+            unicode_length: 16,
+            unicode_ascii_data: 40,
+            unicode_compact_data: 56,
+            bytes_size: 16,
+            bytes_data: 32,
+        };
+        let d = DebugOffsets::parse(&runtime_head(0x030e08f0, 0, PY_3_14_8)).expect("3.14.8");
+        assert_eq!((d.layout, d.unicode_compact_size), (0x030e_0000, None));
+        assert_eq!(PyOffsets::from_debug_offsets(&d, None), want_3_14);
+        let d = DebugOffsets::parse(&runtime_head(0x030f00f0, 0, PY_3_15_0)).expect("3.15.0");
+        assert_eq!((d.layout, d.unicode_compact_size), (0x030f_0000, Some(56)));
+        assert_eq!(
+            PyOffsets::from_debug_offsets(&d, None),
+            PyOffsets {
+                version_hex: 0x030f_0000,
+                runtime_interpreters_head: 936,
+                interp_next: 7264,
+                interp_threads_head: 7336,
+                tstate_thread_id: 176,
+                tstate_native_thread_id: 184,
+                ..want_3_14
+            }
+        );
+        // A later version is read with 3.15's layout: the same struct works as is...
+        let d = DebugOffsets::parse(&runtime_head(0x031000f0, 0, PY_3_15_0)).expect("3.16.0");
+        assert_eq!((d.version, d.layout), (0x031000f0, 0x030f_0000));
+        // ...and one laid out otherwise is refused, not misread: 3.14's struct read as 3.15's
+        // puts the code object's offsets past its size.
+        let err = DebugOffsets::parse(&runtime_head(0x031000f0, 0, PY_3_14_8)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "its _Py_DebugOffsets do not read as the layout of 3.15 (the newest memprof knows): \
+             code_object.filename is 208, past the struct's 104 bytes"
+        );
+        let d = DebugOffsets::parse(&runtime_head(0x030e08f0, 1, PY_3_14_8)).expect("3.14t");
+        assert_eq!(d.free_threaded, 1);
+    }
+
     #[test]
     fn debug_offsets_need_the_cookie_and_3_13() {
-        let mut bytes = vec![0u8; DEBUG_OFFSETS_SIZE];
-        assert_eq!(DebugOffsets::parse(&bytes), None, "no cookie");
-        bytes[..8].copy_from_slice(b"xdebugpy");
-        bytes[8..16].copy_from_slice(&0x030e00f0u64.to_le_bytes());
-        assert_eq!(DebugOffsets::parse(&bytes), None, "3.14's struct is longer");
-        bytes[8..16].copy_from_slice(&0x030d00f0u64.to_le_bytes());
-        bytes[40..48].copy_from_slice(&632u64.to_le_bytes());
-        let d = DebugOffsets::parse(&bytes).expect("3.13");
-        assert_eq!((d.version, d.runtime_interpreters_head), (0x030d00f0, 632));
-        assert_eq!(DebugOffsets::parse(&bytes[..100]), None, "too short");
+        let mut bytes = runtime_head(0x030d00f0, 0, PY_3_13_0);
+        assert!(DebugOffsets::parse(&bytes).is_ok());
+        assert_eq!(
+            DebugOffsets::parse(&bytes[..16]),
+            Err(DebugOffsetsError::NoCookie),
+            "too short"
+        );
+        bytes[8..16].copy_from_slice(&0x030c00f0u64.to_le_bytes());
+        assert!(matches!(
+            DebugOffsets::parse(&bytes),
+            Err(DebugOffsetsError::TooOld(_))
+        ));
+        bytes[0] = b'X';
+        assert_eq!(
+            DebugOffsets::parse(&bytes),
+            Err(DebugOffsetsError::NoCookie)
+        );
+        // Sizes of no real struct.
+        let mut words = PY_3_13_0.to_vec();
+        words[0] = 0;
+        assert!(matches!(
+            DebugOffsets::parse(&runtime_head(0x030d00f0, 0, &words)),
+            Err(DebugOffsetsError::Layout { layout: 13, .. })
+        ));
     }
 }

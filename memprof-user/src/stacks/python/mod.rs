@@ -15,9 +15,13 @@
 //! - [`lines`]: line tables of each version.
 //! - [`kernel`]: what the kernel program needs to walk frames itself.
 //!
-//! Supported: CPython 3.8 to 3.13 on x86_64 Linux, default (GIL) builds. Offsets are per CPython
-//! minor version (they are struct layouts, stable within a minor release); 3.13 publishes its
-//! own in `_Py_DebugOffsets` at the start of `_PyRuntime`, which is read when present.
+//! Supported: CPython 3.8 and later on x86_64 Linux, default (GIL) builds. Offsets are per
+//! CPython minor version (they are struct layouts, stable within a minor release): tables for
+//! 3.8 to 3.12; from 3.13 on, the interpreter's own `_Py_DebugOffsets` at the start of
+//! `_PyRuntime`, read with the field order of its version's layout of that struct (3.13, 3.14,
+//! 3.15 known; a newer version is read with the newest and checked). An interpreter memprof
+//! cannot read (free-threaded, older than 3.8, offsets that do not check out) is reported, with
+//! the reason, as a [`PythonStatus`].
 //! Addresses are never hard-coded: `_PyRuntime` and `PyCode_Type` come from the ELF symbols of
 //! the object that defines them, relocated by that object's load bias in the process.
 
@@ -35,7 +39,9 @@ use std::io;
 pub use self::{
     detect::{PyProcess, detect},
     kernel::{PyKernelConfig, gil_tstate, tss_tstate},
-    layout::{DEBUG_OFFSETS_SIZE, DebugOffsets, PyOffsets, PyVersion},
+    layout::{
+        DEBUG_LAYOUTS, DEBUG_OFFSETS_SIZE, DebugOffsets, DebugOffsetsError, PyOffsets, PyVersion,
+    },
     lines::{linetable310_line, lnotab_line, locations_line},
     mem::Mem,
     resolve::{Resolver, resolve, threads},
@@ -60,9 +66,15 @@ pub const INSTR_LASTI_UNITS: u32 = 2;
 /// instruction being executed) or `instr_ptr` (3.13, the same during a call).
 pub const INSTR_POINTER: u32 = 3;
 
-/// `_PyInterpreterFrame.owner` of a shim frame that belongs to the C stack (3.12 and later):
-/// no Python code, skipped.
+/// `_PyInterpreterFrame.owner` of the shim frame each call of the eval loop pushes (3.12 and
+/// later: `FRAME_OWNED_BY_CSTACK` in 3.12 and 3.13, `FRAME_OWNED_BY_INTERPRETER` from 3.14,
+/// both 3): no Python code, skipped. Owners from 3 up are never Python frames
+/// (`_PyFrame_IsIncomplete`).
 pub const FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+/// Low bits of `_PyInterpreterFrame.f_executable` that tag the reference (3.14+, a
+/// `_PyStackRef`), cleared to get the code object's address: the kernel's constant.
+pub const STACKREF_TAG_BITS: u64 = memprof_common::PY_STACKREF_TAG_BITS;
 /// `owner` of a generator's or coroutine's frame, which is never "incomplete".
 pub const FRAME_OWNED_BY_GENERATOR: u8 = 1;
 
@@ -88,8 +100,12 @@ const MAX_TABLE_BYTES: u64 = 4 * 1024 * 1024;
 pub enum PythonError {
     #[error("process {pid} does not run CPython: no mapped object defines _PyRuntime")]
     NotPython { pid: u32 },
-    #[error("CPython {version} in process {pid} is not supported (3.8 to 3.13 are)")]
-    Unsupported { pid: u32, version: PyVersion },
+    #[error("CPython {version} in process {pid} cannot be read: {reason}")]
+    Unsupported {
+        pid: u32,
+        version: PyVersion,
+        reason: String,
+    },
     #[error(
         "cannot tell the CPython version of {path}: no Py_Version symbol and no version in its name"
     )]
@@ -108,6 +124,56 @@ pub enum PythonError {
 }
 
 type Result<T, E = PythonError> = std::result::Result<T, E>;
+
+/// Whether memprof reads a process's Python frames, and if not why: the report's `python`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PythonStatus {
+    /// `3.14.8`; null when it could not be told.
+    pub version: Option<String>,
+    /// `ok` (Python frames are read), `unsupported` (a version or build memprof cannot read)
+    /// or `unreadable` (the interpreter's files or memory could not be read or made no sense).
+    pub status: &'static str,
+    /// Why not `ok`; for `ok`, where the layout came from.
+    pub reason: String,
+}
+
+impl PythonStatus {
+    /// The status of a process memprof reads, from `process`'s detection.
+    pub fn ok(process: &PyProcess) -> Self {
+        Self {
+            version: Some(process.version.to_string()),
+            status: "ok",
+            reason: if process.from_debug_offsets {
+                "layout from the interpreter's _Py_DebugOffsets".into()
+            } else {
+                "layout from memprof's table of the version".into()
+            },
+        }
+    }
+
+    /// The status of a failed detection, `None` when the process does not run CPython.
+    pub fn of_error(err: &PythonError) -> Option<Self> {
+        let (version, status, reason) = match err {
+            PythonError::NotPython { .. } => return None,
+            PythonError::Unsupported {
+                version, reason, ..
+            } => (Some(version.to_string()), "unsupported", reason.clone()),
+            PythonError::UnknownVersion { .. } => (None, "unsupported", err.to_string()),
+            PythonError::Io { .. } | PythonError::Elf { .. } | PythonError::Invalid { .. } => {
+                (None, "unreadable", err.to_string())
+            }
+        };
+        Some(Self {
+            version,
+            status,
+            reason,
+        })
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.status == "ok"
+    }
+}
 
 /// One Python frame, as a traceback shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

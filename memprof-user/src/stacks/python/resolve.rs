@@ -9,7 +9,7 @@ use super::{
     FRAME_OWNED_BY_CSTACK, FRAME_OWNED_BY_GENERATOR, GLIBC_PTHREAD_TID, INSTR_LASTI_BYTES,
     INSTR_LASTI_UNITS, INSTR_POINTER, MAX_FRAMES, MAX_INTERPRETERS, MAX_STRING_BYTES,
     MAX_TABLE_BYTES, MAX_THREADS, Mem, NONE, PyFrame, PyProcess, PyThread, PythonError, Result,
-    detect, linetable310_line, lnotab_line, locations_line,
+    STACKREF_TAG_BITS, detect, linetable310_line, lnotab_line, locations_line,
 };
 
 /// What is cached of a code object.
@@ -96,7 +96,7 @@ impl Resolver {
         let o = self.process.offsets;
         let pthread = self.mem.u64(tstate + u64::from(o.tstate_thread_id))?;
         let tid = match self.field(tstate, o.tstate_native_thread_id) {
-            Some(a) => Some(self.mem.u64(a)? as u32),
+            Some(a) => host_tid(self.process.pid, self.mem.u64(a)? as u32),
             None => self.glibc_tid(pthread),
         };
         let mut frames = Vec::new();
@@ -115,6 +115,7 @@ impl Resolver {
     /// process.
     fn glibc_tid(&self, pthread: u64) -> Option<u32> {
         let tid = self.mem.u32(pthread.checked_add(GLIBC_PTHREAD_TID)?).ok()?;
+        let tid = host_tid(self.process.pid, tid)?;
         let task = format!("/proc/{}/task/{tid}", self.process.pid);
         (tid != 0 && Path::new(&task).exists()).then_some(tid)
     }
@@ -134,7 +135,7 @@ impl Resolver {
         }
         let mut pairs = Vec::new();
         while frame != 0 && pairs.len() < MAX_FRAMES {
-            let code = self.mem.u64(frame + u64::from(o.frame_code))?;
+            let code = self.mem.u64(frame + u64::from(o.frame_code))? & !STACKREF_TAG_BITS;
             let instr = match o.instr_kind {
                 INSTR_POINTER => self.mem.u64(frame + u64::from(o.frame_instr))?,
                 _ => u64::from(self.mem.u32(frame + u64::from(o.frame_instr))?),
@@ -143,7 +144,7 @@ impl Resolver {
                 Some(a) => Some(self.mem.u8(a)?),
                 None => None,
             };
-            let shim = owner == Some(FRAME_OWNED_BY_CSTACK);
+            let shim = owner.is_some_and(|owner| owner >= FRAME_OWNED_BY_CSTACK);
             if !shim && self.is_code(code)? && !self.incomplete(code, instr, owner)? {
                 pairs.push((code, instr));
             }
@@ -289,7 +290,7 @@ impl Resolver {
         if addr == 0 {
             return Err(self.invalid("NULL string", addr));
         }
-        let len = self.mem.u64(addr + 16)?;
+        let len = self.mem.u64(addr + u64::from(o.unicode_length))?;
         let state = self.mem.u32(addr + u64::from(o.unicode_state))?;
         let kind = u64::from((state >> 2) & 7);
         let compact = (state >> 5) & 1 == 1;
@@ -347,4 +348,49 @@ pub fn threads(pid: u32) -> Result<Vec<PyThread>> {
 /// Detects the interpreter on each call: keep a [`Resolver`] to resolve many.
 pub fn resolve(pid: u32, code: u64, instr: u64) -> Result<PyFrame> {
     Resolver::new(pid)?.resolve(code, instr)
+}
+
+/// The kernel's id (memprof's, and the kernel program's) of the thread that process `pid`
+/// numbers `tid` in its own pid namespace: `tid` itself when the process shares memprof's pid
+/// namespace; inside a container's, the task of the process whose `NSpid` ends with `tid`.
+/// `None` when no task of it has that id.
+pub(super) fn host_tid(pid: u32, tid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = |p: String| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let theirs = ns(format!("/proc/{pid}/ns/pid"));
+    if theirs.is_none() || theirs == ns("/proc/self/ns/pid".into()) {
+        return Some(tid);
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.take(MAX_THREADS).flatten().find_map(|task| {
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        ns_tid(&status, tid)
+    })
+}
+
+/// The first id (the kernel's) of the `NSpid` line of a task's `status` text when its last one
+/// (the task's own namespace's) is `tid`.
+fn ns_tid(status: &str, tid: u32) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    let ids: Vec<u32> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (ids.last() == Some(&tid)).then(|| ids.first().copied())?
+}
+
+#[cfg(test)]
+mod ns_tests {
+    use super::*;
+
+    #[test]
+    fn ns_tids() {
+        let status = "Name:\tpython3.14\nTgid:\t30779\nNSpid:\t30781\t3\nNSpgid:\t1\n";
+        assert_eq!(ns_tid(status, 3), Some(30781));
+        assert_eq!(ns_tid(status, 1), None);
+        assert_eq!(ns_tid("NSpid:\t42\n", 42), Some(42));
+        assert_eq!(ns_tid("Name:\tx\n", 42), None);
+        // A process of memprof's own namespace: ids as they are.
+        assert_eq!(host_tid(std::process::id(), 12345), Some(12345));
+    }
 }
