@@ -3,7 +3,7 @@
 //! before entry probes: an entry seen without its return would leave the thread marked as
 //! inside an allocator.
 
-use std::{collections::HashSet, fs, os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{collections::HashSet, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -20,7 +20,7 @@ use super::{
     links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
 };
-use crate::sys::elf::file_id;
+use crate::sys::{elf::file_id, objfile::ObjectFile};
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -350,9 +350,10 @@ fn plan_objects(
     let mut report = AttachReport::default();
     let mut chosen: Vec<Chosen> = Vec::new();
     for (index, a) in allocators.iter().enumerate() {
-        let data = fs::read(&a.path).with_context(|| format!("failed to read {}", a.shown))?;
+        let data =
+            ObjectFile::open(&a.path).with_context(|| format!("failed to read {}", a.shown))?;
         let (object, picked) = plan_object(a, &data, placement)
-            .with_context(|| format!("{} is not an ELF file", a.shown))?;
+            .with_context(|| format!("cannot plan the probes of {}", a.shown))?;
         chosen.extend(picked.into_iter().map(|mut c| {
             c.object = index;
             c
@@ -452,8 +453,8 @@ fn plan_phases(opts: &Options<'_>) -> Result<Vec<ProbeSet>> {
     let mut sets: Vec<ProbeSet> = Vec::new();
     for (index, (name, function)) in opts.phases.iter().enumerate() {
         let found = opts.phase_objects.iter().find_map(|object| {
-            let data = fs::read(object).ok()?;
-            let found = resolve_symbols(&data, [function.as_str()]).ok()?;
+            let data = ObjectFile::open(object).ok()?;
+            let found = resolve_symbols(&data, object, [function.as_str()]).ok()?;
             found.get(function).map(|sym| (object, sym.file_offset))
         });
         let Some((object, offset)) = found else {

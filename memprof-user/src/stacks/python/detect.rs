@@ -9,7 +9,10 @@ use std::{
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
 use super::{DEBUG_OFFSETS_SIZE, DebugOffsets, Mem, PyOffsets, PyVersion, PythonError, Result};
-use crate::sys::maps::AddressSpace;
+use crate::sys::{maps::AddressSpace, objfile::ObjectFile};
+
+/// Mapped files looked at per detection at most (a process may map thousands named python).
+const MAX_CANDIDATES: usize = 16;
 
 /// A CPython interpreter found in a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,13 +68,23 @@ pub fn detect(pid: u32) -> Result<PyProcess> {
             candidates.push(&m.path);
         }
     }
-    for path in candidates {
+    for path in candidates.into_iter().take(MAX_CANDIDATES) {
         let host = host_path(pid, path);
-        let Ok(data) = fs::read(&host) else { continue };
-        let file = object::File::parse(&*data).map_err(|e| PythonError::Elf {
-            path: host.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        // Read in bounded pieces: a "python"-named blob of any size costs one header read.
+        let Ok(data) = ObjectFile::open(&host) else {
+            continue;
+        };
+        let file = match object::File::parse(&data) {
+            Ok(file) => file,
+            // Not an ELF file (a data file named like python): not the interpreter.
+            Err(_) if data.refusal().is_none() => continue,
+            Err(e) => {
+                return Err(PythonError::Elf {
+                    path: host.display().to_string(),
+                    reason: data.refusal().unwrap_or_else(|| e.to_string()),
+                });
+            }
+        };
         let Some(symbols) = runtime_symbols(&file) else {
             continue;
         };
@@ -131,7 +144,9 @@ fn host_path(pid: u32, path: &str) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
 }
 
-pub(super) fn runtime_symbols(file: &object::File<'_>) -> Option<RuntimeSymbols> {
+pub(super) fn runtime_symbols<'a, R: object::ReadRef<'a>>(
+    file: &object::File<'a, R>,
+) -> Option<RuntimeSymbols> {
     let mut found = RuntimeSymbols {
         runtime: 0,
         code_type: None,
@@ -156,7 +171,11 @@ pub(super) fn runtime_symbols(file: &object::File<'_>) -> Option<RuntimeSymbols>
 
 /// Load bias of the object at `path` in the process: the start of one of its mappings minus the
 /// link-time address of the file offset mapped there.
-fn load_bias(file: &object::File<'_>, space: &AddressSpace, path: &str) -> Option<u64> {
+fn load_bias<'a, R: object::ReadRef<'a>>(
+    file: &object::File<'a, R>,
+    space: &AddressSpace,
+    path: &str,
+) -> Option<u64> {
     space
         .mappings()
         .iter()
@@ -164,10 +183,12 @@ fn load_bias(file: &object::File<'_>, space: &AddressSpace, path: &str) -> Optio
         .find_map(|m| {
             file.segments().find_map(|seg| {
                 let (offset, size) = seg.file_range();
-                (size > 0 && offset <= m.offset && m.offset < offset + size).then(|| {
-                    let vaddr = seg.address() + (m.offset - offset);
-                    m.start.wrapping_sub(vaddr)
-                })
+                (size > 0 && offset <= m.offset && m.offset < offset.saturating_add(size)).then(
+                    || {
+                        let vaddr = seg.address().wrapping_add(m.offset - offset);
+                        m.start.wrapping_sub(vaddr)
+                    },
+                )
             })
         })
 }
