@@ -1,0 +1,3 @@
+//! Hostile input: targets, files and clients that try to hurt a root memprof.
+
+mod common;
