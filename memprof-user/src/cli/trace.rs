@@ -25,7 +25,10 @@ use crate::{
         kernel_log,
     },
     report,
-    serve::{self, Live},
+    serve::{
+        self, Live,
+        http::{Guard, read_token},
+    },
     session::{End, Session, Settings},
     sys::{
         elf,
@@ -34,6 +37,9 @@ use crate::{
         target::{self, PidFd},
     },
 };
+
+/// How long a command that outlived the trace has to exit after SIGTERM, before SIGKILL.
+const COMMAND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Default ring size with `--unwind dwarf`: room for about 8000 records with 8 KiB copies.
 const DWARF_RING_BYTES: u32 = 64 << 20;
@@ -118,19 +124,26 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if args.keep_running && args.command.is_empty() {
+        bail!("--keep-running applies to a COMMAND memprof starts (-- COMMAND ARGS...)");
+    }
+    let guard = Guard {
+        token: args.http_token.as_deref().map(read_token).transpose()?,
+    };
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     target::check_capabilities(target::effective_capabilities()?, euid)?;
     target::check_kernel(std::path::Path::new("/sys"))?;
 
     if args.all {
-        return trace_all(&args, &phases, rules);
+        return trace_all(&args, &phases, rules, guard);
     }
     let (pid, allocators, objects, spawned) = match args.pid {
         Some(pid) => {
             if pid == std::process::id() {
                 bail!("memprof cannot trace itself");
             }
+            process::check_traceable(pid)?;
             let allocators = allocators::of_pid(pid)?;
             // Phase functions: the executable first, then every mapped file.
             let mut objects = vec![PathBuf::from(format!("/proc/{pid}/exe"))];
@@ -174,6 +187,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             allocators: &allocators,
             phases: &phases,
             objects: &objects,
+            guard,
         },
         rules,
         spawned.as_ref(),
@@ -188,7 +202,12 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
 
 /// `memprof trace --all`: every process (or those of `--comm`/`--cgroup`), probing each
 /// allocator object the running processes use once.
-fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) -> Result<i32> {
+fn trace_all(
+    args: &TraceArgs,
+    phases: &[(String, String)],
+    rules: Vec<Rule>,
+    guard: Guard,
+) -> Result<i32> {
     let cgroup = args.cgroup.as_deref().map(cgroup_id).transpose()?;
     let own = std::process::id();
     let mut pids = Vec::new();
@@ -251,6 +270,7 @@ fn trace_all(args: &TraceArgs, phases: &[(String, String)], rules: Vec<Rule>) ->
             allocators: &allocators,
             phases,
             objects: &[],
+            guard,
         },
         rules,
         None,
@@ -289,6 +309,8 @@ struct Target<'a> {
     allocators: &'a [Allocator],
     phases: &'a [(String, String)],
     objects: &'a [PathBuf],
+    /// How `--metrics` and `--ui` are guarded.
+    guard: Guard,
 }
 
 fn trace_pid(
@@ -303,6 +325,7 @@ fn trace_pid(
         allocators,
         phases,
         objects,
+        guard,
     } = target;
     let pidfd = if pid == 0 {
         None
@@ -396,12 +419,27 @@ fn trace_pid(
     };
     let start = serde_json::to_string(&start)?;
 
+    // The session runs on this thread (block_on); the endpoints and the mark socket on the
+    // runtime's one worker thread, so neither waits for the other.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
+        .thread_name("memprof-rt")
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
     let live = (args.metrics.is_some() || args.ui.is_some()).then(Live::default);
     if let (Some(addr), Some(live)) = (&args.metrics, &live) {
-        serve::serve_metrics(addr, live.clone(), args.limit)?;
+        serve::serve_metrics(
+            runtime.handle(),
+            addr,
+            live.clone(),
+            args.limit,
+            guard.clone(),
+        )?;
     }
     if let (Some(addr), Some(live)) = (&args.ui, &live) {
-        serve::serve_ui(addr, live.clone())?;
+        serve::serve_ui(runtime.handle(), addr, live.clone(), guard)?;
     }
     let files = OutputFiles {
         pprof: args.pprof.clone(),
@@ -412,10 +450,6 @@ fn trace_pid(
         html: args.html.clone(),
     };
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
     let settings = Settings {
         json: args.json,
         duration: args.duration,
@@ -477,16 +511,31 @@ fn trace_pid(
     };
     let report = report::finish(session.snapshot(), exited, code);
     if let Some(path) = &args.output {
-        json::save_report(path, &report)?;
+        json::save_report(path, &report, args.file_mode)?;
     }
     session.publish_live(true);
     let profile = files.any().then(|| session.profile(&report));
     session.emit(&report)?;
     // After the report, so a file that cannot be written does not cost the user the report.
-    if let Some(profile) = &profile {
-        output::write_files(profile, &files)?;
-    }
+    let written = match &profile {
+        Some(profile) => output::write_files(profile, &files, args.file_mode),
+        None => Ok(()),
+    };
     drop(session);
+    // A command memprof started and that outlived the trace ends with it, unless asked not to.
+    if let Some(child) = spawned
+        && !exited
+    {
+        if args.keep_running {
+            eprintln!(
+                "memprof: the command (pid {}) goes on running untraced (--keep-running)",
+                child.pid
+            );
+        } else {
+            child.terminate(COMMAND_GRACE);
+        }
+    }
+    written?;
     if args.fail_on_leak && report.leak_detected {
         eprintln!("memprof: leak detected (--fail-on-leak)");
         return Ok(GATE_FAILED);
