@@ -15,11 +15,35 @@ use crate::{
     sys::{clock::monotonic_ns, maps::Mapping, procmem::ProcMem},
 };
 
+/// How long one turn of the event loop drains the ring at most.
+const DRAIN_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Session {
     /// Takes every record waiting in the ring buffer.
     pub fn drain(&mut self) {
+        self.drain_until(None);
+    }
+
+    /// Takes the records waiting in the ring for at most [`DRAIN_BUDGET`], so the event loop
+    /// gets back to its signals, deadline and requests however fast records come; the rest
+    /// are taken at the next wakeup (at most [`super::DRAIN_EVERY`] later).
+    pub(super) fn drain_some(&mut self) {
+        self.drain_for(DRAIN_BUDGET);
+    }
+
+    /// Takes the records waiting in the ring for at most `budget`.
+    pub(super) fn drain_for(&mut self, budget: std::time::Duration) {
+        self.drain_until(Some(std::time::Instant::now() + budget));
+    }
+
+    fn drain_until(&mut self, deadline: Option<std::time::Instant>) {
         self.drain_mappings();
+        let mut taken: u32 = 0;
         loop {
+            taken = taken.wrapping_add(1);
+            if taken % 1024 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break;
+            }
             let Some(item) = self.tracer.events.next() else {
                 break;
             };
