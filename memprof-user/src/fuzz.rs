@@ -30,18 +30,30 @@ where
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2.0);
+    const BATCH: u32 = 256;
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let mut runner = TestRunner::new(Config {
-        cases: 64,
-        failure_persistence: None,
-        ..Config::default()
-    });
     let mut cases = 0u64;
+    let mut batch = 0u64;
     while Instant::now() < deadline {
+        // A runner per batch, each with its own seed (batch number): runs are reproducible
+        // and every batch tries new inputs.
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&batch.to_le_bytes());
+        let rng = proptest::test_runner::TestRng::from_seed(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+            &seed,
+        );
+        let config = Config {
+            cases: BATCH,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let mut runner = TestRunner::new_with_rng(config, rng);
         if let Err(e) = runner.run(&strategy, &check) {
-            panic!("fuzz target {name} failed after {cases} cases: {e}");
+            panic!("fuzz target {name} failed in batch {batch} after {cases} cases: {e}");
         }
-        cases += 64;
+        cases += u64::from(BATCH);
+        batch += 1;
     }
     eprintln!("fuzz {name}: {cases} cases in {secs} s");
 }
