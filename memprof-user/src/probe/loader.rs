@@ -153,10 +153,7 @@ fn elf_matches(path: &Path, machine: u16) -> bool {
         return false;
     };
     let head = file.head(20).unwrap_or_default();
-    head.len() == 20
-        && head.starts_with(b"\x7fELF")
-        && head[4] == 2
-        && elf_machine(&head) == machine
+    head.len() == 20 && head.starts_with(b"\x7fELF") && head[4] == 2 && elf_machine(head) == machine
 }
 
 /// How the program's loader finds a library by name.

@@ -41,7 +41,9 @@ impl Session {
         let mut taken: u32 = 0;
         loop {
             taken = taken.wrapping_add(1);
-            if taken % 1024 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            if taken.is_multiple_of(1024)
+                && deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            {
                 break;
             }
             let Some(item) = self.tracer.events.next() else {

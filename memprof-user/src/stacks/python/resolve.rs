@@ -346,7 +346,7 @@ impl Resolver {
         let compact = (state >> 5) & 1 == 1;
         let ascii = (state >> 6) & 1 == 1;
         // `len * kind` computed without wrapping: a huge length is refused, never shrunk.
-        let size = len.checked_mul(kind).unwrap_or(u64::MAX);
+        let size = len.saturating_mul(kind);
         if !compact || !matches!(kind, 1 | 2 | 4) || size > MAX_STRING_BYTES {
             return Err(self.invalid(
                 format!("unsupported str (state {state:#x}, length {len})"),
