@@ -590,7 +590,9 @@ int main(void) {
     printf("ready\n");
     fflush(stdout);
     for (;;) {
-        for (int i = 0; i < 100; i++) { sink = malloc(64 + i); free(sink); }
+        /* About 10,000 allocations a second: what --unwind dwarf keeps up with on a busy
+           machine, so any loss would be the fake's doing. */
+        for (int i = 0; i < 10; i++) { sink = malloc(64 + i); free(sink); }
         usleep(1000);
     }
 }
@@ -654,7 +656,7 @@ int main(void) {
                 "{args:?}\n{}",
                 f.context()
             );
-            assert!(num(&report["totals"], "allocs") > 1000, "{args:?}");
+            assert!(num(&report["totals"], "allocs") > 10_000, "{args:?}");
             ends.push(elapsed);
         }
     }

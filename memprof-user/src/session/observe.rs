@@ -12,7 +12,7 @@ use super::{
 use crate::{
     ingest::event::{Event, decode_record},
     probe::allocators,
-    sys::{clock::monotonic_ns, maps::Mapping, procmem::ProcMem},
+    sys::{clock::monotonic_ns, maps::Mapping, printable::escape, procmem::ProcMem},
 };
 
 /// How long one turn of the event loop drains the ring at most.
@@ -115,7 +115,10 @@ impl Session {
             Event::ChildPaused => {
                 // Stopped before its first instruction: its probes first, then it goes on.
                 if let Err(e) = self.tracer.follow(tgid) {
-                    eprintln!("memprof: warning: pid {tgid}: {e:#}");
+                    eprintln!(
+                        "memprof: warning: pid {tgid}: {}",
+                        escape(&format!("{e:#}"))
+                    );
                 }
                 // SAFETY: a signal to a process memprof stopped.
                 unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
@@ -123,7 +126,10 @@ impl Session {
             Event::Fork { child } => {
                 // Probes of its own first: the child already runs.
                 if let Err(e) = self.tracer.follow(child) {
-                    eprintln!("memprof: warning: pid {child}: {e:#}");
+                    eprintln!(
+                        "memprof: warning: pid {child}: {}",
+                        escape(&format!("{e:#}"))
+                    );
                 }
                 let p = Proc::forked(tgid, &self.procs[&tgid]);
                 self.procs.remove(&child);
@@ -234,11 +240,14 @@ impl Session {
         match self.tracer.add_allocators(&found, tgid) {
             Ok(added) if !added.is_empty() => eprintln!(
                 "memprof: pid {tgid} ({}): now also probing {}",
-                p.comm,
-                added.join(", ")
+                escape(&p.comm),
+                escape(&added.join(", "))
             ),
             Ok(_) => {}
-            Err(e) => eprintln!("memprof: warning: pid {tgid}: {e:#}"),
+            Err(e) => eprintln!(
+                "memprof: warning: pid {tgid}: {}",
+                escape(&format!("{e:#}"))
+            ),
         }
         for id in ids {
             if !self.tracer.is_probed(id) {
