@@ -285,14 +285,18 @@ impl Session {
             None => None,
         };
         // No sample now: a spawned command has not executed yet (its RSS would be memprof's).
+        // Records left in the ring when a drain ran out of its time: the next turn takes more
+        // at once, after a look at the signals, the deadline and the requests.
+        let mut backlog = false;
 
         let end = loop {
             tokio::select! {
                 guard = ring.readable() => {
                     let mut guard = guard?;
-                    self.drain_some();
+                    backlog = self.drain_some();
                     guard.clear_ready();
                 }
+                _ = std::future::ready(()), if backlog => backlog = self.drain_some(),
                 _ = exit_of(&exited) => {
                     break End::Exited { status: self.reap() };
                 }
@@ -300,11 +304,11 @@ impl Session {
                 _ = sigterm.recv() => break End::Signal,
                 _ = sleep_until(deadline) => break End::Duration,
                 _ = tick(&mut ticker) => {
-                    self.drain_some();
+                    backlog = self.drain_some();
                     let snap = self.snapshot();
                     self.emit(&snap)?;
                 }
-                _ = tick(&mut drainer) => self.drain_some(),
+                _ = tick(&mut drainer) => backlog = self.drain_some(),
                 guard = readable(&logs) => {
                     if let Ok(mut guard) = guard {
                         self.tracer.flush_logs();
@@ -312,7 +316,7 @@ impl Session {
                     }
                 }
                 _ = tick(&mut sampler) => {
-                    self.drain_some();
+                    backlog = self.drain_some();
                     self.sample();
                     self.check_alerts()?;
                     self.publish_live(false);

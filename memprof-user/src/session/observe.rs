@@ -26,17 +26,17 @@ impl Session {
 
     /// Takes the records waiting in the ring for at most [`DRAIN_BUDGET`], so the event loop
     /// gets back to its signals, deadline and requests however fast records come; the rest
-    /// are taken at the next wakeup (at most [`super::DRAIN_EVERY`] later).
-    pub(super) fn drain_some(&mut self) {
-        self.drain_for(DRAIN_BUDGET);
+    /// are taken in the loop's next turn. Returns whether records were left.
+    pub(super) fn drain_some(&mut self) -> bool {
+        self.drain_for(DRAIN_BUDGET)
     }
 
-    /// Takes the records waiting in the ring for at most `budget`.
-    pub(super) fn drain_for(&mut self, budget: std::time::Duration) {
-        self.drain_until(Some(std::time::Instant::now() + budget));
+    /// Takes the records waiting in the ring for at most `budget`; whether records were left.
+    pub(super) fn drain_for(&mut self, budget: std::time::Duration) -> bool {
+        self.drain_until(Some(std::time::Instant::now() + budget))
     }
 
-    fn drain_until(&mut self, deadline: Option<std::time::Instant>) {
+    fn drain_until(&mut self, deadline: Option<std::time::Instant>) -> bool {
         self.drain_mappings();
         let mut taken: u32 = 0;
         loop {
@@ -44,10 +44,10 @@ impl Session {
             if taken.is_multiple_of(1024)
                 && deadline.is_some_and(|d| std::time::Instant::now() >= d)
             {
-                break;
+                return true;
             }
             let Some(item) = self.tracer.events.next() else {
-                break;
+                return false;
             };
             self.events += 1;
             let record = match decode_record(&item) {
