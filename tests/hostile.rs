@@ -667,3 +667,90 @@ int main(void) {
         );
     }
 }
+
+/// Threads that allocate flat out from deep stacks, each record carrying a stack copy.
+const FLOOD: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+void *volatile sink;
+__attribute__((noinline)) static int down(int depth) {
+    volatile char pad[256];
+    pad[0] = (char)depth;
+    if (depth == 0)
+        for (;;) { sink = malloc(64); free(sink); }
+    return down(depth - 1) + pad[0];
+}
+static void *run(void *arg) { down(100); return arg; }
+int main(int argc, char **argv) {
+    int threads = argc > 1 ? atoi(argv[1]) : 1;
+    pthread_t t;
+    for (int i = 1; i < threads; i++) pthread_create(&t, 0, run, 0);
+    printf("ready\n");
+    fflush(stdout);
+    run(0);
+}
+"#;
+
+/// A target run by `nobody` whose 8 threads allocate flat out, faster than memprof takes the
+/// records with `--unwind dwarf` on a busy machine: what does not fit in the ring is dropped
+/// by the kernel and counted, and the trace still ends within 1.5 s of --duration (or of
+/// SIGINT), detaching and the report included. It once ran 38 s for --duration 4s: the event
+/// loop drained the ring until it was empty before detaching the probes, which does not happen
+/// while records pour in.
+#[test]
+fn event_flood_cannot_delay_the_end() {
+    require_root();
+    let dir = Dir::new("flood");
+    let exe = dir.path("flooder");
+    cc(&dir, &exe, FLOOD, &["-pthread"]);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("8").uid(NOBODY).gid(NOBODY);
+    let mut target = Proc::spawn("flooder", &mut cmd);
+    target.expect_stdout_line("ready");
+    let pid = target.pid().to_string();
+    let runs: [(&[&str], bool); 4] = [
+        (
+            &[
+                "--all",
+                "--comm",
+                "flooder",
+                "--unwind",
+                "dwarf",
+                "--duration",
+                "3s",
+            ],
+            false,
+        ),
+        (
+            &["--pid", &pid, "--unwind", "dwarf", "--duration", "3s"],
+            false,
+        ),
+        (&["--pid", &pid, "--duration", "3s"], false),
+        (&["--pid", &pid, "--unwind", "dwarf"], true),
+    ];
+    for (args, interrupt) in runs {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let mut mp = Proc::spawn("memprof", &mut memprof_trace(&full));
+        wait_tracing(&mut mp);
+        let start = Instant::now();
+        if interrupt {
+            thread::sleep(Duration::from_secs(3));
+            mp.signal(libc::SIGINT);
+        }
+        let f = mp.finish(Duration::from_secs(60));
+        let took = start.elapsed().as_secs_f64();
+        let report = final_report(&f);
+        eprintln!(
+            "{args:?}: ended {took:.3} s after the trace began, {} allocations taken, {} events lost",
+            num(&report["totals"], "allocs"),
+            num(&report["totals"], "lost_events")
+        );
+        assert!(
+            took < 4.5,
+            "{args:?}: ended {took:.3} s after the trace began"
+        );
+        assert!(num(&report["totals"], "allocs") > 0, "{args:?}");
+    }
+}

@@ -52,6 +52,8 @@ pub struct Tracer {
     pub(super) probed: HashSet<(u64, u64)>,
     /// The links of `fork_child`, which pauses new children until their probes are in.
     pub(super) fork_child: Vec<TracePointLinkId>,
+    /// The other tracepoint links (library loads, the process life cycle), by program.
+    pub(super) tracepoints: Tracepoints,
     /// The kernel programs' log records, with `--kernel-log`.
     pub(super) logs: Option<EbpfLogger<KernelLog>>,
     /// Keeps the kernel's run-time statistics of BPF programs on (`--probe-stats`).
@@ -220,7 +222,7 @@ impl Tracer {
                 links.attach(&mut ebpf, set, pid)?;
             }
         }
-        let fork_child = attach_tracepoints(&mut ebpf)?;
+        let (fork_child, tracepoints) = attach_tracepoints(&mut ebpf)?;
         let mut probed = HashSet::new();
         for a in opts.allocators {
             if let Some(id) = file_id(&a.path) {
@@ -251,6 +253,7 @@ impl Tracer {
             py_stacks,
             alloc_text,
             fork_child,
+            tracepoints,
             logs,
             attach,
             links,
@@ -318,22 +321,39 @@ impl Tracer {
         self.links.len()
     }
 
-    /// Detaches every uprobe (links closed side by side); returns the number of links and how
-    /// long it took. No child pauses after this (see `follow`).
+    /// Detaches every probe: `fork_child` first (no child pauses after this, see `follow`),
+    /// the uprobes (links closed side by side), then the other tracepoints, so nothing writes
+    /// to the ring any more and draining it ends. Returns the number of uprobe links and how
+    /// long detaching them took.
     pub fn detach(&mut self) -> (usize, Duration) {
-        if let Some(tp) = self
-            .ebpf
-            .program_mut("fork_child")
-            .and_then(|p| <&mut TracePoint>::try_from(p).ok())
-        {
-            for link in self.fork_child.drain(..) {
+        let fork_child: Vec<_> = self
+            .fork_child
+            .drain(..)
+            .map(|link| ("fork_child", link))
+            .collect();
+        self.detach_tracepoints(fork_child);
+        let n = self.links.len();
+        let took = self.links.detach();
+        let rest = std::mem::take(&mut self.tracepoints);
+        self.detach_tracepoints(rest);
+        (n, took)
+    }
+
+    fn detach_tracepoints(&mut self, links: Tracepoints) {
+        for (program, link) in links {
+            if let Some(tp) = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut TracePoint>::try_from(p).ok())
+            {
                 let _ = tp.detach(link);
             }
         }
-        let n = self.links.len();
-        (n, self.links.detach())
     }
 }
+
+/// Tracepoint links with the name of their program.
+type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
@@ -413,11 +433,11 @@ fn plan_objects(
     Ok((report, sets))
 }
 
-/// Library loads and the process life cycle.
 /// Library loads and the process life cycle; returns the links of `fork_child`, which the
-/// end of a trace detaches first (see `Tracer::detach`).
-fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<TracePointLinkId>> {
+/// end of a trace detaches first (see `Tracer::detach`), and the others by program.
+fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(Vec<TracePointLinkId>, Tracepoints)> {
     let mut fork_child = Vec::new();
+    let mut others = Vec::new();
     for (program, category, name) in [
         ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
         ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
@@ -442,9 +462,11 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<TracePointLinkId>> {
             .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
         if program == "fork_child" {
             fork_child.push(link);
+        } else {
+            others.push((program, link));
         }
     }
-    Ok(fork_child)
+    Ok((fork_child, others))
 }
 
 /// The probe sets of the `--phase` functions: entry and return of each, the cookie is the

@@ -285,35 +285,31 @@ impl Session {
             None => None,
         };
         // No sample now: a spawned command has not executed yet (its RSS would be memprof's).
-        // Records left in the ring when a drain ran out of its time: the next turn takes more
-        // at once, after a look at the signals, the deadline and the requests.
+        // Records left in the ring when a drain ran out of its time: the next turn takes more,
+        // after a look at the signals, the deadline and the requests.
         let mut backlog = false;
 
+        // Biased: the signals and the deadline are looked at first in every turn, and a turn
+        // with records left yields to the runtime before it drains again, so its timers and
+        // signal streams are polled with a fresh cooperative budget. Records pouring in faster
+        // than they are taken (the rest is dropped by the kernel and counted as lost) cannot
+        // keep the trace from ending.
         let end = loop {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                break End::Duration;
+            }
             tokio::select! {
-                guard = ring.readable() => {
-                    let mut guard = guard?;
-                    backlog = self.drain_some();
-                    guard.clear_ready();
-                }
-                _ = std::future::ready(()), if backlog => backlog = self.drain_some(),
-                _ = exit_of(&exited) => {
-                    break End::Exited { status: self.reap() };
-                }
+                biased;
                 _ = sigint.recv() => break End::Signal,
                 _ = sigterm.recv() => break End::Signal,
                 _ = sleep_until(deadline) => break End::Duration,
+                _ = exit_of(&exited) => {
+                    break End::Exited { status: self.reap() };
+                }
                 _ = tick(&mut ticker) => {
                     backlog = self.drain_some();
                     let snap = self.snapshot();
                     self.emit(&snap)?;
-                }
-                _ = tick(&mut drainer) => backlog = self.drain_some(),
-                guard = readable(&logs) => {
-                    if let Ok(mut guard) = guard {
-                        self.tracer.flush_logs();
-                        guard.clear_ready();
-                    }
                 }
                 _ = tick(&mut sampler) => {
                     backlog = self.drain_some();
@@ -324,6 +320,19 @@ impl Session {
                 }
                 Some(request) = mark_rx.recv() => self.take_mark(request),
                 Some(done) = python_done(&mut self.py_scanner) => self.python_done(done),
+                guard = readable(&logs) => {
+                    if let Ok(mut guard) = guard {
+                        self.tracer.flush_logs();
+                        guard.clear_ready();
+                    }
+                }
+                guard = ring.readable() => {
+                    let mut guard = guard?;
+                    backlog = self.drain_some();
+                    guard.clear_ready();
+                }
+                _ = tick(&mut drainer) => backlog = self.drain_some(),
+                _ = tokio::task::yield_now(), if backlog => backlog = self.drain_some(),
             }
         };
         if let Some(server) = mark_server {
@@ -333,8 +342,8 @@ impl Session {
             // Clear the status line before the report.
             eprint!("\r\x1b[2K");
         }
-        // Every event of the process was submitted before it went away: take them all.
-        self.drain();
+        // What is still in the ring is taken after the probes are detached (see `detach`):
+        // draining it now, while records may pour in, might never end.
         drop(ring);
         drop(exited);
         Ok(end)

@@ -19,7 +19,8 @@ use crate::{
 const DRAIN_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Session {
-    /// Takes every record waiting in the ring buffer.
+    /// Takes every record waiting in the ring buffer. Without a bound: for the end of a
+    /// trace, once the probes are detached and nothing writes to the ring any more.
     pub fn drain(&mut self) {
         self.drain_until(None);
     }
