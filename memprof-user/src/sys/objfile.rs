@@ -69,16 +69,22 @@ impl ObjectFile {
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)?;
+        Self::from_file(file, path.display().to_string(), limit)
+    }
+
+    /// An object read from `file`, opened by the caller (shown in refusals as `shown`), with a
+    /// per-object cap of `limit` bytes; fails unless it is a regular file.
+    pub fn from_file(file: File, shown: String, limit: u64) -> io::Result<Self> {
         let meta = file.metadata()?;
         if !meta.file_type().is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", path.display()),
+                format!("{shown} is not a regular file"),
             ));
         }
         Ok(Self {
             file,
-            shown: path.display().to_string(),
+            shown,
             len: meta.len(),
             limit,
             state: RefCell::default(),
