@@ -11,22 +11,20 @@
 //! `cargo test --release -p memprof-user --test allocators -- --test-threads=1`. A test panics
 //! (never skips) when something is missing.
 
+mod common;
+
 use std::{
-    fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{OnceLock, mpsc},
-    thread,
-    time::Duration,
+    sync::OnceLock,
 };
 
+use common::{
+    DEADLINE, FIXTURE_SRC, FP, Finished, check_compiled, compiler, final_report, pid_trace,
+    require_root, run_trace, spawn_trace, start_target, work_dir,
+};
 use serde_json::Value;
 
-const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
-const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const JEMALLOC_A: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.a";
-const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// allocators.c: (function, outstanding bytes, blocks) at exit.
 const C_SITES: &[(&str, u64, u64)] = &[
@@ -38,12 +36,6 @@ const C_SITES: &[(&str, u64, u64)] = &[
 const CXX_SITES: &[(&str, u64, u64)] = &[("leak_site", 9 * 1234, 9), ("object_site", 5 * 48, 5)];
 /// Sites that free everything they allocate.
 const CHURN: &str = "churn_site";
-
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests load eBPF programs and need root");
-}
 
 /// A fixture build: (file name, compiler, source, flags).
 const BUILDS: &[(&str, &str, &str, &[&str])] = &[
@@ -82,21 +74,16 @@ fn fixture(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     require_root();
     let dir = DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-allocator-fixtures");
-        fs::create_dir_all(&dir).unwrap();
+        let dir = work_dir("memprof-allocator-fixtures");
         let src = Path::new(FIXTURE_SRC);
         // Compiled in parallel.
         let jobs: Vec<_> = BUILDS
             .iter()
             .map(|(name, cc, source, flags)| {
-                let out = dir.join(name);
-                let mut cmd = Command::new(cc);
-                cmd.args(["-O2", "-g", "-Wall", "-fno-omit-frame-pointer", "-o"])
-                    .arg(&out)
-                    .arg(src.join(source))
-                    .args(*flags)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
+                let mut cmd = compiler(cc, &dir.join(name), &src.join(source), &[FP]);
+                cmd.args(*flags)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped());
                 let what = format!("{cmd:?}");
                 let child = cmd
                     .spawn()
@@ -105,189 +92,29 @@ fn fixture(name: &str) -> PathBuf {
             })
             .collect();
         for (what, child) in jobs {
-            let res = child
-                .wait_with_output()
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert!(
-                res.status.success(),
-                "compiling a fixture failed ({what}):\n{}",
-                String::from_utf8_lossy(&res.stderr)
-            );
+            check_compiled(&what, child.wait_with_output());
         }
         dir
     });
     dir.join(name)
 }
 
-struct Run {
-    what: String,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+/// `memprof trace --json -- program`, to the end.
+fn spawn_run(program: &Path) -> Finished {
+    spawn_trace(&[], &[program])
 }
 
-impl Run {
-    fn context(&self) -> String {
-        format!(
-            "{} exited {:?}\n--- stderr ---\n{}\n--- stdout ---\n{}",
-            self.what,
-            self.code,
-            self.stderr,
-            &self.stdout[..self.stdout.len().min(20_000)]
-        )
-    }
-
-    fn records(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{}", self.context()))
-            })
-            .collect()
-    }
-
-    fn start(&self) -> Value {
-        let r = self.records();
-        assert_eq!(
-            r.first().map(|v| &v["type"]),
-            Some(&Value::from("start")),
-            "{}",
-            self.context()
-        );
-        r[0].clone()
-    }
-
-    fn report(&self) -> Value {
-        assert_eq!(self.code, Some(0), "memprof failed\n{}", self.context());
-        let r = self.records();
-        let last = r
-            .last()
-            .unwrap_or_else(|| panic!("no records\n{}", self.context()));
-        assert_eq!(last["type"], "report", "{}", self.context());
-        last.clone()
-    }
-}
-
-/// Waits for `child` with a deadline, killing it when it passes.
-fn finish(mut child: Child, what: String) -> Run {
-    let (tx, rx) = mpsc::channel();
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let out = thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err = thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    let status = match rx.recv_timeout(TIMEOUT) {
-        Ok(s) => s.unwrap(),
-        Err(_) => {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("{what} did not finish within {TIMEOUT:?}");
-        }
-    };
-    Run {
-        what,
-        code: status.code(),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-fn spawn_trace(program: &Path) -> Run {
-    let child = Command::new(MEMPROF)
-        .args(["trace", "--json", "--duration", "40s", "--"])
-        .arg(program)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start memprof");
-    finish(child, format!("memprof trace -- {}", program.display()))
-}
-
-/// Pid mode: start `program --wait`, attach once it is ready, release it with SIGUSR1.
-fn pid_trace(program: &Path) -> Run {
-    let mut target = Command::new(program)
-        .arg("--wait")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fixture");
-    let mut line = String::new();
-    BufReader::new(target.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+/// Pid mode: start `program --wait`, attach once it is ready, release it with SIGUSR1; the
+/// fixture must exit 0.
+fn pid_run(program: &Path) -> Finished {
+    let (run, target) = pid_trace(&program.display().to_string(), program, &["--wait"], &[]);
     assert_eq!(
-        line.trim(),
-        "ready",
-        "{} did not get ready",
-        program.display()
+        target.code(),
+        Some(0),
+        "fixture failed\n{}",
+        target.context()
     );
-    let pid = target.id();
-    let mut mp = Command::new(MEMPROF)
-        .args([
-            "trace",
-            "--json",
-            "--duration",
-            "40s",
-            "--pid",
-            &pid.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start memprof");
-    // Wait for `memprof: tracing pid`, then release the target; keep the rest of stderr.
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut head = String::new();
-    loop {
-        let mut l = String::new();
-        if err.read_line(&mut l).unwrap_or(0) == 0 {
-            break;
-        }
-        head.push_str(&l);
-        if l.starts_with("memprof: tracing pid ") {
-            break;
-        }
-    }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-    let rest = thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
-    let status = target.wait().unwrap();
-    assert!(status.success(), "fixture failed: {status:?}\n{head}");
-    // Give memprof's stderr back to `finish` through a pipe-less path.
-    let mut run = finish_without_stderr(mp, format!("memprof trace --pid ({})", program.display()));
-    run.stderr = head + &rest.join().unwrap();
     run
-}
-
-fn finish_without_stderr(mut child: Child, what: String) -> Run {
-    let stdout = child.stdout.take().unwrap();
-    let out = thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let (tx, rx) = mpsc::channel();
-    let pid = child.id();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    let status = match rx.recv_timeout(TIMEOUT) {
-        Ok(s) => s.unwrap(),
-        Err(_) => {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("{what} did not finish within {TIMEOUT:?}");
-        }
-    };
-    Run {
-        what,
-        code: status.code(),
-        stdout: out.join().unwrap(),
-        stderr: String::new(),
-    }
 }
 
 /// The innermost frame's function without a C++ `()` suffix.
@@ -296,8 +123,8 @@ fn site_of(group: &Value) -> Option<String> {
     Some(f.strip_suffix("()").unwrap_or(f).to_string())
 }
 
-fn check(run: &Run, sites: &[(&str, u64, u64)], spawn: bool) -> Value {
-    let report = run.report();
+fn check(run: &Finished, sites: &[(&str, u64, u64)], spawn: bool) -> Value {
+    let report = final_report(run);
     let ctx = || run.context();
     let leaks = report["leaks"].as_array().expect("leaks");
     for (site, bytes, allocs) in sites {
@@ -332,7 +159,7 @@ fn check(run: &Run, sites: &[(&str, u64, u64)], spawn: bool) -> Value {
 }
 
 /// The start record's allocator objects as (file name, kind, static).
-fn allocators(run: &Run) -> Vec<(String, String, bool)> {
+fn allocators(run: &Finished) -> Vec<(String, String, bool)> {
     run.start()["allocators"]
         .as_array()
         .unwrap_or_else(|| panic!("start.allocators\n{}", run.context()))
@@ -353,14 +180,14 @@ fn allocators(run: &Run) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-fn main_allocator(run: &Run) -> (String, String, bool) {
+fn main_allocator(run: &Finished) -> (String, String, bool) {
     allocators(run)
         .into_iter()
         .next()
         .unwrap_or_else(|| panic!("no allocators\n{}", run.context()))
 }
 
-fn probes_of(run: &Run, index: usize) -> Vec<String> {
+fn probes_of(run: &Finished, index: usize) -> Vec<String> {
     run.start()["allocators"][index]["probes"]
         .as_array()
         .unwrap()
@@ -369,32 +196,39 @@ fn probes_of(run: &Run, index: usize) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn glibc_spawn_and_pid() {
-    let exe = fixture("glibc");
-    let run = spawn_trace(&exe);
-    check(&run, C_SITES, true);
+/// Spawn mode of fixture `name`: exactly `sites`, and `main` (file name, kind, static) first
+/// among the start record's allocators.
+fn spawn_case(name: &str, sites: &[(&str, u64, u64)], main: (&str, &str, bool)) -> Finished {
+    let run = spawn_run(&fixture(name));
+    check(&run, sites, true);
     assert_eq!(
         main_allocator(&run),
-        ("libc.so.6".into(), "glibc".into(), false)
+        (main.0.to_string(), main.1.to_string(), main.2),
+        "{}",
+        run.context()
     );
+    run
+}
+
+/// Pid mode of fixture `name`: exactly `sites`.
+fn pid_case(name: &str, sites: &[(&str, u64, u64)]) -> Finished {
+    let run = pid_run(&fixture(name));
+    check(&run, sites, false);
+    run
+}
+
+#[test]
+fn glibc_spawn_and_pid() {
+    let run = spawn_case("glibc", C_SITES, ("libc.so.6", "glibc", false));
     assert_eq!(allocators(&run).len(), 1, "{}", run.context());
-    let run = pid_trace(&exe);
-    check(&run, C_SITES, false);
+    let run = pid_case("glibc", C_SITES);
     assert_eq!(main_allocator(&run).1, "glibc");
 }
 
 #[test]
 fn glibc_static_spawn_and_pid() {
-    let exe = fixture("glibc_static");
-    let run = spawn_trace(&exe);
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("glibc_static".into(), "glibc".into(), true)
-    );
-    let run = pid_trace(&exe);
-    check(&run, C_SITES, false);
+    spawn_case("glibc_static", C_SITES, ("glibc_static", "glibc", true));
+    pid_case("glibc_static", C_SITES);
 }
 
 #[test]
@@ -405,39 +239,22 @@ fn stripped_static_binary_is_a_clear_error() {
          find malloc",
         exe.display()
     );
-    let run = spawn_trace(&exe);
-    assert_eq!(run.code, Some(1), "{}", run.context());
+    let run = spawn_run(&exe);
+    assert_eq!(run.code(), Some(1), "{}", run.context());
     assert_eq!(run.stderr.trim(), expected, "{}", run.context());
     assert!(run.stdout.is_empty(), "{}", run.context());
 
-    let mut target = Command::new(&exe)
-        .arg("--wait")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(target.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let out = Command::new(MEMPROF)
-        .args(["trace", "--json", "--pid", &target.id().to_string()])
-        .output()
-        .unwrap();
-    let _ = target.kill();
-    let _ = target.wait();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), expected);
+    let target = start_target("glibc_static_stripped --wait", &exe, &["--wait"]);
+    let pid = target.pid().to_string();
+    let out = run_trace(&["--json", "--pid", &pid], DEADLINE);
+    drop(target);
+    assert_eq!(out.code(), Some(1), "{}", out.context());
+    assert_eq!(out.stderr.trim(), expected, "{}", out.context());
 }
 
 #[test]
 fn jemalloc_spawn_and_pid() {
-    let exe = fixture("jemalloc");
-    let run = spawn_trace(&exe);
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("libjemalloc.so.2".into(), "jemalloc".into(), false)
-    );
+    let run = spawn_case("jemalloc", C_SITES, ("libjemalloc.so.2", "jemalloc", false));
     assert!(
         allocators(&run).iter().any(|a| a.1 == "glibc"),
         "libc is probed too\n{}",
@@ -452,84 +269,62 @@ fn jemalloc_spawn_and_pid() {
             "jemalloc probes {probes:?} lack {f}"
         );
     }
-    let run = pid_trace(&exe);
-    check(&run, C_SITES, false);
+    let run = pid_case("jemalloc", C_SITES);
     assert_eq!(main_allocator(&run).1, "jemalloc");
 }
 
 #[test]
 fn jemalloc_linked_into_executable() {
-    let exe = fixture("jemalloc_linked_in");
-    let run = spawn_trace(&exe);
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("jemalloc_linked_in".into(), "jemalloc".into(), true)
+    spawn_case(
+        "jemalloc_linked_in",
+        C_SITES,
+        ("jemalloc_linked_in", "jemalloc", true),
     );
-    let run = pid_trace(&exe);
-    check(&run, C_SITES, false);
+    pid_case("jemalloc_linked_in", C_SITES);
 }
 
 #[test]
 fn tcmalloc_spawn() {
-    let run = spawn_trace(&fixture("tcmalloc"));
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("libtcmalloc_minimal.so.4".into(), "tcmalloc".into(), false)
+    spawn_case(
+        "tcmalloc",
+        C_SITES,
+        ("libtcmalloc_minimal.so.4", "tcmalloc", false),
     );
 }
 
 #[test]
 fn mimalloc_spawn() {
-    let run = spawn_trace(&fixture("mimalloc"));
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("libmimalloc.so.2".into(), "mimalloc".into(), false)
-    );
+    spawn_case("mimalloc", C_SITES, ("libmimalloc.so.2", "mimalloc", false));
 }
 
 #[test]
 fn musl_static_spawn_and_pid() {
-    let exe = fixture("musl_static");
-    let run = spawn_trace(&exe);
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("musl_static".into(), "musl".into(), true)
-    );
-    let run = pid_trace(&exe);
-    check(&run, C_SITES, false);
+    spawn_case("musl_static", C_SITES, ("musl_static", "musl", true));
+    pid_case("musl_static", C_SITES);
 }
 
 #[test]
 fn musl_dynamic_spawn_and_pid() {
-    let exe = fixture("musl_dynamic");
-    let run = spawn_trace(&exe);
-    check(&run, C_SITES, true);
-    assert_eq!(
-        main_allocator(&run),
-        ("ld-musl-x86_64.so.1".into(), "musl".into(), false)
+    spawn_case(
+        "musl_dynamic",
+        C_SITES,
+        ("ld-musl-x86_64.so.1", "musl", false),
     );
-    let run = pid_trace(&exe);
-    check(&run, C_SITES, false);
+    pid_case("musl_dynamic", C_SITES);
 }
 
 #[test]
 fn cxx_tcmalloc_new_delete() {
-    let exe = fixture("cxx_tcmalloc");
-    let run = spawn_trace(&exe);
+    let run = spawn_run(&fixture("cxx_tcmalloc"));
     check(&run, CXX_SITES, true);
     let probes = probes_of(&run, 0);
     assert!(probes.iter().any(|p| p == "_Znwm"), "{probes:?}");
-    let run = pid_trace(&exe);
-    check(&run, CXX_SITES, false);
+    pid_case("cxx_tcmalloc", CXX_SITES);
 }
 
 #[test]
 fn cxx_jemalloc_delete_forwarding_to_free_counts_once() {
-    let run = spawn_trace(&fixture("cxx_jemalloc"));
+    let run = spawn_run(&fixture("cxx_jemalloc"));
     check(&run, CXX_SITES, true);
     let start = run.start();
     let forwards = &start["allocators"][0]["forwards"];
@@ -545,14 +340,14 @@ fn cxx_jemalloc_delete_forwarding_to_free_counts_once() {
 
 #[test]
 fn cxx_mimalloc_new_delete() {
-    check(&spawn_trace(&fixture("cxx_mimalloc")), CXX_SITES, true);
+    check(&spawn_run(&fixture("cxx_mimalloc")), CXX_SITES, true);
 }
 
 /// libstdc++'s operator new calls malloc and has no frame pointer: it is probed itself, so the
 /// stack starts at the site (a walk from malloc would skip the site's frame).
 #[test]
 fn cxx_glibc_new_delete() {
-    let run = spawn_trace(&fixture("cxx_glibc"));
+    let run = spawn_run(&fixture("cxx_glibc"));
     check(&run, CXX_SITES, true);
     assert!(
         allocators(&run)

@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     fs,
-    io::Write as _,
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -88,35 +87,24 @@ fn patched_bytes(pid: u32, suffix: &str) -> usize {
 }
 
 /// A `procs leak COUNT SIZE` process: it maps the C library and waits for a line on stdin.
-struct Waiter {
-    proc: Proc,
-    stdin: Option<std::process::ChildStdin>,
-}
+struct Waiter(Driven);
 
 impl Waiter {
     fn start(count: u64) -> Self {
-        let (mut proc, stdin) = spawn_with_stdin(
+        Self(Driven::start(
             "procs leak",
             Command::new(procs()).args(["leak", &count.to_string(), "100"]),
-        );
-        proc.expect_stdout_line("ready");
-        Self {
-            proc,
-            stdin: Some(stdin),
-        }
+        ))
     }
 
     fn pid(&self) -> u32 {
-        self.proc.pid()
+        self.0.proc.pid()
     }
 
     /// Leaks its blocks, then ends.
     fn finish(mut self) -> Finished {
-        let mut stdin = self.stdin.take().unwrap();
-        writeln!(stdin).unwrap();
-        self.proc.expect_stdout_line("leaked");
-        drop(stdin);
-        self.proc.finish(DEADLINE)
+        self.0.go("leaked");
+        self.0.finish(DEADLINE)
     }
 }
 

@@ -12,16 +12,15 @@ mod common;
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{
-    Checks, FIXTURE_SRC, Proc, STARTUP, final_report, frame_fn, memprof_trace, num, require_root,
-    spawn_with_stdin, stack,
+    Checks, Driven, FIXTURE_SRC, attach, compile_with, final_report, frame_fn, leaks, num, python,
+    python_query, require_root, run_trace, stack, work_dir,
 };
 use serde_json::Value;
 
@@ -39,33 +38,11 @@ struct Fixture {
     descend_line: u64,
 }
 
-fn python_query(python: &Path, code: &str) -> String {
-    let out = Command::new(python)
-        .args(["-c", code])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    assert!(
-        out.status.success(),
-        "{code}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     require_root();
     FIXTURE.get_or_init(|| {
-        // The real interpreter, not a launcher script that execs it.
-        let python = std::env::var_os("MEMPROF_TEST_PYTHON").map_or_else(
-            || {
-                PathBuf::from(python_query(
-                    Path::new("python3"),
-                    "import sys; print(sys.executable)",
-                ))
-            },
-            PathBuf::from,
-        );
+        let python = python();
         let include = python_query(
             &python,
             "import sysconfig; print(sysconfig.get_paths()['include'])",
@@ -74,19 +51,13 @@ fn fixture() -> &'static Fixture {
             &python,
             "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))",
         );
-        let ext_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-python");
-        fs::create_dir_all(&ext_dir).unwrap();
-        let module = ext_dir.join(format!("pyleak{suffix}"));
-        let res = Command::new("cc")
-            .args(["-O2", "-g", "-shared", "-fPIC", "-I", &include, "-o"])
-            .arg(&module)
-            .arg(Path::new(FIXTURE_SRC).join("pyleak.c"))
-            .output()
-            .expect("cannot run cc");
-        assert!(
-            res.status.success(),
-            "building the pyleak extension failed (are {include}'s headers installed?):\n{}",
-            String::from_utf8_lossy(&res.stderr)
+        // Are the interpreter's headers (in `include`) installed? Without them this fails.
+        let ext_dir = work_dir("memprof-python");
+        compile_with(
+            "cc",
+            &ext_dir.join(format!("pyleak{suffix}")),
+            &Path::new(FIXTURE_SRC).join("pyleak.c"),
+            &["-shared", "-fPIC", "-I", &include],
         );
         let script = Path::new(FIXTURE_SRC).join("pynative.py");
         let text = fs::read_to_string(&script).unwrap();
@@ -116,7 +87,7 @@ type Shown = (String, String, u64);
 fn python_site(r: &Value, function: &str) -> ((u64, u64), Vec<Shown>) {
     let mut total = (0, 0);
     let mut first = None;
-    for g in r["leaks"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+    for g in leaks(r) {
         let frames: Vec<Shown> = stack(g)
             .iter()
             .map(|f| {
@@ -147,7 +118,9 @@ fn python_frames(frames: &[Shown]) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
+/// `whole`: the native part of the stacks is whole (tables or dwarf, not frame pointers), so
+/// the Python frames' place among native ones is checked too.
+fn check(c: &mut Checks, r: &Value, fx: &Fixture, whole: bool) {
     for (function, line, bytes, allocs) in [
         ("leak_via_ctypes", fx.ctypes_line, 3333, 3),
         ("leak_via_extension", fx.extension_line, 8888, 4),
@@ -171,19 +144,19 @@ fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
             py.last().is_some_and(|(f, _)| f == "<module>"),
             format!("{function}: the outermost Python frame is <module>: {py:?}"),
         );
-        if dwarf {
-            // Python frames sit between the native code they called and the interpreter.
+        if whole {
+            // The native code the Python function called, then the eval loop's frame that ran
+            // it, then the Python frames.
             let first_py = frames
                 .iter()
                 .position(|(k, _, _)| k == "python")
                 .unwrap_or(0);
             let eval = frames
                 .iter()
-                .position(|(_, f, _)| f == "_PyEval_EvalFrameDefault")
-                .unwrap_or(0);
+                .position(|(_, f, _)| f == "_PyEval_EvalFrameDefault");
             c.check(
-                first_py > 0 && eval > first_py,
-                format!("{function}: native, then Python, then the eval loop: {frames:?}"),
+                first_py > 0 && eval == Some(first_py - 1),
+                format!("{function}: native, then the eval loop, then Python: {frames:?}"),
             );
         }
     }
@@ -214,10 +187,8 @@ fn check(c: &mut Checks, r: &Value, fx: &Fixture, dwarf: bool) {
 
 fn spawned(unwind: &str) {
     let fx = fixture();
-    let ext = fx.ext_dir.to_str().unwrap();
-    let run = Proc::spawn(
-        format!("memprof trace --unwind {unwind} -- python pynative.py"),
-        &mut memprof_trace(&[
+    let run = run_trace(
+        &[
             "--json",
             "--unwind",
             unwind,
@@ -226,19 +197,24 @@ fn spawned(unwind: &str) {
             "--",
             fx.python.to_str().unwrap(),
             fx.script.to_str().unwrap(),
-            ext,
-        ]),
-    )
-    .finish(DEADLINE);
+            fx.ext_dir.to_str().unwrap(),
+        ],
+        DEADLINE,
+    );
     let r = final_report(&run);
     let mut c = Checks::new(format!("Python frames, spawned, --unwind {unwind}"));
-    check(&mut c, &r, fx, unwind == "dwarf");
+    check(&mut c, &r, fx, unwind != "fp");
     c.finish(|| run.context());
 }
 
 #[test]
 fn python_frames_on_native_allocations_spawned() {
     spawned("fp");
+}
+
+#[test]
+fn python_frames_on_native_allocations_spawned_tables() {
+    spawned("tables");
 }
 
 #[test]
@@ -249,33 +225,18 @@ fn python_frames_on_native_allocations_spawned_dwarf() {
 #[test]
 fn python_frames_on_native_allocations_by_pid() {
     let fx = fixture();
-    let (mut target, mut stdin) = spawn_with_stdin(
+    let mut target = Driven::start(
         "python pynative.py --wait",
         Command::new(&fx.python)
             .arg(&fx.script)
             .arg(&fx.ext_dir)
             .arg("--wait"),
     );
-    target.expect_stdout_line("ready");
-    let pid = target.pid().to_string();
-    let mp = Proc::spawn(
-        "memprof trace --pid (python)",
-        &mut memprof_trace(&["--json", "--pid", &pid, "--duration", "60s"]),
-    );
-    let deadline = Instant::now() + STARTUP;
-    assert!(
-        mp.err
-            .wait_line(deadline, |l| l.starts_with("memprof: tracing "))
-            .is_some(),
-        "memprof did not start\n{}",
-        mp.output_so_far()
-    );
-    stdin.write_all(b"go\n").unwrap();
-    stdin.flush().unwrap();
-    target.expect_stdout_line("done");
+    let mp = attach(&target.proc, &["--duration", "60s"]);
+    target.go("done");
     let run = mp.finish(DEADLINE);
     let r = final_report(&run);
     let mut c = Checks::new("Python frames, by pid");
-    check(&mut c, &r, fx, false);
+    check(&mut c, &r, fx, true);
     c.finish(|| run.context());
 }

@@ -26,25 +26,15 @@
 //! Needs root (eBPF) and `cc`: `sudo -E cargo test --release -p memprof-user --test sampling --
 //! --test-threads=1` (a few seconds).
 
-use std::{
-    collections::HashMap,
-    ffi::OsString,
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{collections::HashMap, fs, path::PathBuf, sync::OnceLock};
 
 use serde_json::Value;
 
 mod common;
-use common::{Checks, Finished, Proc, frame_fn, leaks, num, os, stack};
-
-const MEMPROF: &str = env!("CARGO_BIN_EXE_memprof");
-const FIXTURE_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/sampling.c");
-const DEADLINE: Duration = Duration::from_secs(60);
-const SAFETY_NET: &str = "40s";
+use common::{
+    Checks, DEADLINE, FP, Finished, SAFETY_NET, compile_c, num, require_root, run_trace,
+    site_total, spawn_trace, work_dir,
+};
 
 /// The sampling interval of the tests.
 const T: u64 = 64 << 10;
@@ -54,40 +44,15 @@ const B_BLOCKS: u64 = 10_240;
 const BIG: u64 = 4 << 20;
 const N_BIG: u64 = 8;
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "integration tests need root: they load eBPF programs (euid is {euid}); run \
-         `sudo -E cargo test -p memprof-user --test sampling`"
-    );
-}
-
-fn work_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-sampling");
-    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    dir
-}
-
-fn fixture() -> &'static Path {
+fn fixture() -> &'static PathBuf {
     static FIXTURE: OnceLock<PathBuf> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let out = work_dir().join("sampling");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let mut cmd = Command::new(&cc);
-        cmd.args(["-O2", "-g", "-Wall", "-fno-omit-frame-pointer", "-o"])
-            .arg(&out)
-            .arg(FIXTURE_SRC);
-        let res = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
-        assert!(
-            res.status.success(),
-            "compiling the fixture failed ({cmd:?}):\n{}",
-            String::from_utf8_lossy(&res.stderr)
-        );
-        out
+        compile_c(
+            &work_dir("memprof-sampling"),
+            "sampling",
+            "sampling.c",
+            &[FP],
+        )
     })
 }
 
@@ -100,18 +65,11 @@ struct Trace {
 
 fn trace(opts: &[&str], scenario: &str) -> Trace {
     require_root();
-    let csv = work_dir().join(format!("{scenario}-{}.csv", opts.join("_")));
+    let csv = work_dir("memprof-sampling").join(format!("{scenario}-{}.csv", opts.join("_")));
     let _ = fs::remove_file(&csv);
-    let mut args: Vec<OsString> = os(&["trace", "--json", "--duration", SAFETY_NET, "--csv"]);
-    args.push(csv.clone().into());
-    args.extend(os(opts));
-    args.push("--".into());
-    args.push(fixture().into());
-    args.push(scenario.into());
-    let what = format!("memprof trace {opts:?} -- sampling {scenario}");
-    let mut cmd = Command::new(MEMPROF);
-    cmd.args(&args);
-    let run = Proc::spawn(what, &mut cmd).finish(DEADLINE);
+    let mut args = vec!["--csv", csv.to_str().unwrap()];
+    args.extend(opts);
+    let run = spawn_trace(&args, &[fixture().to_str().unwrap(), scenario]);
     assert_eq!(run.code(), Some(0), "{}", run.context());
     let report = run
         .ndjson()
@@ -153,12 +111,7 @@ impl Trace {
 
     /// Outstanding (bytes, allocs) of the leak groups whose innermost frame is `function`.
     fn leak(&self, function: &str) -> (u64, u64) {
-        leaks(&self.report)
-            .iter()
-            .filter(|g| stack(g).first().and_then(frame_fn) == Some(function))
-            .fold((0, 0), |(b, a), g| {
-                (b + num(g, "bytes"), a + num(g, "allocs"))
-            })
+        site_total(&self.report, function)
     }
 
     fn context(&self) -> String {
@@ -362,23 +315,22 @@ fn without_sampling_the_same_fixture_is_exact() {
 #[test]
 fn text_and_html_reports_say_they_are_sampled() {
     require_root();
-    let html = work_dir().join("large.html");
+    let html = work_dir("memprof-sampling").join("large.html");
     let _ = fs::remove_file(&html);
-    let mut cmd = Command::new(MEMPROF);
-    cmd.args([
-        "trace",
-        "--sample-bytes",
-        "64K",
-        "--duration",
-        SAFETY_NET,
-        "--html",
-    ])
-    .arg(&html)
-    .arg("--")
-    .arg(fixture())
-    .arg("large");
-    let what = "memprof trace --sample-bytes 64K --html FILE -- sampling large";
-    let run = Proc::spawn(what, &mut cmd).finish(DEADLINE);
+    let run = run_trace(
+        &[
+            "--sample-bytes",
+            "64K",
+            "--duration",
+            SAFETY_NET,
+            "--html",
+            html.to_str().unwrap(),
+            "--",
+            fixture().to_str().unwrap(),
+            "large",
+        ],
+        DEADLINE,
+    );
     assert_eq!(run.code(), Some(0), "{}", run.context());
     assert!(
         run.stdout

@@ -1,120 +1,79 @@
-//! End-to-end tests of `--unwind dwarf` with the real `memprof` binary and real eBPF: code built
-//! without frame pointers gets whole, exact stacks, one group per call site.
+//! End-to-end tests of unwinding code built without frame pointers with the real `memprof`
+//! binary and real eBPF: the default `--unwind tables` (the kernel walks with tables built from
+//! CFI) and `--unwind dwarf` (stack copies unwound by memprof) give whole, exact stacks, one
+//! group per call site; `--unwind fp` does not.
 //!
 //! Fixtures: tests/fixtures/deep.c (a leak four calls deep, `-fomit-frame-pointer`) and
 //! deepnew.cpp + deepnew_main.c (C++ `operator new` in a shared library without frame pointers);
 //! tall.c (frame-pointer stacks 41 and 7 frames tall, for the kernel's windowed frame walk);
-//! threads.c (four threads without frame pointers: each thread's stack top is learnt apart).
+//! threads.c (four threads without frame pointers: each thread's stack top is learnt apart);
+//! deepopen.c (loads libdeepnew.so with dlopen mid-run: code the tables learn of late).
 //! Needs root, `cc` and `c++`:
 //! `cargo test --release -p memprof-user --test unwind -- --test-threads=1`.
 
 mod common;
 
 use std::{
-    fs,
-    io::Write as _,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{
-    Checks, FIXTURE_SRC, Finished, Proc, STARTUP, final_report, frame_fn, frame_names,
-    memprof_trace, num, require_root, spawn_with_stdin, stack,
+    Checks, Driven, FIXTURE_SRC, FP, Finished, attach, compile_with, final_report, frame_names,
+    num, require_root, run_trace, site_groups, stack, work_dir,
 };
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(90);
+/// Built without frame pointers unless told otherwise.
+const NO_FP: &str = "-fomit-frame-pointer";
 
 struct Fixtures {
     deep: PathBuf,
     deepnew: PathBuf,
     tall: PathBuf,
     threads: PathBuf,
+    deepopen: PathBuf,
+    libdeepnew: PathBuf,
 }
 
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     require_root();
     FIXTURES.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memprof-unwind");
-        fs::create_dir_all(&dir).unwrap();
-        let src = Path::new(FIXTURE_SRC);
-        let build = |compiler: &str, args: &[&str]| {
-            let mut cmd = Command::new(compiler);
-            cmd.current_dir(&dir).args(["-O2", "-g"]);
-            if !args.contains(&"-fno-omit-frame-pointer") {
-                cmd.arg("-fomit-frame-pointer");
-            }
-            cmd.args(args);
-            let res = cmd
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
-            assert!(
-                res.status.success(),
-                "{cmd:?} failed:\n{}",
-                String::from_utf8_lossy(&res.stderr)
-            );
-        };
+        let dir = work_dir("memprof-unwind");
+        let src = |name: &str| PathBuf::from(FIXTURE_SRC).join(name);
         let deep = dir.join("deep");
-        build(
-            "cc",
-            &[
-                "-o",
-                deep.to_str().unwrap(),
-                src.join("deep.c").to_str().unwrap(),
-            ],
-        );
-        build(
+        compile_with("cc", &deep, &src("deep.c"), &[NO_FP]);
+        compile_with(
             "c++",
-            &[
-                "-fPIC",
-                "-shared",
-                "-o",
-                dir.join("libdeepnew.so").to_str().unwrap(),
-                src.join("deepnew.cpp").to_str().unwrap(),
-            ],
+            &dir.join("libdeepnew.so"),
+            &src("deepnew.cpp"),
+            &[NO_FP, "-fPIC", "-shared"],
         );
         let deepnew = dir.join("deepnew");
         let rpath = format!("-Wl,-rpath,{}", dir.display());
-        build(
+        compile_with(
             "cc",
-            &[
-                "-o",
-                deepnew.to_str().unwrap(),
-                src.join("deepnew_main.c").to_str().unwrap(),
-                "-L",
-                dir.to_str().unwrap(),
-                "-ldeepnew",
-                &rpath,
-            ],
+            &deepnew,
+            &src("deepnew_main.c"),
+            &[NO_FP, "-L", dir.to_str().unwrap(), "-ldeepnew", &rpath],
         );
         let tall = dir.join("tall");
-        build(
-            "cc",
-            &[
-                "-fno-omit-frame-pointer",
-                "-o",
-                tall.to_str().unwrap(),
-                src.join("tall.c").to_str().unwrap(),
-            ],
-        );
+        compile_with("cc", &tall, &src("tall.c"), &[FP]);
         let threads = dir.join("threads");
-        build(
-            "cc",
-            &[
-                "-pthread",
-                "-o",
-                threads.to_str().unwrap(),
-                src.join("threads.c").to_str().unwrap(),
-            ],
-        );
+        compile_with("cc", &threads, &src("threads.c"), &[NO_FP, "-pthread"]);
+        let deepopen = dir.join("deepopen");
+        compile_with("cc", &deepopen, &src("deepopen.c"), &[NO_FP, "-ldl"]);
         Fixtures {
             deep,
             deepnew,
             tall,
             threads,
+            deepopen,
+            libdeepnew: dir.join("libdeepnew.so"),
         }
     })
 }
@@ -124,35 +83,25 @@ fn names(group: &Value) -> Vec<String> {
     frame_names(group).into_iter().map(String::from).collect()
 }
 
-/// Groups whose innermost frame is `function`.
-fn groups<'a>(r: &'a Value, function: &str) -> Vec<&'a Value> {
-    r["leaks"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-        .iter()
-        .filter(|g| stack(g).first().and_then(frame_fn) == Some(function))
-        .collect()
-}
-
 /// Runs `memprof trace --json [opts] -- program` to the end: the run and its final report.
 fn trace_spawned(opts: &[&str], program: &Path) -> (Finished, Value) {
-    let program = program.to_str().unwrap();
+    trace_spawned_args(opts, program, &[])
+}
+
+/// `trace_spawned` with arguments for the program.
+fn trace_spawned_args(opts: &[&str], program: &Path, program_args: &[&str]) -> (Finished, Value) {
     let mut args = vec!["--json", "--duration", "60s"];
     args.extend(opts);
-    args.extend(["--", program]);
-    let run = Proc::spawn(
-        format!("memprof trace {}", args.join(" ")),
-        &mut memprof_trace(&args),
-    )
-    .finish(DEADLINE);
+    args.extend(["--", program.to_str().unwrap()]);
+    args.extend(program_args);
+    let run = run_trace(&args, DEADLINE);
     let report = final_report(&run);
     (run, report)
 }
 
 /// The two chains of deep.c: each exactly one group, with every frame named down to main.
 fn check_deep(c: &mut Checks, r: &Value) {
-    let leaf = groups(r, "leaf_alloc");
+    let leaf = site_groups(r, "leaf_alloc");
     c.eq("groups at leaf_alloc (one per call chain)", leaf.len(), 2);
     for (outer, bytes, allocs) in [("outer_a", 1200, 12), ("outer_b", 1500, 5)] {
         let chain: Vec<&&Value> = leaf
@@ -180,12 +129,37 @@ fn check_deep(c: &mut Checks, r: &Value) {
             format!("{outer}: every frame native, none unknown: {kinds:?} {n:?}"),
         );
     }
-    c.eq("no churn group", groups(r, "churn").len(), 0);
+    c.eq("no churn group", site_groups(r, "churn").len(), 0);
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
     c.check(
         r["unwind"]["allocations"].as_u64().unwrap_or(0) >= 10017,
         format!("every allocation unwound: {}", r["unwind"]),
     );
+}
+
+/// With tables, the kernel's walks of every allocation reached the entry: all bytes end there
+/// (walked in the kernel, or copied and unwound by memprof where the tables were behind).
+fn check_whole(c: &mut Checks, r: &Value) {
+    let u = &r["unwind"];
+    c.eq("unwind mode", u["mode"].as_str(), Some("tables"));
+    let ends = u["tables"]["ends"].as_object().cloned().unwrap_or_default();
+    let stopped: Vec<&String> = ends.keys().filter(|k| !k.starts_with("entry")).collect();
+    c.check(stopped.is_empty(), format!("walks that stopped early: {u}"));
+    c.eq(
+        "entry share",
+        u["tables"]["entry_share"].as_f64(),
+        Some(1.0),
+    );
+}
+
+#[test]
+fn tables_unwind_a_deep_chain_without_frame_pointers_by_default() {
+    let f = fixtures();
+    let (run, r) = trace_spawned(&[], &f.deep);
+    let mut c = Checks::new("default mode (tables), spawned");
+    check_deep(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
 }
 
 #[test]
@@ -199,46 +173,29 @@ fn dwarf_unwinds_a_deep_chain_without_frame_pointers() {
 
 #[test]
 fn dwarf_unwinds_when_attached_by_pid() {
+    deep_by_pid("dwarf");
+}
+
+#[test]
+fn tables_unwind_when_attached_by_pid() {
+    deep_by_pid("tables");
+}
+
+/// deep.c traced by pid with `--unwind MODE`: both chains whole.
+fn deep_by_pid(mode: &str) {
     let f = fixtures();
-    let (mut target, mut stdin) =
-        spawn_with_stdin("deep --wait", Command::new(&f.deep).arg("--wait"));
-    target.expect_stdout_line("ready");
-    let pid = target.pid().to_string();
-    let mp = Proc::spawn(
-        "memprof trace --unwind dwarf --pid",
-        &mut memprof_trace(&[
-            "--json",
-            "--unwind",
-            "dwarf",
-            "--pid",
-            &pid,
-            "--duration",
-            "60s",
-        ]),
-    );
-    let deadline = Instant::now() + STARTUP;
-    assert!(
-        mp.err
-            .wait_line(deadline, |l| l.starts_with("memprof: tracing "))
-            .is_some(),
-        "memprof did not start\n{}",
-        mp.output_so_far()
-    );
-    stdin.write_all(b"go\n").unwrap();
-    stdin.flush().unwrap();
-    let deadline = Instant::now() + STARTUP;
-    assert!(
-        target
-            .out
-            .wait_line(deadline, |l| l.starts_with("done"))
-            .is_some()
-    );
+    let mut target = Driven::start("deep --wait", Command::new(&f.deep).arg("--wait"));
+    let mp = attach(&target.proc, &["--unwind", mode, "--duration", "60s"]);
+    target.go("done");
     mp.signal(libc::SIGINT);
     let run = mp.finish(DEADLINE);
-    drop(stdin);
+    drop(target);
     let r = final_report(&run);
-    let mut c = Checks::new("--unwind dwarf, by pid");
+    let mut c = Checks::new(format!("--unwind {mode}, by pid"));
     check_deep(&mut c, &r);
+    if mode == "tables" {
+        check_whole(&mut c, &r);
+    }
     c.finish(|| run.context());
 }
 
@@ -246,34 +203,97 @@ fn dwarf_unwinds_when_attached_by_pid() {
 fn dwarf_unwinds_operator_new_in_a_library_without_frame_pointers() {
     let f = fixtures();
     let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.deepnew);
-    let mut c = Checks::new("operator new without frame pointers");
-    let leaf = groups(&r, "cxx_leaf");
-    c.eq("groups at cxx_leaf", leaf.len(), 1);
+    let mut c = Checks::new("operator new without frame pointers, dwarf");
+    check_deepnew(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+#[test]
+fn tables_unwind_operator_new_in_a_library_without_frame_pointers() {
+    let f = fixtures();
+    let (run, r) = trace_spawned(&[], &f.deepnew);
+    let mut c = Checks::new("operator new without frame pointers, tables");
+    check_deepnew(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+/// A library loaded with dlopen mid-run, by a command memprof started: it stops at the load
+/// until its table is in, and the allocations right after have whole stacks.
+#[test]
+fn tables_unwind_a_library_loaded_mid_run() {
+    let f = fixtures();
+    let (run, r) = trace_spawned_args(&[], &f.deepopen, &[f.libdeepnew.to_str().unwrap()]);
+    let mut c = Checks::new("dlopen mid-run, spawned");
+    check_deepnew(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+/// The same, attached by pid: memprof does not stop a process it did not start, so the walks
+/// that meet the new library before its table is in go out as stack copies; either way every
+/// stack is whole.
+#[test]
+fn tables_unwind_a_library_loaded_mid_run_by_pid() {
+    let f = fixtures();
+    let mut target = Driven::start(
+        "deepopen --wait",
+        Command::new(&f.deepopen).arg(&f.libdeepnew).arg("--wait"),
+    );
+    let mp = attach(&target.proc, &["--duration", "60s"]);
+    target.go("done");
+    mp.signal(libc::SIGINT);
+    let run = mp.finish(DEADLINE);
+    drop(target);
+    let r = final_report(&run);
+    let mut c = Checks::new("dlopen mid-run, by pid");
+    check_deepnew(&mut c, &r);
+    check_whole(&mut c, &r);
+    c.finish(|| run.context());
+}
+
+/// deepnew's one leak: 7 x 48 bytes three calls into the library, then main. Innermost comes
+/// `cxx_leaf`, or `operator new` when the C++ library came with `dlopen` (memprof then probes
+/// only the C library's `malloc`, which `operator new` calls).
+fn check_deepnew(c: &mut Checks, r: &Value) {
+    let leaf: Vec<&Value> = r["leaks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter(|g| names(g).iter().any(|n| n == "cxx_leaf"))
+        .collect();
+    c.eq("groups through cxx_leaf", leaf.len(), 1);
     if let Some(g) = leaf.first() {
         c.eq(
             "bytes, allocs",
             (num(g, "bytes"), num(g, "allocs")),
             (7 * 48, 7),
         );
+        let n = names(g);
+        let at = n.iter().position(|f| f == "cxx_leaf").unwrap_or(0);
+        c.check(
+            n[..at].iter().all(|f| f.starts_with("operator new")),
+            format!("only operator new inside cxx_leaf: {n:?}"),
+        );
         c.eq(
-            "innermost four frames",
-            names(g).into_iter().take(4).collect::<Vec<_>>(),
+            "four frames from cxx_leaf",
+            n.iter().skip(at).take(4).cloned().collect::<Vec<_>>(),
             ["cxx_leaf", "cxx_mid(int)", "cxx_entry", "main"]
                 .map(String::from)
                 .to_vec(),
         );
     }
-    c.finish(|| run.context());
 }
 
 #[test]
-fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
-    // The same fixture without --unwind dwarf: the kernel's frame-pointer walk stops or goes
-    // wrong after the leaf, which is why dwarf exists. Guards against a test fixture that
+fn frame_pointer_mode_loses_the_chain() {
+    // The same fixture with --unwind fp: the kernel's frame-pointer walk stops or goes wrong
+    // after the leaf, which is why the other modes exist. Guards against a test fixture that
     // accidentally kept frame pointers.
     let f = fixtures();
-    let (run, r) = trace_spawned(&[], &f.deep);
-    let intact = groups(&r, "leaf_alloc").iter().any(|g| {
+    let (run, r) = trace_spawned(&["--unwind", "fp"], &f.deep);
+    let intact = site_groups(&r, "leaf_alloc").iter().any(|g| {
         names(g).iter().take(5).map(String::as_str).eq([
             "leaf_alloc",
             "inner",
@@ -294,9 +314,9 @@ fn frame_pointer_mode_loses_the_chain_dwarf_restores() {
 #[test]
 fn frame_pointer_walk_follows_tall_stacks() {
     let f = fixtures();
-    let (run, r) = trace_spawned(&[], &f.tall);
+    let (run, r) = trace_spawned(&["--unwind", "fp"], &f.tall);
     let mut c = Checks::new("frame pointers, tall stacks");
-    let leaf = groups(&r, "tall_leaf");
+    let leaf = site_groups(&r, "tall_leaf");
     c.eq("groups at tall_leaf", leaf.len(), 2);
     for (middle, depth, bytes, allocs) in [("climb", 40, 861, 7), ("bulky", 6, 12000, 3)] {
         let chain: Vec<&&Value> = leaf
@@ -329,10 +349,23 @@ fn frame_pointer_walk_follows_tall_stacks() {
 /// with no frame cut short.
 #[test]
 fn dwarf_unwinds_each_thread_on_its_own_stack() {
+    threads("dwarf");
+}
+
+/// With tables, each thread's walk ends at its start in `clone3`, the outermost frame.
+#[test]
+fn tables_unwind_each_thread_to_its_start() {
+    threads("tables");
+}
+
+fn threads(mode: &str) {
     let f = fixtures();
-    let (run, r) = trace_spawned(&["--unwind", "dwarf"], &f.threads);
-    let mut c = Checks::new("--unwind dwarf, threads");
-    let leak = groups(&r, "thread_leak");
+    let (run, r) = trace_spawned(&["--unwind", mode], &f.threads);
+    let mut c = Checks::new(format!("--unwind {mode}, threads"));
+    if mode == "tables" {
+        check_whole(&mut c, &r);
+    }
+    let leak = site_groups(&r, "thread_leak");
     c.eq("groups at thread_leak", leak.len(), 1);
     if let Some(g) = leak.first() {
         c.eq(

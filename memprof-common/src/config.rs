@@ -44,6 +44,8 @@ pub mod unwind {
     pub const FRAME_POINTERS: u32 = 0;
     /// Registers and a copy of the stack, unwound by the agent from the objects' CFI.
     pub const DWARF: u32 = 1;
+    /// Unwind tables from the objects' CFI, walked in the kernel (`tables`).
+    pub const TABLES: u32 = 2;
 }
 
 /// How the kernel programs choose the processes they report on (the `MODE` global).

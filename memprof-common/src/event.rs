@@ -1,7 +1,7 @@
 //! The ring buffer's records: the header every record starts with, the kinds and the bodies.
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 4;
+pub const EVENT_VERSION: u16 = 5;
 
 /// What a ring-buffer record describes. Stable values: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +136,10 @@ impl AllocFn {
         }
     }
 }
+
+/// `EventHeader::func` of an `ExecMap`, `Exec` or `ChildPaused` record: the process stopped
+/// itself (SIGSTOP) and waits for the agent to continue it (SIGCONT).
+pub const PAUSED: u32 = 1 << 31;
 
 /// First bytes of every ring-buffer record.
 #[repr(C)]

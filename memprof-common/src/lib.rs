@@ -12,12 +12,14 @@ mod event;
 mod python;
 mod sampling;
 mod stack;
+mod tables;
 
 pub use config::*;
 pub use event::*;
 pub use python::*;
 pub use sampling::*;
 pub use stack::*;
+pub use tables::*;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -35,6 +37,10 @@ mod pod {
     unsafe impl aya::Pod for super::PyWalk {}
     unsafe impl aya::Pod for super::PyStack {}
     unsafe impl aya::Pod for super::TextRanges {}
+    unsafe impl aya::Pod for super::RowBlock {}
+    unsafe impl aya::Pod for super::IdxBlock {}
+    unsafe impl aya::Pod for super::ModuleInfo {}
+    unsafe impl aya::Pod for super::ProcMaps {}
 }
 
 #[cfg(test)]
@@ -55,6 +61,13 @@ mod tests {
         assert_eq!(size_of::<ExecEvent>(), 40);
         assert_eq!(size_of::<UnwindEvent>(), 80);
         assert_eq!(size_of::<PyWalk>(), 64);
+        assert_eq!(size_of::<StackTrace>(), 1024);
+        assert_eq!(size_of::<UnwindRow>(), 8);
+        assert_eq!(size_of::<RowBlock>(), 512);
+        assert_eq!(size_of::<IdxBlock>(), 512);
+        assert_eq!(size_of::<ModuleInfo>(), 32);
+        assert_eq!(size_of::<ExecMap>(), 32);
+        assert_eq!(size_of::<ProcMaps>(), 16 + 32 * MAX_EXEC_MAPS);
     }
 
     #[test]
@@ -123,7 +136,7 @@ mod tests {
             frame_owner: PY_NONE,
             frame_span: 0,
             frames_in_data_stack: 0,
-            _pad: 0,
+            frame_is_entry: PY_NONE,
         };
         assert_eq!(walk.span_of_frame_fields(), Some(108));
         // _PyInterpreterFrame of 3.12: f_code 0, previous 8, prev_instr 56, char owner 70.
@@ -135,6 +148,10 @@ mod tests {
         assert_eq!(walk.span_of_frame_fields(), Some(71));
         walk.frame_owner = PY_NONE;
         assert_eq!(walk.span_of_frame_fields(), Some(64));
+        // 3.11: bool is_entry at 68, then owner at 69.
+        walk.frame_is_entry = 68;
+        assert_eq!(walk.span_of_frame_fields(), Some(69));
+        walk.frame_is_entry = PY_NONE;
         walk.frame_previous = PY_FRAME_COPY - 4;
         assert_eq!(walk.span_of_frame_fields(), None);
         // A field the reader could not place.

@@ -35,8 +35,15 @@ pub struct PyWalk {
     /// thread's data stack, each caller's just below its callee's: one read then copies
     /// several.
     pub frames_in_data_stack: u32,
-    pub _pad: u32,
+    /// `_PyInterpreterFrame.is_entry` (a byte; 3.11 only, [`PY_NONE`] otherwise): a frame with
+    /// it set is the outermost of its `_PyEval_EvalFrameDefault` call, and is recorded with
+    /// [`PY_ENTRY`] in its instruction field.
+    pub frame_is_entry: u32,
 }
+
+/// Set in a recorded instruction field: the frame is the outermost its call of the eval loop
+/// runs (3.11's `is_entry`). Instruction fields never use the top bit.
+pub const PY_ENTRY: u64 = 1 << 63;
 
 /// Most bytes of one Python frame the kernel walk copies (a power of two).
 pub const PY_FRAME_COPY: u32 = 128;
@@ -51,6 +58,9 @@ impl PyWalk {
             .max(self.frame_instr.checked_add(instr)?);
         if self.frame_owner != PY_NONE {
             span = span.max(self.frame_owner.checked_add(1)?);
+        }
+        if self.frame_is_entry != PY_NONE {
+            span = span.max(self.frame_is_entry.checked_add(1)?);
         }
         (span <= PY_FRAME_COPY).then_some(span)
     }

@@ -14,6 +14,8 @@ pub const NO_STACK: u64 = 0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackTrace {
     pub ips: [u64; MAX_STACK_DEPTH],
+    /// How a table walk ended (`unwind_end`; not part of the key).
+    pub end: u64,
 }
 
 impl StackTrace {

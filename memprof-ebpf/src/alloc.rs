@@ -26,6 +26,7 @@ use crate::{
     filter::{floor, traced_thread},
     python::py_stack,
     stack::stack_key,
+    tables::STACK_STALE,
 };
 
 /// `mmap`'s flag for a mapping backed by no file, and its return value on failure.
@@ -84,6 +85,16 @@ fn emit_alloc(ctx: &RetProbeContext, kind: EventKind, func: u32, id: u64, addr: 
         return;
     }
     let (stack, new_stack) = stack_key(ctx, id);
+    if stack == STACK_STALE {
+        emit_alloc_stack(
+            ctx,
+            u64::from(kind == EventKind::Mmap) << 32 | u64::from(func),
+            id,
+            addr,
+            size,
+        );
+        return;
+    }
     let (py_stack, new_py) = py_stack(id);
     emit_with(
         AllocEvent {

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_send_signal},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
 use memprof_common::{
-    COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, EVENT_VERSION, EventHeader, EventKind,
+    COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, EVENT_VERSION, EventHeader, EventKind, PAUSED,
 };
 
 use crate::WAKEUP_BYTES;
@@ -42,6 +42,26 @@ pub(crate) fn header(kind: EventKind, func: u32, id: u64) -> EventHeader {
         func,
         ts_ns: unsafe { bpf_ktime_get_ns() },
     }
+}
+
+/// Writes a record that starts with its `EventHeader`, and with `pause` stops the current
+/// process (SIGSTOP) for the agent to continue (SIGCONT) once it has acted on the record; the
+/// header's `func` then says `PAUSED`. The stop comes only once the record has its place in the
+/// ring, so the agent always learns of a stop it must end.
+#[inline(always)]
+pub(crate) fn emit_pausing<T: 'static>(mut event: T, pause: bool) {
+    const SIGSTOP: u32 = 19;
+    let Some(mut slot) = EVENTS.reserve::<T>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    // SAFETY: signals the current task.
+    if pause && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+        // SAFETY: every record is #[repr(C)] and starts with its header.
+        unsafe { (*(&raw mut event).cast::<EventHeader>()).func |= PAUSED };
+    }
+    slot.write(event);
+    slot.submit(wakeup(true, size_of::<T>() as u64));
 }
 
 /// Writes a record; `urgent` ones (a stack seen for the first time, a library load) wake the

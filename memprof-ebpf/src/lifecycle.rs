@@ -2,7 +2,7 @@
 //! shrinks its set here).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_send_signal},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -12,8 +12,9 @@ use memprof_common::{Counter, EventKind, ExecEvent, ForkEvent, mode};
 use crate::{
     COMM, FOLLOW, PAUSE_CHILDREN,
     calls::forget_thread,
-    emit::{count, emit_with, header},
+    emit::{count, emit_pausing, emit_with, header},
     filter::{TGIDS, floor, mode, traced},
+    tables::{bump_epoch, pause_for_code},
 };
 
 const CLONE_THREAD: u64 = 0x10000;
@@ -85,12 +86,13 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         }
         info!(&ctx, "process {} joins the trace by its name", tgid);
     }
-    emit_with(
+    bump_epoch(tgid);
+    emit_pausing(
         ExecEvent {
             header: header(EventKind::Exec, 0, id),
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
         },
-        true,
+        pause_for_code(),
     );
     0
 }
@@ -131,13 +133,8 @@ pub fn fork_child(ctx: TracePointContext) -> u32 {
     if unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1) != 0 {
         return 0;
     }
-    const SIGSTOP: u32 = 19;
-    // SAFETY: signals the current task, the new child.
-    if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
-        return 0;
-    }
     debug!(&ctx, "process {} waits for its probes", tgid);
-    emit_with(header(EventKind::ChildPaused, 0, id), true);
+    emit_pausing(header(EventKind::ChildPaused, 0, id), true);
     0
 }
 

@@ -14,6 +14,7 @@
 //! - `calls`: per-thread call state (entry to return) and the sampling decision.
 //! - `emit`: record headers, ring reserve/submit, wakeups, counters.
 //! - `stack`: user stacks: the frame-pointer walk, its stack windows, `STACKS`.
+//! - `tables`: stacks walked with the agent's unwind tables (`unwind::TABLES`).
 //! - `dwarf`: stack copies for the agent to unwind (`unwind::DWARF`).
 //! - `python`: Python frames of CPython threads.
 #![no_std]
@@ -32,6 +33,7 @@ mod mmap;
 mod phases;
 mod python;
 mod stack;
+mod tables;
 
 use memprof_common::{DEFAULT_CALL_SLOTS, mode, unwind};
 
@@ -92,6 +94,11 @@ static FLOOR: u32 = 0;
 /// agent attached its probes (`lifecycle::fork_child`).
 #[unsafe(no_mangle)]
 static PAUSE_CHILDREN: u32 = 0;
+
+/// With tables: a process that execs or maps code stops (SIGSTOP) until the agent has put the
+/// code's table and the process's mappings in and continues it (`tables::pause_for_code`).
+#[unsafe(no_mangle)]
+static PAUSE_FOR_CODE: u32 = 0;
 
 /// Mean sampling interval in bytes (`--sample-bytes`); 0 records every allocation. Set by the
 /// agent, at most `MAX_SAMPLE_MEAN`.

@@ -10,8 +10,9 @@ use memprof_common::{AllocFn, EventKind};
 
 use crate::{
     alloc::MAP_ANONYMOUS,
-    emit::{emit_with, header},
+    emit::{emit_pausing, header},
     filter::traced_thread,
+    tables::{bump_epoch, pause_for_code},
 };
 
 const PROT_EXEC: u64 = 0x4;
@@ -50,7 +51,11 @@ pub fn sys_exit_mmap(_ctx: TracePointContext) -> u32 {
         return 0;
     };
     if EXEC_MAPS.remove(&id).is_ok() {
-        emit_with(header(EventKind::ExecMap, AllocFn::Mmap as u32, id), true);
+        bump_epoch((id >> 32) as u32);
+        emit_pausing(
+            header(EventKind::ExecMap, AllocFn::Mmap as u32, id),
+            pause_for_code(),
+        );
     }
     0
 }

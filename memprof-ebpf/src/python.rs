@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use memprof_common::{
-    Counter, DEFAULT_STACK_ENTRIES, MAX_PY_FRAMES, NO_STACK, PY_FRAME_COPY,
+    Counter, DEFAULT_STACK_ENTRIES, MAX_PY_FRAMES, NO_STACK, PY_ENTRY, PY_FRAME_COPY,
     PY_FRAME_OWNED_BY_CSTACK, PY_NONE, PyStack, PyWalk,
 };
 
@@ -193,6 +193,10 @@ pub fn py_frame(frame: u64, i: u64) -> u64 {
     let shim = walk.frame_owner != PY_NONE
         && frame_field::<u8>(bytes, at + walk.frame_owner) == PY_FRAME_OWNED_BY_CSTACK;
     let code = if shim { 0 } else { code };
+    // 3.11 marks the outermost frame of each call of the eval loop instead.
+    let entry =
+        walk.frame_is_entry != PY_NONE && frame_field::<u8>(bytes, at + walk.frame_is_entry) != 0;
+    let instr = if entry { instr | PY_ENTRY } else { instr };
     // SAFETY: as above.
     unsafe {
         if let Some(slot) = (*out).frames.get_mut(i as usize) {

@@ -10,12 +10,15 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::RetProbeContext,
 };
-use memprof_common::{Counter, DEFAULT_STACK_ENTRIES, MAX_STACK_DEPTH, NO_STACK, StackTrace};
+use memprof_common::{
+    Counter, DEFAULT_STACK_ENTRIES, MAX_STACK_DEPTH, NO_STACK, StackTrace, unwind, unwind_end,
+};
 
 use crate::{
-    KERNEL_STACKS,
+    KERNEL_STACKS, UNWIND,
     calls::{ThreadHints, thread_hints},
     emit::count,
+    tables::table_stack_key,
 };
 
 /// Stacks keyed by a hash of their frames: content-addressed, so a key never changes meaning.
@@ -25,19 +28,20 @@ static STACKS: HashMap<u64, StackTrace> =
 
 /// Per-CPU scratch space for capturing a stack (too big for the BPF stack).
 #[map]
-static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static STACK_SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bytes of stack `walk_frames` copies first; a walk that needs more copies `WINDOW_BYTES` at a
 /// time (a stack that did not fit in the first window is a deep one).
 const FIRST_WINDOW: u64 = 512;
 
 /// Bytes of stack `walk_frames` copies at most at a time (a power of two).
-const WINDOW_BYTES: usize = 2048;
+pub(crate) const WINDOW_BYTES: usize = 2048;
 
 /// Per-CPU window of user stack for `walk_frames`.
 /// One word more than the window, so a frame's second word is always in bounds.
 #[map]
-static STACK_WINDOW: PerCpuArray<[u64; WINDOW_BYTES / 8 + 1]> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static STACK_WINDOW: PerCpuArray<[u64; WINDOW_BYTES / 8 + 1]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Size of each CPU's cache of keys known to be in `STACKS` (a power of two).
 const SEEN_STACKS: usize = 64;
@@ -48,7 +52,7 @@ const SEEN_STACKS: usize = 64;
 static STACKS_SEEN: PerCpuArray<[u64; SEEN_STACKS]> = PerCpuArray::with_max_entries(1, 0);
 
 /// How far above the stack pointer a frame may lie: a frame pointer beyond it is not followed.
-const MAX_STACK_SPAN: u64 = 64 << 20;
+pub(crate) const MAX_STACK_SPAN: u64 = 64 << 20;
 
 /// Marks a new key in `store_stack`'s and `fp_stack_key`'s results.
 const STACK_NEW: u64 = 1 << 63;
@@ -68,7 +72,12 @@ pub(crate) fn stack_key(ctx: &RetProbeContext, id: u64) -> (u64, bool) {
     // SAFETY: a read of a global the loader patches.
     let r = if unsafe { core::ptr::read_volatile(&KERNEL_STACKS) } != 0 {
         match STACK_SCRATCH.get_ptr_mut(0) {
-            Some(buf) => store_stack(kernel_stack(ctx, buf) as u64),
+            Some(buf) => {
+                let frames = kernel_stack(ctx, buf);
+                // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
+                unsafe { (*buf).end = unwind_end::NONE };
+                store_stack(frames as u64)
+            }
             None => {
                 count(Counter::StackLost);
                 NO_STACK
@@ -80,7 +89,12 @@ pub(crate) fn stack_key(ctx: &RetProbeContext, id: u64) -> (u64, bool) {
             let regs = &*ctx.regs;
             (regs.rip, regs.rbp, regs.rsp)
         };
-        fp_stack_key(ip, fp, sp, id)
+        // SAFETY: a read of a global the loader patches.
+        if unsafe { core::ptr::read_volatile(&UNWIND) } == unwind::TABLES {
+            table_stack_key(ip, sp, fp, id)
+        } else {
+            fp_stack_key(ip, fp, sp, id)
+        }
     };
     (r & !STACK_NEW, r & STACK_NEW != 0)
 }
@@ -95,7 +109,10 @@ pub fn fp_stack_key(ip: u64, fp: u64, sp: u64, id: u64) -> u64 {
         count(Counter::StackLost);
         return NO_STACK;
     };
-    store_stack(walk_frames(ip, fp, sp, id, buf) as u64)
+    let frames = walk_frames(ip, fp, sp, id, buf);
+    // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
+    unsafe { (*buf).end = unwind_end::NONE };
+    store_stack(frames as u64)
 }
 
 /// Stores the first `frames` frames of `STACK_SCRATCH` in `STACKS`: their key (`NO_STACK` if
@@ -163,7 +180,7 @@ fn kernel_stack(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
         bpf_get_stack(
             ctx.as_ptr(),
             buf.cast(),
-            size_of::<StackTrace>() as u32,
+            (MAX_STACK_DEPTH * 8) as u32,
             BPF_F_USER_STACK as u64,
         )
     };
@@ -178,7 +195,13 @@ fn kernel_stack(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
 /// a function without frame pointers used for something else) stops the walk without a read,
 /// where the kernel's walker reads it and takes a fault.
 #[inline(always)]
-fn walk_frames(mut ip: u64, mut fp: u64, sp: u64, id: u64, buf: *mut StackTrace) -> usize {
+pub(crate) fn walk_frames(
+    mut ip: u64,
+    mut fp: u64,
+    sp: u64,
+    id: u64,
+    buf: *mut StackTrace,
+) -> usize {
     let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
         return 0;
     };

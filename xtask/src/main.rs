@@ -27,8 +27,11 @@ commands:
                         ARGS go to cargo test (e.g. a test-name filter), HARNESS_ARGS to the
                         test binaries (e.g. --nocapture)
   bench [--reps N] [--quick] [--micro]
-                        setup, build memprof, measure tracing cost (untraced, probe floor,
-                        memprof full and sampled, bpftrace) on bench/ workloads and the agent's
+                        setup, build memprof, measure tracing cost on bench/ workloads (churn
+                        with and without frame pointers, Python): untraced, probe floor on
+                        each kind of link, memprof with unwind tables, frame pointers, multi
+                        links, sampled, dwarf, bpftrace; attach/detach times, an unrelated
+                        process beside memprof, redis under memprof and heaptrack, the agent's
                         throughput; writes target/bench/results.md and results.json; needs
                         root. --micro: only the agent microbenchmark (memprof-bench, criterion,
                         events/s), into target/bench/micro.md

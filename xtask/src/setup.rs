@@ -20,8 +20,11 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM 22 and its link dependencies for bpf-linker, then what the tests and
 /// the demo use (jq, a C compiler and headers, setpriv from util-linux), then the real
 /// consumers the output tests feed (`go tool pprof`, Prometheus and promtool, headless
-/// Chromium, valgrind's DHAT) and the allocators the allocator tests link against (jemalloc,
-/// tcmalloc, mimalloc, musl).
+/// Chromium, valgrind's DHAT), the allocators the allocator tests link against (jemalloc,
+/// tcmalloc, mimalloc, musl), the distribution's own programs the stack tests trace as they
+/// ship, without frame pointers (sqlite3, python3), the bench's real workload and reference
+/// tracer (redis-server under redis-benchmark from redis-tools, heaptrack), and what the
+/// naming tests make debug files and MiniDebugInfo with (binutils' objcopy, strip and nm; xz).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -40,6 +43,13 @@ const APT_PACKAGES: &[&str] = &[
     "libgoogle-perftools-dev",
     "libmimalloc-dev",
     "musl-tools",
+    "sqlite3",
+    "python3",
+    "redis-server",
+    "redis-tools",
+    "heaptrack",
+    "binutils",
+    "xz-utils",
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -57,10 +67,9 @@ pub fn setup() -> Result<()> {
 fn apt_packages(ws: &Workspace) -> Result<()> {
     let mut wanted: Vec<&str> = APT_PACKAGES.to_vec();
     // The machine's python3 normally comes from pyenv (with its headers, which the Python
-    // frame tests build an extension module against); fall back to Debian's.
+    // frame tests build an extension module against); fall back to Debian's headers.
     let python = output_of(ws.command("python3").arg("--version"));
     if python.is_none() {
-        wanted.push("python3");
         wanted.push("python3-dev");
     }
 

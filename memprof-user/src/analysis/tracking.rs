@@ -13,11 +13,13 @@ use crate::{
         growth::{self, Activity, Growth},
         series::{Series, least_squares},
     },
+    stacks::SiteId,
     table::Change,
 };
 
-/// A call-stack group: stack key, allocator, whether it is an anonymous mapping.
-pub type GroupKey = (u64, AllocFn, bool);
+/// A call-site group: the site (symbolized stack, see `stacks::sites`), allocator, whether it is
+/// an anonymous mapping.
+pub type GroupKey = (SiteId, AllocFn, bool);
 
 /// Points kept per series before it halves its resolution.
 const SERIES_CAP: usize = 240;
@@ -129,8 +131,9 @@ impl Tracker {
         })
     }
 
-    /// Records one table change; `outstanding` is the process's outstanding heap bytes after it.
-    pub fn on_change(&mut self, change: &Change, outstanding: u64) {
+    /// Records one table change of a block allocated at `site`; `outstanding` is the process's
+    /// outstanding heap bytes after it.
+    pub fn on_change(&mut self, change: &Change, site: SiteId, outstanding: u64) {
         let tid = match *change {
             Change::Alloc {
                 block,
@@ -138,7 +141,7 @@ impl Tracker {
                 mmap,
                 count,
             } => {
-                let g = self.group((block.stack, block.func, mmap));
+                let g = self.group((site, block.func, mmap));
                 g.stats
                     .on_alloc_n(block.size, count, block.ts_ns, block.chain);
                 tid
@@ -152,7 +155,7 @@ impl Tracker {
                 mmap,
                 count,
             } => {
-                let g = self.group((block.stack, block.func, mmap));
+                let g = self.group((site, block.func, mmap));
                 if whole && bytes == block.size * u64::from(count) {
                     g.stats.on_free_n(block.size, count, block.ts_ns, ts_ns);
                 } else {
@@ -328,6 +331,9 @@ mod tests {
     use super::*;
     use crate::table::LiveAlloc;
 
+    /// The site of the blocks `alloc` and `free` make.
+    const SITE: SiteId = SiteId::new(7);
+
     fn block(size: u64, stack: u64) -> LiveAlloc {
         LiveAlloc {
             size,
@@ -365,7 +371,7 @@ mod tests {
         let mut outstanding = 0;
         let mut apply = |t: &mut Tracker, c: Change, delta: i64| {
             outstanding = (outstanding as i64 + delta) as u64;
-            t.on_change(&c, outstanding);
+            t.on_change(&c, SITE, outstanding);
         };
         apply(&mut t, alloc(500, 2), 500); // outside the phase
         t.on_phase(1, 0, true, 500);
@@ -388,10 +394,10 @@ mod tests {
     fn marks_split_time_and_close_at_end() {
         let mut t = Tracker::new(&[], 0);
         t.mark("load", 1_000_000_000, 0);
-        t.on_change(&alloc(64, 9), 64);
+        t.on_change(&alloc(64, 9), SITE, 64);
         t.mark("render", 2_000_000_000, 64);
-        t.on_change(&alloc(32, 3), 96);
-        t.on_change(&free(64, 3), 32);
+        t.on_change(&alloc(32, 3), SITE, 96);
+        t.on_change(&free(64, 3), SITE, 32);
         let phases = t.phases(5_000_000_000);
         let got: Vec<_> = phases
             .iter()
@@ -433,6 +439,7 @@ mod tests {
                     tid: 1,
                     mmap: false,
                 },
+                SiteId::new(stack as u32),
                 10,
             );
             // Groups 1..=3 end empty; group 4 keeps its block.
@@ -447,17 +454,18 @@ mod tests {
                         ts_ns: stack * 1_000 + 1,
                         mmap: false,
                     },
+                    SiteId::new(stack as u32),
                     0,
                 );
             }
         }
         assert_eq!(t.prune(4, 10_000, 0), 0, "within the limit");
         assert_eq!(t.prune(2, 10_000, 0), 2);
-        let mut left: Vec<u64> = t.groups.keys().map(|k| k.0).collect();
+        let mut left: Vec<SiteId> = t.groups.keys().map(|k| k.0).collect();
         left.sort_unstable();
         assert_eq!(
             left,
-            [3, 4],
+            [SiteId::new(3), SiteId::new(4)],
             "the oldest idle empty groups go; the one holding a block stays"
         );
         assert_eq!(t.prune(0, 10_000, 1_000_000), 0, "not idle long enough");
@@ -467,10 +475,10 @@ mod tests {
     fn samples_feed_group_series() {
         let mut t = Tracker::new(&[], 0);
         for i in 0..10u64 {
-            t.on_change(&alloc(1000, 1), 1000 * (i + 1));
+            t.on_change(&alloc(1000, 1), SITE, 1000 * (i + 1));
             t.sample(i * 1_000_000_000, 1000 * (i + 1), Some(4096 * (i + 1)));
         }
-        let key = (7, AllocFn::Malloc, false);
+        let key = (SITE, AllocFn::Malloc, false);
         assert_eq!(t.groups[&key].series.points().len(), 10);
         let slope = t.heap_slope().unwrap();
         assert!((slope - 1000.0).abs() < 1e-6, "{slope}");

@@ -172,14 +172,21 @@ pub struct TraceArgs {
     /// For tests and benchmarks.
     #[arg(long, hide = true, value_parser = ["session", "multi", "classic"])]
     pub links: Option<String>,
-    /// How stacks are unwound: `fp` walks frame pointers in the kernel (cheapest; deeper frames
-    /// of code built without them are wrong); `dwarf` copies registers and --stack-bytes of
-    /// stack per allocation and unwinds them from the objects' CFI (.eh_frame), so code without
-    /// frame pointers gets whole stacks.
-    #[arg(long, default_value = "fp", value_parser = ["fp", "dwarf"])]
+    /// How stacks are unwound: `tables` walks them in the kernel with unwind tables built from
+    /// each file's CFI (.eh_frame), whole stacks for code with or without frame pointers; `fp`
+    /// walks frame pointers (cheapest; deeper frames of code built without them are wrong);
+    /// `dwarf` copies registers and --stack-bytes of stack per allocation and unwinds them in
+    /// memprof from the CFI.
+    #[arg(long, default_value = "tables", value_parser = ["tables", "fp", "dwarf"])]
     pub unwind: String,
+    /// Also look for separate debug files under DIR (by build id in DIR/.build-id/, or by
+    /// `.gnu_debuglink` name), before /usr/lib/debug of the process's root and memprof's own.
+    /// Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
     /// With --unwind dwarf: bytes of stack copied per allocation (512 to 16384); deeper frames
-    /// than the copy holds end in an `unknown` frame.
+    /// than the copy holds end in an `unknown` frame. With --unwind tables, the size of the
+    /// copies sent instead while a process's new code is not in the tables yet.
     #[arg(long, default_value_t = memprof_common::DEFAULT_STACK_COPY, value_parser = parse_stack_bytes)]
     pub stack_bytes: u32,
     /// Sample allocations by bytes: on average one allocation per SIZE allocated bytes is

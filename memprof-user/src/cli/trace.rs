@@ -360,6 +360,9 @@ fn trace_pid(
         }),
         probe_stats: args.probe_stats,
         stack_copy: (args.unwind == "dwarf").then_some(args.stack_bytes),
+        fallback_copy: args.stack_bytes,
+        pause_for_code: args.unwind == "tables" && spawned.is_some(),
+        tables: args.unwind == "tables",
         sample_bytes: args.sample_bytes.unwrap_or(0),
     })
     .with_context(|| format!("failed to trace {what}"))?;
@@ -471,6 +474,7 @@ fn trace_pid(
         per_process,
         rank_by_growth: args.rank == "growth",
         dwarf: args.unwind == "dwarf",
+        debug_dirs: args.debug_dir.clone(),
     };
     let mut session = Session::new(pid, tracer, settings, rules, spawned.is_some(), pidfd);
     // Mapping records make frames of short-lived processes nameable; without perf events the

@@ -113,6 +113,9 @@ pub struct Record<'a> {
     /// The stack copy of an `AllocStack` record: its `Event::Alloc` has no stack key until the
     /// agent has unwound the copy.
     pub copy: Option<StackCopy<'a>>,
+    /// The process stopped itself for the agent to act on this record first (`PAUSED`): the
+    /// agent continues it (SIGCONT) once it has.
+    pub paused: bool,
 }
 
 /// Decodes one ring-buffer record's event.
@@ -229,11 +232,16 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
             }
         }
     };
+    let paused = matches!(
+        kind,
+        EventKind::ExecMap | EventKind::Exec | EventKind::ChildPaused
+    ) && header.func & memprof_common::PAUSED != 0;
     Ok(Record {
         tgid: header.tgid,
         event,
         py_stack,
         copy,
+        paused,
     })
 }
 

@@ -219,6 +219,8 @@ pub(crate) fn parse_mmap2(r: &[u8], misc: u16) -> Option<MmapRecord> {
             dev,
             inode,
             path,
+            // The records are of executable mappings only.
+            exec: true,
         },
     })
 }

@@ -215,7 +215,7 @@ mod tests {
                 "21000",
                 "leak",
                 "1500.25",
-                "leak_widgets <- main <- libc.so.6+0x7f0000001234",
+                "leak_widgets <- main <- libc.so.6+0x27234",
             ]
         );
         // The name with a comma and quotes survives the round trip.

@@ -19,10 +19,11 @@
 //! | `eb`, `ebk` | still live at the end (`inuse_*`) |
 //! | `fs` | indices into `ftbl`, innermost frame first |
 //!
-//! `ftbl` starts with `[root]`; frames are written like valgrind's:
-//! `0x1092A5: leak_widgets (outputs.c:47)` with the file's base name, `0x...: fn (in /module)`
-//! without a line, `0x...: ??? (in /module)` when the function is not known. A site without a
-//! stack gets the single frame `0x0: ??? (no stack)`.
+//! `ftbl` starts with `[root]`; frames are written like valgrind's, with the frame's offset in
+//! its module's file where valgrind has an address: `0x1296: leak_widgets (outputs.c:47)` with
+//! the file's base name, `0x...: fn (in /module)` without a line, `0x...: ??? (in /module)` when
+//! the function is not known. A site without a stack gets the single frame
+//! `0x0: ??? (no stack)`.
 
 use std::collections::HashMap;
 
@@ -153,13 +154,11 @@ pub fn program_point(site: &Site, end_ns: u64, fs: Vec<usize>) -> ProgramPoint {
     }
 }
 
-/// A frame as valgrind writes it: `0xADDR: function (file:line)` or `(in module)`.
+/// A frame as valgrind writes it: `0xOFFSET: function (file:line)` or `(in module)`, where
+/// valgrind's address is the frame's offset in its module's file (the same in every run; 0
+/// for Python frames and unknown ones).
 pub fn frame_text(frame: &Frame) -> String {
-    let addr = frame
-        .addr
-        .strip_prefix("0x")
-        .unwrap_or(&frame.addr)
-        .to_ascii_uppercase();
+    let addr = format!("{:X}", frame.offset.unwrap_or(0));
     let function = frame.function.as_deref().unwrap_or("???");
     let place = match (&frame.file, frame.line, &frame.module) {
         (Some(file), Some(line), _) => format!(" ({}:{line})", base_name(file)),
@@ -234,15 +233,15 @@ mod tests {
         assert_eq!(
             frames,
             [
-                "0x555500001296: leak_widgets (outputs.c:47)",
-                "0x5555000010E7: main (outputs.c:87)",
-                "0x7F0000001234: ??? (in /usr/lib/x86_64-linux-gnu/libc.so.6)",
+                "0x1296: leak_widgets (outputs.c:47)",
+                "0x10E7: main (outputs.c:87)",
+                "0x27234: ??? (in /usr/lib/x86_64-linux-gnu/libc.so.6)",
             ]
         );
         // The mmap site's function has no line: module instead.
         assert_eq!(
             d.ftbl[d.pps[1].fs[0]],
-            "0x555500002000: map<int, \"q\">::grow;now (in /opt/app)"
+            "0x2000: map<int, \"q\">::grow;now (in /opt/app)"
         );
         assert_eq!(d.ftbl[d.pps[2].fs[0]], "0x0: ??? (no stack)");
         // Churn: everything freed, 210 lifetimes summing to 2.1 ms.

@@ -100,7 +100,7 @@ mod tests {
             lines(&p, Metric::InUse),
             [
                 "[unknown] 64",
-                "libc.so.6+0x7f0000001234;main;leak_widgets 21000",
+                "libc.so.6+0x27234;main;leak_widgets 21000",
                 "main;map<int, \"q\">::grow:now 4096",
             ]
         );
@@ -121,7 +121,7 @@ mod tests {
         p.sites.push(twin);
         assert!(
             lines(&p, Metric::InUse)
-                .contains(&"libc.so.6+0x7f0000001234;main;leak_widgets 22000".to_owned())
+                .contains(&"libc.so.6+0x27234;main;leak_widgets 22000".to_owned())
         );
     }
 

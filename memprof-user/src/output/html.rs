@@ -375,7 +375,7 @@ fn stack_details(site: &Site) -> String {
             s,
             "<li><code>{}</code> <span class=\"where\">{}{place}</span></li>",
             escape(&frame_name(f)),
-            escape(&f.addr)
+            f.offset.map(|o| format!("{o:#x}")).unwrap_or_default()
         );
     }
     s.push_str("</ol></details>");

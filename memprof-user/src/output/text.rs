@@ -129,6 +129,9 @@ fn render_raw(r: &Report) -> String {
         "  lost events  {}    lost stacks {}    unknown frames {}",
         losses.lost_events, losses.lost_stacks, r.unknown_frames
     );
+    if let Some(u) = &r.unwind {
+        unwind_line(&mut out, u);
+    }
     if !r.probe_stats.is_empty() {
         let programs: Vec<String> = r
             .probe_stats
@@ -265,7 +268,10 @@ fn render_raw(r: &Report) -> String {
                     let file = file.rsplit('/').next().unwrap_or(file);
                     writeln!(out, "       {name} ({file}:{line}) [{module}]")
                 }
-                _ => writeln!(out, "       {name} [{module}] {}", f.addr),
+                _ => match f.offset {
+                    Some(offset) => writeln!(out, "       {name} [{module}+{offset:#x}]"),
+                    None => writeln!(out, "       {name} [{module}]"),
+                },
             };
         }
     }
@@ -361,6 +367,43 @@ fn stack_text(stack: &[String]) -> String {
     text
 }
 
+/// One line on how far stack walks got: with tables, the share of bytes whose stack reached
+/// the thread's entry and the main reasons the others stopped.
+fn unwind_line(out: &mut String, u: &crate::report::UnwindStats) {
+    let _ = write!(
+        out,
+        "  stacks       --unwind {}: {} stacks, {} stopped early",
+        u.mode, u.stacks, u.truncated_stacks
+    );
+    if let Some(t) = &u.tables {
+        let _ = write!(
+            out,
+            "; {:.1}% of {} reached the entry",
+            t.entry_share * 100.0,
+            human_bytes(t.bytes)
+        );
+        let mut ends: Vec<(&str, u64)> = t
+            .ends
+            .iter()
+            .filter(|(k, _)| **k != "entry")
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        ends.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let parts: Vec<String> = ends
+            .iter()
+            .take(3)
+            .map(|(k, v)| format!("{} {}", k, human_bytes(*v)))
+            .collect();
+        if !parts.is_empty() {
+            let _ = write!(out, " (others: {})", parts.join(", "));
+        }
+        if t.files_without_table > 0 {
+            let _ = write!(out, "; {} files without a table", t.files_without_table);
+        }
+    }
+    out.push('\n');
+}
+
 #[cfg(test)]
 mod tests {
     use memprof_common::NO_STACK;
@@ -379,7 +422,7 @@ mod tests {
             fixtures::{alloc, inputs},
             snapshot,
         },
-        stacks::{StackStore, Symbolizer},
+        stacks::Sites,
         table::Tables,
     };
 
@@ -387,19 +430,18 @@ mod tests {
     fn text_mentions_losses_and_sites() {
         let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
-        let stacks = StackStore::new();
+        let sites = Sites::new();
         let tracker = Tracker::new(&[], 0);
-        let mut sym = Symbolizer::new();
-        let text = render(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
+        let text = render(&snapshot(&inputs(&table, &sites, &tracker, 0)));
         assert!(text.contains("lost events  3"), "{text}");
         assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
         assert!(!text.contains("programs"), "{text}");
-        let mut probed = inputs(&table, &stacks, &tracker, 0);
+        let mut probed = inputs(&table, &sites, &tracker, 0);
         probed.probe_stats = vec![
             ProbeStat::new("alloc_return", 4, 1802),
             ProbeStat::new("free_entry", 2, 401),
         ];
-        let text = render(&snapshot(&probed, &mut sym));
+        let text = render(&snapshot(&probed));
         assert!(
             text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
             "{text}"
@@ -416,8 +458,8 @@ memprof diff: outstanding heap 9.8 KiB -> 12.2 KiB (+2.4 KiB, +25.0%)    mmap +4
 
 Top 3 of 4 changed call sites by bytes:
       change      before       after   allocs  status  allocator        stack (innermost first)
-    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server?
-    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1? <- ?
+    +2.9 KiB     2.0 KiB     4.9 KiB      +15  grew    malloc (heap)    parse_header <- server+0x5000
+    +2.4 KiB         0 B     2.4 KiB       +2  new     malloc (heap)    libz.so.1+0x1000 <- ?
     -2.0 KiB     2.9 KiB      1000 B      -18  shrank  realloc (heap)   log_append
 ";
         assert_eq!(text, expected, "got:\n{text}");

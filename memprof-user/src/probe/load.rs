@@ -12,13 +12,17 @@ use aya::{
     programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use aya_log::EbpfLogger;
-use memprof_common::{MAX_SAMPLE_MEAN, PyStack, PyWalk, StackTrace, TextRanges, mode, unwind};
+use memprof_common::{
+    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack, PyWalk,
+    StackTrace, TextRanges, mode, unwind,
+};
 
 use super::{
     allocators::Allocator,
     kernel_log::KernelLog,
     links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
+    tables::KernelTables,
 };
 use crate::sys::{elf::file_id, objfile::ObjectFile};
 
@@ -44,6 +48,8 @@ pub struct Tracer {
     pub(super) py_threads: AyaHashMap<MapData, u32, u64>,
     pub(super) py_stacks: AyaHashMap<MapData, u64, PyStack>,
     pub(super) alloc_text: AyaHashMap<MapData, u32, TextRanges>,
+    /// The unwind tables in the kernel, with `--unwind tables`.
+    pub tables: Option<KernelTables>,
     pub attach: AttachReport,
     /// Mean sampling interval in bytes the programs were loaded with (0: not sampled).
     pub sample_bytes: u64,
@@ -113,8 +119,16 @@ pub struct Options<'a> {
     /// Byte sampling: mean interval in bytes between sampled allocations (0: record all).
     pub sample_bytes: u64,
     /// Copy registers and this many bytes of stack per allocation for the agent to unwind from
-    /// CFI (`--unwind dwarf`); None: the kernel walks frame pointers.
+    /// CFI (`--unwind dwarf`); None: the kernel walks the stack.
     pub stack_copy: Option<u32>,
+    /// The kernel walks stacks with unwind tables (`--unwind tables`), else frame pointers.
+    pub tables: bool,
+    /// With tables: bytes of stack copied for the agent to unwind when a walk meets code mapped
+    /// after the process's mappings were last written.
+    pub fallback_copy: u32,
+    /// With tables: processes memprof started (and their children) stop when they exec or map
+    /// code until their tables and mappings are in the kernel (`PAUSE_FOR_CODE`).
+    pub pause_for_code: bool,
     /// How probes are attached (None: the best the kernel has).
     pub links: Option<LinkKind>,
     /// The kernel programs' log level (`kernel_log::LEVELS`; 0: off).
@@ -163,6 +177,7 @@ impl Tracer {
                 &u32::from(follow && opts.targets.own_probes().is_some()),
                 true,
             )
+            .override_global("PAUSE_FOR_CODE", &u32::from(opts.pause_for_code), true)
             .override_global("COMM", &comm, true)
             .override_global("CGROUP_ID", &cgroup, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
@@ -171,6 +186,8 @@ impl Tracer {
                 "UNWIND",
                 &if opts.stack_copy.is_some() {
                     unwind::DWARF
+                } else if opts.tables {
+                    unwind::TABLES
                 } else {
                     unwind::FRAME_POINTERS
                 },
@@ -179,13 +196,29 @@ impl Tracer {
             // Phase functions' return probes replace return addresses on the stack: the
             // kernel's walker puts them back.
             .override_global("KERNEL_STACKS", &u32::from(!opts.phases.is_empty()), true)
-            .override_global("STACK_COPY", &opts.stack_copy.unwrap_or(0), true)
+            .override_global(
+                "STACK_COPY",
+                &opts
+                    .stack_copy
+                    .unwrap_or(if opts.tables { opts.fallback_copy } else { 0 }),
+                true,
+            )
             .override_global("SAMPLE_BYTES", &sample_bytes, true)
             .override_global("CALL_SLOT_MASK", &(opts.call_slots - 1), true)
             .override_global(aya_log::LEVEL, &opts.kernel_log, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("CALLS", opts.call_slots)
             .map_max_entries("THREAD_HINTS", opts.call_slots)
+            // The tables take room only when they are used.
+            .map_max_entries(
+                "UNWIND_ROWS",
+                if opts.tables { DEFAULT_ROW_BLOCKS } else { 1 },
+            )
+            .map_max_entries(
+                "UNWIND_IDX",
+                if opts.tables { DEFAULT_IDX_BLOCKS } else { 1 },
+            )
+            .map_max_entries("MODULES", if opts.tables { MAX_MODULES } else { 1 })
             .load(EBPF_OBJECT)
             .context("failed to load the eBPF programs")?;
         if let Targets::Set { pids, .. } = &opts.targets {
@@ -242,6 +275,15 @@ impl Tracer {
         let py_threads = AyaHashMap::try_from(take(&mut ebpf, "PY_THREADS")?)?;
         let py_stacks = AyaHashMap::try_from(take(&mut ebpf, "PY_STACKS")?)?;
         let alloc_text = AyaHashMap::try_from(take(&mut ebpf, "ALLOC_TEXT")?)?;
+        let tables = if opts.tables && opts.stack_copy.is_none() {
+            Some(KernelTables::new(
+                &mut ebpf,
+                DEFAULT_ROW_BLOCKS,
+                DEFAULT_IDX_BLOCKS,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
             events,
@@ -252,6 +294,7 @@ impl Tracer {
             py_threads,
             py_stacks,
             alloc_text,
+            tables,
             fork_child,
             tracepoints,
             logs,
@@ -309,6 +352,9 @@ impl Tracer {
             self.links.release(pid);
         }
         let _ = self.alloc_text.remove(&pid);
+        if let Some(tables) = &mut self.tables {
+            tables.forget_process(pid);
+        }
     }
 
     /// How probes are attached.

@@ -12,6 +12,7 @@ pub mod placement;
 pub mod plan;
 mod read;
 mod session;
+pub mod tables;
 
 pub use counters::{KernelLosses, ProbeStat};
 pub use links::LinkKind;

@@ -17,11 +17,12 @@ impl Tracer {
         self.probed.contains(&id)
     }
 
-    /// The frames of stack `key`, innermost first; empty if the map does not hold it.
-    pub fn stack(&self, key: u64) -> Vec<u64> {
+    /// The frames of stack `key`, innermost first, and how a table walk of it ended
+    /// (`unwind_end`); no frames if the map does not hold it.
+    pub fn stack(&self, key: u64) -> (Vec<u64>, u64) {
         match self.stacks.get(&key, 0) {
-            Ok(trace) => trace.frames().to_vec(),
-            Err(_) => Vec::new(),
+            Ok(trace) => (trace.frames().to_vec(), trace.end),
+            Err(_) => (Vec::new(), 0),
         }
     }
 

@@ -4,8 +4,6 @@
 
 use std::collections::HashMap;
 
-use memprof_common::NO_STACK;
-
 use super::{
     Forgotten, Hotspot, Leak, ProcessReport, Profile, Report, Sampling, Site, TimePoint, Totals,
     UnwindStats, names::group_name,
@@ -19,7 +17,7 @@ use crate::{
         tracking::{GroupKey, Tracker},
     },
     probe::{KernelLosses, ProbeStat},
-    stacks::{Frame, StackStore, Symbolizer},
+    stacks::{Frame, Sites},
     sys::procmem::ProcMem,
     table::{LiveAlloc, Table, Tables, sample_count},
 };
@@ -33,7 +31,8 @@ const HOTSPOT_MIN_ALLOCS: u64 = 1000;
 pub struct Inputs<'a> {
     pub pid: u32,
     pub table: &'a Tables,
-    pub stacks: &'a StackStore,
+    /// The call sites every stack key seen was mapped to (see `stacks::sites`).
+    pub sites: &'a Sites,
     pub kernel: KernelLosses,
     /// `--probe-stats` (empty without).
     pub probe_stats: Vec<ProbeStat>,
@@ -65,7 +64,7 @@ struct Group {
 }
 
 /// Builds a snapshot record; [`finish`] turns one into the final report.
-pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
+pub fn snapshot(inputs: &Inputs<'_>) -> Report {
     let ranked = ranked_groups(
         inputs,
         inputs.table.heap_blocks().map(|(_, b)| b),
@@ -76,7 +75,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
     // Categories cover every group, before `--top`.
     let framed: Vec<(u64, u64, Vec<Frame>)> = ranked
         .iter()
-        .map(|((stack, _, _), g)| (g.bytes, g.allocs, frames_of(inputs, symbolizer, *stack)))
+        .map(|((site, _, _), g)| (g.bytes, g.allocs, inputs.sites.frames(*site)))
         .collect();
     let refs: Vec<GroupRef<'_>> = framed
         .iter()
@@ -91,7 +90,11 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         .collect();
     let categories = categories::categorize(&refs, inputs.rules);
 
-    let (leaks, unknown_frames) = leaks_of(inputs, symbolizer, ranked, inputs.top);
+    let leaks = leaks_of(inputs, ranked, inputs.top);
+    let (unknown_frames, stack_frames) = inputs.tracker.groups.keys().fold((0, 0), |acc, key| {
+        let (unnamed, all) = inputs.sites.unnamed(key.0);
+        (acc.0 + unnamed as u64, acc.1 + all as u64)
+    });
 
     let leak_detected = inputs.tracker.groups.keys().any(|k| {
         inputs
@@ -99,8 +102,8 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
             .growth(k)
             .is_some_and(|g| g.verdict == Verdict::Leak)
     });
-    let recommendations = recommendations(inputs, symbolizer);
-    let churn_hotspots = churn_hotspots(inputs, symbolizer);
+    let recommendations = recommendations(inputs);
+    let churn_hotspots = churn_hotspots(inputs);
     let heap_totals = &inputs.table.heap_totals;
     let projected_limit_hours = inputs.limit.map(|limit| {
         // RSS is what a memory limit meets; without it, the traced heap.
@@ -139,6 +142,7 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         min_age_s: ns_to_s(inputs.min_age_ns),
         leak_groups,
         unknown_frames,
+        stack_frames,
         leak_detected,
         growth_rate_mb_per_hour: inputs
             .tracker
@@ -161,18 +165,13 @@ pub fn snapshot(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Report {
         churn_hotspots,
         leaks,
         processes: None,
-        unwind: inputs.unwind,
+        unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
     }
 }
 
 /// Builds the [`Profile`] the output writers take, for `report`.
-pub fn profile(
-    inputs: &Inputs<'_>,
-    symbolizer: &mut Symbolizer,
-    report: &Report,
-    command: &[String],
-) -> Profile {
+pub fn profile(inputs: &Inputs<'_>, report: &Report, command: &[String]) -> Profile {
     let tracker = inputs.tracker;
     let timeline: Vec<TimePoint> = tracker
         .heap
@@ -196,10 +195,17 @@ pub fn profile(
     let start_ns = inputs
         .now_ns
         .saturating_sub((inputs.elapsed_s * 1e9) as u64);
-    let mut sites: Vec<Site> = tracker
-        .groups
-        .iter()
-        .map(|(key @ (stack, func, mmap), g)| {
+    let mut groups: Vec<_> = tracker.groups.iter().collect();
+    groups.sort_by(|(ka, a), (kb, b)| {
+        (b.stats.outstanding_bytes, b.stats.bytes_allocated)
+            .cmp(&(a.stats.outstanding_bytes, a.stats.bytes_allocated))
+            .then_with(|| ka.1.name().cmp(kb.1.name()))
+            .then_with(|| inputs.sites.order(ka.0, kb.0))
+            .then(ka.2.cmp(&kb.2))
+    });
+    let sites: Vec<Site> = groups
+        .into_iter()
+        .map(|(key @ (site, func, mmap), g)| {
             let s = &g.stats;
             let growth = tracker.growth(key);
             let bytes_at_peak = g
@@ -210,7 +216,7 @@ pub fn profile(
                 .last()
                 .map_or(0, |(_, v)| *v as u64);
             Site {
-                stack: frames_of(inputs, symbolizer, *stack),
+                stack: inputs.sites.frames(*site),
                 allocator: func.name(),
                 kind: if *mmap { "mmap" } else { "heap" },
                 alloc_objects: s.allocs,
@@ -229,11 +235,6 @@ pub fn profile(
             }
         })
         .collect();
-    sites.sort_by(|a, b| {
-        (b.inuse_bytes, b.alloc_bytes)
-            .cmp(&(a.inuse_bytes, a.alloc_bytes))
-            .then_with(|| a.allocator.cmp(b.allocator))
-    });
     Profile {
         pid: inputs.pid,
         command: command.to_vec(),
@@ -245,7 +246,7 @@ pub fn profile(
     }
 }
 
-fn churn_hotspots(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Hotspot> {
+fn churn_hotspots(inputs: &Inputs<'_>) -> Vec<Hotspot> {
     let mut busy: Vec<(&GroupKey, u64)> = inputs
         .tracker
         .groups
@@ -255,12 +256,16 @@ fn churn_hotspots(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Hotsp
         })
         .map(|(k, g)| (k, g.stats.allocs))
         .collect();
-    busy.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.0.cmp(&b.0.0)));
+    busy.sort_by(|a, b| {
+        b.1.cmp(&a.1)
+            .then_with(|| inputs.sites.order(a.0.0, b.0.0))
+            .then_with(|| a.0.1.name().cmp(b.0.1.name()))
+    });
     busy.truncate(HOTSPOTS);
     busy.into_iter()
         .map(|(key, _)| {
-            let mut stack = frames_of(inputs, symbolizer, key.0);
-            stack.truncate(5);
+            // The whole stack: where the churn comes from is often several frames up.
+            let stack = inputs.sites.frames(key.0);
             Hotspot {
                 site: group_name(&stack, key.1),
                 allocator: key.1.name(),
@@ -271,15 +276,8 @@ fn churn_hotspots(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Hotsp
         .collect()
 }
 
-fn frames_of(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer, stack: u64) -> Vec<Frame> {
-    match inputs.stacks.get(stack).filter(|_| stack != NO_STACK) {
-        Some(frames) => symbolizer.frames(inputs.stacks, frames),
-        None => Vec::new(),
-    }
-}
-
 /// Recommendations over every group whose numbers could call for one.
-fn recommendations(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Recommendation> {
+fn recommendations(inputs: &Inputs<'_>) -> Vec<Recommendation> {
     let candidates: Vec<(&GroupKey, growth::Growth, String)> = inputs
         .tracker
         .groups
@@ -290,7 +288,7 @@ fn recommendations(inputs: &Inputs<'_>, symbolizer: &mut Symbolizer) -> Vec<Reco
                 || g.stats.allocs >= 10_000
                 || g.stats.max_realloc_chain >= 8;
             notable.then(|| {
-                let frames = frames_of(inputs, symbolizer, key.0);
+                let frames = inputs.sites.frames(key.0);
                 (key, growth, group_name(&frames, key.1))
             })
         })
@@ -311,8 +309,8 @@ fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
-/// Outstanding blocks (`heap`) and mappings (`maps`) at least `min_age` old, grouped by stack
-/// and allocator, largest first.
+/// Outstanding blocks (`heap`) and mappings (`maps`) at least `min_age` old, grouped by call
+/// site and allocator, largest first (ties in an order that is the same in every run).
 fn ranked_groups(
     inputs: &Inputs<'_>,
     heap: impl Iterator<Item = LiveAlloc>,
@@ -325,7 +323,7 @@ fn ranked_groups(
             return;
         }
         let g = groups
-            .entry((block.stack, block.func, mmap))
+            .entry((inputs.sites.site_of(block.stack), block.func, mmap))
             .or_insert(Group {
                 oldest_ns: u64::MAX,
                 ..Group::default()
@@ -346,26 +344,24 @@ fn ranked_groups(
     ranked.sort_by(|(ka, a), (kb, b)| {
         (b.bytes, b.allocs)
             .cmp(&(a.bytes, a.allocs))
-            .then(ka.0.cmp(&kb.0))
+            .then_with(|| inputs.sites.order(ka.0, kb.0))
             .then((ka.1 as u32).cmp(&(kb.1 as u32)))
+            .then(ka.2.cmp(&kb.2))
     });
     ranked
 }
 
-/// The first `top` groups as `leaks` entries, and the number of their frames without a name.
+/// The first `top` groups as `leaks` entries.
 fn leaks_of(
     inputs: &Inputs<'_>,
-    symbolizer: &mut Symbolizer,
     mut ranked: Vec<(GroupKey, Group)>,
     top: Option<usize>,
-) -> (Vec<Leak>, u64) {
+) -> Vec<Leak> {
     ranked.truncate(top.unwrap_or(usize::MAX));
-    let mut unknown_frames = 0;
-    let leaks = ranked
+    ranked
         .into_iter()
-        .map(|(key @ (stack, func, mmap), g)| {
-            let stack = frames_of(inputs, symbolizer, stack);
-            unknown_frames += stack.iter().filter(|f| f.function.is_none()).count() as u64;
+        .map(|(key @ (site, func, mmap), g)| {
+            let stack = inputs.sites.frames(site);
             let growth = inputs.tracker.growth(&key);
             Leak {
                 bytes: g.bytes,
@@ -386,8 +382,7 @@ fn leaks_of(
                 stack,
             }
         })
-        .collect();
-    (leaks, unknown_frames)
+        .collect()
 }
 /// What the session knows of a process besides its table.
 pub struct ProcessInfo<'a> {
@@ -404,7 +399,6 @@ pub struct ProcessInfo<'a> {
 /// The `processes` entry of one process.
 pub fn process_report(
     inputs: &Inputs<'_>,
-    symbolizer: &mut Symbolizer,
     info: &ProcessInfo<'_>,
     table: Option<&Table>,
 ) -> ProcessReport {
@@ -422,7 +416,7 @@ pub fn process_report(
             .growth(key)
             .is_some_and(|g| g.verdict == Verdict::Leak)
     });
-    let (leaks, _) = leaks_of(inputs, symbolizer, ranked, inputs.top);
+    let leaks = leaks_of(inputs, ranked, inputs.top);
     ProcessReport {
         pid: info.pid,
         parent: info.parent,
@@ -455,10 +449,13 @@ fn ns_to_s(ns: u64) -> f64 {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use memprof_common::AllocFn;
+    use memprof_common::{AllocFn, NO_STACK};
 
     use super::*;
-    use crate::ingest::event::{Alloc, Event};
+    use crate::{
+        ingest::event::{Alloc, Event},
+        stacks::sites::tests::native,
+    };
 
     pub(crate) fn alloc(addr: u64, size: u64, stack: u64, ts_ns: u64) -> Event {
         Event::Alloc(Alloc {
@@ -474,14 +471,14 @@ pub(crate) mod tests {
 
     pub(crate) fn inputs<'a>(
         table: &'a Tables,
-        stacks: &'a StackStore,
+        sites: &'a Sites,
         tracker: &'a Tracker,
         min_age_ns: u64,
     ) -> Inputs<'a> {
         Inputs {
             pid: 42,
             table,
-            stacks,
+            sites,
             kernel: KernelLosses {
                 ring_full: 2,
                 inflight_full: 1,
@@ -506,17 +503,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// Sites for stack keys 1 (`f` in `/opt/app`) and 2 (`g`).
+    fn two_sites() -> Sites {
+        let mut sites = Sites::new();
+        sites.intern(1, &[native(Some("f"), Some(10), 0x1010)]);
+        sites.intern(2, &[native(Some("g"), Some(20), 0x1020)]);
+        sites
+    }
+
     #[test]
-    fn groups_by_stack_sorted_by_bytes_with_age_filter() {
+    fn groups_by_site_sorted_by_bytes_with_age_filter() {
         let mut table = Tables::default();
         table.apply(&alloc(0x10, 100, 1, 1_000_000_000));
         table.apply(&alloc(0x20, 100, 1, 9_000_000_000));
         table.apply(&alloc(0x30, 500, 2, 2_000_000_000));
         table.apply(&alloc(0x40, 7, NO_STACK, 2_000_000_000));
-        let stacks = StackStore::new();
+        let sites = two_sites();
         let tracker = Tracker::new(&[], 0);
-        let mut sym = Symbolizer::new();
-        let r = snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym);
+        let r = snapshot(&inputs(&table, &sites, &tracker, 0));
         let got: Vec<_> = r
             .leaks
             .iter()
@@ -526,7 +530,7 @@ pub(crate) mod tests {
         assert_eq!(r.totals.lost_events, 3);
         assert_eq!(r.totals.lost_stacks, 4);
         // Only allocations at least 5 s old: the young block of stack 1 drops out.
-        let r = snapshot(&inputs(&table, &stacks, &tracker, 5_000_000_000), &mut sym);
+        let r = snapshot(&inputs(&table, &sites, &tracker, 5_000_000_000));
         let got: Vec<_> = r.leaks.iter().map(|l| (l.bytes, l.allocs)).collect();
         assert_eq!(got, vec![(500, 1), (100, 1), (7, 1)]);
         assert_eq!(r.leak_groups, 3);
@@ -536,11 +540,10 @@ pub(crate) mod tests {
     fn json_has_contract_fields() {
         let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
-        let stacks = StackStore::new();
+        let sites = Sites::new();
         let tracker = Tracker::new(&[], 0);
-        let mut sym = Symbolizer::new();
         let r = finish(
-            snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym),
+            snapshot(&inputs(&table, &sites, &tracker, 0)),
             true,
             Some(3),
         );
@@ -567,5 +570,87 @@ pub(crate) mod tests {
         assert_eq!(leak["allocator"], "malloc");
         assert!(leak["oldest_age_s"].is_f64());
         assert!(leak["stack"].is_array());
+    }
+
+    /// Two stack keys of one site (two return addresses on one line) and a third of another
+    /// site: the tracker and every report count the first two as one group, exactly.
+    #[test]
+    fn stack_keys_of_one_site_are_one_group() {
+        let mut sites = two_sites();
+        // Stack 3: `f` at the same line from another return address.
+        let f = sites.intern(3, &[native(Some("f"), Some(10), 0x1008)]);
+        assert_eq!(f, sites.site_of(1));
+        let mut table = Tables::default();
+        let mut tracker = Tracker::new(&[], 0);
+        let events = [
+            alloc(0x10, 100, 1, 1_000_000_000),
+            alloc(0x20, 300, 3, 2_000_000_000),
+            alloc(0x30, 50, 2, 3_000_000_000),
+            alloc(0x40, 40, 3, 3_500_000_000),
+            Event::Free {
+                tid: 1,
+                func: AllocFn::Free,
+                addr: 0x10,
+                ts_ns: 4_000_000_000,
+            },
+        ];
+        for (i, e) in events.iter().enumerate() {
+            let mut changes = Vec::new();
+            table.apply_from(0, e, &mut |c| changes.push(c));
+            let outstanding = table.heap_totals.outstanding_bytes;
+            for c in changes {
+                tracker.on_change(&c, sites.site_of(c.block().stack), outstanding);
+            }
+            tracker.sample(i as u64 * 1_000_000_000, outstanding, None);
+        }
+        let inputs = inputs(&table, &sites, &tracker, 0);
+        let r = snapshot(&inputs);
+        let leaks: Vec<_> = r
+            .leaks
+            .iter()
+            .map(|l| (l.stack[0].function.as_deref(), l.bytes, l.allocs))
+            .collect();
+        assert_eq!(leaks, [(Some("f"), 340, 2), (Some("g"), 50, 1)]);
+        assert_eq!(r.leak_groups, 2);
+        assert_eq!(
+            r.leaks[0].stack[0].offset,
+            Some(0x1008),
+            "the lowest offset"
+        );
+        let b = r.leaks[0].behaviour.as_ref().unwrap();
+        assert_eq!((b.allocs_total, b.frees_total), (3, 1));
+        assert_eq!((r.unknown_frames, r.stack_frames), (0, 2));
+        let p = profile(&inputs, &r, &[]);
+        let got: Vec<_> = p
+            .sites
+            .iter()
+            .map(|s| {
+                (
+                    s.stack[0].function.as_deref(),
+                    s.alloc_bytes,
+                    s.alloc_objects,
+                    s.frees,
+                    s.inuse_bytes,
+                    s.max_inuse_bytes,
+                )
+            })
+            .collect();
+        // f held 100 + 300, then 100 + 300 + 40, then 340 after the free: its peak is the
+        // sum of blocks from both stack keys.
+        assert_eq!(
+            got,
+            [
+                (Some("f"), 440, 3, 1, 340, 440),
+                (Some("g"), 50, 1, 0, 50, 50)
+            ]
+        );
+        let key = (f, AllocFn::Malloc, false);
+        let points: Vec<f64> = tracker.groups[&key]
+            .series
+            .points()
+            .iter()
+            .map(|p| p.1)
+            .collect();
+        assert_eq!(points, [100.0, 400.0, 400.0, 440.0, 340.0]);
     }
 }

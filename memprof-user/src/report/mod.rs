@@ -35,16 +35,42 @@ impl Forgotten {
     }
 }
 
-/// How stacks were unwound with `--unwind dwarf`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// How stacks were unwound with `--unwind dwarf` or `--unwind tables`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct UnwindStats {
-    /// Allocations whose stack copy was unwound.
+    /// `tables` or `dwarf`.
+    pub mode: &'static str,
+    /// Allocations whose stack was unwound.
     pub allocations: u64,
     /// Distinct stacks they produced.
     pub stacks: u64,
     /// Distinct stacks whose unwind stopped before the outermost frame (the copy ended, or no
-    /// rule applied); they end in a frame of kind `unknown`.
+    /// rule applied); with `dwarf` they end in a frame of kind `unknown`.
     pub truncated_stacks: u64,
+    /// `tables`: how far the kernel's walks got, in allocated bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tables: Option<TableWalks>,
+}
+
+/// What the kernel's table walks reached (`--unwind tables`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TableWalks {
+    /// Bytes allocated (as recorded: sampled ones with `--sample-bytes`).
+    pub bytes: u64,
+    /// Of those, bytes whose stack reached the program's or the thread's entry.
+    pub entry_bytes: u64,
+    /// `entry_bytes` / `bytes`.
+    pub entry_share: f64,
+    /// Bytes by how their stack's walk ended (`entry`, `no mapping`, `no rule`, `mappings
+    /// unknown` for a process whose mappings memprof had not told the kernel yet, ...).
+    pub ends: std::collections::BTreeMap<&'static str, u64>,
+    /// Files with a table in the kernel, their rows, and files that got none.
+    pub files: u64,
+    pub rows: u64,
+    pub files_without_table: u64,
+    /// Processes whose mapping list found no room in the kernel (their allocations went out
+    /// with stack copies).
+    pub processes_without_maps: u64,
 }
 
 /// The report's `totals`: the table's heap counts and what was lost on the way.
@@ -68,7 +94,7 @@ impl Totals {
     }
 }
 
-/// Outstanding allocations sharing one call stack and allocator.
+/// Outstanding allocations sharing one call site (symbolized stack) and allocator.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Leak {
     pub bytes: u64,
@@ -115,8 +141,11 @@ pub struct Report {
     pub min_age_s: f64,
     /// Number of call-stack groups passing `min_age_s`, before `--top` is applied.
     pub leak_groups: usize,
-    /// Frames in `leaks` whose function could not be named.
+    /// Frames that could not be unwound or named (no function: `module+0xOFFSET`, `[unknown]`,
+    /// an unreadable Python frame), over the stacks of every call site of the trace (each
+    /// group of `--csv` and pprof, not only `leaks`), out of `stack_frames` frames.
     pub unknown_frames: u64,
+    pub stack_frames: u64,
     /// Whether any call-stack group has the verdict `leak`.
     pub leak_detected: bool,
     /// Growth of the process's outstanding heap bytes over the trace (1 MB = 10^6 bytes).
@@ -196,7 +225,7 @@ pub struct ProcessReport {
     pub leaks: Vec<Leak>,
 }
 
-/// One call-stack group: every allocation made at one stack through one allocator.
+/// One call-site group: every allocation made at one symbolized stack through one allocator.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Site {
     /// Innermost first, allocator frames excluded.

@@ -36,34 +36,26 @@ pub fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// A frame's name: function, else `module+0xADDR`, else `[unknown]`.
+/// A frame's name, the same in every run: its function; else, for code nothing names,
+/// `module+0xOFFSET` (the module's file name and the offset of the frame's return address in
+/// that file, which `addr2line`, pprof or a later symbolizer can name with the module's debug
+/// information); else `[unknown]` (an address in no module, or where unwinding stopped).
 pub fn frame_name(frame: &Frame) -> String {
-    match (&frame.function, &frame.module) {
-        (Some(function), _) => function.clone(),
-        (None, Some(module)) => format!("{}+{}", base_name(module), frame.addr),
-        (None, None) => "[unknown]".to_owned(),
+    match (&frame.function, &frame.module, frame.offset) {
+        (Some(function), _, _) => function.clone(),
+        (None, Some(module), Some(offset)) => format!("{}+{offset:#x}", base_name(module)),
+        (None, Some(module), None) => base_name(module).to_owned(),
+        (None, None, _) => "[unknown]".to_owned(),
     }
 }
 
-/// A frame's short label (dashboard, metrics): its function, else `module@addr`.
-pub fn frame_label(frame: &Frame) -> String {
-    match &frame.function {
-        Some(name) => name.clone(),
-        None => format!(
-            "{}@{}",
-            base_name(frame.module.as_deref().unwrap_or("?")),
-            frame.addr
-        ),
-    }
-}
-
-/// A stack's innermost named function, else [`frame_label`] of its innermost frame; None for
+/// A stack's innermost named function, else [`frame_name`] of its innermost frame; None for
 /// an empty stack.
 fn stack_label(frames: &[Frame]) -> Option<String> {
     frames
         .iter()
         .find_map(|f| f.function.clone())
-        .or_else(|| frames.first().map(frame_label))
+        .or_else(|| frames.first().map(frame_name))
 }
 
 /// A short name for a group's call site (hotspots, recommendations): [`stack_label`], else
@@ -90,11 +82,7 @@ pub fn site_label(site: &Site) -> String {
 /// A site's name in folded stacks, CSV and HTML: its innermost named function, else the name of
 /// its innermost frame, else `[unknown]` (no stack).
 pub fn site_name(site: &Site) -> String {
-    site.stack
-        .iter()
-        .find_map(|f| f.function.clone())
-        .or_else(|| site.stack.first().map(frame_name))
-        .unwrap_or_else(|| "[unknown]".to_owned())
+    stack_label(&site.stack).unwrap_or_else(|| "[unknown]".to_owned())
 }
 
 /// The frame a site is named after (see [`site_name`]), if it has a stack.
@@ -124,7 +112,7 @@ mod tests {
     #[test]
     fn frame_and_site_names() {
         let p = sample_profile();
-        assert_eq!(frame_name(&p.sites[0].stack[2]), "libc.so.6+0x7f0000001234");
+        assert_eq!(frame_name(&p.sites[0].stack[2]), "libc.so.6+0x27234");
         assert_eq!(frame_name(&frame(None, None, None, 0x10)), "[unknown]");
         assert_eq!(site_name(&p.sites[0]), "leak_widgets");
         assert_eq!(site_name(&p.sites[2]), "[unknown]");
@@ -136,6 +124,13 @@ mod tests {
             ..p.sites[0].clone()
         };
         assert_eq!(site_name(&unnamed_inner), "f");
-        assert_eq!(site_frame(&unnamed_inner).unwrap().addr, "0x30");
+        assert_eq!(site_frame(&unnamed_inner).unwrap().offset, None);
+        let unnamed = Site {
+            stack: vec![frame(None, Some("/lib/x.so"), None, 0x20)],
+            ..p.sites[0].clone()
+        };
+        assert_eq!(site_name(&unnamed), "x.so+0x20");
+        assert_eq!(site_label(&unnamed), "x.so+0x20");
+        assert_eq!(group_name(&[], AllocFn::Calloc), "(no stack, calloc)");
     }
 }

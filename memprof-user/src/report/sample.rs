@@ -4,19 +4,29 @@ use super::{
     Frame, HeapTotals, KernelLosses, MmapTotals, Profile, Report, Site, TimePoint, Totals, Verdict,
 };
 
+/// The executable of the sample profile, and its build id (libc's is not known).
+pub(crate) const APP: &str = "/opt/app";
+pub(crate) const APP_BUILD_ID: &str = "0123456789abcdef0123456789abcdef01234567";
+
 pub(crate) fn frame(
     function: Option<&str>,
     module: Option<&str>,
     line: Option<u32>,
-    addr: u64,
+    offset: u64,
 ) -> Frame {
     Frame {
         function: function.map(str::to_owned),
         module: module.map(str::to_owned),
         file: line.map(|_| "/src/outputs.c".to_owned()),
         line,
-        addr: format!("{addr:#x}"),
-        kind: "native",
+        offset: module.map(|_| offset),
+        build_id: (module == Some(APP)).then(|| APP_BUILD_ID.to_owned()),
+        inlined: false,
+        kind: if module.is_some() {
+            "native"
+        } else {
+            "unknown"
+        },
     }
 }
 
@@ -45,7 +55,6 @@ pub(crate) fn site(stack: Vec<Frame>, allocator: &'static str, kind: &'static st
 /// `leak_widgets` (7 x 3000 B, all in use), an mmap site whose function name needs escaping
 /// everywhere, a site without a stack (1 x 64 B) and `churn_buffers` (210 x 128 B, all freed).
 pub(crate) fn sample_profile() -> Profile {
-    const APP: &str = "/opt/app";
     const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
     let main = |line, addr| frame(Some("main"), Some(APP), Some(line), addr);
     let leak = Site {
@@ -62,9 +71,9 @@ pub(crate) fn sample_profile() -> Profile {
         last_alloc_ns: 1_900_000_000,
         ..site(
             vec![
-                frame(Some("leak_widgets"), Some(APP), Some(47), 0x5555_0000_1296),
-                main(87, 0x5555_0000_10e7),
-                frame(None, Some(LIBC), None, 0x7f00_0000_1234),
+                frame(Some("leak_widgets"), Some(APP), Some(47), 0x1296),
+                main(87, 0x10e7),
+                frame(None, Some(LIBC), None, 0x2_7234),
             ],
             "malloc",
             "heap",
@@ -83,13 +92,8 @@ pub(crate) fn sample_profile() -> Profile {
         last_alloc_ns: 500_000_000,
         ..site(
             vec![
-                frame(
-                    Some("map<int, \"q\">::grow;now"),
-                    Some(APP),
-                    None,
-                    0x5555_0000_2000,
-                ),
-                main(95, 0x5555_0000_1100),
+                frame(Some("map<int, \"q\">::grow;now"), Some(APP), None, 0x2000),
+                main(95, 0x1100),
             ],
             "mmap",
             "mmap",
@@ -119,8 +123,8 @@ pub(crate) fn sample_profile() -> Profile {
         last_alloc_ns: 1_900_000_000,
         ..site(
             vec![
-                frame(Some("churn_buffers"), Some(APP), Some(60), 0x5555_0000_1309),
-                main(90, 0x5555_0000_113b),
+                frame(Some("churn_buffers"), Some(APP), Some(60), 0x1309),
+                main(90, 0x113b),
             ],
             "malloc",
             "heap",
@@ -143,6 +147,7 @@ pub(crate) fn sample_profile() -> Profile {
         exit_code: Some(Some(0)),
         leak_groups: 3,
         unknown_frames: 1,
+        stack_frames: 7,
         leak_detected: true,
         growth_rate_mb_per_hour: Some(5.4),
         ..report("report", 4242, heap, 3, 1)
@@ -192,6 +197,7 @@ pub(crate) fn report(
         min_age_s: 0.0,
         leak_groups: 0,
         unknown_frames: 0,
+        stack_frames: 0,
         leak_detected: false,
         growth_rate_mb_per_hour: None,
         projected_limit_hours: None,

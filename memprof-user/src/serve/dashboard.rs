@@ -37,7 +37,7 @@ use super::{
 };
 use crate::report::{
     Profile, Site, TimePoint, Verdict,
-    names::{frame_label, site_label},
+    names::{frame_name, site_label},
 };
 
 /// Rows of the sites table.
@@ -345,7 +345,7 @@ fn top_growing(sites: &[Site], n: usize) -> (Vec<SiteView>, usize) {
             bytes: s.inuse_bytes,
             allocs: s.inuse_objects,
             growth_bytes_per_s: s.growth_bytes_per_s,
-            stack: s.stack.iter().take(FRAMES).map(frame_label).collect(),
+            stack: s.stack.iter().take(FRAMES).map(frame_name).collect(),
         })
         .collect();
     (rows, count)

@@ -464,7 +464,9 @@ pub(super) mod tests {
             module: Some("/usr/bin/app".into()),
             file: None,
             line: None,
-            addr: "0x1234".into(),
+            offset: Some(0x1234),
+            build_id: None,
+            inlined: false,
             kind: "native",
         }
     }
@@ -642,7 +644,7 @@ pub(super) mod tests {
         s.stack = vec![frame(None), frame(Some("caller"))];
         assert_eq!(site_label(&s), "caller");
         s.stack = vec![frame(None)];
-        assert_eq!(site_label(&s), "app@0x1234");
+        assert_eq!(site_label(&s), "app+0x1234");
         s.stack.clear();
         assert_eq!(site_label(&s), "(no stack)");
         s.stack = vec![frame(Some(&"x".repeat(300)))];

@@ -4,11 +4,13 @@
 //!
 //! - [`observe`]: records taken from the ring and applied, process life cycles, sampling.
 //! - [`mappings`]: each process's view of its address space; stacks placed and unwound.
+//! - [`naming`]: the tracker's inputs, in order, once their stacks are named.
 //! - [`pythons`]: CPython processes, their threads, and mixed Python/native stacks.
 //! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
 //! - [`procs`]: what the session knows of each traced process.
 
 mod mappings;
+mod naming;
 mod observe;
 mod procs;
 mod pythons;
@@ -40,7 +42,9 @@ use crate::{
     report::{self},
     serve::Live,
     stacks::{
-        StackStore, Symbolizer,
+        Sites, StackStore,
+        namer::Namer,
+        tables::TableFiles,
         unwind::{ObjectCache, ProcessUnwinder},
     },
     sys::{clock::monotonic_ns, maps::Mapping, target::PidFd},
@@ -92,6 +96,8 @@ pub struct Settings {
     pub rank_by_growth: bool,
     /// `--unwind dwarf`: allocations carry stack copies the agent unwinds.
     pub dwarf: bool,
+    /// `--debug-dir`: where to look for debug files before the system's directories.
+    pub debug_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Why the trace ended.
@@ -117,6 +123,17 @@ pub struct Session {
     unwinders: foldhash::HashMap<u32, ProcessUnwinder>,
     unwind_objects: ObjectCache,
     unwind_stats: report::UnwindStats,
+    /// How the kernel's table walk of each stack ended (`unwind_end`, when not 0), and what
+    /// the walks of the allocations reached.
+    stack_ends: foldhash::HashMap<u64, u8>,
+    table_walks: report::TableWalks,
+    table_allocations: u64,
+    /// Tables built, by file, and the signature of the mapping list last written per process
+    /// (`--unwind tables`).
+    table_files: TableFiles,
+    tables_written: foldhash::HashMap<u32, u64>,
+    /// Each process's `EXEC_EPOCH` when its mappings were last given to the kernel.
+    tables_epoch: foldhash::HashMap<u32, u64>,
     /// The kernel's records of executable mappings (None when perf events are unavailable).
     watch: Option<MmapWatcher>,
     /// Mapping records of processes not seen yet (a child whose fork is still in the ring).
@@ -132,7 +149,12 @@ pub struct Session {
     /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
     evicted_processes: u64,
     pruned_groups: u64,
-    symbolizer: Symbolizer,
+    /// Names stacks on its own thread.
+    namer: Namer,
+    /// The call site of every stack key the analysis saw.
+    sites: Sites,
+    /// Tracker inputs waiting for names.
+    pending: naming::Pending,
     decode_errors: u64,
     start_ns: u64,
     settings: Settings,
@@ -199,10 +221,18 @@ impl Session {
                 }
                 [(pid, p)].into_iter().collect()
             },
-            symbolizer: Symbolizer::new(),
+            namer: Namer::new(settings.debug_dirs.clone()),
+            sites: Sites::new(),
+            pending: Default::default(),
             unwinders: Default::default(),
             unwind_objects: ObjectCache::default(),
             unwind_stats: report::UnwindStats::default(),
+            stack_ends: Default::default(),
+            table_walks: Default::default(),
+            table_allocations: 0,
+            table_files: TableFiles::default(),
+            tables_written: Default::default(),
+            tables_epoch: Default::default(),
             watch: None,
             pending_maps: Default::default(),
             pythons: Default::default(),
@@ -224,6 +254,7 @@ impl Session {
     pub fn prepare(&mut self) {
         self.pin_initial();
         self.allocator_text(self.pid);
+        self.update_tables(self.pid);
         if !self.parent && self.pid != 0 {
             self.scan_python(self.pid);
             // Detection, then the threads: each job has its own budget.
@@ -378,8 +409,11 @@ impl Session {
             // What the ring holds now, within a second even while records pour in.
             self.drain_for(Duration::from_secs(1));
             let outstanding = self.table.heap_totals.outstanding_bytes;
-            self.tracker
-                .mark(&request.name, monotonic_ns(), outstanding);
+            self.track(naming::Input::Mark {
+                name: request.name.clone(),
+                ts_ns: monotonic_ns(),
+                outstanding,
+            });
             "ok\n".to_string()
         };
         let _ = request.answer.send(answer);

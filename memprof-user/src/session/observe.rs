@@ -2,12 +2,14 @@
 //! the analytics tracker; process life-cycle records keep the process views, the allocator
 //! probes and the Python registrations up to date; sampling feeds the growth series.
 
-use memprof_common::NO_STACK;
+use memprof_common::{NO_STACK, unwind_end};
 
 use super::{
-    EXITED_KEPT, GROUP_IDLE_NS, GROUPS_KEPT, Session,
+    EXITED_KEPT, Session,
     mappings::{Unwinding, pin_files, unwind_copy},
+    naming::Input,
     procs::Proc,
+    reports::reached_entry,
 };
 use crate::{
     ingest::event::{Event, decode_record},
@@ -40,15 +42,15 @@ impl Session {
     fn drain_until(&mut self, deadline: Option<std::time::Instant>) -> bool {
         self.drain_mappings();
         let mut taken: u32 = 0;
-        loop {
+        let left = loop {
             taken = taken.wrapping_add(1);
             if taken.is_multiple_of(1024)
                 && deadline.is_some_and(|d| std::time::Instant::now() >= d)
             {
-                return true;
+                break true;
             }
             let Some(item) = self.tracer.events.next() else {
-                return false;
+                break false;
             };
             self.events += 1;
             let record = match decode_record(&item) {
@@ -59,8 +61,12 @@ impl Session {
                 }
             };
             let (tgid, mut event, py_stack) = (record.tgid, record.event, record.py_stack);
+            let paused = record.paused;
+            // A process first seen through a stack copy: `unwind_copy` adds its view, and the
+            // rest of its registration follows once the ring's record is let go.
+            let newly = record.copy.is_some() && !self.procs.contains_key(&tgid);
             if let (Some(copy), Event::Alloc(a)) = (record.copy, &mut event) {
-                a.stack = unwind_copy(
+                let (key, stopped) = unwind_copy(
                     &mut Unwinding {
                         watch: self.watch.as_mut(),
                         procs: &mut self.procs,
@@ -69,26 +75,59 @@ impl Session {
                         objects: &mut self.unwind_objects,
                         stacks: &mut self.stacks,
                         stats: &mut self.unwind_stats,
-                        symbolizer: &mut self.symbolizer,
+                        namer: &mut self.namer,
                     },
                     tgid,
                     copy,
                 );
+                a.stack = key;
+                // With tables, a copy is the walk's fallback: its end, for the report.
+                if self.tracer.tables.is_some() {
+                    let end = if stopped {
+                        unwind_end::AGENT_STOPPED
+                    } else {
+                        unwind_end::AGENT
+                    };
+                    self.stack_ends.insert(key, end as u8);
+                }
             }
             drop(item);
+            if newly {
+                if let Some(p) = self.procs.get(&tgid) {
+                    pin_files(&mut self.namer, p);
+                }
+                self.allocator_text(tgid);
+                self.update_tables(tgid);
+            }
+            let native = match &event {
+                Event::Alloc(a) => Some((a.stack, a.size)),
+                _ => None,
+            };
             if let Event::Alloc(a) = &mut event {
                 a.stack = self.with_python(tgid, a.stack, py_stack);
             }
             self.observe(tgid, &event);
-        }
+            if paused {
+                // SAFETY: a signal to a process that stopped itself for this record.
+                unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
+            }
+            if let Some((stack, size)) = native {
+                self.count_walk(stack, size);
+            }
+        };
+        self.pump_ready();
+        left
     }
 
     pub(super) fn observe(&mut self, tgid: u32, event: &Event) {
+        // A process's first record: its view, its files kept open, its allocator text and its
+        // mappings for the kernel's walks.
         if !self.procs.contains_key(&tgid) {
             let p = Proc::discover(tgid);
-            pin_files(&mut self.symbolizer, &p);
+            pin_files(&mut self.namer, &p);
             self.add_proc(tgid, p);
             self.allocator_text(tgid);
+            self.update_tables(tgid);
         }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
@@ -99,11 +138,12 @@ impl Session {
                 if let Some(p) = self.procs.get_mut(&tgid) {
                     p.space_stale = true;
                     if p.reread(tgid, monotonic_ns()) {
-                        pin_files(&mut self.symbolizer, p);
+                        pin_files(&mut self.namer, p);
                     }
                 }
                 self.detect_allocators(tgid);
                 self.allocator_text(tgid);
+                self.update_tables(tgid);
                 // An interpreter loads its modules as it starts: register its threads early.
                 self.scan_python(tgid);
             }
@@ -111,18 +151,23 @@ impl Session {
                 tid, phase, enter, ..
             } => {
                 let outstanding = self.table.heap_totals.outstanding_bytes;
-                self.tracker.on_phase(tid, phase, enter, outstanding);
+                self.track(Input::Phase {
+                    tid,
+                    phase,
+                    enter,
+                    outstanding,
+                });
             }
             Event::ChildPaused => {
-                // Stopped before its first instruction: its probes first, then it goes on.
+                // Stopped before its first instruction: its probes and its mappings first,
+                // then it goes on.
                 if let Err(e) = self.tracer.follow(tgid) {
                     eprintln!(
                         "memprof: warning: pid {tgid}: {}",
                         escape(&format!("{e:#}"))
                     );
                 }
-                // SAFETY: a signal to a process memprof stopped.
-                unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
+                self.update_tables(tgid);
             }
             Event::Fork { child } => {
                 // Probes of its own first: the child already runs.
@@ -155,6 +200,7 @@ impl Session {
                     }
                 }
                 self.detect_allocators(tgid);
+                self.update_tables(tgid);
             }
             Event::Exit => {
                 if let Some(p) = self.procs.get_mut(&tgid)
@@ -166,6 +212,11 @@ impl Session {
                     }
                     self.tracer.release(tgid);
                 }
+                if let Some(tables) = self.tracer.tables.as_mut() {
+                    tables.forget_process(tgid);
+                }
+                self.tables_written.remove(&tgid);
+                self.tables_epoch.remove(&tgid);
                 self.evict_exited(monotonic_ns());
             }
             _ => {}
@@ -173,9 +224,14 @@ impl Session {
         let changes = &mut self.changes;
         self.table.apply_from(tgid, event, &mut |c| changes.push(c));
         let outstanding = self.table.heap_totals.outstanding_bytes;
-        for change in self.changes.drain(..) {
-            self.tracker.on_change(&change, outstanding);
+        let mut changes = std::mem::take(&mut self.changes);
+        for change in changes.drain(..) {
+            self.track(Input::Change {
+                change,
+                outstanding,
+            });
         }
+        self.changes = changes;
     }
 
     /// Keeps memory bounded on a long trace of many processes: the oldest exited processes
@@ -284,9 +340,11 @@ impl Session {
             let outstanding = table.map_or(0, |t| t.heap_totals.outstanding_bytes);
             p.series.push(t, outstanding as f64);
         }
-        self.tracker
-            .sample(now, self.table.heap_totals.outstanding_bytes, rss);
-        self.pruned_groups += self.tracker.prune(GROUPS_KEPT, now, GROUP_IDLE_NS) as u64;
+        self.track(Input::Sample {
+            ts_ns: now,
+            heap: self.table.heap_totals.outstanding_bytes,
+            rss,
+        });
     }
 
     /// Tells the kernel where process `tgid`'s allocator code lies, when it needs to know (see
@@ -297,6 +355,28 @@ impl Session {
         }
         if let Some(p) = self.procs.get(&tgid) {
             self.tracer.set_allocator_text(tgid, &p.space);
+        }
+    }
+
+    /// Adds an allocation of `size` bytes with native stack `stack` to what the kernel's table
+    /// walks reached (`--unwind tables`).
+    fn count_walk(&mut self, stack: u64, size: u64) {
+        if self.tracer.tables.is_none() {
+            return;
+        }
+        let end = u64::from(self.stack_ends.get(&stack).copied().unwrap_or(0));
+        let name = unwind_end::NAMES
+            .get(end as usize)
+            .copied()
+            .unwrap_or("unknown");
+        let w = &mut self.table_walks;
+        self.table_allocations += 1;
+        w.bytes += size;
+        *w.ends
+            .entry(if stack == NO_STACK { "no stack" } else { name })
+            .or_default() += size;
+        if reached_entry(end) {
+            w.entry_bytes += size;
         }
     }
 }

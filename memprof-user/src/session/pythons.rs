@@ -6,7 +6,7 @@ use memprof_common::NO_STACK;
 use super::Session;
 use crate::{
     stacks::{
-        mixed::{python_key, python_position},
+        mixed::{python_groups, python_key, python_places, python_position},
         python::{self, PyFrame, Resolver},
     },
     sys::clock::monotonic_ns,
@@ -28,7 +28,8 @@ pub(super) struct PyState {
 impl Session {
     /// The stack key of an allocation: the native stack `native`, or, when the thread ran
     /// Python (`py` names its frames in the kernel's map), a stack with those Python frames
-    /// placed where the interpreter's own frames begin. A Python thread not registered yet
+    /// in their places: each call of the eval loop's frames just outside that call's native
+    /// frame (see `mixed::python_places`). A Python thread not registered yet
     /// makes memprof look for the process's threads again.
     pub(super) fn with_python(&mut self, tgid: u32, native: u64, py: u64) -> u64 {
         if py == memprof_common::NO_STACK {
@@ -49,27 +50,41 @@ impl Session {
         let Some(resolver) = &mut state.resolver else {
             return native;
         };
-        let mut frames: Vec<PyFrame> = Vec::new();
-        for (code, instr) in pairs {
-            // Shim frames (code 0) and frames that have not started are left out, as CPython's
-            // tracebacks leave them out. A code object memprof cannot read any more (its
-            // process exited) stays as an unnamed Python frame, counted in `unknown_frames`.
-            if code == 0 || resolver.incomplete_frame(code, instr) {
-                continue;
+        // One group per call of the eval loop. Frames that have not started are left out, as
+        // CPython's tracebacks leave them out. A code object memprof cannot read any more (its
+        // process exited) stays as an unnamed Python frame, counted in `unknown_frames`.
+        let per_call =
+            resolver.process.offsets.frame_model != python::FRAME_MODEL_INTERPRETER_FRAME;
+        let mut groups: Vec<Vec<PyFrame>> = Vec::new();
+        for group in python_groups(&pairs, per_call) {
+            let mut frames = Vec::with_capacity(group.len());
+            for (code, instr) in group {
+                if resolver.incomplete_frame(code, instr) {
+                    continue;
+                }
+                frames.push(resolver.resolve(code, instr).unwrap_or_else(|_| PyFrame {
+                    function: String::new(),
+                    file: String::new(),
+                    line: None,
+                }));
             }
-            frames.push(resolver.resolve(code, instr).unwrap_or_else(|_| PyFrame {
-                function: String::new(),
-                file: String::new(),
-                line: None,
-            }));
+            groups.push(frames);
         }
         let natives = self
             .stacks
             .get(native)
             .map(<[_]>::to_vec)
             .unwrap_or_default();
-        let at = python_position(&natives, self.stacks.modules(), &resolver.process.object);
-        self.stacks.insert_mixed(key, &natives, &frames, at);
+        // Without the eval loop's address (or no frame in it), all Python frames go above the
+        // first frame in the interpreter's object.
+        let fallback = python_position(&natives, self.stacks.modules(), &resolver.process.object);
+        let places = python_places(
+            &natives,
+            &resolver.process.eval_loop,
+            groups.len(),
+            fallback,
+        );
+        self.stacks.insert_mixed(key, &natives, &groups, &places);
         key
     }
 
@@ -79,7 +94,11 @@ impl Session {
     /// found, so a hostile process can slow its own scans but never the trace.
     pub(super) fn scan_python(&mut self, tgid: u32) {
         const RESCAN_NS: u64 = 20_000_000;
-        const DETECT_TRIES: u32 = 20;
+        // Until the interpreter is found (it may not be mapped or initialized yet, and a slow
+        // start under load takes seconds), detection is retried every RESCAN_NS for the first
+        // DETECT_FAST_TRIES, then every DETECT_SLOW_NS for as long as the process may run Python.
+        const DETECT_FAST_TRIES: u32 = 20;
+        const DETECT_SLOW_NS: u64 = 250_000_000;
         // Called for every allocation: a process that cannot be CPython is told apart once
         // per change of its name or address space.
         let Some(p) = self.procs.get_mut(&tgid) else {
@@ -90,11 +109,15 @@ impl Session {
         }
         let now = monotonic_ns();
         let state = self.pythons.entry(tgid).or_default();
-        if state.pending.is_some() || now.saturating_sub(state.last_scan_ns) < RESCAN_NS {
+        let interval = if state.resolver.is_none() && state.tries >= DETECT_FAST_TRIES {
+            DETECT_SLOW_NS
+        } else {
+            RESCAN_NS
+        };
+        if state.pending.is_some() || now.saturating_sub(state.last_scan_ns) < interval {
             return;
         }
         let job = match &state.resolver {
-            None if state.tries >= DETECT_TRIES => return,
             None => Job::Detect,
             Some(resolver) => Job::Threads(Box::new(resolver.process.clone())),
         };
@@ -103,7 +126,7 @@ impl Session {
             state.last_scan_ns = now;
             state.pending = Some(ticket);
             if state.resolver.is_none() {
-                state.tries += 1;
+                state.tries = state.tries.saturating_add(1);
             }
         }
     }
@@ -140,7 +163,7 @@ impl Session {
                     frames_in_data_stack: u32::from(
                         o.frame_model == python::FRAME_MODEL_INTERPRETER_FRAME,
                     ),
-                    _pad: 0,
+                    frame_is_entry: o.frame_is_entry,
                 };
                 let Some(span) = walk.span_of_frame_fields() else {
                     return;

@@ -5,6 +5,8 @@ use std::io::{self, Write as _};
 
 use serde::Serialize;
 
+use memprof_common::unwind_end;
+
 use super::Session;
 use crate::{
     output::{json, text},
@@ -32,7 +34,7 @@ impl Session {
         Inputs {
             pid: self.pid,
             table: &self.table,
-            stacks: &self.stacks,
+            sites: &self.sites,
             kernel: report::KernelLosses {
                 mapping_records_lost: self.watch.as_ref().map_or(0, |w| w.lost),
                 ..self.tracer.losses()
@@ -43,7 +45,7 @@ impl Session {
             elapsed_s: (now - self.start_ns) as f64 / 1e9,
             min_age_ns: self.settings.min_age.as_nanos() as u64,
             tracker: &self.tracker,
-            unwind: self.settings.dwarf.then_some(self.unwind_stats),
+            unwind: self.unwind_report(),
             forgotten: report::Forgotten {
                 processes: self.evicted_processes,
                 groups: self.pruned_groups,
@@ -61,9 +63,9 @@ impl Session {
     }
 
     pub fn snapshot(&mut self) -> Report {
-        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        self.settle();
         let inputs = self.inputs(monotonic_ns());
-        let mut report = report::snapshot(&inputs, &mut symbolizer);
+        let mut report = report::snapshot(&inputs);
         if self.settings.per_process {
             let mut processes: Vec<_> = self
                 .procs
@@ -84,12 +86,7 @@ impl Session {
                         },
                         growth_bytes_per_s: p.growth_bytes_per_s(),
                     };
-                    report::process_report(
-                        &inputs,
-                        &mut symbolizer,
-                        &info,
-                        self.table.process(*pid),
-                    )
+                    report::process_report(&inputs, &info, self.table.process(*pid))
                 })
                 .collect();
             let outstanding = |p: &report::ProcessReport| {
@@ -109,18 +106,14 @@ impl Session {
             }
             report.processes = Some(processes);
         }
-        self.symbolizer = symbolizer;
         report
     }
 
     /// The profile the output writers take, for `report`.
     pub fn profile(&mut self, report: &Report) -> Profile {
-        // The symbolizer (a cache) is taken out while the inputs borrow the rest.
-        let mut symbolizer = std::mem::take(&mut self.symbolizer);
+        self.settle();
         let inputs = self.inputs(monotonic_ns());
-        let profile = report::profile(&inputs, &mut symbolizer, report, &self.settings.command);
-        self.symbolizer = symbolizer;
-        profile
+        report::profile(&inputs, report, &self.settings.command)
     }
 
     /// Refreshes the live endpoints' state.
@@ -219,4 +212,42 @@ impl Session {
         }
         Ok(())
     }
+
+    /// The report's `unwind`: with `--unwind dwarf` the agent's counts, with `--unwind tables`
+    /// what the kernel's walks reached.
+    fn unwind_report(&self) -> Option<report::UnwindStats> {
+        if self.settings.dwarf {
+            return Some(report::UnwindStats {
+                mode: "dwarf",
+                ..self.unwind_stats.clone()
+            });
+        }
+        let tables = self.tracer.tables.as_ref()?;
+        let mut walks = self.table_walks.clone();
+        walks.entry_share = if walks.bytes == 0 {
+            0.0
+        } else {
+            (walks.entry_bytes as f64 / walks.bytes as f64 * 1e4).round() / 1e4
+        };
+        walks.files = tables.counts.modules;
+        walks.rows = tables.counts.rows;
+        walks.files_without_table = tables.counts.refused;
+        walks.processes_without_maps = tables.counts.procs_refused;
+        Some(report::UnwindStats {
+            mode: "tables",
+            allocations: self.table_allocations,
+            stacks: self.stack_ends.len() as u64,
+            truncated_stacks: self
+                .stack_ends
+                .values()
+                .filter(|e| !reached_entry(u64::from(**e)))
+                .count() as u64,
+            tables: Some(walks),
+        })
+    }
+}
+
+/// Whether a table walk that ended so reached the program's or thread's entry.
+pub(super) fn reached_entry(end: u64) -> bool {
+    end == unwind_end::STOP || end == unwind_end::RA_ZERO || end == unwind_end::AGENT
 }

@@ -63,11 +63,30 @@ impl StackStore {
         self.stacks.insert(id, frames);
     }
 
-    /// Stores stack `id`: the native `frames` of another stack with the Python frames `python`
-    /// (innermost first) inserted before native frame `at`.
-    pub fn insert_mixed(&mut self, id: u64, frames: &[RawFrame], python: &[PyFrame], at: usize) {
-        let at = at.min(frames.len());
-        let mut out = frames[..at].to_vec();
+    /// Stores stack `id`: the native `frames` of another stack with blocks of Python frames
+    /// (each innermost first) inserted, block `k` before native frame `places[k]` (in order;
+    /// blocks at one place keep their order).
+    pub fn insert_mixed(
+        &mut self,
+        id: u64,
+        frames: &[RawFrame],
+        blocks: &[Vec<PyFrame>],
+        places: &[usize],
+    ) {
+        let mut out = Vec::with_capacity(frames.len() + blocks.iter().map(Vec::len).sum::<usize>());
+        let mut next = 0;
+        for (block, &at) in blocks.iter().zip(places) {
+            let at = at.clamp(next, frames.len());
+            out.extend_from_slice(&frames[next..at]);
+            next = at;
+            self.push_python(&mut out, block);
+        }
+        out.extend_from_slice(&frames[next..]);
+        self.stacks.insert(id, out);
+    }
+
+    /// Appends Python frames `python` to `out`, interning them.
+    fn push_python(&mut self, out: &mut Vec<RawFrame>, python: &[PyFrame]) {
         for f in python {
             let index = match self.python_ids.get(f) {
                 Some(i) => *i,
@@ -85,8 +104,6 @@ impl StackStore {
                 python: Some(index),
             });
         }
-        out.extend_from_slice(&frames[at..]);
-        self.stacks.insert(id, out);
     }
 
     /// Python frames referred to by [`RawFrame::python`].

@@ -17,6 +17,8 @@ pub struct Mapping {
     pub dev: String,
     pub inode: u64,
     pub path: String,
+    /// Mapped executable.
+    pub exec: bool,
 }
 
 impl Mapping {
@@ -143,7 +145,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
     // 7f..-7f.. r-xp 00028000 08:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6
     let mut fields = line.splitn(6, ' ');
     let range = fields.next()?;
-    let _perms = fields.next()?;
+    let perms = fields.next()?;
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
     let dev = fields.next()?.to_string();
     let inode: u64 = fields.next()?.parse().ok()?;
@@ -161,6 +163,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
         dev,
         inode,
         path,
+        exec: perms.as_bytes().get(2) == Some(&b'x'),
     })
 }
 
@@ -203,6 +206,7 @@ mod tests {
             dev: "08:01".into(),
             inode: 11,
             path: path.into(),
+            exec: true,
         };
         s.insert(m(0x1800, 0x2800, "/lib/c.so"));
         s.insert(m(0x5000, 0x6000, "/lib/d.so"));

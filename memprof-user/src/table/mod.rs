@@ -93,6 +93,15 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The block that became or stopped being outstanding.
+    pub fn block(&self) -> &LiveAlloc {
+        match self {
+            Change::Alloc { block, .. } | Change::Free { block, .. } => block,
+        }
+    }
+}
+
 /// Counts for the malloc family.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct HeapTotals {

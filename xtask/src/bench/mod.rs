@@ -1,23 +1,35 @@
 //! `cargo xtask bench`: what tracing costs, measured side by side in one run.
 //!
-//! Each workload in `bench/` waits for SIGUSR1 after printing `ready`, so a tracer attaches by
+//! Workloads: the churn loop built with frame pointers and again without (as distributions
+//! build), and a Python JSON workload. Each workload in `bench/` waits for SIGUSR1 after printing `ready`, so a tracer attaches by
 //! pid first, and reports its own elapsed time (process start and exit excluded). Modes:
 //! untraced; memprof's probes with programs that return at once (`--probe-floor`, the floor of
-//! the probe set); memprof full; both again with every probe at the function's first byte
-//! (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`); bpftrace
-//! with a memleak-like script when installed. Each runs `--reps`
-//! times; medians and ratios go to `target/bench/results.md` and `results.json`. The agent's
+//! the probe set, on the default links and on classic uprobes); memprof full (default links,
+//! with the default unwind tables and with `--unwind fp`, and multi-uprobe links); the floor and full mode again with every probe at the function's
+//! first byte (`--no-placement`); memprof sampled (`--sample-bytes 512K`, see `SAMPLE_BYTES`);
+//! bpftrace with a memleak-like script when installed. The `--reps` runs go rep-major (each
+//! rep runs every mode in turn, so drift falls on every mode alike); medians and ratios go to
+//! `target/bench/results.md` and `results.json`. The agent's
 //! CPU time and peak RSS come from `wait4` on memprof (the workload is not its child in pid
 //! mode, so they are the agent's alone). The agent's memory per outstanding allocation is given
 //! twice: from its peak RSS, and from its steady RSS (`VmRSS`, once settled) while `hold` keeps
 //! its blocks. The kernel programs' own time per run (`--probe-stats`) is measured on the churn
 //! loop in each mode, and on `deep` (the same loop under 60 frames) for the frame walk.
 //!
+//! Then: the time to attach and detach the full probe set for each kind of link (`attach`);
+//! an untraced churn loop's speed beside memprof tracing a spawned command with children
+//! (`beside`); and a real workload, Debian's redis-server under redis-benchmark, untraced,
+//! under memprof and under heaptrack (`redis`).
+//!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
 //! it too, after the workloads.
 
+mod attach;
+mod beside;
 mod micro;
+mod proc;
+mod redis;
 mod run;
 
 use std::{ffi::OsString, fmt::Write as _, fs, path::PathBuf};
@@ -36,13 +48,21 @@ use crate::util::{Workspace, find_program};
 enum Mode {
     Untraced,
     Floor,
+    FloorClassic,
     FloorAtEntry,
     Full,
+    FullFp,
+    FullMulti,
     Sampled,
     Dwarf,
     FullAtEntry,
     Bpftrace,
 }
+
+/// Slower than this per malloc/free pair, an untraced churn loop has breakpoints in it: another
+/// tracer's probes on libc (a system-wide trace by another process, say). Untraced, a pair
+/// takes about 10 ns here; one uprobe trap alone takes several hundred.
+const TRAPPED_NS: f64 = 200.0;
 
 /// The sampling interval of the sampled mode.
 const SAMPLE_BYTES: &str = "512K";
@@ -52,8 +72,11 @@ impl Mode {
         match self {
             Self::Untraced => "untraced",
             Self::Floor => "floor (probes, empty programs)",
+            Self::FloorClassic => "floor, classic uprobes",
             Self::FloorAtEntry => "floor, free probed at +0",
             Self::Full => "memprof",
+            Self::FullFp => "memprof --unwind fp",
+            Self::FullMulti => "memprof --links multi",
             Self::Sampled => "memprof --sample-bytes 512K",
             Self::Dwarf => "memprof --unwind dwarf",
             Self::FullAtEntry => "memprof, free probed at +0",
@@ -64,8 +87,11 @@ impl Mode {
     fn memprof_flags(self) -> Option<&'static [&'static str]> {
         match self {
             Self::Floor => Some(&["--probe-floor"]),
+            Self::FloorClassic => Some(&["--probe-floor", "--links", "classic"]),
             Self::FloorAtEntry => Some(&["--probe-floor", "--no-placement"]),
             Self::Full => Some(&[]),
+            Self::FullFp => Some(&["--unwind", "fp"]),
+            Self::FullMulti => Some(&["--links", "multi"]),
             Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
             Self::Dwarf => Some(&["--unwind", "dwarf"]),
             Self::FullAtEntry => Some(&["--no-placement"]),
@@ -87,8 +113,33 @@ struct Run {
     agent_steady_rss_kib: u64,
     /// From the workload's exit to the tracer's exit (drain, symbolize, report).
     report_s: f64,
-    /// With `--probe-stats`: (program, ns per run).
-    probe_ns: Vec<(String, f64)>,
+    /// With `--probe-stats`: each program's runs and mean time.
+    probe_stats: Vec<ProbeStat>,
+}
+
+/// One kernel program's runs and mean time per run (`--probe-stats`).
+#[derive(Clone, Debug, PartialEq)]
+struct ProbeStat {
+    program: String,
+    runs: u64,
+    ns_per_run: f64,
+}
+
+impl Run {
+    /// The allocator programs (`alloc_*`; not the process-tracking tracepoints).
+    fn alloc_programs(&self) -> impl Iterator<Item = &ProbeStat> {
+        self.probe_stats
+            .iter()
+            .filter(|s| s.program.starts_with("alloc_"))
+    }
+
+    /// Kernel time in the allocator programs per workload operation.
+    fn alloc_ns_per_op(&self) -> f64 {
+        self.alloc_programs()
+            .map(|s| s.ns_per_run * s.runs as f64)
+            .sum::<f64>()
+            / self.ops.max(1.0)
+    }
 }
 
 struct Workload {
@@ -124,18 +175,28 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let out_dir = ws.target_dir().join("bench");
     fs::create_dir_all(&out_dir)?;
     let memprof = ws.target_dir().join("release/memprof");
-    let build = |name: &str| -> Result<PathBuf> {
-        let exe = out_dir.join(name);
+    // Built with frame pointers, as `--unwind fp` needs, unless `no_fp` (as distributions
+    // build: the default mode's unwind tables then do the work).
+    let build_as = |name: &str, exe_name: &str, no_fp: bool| -> Result<PathBuf> {
+        let exe = out_dir.join(exe_name);
         let src = ws.root.join("bench").join(format!("{name}.c"));
         crate::util::run(
             ws.command("cc")
-                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+                .args(["-O2", "-g"])
+                .arg(if no_fp {
+                    "-fomit-frame-pointer"
+                } else {
+                    "-fno-omit-frame-pointer"
+                })
+                .arg("-o")
                 .arg(&exe)
                 .arg(&src),
         )?;
         Ok(exe)
     };
-    let churn = build("churn")?;
+    let build = |name: &str| build_as(name, name, false);
+    let churn_exe = build("churn")?;
+    let churn_no_fp = build_as("churn", "churn_nofp", true)?;
     let hold = build("hold")?;
     let stacks = build("stacks")?;
     let deep = build("deep")?;
@@ -144,7 +205,11 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let workloads = [
         Workload {
             name: "churn: malloc(64)/free pairs",
-            command: vec![churn.into(), scale("200000", "20000")],
+            command: vec![churn_exe.clone().into(), scale("200000", "20000")],
+        },
+        Workload {
+            name: "churn, no frame pointers",
+            command: vec![churn_no_fp.into(), scale("200000", "20000")],
         },
         Workload {
             name: "python: build/dump/parse JSON",
@@ -159,8 +224,11 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut modes = vec![
         Mode::Untraced,
         Mode::Floor,
+        Mode::FloorClassic,
         Mode::FloorAtEntry,
         Mode::Full,
+        Mode::FullFp,
+        Mode::FullMulti,
         Mode::Sampled,
         Mode::Dwarf,
         Mode::FullAtEntry,
@@ -179,27 +247,43 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         md,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    for w in &workloads {
-        let mut medians: Vec<(Mode, f64)> = Vec::new();
-        for &mode in &modes {
-            let mut runs = Vec::new();
-            for _ in 0..reps {
-                runs.push(run_once(
+    // Lines after the table, on the churn loop (the first workload).
+    let mut ratio_lines = Vec::new();
+    for (index, w) in workloads.iter().enumerate() {
+        // Rep-major: each rep runs every mode in turn, so drift over the bench (other work on
+        // the machine, thermal state) falls on every mode alike.
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); modes.len()];
+        for rep in 0..reps {
+            for (&mode, runs) in modes.iter().zip(&mut runs) {
+                let run = run_once(
                     &memprof,
                     bpftrace.as_deref(),
                     mode,
                     &w.command,
                     false,
                     false,
-                )?);
+                )?;
+                eprintln!(
+                    "bench: {} / {} (rep {}): {}",
+                    w.name,
+                    mode.name(),
+                    rep + 1,
+                    human_ns(run.elapsed_ns / run.ops.max(1.0))
+                );
+                runs.push(run);
             }
-            let per_op = median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect());
-            medians.push((mode, per_op));
-            let untraced = medians[0].1;
-            let floor = medians
-                .iter()
-                .find(|(m, _)| *m == Mode::Floor)
-                .map(|(_, v)| *v);
+        }
+        let per_op: Vec<f64> = runs
+            .iter()
+            .map(|runs| median(runs.iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect()))
+            .collect();
+        let of = |mode: Mode| modes.iter().position(|&m| m == mode).map(|i| per_op[i]);
+        let untraced = per_op[0];
+        // Against the floor of the default links.
+        let floor = of(Mode::Floor);
+        for ((&mode, runs), &per_op) in modes.iter().zip(&runs).zip(&per_op) {
+            // Nothing to say of an untraced run against the floor.
+            let x_floor = floor.filter(|_| mode != Mode::Untraced).map(|f| per_op / f);
             let r = &runs[runs.len() / 2];
             let events_per_s = median(
                 runs.iter()
@@ -216,7 +300,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 mode.name(),
                 human_ns(per_op),
                 per_op / untraced,
-                floor.map_or("".into(), |f| format!("{:.2}", per_op / f)),
+                x_floor.map_or("".into(), |x| format!("{x:.2}")),
                 if events_shown {
                     format!("{events_per_s:.0}")
                 } else {
@@ -239,16 +323,46 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 },
             );
             json_rows.push(format!(
-                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
+                "{{\"workload\":{:?},\"mode\":{:?},\"median_ns_per_op\":{per_op:.1},\"x_untraced\":{:.2},\"x_floor\":{},\"events_per_s\":{events_per_s:.0},\"lost\":{},\"agent_cpu_s\":{:.3},\"agent_max_rss_kib\":{}}}",
                 w.name,
                 mode.name(),
                 per_op / untraced,
+                x_floor.map_or("null".into(), |x| format!("{x:.3}")),
                 r.lost,
                 r.agent_cpu_s,
                 r.agent_max_rss_kib
             ));
-            eprintln!("bench: {} / {}: {}", w.name, mode.name(), human_ns(per_op));
         }
+        if index <= 1 && untraced > TRAPPED_NS {
+            ratio_lines.push(format!(
+                "Warning: {} took {} per pair untraced: another tracer's probes were in every \
+                 process using libc meanwhile (another memprof --all, bpftrace, ...).",
+                w.name,
+                human_ns(untraced)
+            ));
+        }
+        // The churn loops' verdicts: the default mode (unwind tables), frame pointers and
+        // sampled against the default links' floor.
+        if index <= 1
+            && let (Some(floor), Some(full), Some(fp), Some(sampled)) =
+                (floor, of(Mode::Full), of(Mode::FullFp), of(Mode::Sampled))
+        {
+            let (full, fp, sampled) = (full / floor, fp / floor, sampled / floor);
+            ratio_lines.push(format!(
+                "{}: memprof ÷ floor = {full:.2} (goal ≤ 1.15 with frame pointers, ≤ 1.35 \
+                 without); --unwind fp ÷ floor = {fp:.2}; memprof --sample-bytes \
+                 {SAMPLE_BYTES} ÷ floor = {sampled:.2} (goal ≤ 0.80); medians of {reps}, \
+                 interleaved.",
+                w.name
+            ));
+            json_rows.push(format!(
+                "{{\"workload\":{:?},\"full_x_floor\":{full:.3},\"fp_x_floor\":{fp:.3},\"sampled_x_floor\":{sampled:.3},\"reps\":{reps}}}",
+                w.name
+            ));
+        }
+    }
+    for line in ratio_lines {
+        let _ = writeln!(md, "\n{line}");
     }
 
     // Agent memory per outstanding allocation: 1M held blocks against none.
@@ -307,53 +421,122 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     // What memprof's kernel programs themselves cost per call, from the kernel's BPF run-time
     // statistics (a separate run: the statistics add two clock reads to every program run).
     let churn = &workloads[0];
-    let stat_modes = [Mode::Floor, Mode::Full, Mode::Sampled, Mode::Dwarf];
-    let programs = ["malloc_entry", "free_entry", "alloc_return"];
+    let stat_modes = [
+        Mode::Floor,
+        Mode::FloorClassic,
+        Mode::Full,
+        Mode::FullFp,
+        Mode::FullMulti,
+        Mode::Sampled,
+        Mode::Dwarf,
+    ];
+    let mut stat_runs = Vec::new();
+    for mode in stat_modes {
+        stat_runs.push(run_once(&memprof, None, mode, &churn.command, false, true)?);
+    }
+    // The programs differ by kind of link: a column for each one seen.
+    let mut programs: Vec<&str> = stat_runs
+        .iter()
+        .flat_map(|r| r.alloc_programs().map(|s| s.program.as_str()))
+        .collect();
+    programs.sort_unstable();
+    programs.dedup();
     let _ = writeln!(
         md,
         "\nKernel programs' own time per run on {} (`--probe-stats`, one run each; the \
-         statistics add about 30 ns per run):\n\n| mode | {} |\n| --- |{}",
+         statistics add about 30 ns per run), with runs per pair, and their total per pair (a \
+         session program runs at entry and, unless the entry skips it, at return):\n\n\
+         | mode | {} | per pair |\n| --- |{} --- |",
         churn.name,
         programs.join(" | "),
         " --- |".repeat(programs.len())
     );
-    for mode in stat_modes {
-        let r = run_once(&memprof, None, mode, &churn.command, false, true)?;
-        let ns = |p: &str| r.probe_ns.iter().find(|(n, _)| n == p).map(|(_, v)| *v);
+    for (mode, r) in stat_modes.iter().zip(&stat_runs) {
+        let stat = |p: &str| r.alloc_programs().find(|s| s.program == p);
         let _ = writeln!(
             md,
-            "| {} | {} |",
+            "| {} | {} | {:.0} ns |",
             mode.name(),
             programs
                 .iter()
-                .map(|p| ns(p).map_or("".into(), |v| format!("{v:.0} ns")))
+                .map(|p| stat(p).map_or("".into(), |s| format!(
+                    "{:.0} ns × {:.2}",
+                    s.ns_per_run,
+                    s.runs as f64 / r.ops.max(1.0)
+                )))
                 .collect::<Vec<_>>()
-                .join(" | ")
+                .join(" | "),
+            r.alloc_ns_per_op()
         );
-        for p in programs {
-            if let Some(v) = ns(p) {
-                json_rows.push(format!(
-                    "{{\"workload\":{:?},\"mode\":{:?},\"program\":{p:?},\"ns_per_run\":{v:.1}}}",
-                    churn.name,
-                    mode.name()
-                ));
-            }
+        for s in r.alloc_programs() {
+            json_rows.push(format!(
+                "{{\"workload\":{:?},\"mode\":{:?},\"program\":{:?},\"runs\":{},\"ns_per_run\":{:.1}}}",
+                churn.name,
+                mode.name(),
+                s.program,
+                s.runs,
+                s.ns_per_run
+            ));
         }
-    }
-    // The frame walk's windows on a deep stack: one full run with statistics.
-    let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];
-    let r = run_once(&memprof, None, Mode::Full, &deep_cmd, false, true)?;
-    if let Some((_, v)) = r.probe_ns.iter().find(|(n, _)| n == "alloc_return") {
-        let _ = writeln!(
-            md,
-            "\nalloc_return with the same pairs at the bottom of 60 frames of about 160 bytes \
-             (`bench/deep.c`, memprof, `--probe-stats`): {v:.0} ns"
-        );
         json_rows.push(format!(
-            "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":\"alloc_return\",\"ns_per_run\":{v:.1}}}",
-            Mode::Full.name()
+            "{{\"workload\":{:?},\"mode\":{:?},\"kernel_ns_per_op\":{:.1}}}",
+            churn.name,
+            mode.name(),
+            r.alloc_ns_per_op()
         ));
     }
+    // The stack walk on a deep stack, with tables and with frame pointers: one full run with
+    // statistics each.
+    let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];
+    for mode in [Mode::Full, Mode::FullFp] {
+        let r = run_once(&memprof, None, mode, &deep_cmd, false, true)?;
+        if r.alloc_programs().next().is_none() {
+            continue;
+        }
+        let per_pair = r.alloc_ns_per_op();
+        let programs = r
+            .alloc_programs()
+            .map(|s| {
+                format!(
+                    "{} {:.0} ns × {:.2}",
+                    s.program,
+                    s.ns_per_run,
+                    s.runs as f64 / r.ops.max(1.0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            md,
+            "\nThe same pairs at the bottom of 60 frames of about 160 bytes (`bench/deep.c`, \
+             {}, `--probe-stats`): {per_pair:.0} ns per pair in the kernel ({programs})",
+            mode.name()
+        );
+        for s in r.alloc_programs() {
+            json_rows.push(format!(
+                "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"program\":{:?},\"runs\":{},\"ns_per_run\":{:.1}}}",
+                mode.name(),
+                s.program,
+                s.runs,
+                s.ns_per_run
+            ));
+        }
+        json_rows.push(format!(
+            "{{\"workload\":\"deep: malloc(64)/free pairs under 60 frames\",\"mode\":{:?},\"kernel_ns_per_op\":{per_pair:.1}}}",
+            mode.name()
+        ));
+    }
+    attach::attach_detach(&memprof, reps, &mut md, &mut json_rows)?;
+    let beside_ops = if quick { 2_000_000 } else { 10_000_000 };
+    beside::beside(
+        &memprof,
+        &churn_exe,
+        beside_ops,
+        reps,
+        &mut md,
+        &mut json_rows,
+    )?;
+    redis::redis(&memprof, &churn_exe, reps, quick, &mut md, &mut json_rows)?;
     let micro_results = micro(ws)?;
     md.push_str(&micro_markdown(&micro_results));
     for (name, v) in &micro_results {

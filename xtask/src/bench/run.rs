@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Mode, Run};
+use super::{Mode, ProbeStat, Run, TRAPPED_NS};
 use crate::util::{tv, wait4};
 
 /// Starts `command --wait`, attaches the tracer of `mode`, lets the workload go, and collects
@@ -117,10 +117,19 @@ pub(super) fn run_once(
         {
             run.events = json_u64(report, "\"allocs\":") + json_u64(report, "\"frees\":");
             run.lost = json_u64(report, "\"lost_events\":");
-            run.probe_ns = probe_stats_of(report);
+            run.probe_stats = probe_stats_of(report);
         }
     }
     Ok(run)
+}
+
+/// Whether another tracer's breakpoints are in libc now: a short untraced run of `churn` (the
+/// malloc/free loop) takes over `TRAPPED_NS` per pair.
+pub(super) fn libc_probed_elsewhere(churn: &Path) -> Result<bool> {
+    let command = [churn.into(), "20000".into()];
+    // The tracer's path is not used untraced.
+    let r = run_once(Path::new(""), None, Mode::Untraced, &command, false, false)?;
+    Ok(r.elapsed_ns / r.ops.max(1.0) > TRAPPED_NS)
 }
 
 /// `VmRSS` of process `pid` in KiB.
@@ -171,7 +180,9 @@ fn bpftrace_script(pid: u32) -> String {
     )
 }
 
-fn wait_for_line(child: &mut Child, needle: &str, stderr: bool) -> Result<()> {
+/// Waits for a line holding `needle` on the child's stderr (else stdout), which is then read
+/// to its end on a thread of its own; fails with what the child printed if it ends first.
+pub(super) fn wait_for_line(child: &mut Child, needle: &str, stderr: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let pipe: Box<dyn std::io::Read + Send> = if stderr {
         Box::new(child.stderr.take().context("no stderr")?)
@@ -179,19 +190,28 @@ fn wait_for_line(child: &mut Child, needle: &str, stderr: bool) -> Result<()> {
         Box::new(child.stdout.take().context("no stdout")?)
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let needle = needle.to_string();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(pipe).lines();
-        let mut sent = false;
-        for line in lines.by_ref().map_while(Result::ok) {
-            if !sent && line.contains(&needle) {
-                let _ = tx.send(());
-                sent = true;
-            }
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            // Once the line is found nobody listens: the rest is only drained.
+            let _ = tx.send(line);
         }
     });
-    rx.recv_timeout(deadline - Instant::now())
-        .context("the tracer did not start in time")
+    let mut seen = String::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains(needle) => return Ok(()),
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the tracer did not start in time; it printed:\n{seen}")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the tracer ended before it started tracing; it printed:\n{seen}")
+            }
+        }
+    }
 }
 
 fn parse_result(line: &str) -> Result<(f64, f64)> {
@@ -206,30 +226,36 @@ fn parse_result(line: &str) -> Result<(f64, f64)> {
     }
 }
 
-/// `probe_stats` of a JSON report: (program, ns_per_run) pairs.
-fn probe_stats_of(report: &str) -> Vec<(String, f64)> {
+/// `probe_stats` of a JSON report, one per program.
+fn probe_stats_of(report: &str) -> Vec<ProbeStat> {
     let Some(start) = report.find("\"probe_stats\":[") else {
         return Vec::new();
     };
     let list = &report[start..];
     let list = &list[..list.find(']').unwrap_or(list.len())];
+    let number = |entry: &str, key: &str| -> Option<f64> {
+        entry
+            .split(key)
+            .nth(1)?
+            .split(|c: char| c != '.' && !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
     list.split('{')
         .skip(1)
         .filter_map(|entry| {
             let name = entry.split("\"program\":\"").nth(1)?.split('"').next()?;
-            let ns = entry
-                .split("\"ns_per_run\":")
-                .nth(1)?
-                .split(|c: char| c != '.' && !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_string(), ns))
+            Some(ProbeStat {
+                program: name.to_string(),
+                runs: number(entry, "\"runs\":")? as u64,
+                ns_per_run: number(entry, "\"ns_per_run\":")?,
+            })
         })
         .collect()
 }
 
-fn json_u64(text: &str, key: &str) -> u64 {
+pub(super) fn json_u64(text: &str, key: &str) -> u64 {
     text.find(key)
         .map(|i| &text[i + key.len()..])
         .and_then(|rest| {
@@ -266,8 +292,16 @@ mod tests {
         assert_eq!(
             probe_stats_of(report),
             vec![
-                ("alloc_return".to_string(), 437.5),
-                ("free_entry".to_string(), 201.0)
+                ProbeStat {
+                    program: "alloc_return".to_string(),
+                    runs: 12,
+                    ns_per_run: 437.5
+                },
+                ProbeStat {
+                    program: "free_entry".to_string(),
+                    runs: 9,
+                    ns_per_run: 201.0
+                }
             ]
         );
         assert!(probe_stats_of(r#"{"kernel":{}}"#).is_empty());

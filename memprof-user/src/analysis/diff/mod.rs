@@ -6,9 +6,12 @@
 //! report is `report::saved`'s, the text is `output::text`'s. It works on `serde_json::Value`s, so reports written by other memprof
 //! versions load as long as they carry the fields used here.
 //!
-//! Addresses differ between runs (ASLR), so a call site's identity never uses `addr`: it is the
-//! allocator, the kind and, per frame, the function name or, when that is null, the module's
-//! file name followed by `?`. Groups of one report sharing an identity are merged.
+//! A call site's identity is the allocator, the kind and, per frame, its name as every output
+//! writes it (`report::names::frame_name`): the function, or for a frame nothing named the
+//! module's file name and the frame's offset in it (`libz.so.1+0x2f10`, the same in every
+//! run). Reports of memprof versions that wrote absolute addresses (`addr`, which change with
+//! every run) instead of `offset` give such frames the module's file name followed by `?`. An
+//! address in no module is `?`. Groups of one report sharing an identity are merged.
 
 use std::{cmp::Reverse, collections::HashMap};
 
@@ -189,13 +192,21 @@ fn site(leak: &Value) -> Result<(SiteKey, u64, u64)> {
     Ok((key, u64_at(leak, "/bytes")?, u64_at(leak, "/allocs")?))
 }
 
-/// `function`, or the module's file name and `?` when the function is unknown, or `?`.
+/// `function`; else the module's file name and the frame's `offset` (`module+0x...`), or `?`
+/// without one (older reports); else `?`.
 fn frame_label(frame: &Value) -> String {
     if let Some(function) = frame.get("function").and_then(Value::as_str) {
         return function.to_string();
     }
+    let offset = frame.get("offset").and_then(Value::as_str);
     match frame.get("module").and_then(Value::as_str) {
-        Some(module) => format!("{}?", module.rsplit('/').next().unwrap_or(module)),
+        Some(module) => {
+            let module = module.rsplit('/').next().unwrap_or(module);
+            match offset {
+                Some(offset) => format!("{module}+{offset}"),
+                None => format!("{module}?"),
+            }
+        }
         None => "?".to_string(),
     }
 }

@@ -4,7 +4,17 @@ use serde_json::json;
 
 use super::*;
 
-pub(crate) fn frame(function: Option<&str>, module: Option<&str>, addr: &str) -> Value {
+/// A frame as memprof writes it: `offset` in the module's file (the same in every run).
+pub(crate) fn frame(function: Option<&str>, module: Option<&str>, offset: &str) -> Value {
+    json!({
+        "function": function, "module": module, "file": null, "line": null,
+        "offset": module.map(|_| offset), "build_id": null, "inlined": false,
+        "kind": if module.is_some() { "native" } else { "unknown" },
+    })
+}
+
+/// A frame as memprof wrote it before offsets: the absolute address (changing with ASLR).
+pub(crate) fn old_frame(function: Option<&str>, module: Option<&str>, addr: &str) -> Value {
     json!({"function": function, "module": module, "file": null, "line": null, "addr": addr})
 }
 
@@ -54,8 +64,8 @@ pub(crate) fn before() -> Value {
                 "malloc",
                 "heap",
                 vec![
-                    frame(Some("cache_put"), Some(APP), "0x55d1c0a01000"),
-                    frame(Some("main"), Some(APP), "0x55d1c0a02000"),
+                    frame(Some("cache_put"), Some(APP), "0x1000"),
+                    frame(Some("main"), Some(APP), "0x2000"),
                 ],
             ),
             leak(
@@ -63,7 +73,7 @@ pub(crate) fn before() -> Value {
                 30,
                 "realloc",
                 "heap",
-                vec![frame(Some("log_append"), Some(APP), "0x55d1c0a03000")],
+                vec![frame(Some("log_append"), Some(APP), "0x3000")],
             ),
             leak(
                 2_000,
@@ -71,8 +81,8 @@ pub(crate) fn before() -> Value {
                 "malloc",
                 "heap",
                 vec![
-                    frame(Some("parse_header"), Some(APP), "0x55d1c0a04000"),
-                    frame(None, Some(APP), "0x55d1c0a05000"),
+                    frame(Some("parse_header"), Some(APP), "0x4000"),
+                    frame(None, Some(APP), "0x5000"),
                 ],
             ),
             leak(
@@ -80,13 +90,13 @@ pub(crate) fn before() -> Value {
                 1,
                 "calloc",
                 "heap",
-                vec![frame(Some("startup"), Some(APP), "0x55d1c0a06000")],
+                vec![frame(Some("startup"), Some(APP), "0x6000")],
             ),
         ],
     )
 }
 
-/// After: other addresses (ASLR); a new site in libz with an unnamed frame.
+/// After: a new site in libz with an unnamed frame.
 pub(crate) fn after() -> Value {
     report(
         "report",
@@ -99,8 +109,8 @@ pub(crate) fn after() -> Value {
                 "malloc",
                 "heap",
                 vec![
-                    frame(Some("parse_header"), Some(APP), "0x5600aa004000"),
-                    frame(None, Some(APP), "0x5600aa005000"),
+                    frame(Some("parse_header"), Some(APP), "0x4000"),
+                    frame(None, Some(APP), "0x5000"),
                 ],
             ),
             leak(
@@ -109,8 +119,8 @@ pub(crate) fn after() -> Value {
                 "malloc",
                 "heap",
                 vec![
-                    frame(Some("cache_put"), Some(APP), "0x5600aa001000"),
-                    frame(Some("main"), Some(APP), "0x5600aa002000"),
+                    frame(Some("cache_put"), Some(APP), "0x1000"),
+                    frame(Some("main"), Some(APP), "0x2000"),
                 ],
             ),
             leak(
@@ -119,8 +129,8 @@ pub(crate) fn after() -> Value {
                 "malloc",
                 "heap",
                 vec![
-                    frame(None, Some(LIBZ), "0x7f1200001000"),
-                    frame(None, None, "0x7f1200002000"),
+                    frame(None, Some(LIBZ), "0x1000"),
+                    frame(None, None, "0x2000"),
                 ],
             ),
             leak(
@@ -128,7 +138,7 @@ pub(crate) fn after() -> Value {
                 12,
                 "realloc",
                 "heap",
-                vec![frame(Some("log_append"), Some(APP), "0x5600aa003000")],
+                vec![frame(Some("log_append"), Some(APP), "0x3000")],
             ),
         ],
     )
@@ -161,7 +171,7 @@ fn diff_matches_sites_across_addresses() {
         got,
         vec![
             ("grew", 3_000, 15, "parse_header"),
-            ("new", 2_500, 2, "libz.so.1?"),
+            ("new", 2_500, 2, "libz.so.1+0x1000"),
             ("same", 0, 0, "cache_put"),
             ("gone", -1_000, -1, "startup"),
             ("shrank", -2_000, -18, "log_append"),
@@ -180,10 +190,10 @@ fn diff_matches_sites_across_addresses() {
             delta_allocs: 15,
             allocator: "malloc".into(),
             kind: "heap".into(),
-            stack: strs(&["parse_header", "server?"]),
+            stack: strs(&["parse_header", "server+0x5000"]),
         }
     );
-    assert_eq!(d.sites[1].stack, strs(&["libz.so.1?", "?"]));
+    assert_eq!(d.sites[1].stack, strs(&["libz.so.1+0x1000", "?"]));
     assert_eq!(
         (d.sites[1].bytes_before, d.sites[1].bytes_after),
         (0, 2_500)
@@ -194,7 +204,7 @@ fn diff_matches_sites_across_addresses() {
     );
     let json = serde_json::to_value(&d).unwrap();
     assert_eq!(json["type"], "diff");
-    assert_eq!(json["sites"][0]["stack"][1], "server?");
+    assert_eq!(json["sites"][0]["stack"][1], "server+0x5000");
 }
 
 #[test]
@@ -236,8 +246,9 @@ fn allocator_and_kind_are_part_of_identity() {
 
 #[test]
 fn groups_sharing_an_identity_are_merged() {
-    // Two groups differing only in addresses and file/line info (e.g. two call sites inside
-    // one function) become one site; so do unnamed frames of the same module.
+    // Two groups whose named frames read the same (e.g. two call sites inside one function)
+    // become one site; so do unnamed frames at one offset of modules with one file name. Another
+    // offset is another site.
     let before = report(
         "report",
         700,
@@ -261,7 +272,7 @@ fn groups_sharing_an_identity_are_merged() {
     );
     let after = report(
         "report",
-        1_000,
+        1_050,
         0,
         vec![
             leak(
@@ -276,7 +287,14 @@ fn groups_sharing_an_identity_are_merged() {
                 2,
                 "malloc",
                 "heap",
-                vec![frame(None, Some("/opt/other/libz.so.1"), "0x7f99")],
+                vec![frame(None, Some("/opt/other/libz.so.1"), "0x7f01")],
+            ),
+            leak(
+                50,
+                1,
+                "malloc",
+                "heap",
+                vec![frame(None, Some(LIBZ), "0x7f99")],
             ),
         ],
     );
@@ -298,11 +316,37 @@ fn groups_sharing_an_identity_are_merged() {
     assert_eq!(
         got,
         vec![
-            ("new", "libz.so.1?".to_string(), 0, 1_000, 0, 4),
+            ("new", "libz.so.1+0x7f01".to_string(), 0, 1_000, 0, 4),
+            ("new", "libz.so.1+0x7f99".to_string(), 0, 50, 0, 1),
             ("gone", "alloc_node".to_string(), 700, 0, 4, 0),
         ],
-        "300+400 bytes merged before, 600+400 after (same module basename)"
+        "300+400 bytes merged before, 600+400 after (same module file name and offset)"
     );
+}
+
+#[test]
+fn older_reports_name_unnamed_frames_by_module() {
+    // Without `offset`, an absolute address (different in every run) is no identity.
+    let leak_at = |addr| {
+        leak(
+            100,
+            1,
+            "malloc",
+            "heap",
+            vec![
+                old_frame(None, Some(LIBZ), addr),
+                old_frame(None, None, addr),
+            ],
+        )
+    };
+    let d = diff(
+        &report("report", 100, 0, vec![leak_at("0x7f0000001000")]),
+        &report("report", 100, 0, vec![leak_at("0x7f5500001000")]),
+    )
+    .unwrap();
+    assert_eq!(d.sites.len(), 1);
+    assert_eq!(d.sites[0].status, "same");
+    assert_eq!(d.sites[0].stack, strs(&["libz.so.1?", "?"]));
 }
 
 #[test]

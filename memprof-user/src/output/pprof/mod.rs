@@ -8,13 +8,19 @@
 //! `verdict`, and its stack as locations, innermost first. A site without a stack gets one
 //! `[unknown]` location, so the samples still add up to the report's totals.
 //!
-//! Locations carry the frame's absolute address, a function (its name, or `module+0xADDR` when
-//! it could not be named; see [`frame_name`]) and the line when known. Every
-//! module gets a mapping spanning the addresses seen in it (not the module's real load range,
-//! which is gone once the process exits; `file_offset` is 0), with its path and, when the ELF
-//! file is readable, the hex GNU build id. The executable's mapping comes first, as `pprof`
-//! expects of the main binary. Mappings are marked as already symbolized, so `pprof` does not
-//! look for the binaries.
+//! Each frame of a site's stack becomes a location, except that functions inlined at an address
+//! go with the frame they were inlined into: one location with one line per function, innermost
+//! first, as pprof expects. A line names the function (its name, or `module+0xOFFSET` when it
+//! could not be named; see [`frame_name`]), the file and the line when known.
+//!
+//! Every module gets a mapping, with its path and GNU build id, laid out at its own base
+//! address: module `i` (in mapping order) at `(i + 1) << 40`, file offset 0, up to its highest
+//! frame. A location's address is that base plus the frame's offset in the module's file, so
+//! `address - memory_start + file_offset` is the file offset, the same in every run: pprof,
+//! Parca or Pyroscope can symbolize the profile later from the module's debug information (the
+//! process's real load addresses are not kept; they change with every run). The executable's
+//! mapping comes first, as `pprof` expects of the main binary. Mappings are marked as already
+//! symbolized, so `pprof` does not look for the binaries.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -42,12 +48,12 @@ pub const SAMPLE_TYPES: [(&str, &str); 4] = [
     ("inuse_space", "bytes"),
 ];
 
-/// The gzipped profile for `profile`, reading build ids from the modules' ELF files.
+/// The gzipped profile for `profile`.
 pub fn render(profile: &Profile) -> anyhow::Result<Vec<u8>> {
     let start = SystemTime::now()
         .checked_sub(Duration::from_secs_f64(profile.duration_s.max(0.0)))
         .unwrap_or(UNIX_EPOCH);
-    let pb = build(profile, start, &mut read_build_id);
+    let pb = build(profile, start);
     gzip(&pb.encode_to_vec())
 }
 
@@ -83,20 +89,24 @@ impl Strings {
     }
 }
 
-/// Addresses seen in one module, and whether its frames carry files and lines.
-struct ModuleSpan {
-    low: u64,
-    high: u64,
-    files: bool,
-    lines: bool,
+/// Where module `i` (0-based, in mapping order) is laid out: its locations' addresses are this
+/// plus their file offsets.
+pub fn module_base(i: usize) -> u64 {
+    (i as u64 + 1) << 40
 }
 
-/// Builds the (uncompressed) profile. `build_id` reads a module's build id (hex) from its path.
-pub fn build(
-    profile: &Profile,
-    start: SystemTime,
-    build_id: &mut dyn FnMut(&str) -> Option<String>,
-) -> PbProfile {
+/// What the frames of one module tell about its mapping.
+struct ModuleSpan {
+    /// Highest file offset of a frame in it.
+    high: u64,
+    build_id: Option<String>,
+    files: bool,
+    lines: bool,
+    inlined: bool,
+}
+
+/// Builds the (uncompressed) profile.
+pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
     let mut strings = Strings::new();
     let sample_type = SAMPLE_TYPES
         .iter()
@@ -114,51 +124,50 @@ pub fn build(
         let Some(module) = frame.module.as_deref() else {
             continue;
         };
-        let addr = parse_addr(&frame.addr);
         let span = spans.entry(module).or_insert(ModuleSpan {
-            low: addr,
-            high: addr,
+            high: 0,
+            build_id: None,
             files: false,
             lines: false,
+            inlined: false,
         });
-        span.low = span.low.min(addr);
-        span.high = span.high.max(addr);
+        span.high = span.high.max(frame.offset.unwrap_or(0));
+        if span.build_id.is_none() {
+            span.build_id.clone_from(&frame.build_id);
+        }
         span.files |= frame.file.is_some();
         span.lines |= frame.line.is_some();
+        span.inlined |= frame.inlined;
     }
     let mut ordered: Vec<(&str, &ModuleSpan)> = spans.iter().map(|(m, s)| (*m, s)).collect();
     ordered.sort_by_key(|(module, _)| main_first(profile, module));
-    let mut mapping_ids: HashMap<&str, u64> = HashMap::new();
+    // Mapping id and base address of each module.
+    let mut mapping_of: HashMap<&str, (u64, u64)> = HashMap::new();
     let mut mapping = Vec::new();
     for (i, (module, span)) in ordered.into_iter().enumerate() {
         let id = i as u64 + 1;
-        mapping_ids.insert(module, id);
+        let base = module_base(i);
+        mapping_of.insert(module, (id, base));
         mapping.push(Mapping {
             id,
-            memory_start: span.low,
-            memory_limit: span.high.saturating_add(1),
+            memory_start: base,
+            memory_limit: base + span.high + 1,
             file_offset: 0,
             filename: strings.get(module),
-            build_id: build_id(module).map_or(0, |b| strings.get(&b)),
+            build_id: span.build_id.as_deref().map_or(0, |b| strings.get(b)),
             has_functions: true,
             has_filenames: span.files,
             has_line_numbers: span.lines,
-            has_inline_frames: false,
+            has_inline_frames: span.inlined,
         });
     }
 
     let mut functions: Vec<Function> = Vec::new();
     let mut function_ids: HashMap<(String, Option<String>), u64> = HashMap::new();
-    let mut locations: Vec<Location> = Vec::new();
-    let mut location_ids: HashMap<LocationKey, u64> = HashMap::new();
-    let mut location_of = |frame: Option<&Frame>, strings: &mut Strings| -> u64 {
-        let key = LocationKey::of(frame);
-        if let Some(&id) = location_ids.get(&key) {
-            return id;
-        }
+    let mut function_of = |frame: Option<&Frame>, strings: &mut Strings| -> u64 {
         let name = frame.map_or_else(|| "[unknown]".to_owned(), frame_name);
         let file = frame.and_then(|f| f.file.clone());
-        let function_id = *function_ids
+        *function_ids
             .entry((name.clone(), file.clone()))
             .or_insert_with(|| {
                 let id = functions.len() as u64 + 1;
@@ -171,38 +180,71 @@ pub fn build(
                     start_line: 0,
                 });
                 id
-            });
-        let id = locations.len() as u64 + 1;
-        locations.push(Location {
-            id,
-            mapping_id: frame
-                .and_then(|f| f.module.as_deref())
-                .and_then(|m| mapping_ids.get(m).copied())
-                .unwrap_or(0),
-            address: frame.map_or(0, |f| parse_addr(&f.addr)),
-            line: vec![Line {
-                function_id,
-                line: frame.and_then(|f| f.line).map_or(0, i64::from),
-            }],
-            is_folded: false,
-        });
-        location_ids.insert(key, id);
-        id
+            })
     };
+    let mut locations: Vec<Location> = Vec::new();
+    // (mapping, address, lines as (function, line)) -> location id
+    type LocationKey = (u64, u64, Vec<(u64, i64)>);
+    let mut location_ids: HashMap<LocationKey, u64> = HashMap::new();
+    // The location of `frame` (None: a site without a stack), with the functions inlined into
+    // it, innermost first.
+    let mut location_of =
+        |frame: Option<&Frame>, inlined: &[&Frame], strings: &mut Strings| -> u64 {
+            let line: Vec<Line> = inlined
+                .iter()
+                .copied()
+                .map(Some)
+                .chain([frame])
+                .map(|f| Line {
+                    function_id: function_of(f, strings),
+                    line: f.and_then(|f| f.line).map_or(0, i64::from),
+                })
+                .collect();
+            let (mapping_id, address) = match frame.and_then(|f| Some((f.module.as_deref()?, f))) {
+                Some((module, f)) => {
+                    let (id, base) = mapping_of[module];
+                    (id, base + f.offset.unwrap_or(0))
+                }
+                None => (0, 0),
+            };
+            let key = (
+                mapping_id,
+                address,
+                line.iter().map(|l| (l.function_id, l.line)).collect(),
+            );
+            if let Some(&id) = location_ids.get(&key) {
+                return id;
+            }
+            let id = locations.len() as u64 + 1;
+            locations.push(Location {
+                id,
+                mapping_id,
+                address,
+                line,
+                is_folded: false,
+            });
+            location_ids.insert(key, id);
+            id
+        };
 
     let allocator_key = strings.get("allocator");
     let kind_key = strings.get("kind");
     let verdict_key = strings.get("verdict");
     let mut sample = Vec::with_capacity(profile.sites.len());
     for site in &profile.sites {
-        let location_id = if site.stack.is_empty() {
-            vec![location_of(None, &mut strings)]
-        } else {
-            site.stack
-                .iter()
-                .map(|f| location_of(Some(f), &mut strings))
-                .collect()
-        };
+        let mut location_id = Vec::new();
+        let mut inlined: Vec<&Frame> = Vec::new();
+        for (i, f) in site.stack.iter().enumerate() {
+            if f.inlined && i + 1 < site.stack.len() {
+                inlined.push(f);
+            } else {
+                location_id.push(location_of(Some(f), &inlined, &mut strings));
+                inlined.clear();
+            }
+        }
+        if site.stack.is_empty() {
+            location_id.push(location_of(None, &[], &mut strings));
+        }
         let label = |key: i64, value: &str, strings: &mut Strings| Label {
             key,
             str: strings.get(value),
@@ -287,65 +329,12 @@ pub fn values(site: &Site) -> [i64; 4] {
     ]
 }
 
-/// What makes two frames one location: address, module and symbolization.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct LocationKey {
-    addr: u64,
-    module: Option<String>,
-    function: Option<String>,
-    file: Option<String>,
-    line: Option<u32>,
-    known: bool,
-}
-
-impl LocationKey {
-    fn of(frame: Option<&Frame>) -> Self {
-        match frame {
-            Some(f) => Self {
-                addr: parse_addr(&f.addr),
-                module: f.module.clone(),
-                function: f.function.clone(),
-                file: f.file.clone(),
-                line: f.line,
-                known: true,
-            },
-            None => Self {
-                addr: 0,
-                module: None,
-                function: None,
-                file: None,
-                line: None,
-                known: false,
-            },
-        }
-    }
-}
-
-/// `0x1234` (or `1234`) as a number; 0 when it is not hex.
-fn parse_addr(s: &str) -> u64 {
-    let digits = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s);
-    u64::from_str_radix(digits, 16).unwrap_or(0)
-}
-
-/// The GNU build id of the ELF file at `path`, as lowercase hex; None when the file cannot be
-/// read or has none.
-pub fn read_build_id(path: &str) -> Option<String> {
-    use object::Object as _;
-    let data = std::fs::read(path).ok()?;
-    let obj = object::File::parse(&*data).ok()?;
-    let id = obj.build_id().ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Read as _;
 
     use super::*;
-    use crate::report::sample::sample_profile;
+    use crate::report::sample::{APP, APP_BUILD_ID, frame, sample_profile};
 
     fn decode(gz: &[u8]) -> PbProfile {
         let mut raw = Vec::new();
@@ -396,7 +385,7 @@ mod tests {
         assert_eq!(leak.value, vec![7, 21000, 7, 21000]);
         assert_eq!(
             names(&p, leak),
-            ["leak_widgets", "main", "libc.so.6+0x7f0000001234"]
+            ["leak_widgets", "main", "libc.so.6+0x27234"]
         );
         let labels: Vec<(&str, &str)> = leak
             .label
@@ -418,7 +407,8 @@ mod tests {
             .find(|l| l.id == leak.location_id[0])
             .unwrap();
         assert_eq!(loc.line[0].line, 47);
-        assert_eq!(loc.address, 0x5555_0000_1296);
+        // The executable is the first mapping: at 1 << 40, its file offsets added.
+        assert_eq!(loc.address, (1 << 40) + 0x1296);
         let f = p
             .function
             .iter()
@@ -453,31 +443,39 @@ mod tests {
         let mut profile = sample_profile();
         // A library whose path sorts before the executable's.
         profile.sites[0].stack[2].module = Some("/lib/libc.so.6".into());
-        let p = build(&profile, UNIX_EPOCH, &mut |m| {
-            m.ends_with("/app").then(|| "abcd01".to_owned())
-        });
+        let p = build(&profile, UNIX_EPOCH);
         assert_eq!(p.mapping.len(), 2);
         // The executable (holding main) comes first, though its path sorts after libc's.
         assert_eq!(s(&p, p.mapping[0].filename), "/opt/app");
-        assert_eq!(p.mapping[0].id, 1);
-        let app = p
-            .mapping
-            .iter()
-            .find(|m| s(&p, m.filename) == "/opt/app")
-            .unwrap();
-        assert_eq!(s(&p, app.build_id), "abcd01");
-        assert!(app.has_functions && app.has_line_numbers);
-        let libc = p
-            .mapping
-            .iter()
-            .find(|m| s(&p, m.filename).ends_with("libc.so.6"))
-            .unwrap();
-        assert_eq!(libc.build_id, 0);
+        let app = &p.mapping[0];
+        assert_eq!(app.id, 1);
+        assert_eq!(s(&p, app.build_id), APP_BUILD_ID);
+        // From its base, file offset 0, up to its highest frame (0x2000).
+        assert_eq!(
+            (app.memory_start, app.memory_limit, app.file_offset),
+            (1 << 40, (1 << 40) + 0x2001, 0)
+        );
+        assert!(app.has_functions && app.has_line_numbers && !app.has_inline_frames);
+        let libc = &p.mapping[1];
+        assert_eq!(s(&p, libc.filename), "/lib/libc.so.6");
+        assert_eq!(libc.build_id, 0, "not known");
+        assert_eq!(
+            (libc.memory_start, libc.memory_limit),
+            (2 << 40, (2 << 40) + 0x2_7235)
+        );
+        // Every location's address lies in its mapping, at its frame's file offset.
         for loc in &p.location {
             if let Some(m) = p.mapping.iter().find(|m| m.id == loc.mapping_id) {
                 assert!(m.memory_start <= loc.address && loc.address < m.memory_limit);
             }
         }
+        let offsets: Vec<u64> = p
+            .location
+            .iter()
+            .filter(|l| l.mapping_id == 1)
+            .map(|l| l.address - (1 << 40))
+            .collect();
+        assert_eq!(offsets, [0x1296, 0x10e7, 0x2000, 0x1100, 0x1309, 0x113b]);
         // Identical frames share one location and one function.
         let main_fns = p
             .function
@@ -488,22 +486,42 @@ mod tests {
     }
 
     #[test]
+    fn inlined_functions_share_their_frame_location() {
+        let mut profile = sample_profile();
+        let mut grab = frame(Some("grab"), Some(APP), Some(6), 0x1296);
+        grab.inlined = true;
+        profile.sites[0].stack.insert(0, grab);
+        let p = build(&profile, UNIX_EPOCH);
+        let leak = &p.sample[0];
+        assert_eq!(
+            leak.location_id.len(),
+            3,
+            "grab and leak_widgets: one location"
+        );
+        let loc = p
+            .location
+            .iter()
+            .find(|l| l.id == leak.location_id[0])
+            .unwrap();
+        let lines: Vec<(&str, i64)> = loc
+            .line
+            .iter()
+            .map(|l| {
+                let f = p.function.iter().find(|f| f.id == l.function_id).unwrap();
+                (s(&p, f.name), l.line)
+            })
+            .collect();
+        assert_eq!(lines, [("grab", 6), ("leak_widgets", 47)]);
+        assert_eq!(loc.address, (1 << 40) + 0x1296);
+        assert!(p.mapping[0].has_inline_frames);
+    }
+
+    #[test]
     fn empty_profile_is_valid() {
         let mut profile = sample_profile();
         profile.sites.clear();
         let p = decode(&render(&profile).unwrap());
         assert!(p.sample.is_empty() && p.location.is_empty() && p.mapping.is_empty());
         assert_eq!(p.sample_type.len(), 4);
-    }
-
-    #[test]
-    fn build_id_of_a_real_elf_file() {
-        let exe = std::env::current_exe().unwrap();
-        // Rust test binaries are linked with a GNU build id on Linux; a missing file has none.
-        let id = read_build_id(exe.to_str().unwrap());
-        assert!(id.is_none_or(|id| id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit())));
-        assert_eq!(read_build_id("/nonexistent/memprof"), None);
-        assert_eq!(parse_addr("0x10"), 16);
-        assert_eq!(parse_addr("junk"), 0);
     }
 }

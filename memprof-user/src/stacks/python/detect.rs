@@ -31,6 +31,10 @@ pub struct PyProcess {
     /// Whether `offsets` came from the process's `_Py_DebugOffsets` (3.13+).
     pub from_debug_offsets: bool,
     pub offsets: PyOffsets,
+    /// Runtime address ranges of the eval loop, `_PyEval_EvalFrameDefault` (and its parts the
+    /// compiler split off, when the symbol table names them): a native frame there runs Python
+    /// frames.
+    pub eval_loop: Vec<std::ops::Range<u64>>,
 }
 
 /// Symbols of the object defining `_PyRuntime`, as link-time values.
@@ -38,6 +42,8 @@ pub(super) struct RuntimeSymbols {
     pub(super) runtime: u64,
     code_type: Option<u64>,
     py_version: Option<u64>,
+    /// (address, size) of `_PyEval_EvalFrameDefault` and its split-off parts.
+    eval_loop: Vec<(u64, u64)>,
 }
 
 /// Finds CPython in process `pid`: the mapped object (the executable or a `libpython`) that
@@ -132,6 +138,11 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
         code_type: symbols.code_type.map(|a| a.wrapping_add(bias)),
         from_debug_offsets: debug.is_some(),
         offsets,
+        eval_loop: symbols
+            .eval_loop
+            .iter()
+            .map(|&(a, size)| a.wrapping_add(bias)..a.wrapping_add(bias).wrapping_add(size))
+            .collect(),
     })
 }
 
@@ -151,6 +162,7 @@ pub(super) fn runtime_symbols<'a, R: object::ReadRef<'a>>(
         runtime: 0,
         code_type: None,
         py_version: None,
+        eval_loop: Vec::new(),
     };
     // The symbol table when present (unstripped), else the dynamic one: CPython exports these.
     for sym in file.symbols().chain(file.dynamic_symbols()) {
@@ -162,6 +174,15 @@ pub(super) fn runtime_symbols<'a, R: object::ReadRef<'a>>(
             Ok("PyCode_Type") if found.code_type.is_none() => found.code_type = Some(sym.address()),
             Ok("Py_Version") if found.py_version.is_none() => {
                 found.py_version = Some(sym.address())
+            }
+            Ok(name)
+                if (name == "_PyEval_EvalFrameDefault"
+                    || name.starts_with("_PyEval_EvalFrameDefault."))
+                    && sym.size() > 0
+                    && found.eval_loop.len() < 8
+                    && !found.eval_loop.contains(&(sym.address(), sym.size())) =>
+            {
+                found.eval_loop.push((sym.address(), sym.size()));
             }
             _ => {}
         }

@@ -98,6 +98,9 @@ pub struct PyOffsets {
     pub frame_instr: u32,
     /// `_PyInterpreterFrame.owner` (a byte), [`NONE`] before 3.11.
     pub frame_owner: u32,
+    /// `_PyInterpreterFrame.is_entry` (a bool), 3.11 only ([`NONE`] otherwise: 3.12+ mark
+    /// each call of the eval loop with a shim frame, and before 3.11 each frame is one call).
+    pub frame_is_entry: u32,
 
     /// `PyObject.ob_type`.
     pub object_type: u32,
@@ -152,6 +155,7 @@ impl PyOffsets {
             frame_code: 32,
             frame_instr: 104,
             frame_owner: NONE,
+            frame_is_entry: NONE,
             object_type: 8,
             code_name: 112,
             code_filename: 104,
@@ -199,6 +203,7 @@ impl PyOffsets {
                 frame_code: 32,
                 frame_instr: 56,
                 frame_owner: 69,
+                frame_is_entry: 68,
                 code_name: 120,
                 code_filename: 112,
                 code_qualname: 128,
@@ -411,7 +416,7 @@ mod tests {
         assert_eq!(PyOffsets::for_version(3, 14), None);
         assert_eq!(
             std::mem::size_of::<PyOffsets>(),
-            30 * 4,
+            31 * 4,
             "u32 fields, no padding"
         );
     }

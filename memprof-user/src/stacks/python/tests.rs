@@ -584,5 +584,8 @@ fn python_kernel_config() {
     assert_eq!(config.runtime, resolver.process.runtime);
     assert_eq!(config.offsets, resolver.process.offsets);
     assert!(config.tss_key < 32, "{config:?}");
-    assert_eq!(std::mem::size_of::<PyKernelConfig>(), 8 + 4 + 4 + 30 * 4);
+    assert_eq!(
+        std::mem::size_of::<PyKernelConfig>(),
+        8 + 4 + 4 + 31 * 4 + 4
+    );
 }

@@ -1,0 +1,187 @@
+//! Choosing the processes of `--all`: every one (also those started later or exiting
+//! early), `--comm`, `--cgroup`, and the bound on exited processes kept.
+
+use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
+
+use serde_json::Value;
+
+use super::{DEADLINE, interrupt, leaker, process, procs, reported};
+use crate::common::{Checks, Proc, num, site_total, start_trace};
+
+/// `memprof trace --all --json OPTS`, once it traces.
+fn trace_all(opts: &[&str]) -> Proc {
+    let mut args = vec!["--all", "--json"];
+    args.extend(opts);
+    start_trace(&args, String::new)
+}
+
+#[test]
+fn all_mode_reports_each_process_exactly() {
+    let mut a = leaker(7, 1000);
+    let mut b = leaker(13, 500);
+    let mp = trace_all(&["--duration", "60s"]);
+    a.go("leaked");
+    b.go("leaked");
+    // Started after memprof attached: covered all the same.
+    let mut late = leaker(3, 4096);
+    late.go("leaked");
+    let (a_pid, b_pid, late_pid) = (a.proc.pid(), b.proc.pid(), late.proc.pid());
+    // One exits before the trace ends: reported as exited, its leak still named.
+    let a_done = a.finish(DEADLINE);
+    // Give the agent time to drain the exit.
+    thread::sleep(Duration::from_millis(300));
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("--all with three leakers");
+    c.eq("memprof exit code", f.code(), Some(0));
+    c.eq("procs leak a exit code", a_done.code(), Some(0));
+    c.eq("report pid", r["pid"].as_u64(), Some(0));
+    for (pid, name, bytes, blocks, exited) in [
+        (a_pid, "a", 7000, 7, true),
+        (b_pid, "b", 6500, 13, false),
+        (late_pid, "late", 12288, 3, false),
+    ] {
+        let Some(p) = reported(&mut c, &r, pid, &format!("leaker {name}")) else {
+            continue;
+        };
+        c.eq(
+            &format!("{name}: leak_here"),
+            site_total(p, "leak_here"),
+            (bytes, blocks),
+        );
+        c.eq(&format!("{name}: comm"), p["comm"].as_str(), Some("procs"));
+        c.eq(
+            &format!("{name}: exited"),
+            p["exited"].as_bool(),
+            Some(exited),
+        );
+        c.eq(
+            &format!("{name}: cmdline[1]"),
+            p["cmdline"][1].as_str(),
+            Some("leak"),
+        );
+    }
+    c.check(
+        process(&r, f.pid).is_none(),
+        "memprof's own process is not traced",
+    );
+    // Ranked by outstanding bytes.
+    let ranked: Vec<u64> = r["processes"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    num(&p["totals"], "outstanding_bytes") + num(&p["mmap"], "outstanding_bytes")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    c.check(
+        ranked.windows(2).all(|w| w[0] >= w[1]),
+        format!("processes ranked by outstanding bytes: {ranked:?}"),
+    );
+    drop(b.finish(DEADLINE));
+    drop(late.finish(DEADLINE));
+    c.finish(|| f.context());
+}
+
+#[test]
+fn comm_narrows_all_mode_to_one_name() {
+    let mut a = leaker(5, 300);
+    let mp = trace_all(&["--comm", "procs", "--duration", "60s"]);
+    a.go("leaked");
+    // `sleep` allocates too, but is not named procs.
+    let other = Command::new("sleep").arg("0.1").status().unwrap();
+    assert!(other.success());
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("--all --comm procs");
+    let names: Vec<&str> = r["processes"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["comm"].as_str()).collect())
+        .unwrap_or_default();
+    c.check(
+        !names.is_empty() && names.iter().all(|n| *n == "procs"),
+        format!("only processes named procs: {names:?}"),
+    );
+    if let Some(p) = reported(&mut c, &r, a.proc.pid(), "the leaker") {
+        c.eq("leak_here", site_total(p, "leak_here"), (1500, 5));
+    }
+    drop(a.finish(DEADLINE));
+    c.finish(|| f.context());
+}
+
+#[test]
+fn cgroup_narrows_all_mode_to_one_cgroup() {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("cgroup v2 is mounted");
+    let cg = root.join(format!("memprof-test-{}", std::process::id()));
+    let _ = fs::create_dir(&cg);
+    let mut inside = leaker(6, 700);
+    fs::write(cg.join("cgroup.procs"), inside.proc.pid().to_string()).unwrap();
+    let mut outside = leaker(2, 900);
+    let mp = trace_all(&["--cgroup", cg.to_str().unwrap(), "--duration", "60s"]);
+    inside.go("leaked");
+    outside.go("leaked");
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("--all --cgroup");
+    if let Some(p) = reported(&mut c, &r, inside.proc.pid(), "the process in the cgroup") {
+        c.eq("inside: leak_here", site_total(p, "leak_here"), (4200, 6));
+    }
+    c.check(
+        process(&r, outside.proc.pid()).is_none(),
+        "the process outside the cgroup is not traced",
+    );
+    drop(inside.finish(DEADLINE));
+    drop(outside.finish(DEADLINE));
+    let _ = fs::remove_dir(&cg);
+    c.finish(|| f.context());
+}
+
+#[test]
+fn exited_processes_beyond_the_limit_are_forgotten() {
+    // 300 short-lived processes under --all --comm: the 256 most recent exited ones stay in
+    // the report, the 44 before them are forgotten (and counted), so memory stays bounded.
+    // --comm needs a matching process running when memprof starts.
+    let mut anchor = leaker(1, 10);
+    let mp = trace_all(&["--comm", "procs", "--duration", "120s"]);
+    anchor.go("leaked");
+    for _ in 0..300 {
+        let status = Command::new(procs())
+            .args(["spin", "0"])
+            .output()
+            .unwrap()
+            .status;
+        assert!(status.success());
+    }
+    thread::sleep(Duration::from_millis(500));
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("300 exited processes");
+    let exited: Vec<&Value> = r["processes"]
+        .as_array()
+        .map(|ps| ps.iter().filter(|p| p["exited"] == true).collect())
+        .unwrap_or_default();
+    c.eq("exited processes listed", exited.len(), 256);
+    c.eq(
+        "processes forgotten",
+        r["forgotten"]["processes"].as_u64(),
+        Some(44),
+    );
+    c.check(
+        process(&r, anchor.proc.pid()).is_some_and(|p| p["exited"] == false),
+        "the running process is listed, not exited",
+    );
+    // Each listed exited process leaked 1000 x 32 B at spin_leak.
+    c.check(
+        exited
+            .iter()
+            .all(|p| site_total(p, "spin_leak") == (32000, 1000)),
+        "each listed exited process: spin_leak 32000 B in 1000 blocks",
+    );
+    drop(anchor.finish(DEADLINE));
+    c.finish(|| f.context());
+}
