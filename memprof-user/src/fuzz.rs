@@ -341,6 +341,7 @@ fn fuzz_python_interpreter_memory() {
                 code_type: typed.then_some(base + 8),
                 from_debug_offsets: false,
                 offsets,
+                eval_loop: Vec::new(),
             };
             let started = Instant::now();
             let mut r = Resolver::with_process(process);

@@ -144,7 +144,7 @@ fn make_debug_info(path: &Path, payload: &[u8]) {
             data[at..].starts_with(b".debug_info\0")
         })
         .expect("the library has .debug_info (built with -g)");
-    while data.len() % 8 != 0 {
+    while !data.len().is_multiple_of(8) {
         data.push(0);
     }
     let at = data.len() as u64;
@@ -198,7 +198,7 @@ fn lying_debug_sections_cost_no_report() {
         ("bomb", compressed(2 << 30, &bomb)),
     ];
     let mut link = Vec::new();
-    for (name, payload) in &libs {
+    for (name, _) in &libs {
         let lib = dir.path(format!("lib{name}.so"));
         let source = format!(
             "#include <stdlib.h>\nvoid *volatile {name}_sink;\n\

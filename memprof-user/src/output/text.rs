@@ -471,9 +471,8 @@ Top 3 of 4 changed call sites by bytes:
         assert_eq!(text, "site \\x1b]0;owned\\x07 <- main\nnext\n");
         let mut table = Tables::default();
         table.apply(&alloc(0x10, 64, NO_STACK, 1));
-        let (stacks, tracker, mut sym) =
-            (StackStore::new(), Tracker::new(&[], 0), Symbolizer::new());
-        let text = render(&snapshot(&inputs(&table, &stacks, &tracker, 0), &mut sym));
+        let (sites, tracker) = (Sites::new(), Tracker::new(&[], 0));
+        let text = render(&snapshot(&inputs(&table, &sites, &tracker, 0)));
         assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
     }
 
