@@ -42,3 +42,6 @@ pub mod cli;
 
 #[cfg(test)]
 mod layers;
+
+#[cfg(test)]
+mod fuzz;

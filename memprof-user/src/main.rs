@@ -20,7 +20,9 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("memprof: {err:#}");
+            // One line, whatever a file or process named in the error holds.
+            let text = format!("{err:#}");
+            eprintln!("memprof: {}", memprof::sys::printable::escape(&text));
             ExitCode::FAILURE
         }
     }

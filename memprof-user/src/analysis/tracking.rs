@@ -461,6 +461,11 @@ impl Tracker {
     }
 
     /// Starts time phase `name` at `ts_ns`, ending the previous one.
+    /// Time phases started so far.
+    pub fn marks(&self) -> usize {
+        self.phases.marks.len()
+    }
+
     pub fn mark(&mut self, name: &str, ts_ns: u64, outstanding: u64) {
         let t = self.seconds(ts_ns);
         if let Some(prev) = self.phases.marks.last_mut() {

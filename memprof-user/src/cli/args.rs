@@ -19,10 +19,10 @@ pub struct DiffArgs {
     #[arg(long)]
     pub json: bool,
     /// Exit with status 3 when outstanding heap bytes grew by more than PCT percent.
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", value_parser = parse_percent)]
     pub fail_if_grows: Option<f64>,
     /// Show only the N sites that changed most (text).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = parse_top)]
     pub top: usize,
 }
 
@@ -51,7 +51,7 @@ pub struct MarkArgs {
     /// Name of the phase that starts now.
     pub name: String,
     /// The traced process (needed when several traces run).
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = parse_pid)]
     pub pid: Option<u32>,
 }
 
@@ -61,7 +61,7 @@ pub struct MarkArgs {
     sudo memprof trace --pid 4242 --duration 30s --interval 5s --json | jq .")]
 pub struct TraceArgs {
     /// Attach to this running process.
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = parse_pid)]
     pub pid: Option<u32>,
     /// Trace every process on the machine (except memprof), including those that start later;
     /// the report ranks them (`processes`).
@@ -88,17 +88,23 @@ pub struct TraceArgs {
     /// memprof's stderr, so stdout carries only JSON.
     #[arg(long)]
     pub json: bool,
-    /// Stop after this long (e.g. 30s, 500ms, 2m; a bare number means seconds).
-    #[arg(long, value_parser = parse_duration)]
+    /// Stop after this long (e.g. 30s, 500ms, 2m; a bare number means seconds). With a
+    /// COMMAND, the command is then ended too (SIGTERM, SIGKILL 2 s later) unless
+    /// --keep-running is given.
+    #[arg(long, value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
-    /// Emit a snapshot this often.
-    #[arg(long, value_parser = parse_duration)]
+    /// With a COMMAND: leave it running when the trace ends before it exits (--duration,
+    /// Ctrl-C, SIGTERM), instead of ending it with SIGTERM and, 2 s later, SIGKILL.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Emit a snapshot this often (at least 10ms).
+    #[arg(long, value_parser = parse_period)]
     pub interval: Option<Duration>,
     /// Only list outstanding allocations at least this old.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
     /// Show only the N largest call sites (default: 10 in text, all in JSON).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_top)]
     pub top: Option<usize>,
     /// Write a gzipped pprof profile (alloc/inuse objects and space) to FILE.
     #[arg(long, value_name = "FILE")]
@@ -124,18 +130,27 @@ pub struct TraceArgs {
     /// Serve a live dashboard at ADDR (e.g. 127.0.0.1:8080) while tracing.
     #[arg(long, value_name = "ADDR")]
     pub ui: Option<String>,
+    /// Require the token in FILE on every --metrics and --ui request (`Authorization: Bearer
+    /// TOKEN`, or `?token=TOKEN` in the dashboard's URL).
+    #[arg(long, value_name = "FILE")]
+    pub http_token: Option<PathBuf>,
+    /// Permissions of the files written (--output, --html, --csv, ...), in octal: they hold the
+    /// command line and names from the traced processes, so only their owner reads them by
+    /// default.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_file_mode)]
+    pub file_mode: u32,
     /// Save the final report (one JSON object) to FILE, for `memprof diff`.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Memory limit to project growth against (e.g. 2G, 512M, 1.5GiB); the report gives the
     /// hours until RSS reaches it.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = parse_limit)]
     pub limit: Option<u64>,
     /// Emit an alert when outstanding heap bytes exceed this (e.g. 100M).
     #[arg(long, value_parser = parse_bytes, value_name = "BYTES")]
     pub alert_threshold: Option<u64>,
     /// Emit an alert when the heap grows faster than this many MB per hour.
-    #[arg(long, value_name = "MB_PER_HOUR")]
+    #[arg(long, value_name = "MB_PER_HOUR", value_parser = parse_rate)]
     pub growth_threshold: Option<f64>,
     /// Exit with status 3 when a call site's verdict is `leak`.
     #[arg(long)]
@@ -147,8 +162,9 @@ pub struct TraceArgs {
     /// NAME=REGEX. Groups matching no rule fall into their module.
     #[arg(long, value_name = "NAME=REGEX")]
     pub category: Vec<String>,
-    /// How often each call site's outstanding bytes are sampled for growth analysis.
-    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    /// How often each call site's outstanding bytes are sampled for growth analysis (at
+    /// least 10ms).
+    #[arg(long, value_parser = parse_period, default_value = "500ms")]
     pub sample_every: Duration,
     /// Attach the probes with programs that return at once: measures the cost of the probes
     /// themselves (the report counts nothing). For benchmarks.
@@ -214,7 +230,16 @@ pub fn parse_call_slots(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h` or a bare number of seconds.
+/// The longest duration taken (`--duration`, `--min-age`, ...): 366 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The shortest period of `--interval` and `--sample-every`.
+pub const MIN_PERIOD: Duration = Duration::from_millis(10);
+/// The largest `--top`.
+pub const MAX_TOP: usize = 1_000_000;
+/// The largest pid Linux hands out (`PID_MAX_LIMIT`).
+pub const MAX_PID: u32 = 1 << 22;
+
+/// Parses `500ms`, `30s`, `2m`, `1h` or a bare number of seconds, from 0 to 366 days.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -228,9 +253,86 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     } else {
         (s, 1.0)
     };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v * scale)),
-        _ => Err(format!("invalid duration {s:?} (try 30s, 500ms, 2m)")),
+    let invalid = || format!("invalid duration {s:?} (try 30s, 500ms, 2m)");
+    let v = num.trim().parse::<f64>().map_err(|_| invalid())?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(invalid());
+    }
+    match Duration::try_from_secs_f64(v * scale) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("duration {s:?} is longer than 366 days")),
+    }
+}
+
+/// A duration above zero (`--duration`).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be above zero"));
+    }
+    Ok(d)
+}
+
+/// A period of at least 10 ms (`--interval`, `--sample-every`).
+pub fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_PERIOD {
+        return Err(format!("period {s:?} is shorter than 10ms"));
+    }
+    Ok(d)
+}
+
+/// `--top N`: 0 to 1 000 000.
+pub fn parse_top(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_TOP => Ok(n),
+        _ => Err(format!("expected a number from 0 to {MAX_TOP}, got {s:?}")),
+    }
+}
+
+/// A process id: 1 to 4194304.
+pub fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=MAX_PID).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a process id from 1 to {MAX_PID}, got {s:?}"
+        )),
+    }
+}
+
+/// A finite, non-negative rate (`--growth-threshold`).
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("expected a number of at least 0, got {s:?}")),
+    }
+}
+
+/// A finite percentage, possibly negative (`--fail-if-grows -10`: must shrink by 10%).
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= -100.0 => Ok(v),
+        _ => Err(format!("expected a percentage of at least -100, got {s:?}")),
+    }
+}
+
+/// A memory limit above zero (`--limit`).
+pub fn parse_limit(s: &str) -> Result<u64, String> {
+    match parse_bytes(s)? {
+        0 => Err(format!("limit {s:?} must be above zero")),
+        v => Ok(v),
+    }
+}
+
+/// File permissions in octal (`600`, `0644`): read and write bits only for the owner, group
+/// and others.
+pub fn parse_file_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim(), 8) {
+        Ok(m) if m & !0o666 == 0 && m & 0o600 == 0o600 => Ok(m),
+        _ => Err(format!(
+            "expected an octal mode such as 600 or 644 (read and write bits, readable and \
+             writable by the owner), got {s:?}"
+        )),
     }
 }
 
@@ -250,7 +352,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         _ => return Err(format!("invalid size {s:?} (try 512M, 2G, 4096)")),
     };
     match num.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * scale as f64) as u64),
+        // 2^64 itself does not fit.
+        Ok(v) if v.is_finite() && v >= 0.0 && v * (scale as f64) < 18_446_744_073_709_551_616.0 => {
+            Ok((v * scale as f64) as u64)
+        }
+        Ok(v) if v.is_finite() && v >= 0.0 => Err(format!("size {s:?} is too large")),
         _ => Err(format!("invalid size {s:?} (try 512M, 2G, 4096)")),
     }
 }
@@ -281,10 +387,15 @@ pub fn parse_sample_bytes(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+/// The largest ring: 1 GiB.
+pub const MAX_RING_BYTES: u32 = 1 << 30;
+
 pub fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     let v: u32 = s.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    if v < 4096 || !v.is_power_of_two() {
-        return Err(format!("{v} is not a power of two of at least 4096"));
+    if v < 4096 || !v.is_power_of_two() || v > MAX_RING_BYTES {
+        return Err(format!(
+            "{v} is not a power of two from 4096 to {MAX_RING_BYTES}"
+        ));
     }
     Ok(v)
 }
@@ -301,6 +412,53 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_not_panics() {
+        for (parse, bad, why) in [
+            (
+                parse_positive_duration as fn(&str) -> Result<Duration, String>,
+                "99999999999999999h",
+                "366 days",
+            ),
+            (parse_positive_duration, "1e300s", "366 days"),
+            (parse_positive_duration, "inf", "invalid duration"),
+            (parse_positive_duration, "NaN", "invalid duration"),
+            (parse_positive_duration, "0s", "above zero"),
+            (parse_period, "0s", "shorter than 10ms"),
+            (parse_period, "1ms", "shorter than 10ms"),
+            (parse_duration, "367d", "invalid duration"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(parse_period("10ms"), Ok(MIN_PERIOD));
+        assert_eq!(
+            parse_positive_duration("366h"),
+            Ok(Duration::from_secs(366 * 3600))
+        );
+        assert!(
+            parse_bytes("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(parse_bytes("16777216T").unwrap_err().contains("too large"));
+        assert_eq!(parse_bytes("16777215T"), Ok(16_777_215 << 40));
+        assert!(parse_limit("0").is_err());
+        assert!(parse_top("1000001").is_err() && parse_top("-1").is_err());
+        assert_eq!(parse_top("0"), Ok(0));
+        assert!(parse_pid("0").is_err() && parse_pid("4194305").is_err());
+        assert_eq!(parse_pid("1"), Ok(1));
+        assert!(parse_rate("-1").is_err() && parse_rate("inf").is_err());
+        assert!(parse_percent("NaN").is_err() && parse_percent("-101").is_err());
+        assert_eq!(parse_file_mode("600"), Ok(0o600));
+        assert_eq!(parse_file_mode("0644"), Ok(0o644));
+        for bad in ["777", "4600", "400", "abc", "1000000000000"] {
+            assert!(parse_file_mode(bad).is_err(), "{bad}");
+        }
+        assert!(parse_ring_bytes("2147483648").is_err());
     }
 
     #[test]

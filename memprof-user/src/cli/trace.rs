@@ -25,7 +25,10 @@ use crate::{
         kernel_log, loader,
     },
     report,
-    serve::{self, Live},
+    serve::{
+        self, Live,
+        http::{Guard, read_token},
+    },
     session::{End, Session, Settings},
     stacks::python,
     sys::{
@@ -35,6 +38,9 @@ use crate::{
         target::{self, PidFd},
     },
 };
+
+/// How long a command that outlived the trace has to exit after SIGTERM, before SIGKILL.
+const COMMAND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Default ring size with `--unwind dwarf`: room for about 8000 records with 8 KiB copies.
 const DWARF_RING_BYTES: u32 = 64 << 20;
@@ -115,19 +121,26 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if args.keep_running && args.command.is_empty() {
+        bail!("--keep-running applies to a COMMAND memprof starts (-- COMMAND ARGS...)");
+    }
+    let guard = Guard {
+        token: args.http_token.as_deref().map(read_token).transpose()?,
+    };
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     target::check_capabilities(target::effective_capabilities()?, euid)?;
     target::check_kernel(std::path::Path::new("/sys"))?;
 
     if args.all {
-        return trace_all(&args, &phases, &py_phases, rules);
+        return trace_all(&args, &phases, &py_phases, rules, guard);
     }
     let (pid, allocators, objects, spawned) = match args.pid {
         Some(pid) => {
             if pid == std::process::id() {
                 bail!("memprof cannot trace itself");
             }
+            process::check_traceable(pid)?;
             if let Some((name, pattern)) = py_phases.first()
                 && !args.follow_children
                 && let Err(e) = python::detect(pid)
@@ -193,6 +206,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             phases: &phases,
             py_phases: &py_phases,
             objects: &objects,
+            guard,
         },
         rules,
         spawned.as_ref(),
@@ -212,6 +226,7 @@ fn trace_all(
     phases: &[(String, String)],
     py_phases: &[(String, PyPattern)],
     rules: Vec<Rule>,
+    guard: Guard,
 ) -> Result<i32> {
     let cgroup = args.cgroup.as_deref().map(cgroup_id).transpose()?;
     let own = std::process::id();
@@ -276,6 +291,7 @@ fn trace_all(
             phases,
             py_phases,
             objects: &[],
+            guard,
         },
         rules,
         None,
@@ -315,6 +331,8 @@ struct Target<'a> {
     phases: &'a [(String, String)],
     py_phases: &'a [(String, PyPattern)],
     objects: &'a [PathBuf],
+    /// How `--metrics` and `--ui` are guarded.
+    guard: Guard,
 }
 
 fn trace_pid(
@@ -330,6 +348,7 @@ fn trace_pid(
         phases,
         py_phases,
         objects,
+        guard,
     } = target;
     let pidfd = if pid == 0 {
         None
@@ -440,12 +459,27 @@ fn trace_pid(
     };
     let start = serde_json::to_string(&start)?;
 
+    // The session runs on this thread (block_on); the endpoints and the mark socket on the
+    // runtime's one worker thread, so neither waits for the other.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
+        .thread_name("memprof-rt")
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
     let live = (args.metrics.is_some() || args.ui.is_some()).then(Live::default);
     if let (Some(addr), Some(live)) = (&args.metrics, &live) {
-        serve::serve_metrics(addr, live.clone(), args.limit)?;
+        serve::serve_metrics(
+            runtime.handle(),
+            addr,
+            live.clone(),
+            args.limit,
+            guard.clone(),
+        )?;
     }
     if let (Some(addr), Some(live)) = (&args.ui, &live) {
-        serve::serve_ui(addr, live.clone())?;
+        serve::serve_ui(runtime.handle(), addr, live.clone(), guard)?;
     }
     let files = OutputFiles {
         pprof: args.pprof.clone(),
@@ -456,10 +490,6 @@ fn trace_pid(
         html: args.html.clone(),
     };
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
     let settings = Settings {
         json: args.json,
         duration: args.duration,
@@ -526,16 +556,31 @@ fn trace_pid(
         eprintln!("memprof: warning: {warning}");
     }
     if let Some(path) = &args.output {
-        json::save_report(path, &report)?;
+        json::save_report(path, &report, args.file_mode)?;
     }
     session.publish_live(true);
     let profile = files.any().then(|| session.profile(&report));
     session.emit(&report)?;
     // After the report, so a file that cannot be written does not cost the user the report.
-    if let Some(profile) = &profile {
-        output::write_files(profile, &files)?;
-    }
+    let written = match &profile {
+        Some(profile) => output::write_files(profile, &files, args.file_mode),
+        None => Ok(()),
+    };
     drop(session);
+    // A command memprof started and that outlived the trace ends with it, unless asked not to.
+    if let Some(child) = spawned
+        && !exited
+    {
+        if args.keep_running {
+            eprintln!(
+                "memprof: the command (pid {}) goes on running untraced (--keep-running)",
+                child.pid
+            );
+        } else {
+            child.terminate(COMMAND_GRACE);
+        }
+    }
+    written?;
     if args.fail_on_leak && report.leak_detected {
         eprintln!("memprof: leak detected (--fail-on-leak)");
         return Ok(GATE_FAILED);

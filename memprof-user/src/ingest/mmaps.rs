@@ -188,7 +188,7 @@ impl Drop for Ring {
 
 /// `PERF_RECORD_MMAP2`: header, pid, tid, addr, len, pgoff, maj, min, ino, ino_generation, prot,
 /// flags, filename.
-fn parse_mmap2(r: &[u8], misc: u16) -> Option<MmapRecord> {
+pub(crate) fn parse_mmap2(r: &[u8], misc: u16) -> Option<MmapRecord> {
     let u32_at = |o: usize| Some(u32::from_ne_bytes(r.get(o..o + 4)?.try_into().ok()?));
     let u64_at = |o: usize| Some(u64::from_ne_bytes(r.get(o..o + 8)?.try_into().ok()?));
     let pid = u32_at(8)?;

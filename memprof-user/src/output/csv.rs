@@ -16,6 +16,10 @@
 //! | `verdict`, `growth_bytes_per_s` | the growth analysis (`leak`, `growing`, ...) |
 //! | `stack` | frame names, innermost first, joined by ` <- ` |
 //! | `resident_bytes` | of `inuse_bytes`, those in resident pages (empty when RSS was not explained: the process had exited, or the trace was sampled) |
+//!
+//! Names come from the traced programs: a text field (`site`, `module`, `stack`) that begins
+//! with `=`, `+`, `-`, `@`, a tab or CR, which a spreadsheet would take for a formula, is
+//! written with a leading `'` (OWASP's advice against CSV injection).
 
 use std::fmt::Write as _;
 
@@ -67,8 +71,8 @@ pub fn row(site: &Site) -> [String; 14] {
             .join(" <- ")
     };
     [
-        site_name(site),
-        module,
+        neutral(site_name(site)),
+        neutral(module),
         site.allocator.to_owned(),
         site.kind.to_owned(),
         site.inuse_bytes.to_string(),
@@ -79,11 +83,20 @@ pub fn row(site: &Site) -> [String; 14] {
         site.max_inuse_bytes.to_string(),
         site.verdict.as_str().to_owned(),
         number(site.growth_bytes_per_s),
-        stack,
+        neutral(stack),
         site.resident_bytes
             .map(|b| b.to_string())
             .unwrap_or_default(),
     ]
+}
+
+/// A text field a spreadsheet will not evaluate: `'` before a leading `= + - @`, tab or CR.
+pub fn neutral(field: String) -> String {
+    if field.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{field}")
+    } else {
+        field
+    }
 }
 
 /// A rate as written: finite numbers as Rust prints them (`1500.25`, `0`), anything else empty.
@@ -145,6 +158,33 @@ mod tests {
             }
         }
         records
+    }
+
+    #[test]
+    fn formulas_are_neutralised() {
+        for (from, to) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "'=HYPERLINK(\"http://x\",\"y\")",
+            ),
+            ("+cmd", "'+cmd"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\rx", "'\rx"),
+            ("main", "main"),
+            ("", ""),
+        ] {
+            assert_eq!(neutral(from.to_string()), to);
+        }
+        let mut p = sample_profile();
+        p.sites[0].stack[0].function = Some("=HYPERLINK(\"http://evil\")".into());
+        let rows = parse(&render(&p));
+        assert_eq!(rows[1][0], "'=HYPERLINK(\"http://evil\")");
+        assert!(rows[1][12].starts_with("'=HYPERLINK"), "{:?}", rows[1]);
+        // Numbers memprof writes keep their sign.
+        p.sites[0].growth_bytes_per_s = -2.5;
+        assert_eq!(parse(&render(&p))[1][11], "-2.5");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! diff --json`) and the final report saved for `memprof diff` (`--output`).
 
 use std::{
-    fs,
     io::{self, Write as _},
     path::Path,
 };
@@ -20,9 +19,11 @@ pub fn write_line<T: Serialize>(value: &T) -> io::Result<()> {
     out.flush()
 }
 
-/// Saves `report` as one JSON line to `path` (`--output`).
-pub fn save_report(path: &Path, report: &Report) -> Result<()> {
+/// Saves `report` as one JSON line to `path` (`--output`), with permissions `mode` (see
+/// [`super::file::write`]).
+pub fn save_report(path: &Path, report: &Report, mode: u32) -> Result<()> {
     let mut bytes = serde_json::to_vec(report)?;
     bytes.push(b'\n');
-    fs::write(path, bytes).with_context(|| format!("failed to write {}", path.display()))
+    super::file::write(path, &bytes, mode)
+        .with_context(|| format!("failed to write {}", path.display()))
 }

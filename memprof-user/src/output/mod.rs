@@ -8,6 +8,7 @@
 
 pub mod csv;
 pub mod dhat;
+pub mod file;
 pub mod flamegraph;
 pub mod folded;
 pub mod html;
@@ -47,16 +48,17 @@ impl OutputFiles {
 /// Writes every requested file from `profile`: `--pprof` ([`pprof`]), `--folded` (`FILE` and
 /// `FILE.alloc`, [`folded`]), `--flamegraph` (`FILE` and its `.alloc.svg` sibling), `--dhat`
 /// ([`dhat`]), `--csv` ([`csv`]) and `--html` ([`html`]). Every file is attempted; the error
-/// names each one that failed (`failed to write FILE: ...`).
-pub fn write_files(profile: &Profile, files: &OutputFiles) -> anyhow::Result<()> {
+/// names each one that failed (`failed to write FILE: ...`). Files get permissions `mode` and
+/// are written as [`file::write`] does (never through another user's link).
+pub fn write_files(profile: &Profile, files: &OutputFiles, mode: u32) -> anyhow::Result<()> {
     use folded::Metric;
     use std::path::Path;
 
-    fn write(path: &Path, bytes: anyhow::Result<Vec<u8>>) -> Result<(), String> {
+    let write = |path: &Path, bytes: anyhow::Result<Vec<u8>>| -> Result<(), String> {
         bytes
-            .and_then(|b| std::fs::write(path, b).map_err(anyhow::Error::from))
+            .and_then(|b| file::write(path, &b, mode).map_err(anyhow::Error::from))
             .map_err(|e| format!("failed to write {}: {e:#}", path.display()))
-    }
+    };
     let mut outcomes = Vec::new();
     if let Some(path) = &files.pprof {
         outcomes.push(write(path, pprof::render(profile)));

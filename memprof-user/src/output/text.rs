@@ -9,6 +9,7 @@ use crate::{
         Frame, Peak, ProcessReport, Report,
         names::{change_bytes, human_bytes, signed_bytes},
     },
+    sys::printable::escape_lines,
 };
 
 /// The per-process table of a multi-process report: the first 20 processes as ranked.
@@ -115,8 +116,21 @@ fn stack_line(stack: &[Frame]) -> String {
     format!("{}{more}", names.join(" < "))
 }
 
-/// The text a person reads at the end of a trace (or at each `--interval`).
+/// The text a person reads at the end of a trace (or at each `--interval`). Names from the
+/// traced processes cannot act on a terminal: control characters and escape sequences are
+/// written as escapes, and overlong lines are cut (see `sys::printable`).
 pub fn render(r: &Report) -> String {
+    printable(render_raw(r))
+}
+
+fn printable(text: String) -> String {
+    match escape_lines(&text) {
+        std::borrow::Cow::Borrowed(_) => text,
+        std::borrow::Cow::Owned(clean) => clean,
+    }
+}
+
+fn render_raw(r: &Report) -> String {
     let mut out = String::new();
     let t = &r.totals.heap;
     let losses = &r.totals;
@@ -381,8 +395,12 @@ pub fn render(r: &Report) -> String {
 }
 
 /// The text a person reads: the total change, then the `top` sites that changed most (by
-/// absolute bytes), listed growth first.
+/// absolute bytes), listed growth first. Escaped as [`render`] is.
 pub fn render_diff(d: &Diff, top: usize) -> String {
+    printable(render_diff_raw(d, top))
+}
+
+fn render_diff_raw(d: &Diff, top: usize) -> String {
     let mut out = String::new();
     let pct = match d.growth_pct {
         Some(p) => format!("{p:+.1}%"),
@@ -621,6 +639,17 @@ Top 3 of 4 changed call sites by bytes:
     -2.0 KiB     2.9 KiB      1000 B      -18  shrank  realloc (heap)   log_append
 ";
         assert_eq!(text, expected, "got:\n{text}");
+    }
+
+    #[test]
+    fn names_from_targets_cannot_drive_the_terminal() {
+        let text = printable("site \x1b]0;owned\x07 <- main\nnext\n".to_string());
+        assert_eq!(text, "site \\x1b]0;owned\\x07 <- main\nnext\n");
+        let mut table = Tables::default();
+        table.apply(&alloc(0x10, 64, NO_STACK, 1));
+        let (sites, tracker) = (Sites::new(), Tracker::new(&[], 0));
+        let text = render(&snapshot(&inputs(&table, &sites, &tracker, 0)));
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
     }
 
     #[test]

@@ -78,9 +78,7 @@ pub struct Allocator {
 
 /// The allocator objects of running process `pid`, the main one first.
 pub fn of_pid(pid: u32) -> Result<Vec<Allocator>> {
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        bail!("no such process: pid {pid}");
-    }
+    crate::sys::process::check_traceable(pid)?;
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
         .with_context(|| format!("failed to read the memory map of pid {pid}"))?;
     let exe_path = fs::read_link(format!("/proc/{pid}/exe"))
@@ -164,11 +162,21 @@ pub fn detect(candidates: &[Candidate], what: &str) -> Result<Vec<Allocator>> {
     let mut found = Vec::new();
     let mut exe_info = None;
     for c in candidates {
-        let Ok(data) = fs::read(&c.path) else {
+        let Ok(file) = crate::sys::objfile::ObjectFile::open(&c.path) else {
             continue;
         };
-        let Ok(obj) = object::File::parse(&*data) else {
-            continue;
+        let obj = match object::File::parse(&file) {
+            Ok(obj) => obj,
+            Err(_) => {
+                // A file that is no ELF is not an allocator; one that hit a cap says so.
+                if let Some(why) = file.refusal() {
+                    eprintln!(
+                        "memprof: warning: {}; skipped",
+                        crate::sys::printable::escape(&why)
+                    );
+                }
+                continue;
+            }
         };
         if c.executable {
             let has_symbols =
@@ -221,7 +229,10 @@ pub fn detect(candidates: &[Candidate], what: &str) -> Result<Vec<Allocator>> {
 
 /// The allocator family and name prefix of `obj`, if it defines `malloc` (or, `Kind::Cxx`, only
 /// C++ `operator new`).
-fn classify(obj: &object::File<'_>, shown: &str) -> Option<(Kind, &'static str)> {
+fn classify<'a, R: object::ReadRef<'a>>(
+    obj: &object::File<'a, R>,
+    shown: &str,
+) -> Option<(Kind, &'static str)> {
     let mut globals: HashMap<&str, u64> = HashMap::new();
     let mut all: HashSet<&str> = HashSet::new();
     for sym in obj.dynamic_symbols().chain(obj.symbols()) {

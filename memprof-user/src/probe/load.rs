@@ -30,7 +30,7 @@ use super::{
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
     tables::KernelTables,
 };
-use crate::sys::elf::file_id;
+use crate::sys::{elf::file_id, objfile::ObjectFile};
 
 /// The kernel object built by build.rs (empty when the build skipped it).
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memprof"));
@@ -64,6 +64,8 @@ pub struct Tracer {
     pub(super) probed: HashSet<(u64, u64)>,
     /// The links of `fork_child`, which pauses new children until their probes are in.
     pub(super) fork_child: Vec<TracePointLinkId>,
+    /// The other tracepoint links (library loads, the process life cycle), by program.
+    pub(super) tracepoints: Tracepoints,
     /// The kernel programs' log records, with `--kernel-log`.
     pub(super) logs: Option<EbpfLogger<KernelLog>>,
     /// Keeps the kernel's run-time statistics of BPF programs on (`--probe-stats`).
@@ -262,7 +264,7 @@ impl Tracer {
                 links.attach(&mut ebpf, set, pid)?;
             }
         }
-        let fork_child = attach_tracepoints(&mut ebpf)?;
+        let (fork_child, tracepoints) = attach_tracepoints(&mut ebpf)?;
         let mut probed = HashSet::new();
         for a in opts.allocators {
             if let Some(id) = file_id(&a.path) {
@@ -303,6 +305,7 @@ impl Tracer {
             alloc_text,
             tables,
             fork_child,
+            tracepoints,
             logs,
             attach,
             links,
@@ -373,22 +376,39 @@ impl Tracer {
         self.links.len()
     }
 
-    /// Detaches every uprobe (links closed side by side); returns the number of links and how
-    /// long it took. No child pauses after this (see `follow`).
+    /// Detaches every probe: `fork_child` first (no child pauses after this, see `follow`),
+    /// the uprobes (links closed side by side), then the other tracepoints, so nothing writes
+    /// to the ring any more and draining it ends. Returns the number of uprobe links and how
+    /// long detaching them took.
     pub fn detach(&mut self) -> (usize, Duration) {
-        if let Some(tp) = self
-            .ebpf
-            .program_mut("fork_child")
-            .and_then(|p| <&mut TracePoint>::try_from(p).ok())
-        {
-            for link in self.fork_child.drain(..) {
+        let fork_child: Vec<_> = self
+            .fork_child
+            .drain(..)
+            .map(|link| ("fork_child", link))
+            .collect();
+        self.detach_tracepoints(fork_child);
+        let n = self.links.len();
+        let took = self.links.detach();
+        let rest = std::mem::take(&mut self.tracepoints);
+        self.detach_tracepoints(rest);
+        (n, took)
+    }
+
+    fn detach_tracepoints(&mut self, links: Tracepoints) {
+        for (program, link) in links {
+            if let Some(tp) = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut TracePoint>::try_from(p).ok())
+            {
                 let _ = tp.detach(link);
             }
         }
-        let n = self.links.len();
-        (n, self.links.detach())
     }
 }
+
+/// Tracepoint links with the name of their program.
+type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
@@ -405,9 +425,10 @@ fn plan_objects(
     let mut report = AttachReport::default();
     let mut chosen: Vec<Chosen> = Vec::new();
     for (index, a) in allocators.iter().enumerate() {
-        let data = fs::read(&a.path).with_context(|| format!("failed to read {}", a.shown))?;
+        let data =
+            ObjectFile::open(&a.path).with_context(|| format!("failed to read {}", a.shown))?;
         let (object, picked) = plan_object(a, &data, placement)
-            .with_context(|| format!("{} is not an ELF file", a.shown))?;
+            .with_context(|| format!("cannot plan the probes of {}", a.shown))?;
         chosen.extend(picked.into_iter().map(|mut c| {
             c.object = index;
             c
@@ -467,11 +488,11 @@ fn plan_objects(
     Ok((report, sets))
 }
 
-/// Library loads and the process life cycle.
 /// Library loads and the process life cycle; returns the links of `fork_child`, which the
-/// end of a trace detaches first (see `Tracer::detach`).
-fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<TracePointLinkId>> {
+/// end of a trace detaches first (see `Tracer::detach`), and the others by program.
+fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(Vec<TracePointLinkId>, Tracepoints)> {
     let mut fork_child = Vec::new();
+    let mut others = Vec::new();
     for (program, category, name) in [
         ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
         ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
@@ -496,9 +517,11 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<TracePointLinkId>> {
             .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
         if program == "fork_child" {
             fork_child.push(link);
+        } else {
+            others.push((program, link));
         }
     }
-    Ok(fork_child)
+    Ok((fork_child, others))
 }
 
 /// A `--phase` function that none of the objects looked in defines.
@@ -545,8 +568,8 @@ fn plan_phases(opts: &Options<'_>) -> Result<Vec<ProbeSet>> {
     let mut sets: Vec<ProbeSet> = Vec::new();
     for (index, (name, function)) in opts.phases.iter().enumerate() {
         let found = opts.phase_objects.iter().find_map(|object| {
-            let data = fs::read(object).ok()?;
-            let found = resolve_symbols(&data, [function.as_str()]).ok()?;
+            let data = ObjectFile::open(object).ok()?;
+            let found = resolve_symbols(&data, object, [function.as_str()]).ok()?;
             found.get(function).map(|sym| (object, sym.file_offset))
         });
         let Some((object, offset)) = found else {

@@ -10,9 +10,19 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
-use crate::sys::elf;
+use crate::sys::{elf, objfile::ObjectFile};
+
+/// The most of `/etc/ld.so.cache` read.
+const MAX_LD_SO_CACHE: u64 = 64 << 20;
+
+/// The entries of `/etc/ld.so.cache`, read with a cap (it is root's file, but no file is read
+/// unbounded).
+fn read_ld_so_cache() -> Option<Vec<(String, PathBuf)>> {
+    let file = ObjectFile::open_limited(Path::new("/etc/ld.so.cache"), MAX_LD_SO_CACHE).ok()?;
+    Some(parse_ld_so_cache(file.head(MAX_LD_SO_CACHE)?))
+}
 
 /// How many objects spawn mode follows through `DT_NEEDED` at most.
 const MAX_OBJECTS: usize = 1024;
@@ -31,10 +41,9 @@ pub struct Candidate {
 /// The executable, its interpreter, `LD_PRELOAD` entries and, breadth first, the `DT_NEEDED`
 /// libraries, each resolved the way the interpreter resolves it.
 pub fn objects_of_command(elf: &Path) -> Result<Vec<Candidate>> {
-    let data = fs::read(elf).with_context(|| format!("failed to read {}", elf.display()))?;
-    let obj = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF executable", elf.display()))?;
-    let machine = elf_machine(&data);
+    let file = elf::open(elf)?;
+    let obj = elf::parse(&file, elf)?;
+    let machine = elf_machine(file.head(20).unwrap_or_default());
     let interp = elf::interpreter(&obj);
     let musl = interp.as_deref().is_some_and(|i| i.contains("musl"));
     let search = Search::new(musl, machine);
@@ -89,8 +98,8 @@ pub fn objects_of_command(elf: &Path) -> Result<Vec<Candidate>> {
                 continue;
             }
             push(&mut out, found.clone());
-            if let Ok(bytes) = fs::read(&found)
-                && let Ok(lib) = object::File::parse(&*bytes)
+            if let Ok(file) = ObjectFile::open(&found)
+                && let Ok(lib) = object::File::parse(&file)
             {
                 queue.push((found, dynamic_info(&lib)));
             }
@@ -108,7 +117,7 @@ struct DynInfo {
     runpath: Vec<String>,
 }
 
-fn dynamic_info(obj: &object::File<'_>) -> DynInfo {
+fn dynamic_info<'a, R: object::ReadRef<'a>>(obj: &object::File<'a, R>) -> DynInfo {
     use object::elf;
     let mut info = DynInfo::default();
     let object::File::Elf64(f) = obj else {
@@ -140,14 +149,11 @@ fn elf_machine(data: &[u8]) -> u16 {
 
 /// Whether `path` is a 64-bit ELF file for `machine`.
 fn elf_matches(path: &Path, machine: u16) -> bool {
-    use std::io::Read as _;
-    let mut head = [0u8; 20];
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && head.starts_with(b"\x7fELF")
-        && head[4] == 2
-        && elf_machine(&head) == machine
+    let Ok(file) = ObjectFile::open(path) else {
+        return false;
+    };
+    let head = file.head(20).unwrap_or_default();
+    head.len() == 20 && head.starts_with(b"\x7fELF") && head[4] == 2 && elf_machine(head) == machine
 }
 
 /// How the program's loader finds a library by name.
@@ -198,9 +204,7 @@ impl Search {
             };
             (Vec::new(), dirs)
         } else {
-            let cache = fs::read("/etc/ld.so.cache")
-                .map(|d| parse_ld_so_cache(&d))
-                .unwrap_or_default();
+            let cache = read_ld_so_cache().unwrap_or_default();
             let dirs = [
                 "/lib/x86_64-linux-gnu",
                 "/usr/lib/x86_64-linux-gnu",

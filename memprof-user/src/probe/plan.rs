@@ -20,6 +20,11 @@ use super::{
     allocators::Allocator,
     placement::{self, Placement},
 };
+use crate::sys::{elf, objfile::ObjectFile};
+
+/// The most of a function's bytes read to decode it (placement reads its first instructions,
+/// a free-like function is followed to where it hands the block on).
+pub const MAX_CODE: u64 = 64 << 10;
 
 /// One allocator entry point and how the programs watch it.
 pub(super) struct ProbeSpec {
@@ -201,10 +206,10 @@ impl Chosen {
 /// address, without the free-like ones that forward to another probed free-like function.
 pub(super) fn plan_object(
     a: &Allocator,
-    data: &[u8],
+    data: &ObjectFile,
     placement: bool,
 ) -> Result<(ObjectReport, Vec<Chosen>)> {
-    let obj = object::File::parse(data)?;
+    let obj = elf::parse(data, &a.path)?;
     let name_of = |s: &ProbeSpec| -> String {
         if s.prefixed {
             format!("{}{}", a.prefix, s.symbol)
@@ -308,7 +313,7 @@ pub(super) fn plan_object(
 /// of free-like functions (`free_names`: name -> the probed function it stands for).
 fn forwards_to(
     f: &FunctionSym,
-    data: &[u8],
+    data: &ObjectFile,
     free_vaddrs: &HashMap<u64, String>,
     free_names: &HashMap<String, String>,
     plt: &PltNames,
@@ -344,22 +349,22 @@ fn forwards_to(
 }
 
 /// The symbols behind an object's PLT stubs.
-struct PltNames {
+struct PltNames<'f> {
     /// (start, end, file offset) of the `.plt*` sections.
     sections: Vec<(u64, u64, u64)>,
-    data: Vec<u8>,
+    data: &'f ObjectFile,
     /// GOT slot address -> the dynamic symbol the loader binds to it.
     slots: HashMap<u64, String>,
 }
 
-impl PltNames {
-    fn new(obj: &object::File<'_>, data: &[u8]) -> Self {
+impl<'f> PltNames<'f> {
+    fn new(obj: &object::File<'f, &'f ObjectFile>, data: &'f ObjectFile) -> Self {
         let sections = obj
             .sections()
             .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
             .filter_map(|s| {
                 let (off, _) = s.file_range()?;
-                Some((s.address(), s.address() + s.size(), off))
+                Some((s.address(), s.address().checked_add(s.size())?, off))
             })
             .collect();
         let mut slots = HashMap::new();
@@ -377,7 +382,7 @@ impl PltNames {
         }
         Self {
             sections,
-            data: data.to_vec(),
+            data,
             slots,
         }
     }
@@ -388,9 +393,12 @@ impl PltNames {
             .sections
             .iter()
             .find(|(start, end, _)| (*start..*end).contains(&addr))?;
-        let from = (off + (addr - start)) as usize;
-        let to = (off + (end - start)) as usize;
-        let code = self.data.get(from..to.min(self.data.len()))?;
+        // A stub is 16 bytes; three instructions fit in 32.
+        let from = off.checked_add(addr - start)?;
+        let len = (end - addr)
+            .min(32)
+            .min(self.data.len().saturating_sub(from));
+        let code = self.data.bytes(from, len)?;
         let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
         for _ in 0..3 {
             if !decoder.can_decode() {
@@ -420,26 +428,30 @@ pub struct FunctionSym {
 }
 
 impl FunctionSym {
-    /// The function's bytes within the file's `data` (empty if out of range).
-    pub fn code<'d>(&self, data: &'d [u8]) -> &'d [u8] {
-        let start = self.file_offset as usize;
-        let end = start.saturating_add(self.size as usize).min(data.len());
-        data.get(start..end).unwrap_or(&[])
+    /// The function's bytes within the file `data` (empty if out of range), at most
+    /// [`MAX_CODE`] of them.
+    pub fn code<'d>(&self, data: &'d ObjectFile) -> &'d [u8] {
+        let len = self
+            .size
+            .min(MAX_CODE)
+            .min(data.len().saturating_sub(self.file_offset));
+        data.bytes(self.file_offset, len).unwrap_or(&[])
     }
 }
 
-/// The named function symbols defined in the ELF file `data`.
+/// The named function symbols defined in the ELF file `data` (opened from `path`).
 pub fn resolve_symbols<'n>(
-    data: &[u8],
+    data: &ObjectFile,
+    path: &std::path::Path,
     names: impl IntoIterator<Item = &'n str>,
 ) -> Result<HashMap<String, FunctionSym>> {
-    let obj = object::File::parse(data)?;
+    let obj = elf::parse(data, path)?;
     Ok(find_functions(&obj, names, false))
 }
 
 /// The named function symbols `obj` defines (only global and weak ones with `globals_only`).
-fn find_functions<'n>(
-    obj: &object::File<'_>,
+fn find_functions<'a, 'n, R: object::ReadRef<'a>>(
+    obj: &object::File<'a, R>,
     names: impl IntoIterator<Item = &'n str>,
     globals_only: bool,
 ) -> HashMap<String, FunctionSym> {
@@ -470,7 +482,12 @@ fn find_functions<'n>(
         found.insert(
             base.to_string(),
             FunctionSym {
-                file_offset: sym.address() - section.address() + file_offset,
+                // A hostile symbol may lie outside its section: the offset wraps, and the
+                // function's bytes are then simply not found.
+                file_offset: sym
+                    .address()
+                    .wrapping_sub(section.address())
+                    .wrapping_add(file_offset),
                 vaddr: sym.address(),
                 size: sym.size(),
             },

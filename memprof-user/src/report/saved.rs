@@ -1,17 +1,26 @@
 //! Reports saved by `memprof trace --output` or `--json`, loaded again (`memprof diff`).
 
-use std::{fs, path::Path};
+use std::{fs, io::Read as _, os::unix::fs::OpenOptionsExt as _, path::Path};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
+
+/// The largest saved report read: 1 GiB.
+pub const MAX_SAVED_BYTES: u64 = 1 << 30;
 
 /// Loads a saved report: a file holding one `report` JSON object, a whole NDJSON stream (its
 /// last `report` line is taken, or without one its last `snapshot` line), or one `snapshot`.
 ///
-/// Errors name the file: `FILE: not JSON: ...`, `FILE: no memprof report found ...`.
+/// Errors name the file: `FILE: not JSON: ...`, `FILE: no memprof report found ...`,
+/// `FILE: not a regular file ...`, `FILE: larger than ...`.
 pub fn load_report(path: &Path) -> Result<Value> {
+    load_report_capped(path, MAX_SAVED_BYTES)
+}
+
+/// [`load_report`] with a size cap of `max` bytes.
+pub fn load_report_capped(path: &Path, max: u64) -> Result<Value> {
     let name = path.display();
-    let bytes = fs::read(path).with_context(|| format!("{name}: cannot read"))?;
+    let bytes = read_regular(path, max)?;
     let mut last_report = None;
     let mut last_snapshot = None;
     // A stream of JSON values: one object, NDJSON, or pretty-printed objects one after another.
@@ -29,6 +38,40 @@ pub fn load_report(path: &Path) -> Result<Value> {
              or \"snapshot\", as `memprof trace --json` writes)"
         )
     })
+}
+
+/// The bytes of `path`, a regular file of at most `max` bytes: a device (`/dev/zero`), a FIFO
+/// (opened without blocking) or an overlong file is refused with a one-line error.
+fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let name = path.display();
+    let file = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(|| format!("{name}: cannot read"))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{name}: cannot read"))?;
+    if !meta.is_file() {
+        bail!(
+            "{name}: not a regular file (a saved report is a file that `memprof trace --output` or `--json` wrote)"
+        );
+    }
+    if meta.len() > max {
+        bail!(
+            "{name}: larger than {max} bytes ({} bytes): not a saved report",
+            meta.len()
+        );
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while read: never past the cap.
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{name}: cannot read"))?;
+    if bytes.len() as u64 > max {
+        bail!("{name}: larger than {max} bytes: not a saved report");
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -117,6 +160,29 @@ mod tests {
         let f = TempFile::new("empty", b"");
         let err = format!("{:#}", load_report(&f.0).unwrap_err());
         assert!(err.contains("no memprof report found"), "{err}");
+
+        for dev in ["/dev/zero", "/dev/null", "/proc/self"] {
+            let err = format!("{:#}", load_report(Path::new(dev)).unwrap_err());
+            assert_eq!(
+                err,
+                format!(
+                    "{dev}: not a regular file (a saved report is a file that `memprof trace --output` or `--json` wrote)"
+                )
+            );
+        }
+        let fifo = std::env::temp_dir().join(format!("memprof-diff-fifo-{}", std::process::id()));
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = format!("{:#}", load_report(&fifo).unwrap_err());
+        assert!(err.ends_with(": not a regular file (a saved report is a file that `memprof trace --output` or `--json` wrote)"), "{err}");
+        fs::remove_file(&fifo).unwrap();
+        let f = TempFile::new("big", &[b' '; 100]);
+        let err = format!("{:#}", load_report_capped(&f.0, 99).unwrap_err());
+        assert!(
+            err.ends_with(": larger than 99 bytes (100 bytes): not a saved report"),
+            "{err}"
+        );
 
         let missing = std::env::temp_dir().join("memprof-diff-test-does-not-exist");
         let err = format!("{:#}", load_report(&missing).unwrap_err());

@@ -14,7 +14,6 @@
 //! `ADDR` follows `--metrics`: `HOST:PORT`, or a bare port bound on 127.0.0.1.
 
 use std::{
-    io::Write as _,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -23,13 +22,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
+use hyper::{
+    Method, Response, StatusCode,
+    body::Bytes,
+    header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderName},
+};
 use serde::Serialize;
-use tiny_http::{Method, Request, Response};
+use tokio::sync::mpsc;
 
 use super::{
     Live, LiveState,
-    http::{bind, header},
+    http::{Ask, Body, Guard, bind, spawn, status, with_header},
     metrics::severity,
 };
 use crate::report::{
@@ -41,36 +44,45 @@ use crate::report::{
 pub const TOP_GROWING: usize = 15;
 /// Frames listed per site.
 const FRAMES: usize = 8;
-/// Concurrent `/events` streams (one thread each).
+/// Concurrent `/events` streams.
 const MAX_STREAMS: usize = 32;
 /// How often a stream looks for a new update.
 const POLL: Duration = Duration::from_millis(100);
 /// A comment is sent after this long without an update, to notice closed connections.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// Starts the dashboard on a background thread; returns once `addr` is bound.
-pub fn serve(addr: &str, live: Live) -> anyhow::Result<()> {
-    let bound = start(addr, live)?;
+/// Starts the dashboard on `runtime`; returns once `addr` is bound.
+pub fn serve(
+    runtime: &tokio::runtime::Handle,
+    addr: &str,
+    live: Live,
+    guard: Guard,
+) -> anyhow::Result<()> {
+    let bound = start(runtime, addr, live, guard)?;
     eprintln!("memprof: live dashboard at http://{bound}/");
     Ok(())
 }
 
 /// [`serve`] without the message: returns the bound address.
-pub fn start(addr: &str, live: Live) -> anyhow::Result<SocketAddr> {
-    let (server, bound) = bind("--ui", addr)?;
+pub fn start(
+    runtime: &tokio::runtime::Handle,
+    addr: &str,
+    live: Live,
+    guard: Guard,
+) -> anyhow::Result<SocketAddr> {
+    let (listener, bound) = bind("--ui", addr)?;
     let shared = Arc::new(Shared {
         live,
         cache: Mutex::new(None),
-        streams: AtomicUsize::new(0),
+        streams: Arc::new(AtomicUsize::new(0)),
     });
-    std::thread::Builder::new()
-        .name("memprof-ui".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                route(request, &shared);
-            }
-        })
-        .context("failed to start the dashboard thread")?;
+    spawn(
+        runtime,
+        listener,
+        bound,
+        guard,
+        Arc::new(move |ask| route(&ask, &shared)),
+    )?;
     Ok(bound)
 }
 
@@ -78,7 +90,7 @@ struct Shared {
     live: Live,
     /// The JSON of the newest state, keyed by (updates, finished).
     cache: Mutex<Option<Current>>,
-    streams: AtomicUsize,
+    streams: Arc<AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -114,107 +126,108 @@ impl Shared {
     }
 }
 
-fn route(request: Request, shared: &Arc<Shared>) {
-    if !matches!(request.method(), Method::Get | Method::Head) {
-        let _ = request.respond(
-            Response::from_string("method not allowed\n")
-                .with_status_code(405)
-                .with_header(header("Allow", "GET, HEAD")),
-        );
-        return;
-    }
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
-    let _ = match path.as_str() {
-        "/" | "/index.html" => request.respond(
-            Response::from_string(PAGE)
-                .with_header(header("Content-Type", "text/html; charset=utf-8"))
-                .with_header(header("Cache-Control", "no-store"))
-                .with_header(header(
-                    "Content-Security-Policy",
-                    "default-src 'none'; script-src 'unsafe-inline'; \
-                     style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
-                )),
-        ),
+fn route(ask: &Ask<'_>, shared: &Arc<Shared>) -> Response<Body> {
+    match ask.path {
+        "/" | "/index.html" => {
+            let r = with_header(
+                Response::new(Body::text(PAGE)),
+                CONTENT_TYPE,
+                "text/html; charset=utf-8",
+            );
+            let r = with_header(r, CACHE_CONTROL, "no-store");
+            with_header(
+                r,
+                CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; \
+                 style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
+            )
+        }
         "/api/state" => {
             let current = shared.current();
-            request.respond(
-                Response::from_string(current.json.as_str())
-                    .with_header(header("Content-Type", "application/json"))
-                    .with_header(header("Cache-Control", "no-store")),
-            )
+            let r = with_header(
+                Response::new(Body::text(current.json.as_str())),
+                CONTENT_TYPE,
+                "application/json",
+            );
+            with_header(r, CACHE_CONTROL, "no-store")
         }
         "/events" => {
             if shared.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
                 shared.streams.fetch_sub(1, Ordering::SeqCst);
-                request.respond(
-                    Response::from_string("too many event streams\n").with_status_code(503),
-                )
-            } else {
-                let for_stream = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("memprof-ui-events".into())
-                    .spawn(move || {
-                        let _ = stream(request, &for_stream);
-                        for_stream.streams.fetch_sub(1, Ordering::SeqCst);
-                    });
-                if spawned.is_err() {
-                    shared.streams.fetch_sub(1, Ordering::SeqCst);
-                }
-                Ok(())
+                return status(StatusCode::SERVICE_UNAVAILABLE, "too many event streams\n");
             }
+            let head = ask.method == Method::HEAD;
+            let body = if head {
+                shared.streams.fetch_sub(1, Ordering::SeqCst);
+                Body::empty()
+            } else {
+                let (tx, rx) = mpsc::channel(4);
+                tokio::spawn(stream(tx, shared.clone()));
+                Body::Stream(rx, ask.busy())
+            };
+            let r = with_header(Response::new(body), CONTENT_TYPE, "text/event-stream");
+            let r = with_header(r, CACHE_CONTROL, "no-store");
+            with_header(r, HeaderName::from_static("x-accel-buffering"), "no")
         }
         // Browsers ask for it; there is none.
-        "/favicon.ico" => request.respond(Response::empty(204)),
-        _ => request.respond(Response::from_string("not found\n").with_status_code(404)),
-    };
+        "/favicon.ico" => status(StatusCode::NO_CONTENT, ""),
+        _ => status(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
 
-/// Streams updates to one `/events` client until the trace ends or the client goes away.
-///
-/// tiny_http buffers a response body (chunked encoding in 8 KiB chunks), so the stream takes
-/// the raw connection and writes and flushes each message itself; the body ends when the
-/// connection closes (tiny_http keeps a kept-alive socket open after the writer is dropped, so
-/// the stream ends with an `end` event for the client to act on).
-fn stream(request: Request, shared: &Shared) -> std::io::Result<()> {
-    let head = request.method() == &Method::Head;
-    let mut out = request.into_writer();
-    out.write_all(
-        b"HTTP/1.1 200 OK\r\n\
-          Content-Type: text/event-stream\r\n\
-          Cache-Control: no-store\r\n\
-          Connection: close\r\n\
-          X-Accel-Buffering: no\r\n\r\n",
-    )?;
-    if head {
-        return out.flush();
+/// Feeds one `/events` client until the trace ends or the client goes away (its body, and with
+/// it the receiver, is dropped).
+async fn stream(tx: mpsc::Sender<Bytes>, shared: Arc<Shared>) {
+    let _counted = StreamCount(shared.streams.clone());
+    if tx
+        .send(Bytes::from_static(b"retry: 2000\n\n"))
+        .await
+        .is_err()
+    {
+        return;
     }
-    out.write_all(b"retry: 2000\n\n")?;
-    out.flush()?;
     let mut sent = None;
     let mut last_write = Instant::now();
     loop {
         let current = shared.current();
         if current.updates > 0 && sent != Some(current.updates) {
-            write!(
-                out,
+            let msg = format!(
                 "id: {}\ndata: {}\n\n",
                 current.updates,
                 current.json.as_str()
-            )?;
-            out.flush()?;
+            );
+            if tx.send(Bytes::from(msg)).await.is_err() {
+                return;
+            }
             sent = Some(current.updates);
             last_write = Instant::now();
         }
         if current.finished {
-            out.write_all(b"event: end\ndata: {}\n\n")?;
-            return out.flush();
+            let _ = tx
+                .send(Bytes::from_static(b"event: end\ndata: {}\n\n"))
+                .await;
+            return;
         }
         if last_write.elapsed() >= KEEPALIVE {
-            out.write_all(b": keepalive\n\n")?;
-            out.flush()?;
+            if tx
+                .send(Bytes::from_static(b": keepalive\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
             last_write = Instant::now();
         }
-        std::thread::sleep(POLL);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// One `/events` stream counted against [`MAX_STREAMS`] while it lives.
+struct StreamCount(Arc<AtomicUsize>);
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -350,12 +363,16 @@ const PAGE: &str = include_str!("dashboard.html");
 #[cfg(test)]
 mod tests {
     use std::{
-        io::{BufRead, BufReader, Read as _},
+        io::{BufRead, BufReader, Read as _, Write as _},
         net::TcpStream,
+        time::Duration,
     };
 
     use super::*;
-    use crate::serve::metrics::tests::{profile, site};
+    use crate::serve::{
+        http::test_runtime,
+        metrics::tests::{profile, site},
+    };
 
     #[test]
     fn page_is_self_contained() {
@@ -409,7 +426,7 @@ mod tests {
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -417,8 +434,9 @@ mod tests {
 
     #[test]
     fn serves_page_state_and_events() {
+        let rt = test_runtime();
         let live: Live = Arc::default();
-        let addr = start("127.0.0.1:0", live.clone()).unwrap();
+        let addr = start(rt.handle(), "127.0.0.1:0", live.clone(), Guard::default()).unwrap();
         assert!(addr.ip().is_loopback() && addr.port() != 0);
         assert!(get(addr, "/").contains("new EventSource("));
         assert!(get(addr, "/api/state").ends_with(r#"{"updates":0,"finished":false}"#));
@@ -428,7 +446,7 @@ mod tests {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
-            "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            "GET /events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
         )
         .unwrap();
         let mut reader = BufReader::new(s);
@@ -471,7 +489,7 @@ mod tests {
             ended = line.starts_with("event: end");
         }
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(head.contains("Content-Type: text/event-stream"), "{head}");
+        assert!(head.contains("content-type: text/event-stream"), "{head}");
         assert!(ended, "no end event");
         assert_eq!(data, [1, 2, 3]);
         line.clear();
@@ -481,15 +499,20 @@ mod tests {
 
     #[test]
     fn bind_errors_are_clear() {
+        let rt = test_runtime();
         let live: Live = Arc::default();
-        let addr = start("127.0.0.1:0", live.clone()).unwrap();
-        let err = start(&addr.to_string(), live.clone()).unwrap_err();
+        let g = Guard::default;
+        let addr = start(rt.handle(), "127.0.0.1:0", live.clone(), g()).unwrap();
+        let err = start(rt.handle(), &addr.to_string(), live.clone(), g()).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("--ui") && msg.contains("cannot listen"),
             "{msg}"
         );
-        let err = format!("{:#}", start("nonsense", live).unwrap_err());
+        let err = format!(
+            "{:#}",
+            start(rt.handle(), "nonsense", live, g()).unwrap_err()
+        );
         assert!(err.contains("--ui nonsense"), "{err}");
     }
 }

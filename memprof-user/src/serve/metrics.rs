@@ -36,9 +36,12 @@
 //! | `memprof_site_resident_bytes{site,allocator,kind,verdict}` | gauge | top sites' `resident_bytes` (when RSS is explained) |
 //! | `memprof_rss_explained_bytes{part}` | gauge | `rss_explained`: `part` is `live`, `retained`, `other` (they add up to RSS) or `untouched` (allocated, not resident) |
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::Context as _;
+use hyper::{
+    Response, StatusCode,
+    header::{CACHE_CONTROL, CONTENT_TYPE as CONTENT_TYPE_HEADER},
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric as _},
@@ -48,7 +51,7 @@ use prometheus_client::{
 
 use super::{
     Live, LiveState,
-    http::{bind, header},
+    http::{Ask, Body, Guard, bind, spawn, status, with_header},
 };
 use crate::report::{Profile, Site, Verdict, names::site_label};
 
@@ -58,59 +61,64 @@ pub const TOP_SITES: usize = 10;
 /// The content type of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Starts the metrics endpoint on a background thread; returns once `addr` is bound.
-pub fn serve(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<()> {
-    let bound = start(addr, live, limit)?;
+/// Starts the metrics endpoint on `runtime`; returns once `addr` is bound.
+pub fn serve(
+    runtime: &tokio::runtime::Handle,
+    addr: &str,
+    live: Live,
+    limit: Option<u64>,
+    guard: Guard,
+) -> anyhow::Result<()> {
+    let bound = start(runtime, addr, live, limit, guard)?;
     eprintln!("memprof: Prometheus metrics at http://{bound}/metrics");
     Ok(())
 }
 
 /// [`serve`] without the message: returns the bound address.
-pub fn start(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<SocketAddr> {
-    let (server, bound) = bind("--metrics", addr)?;
-    std::thread::Builder::new()
-        .name("memprof-metrics".into())
-        .spawn(move || {
-            let registry = registry(live, limit);
-            for request in server.incoming_requests() {
-                let _ = respond(request, &registry);
-            }
-        })
-        .context("failed to start the metrics thread")?;
+pub fn start(
+    runtime: &tokio::runtime::Handle,
+    addr: &str,
+    live: Live,
+    limit: Option<u64>,
+    guard: Guard,
+) -> anyhow::Result<SocketAddr> {
+    let (listener, bound) = bind("--metrics", addr)?;
+    let registry = Arc::new(registry(live, limit));
+    spawn(
+        runtime,
+        listener,
+        bound,
+        guard,
+        Arc::new(move |ask| respond(&ask, &registry)),
+    )?;
     Ok(bound)
 }
 
-fn respond(request: tiny_http::Request, registry: &Registry) -> std::io::Result<()> {
-    use tiny_http::{Method, Response};
-    let path = request.url().split('?').next().unwrap_or("");
-    if !matches!(request.method(), Method::Get | Method::Head) {
-        return request.respond(
-            Response::from_string("method not allowed\n")
-                .with_status_code(405)
-                .with_header(header("Allow", "GET, HEAD")),
-        );
-    }
-    match path {
+fn respond(ask: &Ask<'_>, registry: &Registry) -> Response<Body> {
+    match ask.path {
         "/metrics" => {
             let mut body = String::new();
             if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
-                return request.respond(
-                    Response::from_string(format!("encoding failed: {e}\n")).with_status_code(500),
+                return status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("encoding failed: {e}\n"),
                 );
             }
-            request.respond(
-                Response::from_string(body)
-                    .with_header(header("Content-Type", CONTENT_TYPE))
-                    .with_header(header("Cache-Control", "no-store")),
-            )
+            let r = with_header(
+                Response::new(Body::text(body)),
+                CONTENT_TYPE_HEADER,
+                CONTENT_TYPE,
+            );
+            with_header(r, CACHE_CONTROL, "no-store")
         }
-        "/" => request.respond(
-            Response::from_string(
+        "/" => with_header(
+            Response::new(Body::text(
                 "<!doctype html><title>memprof</title><a href=\"metrics\">metrics</a>\n",
-            )
-            .with_header(header("Content-Type", "text/html; charset=utf-8")),
+            )),
+            CONTENT_TYPE_HEADER,
+            "text/html; charset=utf-8",
         ),
-        _ => request.respond(Response::from_string("not found\n").with_status_code(404)),
+        _ => status(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 

@@ -21,13 +21,24 @@ pub struct LiveState {
 /// Shared between the trace and the endpoint threads.
 pub type Live = std::sync::Arc<std::sync::Mutex<LiveState>>;
 
-/// Serves Prometheus metrics from `live` at `addr` (`--metrics`) on a background thread.
-/// `limit` is `--limit` in bytes, exported as `memprof_rss_limit_bytes`.
-pub fn serve_metrics(addr: &str, live: Live, limit: Option<u64>) -> anyhow::Result<()> {
-    metrics::serve(addr, live, limit)
+/// Serves Prometheus metrics from `live` at `addr` (`--metrics`) on `runtime`. `limit` is
+/// `--limit` in bytes, exported as `memprof_rss_limit_bytes`.
+pub fn serve_metrics(
+    runtime: &tokio::runtime::Handle,
+    addr: &str,
+    live: Live,
+    limit: Option<u64>,
+    guard: http::Guard,
+) -> anyhow::Result<()> {
+    metrics::serve(runtime, addr, live, limit, guard)
 }
 
-/// Serves the live dashboard from `live` at `addr` (`--ui`) on a background thread.
-pub fn serve_ui(addr: &str, live: Live) -> anyhow::Result<()> {
-    dashboard::serve(addr, live)
+/// Serves the live dashboard from `live` at `addr` (`--ui`) on `runtime`.
+pub fn serve_ui(
+    runtime: &tokio::runtime::Handle,
+    addr: &str,
+    live: Live,
+    guard: http::Guard,
+) -> anyhow::Result<()> {
+    dashboard::serve(runtime, addr, live, guard)
 }

@@ -28,13 +28,18 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Interest, unix::AsyncFd},
+    io::{Interest, unix::AsyncFd},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 
 pub use self::reports::Alert;
-use self::{procs::Proc, pyphases::PyPhases, pythons::PyState};
+use self::{
+    procs::Proc,
+    pyphases::PyPhases,
+    pythons::{PyState, Scanner},
+};
 use crate::{
     analysis::{categories::Rule, pyphases::PyPattern, tracking::Tracker},
     ingest::{marks, mmaps::MmapWatcher},
@@ -144,6 +149,8 @@ pub struct Session {
     pythons: foldhash::HashMap<u32, PyState>,
     /// Phases named by Python function, and the threads inside them.
     py_phases: Option<PyPhases>,
+    /// The thread that reads CPython processes (started at the first that may be one).
+    py_scanner: Option<Scanner>,
     /// (device, inode) of mapped files found to hold no allocator.
     plain_objects: std::collections::HashSet<(u64, u64)>,
     /// Exited processes still reported, oldest first (see `EXITED_KEPT`).
@@ -248,6 +255,7 @@ impl Session {
             watch: None,
             pending_maps: Default::default(),
             pythons: Default::default(),
+            py_scanner: None,
             plain_objects: Default::default(),
             exited: Default::default(),
             evicted_processes: 0,
@@ -268,6 +276,10 @@ impl Session {
         self.update_tables(self.pid);
         if !self.parent && self.pid != 0 {
             self.scan_python(self.pid);
+            // Detection, then the threads: each job has its own budget.
+            for _ in 0..2 {
+                self.python_settle(self.pid, Duration::from_secs(2));
+            }
         }
     }
 
@@ -301,11 +313,15 @@ impl Session {
         let mut ticker = self.settings.interval.map(every);
         let mut sampler = Some(every(self.settings.sample_every));
         let mut drainer = Some(every(DRAIN_EVERY));
-        let mark_socket = match &self.marks {
-            Some(listener) => Some(
+        // The mark socket is served on the runtime's worker; only well-formed requests come
+        // here, through a bounded channel.
+        let (mark_tx, mut mark_rx) = mpsc::channel(marks::MAX_PENDING);
+        let mark_server = match &self.marks {
+            Some(listener) => Some(tokio::spawn(marks::serve(
                 UnixListener::from_std(listener.socket.try_clone()?)
                     .context("failed to poll the mark socket")?,
-            ),
+                mark_tx,
+            ))),
             None => None,
         };
         let logs = match self.tracer.log_fd() {
@@ -319,55 +335,68 @@ impl Session {
             None => None,
         };
         // No sample now: a spawned command has not executed yet (its RSS would be memprof's).
+        // Records left in the ring when a drain ran out of its time: the next turn takes more,
+        // after a look at the signals, the deadline and the requests.
+        let mut backlog = false;
 
+        // Biased: the signals and the deadline are looked at first in every turn, and a turn
+        // with records left yields to the runtime before it drains again, so its timers and
+        // signal streams are polled with a fresh cooperative budget. Records pouring in faster
+        // than they are taken (the rest is dropped by the kernel and counted as lost) cannot
+        // keep the trace from ending.
         let end = loop {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                break End::Duration;
+            }
             tokio::select! {
-                guard = ring.readable() => {
-                    let mut guard = guard?;
-                    self.drain();
-                    guard.clear_ready();
-                }
-                _ = exit_of(&exited) => {
-                    break End::Exited { status: self.reap() };
-                }
+                biased;
                 _ = sigint.recv() => break End::Signal,
                 _ = sigterm.recv() => break End::Signal,
                 _ = sleep_until(deadline) => break End::Duration,
+                _ = exit_of(&exited) => {
+                    break End::Exited { status: self.reap() };
+                }
                 _ = tick(&mut ticker) => {
-                    self.drain();
+                    backlog = self.drain_some();
                     let snap = self.snapshot();
                     self.emit(&snap)?;
                 }
-                _ = tick(&mut drainer) => {
-                    self.drain();
-                    self.scan_deferred_pythons();
+                _ = tick(&mut sampler) => {
+                    backlog = self.drain_some();
+                    self.sample();
+                    self.check_alerts()?;
+                    self.publish_live(false);
+                    self.status_line();
                 }
+                Some(request) = mark_rx.recv() => self.take_mark(request),
+                Some(done) = python_done(&mut self.py_scanner) => self.python_done(done),
                 guard = readable(&logs) => {
                     if let Ok(mut guard) = guard {
                         self.tracer.flush_logs();
                         guard.clear_ready();
                     }
                 }
-                _ = tick(&mut sampler) => {
-                    self.drain();
-                    self.sample();
-                    self.check_alerts()?;
-                    self.publish_live(false);
-                    self.status_line();
+                guard = ring.readable() => {
+                    let mut guard = guard?;
+                    backlog = self.drain_some();
+                    guard.clear_ready();
                 }
-                conn = accept(&mark_socket) => {
-                    if let Ok(stream) = conn {
-                        self.serve_mark(stream).await;
-                    }
+                _ = tick(&mut drainer) => {
+                    backlog = self.drain_some();
+                    self.scan_deferred_pythons();
                 }
+                _ = tokio::task::yield_now(), if backlog => backlog = self.drain_some(),
             }
         };
+        if let Some(server) = mark_server {
+            server.abort();
+        }
         if self.settings.status_line {
             // Clear the status line before the report.
             eprint!("\r\x1b[2K");
         }
-        // Every event of the process was submitted before it went away: take them all.
-        self.drain();
+        // What is still in the ring is taken after the probes are detached (see `detach`):
+        // draining it now, while records may pour in, might never end.
         drop(ring);
         drop(exited);
         Ok(end)
@@ -390,43 +419,40 @@ impl Session {
         self.tracer.detach()
     }
 
-    /// Answers one `memprof mark` connection.
-    async fn serve_mark(&mut self, stream: tokio::net::UnixStream) {
-        let (read, mut write) = stream.into_split();
-        let mut line = String::new();
-        let mut reader = BufReader::new(read);
-        let read = reader.read_line(&mut line);
-        let answer = match tokio::time::timeout(Duration::from_secs(2), read).await {
-            Ok(Ok(_)) => match marks::parse_request(&line) {
-                Some(name) => {
-                    // Everything the process did before the mark belongs to the old phase.
-                    self.drain();
-                    let outstanding = self.table.heap_totals.outstanding_bytes;
-                    self.track(naming::Input::Mark {
-                        name: name.to_string(),
-                        ts_ns: monotonic_ns(),
-                        outstanding,
-                    });
-                    "ok\n"
-                }
-                None => "error: expected `mark NAME`\n",
-            },
-            _ => return,
+    /// Takes one `memprof mark` request: everything the process did before it belongs to
+    /// the old phase.
+    fn take_mark(&mut self, request: marks::Request) {
+        let answer = if self.tracker.marks() >= marks::MAX_MARKS {
+            format!(
+                "error: this trace took {} marks already\n",
+                marks::MAX_MARKS
+            )
+        } else {
+            // What the ring holds now, within a second even while records pour in.
+            self.drain_for(Duration::from_secs(1));
+            let outstanding = self.table.heap_totals.outstanding_bytes;
+            self.track(naming::Input::Mark {
+                name: request.name.clone(),
+                ts_ns: monotonic_ns(),
+                outstanding,
+            });
+            "ok\n".to_string()
         };
-        let _ = write.write_all(answer.as_bytes()).await;
+        let _ = request.answer.send(answer);
+    }
+}
+
+/// The next finding of the Python scanner (never, without one).
+async fn python_done(scanner: &mut Option<Scanner>) -> Option<pythons::Done> {
+    match scanner {
+        Some(s) => s.done.recv().await,
+        None => std::future::pending().await,
     }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn accept(socket: &Option<UnixListener>) -> io::Result<tokio::net::UnixStream> {
-    match socket {
-        Some(listener) => listener.accept().await.map(|(stream, _)| stream),
         None => std::future::pending().await,
     }
 }

@@ -14,16 +14,43 @@ use super::{
 use crate::{
     ingest::event::{Event, decode_record},
     probe::allocators,
-    sys::{clock::monotonic_ns, maps::Mapping, procmem::ProcMem},
+    sys::{clock::monotonic_ns, maps::Mapping, printable::escape, procmem::ProcMem},
 };
 
+/// How long one turn of the event loop drains the ring at most.
+const DRAIN_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Session {
-    /// Takes every record waiting in the ring buffer.
+    /// Takes every record waiting in the ring buffer. Without a bound: for the end of a
+    /// trace, once the probes are detached and nothing writes to the ring any more.
     pub fn drain(&mut self) {
+        self.drain_until(None);
+    }
+
+    /// Takes the records waiting in the ring for at most [`DRAIN_BUDGET`], so the event loop
+    /// gets back to its signals, deadline and requests however fast records come; the rest
+    /// are taken in the loop's next turn. Returns whether records were left.
+    pub(super) fn drain_some(&mut self) -> bool {
+        self.drain_for(DRAIN_BUDGET)
+    }
+
+    /// Takes the records waiting in the ring for at most `budget`; whether records were left.
+    pub(super) fn drain_for(&mut self, budget: std::time::Duration) -> bool {
+        self.drain_until(Some(std::time::Instant::now() + budget))
+    }
+
+    fn drain_until(&mut self, deadline: Option<std::time::Instant>) -> bool {
         self.drain_mappings();
-        loop {
+        let mut taken: u32 = 0;
+        let left = loop {
+            taken = taken.wrapping_add(1);
+            if taken.is_multiple_of(1024)
+                && deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                break true;
+            }
             let Some(item) = self.tracer.events.next() else {
-                break;
+                break false;
             };
             self.events += 1;
             let record = match decode_record(&item) {
@@ -88,8 +115,9 @@ impl Session {
             if let Some((stack, size)) = native {
                 self.count_walk(stack, size);
             }
-        }
+        };
         self.pump_ready();
+        left
     }
 
     pub(super) fn observe(&mut self, tgid: u32, event: &Event) {
@@ -135,14 +163,20 @@ impl Session {
                 // Stopped before its first instruction: its probes and its mappings first,
                 // then it goes on.
                 if let Err(e) = self.tracer.follow(tgid) {
-                    eprintln!("memprof: warning: pid {tgid}: {e:#}");
+                    eprintln!(
+                        "memprof: warning: pid {tgid}: {}",
+                        escape(&format!("{e:#}"))
+                    );
                 }
                 self.update_tables(tgid);
             }
             Event::Fork { child } => {
                 // Probes of its own first: the child already runs.
                 if let Err(e) = self.tracer.follow(child) {
-                    eprintln!("memprof: warning: pid {child}: {e:#}");
+                    eprintln!(
+                        "memprof: warning: pid {child}: {}",
+                        escape(&format!("{e:#}"))
+                    );
                 }
                 let p = Proc::forked(tgid, &self.procs[&tgid]);
                 self.procs.remove(&child);
@@ -274,11 +308,14 @@ impl Session {
         match self.tracer.add_allocators(&found, tgid) {
             Ok(added) if !added.is_empty() => eprintln!(
                 "memprof: pid {tgid} ({}): now also probing {}",
-                p.comm,
-                added.join(", ")
+                escape(&p.comm),
+                escape(&added.join(", "))
             ),
             Ok(_) => {}
-            Err(e) => eprintln!("memprof: warning: pid {tgid}: {e:#}"),
+            Err(e) => eprintln!(
+                "memprof: warning: pid {tgid}: {}",
+                escape(&format!("{e:#}"))
+            ),
         }
         for id in ids {
             if !self.tracer.is_probed(id) {

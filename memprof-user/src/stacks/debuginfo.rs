@@ -15,19 +15,22 @@
 //!
 //! Every file read here belongs to the traced program or its container, so it is untrusted:
 //! sizes are checked before reading, decompression is bounded in input, dictionary and output,
-//! and a file that does not parse is simply not used. [`open`] is where this module opens a file.
+//! and a file that does not parse is simply not used. [`open`] is where this module opens a file;
+//! objects and debug file candidates are parsed through [`ObjectFile`] (bounded reads, never the
+//! whole file).
 
 use std::{
     fs::File,
-    io::Read as _,
     path::{Path, PathBuf},
 };
 
 use object::{
-    Endianness, Object as _, ObjectSection as _, ReadCache, SectionKind, SymbolKind,
+    Endianness, Object as _, ObjectSection as _, SectionKind, SymbolKind,
     elf::PT_LOAD,
     read::elf::{ElfFile64, ProgramHeader as _},
 };
+
+use crate::sys::objfile::{MAX_OBJECT_BYTES, ObjectFile};
 
 /// The system's debug directory (inside each root).
 pub const SYSTEM_DEBUG_DIR: &str = "/usr/lib/debug";
@@ -67,8 +70,11 @@ impl ObjectInfo {
         let Some(file) = open(path) else {
             return ObjectInfo::default();
         };
-        let cache = ReadCache::new(file);
-        let Ok(elf) = ElfFile64::<Endianness, _>::parse(&cache) else {
+        let Ok(data) = ObjectFile::from_file(file, path.display().to_string(), MAX_OBJECT_BYTES)
+        else {
+            return ObjectInfo::default();
+        };
+        let Ok(elf) = ElfFile64::<Endianness, _>::parse(&data) else {
             return ObjectInfo::default();
         };
         let endian = elf.endian();
@@ -130,6 +136,14 @@ impl ObjectInfo {
         }
     }
 
+    /// The debug file's path as warnings show it.
+    pub fn debug_file_shown(&self) -> String {
+        self.debug_file
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
     /// The virtual address (as in the object's symbols) of file offset `offset`.
     pub fn vaddr(&self, offset: u64) -> Option<u64> {
         self.segments
@@ -140,9 +154,14 @@ impl ObjectInfo {
 }
 
 /// Opens a file this module reads (an object or a debug file candidate): a regular file, or
-/// None.
+/// None. Without blocking: a FIFO put in a file's place is refused, not waited on.
 pub fn open(path: &Path) -> Option<File> {
-    let file = File::open(path).ok()?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
     file.metadata().ok()?.is_file().then_some(file)
 }
 
@@ -249,10 +268,12 @@ fn find_debug_file(
 /// Whether `file` is an ELF file with symbols or DWARF whose build id is `build_id` (or, with
 /// no build id to compare, whose CRC-32 is `crc`).
 fn is_debug_file_of(file: File, build_id: Option<&[u8]>, crc: Option<u32>) -> bool {
-    let size = file.metadata().map_or(u64::MAX, |m| m.len());
-    let cache = ReadCache::new(file);
+    let Ok(data) = ObjectFile::from_file(file, String::new(), MAX_OBJECT_BYTES) else {
+        return false;
+    };
+    let size = data.len();
     let matches = {
-        let Ok(elf) = object::File::parse(&cache) else {
+        let Ok(elf) = object::File::parse(&data) else {
             return false;
         };
         let useful = [".debug_info", ".symtab"].iter().any(|name| {
@@ -269,21 +290,24 @@ fn is_debug_file_of(file: File, build_id: Option<&[u8]>, crc: Option<u32>) -> bo
         }
     };
     match (build_id, crc) {
-        (None, Some(crc)) => size <= MAX_CRC_FILE && crc32(cache.into_inner()) == Some(crc),
+        (None, Some(crc)) => size <= MAX_CRC_FILE && crc32(data.raw()) == Some(crc),
         _ => matches,
     }
 }
 
 /// The CRC-32 of a whole file (the checksum of `.gnu_debuglink`).
-fn crc32(mut file: File) -> Option<u32> {
-    use std::io::Seek as _;
-    file.rewind().ok()?;
+fn crc32(file: &File) -> Option<u32> {
+    use std::os::unix::fs::FileExt as _;
     let mut crc = flate2::Crc::new();
     let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0u64;
     loop {
-        match file.read(&mut buf) {
+        match file.read_at(&mut buf, at) {
             Ok(0) => return Some(crc.sum()),
-            Ok(n) => crc.update(&buf[..n]),
+            Ok(n) => {
+                crc.update(&buf[..n]);
+                at += n as u64;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return None,
         }

@@ -6,7 +6,9 @@
 //! then its MiniDebugInfo and `.dynsym` (when blazesym cannot read its symbols). Results are
 //! cached per (module, offset); a frame no source names keeps `function: null` (outputs show
 //! it as `module+0xOFFSET` and count it in `unknown_frames`). Every name blazesym reads comes
-//! through [`names_in`], the one place it opens an object.
+//! through [`names_in`], the one place it opens an object, and only after [`elfcheck`] looked at
+//! the object's section headers and compressed sections: an object it refuses is not named (a
+//! warning says why), one whose debug sections fail is named from its symbol tables alone.
 
 use std::{
     collections::HashMap,
@@ -23,6 +25,10 @@ use super::{
     RawFrame,
     debuginfo::{ObjectInfo, fd_path},
     python::PyFrame,
+};
+use crate::sys::{
+    elfcheck::{self, Fit},
+    printable::escape,
 };
 
 /// A frame as outputs show it.
@@ -89,6 +95,8 @@ pub struct Symbolizer {
     pinned: HashMap<String, std::fs::File>,
     /// `--debug-dir`: searched for debug files before the system's.
     debug_dirs: Vec<PathBuf>,
+    /// What [`elfcheck`] said of each file blazesym may open.
+    checked: Checked,
 }
 
 impl Default for Symbolizer {
@@ -114,6 +122,7 @@ impl Symbolizer {
             objects: HashMap::new(),
             pinned: HashMap::new(),
             debug_dirs,
+            checked: Checked::new(),
         }
     }
 
@@ -220,7 +229,13 @@ impl Symbolizer {
             let logical = &modules[module as usize];
             let open = self.open_path(logical);
             self.object(logical);
-            let names = resolve(&self.blaze, &self.objects[logical], &open, &offsets);
+            let names = resolve(
+                &self.blaze,
+                &mut self.checked,
+                &self.objects[logical],
+                (&open, logical),
+                &offsets,
+            );
             for (off, names) in offsets.into_iter().zip(names) {
                 self.cache.insert((module, off), names);
             }
@@ -230,7 +245,14 @@ impl Symbolizer {
 
 /// Names `offsets` (file offsets) of `object` (opened as `open`): from its debug file, then
 /// itself, then its MiniDebugInfo; each source only for what the previous ones left unnamed.
-fn resolve(blaze: &Blaze, object: &ObjectInfo, open: &Path, offsets: &[u64]) -> Vec<Vec<Named>> {
+/// `open` is the path to read, `logical` the module's name in warnings.
+fn resolve(
+    blaze: &Blaze,
+    checked: &mut Checked,
+    object: &ObjectInfo,
+    (open, logical): (&Path, &str),
+    offsets: &[u64],
+) -> Vec<Vec<Named>> {
     let mut names = vec![Vec::new(); offsets.len()];
     let unnamed = |names: &[Vec<Named>]| -> Vec<usize> {
         (0..names.len()).filter(|&i| names[i].is_empty()).collect()
@@ -241,10 +263,12 @@ fn resolve(blaze: &Blaze, object: &ObjectInfo, open: &Path, offsets: &[u64]) -> 
             .enumerate()
             .filter_map(|(i, off)| Some((i, object.vaddr(*off)?)))
             .unzip();
-        for (i, n) in at
-            .into_iter()
-            .zip(names_in(blaze, &debug, Input::VirtOffset(&vaddrs)))
-        {
+        for (i, n) in at.into_iter().zip(names_in(
+            blaze,
+            checked,
+            (&debug, &object.debug_file_shown()),
+            Input::VirtOffset(&vaddrs),
+        )) {
             names[i] = n;
         }
     }
@@ -252,10 +276,12 @@ fn resolve(blaze: &Blaze, object: &ObjectInfo, open: &Path, offsets: &[u64]) -> 
         let at = unnamed(&names);
         let todo: Vec<u64> = at.iter().map(|&i| offsets[i]).collect();
         if !todo.is_empty() {
-            for (i, n) in at
-                .into_iter()
-                .zip(names_in(blaze, open, Input::FileOffset(&todo)))
-            {
+            for (i, n) in at.into_iter().zip(names_in(
+                blaze,
+                checked,
+                (open, logical),
+                Input::FileOffset(&todo),
+            )) {
                 names[i] = n;
             }
         }
@@ -275,11 +301,29 @@ fn resolve(blaze: &Blaze, object: &ObjectInfo, open: &Path, offsets: &[u64]) -> 
     names
 }
 
-/// What blazesym names at each address of `input` in the ELF file at `path` (one entry per
-/// address, empty when unnamed): the one place blazesym opens an object.
-fn names_in(blaze: &Blaze, path: &Path, input: Input<&[u64]>) -> Vec<Vec<Named>> {
+/// What [`elfcheck`] said of each file blazesym may open, by path: whether its DWARF may be
+/// read (None: not to be opened at all).
+type Checked = HashMap<PathBuf, Option<bool>>;
+
+/// What blazesym names at each address of `input` in the ELF file at `path` (shown as `shown`;
+/// one entry per address, empty when unnamed): the one place blazesym opens an object, once
+/// [`elfcheck`] passed it.
+fn names_in(
+    blaze: &Blaze,
+    checked: &mut Checked,
+    (path, shown): (&Path, &str),
+    input: Input<&[u64]>,
+) -> Vec<Vec<Named>> {
     let count = input.as_inner_ref().len();
-    let src = Source::Elf(Elf::new(path));
+    let fit = *checked
+        .entry(path.to_path_buf())
+        .or_insert_with(|| check(path, shown));
+    let Some(debug_syms) = fit else {
+        return vec![Vec::new(); count];
+    };
+    let mut elf = Elf::new(path);
+    elf.debug_syms = debug_syms;
+    let src = Source::Elf(elf);
     let results = blaze.symbolize(&src, input).unwrap_or_default();
     (0..count)
         .map(|i| match results.get(i) {
@@ -287,6 +331,31 @@ fn names_in(blaze: &Blaze, path: &Path, input: Input<&[u64]>) -> Vec<Vec<Named>>
             _ => Vec::new(),
         })
         .collect()
+}
+
+/// Whether blazesym may open the object at `path` (`shown` in warnings) and read its DWARF,
+/// by [`elfcheck`]: a symbolizer trusts compressed section headers (a claimed 64 GiB aborted
+/// memprof, 2^64-1 panicked it, a zlib bomb took it to 2 GiB), so those are checked first.
+fn check(path: &Path, shown: &str) -> Option<bool> {
+    match elfcheck::check_object(path) {
+        Ok(Fit::Whole) => Some(true),
+        Ok(Fit::SymbolsOnly { why }) => {
+            eprintln!(
+                "memprof: warning: {}: debug sections not read ({}); its functions are named from its symbol tables",
+                escape(shown),
+                escape(&why)
+            );
+            Some(false)
+        }
+        Err(refusal) => {
+            eprintln!(
+                "memprof: warning: {}: its code is not named: {}",
+                escape(shown),
+                escape(&refusal.reason)
+            );
+            None
+        }
+    }
 }
 
 /// A symbol with the functions inlined at its address, innermost first. blazesym lists inlined

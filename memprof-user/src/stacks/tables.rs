@@ -18,7 +18,10 @@ use std::collections::HashMap;
 use memprof_common::{UNWIND_PAGE_SHIFT, UNWIND_SEARCH_STEPS, UnwindRow, row_kind};
 use object::{Object as _, ObjectSection as _};
 
-use crate::probe::tables::KernelTables;
+use crate::{
+    probe::tables::KernelTables,
+    sys::objfile::{MAX_OBJECT_BYTES, ObjectFile},
+};
 
 /// A file's table: rows with `pc` relative to `base`, and for each page of `1 <<
 /// UNWIND_PAGE_SHIFT` bytes from `base`, the index of the row in effect at its start.
@@ -279,8 +282,10 @@ impl TableFiles {
         open: impl FnOnce() -> Option<std::fs::File>,
     ) -> Option<(Option<u32>, u64)> {
         let entry = self.files.entry(id).or_insert_with(|| {
-            let cache = object::ReadCache::new(open()?);
-            let file = object::File::parse(&cache).ok()?;
+            // Bounded reads of the headers and `.eh_frame` only (the file is the traced
+            // program's).
+            let data = ObjectFile::from_file(open()?, String::new(), MAX_OBJECT_BYTES).ok()?;
+            let file = object::File::parse(&data).ok()?;
             let segments = segments(&file);
             let module = match Table::parse(&file) {
                 Ok(table) => tables.upload(table.base, &table.rows, &table.index),

@@ -10,9 +10,9 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
     hash::{Hash as _, Hasher as _},
     ops::Range,
+    path::Path,
     sync::Arc,
 };
 
@@ -23,7 +23,11 @@ use framehop::{
 use memprof_common::MAX_STACK_DEPTH;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::sys::maps::AddressSpace;
+use crate::sys::{
+    elfcheck::{self, Fit},
+    maps::AddressSpace,
+    objfile::ObjectFile,
+};
 
 /// The address recorded after the last frame of a stack that could not be unwound further.
 pub const TRUNCATED: u64 = u64::MAX;
@@ -39,12 +43,20 @@ struct Sections {
 }
 
 impl Sections {
+    /// The sections of the object at `path`, read in bounded pieces (see [`ObjectFile`]); a
+    /// compressed section is inflated only when [`elfcheck`] found every compressed section
+    /// within its caps.
     fn read(path: &str) -> Option<Self> {
-        let data = fs::read(path).ok()?;
-        let obj = object::File::parse(&*data).ok()?;
+        let data = ObjectFile::open(Path::new(path)).ok()?;
+        let inflate = elfcheck::check(&data).ok()? == Fit::Whole;
+        let obj = object::File::parse(&data).ok()?;
         let section = |name: &str| -> Option<(Range<u64>, Arc<[u8]>)> {
             let s = obj.section_by_name(name)?;
-            let bytes = s.uncompressed_data().ok()?;
+            let bytes = match s.compressed_file_range().ok()?.format {
+                object::CompressionFormat::None => s.data().ok()?.into(),
+                _ if inflate => s.uncompressed_data().ok()?,
+                _ => return None,
+            };
             Some((s.address()..s.address() + s.size(), Arc::from(&*bytes)))
         };
         Some(Self {
@@ -227,7 +239,7 @@ mod tests {
             );
         }
         // Copy at most 16 KiB from sp up, within the mapping that holds the stack.
-        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let top = maps
             .lines()
             .filter_map(|l| {

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 
-use super::target::resolve_command;
+use super::{objfile::ObjectFile, target::resolve_command};
 
 /// (device, inode) of a file.
 pub fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -16,16 +16,30 @@ pub fn file_id(path: &Path) -> Option<(u64, u64)> {
     fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// Opens the ELF file at `path` for bounded reads (see [`ObjectFile`]), with an error that
+/// names it.
+pub fn open(path: &Path) -> Result<ObjectFile> {
+    ObjectFile::open(path).with_context(|| format!("failed to read {}", path.display()))
+}
+
+/// Parses `file` (opened from `path`), with a one-line error naming the file: the cap it hit
+/// when it hit one, else what is wrong with it.
+pub fn parse<'a>(file: &'a ObjectFile, path: &Path) -> Result<object::File<'a, &'a ObjectFile>> {
+    object::File::parse(file).map_err(|e| match file.refusal() {
+        Some(why) => anyhow!("{why}"),
+        None => anyhow!("{} is not an ELF file ({e})", path.display()),
+    })
+}
+
 /// Whether the ELF file at `path` has no program interpreter (statically linked).
 pub fn elf_is_static(path: &Path) -> Result<bool> {
-    let data = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    let obj = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF executable", path.display()))?;
+    let file = open(path)?;
+    let obj = parse(&file, path)?;
     Ok(interpreter(&obj).is_none())
 }
 
 /// The program interpreter (`PT_INTERP`) of an ELF file, if it has one.
-pub fn interpreter(obj: &object::File<'_>) -> Option<String> {
+pub fn interpreter<'a, R: object::ReadRef<'a>>(obj: &object::File<'a, R>) -> Option<String> {
     use object::{elf, read::elf::ProgramHeader as _};
     match obj {
         object::File::Elf64(elf_file) => {
@@ -34,6 +48,7 @@ pub fn interpreter(obj: &object::File<'_>) -> Option<String> {
                 (ph.p_type(endian) == elf::PT_INTERP)
                     .then(|| ph.data(endian, elf_file.data()).ok())
                     .flatten()
+                    .filter(|d| d.len() <= 4096)
                     .map(|d| {
                         String::from_utf8_lossy(d)
                             .trim_end_matches('\0')
@@ -48,7 +63,9 @@ pub fn interpreter(obj: &object::File<'_>) -> Option<String> {
 /// The ELF the kernel will really run for `path`: follows `#!` lines (one level, and
 /// `/usr/bin/env NAME`).
 pub fn executed_elf(path: &Path) -> Result<PathBuf> {
-    let head = fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    // The kernel reads at most 256 bytes of a `#!` line.
+    let file = open(path)?;
+    let head = file.head(256).unwrap_or_default();
     if !head.starts_with(b"#!") {
         return Ok(path.to_path_buf());
     }

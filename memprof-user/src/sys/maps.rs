@@ -127,6 +127,20 @@ pub fn file_of(pid: u32, path: &str, dev: &str, inode: u64) -> String {
     format!("/proc/{pid}/root{path}")
 }
 
+/// The kernel writes a newline in a mapped file's name as `\012` (the one character it escapes):
+/// the file is found under its real name, unless only the written one exists.
+fn unescape_newlines(path: &str) -> String {
+    if !path.contains("\\012") {
+        return path.to_string();
+    }
+    let real = path.replace("\\012", "\n");
+    if Path::new(path).exists() && !Path::new(&real).exists() {
+        path.to_string()
+    } else {
+        real
+    }
+}
+
 fn parse_line(line: &str) -> Option<Mapping> {
     // 7f..-7f.. r-xp 00028000 08:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6
     let mut fields = line.splitn(6, ' ');
@@ -139,7 +153,8 @@ fn parse_line(line: &str) -> Option<Mapping> {
     if inode == 0 || !path.starts_with('/') {
         return None;
     }
-    let path = path.strip_suffix(" (deleted)").unwrap_or(path).to_string();
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let path = unescape_newlines(path);
     let (start, end) = range.split_once('-')?;
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
@@ -155,6 +170,15 @@ fn parse_line(line: &str) -> Option<Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newlines_in_paths_are_unescaped() {
+        let space = AddressSpace::parse(
+            "7f0000000000-7f0000001000 r-xp 00000000 08:01 77 /tmp/memprof-no-dir/a\\012b.so\n",
+        );
+        assert_eq!(space.mappings()[0].path, "/tmp/memprof-no-dir/a\nb.so");
+        assert_eq!(unescape_newlines("/usr/lib/x"), "/usr/lib/x");
+    }
 
     #[test]
     fn file_id_matches_stat() {

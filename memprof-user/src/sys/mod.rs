@@ -5,7 +5,10 @@
 
 pub mod clock;
 pub mod elf;
+pub mod elfcheck;
 pub mod maps;
+pub mod objfile;
+pub mod printable;
 pub mod process;
 pub mod procmem;
 pub mod residency;

@@ -32,6 +32,53 @@ pub fn is_kernel_thread(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/maps")).map_or(true, |m| m.is_empty())
 }
 
+/// `PF_KTHREAD` of `/proc/PID/stat`'s flags.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The state letter and flags of `/proc/PID/stat`, and the name between its parentheses.
+fn stat(pid: u32) -> Option<(char, u64, String)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let name = text.get(open + 1..close)?.to_string();
+    let mut fields = text.get(close + 1..)?.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state: ppid, pgrp, session, tty_nr, tpgid, flags.
+    let flags = fields.nth(5)?.parse().ok()?;
+    Some((state, flags, name))
+}
+
+/// Checks that process `pid` can be traced: it exists, is not a kernel thread nor a zombie,
+/// and its executable can be read; the error is one line that says which.
+pub fn check_traceable(pid: u32) -> anyhow::Result<()> {
+    use anyhow::bail;
+    let Some((state, flags, name)) = stat(pid) else {
+        bail!("no such process: pid {pid}");
+    };
+    let name = super::printable::escape(&name);
+    if flags & PF_KTHREAD != 0 {
+        bail!("pid {pid} ({name}) is a kernel thread: it has no user-space memory to trace");
+    }
+    if state == 'Z' || state == 'X' {
+        bail!("pid {pid} ({name}) has exited (a zombie): it has no memory left to trace");
+    }
+    if let Err(e) = fs::read_link(format!("/proc/{pid}/exe")) {
+        match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => bail!(
+                "pid {pid} ({name}): the kernel denies memprof access to it (permission denied \
+                 reading /proc/{pid}/exe: it holds capabilities memprof lacks, or lives in \
+                 another user namespace)"
+            ),
+            Some(libc::ENOENT) if fs::metadata(format!("/proc/{pid}")).is_ok() => bail!(
+                "pid {pid} ({name}) has no executable (a kernel thread, or exiting): nothing \
+                 to trace"
+            ),
+            _ => bail!("pid {pid} ({name}): cannot read /proc/{pid}/exe: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// The process's name (`/proc/PID/comm`).
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -67,6 +114,26 @@ pub fn foreign_root(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untraceable_processes_say_why() {
+        // kthreadd is pid 2 on every Linux.
+        let e = check_traceable(2).unwrap_err().to_string();
+        assert!(e.starts_with("pid 2 (kthreadd) is a kernel thread"), "{e}");
+        assert!(check_traceable(std::process::id()).is_ok());
+        let e = check_traceable(4_194_303).unwrap_err().to_string();
+        assert_eq!(e, "no such process: pid 4194303");
+        // A zombie: a child that exited and is not reaped yet.
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stat(pid).is_some_and(|(s, _, _)| s != 'Z') && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let e = check_traceable(pid).unwrap_err().to_string();
+        assert!(e.contains("has exited (a zombie)"), "{e}");
+        drop(child);
+    }
 
     #[test]
     fn finds_the_cgroup2_mount() {

@@ -149,6 +149,36 @@ impl Spawned {
         unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
     }
 
+    /// Ends a command that outlived the trace: SIGTERM (and SIGCONT, should it be stopped),
+    /// then SIGKILL once `grace` has passed; reaps it either way. Returns its wait status.
+    pub fn terminate(&self, grace: std::time::Duration) -> Option<i32> {
+        let pid = self.pid as i32;
+        let reaped = |flags| {
+            let mut status = 0;
+            // SAFETY: reaping our own child.
+            let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+            (r == pid).then_some(status)
+        };
+        if let Some(status) = reaped(libc::WNOHANG) {
+            return Some(status);
+        }
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, libc::SIGCONT);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = reaped(libc::WNOHANG) {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        reaped(0)
+    }
+
     /// Kills and reaps the child (setup failed).
     pub fn abort(&self) {
         // SAFETY: signalling and reaping our own child.

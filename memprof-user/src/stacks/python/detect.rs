@@ -9,7 +9,13 @@ use super::{
     DEBUG_OFFSETS_SIZE, DebugOffsets, DebugOffsetsError, Mem, PyOffsets, PyVersion, PythonError,
     Result,
 };
-use crate::sys::maps::{self, AddressSpace, Mapping};
+use crate::sys::{
+    maps::{self, AddressSpace, Mapping},
+    objfile::ObjectFile,
+};
+
+/// Mapped files looked at per detection at most (a process may map thousands named python).
+const MAX_CANDIDATES: usize = 16;
 
 /// A CPython interpreter found in a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,15 +77,23 @@ pub fn detect(pid: u32) -> Result<PyProcess> {
             candidates.push(m);
         }
     }
-    for m in candidates {
+    for m in candidates.into_iter().take(MAX_CANDIDATES) {
         let path = m.path.as_str();
-        let Some((host, data)) = read_mapped(pid, m) else {
+        // Read in bounded pieces: a "python"-named blob of any size costs one header read.
+        let Some((host, data)) = open_mapped(pid, m) else {
             continue;
         };
-        let file = object::File::parse(&*data).map_err(|e| PythonError::Elf {
-            path: host.clone(),
-            reason: e.to_string(),
-        })?;
+        let file = match object::File::parse(&data) {
+            Ok(file) => file,
+            // Not an ELF file (a data file named like python): not the interpreter.
+            Err(_) if data.refusal().is_none() => continue,
+            Err(e) => {
+                return Err(PythonError::Elf {
+                    path: host,
+                    reason: data.refusal().unwrap_or_else(|| e.to_string()),
+                });
+            }
+        };
         let Some(mut symbols) = runtime_symbols(&file) else {
             continue;
         };
@@ -159,50 +173,25 @@ fn finish_detect(pid: u32, path: &str, bias: u64, symbols: &RuntimeSymbols) -> R
     })
 }
 
-/// Most bytes of an object file read to find the interpreter's symbols: a libpython with its
-/// debug information is tens of MiB; the file belongs to the traced program.
-const MAX_OBJECT_BYTES: u64 = 512 << 20;
-
-/// The file at `path`, if it is no larger than [`MAX_OBJECT_BYTES`].
-fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
-    // Not blocking on a FIFO put where the file was, nor taking a terminal.
-    let file = fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    let len = meta.len();
-    if len > MAX_OBJECT_BYTES {
-        return Err(std::io::Error::other(format!(
-            "{len} bytes, more than the {MAX_OBJECT_BYTES} memprof reads"
-        )));
-    }
-    let mut data = Vec::with_capacity(len as usize);
-    file.take(MAX_OBJECT_BYTES).read_to_end(&mut data)?;
-    Ok(data)
-}
-
 pub(super) fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// The bytes of the file process `pid` maps at `m`, and the path they were read through: the
+/// The file process `pid` maps at `m` (read in bounded pieces), and the path it is read through: the
 /// process's own view of the mapping (`/proc/PID/map_files`, which works inside containers,
 /// chroots and for files replaced since), else the file `m.path` names where it is that very
 /// file, else `m.path` under the process's root.
-fn read_mapped(pid: u32, m: &Mapping) -> Option<(String, Vec<u8>)> {
+fn open_mapped(pid: u32, m: &Mapping) -> Option<(String, ObjectFile)> {
     let via = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
     let named = maps::file_of(pid, &m.path, &m.dev, m.inode);
     [via, named]
         .into_iter()
-        .find_map(|p| read_bounded(Path::new(&p)).ok().map(|data| (p, data)))
+        .find_map(|p| ObjectFile::open(Path::new(&p)).ok().map(|data| (p, data)))
 }
 
-pub(super) fn runtime_symbols(file: &object::File<'_>) -> Option<RuntimeSymbols> {
+pub(super) fn runtime_symbols<'a, R: object::ReadRef<'a>>(
+    file: &object::File<'a, R>,
+) -> Option<RuntimeSymbols> {
     let mut found = RuntimeSymbols {
         runtime: 0,
         code_type: None,
@@ -258,7 +247,10 @@ const MAX_EVAL_BYTES: u64 = 4 << 20;
 /// (address, size)) lands in, if that entry starts inside a frame: a function's own entry
 /// (where the caller's return address is all the stack holds: a tail call from the eval loop)
 /// is no part of it. Returns link-time (address, size) pairs not already in `parts`.
-pub(super) fn split_parts(file: &object::File<'_>, parts: &[(u64, u64)]) -> Vec<(u64, u64)> {
+pub(super) fn split_parts<'a, R: object::ReadRef<'a>>(
+    file: &object::File<'a, R>,
+    parts: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
     use gimli::{BaseAddresses, CfaRule, EhFrame, LittleEndian, UnwindContext, UnwindSection as _};
     use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
     use object::ObjectSection as _;
@@ -349,7 +341,11 @@ pub(super) fn split_parts(file: &object::File<'_>, parts: &[(u64, u64)]) -> Vec<
 
 /// Load bias of the object at `path` in the process: the start of one of its mappings minus the
 /// link-time address of the file offset mapped there.
-fn load_bias(file: &object::File<'_>, space: &AddressSpace, path: &str) -> Option<u64> {
+fn load_bias<'a, R: object::ReadRef<'a>>(
+    file: &object::File<'a, R>,
+    space: &AddressSpace,
+    path: &str,
+) -> Option<u64> {
     space
         .mappings()
         .iter()

@@ -11,7 +11,7 @@ pub fn lnotab_line(lnotab: &[u8], firstlineno: i32, lasti: i64) -> i32 {
         if addr > lasti {
             break;
         }
-        line += i32::from(pair[1] as i8);
+        line = line.wrapping_add(i32::from(pair[1] as i8));
     }
     line
 }
@@ -25,7 +25,7 @@ pub fn linetable310_line(table: &[u8], firstlineno: i32, offset: i64) -> Option<
         let end = start + i64::from(pair[0]);
         let delta = pair[1] as i8;
         if delta != -128 {
-            line += i32::from(delta);
+            line = line.checked_add(i32::from(delta))?;
         }
         if start <= offset && offset < end {
             return (delta != -128).then_some(line);
@@ -53,14 +53,14 @@ pub fn locations_line(table: &[u8], firstlineno: i32, offset: i64) -> Option<i32
         match code {
             15 => line_of_entry = None,
             14 => {
-                line += svarint(table, &mut i)?;
+                line = line.checked_add(svarint(table, &mut i)?)?;
                 varint(table, &mut i)?;
                 varint(table, &mut i)?;
                 varint(table, &mut i)?;
             }
-            13 => line += svarint(table, &mut i)?,
+            13 => line = line.checked_add(svarint(table, &mut i)?)?,
             10..=12 => {
-                line += i32::from(code) - 10;
+                line = line.checked_add(i32::from(code) - 10)?;
                 i += 2;
             }
             _ => i += 1,

@@ -92,7 +92,7 @@ pub const GLIBC_PTHREAD_TID: u64 = 0x2d0;
 const MAX_THREADS: usize = 4096;
 const MAX_FRAMES: usize = 1024;
 const MAX_INTERPRETERS: usize = 64;
-const MAX_STRING_BYTES: u64 = 64 * 1024;
+const MAX_STRING_BYTES: u64 = 16 * 1024;
 const MAX_TABLE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Errors of detection and of reading the target.

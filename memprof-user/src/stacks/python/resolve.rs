@@ -1,7 +1,11 @@
 //! Reading a CPython process: its thread states, each thread's frame chain, and the code
 //! objects the frames run, decoded into function, file and line (cached by address).
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Instant,
+};
 
 use memprof_common::{PY_LINE_TAG_MASK, py_line_tag};
 
@@ -64,23 +68,76 @@ impl Resolver {
 
     /// Thread states of every interpreter, newest first within each.
     pub fn thread_states(&self) -> Result<Vec<u64>> {
+        Ok(self.thread_states_until(None)?.0)
+    }
+
+    /// [`Resolver::thread_states`] that stops at `deadline`; also says whether the walk was
+    /// whole. Lists that loop back (a corrupt or hostile process) end where they repeat.
+    pub fn thread_states_until(&self, deadline: Option<Instant>) -> Result<(Vec<u64>, bool)> {
         let o = &self.process.offsets;
         let mut states = Vec::new();
-        let mut interp = self
-            .mem
-            .u64(self.process.runtime + u64::from(o.runtime_interpreters_head))?;
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut interps: HashSet<u64> = HashSet::new();
+        let late = || deadline.is_some_and(|d| Instant::now() >= d);
+        let mut interp = self.mem.u64(
+            self.process
+                .runtime
+                .wrapping_add(u64::from(o.runtime_interpreters_head)),
+        )?;
         for _ in 0..MAX_INTERPRETERS {
-            if interp == 0 {
+            if interp == 0 || !interps.insert(interp) {
                 break;
             }
-            let mut tstate = self.mem.u64(interp + u64::from(o.interp_threads_head))?;
-            while tstate != 0 && states.len() < MAX_THREADS {
+            let mut tstate = self
+                .mem
+                .u64(interp.wrapping_add(u64::from(o.interp_threads_head)))?;
+            while tstate != 0 && states.len() < MAX_THREADS && seen.insert(tstate) {
+                if late() {
+                    return Ok((states, false));
+                }
                 states.push(tstate);
-                tstate = self.mem.u64(tstate + u64::from(o.tstate_next))?;
+                tstate = self
+                    .mem
+                    .u64(tstate.wrapping_add(u64::from(o.tstate_next)))?;
             }
-            interp = self.mem.u64(interp + u64::from(o.interp_next))?;
+            interp = self
+                .mem
+                .u64(interp.wrapping_add(u64::from(o.interp_next)))?;
         }
-        Ok(states)
+        Ok((states, true))
+    }
+
+    /// The kernel thread id of each thread state of the process, without reading any frame:
+    /// what registering the threads needs. Stops at `deadline` (the list is then not whole:
+    /// the flag is false).
+    pub fn thread_ids(&self, deadline: Instant) -> Result<(Vec<(u32, u64)>, bool)> {
+        let (states, mut whole) = self.thread_states_until(Some(deadline))?;
+        let mut out = Vec::new();
+        for tstate in states {
+            if Instant::now() >= deadline {
+                whole = false;
+                break;
+            }
+            if let Ok(Some(tid)) = self.tid(tstate) {
+                out.push((tid, tstate));
+            }
+        }
+        Ok((out, whole))
+    }
+
+    /// The kernel tid of the thread state at `tstate` (CPython records the id its own pid
+    /// namespace gives: mapped to the kernel's).
+    fn tid(&self, tstate: u64) -> Result<Option<u32>> {
+        let o = self.process.offsets;
+        Ok(match self.field(tstate, o.tstate_native_thread_id) {
+            Some(a) => host_tid(self.process.pid, self.mem.u64(a)? as u32),
+            None => {
+                let pthread = self
+                    .mem
+                    .u64(tstate.wrapping_add(u64::from(o.tstate_thread_id)))?;
+                self.glibc_tid(pthread)
+            }
+        })
     }
 
     /// Every Python thread of the process with its frames, innermost first.
@@ -134,7 +191,12 @@ impl Resolver {
             };
         }
         let mut pairs = Vec::new();
-        while frame != 0 && pairs.len() < MAX_FRAMES {
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut steps = 0;
+        // A chain that loops back ends where it repeats; a long one after MAX_FRAMES frames.
+        while frame != 0 && pairs.len() < MAX_FRAMES && steps < 4 * MAX_FRAMES && seen.insert(frame)
+        {
+            steps += 1;
             let code = self.mem.u64(frame + u64::from(o.frame_code))? & !STACKREF_TAG_BITS;
             let instr = match o.instr_kind {
                 INSTR_POINTER => self.mem.u64(frame + u64::from(o.frame_instr))?,
@@ -295,7 +357,9 @@ impl Resolver {
         let kind = u64::from((state >> 2) & 7);
         let compact = (state >> 5) & 1 == 1;
         let ascii = (state >> 6) & 1 == 1;
-        if !compact || !matches!(kind, 1 | 2 | 4) || len * kind > MAX_STRING_BYTES {
+        // `len * kind` computed without wrapping: a huge length is refused, never shrunk.
+        let size = len.saturating_mul(kind);
+        if !compact || !matches!(kind, 1 | 2 | 4) || size > MAX_STRING_BYTES {
             return Err(self.invalid(
                 format!("unsupported str (state {state:#x}, length {len})"),
                 addr,
@@ -307,7 +371,7 @@ impl Resolver {
             } else {
                 o.unicode_compact_data
             });
-        let raw = self.mem.bytes(data, len * kind)?;
+        let raw = self.mem.bytes(data, size)?;
         Ok(match kind {
             1 => raw.iter().map(|&b| char::from(b)).collect(),
             2 => raw
