@@ -80,8 +80,15 @@ impl Chromium {
         }
     }
 
-    /// Sends a command and waits (10 s at most) for its reply's `result`.
+    /// Sends a command and waits for its reply's `result`: 10 s at most, except for the
+    /// browser's first reply, which waits out its start-up (on a fresh machine that includes
+    /// building the font cache, which has taken more than 10 s).
     pub(crate) fn call(&mut self, method: &str, params: Value, session: Option<&str>) -> Value {
+        let wait = if self.next_id == 1 {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(10)
+        };
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({"id": id, "method": method, "params": params});
@@ -93,7 +100,7 @@ impl Chromium {
         self.commands
             .write_all(&bytes)
             .unwrap_or_else(|e| panic!("DevTools pipe: {e}\n{}", self.proc.output_tail()));
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.replies.recv_timeout(left) {
@@ -103,7 +110,8 @@ impl Chromium {
                 }
                 Ok(_) => {} // events and other replies
                 Err(e) => panic!(
-                    "no reply to {method} within 10 s ({e})\n{}",
+                    "no reply to {method} within {} s ({e})\n{}",
+                    wait.as_secs(),
                     self.proc.output_tail()
                 ),
             }
