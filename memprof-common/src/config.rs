@@ -21,7 +21,8 @@ pub const DEFAULT_CALL_SLOTS: u32 = 16 * 1024;
 pub enum Counter {
     /// Events dropped because the ring buffer was full.
     RingFull = 0,
-    /// Allocations whose stack could not be captured or stored (map full, fault).
+    /// Allocations whose stack could not be captured or stored (map full, fault), or whose
+    /// stack copy was left out because the ring was more than half full.
     StackLost = 1,
     /// Allocator calls not traced because the in-flight map was full.
     InflightFull = 2,

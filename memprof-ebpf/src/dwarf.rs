@@ -1,7 +1,12 @@
 //! `unwind::DWARF`: an allocation goes out with the caller's registers and a copy of its stack
 //! (`AllocStack` records), for the agent to unwind.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray, programs::RetProbeContext};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
+    macros::map,
+    maps::PerCpuArray,
+    programs::RetProbeContext,
+};
 use memprof_common::{Counter, EventKind, MAX_STACK_COPY, UnwindEvent};
 
 use crate::{
@@ -61,6 +66,12 @@ fn copy_stack_to_top(dst: *mut u8, want: u32, sp: u64, id: u64) -> u32 {
     0
 }
 
+/// Whether the ring holds more than half its size of records not yet read.
+#[inline(always)]
+fn ring_crowded() -> bool {
+    EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENTS.query(BPF_RB_RING_SIZE as u64) / 2
+}
+
 /// An allocation with the caller's registers and a copy of its stack, for the agent to unwind
 /// (`unwind::DWARF`). The copy is as large as `STACK_COPY` allows and the stack's mapping
 /// holds: a copy running past the top of the stack faults, so smaller ones are tried.
@@ -89,7 +100,14 @@ pub(crate) fn emit_alloc_stack(
     let want = unsafe { core::ptr::read_volatile(&STACK_COPY) };
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
     let dst = unsafe { (*buf).stack.as_mut_ptr() };
-    let len = copy_stack_to_top(dst, want, sp, id);
+    // A ring more than half full means the agent is behind: the allocation still goes out
+    // (its bytes count), without the copy that would make it up to 16 KiB and crowd out the
+    // records after it.
+    let len = if ring_crowded() {
+        0
+    } else {
+        copy_stack_to_top(dst, want, sp, id)
+    };
     if len == 0 {
         count(Counter::StackLost);
     }

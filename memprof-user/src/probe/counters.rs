@@ -10,7 +10,8 @@ pub struct KernelLosses {
     pub ring_full: u64,
     /// Allocator calls not traced because the per-thread state map was full.
     pub inflight_full: u64,
-    /// Allocations recorded without a stack (stack map full or colliding).
+    /// Allocations recorded without a stack (stack map full or colliding, or a stack copy
+    /// left out because the ring was more than half full).
     pub stack_lost: u64,
     /// Allocator returns whose entry was not seen (calls already running at attach).
     pub orphan_returns: u64,
