@@ -161,22 +161,23 @@ fn entry(ctx: &ProbeContext) {
     const MMAP: u32 = AllocFn::Mmap as u32;
     const MUNMAP: u32 = AllocFn::Munmap as u32;
     const MREMAP: u32 = AllocFn::Mremap as u32;
-    match func {
-        MALLOC => drop(enter(AllocFn::Malloc, argn(0), 0, 0)),
-        VALLOC => drop(enter(AllocFn::Valloc, argn(0), 0, 0)),
-        PVALLOC => drop(enter(AllocFn::Pvalloc, argn(0), 0, 0)),
-        CALLOC => drop(enter(AllocFn::Calloc, argn(0).wrapping_mul(argn(1)), 0, 0)),
-        MEMALIGN => drop(enter(AllocFn::Memalign, argn(1), 0, 0)),
-        ALIGNED_ALLOC => drop(enter(AllocFn::AlignedAlloc, argn(1), 0, 0)),
-        POSIX_MEMALIGN => drop(enter(AllocFn::PosixMemalign, argn(2), argn(0), 0)),
-        REALLOC => realloc_common(AllocFn::Realloc, argn(0), argn(1)),
-        REALLOCARRAY => reallocarray(argn(0), argn(1), argn(2)),
-        FREE => free(argn(0)),
-        MMAP => drop(enter(AllocFn::Mmap, argn(1), argn(3), 0)),
-        MREMAP => drop(enter(AllocFn::Mremap, argn(2), argn(0), argn(1))),
-        MUNMAP => munmap(argn(0), argn(1)),
-        _ => {}
-    }
+    let (func, size, a, b) = match func {
+        MALLOC => (AllocFn::Malloc, argn(0), 0, 0),
+        VALLOC => (AllocFn::Valloc, argn(0), 0, 0),
+        PVALLOC => (AllocFn::Pvalloc, argn(0), 0, 0),
+        CALLOC => (AllocFn::Calloc, argn(0).wrapping_mul(argn(1)), 0, 0),
+        MEMALIGN => (AllocFn::Memalign, argn(1), 0, 0),
+        ALIGNED_ALLOC => (AllocFn::AlignedAlloc, argn(1), 0, 0),
+        POSIX_MEMALIGN => (AllocFn::PosixMemalign, argn(2), argn(0), 0),
+        MMAP => (AllocFn::Mmap, argn(1), argn(3), 0),
+        MREMAP => (AllocFn::Mremap, argn(2), argn(0), argn(1)),
+        REALLOC => return realloc_common(AllocFn::Realloc, argn(0), argn(1)),
+        REALLOCARRAY => return reallocarray(argn(0), argn(1), argn(2)),
+        FREE => return free(argn(0)),
+        MUNMAP => return munmap(argn(0), argn(1)),
+        _ => return,
+    };
+    let _ = enter(func, size, a, b);
 }
 
 // ---- uprobe sessions: entry and return in one program, the return skipped when unneeded ----
@@ -236,15 +237,16 @@ fn session_entry(ctx: &ProbeContext) -> i32 {
     const MMAP: u32 = AllocFn::Mmap as u32;
     const MUNMAP: u32 = AllocFn::Munmap as u32;
     const MREMAP: u32 = AllocFn::Mremap as u32;
-    let none = |_| 0;
-    let decided = match cookie::func(c) {
-        MALLOC => enter_session(AllocFn::Malloc, argn(0), 0, 0, none),
-        VALLOC => enter_session(AllocFn::Valloc, argn(0), 0, 0, none),
-        PVALLOC => enter_session(AllocFn::Pvalloc, argn(0), 0, 0, none),
-        CALLOC => enter_session(AllocFn::Calloc, argn(0).wrapping_mul(argn(1)), 0, 0, none),
-        MEMALIGN => enter_session(AllocFn::Memalign, argn(1), 0, 0, none),
-        ALIGNED_ALLOC => enter_session(AllocFn::AlignedAlloc, argn(1), 0, 0, none),
-        POSIX_MEMALIGN => enter_session(AllocFn::PosixMemalign, argn(2), argn(0), 0, none),
+    // The arguments of the call to keep, picked per function; one `enter_session` for all
+    // of them keeps its code (and the verifier's work) single.
+    let (func, size, a, b) = match cookie::func(c) {
+        MALLOC => (AllocFn::Malloc, argn(0), 0, 0),
+        VALLOC => (AllocFn::Valloc, argn(0), 0, 0),
+        PVALLOC => (AllocFn::Pvalloc, argn(0), 0, 0),
+        CALLOC => (AllocFn::Calloc, argn(0).wrapping_mul(argn(1)), 0, 0),
+        MEMALIGN => (AllocFn::Memalign, argn(1), 0, 0),
+        ALIGNED_ALLOC => (AllocFn::AlignedAlloc, argn(1), 0, 0),
+        POSIX_MEMALIGN => (AllocFn::PosixMemalign, argn(2), argn(0), 0),
         REALLOC => return realloc_session(AllocFn::Realloc, argn(0), argn(1)),
         REALLOCARRAY => {
             return realloc_session(
@@ -255,22 +257,22 @@ fn session_entry(ctx: &ProbeContext) -> i32 {
         }
         FREE => {
             free(argn(0));
-            Session::Skip
+            return session::SKIP_RETURN;
         }
         MUNMAP => {
             munmap(argn(0), argn(1));
-            Session::Skip
+            return session::SKIP_RETURN;
         }
         MMAP => {
             if allocators_own_mapping(ctx, argn(3)) {
-                Session::Skip
-            } else {
-                enter_session(AllocFn::Mmap, argn(1), argn(3), 0, none)
+                return session::SKIP_RETURN;
             }
+            (AllocFn::Mmap, argn(1), argn(3), 0)
         }
-        MREMAP => enter_session(AllocFn::Mremap, argn(2), argn(0), argn(1), none),
-        _ => Session::Skip,
+        MREMAP => (AllocFn::Mremap, argn(2), argn(0), argn(1)),
+        _ => return session::SKIP_RETURN,
     };
+    let decided = enter_session(func, size, a, b, |_| 0);
     match decided {
         Session::Record(_) => session::RUN_RETURN,
         Session::Skip => session::SKIP_RETURN,
@@ -495,27 +497,34 @@ fn exit(ctx: &RetProbeContext) {
     const MMAP: u32 = AllocFn::Mmap as u32;
     const MREMAP: u32 = AllocFn::Mremap as u32;
     let func = state.func;
-    match func {
+    // What the call made, if anything: one `emit_alloc` for every function, so its stack
+    // walk is in the program (and before the verifier) once.
+    let (kind, addr) = match func {
         REALLOC | REALLOCARRAY => {
-            if ret != 0 {
-                emit_alloc(ctx, EventKind::Alloc, func, id, ret, state.size);
-            } else if state.arg != 0 && state.size != 0 && restore_old(id, &state) {
-                emit_free(EventKind::ReallocFailed, func, id, state.arg);
+            if ret == 0 {
+                if state.arg != 0 && state.size != 0 && restore_old(id, &state) {
+                    emit_free(EventKind::ReallocFailed, func, id, state.arg);
+                }
+                return;
             }
+            (EventKind::Alloc, ret)
         }
         POSIX_MEMALIGN => {
             // Returns 0 on success and stores the block through the out pointer.
-            if ret as u32 == 0 {
-                // SAFETY: reads user memory through the helper, which checks the access.
-                if let Ok(addr) = unsafe { bpf_probe_read_user(state.arg as *const u64) } {
-                    emit_alloc(ctx, EventKind::Alloc, func, id, addr, state.size);
-                }
+            if ret as u32 != 0 {
+                return;
+            }
+            // SAFETY: reads user memory through the helper, which checks the access.
+            match unsafe { bpf_probe_read_user(state.arg as *const u64) } {
+                Ok(addr) => (EventKind::Alloc, addr),
+                Err(_) => return,
             }
         }
         MMAP => {
-            if ret != MAP_FAILED && state.arg & MAP_ANONYMOUS != 0 {
-                emit_alloc(ctx, EventKind::Mmap, func, id, ret, state.size);
+            if ret == MAP_FAILED || state.arg & MAP_ANONYMOUS == 0 {
+                return;
             }
+            (EventKind::Mmap, ret)
         }
         MREMAP => {
             if ret != MAP_FAILED {
@@ -527,11 +536,14 @@ fn exit(ctx: &RetProbeContext) {
                     new_len: state.size,
                 });
             }
+            return;
         }
         _ => {
-            if ret != 0 {
-                emit_alloc(ctx, EventKind::Alloc, func, id, ret, state.size);
+            if ret == 0 {
+                return;
             }
+            (EventKind::Alloc, ret)
         }
-    }
+    };
+    emit_alloc(ctx, kind, func, id, addr, state.size);
 }

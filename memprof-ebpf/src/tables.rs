@@ -277,29 +277,68 @@ fn row_for(pc: u64, tag: u64) -> u64 {
             return e.row;
         }
     }
-    let Some(procs) = PROC_MAPS.get_ptr(&((tag >> 32) as u32)) else {
+    let row = proc_row(tag >> 32, pc);
+    if row & ROW_ERROR == 0
+        && let Some(cache) = cache
+    {
+        // SAFETY: this CPU's value.
+        unsafe {
+            (*cache)[slot] = RaEntry { pc, tag, row };
+        }
+    }
+    row
+}
+
+/// Per-CPU bounds of `proc_row`'s search (low, high).
+#[map]
+static SEARCH: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The row for return address `pc` in process `tgid`'s mappings (`PROC_MAPS`), as `row_for`
+/// returns it. A global function: the search among the mappings, whose every path the verifier
+/// follows, is verified once here rather than again for each path of `table_step` after it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn proc_row(tgid: u64, pc: u64) -> u64 {
+    let Some(procs) = PROC_MAPS.get_ptr(&(tgid as u32)) else {
         return ROW_ERROR | unwind_end::NO_PROC;
     };
     // SAFETY: a map value, read only.
     let procs = unsafe { &*procs };
     // The instruction before the return address: the call, in the caller's code.
     let q = pc - 1;
-    // The last mapping starting at or below `q`.
+    // The last mapping starting at or below `q`. The bounds live in map memory between
+    // steps: loaded from there they are values the verifier does not follow one by one, so
+    // the paths through the search meet again instead of multiplying at each step.
     let len = (procs.len as usize).min(MAX_EXEC_MAPS);
-    let (mut lo, mut hi) = (0usize, len);
+    let Some(bounds) = SEARCH.get_ptr_mut(0) else {
+        return ROW_ERROR | unwind_end::READ;
+    };
+    // SAFETY: this CPU's value, no other user while the program runs.
+    let bounds = unsafe { &mut *bounds };
+    bounds[0] = 0;
+    bounds[1] = len as u64;
     let mut step = 0;
     while step < MAPS_SEARCH_STEPS + 1 {
-        if hi - lo <= 1 {
+        let (lo, hi) = (
+            // SAFETY: reads of this CPU's value, volatile so they stay loads from memory.
+            unsafe { core::ptr::read_volatile(&bounds[0]) },
+            unsafe { core::ptr::read_volatile(&bounds[1]) },
+        );
+        if hi <= lo + 1 {
             break;
         }
         let mid = (lo + hi) / 2;
-        if procs.maps[mid & (MAX_EXEC_MAPS - 1)].start <= q {
-            lo = mid;
+        if procs.maps[mid as usize & (MAX_EXEC_MAPS - 1)].start <= q {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(&mut bounds[0], mid) };
         } else {
-            hi = mid;
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(&mut bounds[1], mid) };
         }
         step += 1;
     }
+    // SAFETY: as above.
+    let lo = unsafe { core::ptr::read_volatile(&bounds[0]) } as usize;
     if len == 0 {
         return ROW_ERROR | unwind_end::NO_MAPPING;
     }
@@ -310,16 +349,7 @@ fn row_for(pc: u64, tag: u64) -> u64 {
     if m.flags & MAP_NO_TABLE != 0 {
         return ROW_ERROR | unwind_end::NO_TABLE;
     }
-    let row = find_row(u64::from(m.module), q.wrapping_sub(m.bias));
-    if row & ROW_ERROR == 0
-        && let Some(cache) = cache
-    {
-        // SAFETY: this CPU's value.
-        unsafe {
-            (*cache)[slot] = RaEntry { pc, tag, row };
-        }
-    }
-    row
+    find_row(u64::from(m.module), q.wrapping_sub(m.bias))
 }
 
 /// The row of module `module` in effect at its ELF virtual address `vaddr`, packed: `pc` in
