@@ -45,6 +45,10 @@ const COMMAND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Default ring size with `--unwind dwarf`: room for about 8000 records with 8 KiB copies.
 const DWARF_RING_BYTES: u32 = 64 << 20;
 
+/// How long the end of a trace takes the records left in the ring at most: the rest are let
+/// go, counted (see `Session::end`).
+const END_DRAIN: std::time::Duration = std::time::Duration::from_millis(750);
+
 /// The start record of the NDJSON stream.
 #[derive(Serialize)]
 struct Start<'a> {
@@ -537,10 +541,9 @@ fn trace_pid(
         session.run().await
     })?;
 
-    // The probes go first, so a process that lives on runs untraced while the report is made;
-    // what they sent before is taken after.
-    let (links, took) = session.detach();
-    session.drain();
+    // The probes go, so a process that lives on runs untraced while the report is made; what
+    // they sent before is taken meanwhile.
+    let (links, took) = session.end(END_DRAIN);
     if args.probe_stats {
         eprintln!(
             "memprof: detached {links} probe links in {:.1} ms",
@@ -552,6 +555,14 @@ fn trace_pid(
         End::Duration | End::Signal => (false, None),
     };
     let report = report::finish(session.snapshot(), exited, code);
+    if report.totals.unread_at_end > 0 {
+        eprintln!(
+            "memprof: warning: {} records were still in the ring after {} ms at the end of the \
+             trace; they were dropped and are counted in lost events",
+            report.totals.unread_at_end,
+            END_DRAIN.as_millis()
+        );
+    }
     for warning in session.python_phase_warnings() {
         eprintln!("memprof: warning: {warning}");
     }

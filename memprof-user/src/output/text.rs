@@ -186,9 +186,13 @@ fn render_raw(r: &Report) -> String {
         human_bytes(r.mmap.bytes_mapped),
         human_bytes(r.mmap.bytes_unmapped)
     );
+    let unread = match losses.unread_at_end {
+        0 => String::new(),
+        n => format!(" ({n} left unread at the end)"),
+    };
     let _ = writeln!(
         out,
-        "  lost events  {}    lost stacks {}    unknown frames {}",
+        "  lost events  {}{unread}    lost stacks {}    unknown frames {}",
         losses.lost_events, losses.lost_stacks, r.unknown_frames
     );
     if let Some(u) = &r.unwind {

@@ -232,12 +232,36 @@ impl Links {
     /// Detaches every link; returns how long it took.
     pub fn detach(&mut self) -> Duration {
         let start = Instant::now();
-        let links: Vec<Held> = std::mem::take(&mut self.held)
-            .into_values()
-            .flatten()
-            .collect();
-        detach_all(links);
+        self.take().detach();
         start.elapsed()
+    }
+
+    /// Every link, taken out to be detached elsewhere.
+    pub fn take(&mut self) -> Taken {
+        Taken(
+            std::mem::take(&mut self.held)
+                .into_values()
+                .flatten()
+                .collect(),
+        )
+    }
+}
+
+/// Links taken out of [`Links`], attached until [`Taken::detach`] (or their drop).
+pub struct Taken(Vec<Held>);
+
+impl Taken {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Detaches them side by side.
+    pub fn detach(self) {
+        detach_all(self.0);
     }
 }
 

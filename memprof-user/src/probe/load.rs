@@ -15,7 +15,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{
+        TracePoint,
+        trace_point::{TracePointLink, TracePointLinkId},
+    },
 };
 use aya_log::EbpfLogger;
 use memprof_common::{
@@ -26,7 +29,7 @@ use memprof_common::{
 use super::{
     allocators::Allocator,
     kernel_log::KernelLog,
-    links::{Family, LinkKind, Links, ProbeSet},
+    links::{Family, LinkKind, Links, ProbeSet, Taken},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
     tables::KernelTables,
 };
@@ -376,34 +379,69 @@ impl Tracer {
         self.links.len()
     }
 
-    /// Detaches every probe: `fork_child` first (no child pauses after this, see `follow`),
-    /// the uprobes (links closed side by side), then the other tracepoints, so nothing writes
-    /// to the ring any more and draining it ends. Returns the number of uprobe links and how
-    /// long detaching them took.
+    /// Detaches every probe (see [`Detaching::detach`]). Returns the number of uprobe links
+    /// and how long detaching them took.
     pub fn detach(&mut self) -> (usize, Duration) {
-        let fork_child: Vec<_> = self
-            .fork_child
-            .drain(..)
-            .map(|link| ("fork_child", link))
-            .collect();
-        self.detach_tracepoints(fork_child);
-        let n = self.links.len();
-        let took = self.links.detach();
-        let rest = std::mem::take(&mut self.tracepoints);
-        self.detach_tracepoints(rest);
-        (n, took)
+        let links = self.take_links();
+        (links.uprobes(), links.detach())
     }
 
-    fn detach_tracepoints(&mut self, links: Tracepoints) {
+    /// Every probe link, taken out of the tracer to be detached on another thread: closing a
+    /// tracepoint waits out the kernel's grace periods (40 ms each, one at a time), so the ring
+    /// is drained meanwhile.
+    pub fn take_links(&mut self) -> Detaching {
+        let fork_child = std::mem::take(&mut self.fork_child)
+            .into_iter()
+            .map(|link| ("fork_child", link))
+            .collect();
+        let rest = std::mem::take(&mut self.tracepoints);
+        Detaching {
+            fork_child: self.take_tracepoints(fork_child),
+            uprobes: self.links.take(),
+            rest: self.take_tracepoints(rest),
+        }
+    }
+
+    fn take_tracepoints(&mut self, links: Tracepoints) -> Vec<TracePointLink> {
+        let mut taken = Vec::with_capacity(links.len());
         for (program, link) in links {
             if let Some(tp) = self
                 .ebpf
                 .program_mut(program)
                 .and_then(|p| <&mut TracePoint>::try_from(p).ok())
+                && let Ok(link) = tp.take_link(link)
             {
-                let _ = tp.detach(link);
+                taken.push(link);
             }
         }
+        taken
+    }
+}
+
+/// The probe links of a trace that ends (see [`Tracer::take_links`]), attached until
+/// [`Detaching::detach`] (or their drop).
+pub struct Detaching {
+    fork_child: Vec<TracePointLink>,
+    uprobes: Taken,
+    rest: Vec<TracePointLink>,
+}
+
+impl Detaching {
+    /// Number of uprobe links.
+    pub fn uprobes(&self) -> usize {
+        self.uprobes.len()
+    }
+
+    /// Detaches `fork_child` first (no child pauses after this, see `Tracer::follow`), the
+    /// uprobes (side by side), then the other tracepoints, so nothing writes to the ring any
+    /// more. Returns how long the uprobes took.
+    pub fn detach(self) -> Duration {
+        drop(self.fork_child);
+        let start = std::time::Instant::now();
+        self.uprobes.detach();
+        let took = start.elapsed();
+        drop(self.rest);
+        took
     }
 }
 

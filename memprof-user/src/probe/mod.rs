@@ -16,4 +16,4 @@ pub mod tables;
 
 pub use counters::{KernelLosses, ProbeStat};
 pub use links::LinkKind;
-pub use load::{Options, PhaseNotFound, Targets, Tracer};
+pub use load::{Detaching, Options, PhaseNotFound, Targets, Tracer};

@@ -40,6 +40,8 @@ pub struct Inputs<'a> {
     /// `--probe-stats` (empty without).
     pub probe_stats: Vec<ProbeStat>,
     pub decode_errors: u64,
+    /// Records the end of the trace let go unread.
+    pub unread_at_end: u64,
     /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's timestamps).
     pub now_ns: u64,
     pub elapsed_s: f64,
@@ -178,6 +180,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
             &inputs.table.heap_totals,
             &inputs.kernel,
             inputs.decode_errors,
+            inputs.unread_at_end,
         ),
         mmap: inputs.table.mmap_totals,
         kernel: inputs.kernel,
@@ -587,7 +590,12 @@ pub fn process_report(
         cmdline: info.cmdline.to_vec(),
         exited: info.exited,
         execs: info.execs,
-        totals: Totals::new(&table.heap_totals, &inputs.kernel, inputs.decode_errors),
+        totals: Totals::new(
+            &table.heap_totals,
+            &inputs.kernel,
+            inputs.decode_errors,
+            inputs.unread_at_end,
+        ),
         mmap: table.mmap_totals,
         growth_rate_mb_per_hour: mb_per_hour(info.growth.clone()).ok(),
         growth_rate_note: info.growth.clone().err(),

@@ -78,17 +78,26 @@ pub struct TableWalks {
 pub struct Totals {
     #[serde(flatten)]
     pub heap: HeapTotals,
-    /// Events that never reached the table: ring full, state map full, undecodable records.
+    /// Events that never reached the table: ring full, state map full, undecodable records,
+    /// records left unread at the end.
     pub lost_events: u64,
+    /// Of `lost_events`: records still in the ring when the trace's end had spent its time on
+    /// it (a process that allocated flat out until the end), let go unread.
+    pub unread_at_end: u64,
     /// Allocations recorded without a stack.
     pub lost_stacks: u64,
 }
 
 impl Totals {
-    fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
+    fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64, unread_at_end: u64) -> Self {
         Self {
             heap: *heap,
-            lost_events: k.ring_full + k.inflight_full + k.sampled_full + decode_errors,
+            lost_events: k.ring_full
+                + k.inflight_full
+                + k.sampled_full
+                + decode_errors
+                + unread_at_end,
+            unread_at_end,
             lost_stacks: k.stack_lost,
         }
     }

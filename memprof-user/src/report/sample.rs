@@ -214,6 +214,7 @@ pub(crate) fn report(
         totals: Totals {
             heap,
             lost_events,
+            unread_at_end: 0,
             lost_stacks,
         },
         mmap: MmapTotals::default(),

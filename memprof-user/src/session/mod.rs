@@ -165,6 +165,8 @@ pub struct Session {
     /// Tracker inputs waiting for names.
     pending: naming::Pending,
     decode_errors: u64,
+    /// Records the end of the trace let go unread (see `end`).
+    unread_at_end: u64,
     start_ns: u64,
     settings: Settings,
     /// Whether memprof spawned the process (and so reaps it).
@@ -261,6 +263,7 @@ impl Session {
             evicted_processes: 0,
             pruned_groups: 0,
             decode_errors: 0,
+            unread_at_end: 0,
             start_ns,
             settings,
             parent,
@@ -411,12 +414,6 @@ impl Session {
         // SAFETY: reaping our own child.
         let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
         (r == self.pid as i32).then_some(status)
-    }
-
-    /// Detaches every probe: no event comes after (but those in the ring, see `drain`).
-    /// Returns the number of links and how long detaching took.
-    pub fn detach(&mut self) -> (usize, std::time::Duration) {
-        self.tracer.detach()
     }
 
     /// Takes one `memprof mark` request: everything the process did before it belongs to

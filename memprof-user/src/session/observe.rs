@@ -21,10 +21,43 @@ use crate::{
 const DRAIN_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Session {
-    /// Takes every record waiting in the ring buffer. Without a bound: for the end of a
-    /// trace, once the probes are detached and nothing writes to the ring any more.
-    pub fn drain(&mut self) {
-        self.drain_until(None);
+    /// Ends the trace: detaches every probe (on a thread of its own: closing a tracepoint
+    /// waits out the kernel's grace periods) while taking the records in the ring, for at most
+    /// `budget` in all. A ring filled by processes allocating flat out holds more than the agent
+    /// takes in a second, and the trace ends on time: what is left once the probes are gone is
+    /// let go unread, counted (in `lost_events`), and a process that stopped itself for one of
+    /// those records is continued. Returns the number of uprobe links and how long detaching
+    /// them took.
+    pub fn end(&mut self, budget: std::time::Duration) -> (usize, std::time::Duration) {
+        let until = std::time::Instant::now() + budget;
+        let links = self.tracer.take_links();
+        let uprobes = links.uprobes();
+        let took = std::thread::scope(|s| {
+            let detaching = s.spawn(move || links.detach());
+            while !detaching.is_finished() && std::time::Instant::now() < until {
+                if !self.drain_until(Some(until)) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            detaching.join()
+        });
+        // Nothing writes to the ring any more.
+        if self.drain_until(Some(until)) {
+            while let Some(item) = self.tracer.events.next() {
+                self.unread_at_end += 1;
+                if let Ok(record) = decode_record(&item)
+                    && record.paused
+                {
+                    // SAFETY: a signal to a process that stopped itself for this record.
+                    unsafe { libc::kill(record.tgid as i32, libc::SIGCONT) };
+                }
+            }
+        }
+        let took = match took {
+            Ok(took) => took,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (uprobes, took)
     }
 
     /// Takes the records waiting in the ring for at most [`DRAIN_BUDGET`], so the event loop

@@ -52,6 +52,7 @@ impl Session {
             },
             probe_stats: self.tracer.probe_stats(),
             decode_errors: self.decode_errors,
+            unread_at_end: self.unread_at_end,
             now_ns: now,
             elapsed_s: (now - self.start_ns) as f64 / 1e9,
             min_age_ns: self.settings.min_age.as_nanos() as u64,

@@ -25,7 +25,10 @@ fn text_mentions_losses_and_sites() {
     let sites = Sites::new();
     let tracker = Tracker::new(&[], 0);
     let text = render(&snapshot(&inputs(&table, &sites, &tracker, 0)));
-    assert!(text.contains("lost events  3"), "{text}");
+    assert!(
+        text.contains("lost events  8 (5 left unread at the end)    lost stacks 4"),
+        "{text}"
+    );
     assert!(text.contains("64 B in 1 allocations via malloc"), "{text}");
     assert!(!text.contains("programs"), "{text}");
     let mut probed = inputs(&table, &sites, &tracker, 0);

@@ -45,6 +45,7 @@ pub(crate) fn inputs<'a>(
         },
         probe_stats: Vec::new(),
         decode_errors: 0,
+        unread_at_end: 5,
         now_ns: 10_000_000_000,
         elapsed_s: 1.5,
         min_age_ns,
@@ -84,7 +85,9 @@ fn groups_by_site_sorted_by_bytes_with_age_filter() {
         .map(|l| (l.bytes, l.allocs, l.oldest_age_s))
         .collect();
     assert_eq!(got, vec![(500, 1, 8.0), (200, 2, 9.0), (7, 1, 8.0)]);
-    assert_eq!(r.totals.lost_events, 3);
+    // Ring full 2, state map full 1, left unread at the end 5.
+    assert_eq!(r.totals.lost_events, 8);
+    assert_eq!(r.totals.unread_at_end, 5);
     assert_eq!(r.totals.lost_stacks, 4);
     // Only allocations at least 5 s old: the young block of stack 1 drops out.
     let r = snapshot(&inputs(&table, &sites, &tracker, 5_000_000_000));
