@@ -128,8 +128,20 @@ impl Session {
             } => {
                 let site = self.sites.site_of(change.block().stack);
                 self.tracker.on_change_in(pid, &change, site, outstanding);
+                if let Some(p) = &mut self.process_sites {
+                    let mmap = matches!(
+                        change,
+                        Change::Alloc { mmap: true, .. } | Change::Free { mmap: true, .. }
+                    );
+                    p.on_change(pid, &change, (site, change.block().func, mmap));
+                }
             }
-            Input::Forget { pid } => self.tracker.forget_process(pid),
+            Input::Forget { pid } => {
+                self.tracker.forget_process(pid);
+                if let Some(p) = &mut self.process_sites {
+                    p.forget(pid);
+                }
+            }
             Input::Phase {
                 tid,
                 phase,

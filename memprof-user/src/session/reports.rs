@@ -59,7 +59,12 @@ impl Session {
             unwind: self.unwind_report(),
             forgotten: report::Forgotten {
                 processes: self.evicted_processes,
+                unscraped_processes: self.evicted_unscraped,
                 groups: self.pruned_groups,
+                profile_sites_over_cap: self
+                    .process_sites
+                    .as_ref()
+                    .map_or(0, |p| p.over_cap_allocs()),
             },
             limit: self.settings.limit,
             rules: &self.rules,

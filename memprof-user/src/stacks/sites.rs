@@ -25,6 +25,11 @@ impl SiteId {
     /// No stack (not captured, or none stored).
     pub const NONE: SiteId = SiteId(u32::MAX);
 
+    /// The site's number (stable for the trace: a site is never renumbered).
+    pub fn index(self) -> u32 {
+        self.0
+    }
+
     /// Site number `n`, for tests that need sites without stacks.
     #[cfg(test)]
     pub(crate) const fn new(n: u32) -> SiteId {
