@@ -1,7 +1,5 @@
 use std::{io::Read as _, sync::Arc};
 
-use prost::Message as _;
-
 use super::*;
 use crate::{output::pprof::PbProfile, report::Frame};
 
