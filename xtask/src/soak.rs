@@ -8,6 +8,8 @@
 //! sample after the warm-up (2 minutes, or half the run for runs under 4 minutes) to the last
 //! one: with a bounded live set, the agent's memory must level off. Results go to
 //! `target/bench/soak.md` and `soak.json`; memprof's NDJSON to `soak-report.ndjson`.
+//!
+//! `--all` soaks memprof as a node agent instead (see [`crate::soak_all`]).
 
 use std::{
     ffi::OsString,
@@ -56,7 +58,23 @@ struct Totals {
     duration_s: f64,
 }
 
+/// Compiles `tests/fixtures/procs.c` into `out_dir/procs`.
+pub(crate) fn build_procs(ws: &Workspace, out_dir: &Path) -> Result<std::path::PathBuf> {
+    fs::create_dir_all(out_dir)
+        .with_context(|| format!("failed to create {}", out_dir.display()))?;
+    let procs = out_dir.join("procs");
+    run(ws
+        .command("cc")
+        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&procs)
+        .arg(ws.root.join("tests/fixtures/procs.c")))?;
+    Ok(procs)
+}
+
 pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
+    if args.iter().any(|a| a == "--all") {
+        return crate::soak_all::soak_all(ws, args);
+    }
     let mut minutes = DEFAULT_MINUTES;
     let mut rate = DEFAULT_RATE;
     let mut it = args.iter();
@@ -75,7 +93,10 @@ pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
                     .and_then(|v| v.to_str()?.parse().ok())
                     .context("--rate takes a number of allocations a second")?;
             }
-            _ => bail!("`cargo xtask soak` takes [--minutes N] [--rate ALLOCS_PER_S], got {arg:?}"),
+            _ => bail!(
+                "`cargo xtask soak` takes [--minutes N] [--rate ALLOCS_PER_S], or --all \
+                 [--minutes N] [--spawn-rate PROCS_PER_S] [--everything], got {arg:?}"
+            ),
         }
     }
     let seconds = (minutes * 60.0).round().max(1.0) as u64;
@@ -83,14 +104,7 @@ pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let warmup = if seconds < 240 { seconds / 2 } else { 120 };
 
     let out_dir = ws.target_dir().join("bench");
-    fs::create_dir_all(&out_dir)
-        .with_context(|| format!("failed to create {}", out_dir.display()))?;
-    let procs = out_dir.join("procs");
-    run(ws
-        .command("cc")
-        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(&procs)
-        .arg(ws.root.join("tests/fixtures/procs.c")))?;
+    let procs = build_procs(ws, &out_dir)?;
     let memprof = ws.target_dir().join("release/memprof");
 
     let mut target = Command::new(&procs)
@@ -358,7 +372,7 @@ fn read_report(path: &Path) -> Result<Totals> {
 }
 
 /// VmRSS of `pid` in bytes; `None` once the process is gone.
-fn vm_rss(pid: u32) -> Option<u64> {
+pub(crate) fn vm_rss(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status_kib(&status, "VmRSS:").map(|kib| kib * 1024)
 }
@@ -374,7 +388,7 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 }
 
 /// utime + stime of `pid` in clock ticks (0 once it is gone).
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -391,13 +405,13 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
