@@ -14,7 +14,7 @@ use std::{
     ffi::OsString,
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::TcpStream,
     process::{Command, Stdio},
     sync::{
@@ -28,7 +28,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    soak::{build_procs, clock_ticks, cpu_ticks, mib, vm_rss},
+    soak::{
+        build_procs, clock_ticks, cpu_ticks, mib, positive, start_memprof, start_ready, vm_rss,
+    },
     util::{Workspace, tv, wait4},
 };
 
@@ -83,19 +85,9 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
         match arg.to_str() {
             Some("--all") => {}
             Some("--everything") => everything = true,
-            Some("--minutes") => {
-                minutes = it
-                    .next()
-                    .and_then(|v| v.to_str()?.parse().ok())
-                    .filter(|m: &f64| *m > 0.0)
-                    .context("--minutes takes a positive number")?;
-            }
+            Some("--minutes") => minutes = positive(it.next(), "--minutes", "a positive number")?,
             Some("--spawn-rate") => {
-                spawn_rate = it
-                    .next()
-                    .and_then(|v| v.to_str()?.parse().ok())
-                    .filter(|r: &f64| *r > 0.0)
-                    .context("--spawn-rate takes a number of processes a second")?;
+                spawn_rate = positive(it.next(), "--spawn-rate", "a number of processes a second")?;
             }
             _ => bail!(
                 "`cargo xtask soak --all` takes [--minutes N] [--spawn-rate PROCS_PER_S] \
@@ -111,18 +103,7 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let memprof = ws.target_dir().join("release/memprof");
 
     // The anchor: a `procs` running when memprof starts, for --comm.
-    let mut anchor = Command::new(&procs)
-        .args(["leak", "1", "10"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("failed to start procs leak")?;
-    let mut anchor_out = BufReader::new(anchor.stdout.take().context("no stdout")?);
-    let mut line = String::new();
-    anchor_out.read_line(&mut line)?;
-    if line.trim() != "ready" {
-        bail!("procs leak did not print ready: {line:?}");
-    }
+    let (mut anchor, _anchor_out) = start_ready(Command::new(&procs).args(["leak", "1", "10"]))?;
 
     let report_path = out_dir.join("soak-all-report.txt");
     let log_path = out_dir.join("soak-all-memprof.log");
@@ -131,26 +112,8 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
     if !everything {
         cmd.args(["--comm", "procs"]);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(fs::File::create(&report_path)?)
-        .stderr(fs::File::create(&log_path)?);
-    eprintln!("+ {}", crate::util::display(&cmd));
-    let mut agent = cmd.spawn().context("failed to start memprof")?;
+    let agent = start_memprof(&mut cmd, &report_path, &log_path)?;
     let agent_pid = agent.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains("memprof: tracing") {
-            break;
-        }
-        if let Some(status) = agent.try_wait()? {
-            bail!("memprof exited before tracing ({status}):\n{log}");
-        }
-        if Instant::now() > deadline {
-            bail!("memprof did not start tracing within 60 s:\n{log}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let spawned = Arc::new(AtomicU64::new(0));

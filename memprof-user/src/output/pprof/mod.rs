@@ -137,20 +137,21 @@ pub fn values(site: &Site) -> [i64; 6] {
     ]
 }
 
+/// Reads a gzipped profile back (tests).
+#[cfg(test)]
+pub(crate) fn decode(gz: &[u8]) -> PbProfile {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut raw)
+        .unwrap();
+    PbProfile::decode(&*raw).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
-    use std::io::Read as _;
-
     use super::*;
     use crate::report::sample::{APP, APP_BUILD_ID, frame, sample_profile};
-
-    fn decode(gz: &[u8]) -> PbProfile {
-        let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(gz)
-            .read_to_end(&mut raw)
-            .unwrap();
-        PbProfile::decode(&*raw).unwrap()
-    }
 
     fn s(p: &PbProfile, i: i64) -> &str {
         &p.string_table[i as usize]

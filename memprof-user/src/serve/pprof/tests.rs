@@ -1,7 +1,7 @@
-use std::{io::Read as _, sync::Arc};
+use std::sync::Arc;
 
 use super::*;
-use crate::{output::pprof::PbProfile, report::Frame};
+use crate::{output::pprof::decode, report::Frame};
 
 fn frame(name: &str, offset: u64) -> Frame {
     Frame {
@@ -31,14 +31,6 @@ fn process(pid: u32, samples: Vec<ProcessSample>) -> ProcessSamples {
         cgroup: Some("/system.slice/x.service".into()),
         samples,
     }
-}
-
-fn decode(gz: &[u8]) -> PbProfile {
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gz)
-        .read_to_end(&mut raw)
-        .unwrap();
-    PbProfile::decode(&*raw).unwrap()
 }
 
 #[test]
