@@ -224,7 +224,15 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let peak = usage.ru_maxrss as u64 * 1024;
     let profile_kib = scrapes.iter().map(|s| s.0).max().unwrap_or(0) as f64 / 1024.0;
     let scrape_s = scrapes.iter().map(|s| s.1).fold(0.0, f64::max);
-    let n = |name: &str| metric(&metrics, name);
+    let [forgotten, unscraped, over_cap, allocations, lost] = [
+        "forgotten_processes",
+        "forgotten_unscraped_processes",
+        "profile_sites_over_cap",
+        "allocations",
+        "lost_events",
+    ]
+    .map(|name| metric(&metrics, &format!("memprof_{name}_total")));
+    let profiles = scrapes.len();
     let spawned = spawned.load(Ordering::Relaxed);
 
     let mut md = String::new();
@@ -247,10 +255,10 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
         "\nmemprof RSS: {:.1} MiB at the start, {:.1} MiB at {:.0} s (two thirds), {:.1} MiB at \
          the end ({:.0} s); peak {:.1} MiB including the report.  \n\
          Verdict: growth over the last third {growth:+} bytes ({:+.2}%).  \n\
-         Processes: {spawned} run and exited; forgotten {} (unseen by a scrape: {}); call-site \
-         allocations over the per-process cap: {}.  \n\
-         Events: {} allocations, {} lost events.  \n\
-         Scrapes: {} profiles (largest {profile_kib:.0} KiB gzipped, slowest {scrape_s:.2} s), \
+         Processes: {spawned} run and exited; forgotten {forgotten} (unseen by a scrape: \
+         {unscraped}); call-site allocations over the per-process cap: {over_cap}.  \n\
+         Events: {allocations} allocations, {lost} lost events.  \n\
+         Scrapes: {profiles} profiles (largest {profile_kib:.0} KiB gzipped, slowest {scrape_s:.2} s), \
          {failures} failed requests.  \n\
          CPU: memprof {:.1}% of a core on average, {agent_cpu_s:.1} s in all.",
         mib(first.rss),
@@ -260,12 +268,6 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
         last.t_s,
         mib(peak),
         growth as f64 * 100.0 / third.rss.max(1) as f64,
-        n("memprof_forgotten_processes_total"),
-        n("memprof_forgotten_unscraped_processes_total"),
-        n("memprof_profile_sites_over_cap_total"),
-        n("memprof_allocations_total"),
-        n("memprof_lost_events_total"),
-        scrapes.len(),
         cpu_mean * 100.0,
     );
     let curve: Vec<String> = samples
@@ -281,19 +283,14 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
         "{{\"seconds\":{seconds},\"spawn_rate\":{spawn_rate},\"processes\":{spawned},\
          \"memprof_rss_start_bytes\":{},\"memprof_rss_two_thirds_bytes\":{},\
          \"memprof_rss_end_bytes\":{},\"memprof_peak_rss_bytes\":{peak},\
-         \"growth_last_third_bytes\":{growth},\"forgotten_processes\":{},\
-         \"forgotten_unscraped_processes\":{},\"profile_sites_over_cap\":{},\"allocations\":{},\
-         \"lost_events\":{},\"profile_scrapes\":{},\"failed_requests\":{failures},\
+         \"growth_last_third_bytes\":{growth},\"forgotten_processes\":{forgotten},\
+         \"forgotten_unscraped_processes\":{unscraped},\"profile_sites_over_cap\":{over_cap},\
+         \"allocations\":{allocations},\"lost_events\":{lost},\"profile_scrapes\":{profiles},\
+         \"failed_requests\":{failures},\
          \"memprof_cpu_s\":{agent_cpu_s:.2},\"curve\":[\n{}\n]}}\n",
         first.rss,
         third.rss,
         last.rss,
-        n("memprof_forgotten_processes_total"),
-        n("memprof_forgotten_unscraped_processes_total"),
-        n("memprof_profile_sites_over_cap_total"),
-        n("memprof_allocations_total"),
-        n("memprof_lost_events_total"),
-        scrapes.len(),
         curve.join(",\n")
     );
     fs::write(out_dir.join("soak-all.md"), &md)?;
