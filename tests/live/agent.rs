@@ -15,6 +15,7 @@ use super::{
     HOLD_NAMES, HOLD_TABLE, STEADY_BYTES, TempDir, finish_trace,
     http::{free_port, http_get_with, poll},
     pprof_raw::{RawProfile, RawSample, go_pprof},
+    prometheus::Prometheus,
     steady,
 };
 use crate::common::{
@@ -311,5 +312,51 @@ fn exited_processes_stay_until_a_scrape_saw_them() {
     forgotten(54);
     assert_eq!(counter(port, "", "forgotten_unscraped_processes"), Some(0));
     drop(anchor.finish(Duration::from_secs(10)));
+    finish_trace(mp);
+}
+
+#[test]
+fn prometheus_scrapes_a_token_protected_agent() {
+    require_root();
+    let dir = TempDir::new("agent-prometheus");
+    let token_file = dir.0.join("token");
+    fs::write(&token_file, "prom-t0ken\n").unwrap();
+    let (mp, port) = agent(&["--http-token", token_file.to_str().unwrap()]);
+    let target = start_target("steady", steady(), &["60"]);
+    // One Prometheus with the token, one without.
+    let with = Prometheus::start_with(port, Some(&token_file));
+    let without = Prometheus::start(port);
+    let health = |p: &Prometheus, want: &str| {
+        poll(Duration::from_secs(30), || {
+            let targets = p.api("/api/v1/targets");
+            let t = targets["activeTargets"][0].clone();
+            (t["health"] == want).then_some(t)
+        })
+        .unwrap_or_else(|| panic!("no {want} target: {}", p.api("/api/v1/targets")))
+    };
+    let up = health(&with, "up");
+    assert_eq!(up["lastError"], "", "{up}");
+    let down = health(&without, "down");
+    assert!(
+        down["lastError"].as_str().unwrap().contains("401"),
+        "{down}"
+    );
+    // The agent's series: pid 0 stands for every traced process.
+    let allocations = poll(Duration::from_secs(30), || {
+        let r = with.query("memprof_allocations_total{pid=\"0\"}");
+        let v: u64 = r.first()?["value"][1].as_str()?.parse().ok()?;
+        (v >= 2).then_some(v)
+    });
+    assert!(allocations.is_some(), "{}", mp.output_tail());
+    assert_eq!(with.value("memprof_up{pid=\"0\"}"), "1");
+    assert_eq!(
+        with.value("memprof_forgotten_unscraped_processes_total{pid=\"0\"}"),
+        "0"
+    );
+    assert!(without.query("memprof_up").is_empty());
+    drop(target);
+    let (mut with, mut without) = (with, without);
+    with.proc.stop(libc::SIGTERM, Duration::from_secs(10));
+    without.proc.stop(libc::SIGTERM, Duration::from_secs(10));
     finish_trace(mp);
 }

@@ -37,21 +37,29 @@ impl Session {
             return out;
         };
         let mut cache = FrameCache::default();
+        // As the kernel keeps it: 15 bytes.
+        let comm: Option<String> = selection
+            .comm
+            .as_ref()
+            .map(|c| c.chars().take(15).collect());
         let mut pids: Vec<u32> = self
             .procs
-            .iter()
+            .iter_mut()
             .filter(|(pid, p)| {
                 selection.pid.is_none_or(|want| want == **pid)
-                    && selection.comm.as_ref().is_none_or(|c| *c == p.comm)
+                    && comm.as_ref().is_none_or(|c| *c == p.comm)
             })
-            .map(|(pid, _)| *pid)
+            .map(|(pid, p)| {
+                // Served, even with nothing to show.
+                p.seen_exited |= p.exited;
+                *pid
+            })
             .collect();
         pids.sort_unstable();
         for pid in pids {
-            let (Some(groups), Some(p)) = (sites.process(pid), self.procs.get_mut(&pid)) else {
+            let (Some(groups), Some(p)) = (sites.process(pid), self.procs.get(&pid)) else {
                 continue;
             };
-            p.seen_exited |= p.exited;
             out.processes.push(ProcessSamples {
                 pid,
                 comm: p.comm.clone(),
