@@ -166,6 +166,11 @@ pub struct Session {
     /// Of those, forgotten before a profile scrape saw them after their exit.
     evicted_unscraped: u64,
     pruned_groups: u64,
+    /// How many processes still reported allocated with each raw stack key: a key no process
+    /// uses any more is forgotten (with address-space randomisation every process has keys of
+    /// its own), and counted in `stacks_forgotten` (all, and those whose walk stopped early).
+    stack_users: foldhash::HashMap<u64, u32>,
+    stacks_forgotten: (u64, u64),
     /// Each process's allocations by call site, for the live profiles (with live endpoints).
     process_sites: Option<crate::analysis::process_sites::ProcessSites>,
     /// Names stacks on its own thread.
@@ -272,6 +277,8 @@ impl Session {
             evicted_unscraped: 0,
             pruned_groups: 0,
             process_sites: settings.live.as_ref().map(|_| Default::default()),
+            stack_users: Default::default(),
+            stacks_forgotten: (0, 0),
             decode_errors: 0,
             start_ns,
             settings,

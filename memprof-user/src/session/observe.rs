@@ -130,6 +130,13 @@ impl Session {
             self.allocator_text(tgid);
             self.update_tables(tgid);
         }
+        if let Event::Alloc(a) = event
+            && a.stack != NO_STACK
+            && let Some(p) = self.procs.get_mut(&tgid)
+            && p.stack_keys.insert(a.stack)
+        {
+            *self.stack_users.entry(a.stack).or_default() += 1;
+        }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
                 self.learn_stack(tgid, a.stack);
@@ -270,8 +277,12 @@ impl Session {
                 outstanding,
             });
         }
-        self.track(Input::Forget { pid });
-        self.procs.remove(&pid);
+        let stacks = self
+            .procs
+            .remove(&pid)
+            .map(|p| p.stack_keys.into_iter().collect())
+            .unwrap_or_default();
+        self.track(Input::Forget { pid, stacks });
         self.unwinders.remove(&pid);
         self.pending_maps.remove(&pid);
         if let Some(state) = self.pythons.remove(&pid) {

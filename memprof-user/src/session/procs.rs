@@ -26,6 +26,8 @@ pub struct Proc {
     pub execs: u32,
     /// Its cgroup v2 path, read when it was discovered or exec'd.
     pub cgroup: Option<String>,
+    /// The raw stack keys of its allocations (released when it is forgotten).
+    pub stack_keys: foldhash::HashSet<u64>,
     /// `/proc/PID/root` when the process lives under another root than memprof (a container):
     /// its files are read through it, and its stacks are symbolized as soon as they are seen.
     pub root: Option<String>,
@@ -58,6 +60,7 @@ impl Proc {
             seen_exited: false,
             execs: 0,
             cgroup: None,
+            stack_keys: Default::default(),
             root,
             space: AddressSpace::default(),
             space_stale: true,

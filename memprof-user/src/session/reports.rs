@@ -319,12 +319,13 @@ impl Session {
         Some(report::UnwindStats {
             mode: "tables",
             allocations: self.table_allocations,
-            stacks: self.stack_ends.len() as u64,
+            stacks: self.stack_ends.len() as u64 + self.stacks_forgotten.0,
             truncated_stacks: self
                 .stack_ends
                 .values()
                 .filter(|e| !reached_entry(u64::from(**e)))
-                .count() as u64,
+                .count() as u64
+                + self.stacks_forgotten.1,
             tables: Some(walks),
         })
     }

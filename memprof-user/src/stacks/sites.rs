@@ -114,6 +114,12 @@ impl Sites {
         site
     }
 
+    /// Forgets which site raw stack `stack` maps to (no block of a process still reported has
+    /// it); the site itself stays.
+    pub fn forget_stack(&mut self, stack: u64) {
+        self.by_stack.remove(&stack);
+    }
+
     fn frame_id(&mut self, f: &Frame) -> u32 {
         let key = FrameKey::of(f);
         if let Some(&id) = self.frame_ids.get(&key) {
