@@ -33,11 +33,16 @@ impl HttpResponse {
 
 /// One HTTP/1.0 GET (the server closes the connection after the response).
 pub(crate) fn http_get(port: u16, path: &str) -> Result<HttpResponse, String> {
+    http_get_with(port, path, "")
+}
+
+/// [`http_get`] with more header lines (each ending in `\r\n`).
+pub(crate) fn http_get_with(port: u16, path: &str, headers: &str) -> Result<HttpResponse, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}Connection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();

@@ -1,13 +1,14 @@
 //! End-to-end tests of the live endpoints (`memprof trace --metrics ADDR`, `--ui ADDR`) with
 //! the tools people use them with: a real Prometheus scraping memprof, promtool checking the
-//! shipped alerting rules, and headless Chromium rendering the dashboard.
+//! shipped alerting rules, headless Chromium rendering the dashboard, and `go tool pprof`
+//! pulling profiles from memprof as a node agent (`trace --all --metrics`).
 //!
 //! Needs root (eBPF), a memprof built with its kernel programs, `cc`, and the Debian packages
-//! `prometheus` (prometheus and promtool) and `chromium`:
+//! `prometheus` (prometheus and promtool), `chromium` and `golang-go` (go tool pprof):
 //! `sudo -E cargo test --release -p memprof-user --test live -- --test-threads=1`.
 //! Everything listens on 127.0.0.1 only; every wait is bounded (60 s at most per process).
 //! Environment: `CC` (default `cc`), `PROMETHEUS` (default `prometheus`), `PROMTOOL` (default
-//! `promtool`), `CHROMIUM` (default `chromium`).
+//! `promtool`), `CHROMIUM` (default `chromium`), `GO` (default `go`).
 //!
 //! Chromium is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: commands
 //! on fd 3, replies on fd 4, NUL-terminated JSON), which needs no WebSocket client and no npm
@@ -16,10 +17,12 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent;
 mod chromium;
 mod dashboard;
 mod http;
 mod metrics;
+mod pprof_raw;
 mod prometheus;
 
 use std::{

@@ -234,3 +234,40 @@ fn promtool_checks_and_tests_rules() {
         assert!(text.contains("SUCCESS"), "{text}");
     }
 }
+
+/// deploy/prometheus/prometheus.yml, its token file put at a temporary path, checked by
+/// promtool with the rules it loads.
+#[test]
+fn promtool_checks_the_shipped_config() {
+    let dir = super::TempDir::new("prometheus-config");
+    let deploy = Path::new(REPO).join("deploy/prometheus");
+    let token = dir.0.join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let config = std::fs::read_to_string(deploy.join("prometheus.yml")).unwrap();
+    assert!(
+        config.contains("credentials_file: /etc/memprof/token"),
+        "{config}"
+    );
+    let config = config.replace("/etc/memprof/token", token.to_str().unwrap());
+    std::fs::write(dir.0.join("prometheus.yml"), config).unwrap();
+    std::fs::copy(
+        deploy.join("memprof-rules.yml"),
+        dir.0.join("memprof-rules.yml"),
+    )
+    .unwrap();
+    let out = Command::new(tool("PROMTOOL", "promtool"))
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check config failed:\n{text}"
+    );
+    assert!(text.contains("SUCCESS: 1 rule files found"), "{text}");
+}

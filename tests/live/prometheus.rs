@@ -19,6 +19,11 @@ pub(crate) struct Prometheus {
 impl Prometheus {
     /// A Prometheus on 127.0.0.1 scraping `target_port` every second, with memprof's rules.
     pub(crate) fn start(target_port: u16) -> Prometheus {
+        Self::start_with(target_port, None)
+    }
+
+    /// [`Prometheus::start`], sending the bearer token of `token_file` when it is given.
+    pub(crate) fn start_with(target_port: u16, token_file: Option<&Path>) -> Prometheus {
         let dir = TempDir::new("prometheus");
         let rules = Path::new(REPO).join("deploy/prometheus/memprof-rules.yml");
         let config = dir.0.join("prometheus.yml");
@@ -28,8 +33,12 @@ impl Prometheus {
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {}\n\
                  scrape_configs:\n  - job_name: memprof\n    static_configs:\n      - targets: \
-                 ['127.0.0.1:{target_port}']\n",
-                rules.display()
+                 ['127.0.0.1:{target_port}']\n{}",
+                rules.display(),
+                token_file.map_or(String::new(), |f| format!(
+                    "    authorization:\n      credentials_file: {}\n",
+                    f.display()
+                ))
             ),
         )
         .unwrap();

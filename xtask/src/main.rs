@@ -7,6 +7,7 @@
 mod bench;
 mod setup;
 mod soak;
+mod soak_all;
 mod util;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -40,6 +41,13 @@ commands:
                         20000) malloc/free pairs with a bounded live set for N minutes (default
                         60), sampling memprof's RSS; writes target/bench/soak.md and soak.json;
                         needs root
+  soak --all [--minutes N] [--spawn-rate PROCS_PER_S] [--everything]
+                        setup, build memprof, run it as a node agent (trace --all --comm procs
+                        --metrics; --everything: every process) while PROCS_PER_S (default 10)
+                        short-lived processes start and exit, scraping its profiles and
+                        metrics every 15 s, for N minutes (default 60); prints its RSS at the
+                        start and end and the growth over the last third; writes
+                        target/bench/soak-all.md and soak-all.json; needs root
   demo [MEMPROF_ARGS]   setup, build memprof, trace the bundled demo/leaky_cache.c workload;
                         MEMPROF_ARGS go to `memprof trace` (e.g. --json); needs root
 ";

@@ -8,6 +8,8 @@
 //! sample after the warm-up (2 minutes, or half the run for runs under 4 minutes) to the last
 //! one: with a bounded live set, the agent's memory must level off. Results go to
 //! `target/bench/soak.md` and `soak.json`; memprof's NDJSON to `soak-report.ndjson`.
+//!
+//! `--all` soaks memprof as a node agent instead (see [`crate::soak_all`]).
 
 use std::{
     ffi::OsString,
@@ -15,7 +17,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -56,34 +58,60 @@ struct Totals {
     duration_s: f64,
 }
 
-pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
-    let mut minutes = DEFAULT_MINUTES;
-    let mut rate = DEFAULT_RATE;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.to_str() {
-            Some("--minutes") => {
-                minutes = it
-                    .next()
-                    .and_then(|v| v.to_str()?.parse().ok())
-                    .filter(|m: &f64| *m > 0.0)
-                    .context("--minutes takes a positive number")?;
-            }
-            Some("--rate") => {
-                rate = it
-                    .next()
-                    .and_then(|v| v.to_str()?.parse().ok())
-                    .context("--rate takes a number of allocations a second")?;
-            }
-            _ => bail!("`cargo xtask soak` takes [--minutes N] [--rate ALLOCS_PER_S], got {arg:?}"),
-        }
+/// Starts `cmd` (a `procs` mode) with pipes for stdin and stdout, and waits for its `ready`.
+pub(crate) fn start_ready(cmd: &mut Command) -> Result<(Child, BufReader<ChildStdout>)> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {}", crate::util::display(cmd)))?;
+    let mut out = BufReader::new(child.stdout.take().context("no stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!(
+            "{} did not print ready: {line:?}",
+            crate::util::display(cmd)
+        );
     }
-    let seconds = (minutes * 60.0).round().max(1.0) as u64;
-    let step = if seconds < 600 { 5 } else { 30 };
-    let warmup = if seconds < 240 { seconds / 2 } else { 120 };
+    Ok((child, out))
+}
 
-    let out_dir = ws.target_dir().join("bench");
-    fs::create_dir_all(&out_dir)
+/// Starts memprof as `cmd`, its stdout to `report` and its stderr to `log`, and waits (60 s at
+/// most) until it traces.
+pub(crate) fn start_memprof(cmd: &mut Command, report: &Path, log: &Path) -> Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(fs::File::create(report)?)
+        .stderr(fs::File::create(log)?);
+    eprintln!("+ {}", crate::util::display(cmd));
+    let mut agent = cmd.spawn().context("failed to start memprof")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.contains("memprof: tracing") {
+            return Ok(agent);
+        }
+        if let Some(status) = agent.try_wait()? {
+            bail!("memprof exited before tracing ({status}):\n{text}");
+        }
+        if Instant::now() > deadline {
+            bail!("memprof did not start tracing within 60 s:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The positive number after `flag`.
+pub(crate) fn positive(value: Option<&OsString>, flag: &str, what: &str) -> Result<f64> {
+    value
+        .and_then(|v| v.to_str()?.parse().ok())
+        .filter(|v: &f64| *v > 0.0)
+        .with_context(|| format!("{flag} takes {what}"))
+}
+
+/// Compiles `tests/fixtures/procs.c` into `out_dir/procs`.
+pub(crate) fn build_procs(ws: &Workspace, out_dir: &Path) -> Result<std::path::PathBuf> {
+    fs::create_dir_all(out_dir)
         .with_context(|| format!("failed to create {}", out_dir.display()))?;
     let procs = out_dir.join("procs");
     run(ws
@@ -91,46 +119,50 @@ pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
         .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
         .arg(&procs)
         .arg(ws.root.join("tests/fixtures/procs.c")))?;
+    Ok(procs)
+}
+
+pub fn soak(ws: &Workspace, args: &[OsString]) -> Result<()> {
+    if args.iter().any(|a| a == "--all") {
+        return crate::soak_all::soak_all(ws, args);
+    }
+    let mut minutes = DEFAULT_MINUTES;
+    let mut rate = DEFAULT_RATE;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.to_str() {
+            Some("--minutes") => minutes = positive(it.next(), "--minutes", "a positive number")?,
+            Some("--rate") => {
+                rate = it
+                    .next()
+                    .and_then(|v| v.to_str()?.parse().ok())
+                    .context("--rate takes a number of allocations a second")?;
+            }
+            _ => bail!(
+                "`cargo xtask soak` takes [--minutes N] [--rate ALLOCS_PER_S], or --all \
+                 [--minutes N] [--spawn-rate PROCS_PER_S] [--everything], got {arg:?}"
+            ),
+        }
+    }
+    let seconds = (minutes * 60.0).round().max(1.0) as u64;
+    let step = if seconds < 600 { 5 } else { 30 };
+    let warmup = if seconds < 240 { seconds / 2 } else { 120 };
+
+    let out_dir = ws.target_dir().join("bench");
+    let procs = build_procs(ws, &out_dir)?;
     let memprof = ws.target_dir().join("release/memprof");
 
-    let mut target = Command::new(&procs)
-        .args(["churn", &rate.to_string(), &seconds.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start {}", procs.display()))?;
-    let mut target_out = BufReader::new(target.stdout.take().context("no stdout")?);
+    let (mut target, mut target_out) =
+        start_ready(Command::new(&procs).args(["churn", &rate.to_string(), &seconds.to_string()]))?;
     let mut line = String::new();
-    target_out.read_line(&mut line)?;
-    if line.trim() != "ready" {
-        bail!("procs churn did not print ready: {line:?}");
-    }
     let target_pid = target.id();
 
     let report_path = out_dir.join("soak-report.ndjson");
     let log_path = out_dir.join("soak-memprof.log");
     let mut cmd = Command::new(&memprof);
-    cmd.args(["trace", "--json", "--pid", &target_pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&report_path)?)
-        .stderr(fs::File::create(&log_path)?);
-    eprintln!("+ {}", crate::util::display(&cmd));
-    let mut agent = cmd.spawn().context("failed to start memprof")?;
+    cmd.args(["trace", "--json", "--pid", &target_pid.to_string()]);
+    let agent = start_memprof(&mut cmd, &report_path, &log_path)?;
     let agent_pid = agent.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains("memprof: tracing") {
-            break;
-        }
-        if let Some(status) = agent.try_wait()? {
-            bail!("memprof exited before tracing ({status}):\n{log}");
-        }
-        if Instant::now() > deadline {
-            bail!("memprof did not start tracing within 60 s:\n{log}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 
     // The churn starts now; samples are timed from here.
     let mut stdin = target.stdin.take().context("no stdin")?;
@@ -358,7 +390,7 @@ fn read_report(path: &Path) -> Result<Totals> {
 }
 
 /// VmRSS of `pid` in bytes; `None` once the process is gone.
-fn vm_rss(pid: u32) -> Option<u64> {
+pub(crate) fn vm_rss(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status_kib(&status, "VmRSS:").map(|kib| kib * 1024)
 }
@@ -374,7 +406,7 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 }
 
 /// utime + stime of `pid` in clock ticks (0 once it is gone).
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -391,13 +423,13 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 

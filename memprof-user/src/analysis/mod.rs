@@ -19,6 +19,8 @@
 //! - [`rss`]: RSS explained: live, retained by the allocator, untouched, other.
 //! - [`diff`]: what changed between two saved reports, site by site.
 //! - [`trend`]: each call site's outstanding bytes over a series of saved reports.
+//! - [`process_sites`]: each process's allocations by call-site group, capped, for the live
+//!   profiles.
 //! - [`pyphases`]: phases named by Python function, and which frames are those functions.
 
 pub mod behaviour;
@@ -28,6 +30,7 @@ pub mod estimate;
 pub mod growth;
 pub mod memory;
 pub mod peak;
+pub mod process_sites;
 pub mod pyphases;
 pub mod recommend;
 pub mod rss;

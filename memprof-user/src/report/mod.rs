@@ -5,6 +5,7 @@
 
 mod build;
 pub mod names;
+pub mod processes;
 pub mod saved;
 
 use serde::Serialize;
@@ -23,15 +24,24 @@ pub use crate::{
 /// What a long trace stopped keeping (see `Inputs::forgotten`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Forgotten {
-    /// Exited processes beyond the most recent 256, whose blocks count as freed.
+    /// Exited processes beyond the most recent 256, whose blocks count as freed (with live
+    /// endpoints: once a profile scrape saw them, or beyond 4096 unseen).
     pub processes: u64,
+    /// Of those, processes forgotten before a profile scrape saw them after their exit (live
+    /// endpoints only).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unscraped_processes: u64,
     /// Call-site groups with nothing outstanding and idle for a minute, beyond 20 000.
     pub groups: u64,
+    /// Allocations at call sites beyond the 4096 kept per process for the live profiles
+    /// (served summed as `[sites over cap]`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub profile_sites_over_cap: u64,
 }
 
 impl Forgotten {
     fn is_none(&self) -> bool {
-        self.processes == 0 && self.groups == 0
+        *self == Self::default()
     }
 }
 

@@ -81,7 +81,7 @@ pub fn start(
         listener,
         bound,
         guard,
-        Arc::new(move |ask| route(&ask, &shared)),
+        Arc::new(move |ask| route(&ask, &shared).into()),
     )?;
     Ok(bound)
 }

@@ -192,6 +192,8 @@ impl Drop for Busy {
 pub struct Ask<'a> {
     pub method: &'a Method,
     pub path: &'a str,
+    /// The query string, without its `?` (empty when none).
+    pub query: &'a str,
     pub slot: &'a Arc<Slot>,
 }
 
@@ -202,8 +204,21 @@ impl Ask<'_> {
     }
 }
 
-/// A route handler: the response to a GET or HEAD request that passed the guards.
-pub type Handler = Arc<dyn Fn(Ask<'_>) -> Response<Body> + Send + Sync>;
+/// A handler's answer: a response now, or one that comes later (a profile taken over seconds).
+/// A later answer holds its connection busy itself ([`Ask::busy`]) until it is ready.
+pub enum Reply {
+    Now(Response<Body>),
+    Later(Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>),
+}
+
+impl From<Response<Body>> for Reply {
+    fn from(r: Response<Body>) -> Self {
+        Reply::Now(r)
+    }
+}
+
+/// A route handler: the answer to a GET or HEAD request that passed the guards.
+pub type Handler = Arc<dyn Fn(Ask<'_>) -> Reply + Send + Sync>;
 
 /// A response with a status and a plain-text body.
 pub fn status(code: StatusCode, text: &str) -> Response<Body> {
@@ -304,8 +319,13 @@ async fn connection(
 ) {
     let for_service = slot.clone();
     let service = service_fn(move |request: Request<Incoming>| {
-        let response = answer(&request, &for_service, bound, &guard, &handler);
-        async move { Ok::<_, Infallible>(response) }
+        let reply = answer(&request, &for_service, bound, &guard, &handler);
+        async move {
+            Ok::<_, Infallible>(match reply {
+                Reply::Now(response) => response,
+                Reply::Later(response) => response.await,
+            })
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -336,13 +356,14 @@ fn answer(
     bound: SocketAddr,
     guard: &Guard,
     handler: &Handler,
-) -> Response<Body> {
+) -> Reply {
     let _busy = Busy::new(slot);
     if bound.ip().is_loopback() && !loopback_host(request) {
         return status(
             StatusCode::MISDIRECTED_REQUEST,
             "this endpoint answers requests for a loopback host only\n",
-        );
+        )
+        .into();
     }
     if let Some(token) = &guard.token
         && !carries_token(request, token)
@@ -354,18 +375,21 @@ fn answer(
             ),
             header::WWW_AUTHENTICATE,
             "Bearer",
-        );
+        )
+        .into();
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         return with_header(
             status(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             header::ALLOW,
             "GET, HEAD",
-        );
+        )
+        .into();
     }
     handler(Ask {
         method: request.method(),
         path: request.uri().path(),
+        query: request.uri().query().unwrap_or(""),
         slot,
     })
 }
@@ -493,7 +517,7 @@ mod tests {
     #[test]
     fn guards_hosts_tokens_methods_and_floods() {
         let rt = test_runtime();
-        let handler: Handler = Arc::new(|_ask| Response::new(Body::text("hello\n")));
+        let handler: Handler = Arc::new(|_ask| Response::new(Body::text("hello\n")).into());
         let (listener, addr) = bind("--test", "127.0.0.1:0").unwrap();
         let token: Arc<str> = "s3cret".into();
         let guard = Guard { token: Some(token) };

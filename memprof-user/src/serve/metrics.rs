@@ -1,4 +1,6 @@
-//! `--metrics ADDR`: Prometheus metrics of the live trace at `GET /metrics`.
+//! `--metrics ADDR`: Prometheus metrics of the live trace at `GET /metrics`, and beside them
+//! the pprof profiles `GET /debug/pprof/heap` and `GET /debug/pprof/allocs` (see
+//! [`super::pprof`]).
 //!
 //! The exposition is OpenMetrics text (`application/openmetrics-text; version=1.0.0`), written
 //! by prometheus-client from the newest [`LiveState`] profile at each scrape; Prometheus 2.x
@@ -28,6 +30,10 @@
 //! | `memprof_lost_events_total` | counter | `totals.lost_events` |
 //! | `memprof_lost_stacks_total` | counter | `totals.lost_stacks` |
 //! | `memprof_unmatched_frees_total` | counter | `totals.unmatched_frees` |
+//! | `memprof_forgotten_processes_total` | counter | `forgotten.processes` |
+//! | `memprof_forgotten_unscraped_processes_total` | counter | `forgotten.unscraped_processes` |
+//! | `memprof_forgotten_groups_total` | counter | `forgotten.groups` |
+//! | `memprof_profile_sites_over_cap_total` | counter | `forgotten.profile_sites_over_cap` |
 //! | `memprof_leak_detected` | gauge | `leak_detected` (0 or 1) |
 //! | `memprof_rss_limit_bytes` | gauge | `--limit` (only with `--limit`) |
 //! | `memprof_rss_limit_projected_seconds` | gauge | `projected_limit_hours` in s (only while RSS grows towards `--limit`) |
@@ -52,6 +58,7 @@ use prometheus_client::{
 use super::{
     Live, LiveState,
     http::{Ask, Body, Guard, bind, spawn, status, with_header},
+    pprof::{Kind, Profiles},
 };
 use crate::report::{Profile, Site, Verdict, names::site_label};
 
@@ -83,13 +90,18 @@ pub fn start(
     guard: Guard,
 ) -> anyhow::Result<SocketAddr> {
     let (listener, bound) = bind("--metrics", addr)?;
+    let profiles = Profiles::new(live.clone());
     let registry = Arc::new(registry(live, limit));
     spawn(
         runtime,
         listener,
         bound,
         guard,
-        Arc::new(move |ask| respond(&ask, &registry)),
+        Arc::new(move |ask| match ask.path {
+            "/debug/pprof/heap" => profiles.respond(&ask, Kind::Heap),
+            "/debug/pprof/allocs" => profiles.respond(&ask, Kind::Allocs),
+            _ => respond(&ask, &registry).into(),
+        }),
     )?;
     Ok(bound)
 }
@@ -113,7 +125,8 @@ fn respond(ask: &Ask<'_>, registry: &Registry) -> Response<Body> {
         }
         "/" => with_header(
             Response::new(Body::text(
-                "<!doctype html><title>memprof</title><a href=\"metrics\">metrics</a>\n",
+                "<!doctype html><title>memprof</title><a href=\"metrics\">metrics</a> \
+                 <a href=\"debug/pprof/heap\">heap</a> <a href=\"debug/pprof/allocs\">allocs</a>\n",
             )),
             CONTENT_TYPE_HEADER,
             "text/html; charset=utf-8",
@@ -321,6 +334,31 @@ fn encode_profile(
         &pid,
         t.heap.unmatched_frees,
     )?;
+    let f = &r.forgotten;
+    for (name, help, value) in [
+        (
+            "memprof_forgotten_processes",
+            "Exited processes no longer reported, to keep memory bounded",
+            f.processes,
+        ),
+        (
+            "memprof_forgotten_unscraped_processes",
+            "Exited processes forgotten before a profile scrape saw them (over 4096 unseen)",
+            f.unscraped_processes,
+        ),
+        (
+            "memprof_forgotten_groups",
+            "Idle call-site groups with nothing outstanding forgotten, to keep memory bounded",
+            f.groups,
+        ),
+        (
+            "memprof_profile_sites_over_cap",
+            "Allocations at call sites beyond the 4096 kept per process for the profiles",
+            f.profile_sites_over_cap,
+        ),
+    ] {
+        counter(encoder, name, help, None, &pid, value)?;
+    }
     gauge(
         encoder,
         "memprof_leak_detected",

@@ -1,9 +1,12 @@
-//! Endpoints served while tracing: Prometheus metrics ([`metrics`]) and the live dashboard
-//! ([`dashboard`]). Both read a [`LiveState`] that the session replaces at each sample tick.
+//! Endpoints served while tracing: Prometheus metrics ([`metrics`]), beside them the pprof
+//! profiles of each process ([`pprof`]), and the live dashboard ([`dashboard`]). Metrics and the
+//! dashboard read a [`LiveState`] that the session replaces at each sample tick; profiles are
+//! asked of the session itself.
 
 pub mod dashboard;
 pub mod http;
 pub mod metrics;
+pub mod pprof;
 
 use crate::report::Profile;
 
@@ -16,6 +19,8 @@ pub struct LiveState {
     pub updates: u64,
     /// Whether the trace has ended (the last profile is final).
     pub finished: bool,
+    /// Where profile requests go while the trace runs (None before and after).
+    pub profiles: Option<pprof::Requests>,
 }
 
 /// Shared between the trace and the endpoint threads.

@@ -9,12 +9,14 @@
 //! - [`pyphases`]: phases named by Python function, told from the frames of each call.
 //! - [`reports`]: snapshots, the report, the profile, alerts, the status line.
 //! - [`procs`]: what the session knows of each traced process.
+//! - [`profiles`]: the live profiles' samples, and exited processes kept until a scrape saw them.
 //! - [`residency`]: RSS explained, from the table and `/proc/PID/{smaps,pagemap}`.
 
 mod mappings;
 mod naming;
 mod observe;
 mod procs;
+mod profiles;
 mod pyphases;
 mod pythons;
 mod reports;
@@ -58,6 +60,10 @@ use crate::{
 
 /// Exited processes kept in the report of a multi-process trace; older ones are forgotten.
 const EXITED_KEPT: usize = 256;
+
+/// With live endpoints, exited processes a profile scrape has not seen yet are kept up to this
+/// many (see `profiles`); beyond, the oldest are forgotten unseen, and counted.
+const EXITED_UNSCRAPED_KEPT: usize = 4096;
 
 /// Call-site groups kept with their history; beyond that, groups with nothing outstanding and
 /// no allocation for `GROUP_IDLE_NS` are forgotten, oldest first.
@@ -157,7 +163,16 @@ pub struct Session {
     exited: std::collections::VecDeque<u32>,
     /// Exited processes no longer reported, and call-site groups forgotten, to bound memory.
     evicted_processes: u64,
+    /// Of those, forgotten before a profile scrape saw them after their exit.
+    evicted_unscraped: u64,
     pruned_groups: u64,
+    /// How many processes still reported allocated with each raw stack key: a key no process
+    /// uses any more is forgotten (with address-space randomisation every process has keys of
+    /// its own), and counted in `stacks_forgotten` (all, and those whose walk stopped early).
+    stack_users: foldhash::HashMap<u64, u32>,
+    stacks_forgotten: (u64, u64),
+    /// Each process's allocations by call site, for the live profiles (with live endpoints).
+    process_sites: Option<crate::analysis::process_sites::ProcessSites>,
     /// Names stacks on its own thread.
     namer: Namer,
     /// The call site of every stack key the analysis saw.
@@ -261,7 +276,11 @@ impl Session {
             plain_objects: Default::default(),
             exited: Default::default(),
             evicted_processes: 0,
+            evicted_unscraped: 0,
             pruned_groups: 0,
+            process_sites: settings.live.as_ref().map(|_| Default::default()),
+            stack_users: Default::default(),
+            stacks_forgotten: (0, 0),
             decode_errors: 0,
             unread_at_end: 0,
             start_ns,
@@ -319,6 +338,16 @@ impl Session {
         // The mark socket is served on the runtime's worker; only well-formed requests come
         // here, through a bounded channel.
         let (mark_tx, mut mark_rx) = mpsc::channel(marks::MAX_PENDING);
+        // Profile requests of the live endpoints, answered between drains.
+        let (profile_tx, mut profile_rx) =
+            mpsc::channel(2 * crate::serve::pprof::MAX_PROFILE_REQUESTS);
+        let _unused_requests = match &self.settings.live {
+            Some(live) => {
+                live.lock().unwrap_or_else(|e| e.into_inner()).profiles = Some(profile_tx);
+                None
+            }
+            None => Some(profile_tx),
+        };
         let mark_server = match &self.marks {
             Some(listener) => Some(tokio::spawn(marks::serve(
                 UnixListener::from_std(listener.socket.try_clone()?)
@@ -372,6 +401,7 @@ impl Session {
                     self.status_line();
                 }
                 Some(request) = mark_rx.recv() => self.take_mark(request),
+                Some(request) = profile_rx.recv() => self.answer_profile(request),
                 Some(done) = python_done(&mut self.py_scanner) => self.python_done(done),
                 guard = readable(&logs) => {
                     if let Ok(mut guard) = guard {
@@ -393,6 +423,9 @@ impl Session {
         };
         if let Some(server) = mark_server {
             server.abort();
+        }
+        if let Some(live) = &self.settings.live {
+            live.lock().unwrap_or_else(|e| e.into_inner()).profiles = None;
         }
         if self.settings.status_line {
             // Clear the status line before the report.

@@ -23,8 +23,9 @@ pub(super) enum Input {
         change: Change,
         outstanding: u64,
     },
-    /// Process `pid` is no longer reported: what the tracker kept for it alone goes.
-    Forget { pid: u32 },
+    /// Process `pid` is no longer reported: what the tracker kept for it alone goes, and the
+    /// raw stack keys of its allocations are released.
+    Forget { pid: u32, stacks: Vec<u64> },
     Phase {
         tid: u32,
         phase: u32,
@@ -119,6 +120,29 @@ impl Session {
         self.pump(false);
     }
 
+    /// Releases one process's use of each of `stacks`; a key no process uses any more is
+    /// forgotten (its blocks are gone: the changes before this input freed them).
+    fn release_stacks(&mut self, stacks: Vec<u64>) {
+        for key in stacks {
+            let Some(users) = self.stack_users.get_mut(&key) else {
+                continue;
+            };
+            *users -= 1;
+            if *users > 0 {
+                continue;
+            }
+            self.stack_users.remove(&key);
+            self.stacks.remove(key);
+            self.sites.forget_stack(key);
+            if let Some(end) = self.stack_ends.remove(&key) {
+                self.stacks_forgotten.0 += 1;
+                if !super::reports::reached_entry(u64::from(end)) {
+                    self.stacks_forgotten.1 += 1;
+                }
+            }
+        }
+    }
+
     fn apply(&mut self, input: Input) {
         match input {
             Input::Change {
@@ -128,8 +152,21 @@ impl Session {
             } => {
                 let site = self.sites.site_of(change.block().stack);
                 self.tracker.on_change_in(pid, &change, site, outstanding);
+                if let Some(p) = &mut self.process_sites {
+                    let mmap = matches!(
+                        change,
+                        Change::Alloc { mmap: true, .. } | Change::Free { mmap: true, .. }
+                    );
+                    p.on_change(pid, &change, (site, change.block().func, mmap));
+                }
             }
-            Input::Forget { pid } => self.tracker.forget_process(pid),
+            Input::Forget { pid, stacks } => {
+                self.tracker.forget_process(pid);
+                if let Some(p) = &mut self.process_sites {
+                    p.forget(pid);
+                }
+                self.release_stacks(stacks);
+            }
             Input::Phase {
                 tid,
                 phase,

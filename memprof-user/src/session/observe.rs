@@ -5,7 +5,7 @@
 use memprof_common::{NO_STACK, unwind_end};
 
 use super::{
-    EXITED_KEPT, Session,
+    EXITED_KEPT, EXITED_UNSCRAPED_KEPT, Session,
     mappings::{Unwinding, pin_files, unwind_copy},
     naming::Input,
     procs::Proc,
@@ -163,6 +163,13 @@ impl Session {
             self.allocator_text(tgid);
             self.update_tables(tgid);
         }
+        if let Event::Alloc(a) = event
+            && a.stack != NO_STACK
+            && let Some(p) = self.procs.get_mut(&tgid)
+            && p.stack_keys.insert(a.stack)
+        {
+            *self.stack_users.entry(a.stack).or_default() += 1;
+        }
         match *event {
             Event::Alloc(a) if a.stack != NO_STACK && !self.stacks.contains(a.stack) => {
                 self.learn_stack(tgid, a.stack);
@@ -271,34 +278,52 @@ impl Session {
 
     /// Keeps memory bounded on a long trace of many processes: the oldest exited processes
     /// beyond `EXITED_KEPT` stop being reported (their blocks count as freed, as the system
-    /// freed them), and what memprof kept for them goes.
+    /// freed them), and what memprof kept for them goes. With live endpoints, exited processes
+    /// wait for a profile scrape instead (see `evict_scraped`), up to `EXITED_UNSCRAPED_KEPT`.
     pub(super) fn evict_exited(&mut self, now: u64) {
-        while self.exited.len() > EXITED_KEPT {
+        let kept = if self.process_sites.is_some() {
+            EXITED_UNSCRAPED_KEPT
+        } else {
+            EXITED_KEPT
+        };
+        while self.exited.len() > kept {
             let Some(pid) = self.exited.pop_front() else {
                 break;
             };
-            let mut changes = Vec::new();
-            self.table
-                .forget_process(pid, now, &mut |c| changes.push(c));
-            let outstanding = self.table.heap_totals.outstanding_bytes;
-            for change in changes {
-                self.track(Input::Change {
-                    pid,
-                    change,
-                    outstanding,
-                });
-            }
-            self.track(Input::Forget { pid });
-            self.procs.remove(&pid);
-            self.unwinders.remove(&pid);
-            self.pending_maps.remove(&pid);
-            if let Some(state) = self.pythons.remove(&pid) {
-                for tid in state.tids.keys() {
-                    self.tracer.remove_python_thread(*tid);
-                }
-            }
-            self.evicted_processes += 1;
+            self.forget_exited(pid, now);
         }
+    }
+
+    /// Stops reporting exited process `pid` (see `evict_exited`).
+    pub(super) fn forget_exited(&mut self, pid: u32, now: u64) {
+        if self.process_sites.is_some() && self.procs.get(&pid).is_some_and(|p| !p.seen_exited) {
+            self.evicted_unscraped += 1;
+        }
+        let mut changes = Vec::new();
+        self.table
+            .forget_process(pid, now, &mut |c| changes.push(c));
+        let outstanding = self.table.heap_totals.outstanding_bytes;
+        for change in changes {
+            self.track(Input::Change {
+                pid,
+                change,
+                outstanding,
+            });
+        }
+        let stacks = self
+            .procs
+            .remove(&pid)
+            .map(|p| p.stack_keys.into_iter().collect())
+            .unwrap_or_default();
+        self.track(Input::Forget { pid, stacks });
+        self.unwinders.remove(&pid);
+        self.pending_maps.remove(&pid);
+        if let Some(state) = self.pythons.remove(&pid) {
+            for tid in state.tids.keys() {
+                self.tracer.remove_python_thread(*tid);
+            }
+        }
+        self.evicted_processes += 1;
     }
 
     /// After an exec, probes the allocators of the new image that no probe covers yet (a

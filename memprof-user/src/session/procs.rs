@@ -21,7 +21,13 @@ pub struct Proc {
     /// The traced process that forked it (followed children).
     pub parent: Option<u32>,
     pub exited: bool,
+    /// A profile scrape included the process after it exited (see `Session::evict_scraped`).
+    pub seen_exited: bool,
     pub execs: u32,
+    /// Its cgroup v2 path, read when it was discovered or exec'd.
+    pub cgroup: Option<String>,
+    /// The raw stack keys of its allocations (released when it is forgotten).
+    pub stack_keys: foldhash::HashSet<u64>,
     /// `/proc/PID/root` when the process lives under another root than memprof (a container):
     /// its files are read through it, and its stacks are symbolized as soon as they are seen.
     pub root: Option<String>,
@@ -51,7 +57,10 @@ impl Proc {
             cmdline,
             parent: None,
             exited: false,
+            seen_exited: false,
             execs: 0,
+            cgroup: None,
+            stack_keys: Default::default(),
             root,
             space: AddressSpace::default(),
             space_stale: true,
@@ -72,6 +81,7 @@ impl Proc {
             process::command_line(pid),
             foreign_root(pid),
         );
+        p.cgroup = process::cgroup_of(pid);
         p.reread(pid, monotonic_ns());
         p
     }
@@ -83,6 +93,7 @@ impl Proc {
             space: parent.space.clone(),
             space_stale: parent.space_stale,
             space_read_ns: parent.space_read_ns,
+            cgroup: parent.cgroup.clone(),
             ..Self::new(
                 parent.comm.clone(),
                 parent.cmdline.clone(),
@@ -116,6 +127,7 @@ impl Proc {
         self.comm = String::from_utf8_lossy(&comm[..len]).into_owned();
         self.cmdline = process::command_line(pid);
         self.root = foreign_root(pid);
+        self.cgroup = process::cgroup_of(pid).or(self.cgroup.take());
         // The new image's mappings replace the old ones as they are reported or read: records
         // of them may have been applied already.
         self.space_stale = true;

@@ -60,7 +60,12 @@ impl Session {
             unwind: self.unwind_report(),
             forgotten: report::Forgotten {
                 processes: self.evicted_processes,
+                unscraped_processes: self.evicted_unscraped,
                 groups: self.pruned_groups,
+                profile_sites_over_cap: self
+                    .process_sites
+                    .as_ref()
+                    .map_or(0, |p| p.over_cap_allocs()),
             },
             limit: self.settings.limit,
             rules: &self.rules,
@@ -315,12 +320,13 @@ impl Session {
         Some(report::UnwindStats {
             mode: "tables",
             allocations: self.table_allocations,
-            stacks: self.stack_ends.len() as u64,
+            stacks: self.stack_ends.len() as u64 + self.stacks_forgotten.0,
             truncated_stacks: self
                 .stack_ends
                 .values()
                 .filter(|e| !reached_entry(u64::from(**e)))
-                .count() as u64,
+                .count() as u64
+                + self.stacks_forgotten.1,
             tables: Some(walks),
         })
     }

@@ -25,6 +25,11 @@ impl SiteId {
     /// No stack (not captured, or none stored).
     pub const NONE: SiteId = SiteId(u32::MAX);
 
+    /// The site's number (stable for the trace: a site is never renumbered).
+    pub fn index(self) -> u32 {
+        self.0
+    }
+
     /// Site number `n`, for tests that need sites without stacks.
     #[cfg(test)]
     pub(crate) const fn new(n: u32) -> SiteId {
@@ -107,6 +112,12 @@ impl Sites {
             self.by_stack.insert(stack, site);
         }
         site
+    }
+
+    /// Forgets which site raw stack `stack` maps to (no block of a process still reported has
+    /// it); the site itself stays.
+    pub fn forget_stack(&mut self, stack: u64) {
+        self.by_stack.remove(&stack);
     }
 
     fn frame_id(&mut self, f: &Frame) -> u32 {

@@ -36,6 +36,11 @@ impl StackStore {
         self.stacks.contains_key(&id)
     }
 
+    /// Forgets stack `id` (no block of a process still reported has it).
+    pub fn remove(&mut self, id: u64) {
+        self.stacks.remove(&id);
+    }
+
     /// Whether every address of `ips` lies in a file mapping of `space`.
     pub fn covered(space: &AddressSpace, ips: &[u64]) -> bool {
         ips.iter().all(|ip| space.find(*ip).is_some())

@@ -26,7 +26,6 @@
 //! symbolized, so `pprof` does not look for the binaries.
 
 use std::{
-    collections::{BTreeMap, HashMap},
     io::Write as _,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -35,13 +34,13 @@ use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
 
 mod proto;
+mod rows;
 
-pub use self::proto::{Function, Label, Line, Location, Mapping, PbProfile, Sample, ValueType};
-
-use crate::report::{
-    Frame, Profile, Site,
-    names::{base_name, frame_name},
+pub use self::{
+    proto::{Function, Label, Line, Location, Mapping, PbProfile, Sample, ValueType},
+    rows::{Header, Row, build_rows, module_base},
 };
+use crate::report::{Profile, Site};
 
 /// The sample types, in value order.
 pub const SAMPLE_TYPES: [(&str, &str); 6] = [
@@ -72,198 +71,20 @@ pub fn gzip(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(gz.finish()?)
 }
 
-/// Interns strings: index 0 is always "".
-#[derive(Default)]
-struct Strings {
-    table: Vec<String>,
-    index: HashMap<String, i64>,
-}
-
-impl Strings {
-    fn new() -> Self {
-        let mut s = Self::default();
-        s.get("");
-        s
-    }
-
-    fn get(&mut self, s: &str) -> i64 {
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = self.table.len() as i64;
-        self.table.push(s.to_owned());
-        self.index.insert(s.to_owned(), i);
-        i
-    }
-}
-
-/// Where module `i` (0-based, in mapping order) is laid out: its locations' addresses are this
-/// plus their file offsets.
-pub fn module_base(i: usize) -> u64 {
-    (i as u64 + 1) << 40
-}
-
-/// What the frames of one module tell about its mapping.
-struct ModuleSpan {
-    /// Highest file offset of a frame in it.
-    high: u64,
-    build_id: Option<String>,
-    files: bool,
-    lines: bool,
-    inlined: bool,
-}
-
 /// Builds the (uncompressed) profile.
 pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
-    let mut strings = Strings::new();
     let resident = profile.sites.iter().any(|s| s.resident_bytes.is_some());
-    let sample_type = SAMPLE_TYPES
+    let sample_types: Vec<(&str, &str)> = SAMPLE_TYPES
         .iter()
         .chain(resident.then_some(&RESIDENT_TYPE))
-        .map(|(t, u)| ValueType {
-            r#type: strings.get(t),
-            unit: strings.get(u),
-        })
+        .copied()
         .collect();
-
-    // Mappings first, so that locations can name them: one per module. pprof takes the first
-    // mapping for the main binary, so the executable comes first (see `main_first`), then the
-    // others in path order.
-    let mut spans: BTreeMap<&str, ModuleSpan> = BTreeMap::new();
-    for frame in profile.sites.iter().flat_map(|s| &s.stack) {
-        let Some(module) = frame.module.as_deref() else {
-            continue;
-        };
-        let span = spans.entry(module).or_insert(ModuleSpan {
-            high: 0,
-            build_id: None,
-            files: false,
-            lines: false,
-            inlined: false,
-        });
-        span.high = span.high.max(frame.offset.unwrap_or(0));
-        if span.build_id.is_none() {
-            span.build_id.clone_from(&frame.build_id);
-        }
-        span.files |= frame.file.is_some();
-        span.lines |= frame.line.is_some();
-        span.inlined |= frame.inlined;
-    }
-    let mut ordered: Vec<(&str, &ModuleSpan)> = spans.iter().map(|(m, s)| (*m, s)).collect();
-    ordered.sort_by_key(|(module, _)| main_first(profile, module));
-    // Mapping id and base address of each module.
-    let mut mapping_of: HashMap<&str, (u64, u64)> = HashMap::new();
-    let mut mapping = Vec::new();
-    for (i, (module, span)) in ordered.into_iter().enumerate() {
-        let id = i as u64 + 1;
-        let base = module_base(i);
-        mapping_of.insert(module, (id, base));
-        mapping.push(Mapping {
-            id,
-            memory_start: base,
-            memory_limit: base + span.high + 1,
-            file_offset: 0,
-            filename: strings.get(module),
-            build_id: span.build_id.as_deref().map_or(0, |b| strings.get(b)),
-            has_functions: true,
-            has_filenames: span.files,
-            has_line_numbers: span.lines,
-            has_inline_frames: span.inlined,
-        });
-    }
-
-    let mut functions: Vec<Function> = Vec::new();
-    let mut function_ids: HashMap<(String, Option<String>), u64> = HashMap::new();
-    let mut function_of = |frame: Option<&Frame>, strings: &mut Strings| -> u64 {
-        let name = frame.map_or_else(|| "[unknown]".to_owned(), frame_name);
-        let file = frame.and_then(|f| f.file.clone());
-        *function_ids
-            .entry((name.clone(), file.clone()))
-            .or_insert_with(|| {
-                let id = functions.len() as u64 + 1;
-                let name = strings.get(&name);
-                functions.push(Function {
-                    id,
-                    name,
-                    system_name: name,
-                    filename: file.as_deref().map_or(0, |f| strings.get(f)),
-                    start_line: 0,
-                });
-                id
-            })
-    };
-    let mut locations: Vec<Location> = Vec::new();
-    // (mapping, address, lines as (function, line)) -> location id
-    type LocationKey = (u64, u64, Vec<(u64, i64)>);
-    let mut location_ids: HashMap<LocationKey, u64> = HashMap::new();
-    // The location of `frame` (None: a site without a stack), with the functions inlined into
-    // it, innermost first.
-    let mut location_of =
-        |frame: Option<&Frame>, inlined: &[&Frame], strings: &mut Strings| -> u64 {
-            let line: Vec<Line> = inlined
-                .iter()
-                .copied()
-                .map(Some)
-                .chain([frame])
-                .map(|f| Line {
-                    function_id: function_of(f, strings),
-                    line: f.and_then(|f| f.line).map_or(0, i64::from),
-                })
-                .collect();
-            let (mapping_id, address) = match frame.and_then(|f| Some((f.module.as_deref()?, f))) {
-                Some((module, f)) => {
-                    let (id, base) = mapping_of[module];
-                    (id, base + f.offset.unwrap_or(0))
-                }
-                None => (0, 0),
-            };
-            let key = (
-                mapping_id,
-                address,
-                line.iter().map(|l| (l.function_id, l.line)).collect(),
-            );
-            if let Some(&id) = location_ids.get(&key) {
-                return id;
-            }
-            let id = locations.len() as u64 + 1;
-            locations.push(Location {
-                id,
-                mapping_id,
-                address,
-                line,
-                is_folded: false,
-            });
-            location_ids.insert(key, id);
-            id
-        };
-
-    let allocator_key = strings.get("allocator");
-    let kind_key = strings.get("kind");
-    let verdict_key = strings.get("verdict");
-    let mut sample = Vec::with_capacity(profile.sites.len());
-    for site in &profile.sites {
-        let mut location_id = Vec::new();
-        let mut inlined: Vec<&Frame> = Vec::new();
-        for (i, f) in site.stack.iter().enumerate() {
-            if f.inlined && i + 1 < site.stack.len() {
-                inlined.push(f);
-            } else {
-                location_id.push(location_of(Some(f), &inlined, &mut strings));
-                inlined.clear();
-            }
-        }
-        if site.stack.is_empty() {
-            location_id.push(location_of(None, &[], &mut strings));
-        }
-        let label = |key: i64, value: &str, strings: &mut Strings| Label {
-            key,
-            str: strings.get(value),
-            num: 0,
-            num_unit: 0,
-        };
-        sample.push(Sample {
-            location_id,
-            value: {
+    let rows: Vec<Row<'_>> = profile
+        .sites
+        .iter()
+        .map(|site| Row {
+            stack: &site.stack,
+            values: {
                 let mut v = values(site).to_vec();
                 if resident {
                     let bytes = site.resident_bytes.unwrap_or(0);
@@ -271,68 +92,36 @@ pub fn build(profile: &Profile, start: SystemTime) -> PbProfile {
                 }
                 v
             },
-            label: vec![
-                label(allocator_key, site.allocator, &mut strings),
-                label(kind_key, site.kind, &mut strings),
-                label(verdict_key, site.verdict.as_str(), &mut strings),
+            labels: vec![
+                ("allocator", site.allocator),
+                ("kind", site.kind),
+                ("verdict", site.verdict.as_str()),
             ],
-        });
-    }
-
-    let period_type = ValueType {
-        r#type: strings.get("space"),
-        unit: strings.get("bytes"),
-    };
-    let mut comment = vec![strings.get(&format!(
+        })
+        .collect();
+    let mut comment = vec![format!(
         "memprof: pid {} ({}), {:.3} s",
         profile.pid,
         profile.command.join(" "),
         profile.duration_s
-    ))];
+    )];
     if let Some(s) = profile.report.sampling {
-        comment.push(strings.get(&format!(
+        comment.push(format!(
             "sampled: one allocation per {} bytes on average; values are estimates",
             s.mean_bytes
-        )));
+        ));
     }
-    let default_sample_type = strings.get("inuse_space");
-    let time_nanos = start
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-    PbProfile {
-        sample_type,
-        sample,
-        mapping,
-        location: locations,
-        function: functions,
-        string_table: strings.table,
-        drop_frames: 0,
-        keep_frames: 0,
-        time_nanos,
-        duration_nanos: (profile.duration_s.max(0.0) * 1e9) as i64,
-        period_type: Some(period_type),
-        period: 1,
-        comment,
-        default_sample_type,
-    }
-}
-
-/// Sort key putting the executable first: the module holding a `main` frame, else the one
-/// named like the command's program, else any (stable, so path order is kept).
-fn main_first(profile: &Profile, module: &str) -> u8 {
-    let holds_main = profile
-        .sites
-        .iter()
-        .flat_map(|s| &s.stack)
-        .any(|f| f.function.as_deref() == Some("main") && f.module.as_deref() == Some(module));
-    let program = profile.command.first().map(|c| base_name(c));
-    if holds_main {
-        0
-    } else if program.is_some_and(|p| !p.is_empty() && p == base_name(module)) {
-        1
-    } else {
-        2
-    }
+    build_rows(
+        &rows,
+        &Header {
+            sample_types: &sample_types,
+            default_sample_type: "inuse_space",
+            comment,
+            program: profile.command.first().map(String::as_str),
+            start,
+            duration_ns: (profile.duration_s.max(0.0) * 1e9) as i64,
+        },
+    )
 }
 
 /// A site's values, in [`SAMPLE_TYPES`] order.
@@ -348,20 +137,21 @@ pub fn values(site: &Site) -> [i64; 6] {
     ]
 }
 
+/// Reads a gzipped profile back (tests).
+#[cfg(test)]
+pub(crate) fn decode(gz: &[u8]) -> PbProfile {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut raw)
+        .unwrap();
+    PbProfile::decode(&*raw).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
-    use std::io::Read as _;
-
     use super::*;
     use crate::report::sample::{APP, APP_BUILD_ID, frame, sample_profile};
-
-    fn decode(gz: &[u8]) -> PbProfile {
-        let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(gz)
-            .read_to_end(&mut raw)
-            .unwrap();
-        PbProfile::decode(&*raw).unwrap()
-    }
 
     fn s(p: &PbProfile, i: i64) -> &str {
         &p.string_table[i as usize]

@@ -116,6 +116,7 @@ fn profile_metrics() {
         profile: Some(Arc::new(profile(sites))),
         updates: 3,
         finished: false,
+        profiles: None,
     };
     let body = encode(state, Some(1 << 30));
     let p = "{pid=\"42\"}";
@@ -189,6 +190,7 @@ fn site_cardinality_is_bounded() {
             profile: Some(Arc::new(profile(sites))),
             updates: 1,
             finished: false,
+            profiles: None,
         },
         None,
     );
