@@ -19,12 +19,13 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use memprof_common::{
-    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack, PyWalk,
+    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, KmemFields, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack, PyWalk,
     StackTrace, TextRanges, mode, unwind,
 };
 
 use super::{
     allocators::Allocator,
+    kernel,
     kernel_log::KernelLog,
     links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
@@ -141,6 +142,8 @@ pub struct Options<'a> {
     pub links: Option<LinkKind>,
     /// The kernel programs' log level (`kernel_log::LEVELS`; 0: off).
     pub kernel_log: u8,
+    /// `--kernel`: the kernel's allocations on the traced processes' behalf (`kernel`).
+    pub kernel: bool,
 }
 
 /// The kernel's `COMM` value for a process name: its first 15 bytes, NUL-padded.
@@ -176,7 +179,13 @@ impl Tracer {
         };
         let comm = comm_bytes(comm.as_deref().unwrap_or(""));
         let sample_bytes = opts.sample_bytes.min(MAX_SAMPLE_MEAN);
+        let kmem = if opts.kernel {
+            kernel::fields()?
+        } else {
+            KmemFields::default()
+        };
         let mut ebpf = EbpfLoader::new()
+            .override_global("KMEM", &kmem, true)
             .override_global("MODE", &mode, true)
             .override_global("TARGET_TGID", &target, true)
             .override_global("FOLLOW", &u32::from(follow), true)
@@ -264,7 +273,10 @@ impl Tracer {
                 links.attach(&mut ebpf, set, pid)?;
             }
         }
-        let (fork_child, tracepoints) = attach_tracepoints(&mut ebpf)?;
+        let (fork_child, mut tracepoints) = attach_tracepoints(&mut ebpf)?;
+        if opts.kernel {
+            kernel::attach(&mut ebpf, &mut tracepoints)?;
+        }
         let mut probed = HashSet::new();
         for a in opts.allocators {
             if let Some(id) = file_id(&a.path) {
@@ -408,7 +420,7 @@ impl Tracer {
 }
 
 /// Tracepoint links with the name of their program.
-type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
+pub(super) type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)

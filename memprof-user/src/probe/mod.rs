@@ -4,6 +4,7 @@
 
 pub mod allocators;
 pub mod counters;
+pub mod kernel;
 pub mod kernel_log;
 pub mod links;
 pub mod load;

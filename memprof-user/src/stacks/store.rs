@@ -18,6 +18,15 @@ pub struct RawFrame {
     pub python: Option<u32>,
 }
 
+/// The module of kernel frames (`--kernel` stacks start with the kernel's frames): their
+/// `file_offset` is their address, which `/proc/kallsyms` names.
+pub const KERNEL_MODULE: &str = "[kernel]";
+
+/// Whether `addr` is a kernel address (x86-64: the upper half).
+pub fn is_kernel_address(addr: u64) -> bool {
+    addr >= 0xffff_8000_0000_0000
+}
+
 #[derive(Debug, Default)]
 pub struct StackStore {
     stacks: HashMap<u64, Vec<RawFrame>>,
@@ -36,9 +45,10 @@ impl StackStore {
         self.stacks.contains_key(&id)
     }
 
-    /// Whether every address of `ips` lies in a file mapping of `space`.
+    /// Whether every address of `ips` lies in a file mapping of `space` (or in the kernel).
     pub fn covered(space: &AddressSpace, ips: &[u64]) -> bool {
-        ips.iter().all(|ip| space.find(*ip).is_some())
+        ips.iter()
+            .all(|ip| is_kernel_address(*ip) || space.find(*ip).is_some())
     }
 
     /// Stores stack `id` with frames `ips` (innermost first), normalized against `space`.
@@ -46,6 +56,12 @@ impl StackStore {
         let frames = ips
             .iter()
             .map(|&addr| match space.find(addr) {
+                _ if is_kernel_address(addr) => RawFrame {
+                    addr,
+                    module: Some(self.intern(KERNEL_MODULE)),
+                    file_offset: addr,
+                    python: None,
+                },
                 Some(m) => RawFrame {
                     addr,
                     module: Some(self.intern(&m.path)),
@@ -159,5 +175,11 @@ mod tests {
         assert_eq!(frames[2].module, None);
         assert!(!StackStore::covered(&space, &[0x1010, 0x9999]));
         assert!(StackStore::covered(&space, &[0x1010, 0x5fff]));
+        // Kernel frames (`--kernel`) are their addresses in the kernel's module.
+        store.insert(5, &[0xffff_ffff_8100_0010, 0x1010], &space);
+        let frames = store.get(5).unwrap();
+        assert_eq!(store.modules()[frames[0].module.unwrap() as usize], KERNEL_MODULE);
+        assert_eq!(frames[0].file_offset, 0xffff_ffff_8100_0010);
+        assert!(StackStore::covered(&space, &[0xffff_ffff_8100_0010, 0x1010]));
     }
 }
