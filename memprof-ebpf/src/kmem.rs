@@ -143,13 +143,18 @@ fn ready(f: &KmemFields) -> bool {
     f.ready != 0
 }
 
+/// An allocation whose record has its pointer at `ptr` and its size at `bytes`.
+#[inline(always)]
+fn allocated_at(ctx: &TracePointContext, func: AllocFn, ptr: u32, bytes: u32) {
+    let (ptr, bytes): (u64, u64) = (field(ctx, ptr), field(ctx, bytes));
+    allocated(ctx, func, ptr, bytes);
+}
+
 #[tracepoint]
 pub fn kmem_kmalloc(ctx: TracePointContext) -> u32 {
     let f = fields();
     if ready(&f) {
-        let ptr: u64 = field(&ctx, f.kmalloc_ptr);
-        let bytes: u64 = field(&ctx, f.kmalloc_bytes);
-        allocated(&ctx, AllocFn::Kmalloc, ptr, bytes);
+        allocated_at(&ctx, AllocFn::Kmalloc, f.kmalloc_ptr, f.kmalloc_bytes);
     }
     0
 }
@@ -167,9 +172,7 @@ pub fn kmem_kfree(ctx: TracePointContext) -> u32 {
 pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
     let f = fields();
     if ready(&f) {
-        let ptr: u64 = field(&ctx, f.cache_alloc_ptr);
-        let bytes: u64 = field(&ctx, f.cache_alloc_bytes);
-        allocated(&ctx, AllocFn::KmemCache, ptr, bytes);
+        allocated_at(&ctx, AllocFn::KmemCache, f.cache_alloc_ptr, f.cache_alloc_bytes);
     }
     0
 }

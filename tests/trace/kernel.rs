@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::report::summary;
 use crate::common::{
-    Checks, DEADLINE, FP, Finished, attach, compile_c, frame_fn, leaks, num, send_signal,
-    start_target, start_trace, stack, work_dir,
+    Checks, DEADLINE, FP, Finished, compile_c, frame_fn, leaks, num, send_signal, stack,
+    start_target, start_trace, trace_while_held, work_dir,
 };
 
 /// pipes.c: 8 pipes of 64 KiB, half of them closed.
@@ -29,16 +29,10 @@ fn fixture() -> &'static PathBuf {
 /// pipes.c in `mode`, traced with `--kernel` and `opts` from before its workload until after
 /// it, the report taken while it holds what it made.
 fn held_run(mode: &str, opts: &[&str]) -> Finished {
-    let mut target = start_target(&format!("pipes {mode}"), fixture(), &[mode]);
+    let target = start_target(&format!("pipes {mode}"), fixture(), &[mode]);
     let mut args = vec!["--kernel"];
     args.extend(opts);
-    let mp = attach(&target, &args);
-    target.signal(libc::SIGUSR1);
-    target.expect_stdout_line("done");
-    mp.signal(libc::SIGINT);
-    let run = mp.finish(DEADLINE);
-    target.stop(libc::SIGTERM, Duration::from_secs(5));
-    run
+    trace_while_held(target, &args)
 }
 
 /// The leak groups of `allocator` whose stack has the kernel frames `kernel` and then the user
