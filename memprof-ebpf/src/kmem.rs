@@ -60,15 +60,12 @@ fn kernel_stack_key(ctx: &TracePointContext) -> u64 {
         return NO_STACK;
     };
     // SAFETY: the helper writes at most the given size into the per-CPU buffer.
-    let klen = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.cast(),
-            (KERNEL_FRAMES * 8) as u32,
-            0,
-        )
+    let klen = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), (KERNEL_FRAMES * 8) as u32, 0) };
+    let kernel = if klen <= 0 {
+        0
+    } else {
+        (klen as usize / 8) & 63
     };
-    let kernel = if klen <= 0 { 0 } else { (klen as usize / 8) & 63 };
     // SAFETY: `kernel` is at most 63, so the user part (`USER_FRAMES` words from there) ends
     // within the buffer's `MAX_STACK_DEPTH` frames.
     let ulen = unsafe {
@@ -80,7 +77,11 @@ fn kernel_stack_key(ctx: &TracePointContext) -> u64 {
             BPF_F_USER_STACK as u64,
         )
     };
-    let user = if ulen <= 0 { 0 } else { (ulen as usize / 8) & 127 };
+    let user = if ulen <= 0 {
+        0
+    } else {
+        (ulen as usize / 8) & 127
+    };
     let frames = (kernel + user).min(MAX_STACK_DEPTH);
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
     unsafe {
@@ -133,7 +134,11 @@ fn freed(func: AllocFn, addr: u64) {
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     emit(FreeEvent {
-        header: header(EventKind::Free, func as u32, (owner as u64) << 32 | tid as u64),
+        header: header(
+            EventKind::Free,
+            func as u32,
+            (owner as u64) << 32 | tid as u64,
+        ),
         addr,
     });
 }
@@ -172,7 +177,12 @@ pub fn kmem_kfree(ctx: TracePointContext) -> u32 {
 pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
     let f = fields();
     if ready(&f) {
-        allocated_at(&ctx, AllocFn::KmemCache, f.cache_alloc_ptr, f.cache_alloc_bytes);
+        allocated_at(
+            &ctx,
+            AllocFn::KmemCache,
+            f.cache_alloc_ptr,
+            f.cache_alloc_bytes,
+        );
     }
     0
 }

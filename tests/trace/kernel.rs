@@ -108,7 +108,12 @@ fn kernel_pipe_pages_exact() {
     let report = run.report();
     let mut c = Checks::new("--kernel, pipes.c pipes");
     let want = PIPES_HELD * PIPE_BYTES;
-    let pipes = kernel_groups(&report, "page", &["anon_pipe_write"], &["fill_pipe", "main"]);
+    let pipes = kernel_groups(
+        &report,
+        "page",
+        &["anon_pipe_write"],
+        &["fill_pipe", "main"],
+    );
     c.eq(
         "page bytes and blocks under anon_pipe_write -> fill_pipe -> main",
         total(&pipes),
@@ -119,7 +124,11 @@ fn kernel_pipe_pages_exact() {
     }
     let k = &report["kernel"];
     c.eq("kernel.kmem_full", num(k, "kmem_full"), 0);
-    c.eq("totals.lost_events", num(&report["totals"], "lost_events"), 0);
+    c.eq(
+        "totals.lost_events",
+        num(&report["totals"], "lost_events"),
+        0,
+    );
     c.eq(
         "totals.unmatched_frees",
         num(&report["totals"], "unmatched_frees"),
@@ -153,7 +162,11 @@ fn kernel_pipe_pages_exact() {
             .and_then(|r| col(name).and_then(|i| r.get(i)))
             .and_then(|v| v.parse::<u64>().ok())
     };
-    c.eq("csv fill_pipe (kernel) page inuse_bytes", cell("inuse_bytes"), Some(want));
+    c.eq(
+        "csv fill_pipe (kernel) page inuse_bytes",
+        cell("inuse_bytes"),
+        Some(want),
+    );
     c.eq(
         "csv fill_pipe (kernel) page inuse_objects",
         cell("inuse_objects"),
@@ -180,7 +193,9 @@ fn kernel_socket_buffers_exact() {
         let (_, blocks) = total(&kernel_groups(&report, allocator, path.0, path.1));
         c.check(
             blocks >= MESSAGES,
-            format!("{allocator}: {blocks} blocks under send_message, one skb part per message at least"),
+            format!(
+                "{allocator}: {blocks} blocks under send_message, one skb part per message at least"
+            ),
         );
     }
     c.finish(|| format!("{}\n{}", summary(&report), run.context()));
@@ -192,7 +207,15 @@ fn kernel_socket_buffers_exact() {
 fn kernel_spawn_children() {
     let bin = fixture().to_str().unwrap().to_owned();
     let mut mp = start_trace(
-        &["--json", "--kernel", "--duration", "40s", "--", &bin, "children"],
+        &[
+            "--json",
+            "--kernel",
+            "--duration",
+            "40s",
+            "--",
+            &bin,
+            "children",
+        ],
         String::new,
     );
     mp.expect_stderr_start("done", Duration::from_secs(30), String::new);
@@ -214,10 +237,7 @@ fn kernel_spawn_children() {
         total(&kernel_groups(&report, "page", path.0, path.1)),
         (2 * want, 2 * want / PAGE),
     );
-    let children: Vec<&Value> = procs
-        .iter()
-        .filter(|p| !p["parent"].is_null())
-        .collect();
+    let children: Vec<&Value> = procs.iter().filter(|p| !p["parent"].is_null()).collect();
     c.eq("children in processes", children.len(), 2);
     for p in children {
         c.eq(

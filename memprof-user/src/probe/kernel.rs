@@ -50,7 +50,9 @@ fn fields_in(root: &Path) -> Result<KmemFields> {
     for (_, category, name) in POINTS {
         let path = root.join("events").join(category).join(name).join("format");
         let text = read_format(&path).with_context(|| {
-            format!("--kernel needs the kernel's tracepoint {category}:{name}, which it does not have")
+            format!(
+                "--kernel needs the kernel's tracepoint {category}:{name}, which it does not have"
+            )
         })?;
         formats.push(text);
     }

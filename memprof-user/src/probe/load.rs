@@ -19,8 +19,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use memprof_common::{
-    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, KmemFields, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack, PyWalk,
-    StackTrace, TextRanges, mode, unwind,
+    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, KmemFields, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack,
+    PyWalk, StackTrace, TextRanges, mode, unwind,
 };
 
 use super::{

@@ -88,7 +88,11 @@ impl Totals {
     fn new(heap: &HeapTotals, k: &KernelLosses, decode_errors: u64) -> Self {
         Self {
             heap: *heap,
-            lost_events: k.ring_full + k.inflight_full + k.sampled_full + k.kmem_full + decode_errors,
+            lost_events: k.ring_full
+                + k.inflight_full
+                + k.sampled_full
+                + k.kmem_full
+                + decode_errors,
             lost_stacks: k.stack_lost,
         }
     }

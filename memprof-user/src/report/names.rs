@@ -170,10 +170,7 @@ mod tests {
             site_frame(&site).and_then(|f| f.function.as_deref()),
             Some("fill_pipe")
         );
-        assert_eq!(
-            group_name(&site.stack, AllocFn::Page),
-            "fill_pipe (kernel)"
-        );
+        assert_eq!(group_name(&site.stack, AllocFn::Page), "fill_pipe (kernel)");
         let kernel_only = Site {
             stack: vec![kernel("__alloc_pages_noprof"), kernel("kthread")],
             ..p.sites[0].clone()

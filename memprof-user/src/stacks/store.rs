@@ -178,8 +178,14 @@ mod tests {
         // Kernel frames (`--kernel`) are their addresses in the kernel's module.
         store.insert(5, &[0xffff_ffff_8100_0010, 0x1010], &space);
         let frames = store.get(5).unwrap();
-        assert_eq!(store.modules()[frames[0].module.unwrap() as usize], KERNEL_MODULE);
+        assert_eq!(
+            store.modules()[frames[0].module.unwrap() as usize],
+            KERNEL_MODULE
+        );
         assert_eq!(frames[0].file_offset, 0xffff_ffff_8100_0010);
-        assert!(StackStore::covered(&space, &[0xffff_ffff_8100_0010, 0x1010]));
+        assert!(StackStore::covered(
+            &space,
+            &[0xffff_ffff_8100_0010, 0x1010]
+        ));
     }
 }

@@ -26,9 +26,9 @@ use serde::{Serialize, Serializer};
 
 use super::{
     RawFrame,
-    store::KERNEL_MODULE,
     debuginfo::{ObjectInfo, fd_path},
     python::PyFrame,
+    store::KERNEL_MODULE,
 };
 use crate::sys::{
     elfcheck::{self, Fit},

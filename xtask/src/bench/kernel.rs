@@ -34,7 +34,14 @@ pub(super) fn kernel(memprof: &Path, pipes: &Path, reps: usize, out_dir: &Path) 
             runs[i].push(r);
         }
     }
-    let per_round = |i: usize| median(runs[i].iter().map(|r| r.elapsed_ns / r.ops.max(1.0)).collect());
+    let per_round = |i: usize| {
+        median(
+            runs[i]
+                .iter()
+                .map(|r| r.elapsed_ns / r.ops.max(1.0))
+                .collect(),
+        )
+    };
     let (untraced, traced) = (per_round(0), per_round(1));
     let records_per_s = median(
         runs[1]
@@ -42,7 +49,12 @@ pub(super) fn kernel(memprof: &Path, pipes: &Path, reps: usize, out_dir: &Path) 
             .map(|r| r.events as f64 / (r.elapsed_ns / 1e9).max(1e-9))
             .collect(),
     );
-    let records_per_round = median(runs[1].iter().map(|r| r.events as f64 / r.ops.max(1.0)).collect());
+    let records_per_round = median(
+        runs[1]
+            .iter()
+            .map(|r| r.events as f64 / r.ops.max(1.0))
+            .collect(),
+    );
     let lost: u64 = runs[1].iter().map(|r| r.lost).sum();
     let agent_cpu = median(runs[1].iter().map(|r| r.agent_cpu_s).collect());
     if runs[1].iter().all(|r| r.events == 0) {
