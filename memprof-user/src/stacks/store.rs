@@ -22,9 +22,13 @@ pub struct RawFrame {
 /// `file_offset` is their address, which `/proc/kallsyms` names.
 pub const KERNEL_MODULE: &str = "[kernel]";
 
-/// Whether `addr` is a kernel address (x86-64: the upper half).
-pub fn is_kernel_address(addr: u64) -> bool {
-    addr >= 0xffff_8000_0000_0000
+/// How many of `ips` are kernel frames: the leading ones in the kernel's half of the address
+/// space (x86-64). Only a `--kernel` stack starts in the kernel; an address there further out
+/// is a user stack's garbage, not kernel code.
+pub fn kernel_frames(ips: &[u64]) -> usize {
+    ips.iter()
+        .take_while(|ip| **ip >= 0xffff_8000_0000_0000)
+        .count()
 }
 
 #[derive(Debug, Default)]
@@ -47,16 +51,19 @@ impl StackStore {
 
     /// Whether every address of `ips` lies in a file mapping of `space` (or in the kernel).
     pub fn covered(space: &AddressSpace, ips: &[u64]) -> bool {
-        ips.iter()
-            .all(|ip| is_kernel_address(*ip) || space.find(*ip).is_some())
+        ips[kernel_frames(ips)..]
+            .iter()
+            .all(|ip| space.find(*ip).is_some())
     }
 
     /// Stores stack `id` with frames `ips` (innermost first), normalized against `space`.
     pub fn insert(&mut self, id: u64, ips: &[u64], space: &AddressSpace) {
+        let kernel = kernel_frames(ips);
         let frames = ips
             .iter()
-            .map(|&addr| match space.find(addr) {
-                _ if is_kernel_address(addr) => RawFrame {
+            .enumerate()
+            .map(|(i, &addr)| match space.find(addr) {
+                _ if i < kernel => RawFrame {
                     addr,
                     module: Some(self.intern(KERNEL_MODULE)),
                     file_offset: addr,
