@@ -3,14 +3,14 @@
 //! 32 KiB message written into a UNIX stream socket one order-3 page of data. The report is
 //! taken (SIGINT) while the fixture still holds them.
 
-use std::{path::PathBuf, sync::OnceLock, time::Duration};
+use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
 use serde_json::Value;
 
 use super::report::summary;
 use crate::common::{
-    Checks, DEADLINE, FP, Finished, compile_c, frame_fn, leaks, num, send_signal, stack,
-    start_target, start_trace, trace_while_held, work_dir,
+    Checks, DEADLINE, FP, Finished, MEMPROF, Proc, clean_error, compile_c, frame_fn, leaks, num,
+    send_signal, stack, start_target, start_trace, trace_while_held, work_dir,
 };
 
 /// pipes.c: 8 pipes of 64 KiB, half of them closed.
@@ -247,4 +247,24 @@ fn kernel_spawn_children() {
         );
     }
     c.finish(|| format!("{}\n{}", summary(&report), run.context()));
+}
+
+/// Without tracefs (unmounted in a mount namespace of its own) `--kernel` fails with one line
+/// that says what it needs, and a non-zero status.
+#[test]
+fn kernel_without_tracefs_is_a_clean_error() {
+    crate::common::require_root();
+    let script = format!(
+        "for m in /sys/kernel/debug/tracing /sys/kernel/tracing /sys/kernel/debug; do \
+         umount $m 2>/dev/null; done; exec {MEMPROF} trace --kernel -- /bin/true"
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let run = Proc::spawn("memprof trace --kernel without tracefs", &mut cmd).finish(DEADLINE);
+    let (mut c, line) = clean_error(&run, "--kernel without tracefs".to_string());
+    c.check(
+        line.contains("--kernel needs tracefs"),
+        format!("the error should say --kernel needs tracefs: {line:?}"),
+    );
+    c.finish(|| run.context());
 }
