@@ -8,10 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use aya::{Ebpf, programs::TracePoint};
+use aya::Ebpf;
 use memprof_common::KmemFields;
 
-use super::load::Tracepoints;
+use super::tracepoints::{Tracepoints, attach_one};
 
 /// A `format` file is a few hundred bytes; more is not a format file.
 const MAX_FORMAT_BYTES: u64 = 64 * 1024;
@@ -110,16 +110,7 @@ fn offset_of(format: &str, field: &str) -> Option<u32> {
 /// Loads and attaches the kmem and percpu programs.
 pub fn attach(ebpf: &mut Ebpf, links: &mut Tracepoints) -> Result<()> {
     for (program, category, name) in POINTS {
-        let tp: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
-            .try_into()?;
-        tp.load()
-            .with_context(|| format!("the kernel rejected program {program}"))?;
-        let link = tp
-            .attach(category, name)
-            .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
-        links.push((program, link));
+        links.push((program, attach_one(ebpf, program, category, name)?));
     }
     Ok(())
 }

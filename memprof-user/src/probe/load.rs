@@ -30,6 +30,7 @@ use super::{
     links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
     tables::KernelTables,
+    tracepoints::{Tracepoints, attach_tracepoints},
 };
 use crate::sys::{elf::file_id, objfile::ObjectFile};
 
@@ -419,9 +420,6 @@ impl Tracer {
     }
 }
 
-/// Tracepoint links with the name of their program.
-pub(super) type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
-
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
@@ -498,42 +496,6 @@ fn plan_objects(
         .filter(|set| !set.entries.is_empty())
         .collect();
     Ok((report, sets))
-}
-
-/// Library loads and the process life cycle; returns the links of `fork_child`, which the
-/// end of a trace detaches first (see `Tracer::detach`), and the others by program.
-fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(Vec<TracePointLinkId>, Tracepoints)> {
-    let mut fork_child = Vec::new();
-    let mut others = Vec::new();
-    for (program, category, name) in [
-        ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
-        ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
-        ("task_newtask", "task", "task_newtask"),
-        ("sched_process_exec", "sched", "sched_process_exec"),
-        ("sched_process_exit", "sched", "sched_process_exit"),
-        ("fork_child", "syscalls", "sys_exit_fork"),
-        ("fork_child", "syscalls", "sys_exit_vfork"),
-        ("fork_child", "syscalls", "sys_exit_clone"),
-        ("fork_child", "syscalls", "sys_exit_clone3"),
-    ] {
-        let tp: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
-            .try_into()?;
-        if tp.fd().is_err() {
-            tp.load()
-                .with_context(|| format!("the kernel rejected program {program}"))?;
-        }
-        let link = tp
-            .attach(category, name)
-            .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
-        if program == "fork_child" {
-            fork_child.push(link);
-        } else {
-            others.push((program, link));
-        }
-    }
-    Ok((fork_child, others))
 }
 
 /// A `--phase` function that none of the objects looked in defines.

@@ -14,6 +14,7 @@ pub mod plan;
 mod read;
 mod session;
 pub mod tables;
+mod tracepoints;
 
 pub use counters::{KernelLosses, ProbeStat};
 pub use links::LinkKind;
