@@ -34,10 +34,13 @@ pub enum Counter {
     /// With byte sampling: sampled allocations dropped because the `SAMPLED` map of sampled
     /// live blocks was full (their frees could not have been matched).
     SampledFull = 6,
+    /// `--kernel`: kernel allocations not recorded because the `KMEM_LIVE` map of the traced
+    /// processes' kernel blocks was full (their frees could not have been matched).
+    KmemFull = 7,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 7;
+pub const COUNTER_SLOTS: u32 = 8;
 
 /// How the kernel programs take user stacks (the `UNWIND` global).
 pub mod unwind {

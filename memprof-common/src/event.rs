@@ -1,7 +1,7 @@
 //! The ring buffer's records: the header every record starts with, the kinds and the bodies.
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 6;
+pub const EVENT_VERSION: u16 = 7;
 
 /// What a ring-buffer record describes. Stable values: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,11 +93,20 @@ pub enum AllocFn {
     Mmap = 11,
     Munmap = 12,
     Mremap = 13,
+    /// `--kernel`: `kmalloc` and `kfree` (the `kmem:kmalloc` and `kmem:kfree` tracepoints).
+    Kmalloc = 14,
+    /// `--kernel`: objects of a slab cache (`kmem:kmem_cache_alloc`, `kmem:kmem_cache_free`).
+    KmemCache = 15,
+    /// `--kernel`: pages from the page allocator (`kmem:mm_page_alloc`, `kmem:mm_page_free`),
+    /// except those that become the process's own (movable pages: anonymous memory, page cache).
+    Page = 16,
+    /// `--kernel`: per-CPU areas (`percpu:percpu_alloc_percpu`, `percpu:free_percpu`).
+    Percpu = 17,
 }
 
 impl AllocFn {
     /// Every entry point, in wire order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 17] = [
         Self::Malloc,
         Self::Calloc,
         Self::Realloc,
@@ -111,6 +120,10 @@ impl AllocFn {
         Self::Mmap,
         Self::Munmap,
         Self::Mremap,
+        Self::Kmalloc,
+        Self::KmemCache,
+        Self::Page,
+        Self::Percpu,
     ];
 
     /// Decodes a wire value; `None` for values this build does not know.
@@ -137,7 +150,20 @@ impl AllocFn {
             Self::Mmap => "mmap",
             Self::Munmap => "munmap",
             Self::Mremap => "mremap",
+            Self::Kmalloc => "kmalloc",
+            Self::KmemCache => "kmem_cache",
+            Self::Page => "page",
+            Self::Percpu => "percpu",
         }
+    }
+
+    /// Whether the kernel allocated it on the process's behalf (`--kernel`): its address is
+    /// not in the process's address space.
+    pub const fn is_kernel(self) -> bool {
+        matches!(
+            self,
+            Self::Kmalloc | Self::KmemCache | Self::Page | Self::Percpu
+        )
     }
 }
 

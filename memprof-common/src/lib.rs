@@ -9,6 +9,7 @@
 
 mod config;
 mod event;
+mod kmem;
 mod python;
 mod sampling;
 mod stack;
@@ -16,6 +17,7 @@ mod tables;
 
 pub use config::*;
 pub use event::*;
+pub use kmem::*;
 pub use python::*;
 pub use sampling::*;
 pub use stack::*;
@@ -42,6 +44,7 @@ mod pod {
     unsafe impl aya::Pod for super::IdxBlock {}
     unsafe impl aya::Pod for super::ModuleInfo {}
     unsafe impl aya::Pod for super::ProcMaps {}
+    unsafe impl aya::Pod for super::KmemFields {}
 }
 
 #[cfg(test)]
@@ -68,6 +71,7 @@ mod tests {
         assert_eq!(size_of::<RowBlock>(), 512);
         assert_eq!(size_of::<IdxBlock>(), 512);
         assert_eq!(size_of::<ModuleInfo>(), 32);
+        assert_eq!(size_of::<KmemFields>(), 64);
         assert_eq!(size_of::<ExecMap>(), 32);
         assert_eq!(size_of::<ProcMaps>(), 16 + 32 * MAX_EXEC_MAPS);
     }
@@ -78,7 +82,8 @@ mod tests {
             assert_eq!(AllocFn::from_u32(f as u32), Some(f));
         }
         assert_eq!(AllocFn::from_u32(0), None);
-        assert_eq!(AllocFn::from_u32(14), None);
+        assert_eq!(AllocFn::from_u32(17), Some(AllocFn::Percpu));
+        assert_eq!(AllocFn::from_u32(18), None);
         for k in 1..=16 {
             assert_eq!(EventKind::from_u16(k).map(|k| k as u16), Some(k));
         }

@@ -8,6 +8,7 @@
 //! - `mmap`: libc's `mmap`/`mremap`/`munmap` and the `mmap` syscall tracepoints.
 //! - `phases`: the entry and return probes of `--phase` functions.
 //! - `lifecycle`: fork, exec and exit tracepoints.
+//! - `kmem`: `--kernel`, the kmem and percpu tracepoints.
 //!
 //! and the helpers they share:
 //! - `filter`: which processes and threads are traced.
@@ -28,6 +29,7 @@ mod calls;
 mod dwarf;
 mod emit;
 mod filter;
+mod kmem;
 mod lifecycle;
 mod mmap;
 mod phases;
@@ -35,7 +37,7 @@ mod python;
 mod stack;
 mod tables;
 
-use memprof_common::{DEFAULT_CALL_SLOTS, mode, unwind};
+use memprof_common::{DEFAULT_CALL_SLOTS, KmemFields, mode, unwind};
 
 /// How processes are chosen (`memprof_common::mode`); set by the agent at load time.
 #[unsafe(no_mangle)]
@@ -109,6 +111,28 @@ static PY_FREES: u32 = 0;
 /// agent, at most `MAX_SAMPLE_MEAN`.
 #[unsafe(no_mangle)]
 static SAMPLE_BYTES: u64 = 0;
+
+/// `--kernel`: where the kmem and percpu tracepoints keep their fields (`kmem`); set by the
+/// agent, which reads them from tracefs. Until then (`ready` 0) those programs do nothing.
+#[unsafe(no_mangle)]
+static KMEM: KmemFields = KmemFields {
+    kmalloc_ptr: 0,
+    kmalloc_bytes: 0,
+    kfree_ptr: 0,
+    cache_alloc_ptr: 0,
+    cache_alloc_bytes: 0,
+    cache_free_ptr: 0,
+    page_alloc_pfn: 0,
+    page_alloc_order: 0,
+    page_alloc_migratetype: 0,
+    page_free_pfn: 0,
+    page_free_order: 0,
+    percpu_alloc_ptr: 0,
+    percpu_alloc_bytes: 0,
+    percpu_free_ptr: 0,
+    ready: 0,
+    _pad: 0,
+};
 
 #[cfg(all(not(test), target_arch = "bpf"))]
 #[panic_handler]

@@ -55,7 +55,7 @@ static STACKS_SEEN: PerCpuArray<[u64; SEEN_STACKS]> = PerCpuArray::with_max_entr
 pub(crate) const MAX_STACK_SPAN: u64 = 64 << 20;
 
 /// Marks a new key in `store_stack`'s and `fp_stack_key`'s results.
-const STACK_NEW: u64 = 1 << 63;
+pub(crate) const STACK_NEW: u64 = 1 << 63;
 
 /// A learnt stack top is a hint: a page of the stack that is not present (swapped out, or
 /// marked for NUMA balancing) also fails a copy, and the top learnt then is too low. Every this

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::{array, fixtures, one_group, summary};
 use crate::common::{
     Checks, DEADLINE, Finished, Proc, attach, num, os, python, start_target, start_trace, tool,
+    trace_while_held,
 };
 
 const MIB: u64 = 1 << 20;
@@ -23,14 +24,8 @@ const FRAG_KEPT: u64 = FRAG_BLOCKS / 8;
 fn rss_run() -> &'static Finished {
     static RUN: OnceLock<Finished> = OnceLock::new();
     RUN.get_or_init(|| {
-        let mut target = start_target("rss --wait", &fixtures().rss, &["--wait"]);
-        let mp = attach(&target, &["--top", "50"]);
-        target.signal(libc::SIGUSR1);
-        target.expect_stdout_line("done");
-        mp.signal(libc::SIGINT);
-        let run = mp.finish(DEADLINE);
-        target.stop(libc::SIGTERM, Duration::from_secs(5));
-        run
+        let target = start_target("rss --wait", &fixtures().rss, &["--wait"]);
+        trace_while_held(target, &["--top", "50"])
     })
 }
 

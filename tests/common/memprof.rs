@@ -73,6 +73,19 @@ pub(crate) fn attach(target: &Proc, opts: &[&str]) -> Proc {
     start_trace(&args, || target.output_so_far())
 }
 
+/// Pid mode around a workload: attaches to `target` (which prints `ready`, waits for
+/// SIGUSR1, then prints `done` and holds what it made) with `opts`, lets it go, and takes the
+/// report (SIGINT) while it holds; then stops it.
+pub(crate) fn trace_while_held(mut target: Proc, opts: &[&str]) -> Finished {
+    let mp = attach(&target, opts);
+    target.signal(libc::SIGUSR1);
+    target.expect_stdout_line("done");
+    mp.signal(libc::SIGINT);
+    let run = mp.finish(DEADLINE);
+    target.stop(libc::SIGTERM, Duration::from_secs(5));
+    run
+}
+
 /// Pid mode to the end: start `program args` (which must support --wait), attach with memprof
 /// options `opts`, release it with SIGUSR1 and wait for memprof to end after the target exits.
 /// Returns (memprof, target).

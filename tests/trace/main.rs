@@ -36,6 +36,7 @@ mod common;
 mod ctypes;
 mod errors;
 mod facts;
+mod kernel;
 mod pid;
 mod recipes;
 mod report;

@@ -163,8 +163,10 @@ pub(crate) fn check_report_shape(r: &Value, context: &str) {
                 && (f["module"].is_string() || f["module"].is_null())
                 && (f["file"].is_string() || f["file"].is_null())
                 && (f["line"].is_u64() || f["line"].is_null())
-                // The offset in the module's file (hex), for frames in a module only.
+                // The offset in the module's file (hex), for frames in a module only; a
+                // kernel frame (`--kernel`) is its name alone, its address when unnamed.
                 && match f["module"].as_str() {
+                    Some("[kernel]") if f["function"].is_string() => f["offset"].is_null(),
                     Some(_) => f["offset"].as_str().is_some_and(|o| {
                         o.strip_prefix("0x")
                             .is_some_and(|h| u64::from_str_radix(h, 16).is_ok())
@@ -173,7 +175,10 @@ pub(crate) fn check_report_shape(r: &Value, context: &str) {
                 }
                 && (f["build_id"].is_string() || f["build_id"].is_null())
                 && f["inlined"].is_boolean()
-                && matches!(f["kind"].as_str(), Some("native" | "python" | "unknown"))
+                && match f["kind"].as_str() {
+                    Some("kernel") => f["module"] == "[kernel]",
+                    kind => matches!(kind, Some("native" | "python" | "unknown")),
+                }
                 && f.get("addr").is_none();
             c.check(ok, format!("leak {i} frame {j} has a bad shape: {f}"));
         }

@@ -27,7 +27,7 @@ commands:
                         setup, build memprof, run all tests serially; needs root.
                         ARGS go to cargo test (e.g. a test-name filter), HARNESS_ARGS to the
                         test binaries (e.g. --nocapture)
-  bench [--reps N] [--quick] [--micro]
+  bench [--reps N] [--quick] [--micro] [--kernel]
                         setup, build memprof, measure tracing cost on bench/ workloads (churn
                         with and without frame pointers, Python): untraced, probe floor on
                         each kind of link, memprof with unwind tables, frame pointers, multi
@@ -35,7 +35,8 @@ commands:
                         process beside memprof, redis under memprof and heaptrack, the agent's
                         throughput; writes target/bench/results.md and results.json; needs
                         root. --micro: only the agent microbenchmark (memprof-bench, criterion,
-                        events/s), into target/bench/micro.md
+                        events/s), into target/bench/micro.md. --kernel: only the cost of
+                        --kernel on pipe rounds (bench/pipes.c), into target/bench/kernel.md
   soak [--minutes N] [--rate ALLOCS_PER_S]
                         setup, build memprof, trace a process churning ALLOCS_PER_S (default
                         20000) malloc/free pairs with a bounded live set for N minutes (default

@@ -152,6 +152,12 @@ pub struct TraceArgs {
     /// Emit an alert when the heap grows faster than this many MB per hour.
     #[arg(long, value_name = "MB_PER_HOUR", value_parser = parse_rate)]
     pub growth_threshold: Option<f64>,
+    /// Also trace the kernel's allocations on the traced processes' behalf (kmalloc, slab
+    /// caches, pages, per-CPU areas: pipe and socket buffers, file tables...), each under the
+    /// kernel stack joined to the user stack that caused it. Pages that become the process's
+    /// own (anonymous memory, page cache) are its RSS and are left out.
+    #[arg(long)]
+    pub kernel: bool,
     /// Exit with status 3 when a call site's verdict is `leak`.
     #[arg(long)]
     pub fail_on_leak: bool,

@@ -381,6 +381,7 @@ fn trace_pid(
         no_placement: args.no_placement,
         call_slots: args.call_slots,
         kernel_log: kernel_log::level(&args.kernel_log).unwrap_or(0),
+        kernel: args.kernel,
         links: args.links.as_deref().map(|l| match l {
             "session" => LinkKind::Session,
             "classic" => LinkKind::Classic,

@@ -380,6 +380,7 @@ fn render_raw(r: &Report) -> String {
             let name = f.function.as_deref().unwrap_or("??");
             let module = match (f.kind, f.module.as_deref()) {
                 ("python", _) => "python",
+                ("kernel", _) => "kernel",
                 (_, Some(m)) => m.rsplit('/').next().unwrap_or(m),
                 (_, None) => "?",
             };

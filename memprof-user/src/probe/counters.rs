@@ -22,6 +22,9 @@ pub struct KernelLosses {
     /// With `--sample-bytes`: sampled allocations dropped because the kernel's map of sampled
     /// live blocks was full.
     pub sampled_full: u64,
+    /// With `--kernel`: kernel allocations not recorded because the kernel's map of the
+    /// traced processes' kernel blocks was full.
+    pub kmem_full: u64,
 }
 
 /// One kernel program's runs and its mean time per run (`--probe-stats`): the work of memprof's

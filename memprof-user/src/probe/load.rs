@@ -22,16 +22,18 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use memprof_common::{
-    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack, PyWalk,
-    StackTrace, TextRanges, mode, unwind,
+    DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, KmemFields, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack,
+    PyWalk, StackTrace, TextRanges, mode, unwind,
 };
 
 use super::{
     allocators::Allocator,
+    kernel,
     kernel_log::KernelLog,
     links::{Family, LinkKind, Links, ProbeSet, Taken},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
     tables::KernelTables,
+    tracepoints::{Tracepoints, attach_tracepoints},
 };
 use crate::sys::{elf::file_id, objfile::ObjectFile};
 
@@ -144,6 +146,8 @@ pub struct Options<'a> {
     pub links: Option<LinkKind>,
     /// The kernel programs' log level (`kernel_log::LEVELS`; 0: off).
     pub kernel_log: u8,
+    /// `--kernel`: the kernel's allocations on the traced processes' behalf (`kernel`).
+    pub kernel: bool,
 }
 
 /// The kernel's `COMM` value for a process name: its first 15 bytes, NUL-padded.
@@ -179,7 +183,13 @@ impl Tracer {
         };
         let comm = comm_bytes(comm.as_deref().unwrap_or(""));
         let sample_bytes = opts.sample_bytes.min(MAX_SAMPLE_MEAN);
+        let kmem = if opts.kernel {
+            kernel::fields()?
+        } else {
+            KmemFields::default()
+        };
         let mut ebpf = EbpfLoader::new()
+            .override_global("KMEM", &kmem, true)
             .override_global("MODE", &mode, true)
             .override_global("TARGET_TGID", &target, true)
             .override_global("FOLLOW", &u32::from(follow), true)
@@ -267,7 +277,10 @@ impl Tracer {
                 links.attach(&mut ebpf, set, pid)?;
             }
         }
-        let (fork_child, tracepoints) = attach_tracepoints(&mut ebpf)?;
+        let (fork_child, mut tracepoints) = attach_tracepoints(&mut ebpf)?;
+        if opts.kernel {
+            kernel::attach(&mut ebpf, &mut tracepoints)?;
+        }
         let mut probed = HashSet::new();
         for a in opts.allocators {
             if let Some(id) = file_id(&a.path) {
@@ -445,9 +458,6 @@ impl Detaching {
     }
 }
 
-/// Tracepoint links with the name of their program.
-type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
-
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
@@ -524,42 +534,6 @@ fn plan_objects(
         .filter(|set| !set.entries.is_empty())
         .collect();
     Ok((report, sets))
-}
-
-/// Library loads and the process life cycle; returns the links of `fork_child`, which the
-/// end of a trace detaches first (see `Tracer::detach`), and the others by program.
-fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(Vec<TracePointLinkId>, Tracepoints)> {
-    let mut fork_child = Vec::new();
-    let mut others = Vec::new();
-    for (program, category, name) in [
-        ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
-        ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
-        ("task_newtask", "task", "task_newtask"),
-        ("sched_process_exec", "sched", "sched_process_exec"),
-        ("sched_process_exit", "sched", "sched_process_exit"),
-        ("fork_child", "syscalls", "sys_exit_fork"),
-        ("fork_child", "syscalls", "sys_exit_vfork"),
-        ("fork_child", "syscalls", "sys_exit_clone"),
-        ("fork_child", "syscalls", "sys_exit_clone3"),
-    ] {
-        let tp: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
-            .try_into()?;
-        if tp.fd().is_err() {
-            tp.load()
-                .with_context(|| format!("the kernel rejected program {program}"))?;
-        }
-        let link = tp
-            .attach(category, name)
-            .with_context(|| format!("failed to attach to tracepoint {category}:{name}"))?;
-        if program == "fork_child" {
-            fork_child.push(link);
-        } else {
-            others.push((program, link));
-        }
-    }
-    Ok((fork_child, others))
 }
 
 /// A `--phase` function that none of the objects looked in defines.

@@ -4,6 +4,7 @@
 
 pub mod allocators;
 pub mod counters;
+pub mod kernel;
 pub mod kernel_log;
 pub mod links;
 pub mod load;
@@ -13,6 +14,7 @@ pub mod plan;
 mod read;
 mod session;
 pub mod tables;
+mod tracepoints;
 
 pub use counters::{KernelLosses, ProbeStat};
 pub use links::LinkKind;

@@ -67,6 +67,8 @@ pub fn args_read(func: AllocFn) -> &'static [usize] {
         AllocFn::PosixMemalign => &[0, 2],
         AllocFn::Reallocarray | AllocFn::Mremap => &[0, 1, 2],
         AllocFn::Mmap => &[1, 3],
+        // Tracepoints, not probed functions.
+        AllocFn::Kmalloc | AllocFn::KmemCache | AllocFn::Page | AllocFn::Percpu => &[],
     }
 }
 

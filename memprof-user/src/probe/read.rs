@@ -105,6 +105,7 @@ impl Tracer {
             processes_missed: read(Counter::TgidsFull),
             mapping_records_lost: 0,
             sampled_full: read(Counter::SampledFull),
+            kmem_full: read(Counter::KmemFull),
         }
     }
 

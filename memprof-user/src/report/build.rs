@@ -198,9 +198,16 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         pss_bytes: inputs.mem.and_then(|m| m.pss_bytes),
         vm_size_bytes: inputs.mem.map(|m| m.vm_size_bytes),
         untraced_bytes: inputs.mem.map(|m| {
+            // Kernel blocks (`--kernel`) are not in the process's RSS.
+            let kernel: u64 = inputs
+                .table
+                .heap_blocks()
+                .filter(|(_, b)| b.func.is_kernel())
+                .map(|(_, b)| b.size)
+                .sum();
             memory::untraced_bytes(
                 m.rss_bytes,
-                heap_totals.outstanding_bytes,
+                heap_totals.outstanding_bytes.saturating_sub(kernel),
                 inputs.table.mmap_totals.outstanding_bytes,
             )
         }),

@@ -105,6 +105,7 @@ impl Totals {
             lost_events: k.ring_full
                 + k.inflight_full
                 + k.sampled_full
+                + k.kmem_full
                 + decode_errors
                 + unread_at_end,
             unread_at_end,

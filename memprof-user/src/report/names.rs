@@ -50,8 +50,18 @@ pub fn frame_name(frame: &Frame) -> String {
 }
 
 /// A stack's innermost named function, else [`frame_name`] of its innermost frame; None for
-/// an empty stack.
+/// an empty stack. A kernel allocation's stack (`--kernel`, kernel frames first) is named by
+/// the user code that caused it, `fill_pipe (kernel)`, else by its innermost kernel function.
 fn stack_label(frames: &[Frame]) -> Option<String> {
+    if frames.first().is_some_and(|f| f.kind == "kernel") {
+        let user = frames
+            .iter()
+            .filter(|f| f.kind != "kernel")
+            .find_map(|f| f.function.as_deref());
+        if let Some(user) = user {
+            return Some(format!("{user} (kernel)"));
+        }
+    }
     frames
         .iter()
         .find_map(|f| f.function.clone())
@@ -87,10 +97,13 @@ pub fn site_name(site: &Site) -> String {
 
 /// The frame a site is named after (see [`site_name`]), if it has a stack.
 pub fn site_frame(site: &Site) -> Option<&Frame> {
-    site.stack
-        .iter()
-        .find(|f| f.function.is_some())
-        .or_else(|| site.stack.first())
+    let named = |f: &&Frame| f.function.is_some();
+    if site.stack.first().is_some_and(|f| f.kind == "kernel")
+        && let Some(user) = site.stack.iter().filter(|f| f.kind != "kernel").find(named)
+    {
+        return Some(user);
+    }
+    site.stack.iter().find(named).or_else(|| site.stack.first())
 }
 
 #[cfg(test)]
@@ -132,5 +145,36 @@ mod tests {
         assert_eq!(site_name(&unnamed), "x.so+0x20");
         assert_eq!(site_label(&unnamed), "x.so+0x20");
         assert_eq!(group_name(&[], AllocFn::Calloc), "(no stack, calloc)");
+    }
+
+    #[test]
+    fn kernel_sites_are_named_by_the_user_code_that_caused_them() {
+        let p = sample_profile();
+        let kernel = |function: &str| Frame {
+            kind: "kernel",
+            module: Some("[kernel]".into()),
+            ..frame(Some(function), None, None, 0)
+        };
+        let site = Site {
+            stack: vec![
+                kernel("__alloc_pages_noprof"),
+                kernel("anon_pipe_write"),
+                frame(None, Some("/lib/x.so"), None, 0x20),
+                frame(Some("fill_pipe"), None, None, 0x30),
+                frame(Some("main"), None, None, 0x40),
+            ],
+            ..p.sites[0].clone()
+        };
+        assert_eq!(site_name(&site), "fill_pipe (kernel)");
+        assert_eq!(
+            site_frame(&site).and_then(|f| f.function.as_deref()),
+            Some("fill_pipe")
+        );
+        assert_eq!(group_name(&site.stack, AllocFn::Page), "fill_pipe (kernel)");
+        let kernel_only = Site {
+            stack: vec![kernel("__alloc_pages_noprof"), kernel("kthread")],
+            ..p.sites[0].clone()
+        };
+        assert_eq!(site_name(&kernel_only), "__alloc_pages_noprof");
     }
 }

@@ -33,7 +33,8 @@ pub fn scan(pid: u32, table: &Table, sites: &Sites, rss_bytes: u64) -> io::Resul
             group,
         });
     };
-    for (addr, block) in table.heap_blocks() {
+    // Kernel blocks (`--kernel`) are not in the process's address space.
+    for (addr, block) in table.heap_blocks().filter(|(_, b)| !b.func.is_kernel()) {
         add(
             addr,
             block.size,

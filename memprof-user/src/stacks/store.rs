@@ -18,6 +18,19 @@ pub struct RawFrame {
     pub python: Option<u32>,
 }
 
+/// The module of kernel frames (`--kernel` stacks start with the kernel's frames): their
+/// `file_offset` is their address, which `/proc/kallsyms` names.
+pub const KERNEL_MODULE: &str = "[kernel]";
+
+/// How many of `ips` are kernel frames: the leading ones in the kernel's half of the address
+/// space (x86-64). Only a `--kernel` stack starts in the kernel; an address there further out
+/// is a user stack's garbage, not kernel code.
+pub fn kernel_frames(ips: &[u64]) -> usize {
+    ips.iter()
+        .take_while(|ip| **ip >= 0xffff_8000_0000_0000)
+        .count()
+}
+
 #[derive(Debug, Default)]
 pub struct StackStore {
     stacks: HashMap<u64, Vec<RawFrame>>,
@@ -41,16 +54,26 @@ impl StackStore {
         self.stacks.remove(&id);
     }
 
-    /// Whether every address of `ips` lies in a file mapping of `space`.
+    /// Whether every address of `ips` lies in a file mapping of `space` (or in the kernel).
     pub fn covered(space: &AddressSpace, ips: &[u64]) -> bool {
-        ips.iter().all(|ip| space.find(*ip).is_some())
+        ips[kernel_frames(ips)..]
+            .iter()
+            .all(|ip| space.find(*ip).is_some())
     }
 
     /// Stores stack `id` with frames `ips` (innermost first), normalized against `space`.
     pub fn insert(&mut self, id: u64, ips: &[u64], space: &AddressSpace) {
+        let kernel = kernel_frames(ips);
         let frames = ips
             .iter()
-            .map(|&addr| match space.find(addr) {
+            .enumerate()
+            .map(|(i, &addr)| match space.find(addr) {
+                _ if i < kernel => RawFrame {
+                    addr,
+                    module: Some(self.intern(KERNEL_MODULE)),
+                    file_offset: addr,
+                    python: None,
+                },
                 Some(m) => RawFrame {
                     addr,
                     module: Some(self.intern(&m.path)),
@@ -164,5 +187,17 @@ mod tests {
         assert_eq!(frames[2].module, None);
         assert!(!StackStore::covered(&space, &[0x1010, 0x9999]));
         assert!(StackStore::covered(&space, &[0x1010, 0x5fff]));
+        // Kernel frames (`--kernel`) are their addresses in the kernel's module.
+        store.insert(5, &[0xffff_ffff_8100_0010, 0x1010], &space);
+        let frames = store.get(5).unwrap();
+        assert_eq!(
+            store.modules()[frames[0].module.unwrap() as usize],
+            KERNEL_MODULE
+        );
+        assert_eq!(frames[0].file_offset, 0xffff_ffff_8100_0010);
+        assert!(StackStore::covered(
+            &space,
+            &[0xffff_ffff_8100_0010, 0x1010]
+        ));
     }
 }

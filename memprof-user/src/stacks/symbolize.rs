@@ -15,9 +15,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use blazesym::symbolize::{
-    Input, Sym, Symbolized, Symbolizer as Blaze,
-    source::{Elf, Source},
+use blazesym::{
+    MaybeDefault,
+    symbolize::{
+        Input, Sym, Symbolized, Symbolizer as Blaze,
+        source::{Elf, Kernel, Source},
+    },
 };
 use serde::{Serialize, Serializer};
 
@@ -25,6 +28,7 @@ use super::{
     RawFrame,
     debuginfo::{ObjectInfo, fd_path},
     python::PyFrame,
+    store::KERNEL_MODULE,
 };
 use crate::sys::{
     elfcheck::{self, Fit},
@@ -47,8 +51,9 @@ pub struct Frame {
     pub build_id: Option<String>,
     /// A function the compiler inlined into the frame that follows (same return address).
     pub inlined: bool,
-    /// `native` (machine code in a mapped object), `python` (a Python function), or `unknown`
-    /// (an address in no mapped object, or where unwinding stopped: see `unwind::TRUNCATED`).
+    /// `native` (machine code in a mapped object), `kernel` (the kernel's code, `--kernel`;
+    /// module `[kernel]`), `python` (a Python function), or `unknown` (an address in no mapped
+    /// object, or where unwinding stopped: see `unwind::TRUNCATED`).
     pub kind: &'static str,
 }
 
@@ -184,15 +189,20 @@ impl Symbolizer {
                 out.push(Frame::unknown());
                 continue;
             };
+            let kernel = module == KERNEL_MODULE;
             let native = Frame {
                 function: None,
                 module: Some(module.clone()),
                 file: None,
                 line: None,
                 offset: Some(f.file_offset),
-                build_id: self.objects.get(module).and_then(|o| o.build_id.clone()),
+                build_id: if kernel {
+                    None
+                } else {
+                    self.objects.get(module).and_then(|o| o.build_id.clone())
+                },
                 inlined: false,
-                kind: "native",
+                kind: if kernel { "kernel" } else { "native" },
             };
             match self.cache.get(&(m, lookup_offset(f))) {
                 Some(names) if !names.is_empty() => {
@@ -201,6 +211,8 @@ impl Symbolizer {
                         file: n.file.clone(),
                         line: n.line,
                         inlined: n.inlined,
+                        // A kernel address moves with each boot (KASLR): its name is the frame.
+                        offset: if kernel { None } else { native.offset },
                         ..native.clone()
                     }));
                 }
@@ -227,6 +239,13 @@ impl Symbolizer {
             offsets.sort_unstable();
             offsets.dedup();
             let logical = &modules[module as usize];
+            if logical == KERNEL_MODULE {
+                let names = kernel_names(&self.blaze, &offsets);
+                for (off, names) in offsets.into_iter().zip(names) {
+                    self.cache.insert((module, off), names);
+                }
+                continue;
+            }
             let open = self.open_path(logical);
             self.object(logical);
             let names = resolve(
@@ -326,6 +345,26 @@ fn names_in(
     let src = Source::Elf(elf);
     let results = blaze.symbolize(&src, input).unwrap_or_default();
     (0..count)
+        .map(|i| match results.get(i) {
+            Some(Symbolized::Sym(sym)) => named(sym),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// What `/proc/kallsyms` names at each kernel address of `addrs` (one entry per address,
+/// empty when unnamed). The kernel's own symbol list: no object file is opened.
+fn kernel_names(blaze: &Blaze, addrs: &[u64]) -> Vec<Vec<Named>> {
+    let src = Source::Kernel(Kernel {
+        kallsyms: MaybeDefault::Default,
+        vmlinux: MaybeDefault::None,
+        debug_syms: false,
+        ..Default::default()
+    });
+    let results = blaze
+        .symbolize(&src, Input::AbsAddr(addrs))
+        .unwrap_or_default();
+    (0..addrs.len())
         .map(|i| match results.get(i) {
             Some(Symbolized::Sym(sym)) => named(sym),
             _ => Vec::new(),

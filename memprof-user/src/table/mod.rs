@@ -241,13 +241,18 @@ impl Tables {
         self.account(before, after);
     }
 
-    /// Process `tgid` replaced its image: its blocks are released (see [`Table::release_all`]).
+    /// Process `tgid` replaced its image: its blocks are released, but the kernel's (see
+    /// [`Table::release_all`]).
     pub fn release_process(&mut self, tgid: u32, ts_ns: u64, on: &mut impl FnMut(Change)) {
+        self.release(tgid, ts_ns, true, on);
+    }
+
+    fn release(&mut self, tgid: u32, ts_ns: u64, keep_kernel: bool, on: &mut impl FnMut(Change)) {
         let Some(table) = self.procs.get_mut(&tgid) else {
             return;
         };
         let before = (table.heap_totals, table.mmap_totals);
-        table.release_all(ts_ns, on);
+        table.release_all(ts_ns, keep_kernel, on);
         let after = (table.heap_totals, table.mmap_totals);
         self.account(before, after);
     }
@@ -273,7 +278,7 @@ impl Tables {
     /// Forgets process `tgid` (an exited process memprof stops reporting): its blocks count as
     /// freed, as the system freed them at its exit.
     pub fn forget_process(&mut self, tgid: u32, ts_ns: u64, on: &mut impl FnMut(Change)) {
-        self.release_process(tgid, ts_ns, on);
+        self.release(tgid, ts_ns, false, on);
         self.procs.remove(&tgid);
     }
 

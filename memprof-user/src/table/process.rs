@@ -136,14 +136,20 @@ impl Table {
         }
     }
 
-    /// The process's image went away (`execve`): every block and mapping is released at `ts_ns`.
-    pub fn release_all(&mut self, ts_ns: u64, on: &mut impl FnMut(Change)) {
+    /// The process's image went away (`execve`): every block and mapping is released at `ts_ns`,
+    /// but with `keep_kernel` the kernel's blocks (`--kernel`), which outlive the image (its
+    /// open files and pipes stay).
+    pub fn release_all(&mut self, ts_ns: u64, keep_kernel: bool, on: &mut impl FnMut(Change)) {
         let tids: Vec<u32> = self.reallocs.keys().copied().collect();
         for tid in tids {
             self.settle_realloc(tid, ts_ns, on);
         }
         let heap = std::mem::take(&mut self.heap);
-        for (_, block) in heap.iter() {
+        for (addr, block) in heap.iter() {
+            if keep_kernel && block.func.is_kernel() {
+                self.heap.insert(addr, block);
+                continue;
+            }
             let count = self.sub_outstanding(&block);
             self.count_free(&block);
             on(freed(block, count, 0, ts_ns));

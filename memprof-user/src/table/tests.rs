@@ -172,18 +172,31 @@ fn tables_sum_processes_and_release_at_exec() {
     // The same address in another process is another block.
     t.apply_from(2, &alloc(AllocFn::Malloc, 0x10, 30), &mut on);
     t.apply_from(2, &alloc(AllocFn::Mmap, 0x10000, 0x1000), &mut on);
+    // A kernel block (`--kernel`: a pipe's page) outlives the image.
+    t.apply_from(
+        2,
+        &alloc(AllocFn::Page, 0xfffd_0000_0001_0000, 4096),
+        &mut on,
+    );
     let h = t.heap_totals;
     assert_eq!(
         (h.allocs, h.outstanding_allocs, h.outstanding_bytes),
-        (2, 2, 130)
+        (3, 3, 4226)
     );
-    assert_eq!(h.peak_outstanding_bytes, 130);
-    assert_eq!(t.process(2).unwrap().heap_totals.outstanding_bytes, 30);
+    assert_eq!(h.peak_outstanding_bytes, 4226);
+    assert_eq!(t.process(2).unwrap().heap_totals.outstanding_bytes, 4126);
     t.apply_from(1, &free(AllocFn::Free, 0x10), &mut on);
     t.release_process(2, 99, &mut on);
     let h = t.heap_totals;
-    assert_eq!((h.frees, h.bytes_freed, h.outstanding_bytes), (2, 130, 0));
-    assert_eq!(h.peak_outstanding_bytes, 130);
+    assert_eq!(
+        (h.frees, h.bytes_freed, h.outstanding_bytes),
+        (2, 130, 4096)
+    );
+    assert_eq!(h.peak_outstanding_bytes, 4226);
+    let kept: Vec<u64> = t.heap_blocks().map(|(addr, _)| addr).collect();
+    assert_eq!(kept, [0xfffd_0000_0001_0000]);
+    // Forgetting the process releases it too.
+    t.forget_process(2, 100, &mut on);
     assert_eq!(
         (
             t.mmap_totals.outstanding_bytes,
@@ -196,7 +209,7 @@ fn tables_sum_processes_and_release_at_exec() {
         .iter()
         .filter(|c| matches!(c, Change::Free { .. }))
         .count();
-    assert_eq!(frees, 3);
+    assert_eq!(frees, 4);
 }
 
 #[test]
@@ -335,7 +348,7 @@ fn release_ends_a_realloc_in_flight() {
     let mut seen = Vec::new();
     t.apply(&alloc(AllocFn::Malloc, 0x10, 100));
     t.apply(&free(AllocFn::Realloc, 0x10));
-    t.release_all(50, &mut |c| seen.push(c));
+    t.release_all(50, false, &mut |c| seen.push(c));
     let h = t.heap_totals;
     assert_eq!((h.outstanding_bytes, h.frees, h.bytes_freed), (0, 1, 100));
     assert!(matches!(seen[..], [Change::Free { bytes: 100, .. }]));

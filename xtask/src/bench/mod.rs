@@ -21,12 +21,15 @@
 //! (`beside`); and a real workload, Debian's redis-server under redis-benchmark, untraced,
 //! under memprof and under heaptrack (`redis`).
 //!
+//! `--kernel` runs only the cost of `memprof trace --kernel` on pipe rounds (`kernel`).
+//!
 //! `--micro` runs only the agent's microbenchmark (`memprof-bench`, criterion): synthetic records
 //! replayed through decode → table → tracker → report, in events per second; the full bench runs
 //! it too, after the workloads.
 
 mod attach;
 mod beside;
+mod kernel;
 mod micro;
 mod proc;
 mod redis;
@@ -63,6 +66,8 @@ enum Mode {
     Dwarf,
     FullAtEntry,
     Bpftrace,
+    /// `--kernel` (bench/pipes.c only: `kernel`).
+    Kernel,
 }
 
 /// Slower than this per malloc/free pair, an untraced churn loop has breakpoints in it: another
@@ -87,6 +92,7 @@ impl Mode {
             Self::Dwarf => "memprof --unwind dwarf",
             Self::FullAtEntry => "memprof, free probed at +0",
             Self::Bpftrace => "bpftrace memleak-like",
+            Self::Kernel => "memprof --kernel",
         }
     }
 
@@ -101,6 +107,7 @@ impl Mode {
             Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
             Self::Dwarf => Some(&["--unwind", "dwarf"]),
             Self::FullAtEntry => Some(&["--no-placement"]),
+            Self::Kernel => Some(&["--kernel"]),
             Self::Untraced | Self::Bpftrace => None,
         }
     }
@@ -248,6 +255,7 @@ struct Workload {
 pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let mut reps = 5;
     let mut quick = false;
+    let mut kernel_only = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.to_str() {
@@ -258,6 +266,7 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                     .context("--reps takes a number")?;
             }
             Some("--quick") => quick = true,
+            Some("--kernel") => kernel_only = true,
             Some("--micro") => {
                 let results = micro(ws)?;
                 let md = micro_markdown(&results);
@@ -267,7 +276,9 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
                 println!("{md}");
                 return Ok(());
             }
-            _ => bail!("`cargo xtask bench` takes [--reps N] [--quick] [--micro], got {arg:?}"),
+            _ => bail!(
+                "`cargo xtask bench` takes [--reps N] [--quick] [--micro] [--kernel], got {arg:?}"
+            ),
         }
     }
     let out_dir = ws.target_dir().join("bench");
@@ -293,6 +304,9 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
         Ok(exe)
     };
     let build = |name: &str| build_as(name, name, false);
+    if kernel_only {
+        return kernel::kernel(&memprof, &build("pipes")?, reps, &out_dir);
+    }
     let churn_exe = build("churn")?;
     let churn_no_fp = build_as("churn", "churn_nofp", true)?;
     let hold = build("hold")?;

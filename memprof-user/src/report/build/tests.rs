@@ -42,6 +42,7 @@ pub(crate) fn inputs<'a>(
             processes_missed: 0,
             mapping_records_lost: 0,
             sampled_full: 0,
+            kmem_full: 0,
         },
         probe_stats: Vec::new(),
         decode_errors: 0,
