@@ -202,6 +202,7 @@ impl Agent {
             kernel: KernelLosses::default(),
             probe_stats: Vec::new(),
             decode_errors: 0,
+            unread_at_end: 0,
             now_ns: self.last_ts,
             elapsed_s: self.last_ts as f64 / 1e9,
             min_age_ns: 0,
