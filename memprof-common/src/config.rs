@@ -6,6 +6,9 @@ pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
 
 /// Default number of distinct user stacks the `STACKS` map holds.
 pub const DEFAULT_STACK_ENTRIES: u32 = 64 * 1024;
+/// Size of each CPU's cache of keys known to be in the stack map (a power of two); the agent
+/// empties it when it removes stacks from the map.
+pub const SEEN_STACKS: usize = 64;
 
 /// Default number of threads that can be inside an allocator call at once, beyond those in
 /// per-thread slots (`DEFAULT_CALL_SLOTS`).

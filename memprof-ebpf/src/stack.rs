@@ -11,7 +11,8 @@ use aya_ebpf::{
     programs::RetProbeContext,
 };
 use memprof_common::{
-    Counter, DEFAULT_STACK_ENTRIES, MAX_STACK_DEPTH, NO_STACK, StackTrace, unwind, unwind_end,
+    Counter, DEFAULT_STACK_ENTRIES, MAX_STACK_DEPTH, NO_STACK, SEEN_STACKS, StackTrace, unwind,
+    unwind_end,
 };
 
 use crate::{
@@ -43,11 +44,9 @@ pub(crate) const WINDOW_BYTES: usize = 2048;
 pub(crate) static STACK_WINDOW: PerCpuArray<[u64; WINDOW_BYTES / 8 + 1]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Size of each CPU's cache of keys known to be in `STACKS` (a power of two).
-const SEEN_STACKS: usize = 64;
-
-/// Per CPU, keys known to be in `STACKS` (which only grows), direct-mapped by the key's low
-/// bits: a call site allocating in a loop skips the hash lookup.
+/// Per CPU, keys known to be in `STACKS`, direct-mapped by the key's low bits: a call site
+/// allocating in a loop skips the hash lookup. The agent empties it when it removes stacks
+/// of processes it forgot.
 #[map]
 static STACKS_SEEN: PerCpuArray<[u64; SEEN_STACKS]> = PerCpuArray::with_max_entries(1, 0);
 

@@ -224,12 +224,13 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let peak = usage.ru_maxrss as u64 * 1024;
     let profile_kib = scrapes.iter().map(|s| s.0).max().unwrap_or(0) as f64 / 1024.0;
     let scrape_s = scrapes.iter().map(|s| s.1).fold(0.0, f64::max);
-    let [forgotten, unscraped, over_cap, allocations, lost] = [
+    let [forgotten, unscraped, over_cap, allocations, lost, lost_stacks] = [
         "forgotten_processes",
         "forgotten_unscraped_processes",
         "profile_sites_over_cap",
         "allocations",
         "lost_events",
+        "lost_stacks",
     ]
     .map(|name| metric(&metrics, &format!("memprof_{name}_total")));
     let profiles = scrapes.len();
@@ -257,7 +258,8 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
          Verdict: growth over the last third {growth:+} bytes ({:+.2}%).  \n\
          Processes: {spawned} run and exited; forgotten {forgotten} (unseen by a scrape: \
          {unscraped}); call-site allocations over the per-process cap: {over_cap}.  \n\
-         Events: {allocations} allocations, {lost} lost events.  \n\
+         Events: {allocations} allocations, {lost} lost events, {lost_stacks} without a stack \
+         (the kernel's stack map full, or the ring crowded).  \n\
          Scrapes: {profiles} profiles (largest {profile_kib:.0} KiB gzipped, slowest {scrape_s:.2} s), \
          {failures} failed requests.  \n\
          CPU: memprof {:.1}% of a core on average, {agent_cpu_s:.1} s in all.",
@@ -285,7 +287,7 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
          \"memprof_rss_end_bytes\":{},\"memprof_peak_rss_bytes\":{peak},\
          \"growth_last_third_bytes\":{growth},\"forgotten_processes\":{forgotten},\
          \"forgotten_unscraped_processes\":{unscraped},\"profile_sites_over_cap\":{over_cap},\
-         \"allocations\":{allocations},\"lost_events\":{lost},\"profile_scrapes\":{profiles},\
+         \"allocations\":{allocations},\"lost_events\":{lost},\"lost_stacks\":{lost_stacks},\"profile_scrapes\":{profiles},\
          \"failed_requests\":{failures},\
          \"memprof_cpu_s\":{agent_cpu_s:.2},\"curve\":[\n{}\n]}}\n",
         first.rss,

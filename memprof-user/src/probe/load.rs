@@ -23,7 +23,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use memprof_common::{
     DEFAULT_IDX_BLOCKS, DEFAULT_ROW_BLOCKS, KmemFields, MAX_MODULES, MAX_SAMPLE_MEAN, PyStack,
-    PyWalk, StackTrace, TextRanges, mode, unwind,
+    PyWalk, SEEN_STACKS, StackTrace, TextRanges, mode, unwind,
 };
 
 use super::{
@@ -53,6 +53,8 @@ pub struct Tracer {
     pub(super) per_process: bool,
     pub events: RingBuf<MapData>,
     pub(super) stacks: AyaHashMap<MapData, u64, StackTrace>,
+    /// Each CPU's cache of keys known to be in `stacks`.
+    pub(super) stacks_seen: PerCpuArray<MapData, [u64; SEEN_STACKS]>,
     pub(super) counters: PerCpuArray<MapData, u64>,
     pub(super) py_procs: AyaHashMap<MapData, u32, PyWalk>,
     pub(super) py_active: Array<MapData, u32>,
@@ -294,6 +296,7 @@ impl Tracer {
             .context("failed to turn on the kernel's BPF run-time statistics")?;
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let stacks = AyaHashMap::try_from(take(&mut ebpf, "STACKS")?)?;
+        let stacks_seen = PerCpuArray::try_from(take(&mut ebpf, "STACKS_SEEN")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         let py_procs = AyaHashMap::try_from(take(&mut ebpf, "PY_PROCS")?)?;
         let py_active = Array::try_from(take(&mut ebpf, "PY_ACTIVE")?)?;
@@ -313,6 +316,7 @@ impl Tracer {
             ebpf,
             events,
             stacks,
+            stacks_seen,
             counters,
             py_procs,
             py_active,

@@ -4,7 +4,8 @@
 use anyhow::{Context as _, Result};
 
 use crate::sys::maps::AddressSpace;
-use memprof_common::{COUNTER_SLOTS, Counter, MAX_TEXT_RANGES, PyWalk, TextRanges};
+use aya::maps::PerCpuValues;
+use memprof_common::{COUNTER_SLOTS, Counter, MAX_TEXT_RANGES, PyWalk, SEEN_STACKS, TextRanges};
 
 use super::{
     LinkKind, Tracer,
@@ -24,6 +25,24 @@ impl Tracer {
             Ok(trace) => (trace.frames().to_vec(), trace.end),
             Err(_) => (Vec::new(), 0),
         }
+    }
+
+    /// Removes stacks `keys` from the kernel's map (no process memprof still reports has
+    /// them: with address-space randomisation every process has stacks of its own, and an
+    /// agent watching short-lived processes would fill the map), then empties each CPU's cache
+    /// of keys known to be there. Returns how many were removed.
+    pub fn forget_stacks(&mut self, keys: &[u64]) -> usize {
+        let removed = keys
+            .iter()
+            .filter(|key| self.stacks.remove(key).is_ok())
+            .count();
+        if removed > 0
+            && let Ok(cpus) = aya::util::nr_cpus()
+            && let Ok(empty) = PerCpuValues::try_from(vec![[0u64; SEEN_STACKS]; cpus.get() as usize])
+        {
+            let _ = self.stacks_seen.set(0, empty, 0);
+        }
+        removed
     }
 
     /// Lets the kernel program walk the Python frames of CPython process `tgid`.

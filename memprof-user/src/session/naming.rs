@@ -123,6 +123,7 @@ impl Session {
     /// Releases one process's use of each of `stacks`; a key no process uses any more is
     /// forgotten (its blocks are gone: the changes before this input freed them).
     fn release_stacks(&mut self, stacks: Vec<u64>) {
+        let mut gone = Vec::new();
         for key in stacks {
             let Some(users) = self.stack_users.get_mut(&key) else {
                 continue;
@@ -132,6 +133,7 @@ impl Session {
                 continue;
             }
             self.stack_users.remove(&key);
+            gone.push(key);
             self.stacks.remove(key);
             self.sites.forget_stack(key);
             if let Some(end) = self.stack_ends.remove(&key) {
@@ -141,6 +143,8 @@ impl Session {
                 }
             }
         }
+        // And from the kernel's map, which would fill otherwise.
+        self.tracer.forget_stacks(&gone);
     }
 
     fn apply(&mut self, input: Input) {
