@@ -556,6 +556,11 @@ fn trace_pid(
         End::Duration | End::Signal => (false, None),
     };
     let report = report::finish(session.snapshot(), exited, code);
+    if args.probe_stats
+        && let Some(cost) = session.residency_cost()
+    {
+        eprintln!("{cost}");
+    }
     if report.totals.unread_at_end > 0 {
         eprintln!(
             "memprof: warning: {} records were still in the ring after {} ms at the end of the \

@@ -204,6 +204,9 @@ pub struct Session {
     /// The last residency scan of each process (RSS explained), and the main process's
     /// explanations over time.
     residency: std::collections::HashMap<u32, crate::analysis::rss::Residency>,
+    /// Residency scans done: how many, their time in ns and the allocator-region bytes read
+    /// (`--probe-stats`).
+    residency_cost: (u64, u64, u64),
     rss_timeline: Vec<report::RssPoint>,
 }
 
@@ -239,6 +242,7 @@ impl Session {
             events: 0,
             events_at_status: (0, start_ns),
             residency: Default::default(),
+            residency_cost: (0, 0, 0),
             rss_timeline: Vec::new(),
             pidfd,
             pid,

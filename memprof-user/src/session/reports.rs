@@ -175,6 +175,9 @@ impl Session {
             };
             let table = self.table.process(pid).unwrap_or(&empty);
             if let Ok(r) = residency::scan(pid, table, &self.sites, mem.rss_bytes) {
+                self.residency_cost.0 += 1;
+                self.residency_cost.1 += r.scan_ns;
+                self.residency_cost.2 += r.scanned_bytes;
                 self.residency.insert(pid, r);
             }
         }
@@ -192,6 +195,21 @@ impl Session {
                 rss: r.explained,
             });
         }
+    }
+
+    /// `--probe-stats`: what the residency scans cost, one line (none without a scan).
+    pub fn residency_cost(&self) -> Option<String> {
+        let (scans, ns, bytes) = self.residency_cost;
+        (scans > 0).then(|| {
+            let gib = bytes as f64 / f64::from(1u32 << 30);
+            format!(
+                "memprof: {scans} residency scans read {bytes} bytes of allocator regions in \
+                 {:.1} ms ({:.1} ms per scan, {:.1} ms per GiB)",
+                ns as f64 / 1e6,
+                ns as f64 / 1e6 / scans as f64,
+                if gib > 0.0 { ns as f64 / 1e6 / gib } else { 0.0 }
+            )
+        })
     }
 
     /// The profile the output writers take, for `report`.

@@ -305,7 +305,13 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
     };
     let build = |name: &str| build_as(name, name, false);
     if kernel_only {
-        return kernel::kernel(&memprof, &build("pipes")?, reps, &out_dir);
+        return kernel::kernel(
+            &memprof,
+            &build("pipes")?,
+            &build("resident")?,
+            reps,
+            &out_dir,
+        );
     }
     let churn_exe = build("churn")?;
     let churn_no_fp = build_as("churn", "churn_nofp", true)?;
