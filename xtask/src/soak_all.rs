@@ -224,7 +224,14 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
     let peak = usage.ru_maxrss as u64 * 1024;
     let profile_kib = scrapes.iter().map(|s| s.0).max().unwrap_or(0) as f64 / 1024.0;
     let scrape_s = scrapes.iter().map(|s| s.1).fold(0.0, f64::max);
-    let [forgotten, unscraped, over_cap, allocations, lost, lost_stacks] = [
+    let [
+        forgotten,
+        unscraped,
+        over_cap,
+        allocations,
+        lost,
+        lost_stacks,
+    ] = [
         "forgotten_processes",
         "forgotten_unscraped_processes",
         "profile_sites_over_cap",

@@ -38,7 +38,8 @@ impl Tracer {
             .count();
         if removed > 0
             && let Ok(cpus) = aya::util::nr_cpus()
-            && let Ok(empty) = PerCpuValues::try_from(vec![[0u64; SEEN_STACKS]; cpus.get() as usize])
+            && let Ok(empty) =
+                PerCpuValues::try_from(vec![[0u64; SEEN_STACKS]; cpus.get() as usize])
         {
             let _ = self.stacks_seen.set(0, empty, 0);
         }

@@ -207,7 +207,11 @@ impl Session {
                  {:.1} ms ({:.1} ms per scan, {:.1} ms per GiB)",
                 ns as f64 / 1e6,
                 ns as f64 / 1e6 / scans as f64,
-                if gib > 0.0 { ns as f64 / 1e6 / gib } else { 0.0 }
+                if gib > 0.0 {
+                    ns as f64 / 1e6 / gib
+                } else {
+                    0.0
+                }
             )
         })
     }

@@ -161,7 +161,11 @@ fn parse_scans(line: &str) -> Option<(f64, f64, f64)> {
     let (_, rest) = rest.split_once(" ms (")?;
     let (per_scan, rest) = rest.split_once(" ms per scan, ")?;
     let per_gib = rest.strip_suffix(" ms per GiB)")?;
-    Some((scans.parse().ok()?, per_scan.parse().ok()?, per_gib.parse().ok()?))
+    Some((
+        scans.parse().ok()?,
+        per_scan.parse().ok()?,
+        per_gib.parse().ok()?,
+    ))
 }
 
 #[cfg(test)]
@@ -177,6 +181,9 @@ mod tests {
             ),
             Some((7.0, 3.0, 2.9))
         );
-        assert_eq!(parse_scans("memprof: detached 1 probe links in 3.0 ms"), None);
+        assert_eq!(
+            parse_scans("memprof: detached 1 probe links in 3.0 ms"),
+            None
+        );
     }
 }
