@@ -2,6 +2,8 @@
 //! `memprof trend R1 R2 ... RN`, `memprof mark NAME`.
 
 mod args;
+mod phases;
+mod start;
 mod trace;
 
 use std::{io::Write as _, path::Path};

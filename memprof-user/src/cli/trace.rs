@@ -7,13 +7,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use memprof_common::DEFAULT_RING_BYTES;
-use serde::Serialize;
 
 use super::{
     GATE_FAILED,
     args::{TraceArgs, split_spec},
+    phases::{exit_code, is_python_program, phase_specs},
+    start::{Start, StartAllocator, StartPlacement, offsets, pairs},
 };
 use crate::{
     analysis::{categories::Rule, pyphases::PyPattern},
@@ -48,60 +49,6 @@ const DWARF_RING_BYTES: u32 = 64 << 20;
 /// How long the end of a trace takes the records left in the ring at most: the rest are let
 /// go, counted (see `Session::end`).
 const END_DRAIN: std::time::Duration = std::time::Duration::from_millis(750);
-
-/// The start record of the NDJSON stream.
-#[derive(Serialize)]
-struct Start<'a> {
-    #[serde(rename = "type")]
-    record: &'static str,
-    pid: u32,
-    command: Option<&'a [String]>,
-    /// The main allocator object.
-    library: String,
-    /// Functions probed in any object.
-    probes: &'a [String],
-    missing: &'a [String],
-    aliases: Vec<[&'a str; 2]>,
-    /// The main allocator's entry probes placed past a function's first instruction.
-    placed: std::collections::BTreeMap<&'a str, u64>,
-    /// Every allocator object probed, the main one first.
-    allocators: Vec<StartAllocator<'a>>,
-    /// How probes are attached: `multi` (multi-uprobe links) or `classic`.
-    links: &'static str,
-}
-
-/// One allocator object of the start record.
-#[derive(Serialize)]
-struct StartAllocator<'a> {
-    path: &'a str,
-    kind: &'static str,
-    /// The allocator is linked into the executable.
-    #[serde(rename = "static")]
-    in_executable: bool,
-    probes: &'a [String],
-    aliases: Vec<[&'a str; 2]>,
-    /// Free-like functions not probed because they hand the block to a probed one.
-    forwards: Vec<[&'a str; 2]>,
-    placed: std::collections::BTreeMap<&'a str, u64>,
-    /// Where each entry probe sits and why.
-    placements: Vec<StartPlacement<'a>>,
-}
-
-/// One entry probe's place in its function.
-#[derive(Serialize)]
-struct StartPlacement<'a> {
-    function: &'a str,
-    offset: u64,
-    why: &'a str,
-}
-
-fn pairs(v: &[(String, String)]) -> Vec<[&str; 2]> {
-    v.iter().map(|(a, b)| [a.as_str(), b.as_str()]).collect()
-}
-
-fn offsets(v: &[(String, u64)]) -> std::collections::BTreeMap<&str, u64> {
-    v.iter().map(|(f, off)| (f.as_str(), *off)).collect()
-}
 
 pub fn trace(args: TraceArgs) -> Result<i32> {
     let modes = usize::from(args.pid.is_some())
@@ -607,62 +554,4 @@ fn trace_pid(
     } else {
         0
     })
-}
-
-/// The `--phase NAME=FUNCTION` specs split into native functions and Python ones
-/// (`NAME=py:QUALNAME`), each checked.
-fn phase_specs(specs: &[String]) -> Result<PhaseSpecs> {
-    // Phases are counted per call site in a 64-bit set.
-    const MAX_PHASES: usize = 64;
-    if specs.len() > MAX_PHASES {
-        bail!(
-            "at most {MAX_PHASES} --phase options are supported ({} given)",
-            specs.len()
-        );
-    }
-    let mut native = Vec::new();
-    let mut python = Vec::new();
-    for spec in specs {
-        let (name, function) = split_spec(spec, "--phase")?;
-        match function.strip_prefix("py:") {
-            Some(qualname) => {
-                let pattern = PyPattern::parse(qualname)
-                    .map_err(|e| anyhow!("invalid --phase {spec:?}: {e}"))?;
-                python.push((name, pattern));
-            }
-            None => native.push((name, function)),
-        }
-    }
-    Ok((native, python))
-}
-
-/// Native phases (name, function) and Python ones (name, function).
-type PhaseSpecs = (Vec<(String, String)>, Vec<(String, PyPattern)>);
-
-/// Whether `path` is a CPython interpreter (`python3.12`) or its library (`libpython3.12.so`).
-fn is_python_program(path: &str) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    name.starts_with("python") || name.starts_with("libpython")
-}
-
-/// Shell-style exit code of a wait status: the exit status, or 128 + the killing signal.
-fn exit_code(status: i32) -> i32 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        1
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_codes() {
-        assert_eq!(exit_code(7 << 8), 7);
-        assert_eq!(exit_code(9), 137);
-    }
 }

@@ -8,17 +8,13 @@ use std::{
     fs,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        TracePoint,
-        trace_point::{TracePointLink, TracePointLinkId},
-    },
+    programs::trace_point::TracePointLinkId,
 };
 use aya_log::EbpfLogger;
 use memprof_common::{
@@ -30,7 +26,7 @@ use super::{
     allocators::Allocator,
     kernel,
     kernel_log::KernelLog,
-    links::{Family, LinkKind, Links, ProbeSet, Taken},
+    links::{Family, LinkKind, Links, ProbeSet},
     plan::{AttachReport, Chosen, PLAN, plan_object, resolve_symbols},
     tables::KernelTables,
     tracepoints::{Tracepoints, attach_tracepoints},
@@ -394,71 +390,6 @@ impl Tracer {
     /// Number of probe links held.
     pub fn link_count(&self) -> usize {
         self.links.len()
-    }
-
-    /// Detaches every probe (see [`Detaching::detach`]). Returns the number of uprobe links
-    /// and how long detaching them took.
-    pub fn detach(&mut self) -> (usize, Duration) {
-        let links = self.take_links();
-        (links.uprobes(), links.detach())
-    }
-
-    /// Every probe link, taken out of the tracer to be detached on another thread: closing a
-    /// tracepoint waits out the kernel's grace periods (40 ms each, one at a time), so the ring
-    /// is drained meanwhile.
-    pub fn take_links(&mut self) -> Detaching {
-        let fork_child = std::mem::take(&mut self.fork_child)
-            .into_iter()
-            .map(|link| ("fork_child", link))
-            .collect();
-        let rest = std::mem::take(&mut self.tracepoints);
-        Detaching {
-            fork_child: self.take_tracepoints(fork_child),
-            uprobes: self.links.take(),
-            rest: self.take_tracepoints(rest),
-        }
-    }
-
-    fn take_tracepoints(&mut self, links: Tracepoints) -> Vec<TracePointLink> {
-        let mut taken = Vec::with_capacity(links.len());
-        for (program, link) in links {
-            if let Some(tp) = self
-                .ebpf
-                .program_mut(program)
-                .and_then(|p| <&mut TracePoint>::try_from(p).ok())
-                && let Ok(link) = tp.take_link(link)
-            {
-                taken.push(link);
-            }
-        }
-        taken
-    }
-}
-
-/// The probe links of a trace that ends (see [`Tracer::take_links`]), attached until
-/// [`Detaching::detach`] (or their drop).
-pub struct Detaching {
-    fork_child: Vec<TracePointLink>,
-    uprobes: Taken,
-    rest: Vec<TracePointLink>,
-}
-
-impl Detaching {
-    /// Number of uprobe links.
-    pub fn uprobes(&self) -> usize {
-        self.uprobes.len()
-    }
-
-    /// Detaches `fork_child` first (no child pauses after this, see `Tracer::follow`), the
-    /// uprobes (side by side), then the other tracepoints, so nothing writes to the ring any
-    /// more. Returns how long the uprobes took.
-    pub fn detach(self) -> Duration {
-        drop(self.fork_child);
-        let start = std::time::Instant::now();
-        self.uprobes.detach();
-        let took = start.elapsed();
-        drop(self.rest);
-        took
     }
 }
 

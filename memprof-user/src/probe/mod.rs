@@ -4,6 +4,7 @@
 
 pub mod allocators;
 pub mod counters;
+mod detach;
 pub mod kernel;
 pub mod kernel_log;
 pub mod links;
@@ -17,5 +18,6 @@ pub mod tables;
 mod tracepoints;
 
 pub use counters::{KernelLosses, ProbeStat};
+pub use detach::Detaching;
 pub use links::LinkKind;
-pub use load::{Detaching, Options, PhaseNotFound, Targets, Tracer};
+pub use load::{Options, PhaseNotFound, Targets, Tracer};

@@ -11,7 +11,7 @@ use aya::{
 pub(super) type Tracepoints = Vec<(&'static str, TracePointLinkId)>;
 
 /// Library loads and the process life cycle; returns the links of `fork_child`, which the
-/// end of a trace detaches first (see `Tracer::detach`), and the others by program.
+/// end of a trace detaches first (see `Detaching::detach`), and the others by program.
 pub(super) fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(Vec<TracePointLinkId>, Tracepoints)> {
     let mut fork_child = Vec::new();
     let mut others = Vec::new();
