@@ -48,8 +48,7 @@ impl Session {
                 if let Ok(record) = decode_record(&item)
                     && record.paused
                 {
-                    // SAFETY: a signal to a process that stopped itself for this record.
-                    unsafe { libc::kill(record.tgid as i32, libc::SIGCONT) };
+                    resume(record.tgid);
                 }
             }
         }
@@ -142,8 +141,7 @@ impl Session {
             self.python_phase_turns(tgid, &event, py_stack);
             self.observe(tgid, &event);
             if paused {
-                // SAFETY: a signal to a process that stopped itself for this record.
-                unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
+                resume(tgid);
             }
             if let Some((stack, size)) = native {
                 self.count_walk(stack, size);
@@ -163,8 +161,11 @@ impl Session {
             self.allocator_text(tgid);
             self.update_tables(tgid);
         }
+        // The keys each process uses, for `release_stacks` once it is forgotten: the traced
+        // process itself never is (see `evict_exited`), so its events skip the set.
         if let Event::Alloc(a) = event
             && a.stack != NO_STACK
+            && tgid != self.pid
             && let Some(p) = self.procs.get_mut(&tgid)
             && p.stack_keys.insert(a.stack)
         {
@@ -449,4 +450,10 @@ impl Session {
             w.entry_bytes += size;
         }
     }
+}
+
+/// Continues process `tgid`, which stopped itself for one of its records (`PAUSED`).
+fn resume(tgid: u32) {
+    // SAFETY: a signal to a process that stopped itself for a record.
+    unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
 }
