@@ -54,6 +54,18 @@ fn follows_forks_and_execs_of_a_spawned_command() {
             p["parent"].as_u64(),
             ppid.map(u64::from),
         );
+        // The child frees 4 of the parent's blocks, copies it inherited at the fork: neither
+        // its own frees nor unmatched ones; the parent's blocks stay its own.
+        let inherited = if role == "child" { 4 } else { 0 };
+        c.eq(
+            &format!("{role}: inherited, unmatched frees"),
+            (
+                // Absent when 0.
+                p["totals"]["inherited_frees"].as_u64().unwrap_or(0),
+                num(&p["totals"], "unmatched_frees"),
+            ),
+            (inherited, 0),
+        );
         // A process's leaks are its own: no other role's site shows up in it.
         for other in ["leak_parent", "leak_child", "leak_exec"] {
             if other != function {

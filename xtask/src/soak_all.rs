@@ -41,11 +41,13 @@ const DEFAULT_SPAWN_RATE: f64 = 10.0;
 const SCRAPE_EVERY: Duration = Duration::from_secs(15);
 const PORT: u16 = 19464;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Sample {
     t_s: f64,
     rss: u64,
     cpu: f64,
+    /// The agent's `memprof_agent_kept` gauges: the sizes of its own tables.
+    kept: Vec<(String, u64)>,
 }
 
 /// One HTTP/1.0 GET on 127.0.0.1: the status and the body's length and text.
@@ -66,6 +68,17 @@ fn get(path: &str) -> Result<(u16, Vec<u8>)> {
         .and_then(|s| s.parse().ok())
         .context("no status")?;
     Ok((status, raw[end + 4..].to_vec()))
+}
+
+/// Every `memprof_agent_kept{pid="0",what="WHAT"} VALUE` of a metrics exposition.
+fn kept(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("memprof_agent_kept{pid=\"0\",what=\"")?;
+            let (what, value) = rest.split_once("\"} ")?;
+            Some((what.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 /// `name{pid="0"} VALUE` in a metrics exposition.
@@ -183,13 +196,28 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
             _ => cpu_now.0.saturating_sub(prev.0) as f64 / ticks / (t_s - prev.1).max(1e-3),
         };
         prev = cpu_now;
+        let kept = get("/metrics")
+            .map(|(_, b)| kept(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default();
+        let shown: Vec<String> = kept
+            .iter()
+            .filter(|(w, v)| *v != 0 && w != "own_rss_bytes")
+            .map(|(w, v)| format!("{w}={v}"))
+            .collect();
         eprintln!(
-            "soak --all: {t_s:>6.0} s  memprof {:>8.1} MiB {:>5.1}% CPU  {} processes run",
+            "soak --all: {t_s:>6.0} s  memprof {:>8.1} MiB {:>5.1}% CPU  {} processes run  \
+             kept: {}",
             mib(rss),
             cpu * 100.0,
-            spawned.load(Ordering::Relaxed)
+            spawned.load(Ordering::Relaxed),
+            shown.join(" ")
         );
-        samples.push(Sample { t_s, rss, cpu });
+        samples.push(Sample {
+            t_s,
+            rss,
+            cpu,
+            kept,
+        });
     }
     stop.store(true, Ordering::Relaxed);
     spawner.join().ok();
@@ -210,12 +238,11 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
         );
     }
 
-    let first = samples[0];
-    let last = *samples.last().context("no sample")?;
+    let first = &samples[0];
+    let last = samples.last().context("no sample")?;
     let third = samples
         .iter()
         .find(|s| s.t_s >= last.t_s * 2.0 / 3.0)
-        .copied()
         .unwrap_or(last);
     let growth = last.rss as i64 - third.rss as i64;
     let cpu_mean =
@@ -279,12 +306,35 @@ pub fn soak_all(ws: &Workspace, args: &[OsString]) -> Result<()> {
         growth as f64 * 100.0 / third.rss.max(1) as f64,
         cpu_mean * 100.0,
     );
+    // What the agent kept, at the second sample (the first may come before its first
+    // publication), two thirds in and at the end.
+    let _ = writeln!(
+        md,
+        "\n| kept by memprof | {:.0} s | {:.0} s | {:.0} s |\n| --- | --- | --- | --- |",
+        samples.get(1).unwrap_or(first).t_s,
+        third.t_s,
+        last.t_s
+    );
+    for (i, (what, _)) in last.kept.iter().enumerate() {
+        let at = |s: &Sample| s.kept.get(i).map_or(0, |k| k.1);
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {} | {} |",
+            at(samples.get(1).unwrap_or(first)),
+            at(third),
+            at(last)
+        );
+    }
     let curve: Vec<String> = samples
         .iter()
         .map(|s| {
+            let kept: Vec<String> = s.kept.iter().map(|(w, v)| format!("\"{w}\":{v}")).collect();
             format!(
-                "{{\"t_s\":{:.1},\"memprof_rss_bytes\":{},\"memprof_cpu\":{:.4}}}",
-                s.t_s, s.rss, s.cpu
+                "{{\"t_s\":{:.1},\"memprof_rss_bytes\":{},\"memprof_cpu\":{:.4},\"kept\":{{{}}}}}",
+                s.t_s,
+                s.rss,
+                s.cpu,
+                kept.join(",")
             )
         })
         .collect();
@@ -322,5 +372,11 @@ mod tests {
         let text = "memprof_up{pid=\"0\"} 1\nmemprof_forgotten_processes_total{pid=\"0\"} 44\n";
         assert_eq!(metric(text, "memprof_forgotten_processes_total"), 44);
         assert_eq!(metric(text, "memprof_lost_events_total"), 0);
+        let text = "memprof_agent_kept{pid=\"0\",what=\"procs\"} 12\n\
+                    memprof_agent_kept{pid=\"0\",what=\"blocks\"} 3000\nmemprof_up{pid=\"0\"} 1\n";
+        assert_eq!(
+            kept(text),
+            [("procs".to_string(), 12), ("blocks".to_string(), 3000)]
+        );
     }
 }

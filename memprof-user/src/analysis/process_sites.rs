@@ -111,6 +111,14 @@ impl ProcessSites {
         self.processes.remove(&pid);
     }
 
+    /// Processes with groups kept, and their groups in all.
+    pub fn sizes(&self) -> (usize, usize) {
+        (
+            self.processes.len(),
+            self.processes.values().map(|p| p.groups.len()).sum(),
+        )
+    }
+
     /// The groups of process `pid`.
     pub fn process(&self, pid: u32) -> Option<&ProcessGroups> {
         self.processes.get(&pid)

@@ -50,9 +50,10 @@ pub enum Event {
         enter: bool,
         ts_ns: u64,
     },
-    /// The process forked `child`, which is traced too.
+    /// The process forked `child`, which is traced too, at `ts_ns`.
     Fork {
         child: u32,
+        ts_ns: u64,
     },
     /// The process replaced its image: its blocks and mappings are gone. `comm` is its new
     /// name.
@@ -226,7 +227,10 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         EventKind::ChildPaused => Event::ChildPaused,
         EventKind::Fork => {
             let e: ForkEvent = read(bytes)?;
-            Event::Fork { child: e.child }
+            Event::Fork {
+                child: e.child,
+                ts_ns: header.ts_ns,
+            }
         }
         EventKind::Exec => {
             let e: ExecEvent = read(bytes)?;

@@ -162,9 +162,13 @@ fn render_raw(r: &Report) -> String {
             range(s.outstanding_bytes_interval)
         );
     }
+    let inherited = match t.inherited_frees {
+        0 => String::new(),
+        n => format!("    frees of blocks inherited at a fork {n}"),
+    };
     let _ = writeln!(
         out,
-        "  allocations  {} ({})    frees {} ({})    unmatched frees {}",
+        "  allocations  {} ({})    frees {} ({})    unmatched frees {}{inherited}",
         t.allocs,
         human_bytes(t.bytes_allocated),
         t.frees,

@@ -224,6 +224,7 @@ pub fn snapshot(inputs: &Inputs<'_>) -> Report {
         processes: None,
         unwind: inputs.unwind.clone(),
         forgotten: inputs.forgotten,
+        kept: None,
         python: None,
     }
 }

@@ -45,6 +45,72 @@ impl Forgotten {
     }
 }
 
+/// What the agent keeps now, entry by entry: the sizes of its own tables, so that an
+/// operator sees what its memory holds (`memprof_agent_kept` with live endpoints).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Kept {
+    /// Processes known (live, and exited ones still reported).
+    pub processes: u64,
+    /// Of those, exited ones still reported.
+    pub exited_processes: u64,
+    /// Processes with an allocation table, and the outstanding blocks in them.
+    pub tables: u64,
+    pub blocks: u64,
+    /// Raw stacks kept, and the raw stack keys the processes still reported use.
+    pub stacks: u64,
+    pub stack_keys: u64,
+    /// Distinct call sites and frames named so far, and raw stacks mapped to a site.
+    pub sites: u64,
+    pub frames: u64,
+    pub site_keys: u64,
+    /// Modules (mapped files) the stacks refer to.
+    pub modules: u64,
+    /// Call-site groups tracked, and the slots of their peaks.
+    pub groups: u64,
+    pub peak_slots: u64,
+    /// Processes with call sites kept for the live profiles, and their groups.
+    pub profile_processes: u64,
+    pub profile_groups: u64,
+    /// `--unwind dwarf`: processes with an unwinder, and objects read for them.
+    pub unwinders: u64,
+    pub unwind_objects: u64,
+    /// Tracker inputs waiting for names, and stacks sent for naming.
+    pub queued_inputs: u64,
+    pub naming: u64,
+    /// CPython processes followed.
+    pub pythons: u64,
+    /// memprof's own resident memory (bytes).
+    pub own_rss_bytes: u64,
+}
+
+impl Kept {
+    /// Each count with its name (as serialized).
+    pub fn entries(&self) -> [(&'static str, u64); 20] {
+        [
+            ("processes", self.processes),
+            ("exited_processes", self.exited_processes),
+            ("tables", self.tables),
+            ("blocks", self.blocks),
+            ("stacks", self.stacks),
+            ("stack_keys", self.stack_keys),
+            ("sites", self.sites),
+            ("frames", self.frames),
+            ("site_keys", self.site_keys),
+            ("modules", self.modules),
+            ("groups", self.groups),
+            ("peak_slots", self.peak_slots),
+            ("profile_processes", self.profile_processes),
+            ("profile_groups", self.profile_groups),
+            ("unwinders", self.unwinders),
+            ("unwind_objects", self.unwind_objects),
+            ("queued_inputs", self.queued_inputs),
+            ("naming", self.naming),
+            ("pythons", self.pythons),
+            ("own_rss_bytes", self.own_rss_bytes),
+        ]
+    }
+}
+
 /// How stacks were unwound with `--unwind dwarf` or `--unwind tables`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct UnwindStats {
@@ -282,6 +348,9 @@ pub struct Report {
     /// Present when a long trace forgot exited processes or idle call sites.
     #[serde(skip_serializing_if = "Forgotten::is_none")]
     pub forgotten: Forgotten,
+    /// With live endpoints: what the agent keeps now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Kept>,
     /// Present when the process runs CPython: whether its Python frames are read, and if not
     /// why.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -242,6 +242,7 @@ pub(crate) fn report(
         processes: None,
         unwind: None,
         forgotten: Default::default(),
+        kept: None,
         python: None,
     }
 }

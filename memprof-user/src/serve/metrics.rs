@@ -30,6 +30,7 @@
 //! | `memprof_lost_events_total` | counter | `totals.lost_events` |
 //! | `memprof_lost_stacks_total` | counter | `totals.lost_stacks` |
 //! | `memprof_unmatched_frees_total` | counter | `totals.unmatched_frees` |
+//! | `memprof_inherited_frees_total` | counter | `totals.inherited_frees` |
 //! | `memprof_forgotten_processes_total` | counter | `forgotten.processes` |
 //! | `memprof_forgotten_unscraped_processes_total` | counter | `forgotten.unscraped_processes` |
 //! | `memprof_forgotten_groups_total` | counter | `forgotten.groups` |
@@ -40,6 +41,7 @@
 //! | `memprof_site_outstanding_bytes{site,allocator,kind,verdict}` | gauge | top sites' `inuse_bytes` |
 //! | `memprof_site_growth_bytes_per_second{site,allocator,kind,verdict}` | gauge | top sites' `growth_bytes_per_s` |
 //! | `memprof_site_resident_bytes{site,allocator,kind,verdict}` | gauge | top sites' `resident_bytes` (when RSS is explained) |
+//! | `memprof_agent_kept{what}` | gauge | `kept`: the sizes of memprof's own tables (processes, blocks, stacks, sites, groups...) and its own RSS (`what="own_rss_bytes"`), with live endpoints |
 //! | `memprof_rss_explained_bytes{part}` | gauge | `rss_explained`: `part` is `live`, `retained`, `other` (they add up to RSS) or `untouched` (allocated, not resident) |
 
 use std::{net::SocketAddr, sync::Arc};
@@ -334,6 +336,14 @@ fn encode_profile(
         &pid,
         t.heap.unmatched_frees,
     )?;
+    counter(
+        encoder,
+        "memprof_inherited_frees",
+        "Frees, in a forked process, of blocks its parent held when it forked",
+        None,
+        &pid,
+        t.heap.inherited_frees,
+    )?;
     let f = &r.forgotten;
     for (name, help, value) in [
         (
@@ -388,6 +398,19 @@ fn encode_profile(
             &pid,
             hours * 3600.0,
         )?;
+    }
+
+    if let Some(kept) = &r.kept {
+        let mut metric = encoder.encode_descriptor(
+            "memprof_agent_kept",
+            "What memprof itself keeps now, by table (entries; own_rss_bytes: its resident bytes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (what, value) in kept.entries() {
+            let labels: Labels = vec![("pid", profile.pid.to_string()), ("what", what.to_string())];
+            metric.encode_family(&labels)?.encode_gauge(&value)?;
+        }
     }
 
     if let Some(e) = &r.rss_explained {

@@ -51,6 +51,13 @@ pub(super) struct Pending {
     requested: std::collections::HashSet<u64>,
 }
 
+impl Pending {
+    /// Inputs queued, and stacks sent for naming and not named yet.
+    pub(super) fn sizes(&self) -> (usize, usize) {
+        (self.queue.len(), self.requested.len())
+    }
+}
+
 impl Session {
     /// Hands `input` to the tracker, in order, once the stack it needs is named.
     pub(super) fn track(&mut self, input: Input) {

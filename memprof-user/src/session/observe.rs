@@ -211,7 +211,7 @@ impl Session {
                 }
                 self.update_tables(tgid);
             }
-            Event::Fork { child } => {
+            Event::Fork { child, ts_ns } => {
                 // Probes of its own first: the child already runs.
                 if let Err(e) = self.tracer.follow(child) {
                     eprintln!(
@@ -222,6 +222,7 @@ impl Session {
                 let p = Proc::forked(tgid, &self.procs[&tgid]);
                 self.procs.remove(&child);
                 self.add_proc(child, p);
+                self.table.fork(child, tgid, ts_ns);
             }
             Event::Exec { comm } => {
                 let changes = &mut self.changes;

@@ -87,6 +87,9 @@ impl Session {
         let inputs = self.inputs(monotonic_ns());
         let mut report = report::snapshot(&inputs);
         report.python = self.python_status(self.pid);
+        if self.settings.live.is_some() {
+            report.kept = Some(self.kept());
+        }
         if self.settings.per_process {
             let mut processes: Vec<_> = self
                 .procs
@@ -130,6 +133,38 @@ impl Session {
             report.processes = Some(processes);
         }
         report
+    }
+
+    /// What the agent keeps now (see [`report::Kept`]).
+    fn kept(&self) -> report::Kept {
+        let n = |v: usize| v as u64;
+        let (frames, site_keys) = self.sites.sizes();
+        let (profile_processes, profile_groups) =
+            self.process_sites.as_ref().map_or((0, 0), |p| p.sizes());
+        let (queued_inputs, naming) = self.pending.sizes();
+        report::Kept {
+            processes: n(self.procs.len()),
+            exited_processes: n(self.procs.values().filter(|p| p.exited).count()),
+            tables: n(self.table.pids().count()),
+            blocks: self.table.heap_totals.outstanding_allocs
+                + self.table.mmap_totals.outstanding_maps,
+            stacks: n(self.stacks.len()),
+            stack_keys: n(self.stack_users.len()),
+            sites: n(self.sites.len()),
+            frames: n(frames),
+            site_keys: n(site_keys),
+            modules: n(self.stacks.modules().len()),
+            groups: n(self.tracker.groups.len()),
+            peak_slots: n(self.tracker.peak_slots()),
+            profile_processes: n(profile_processes),
+            profile_groups: n(profile_groups),
+            unwinders: n(self.unwinders.len()),
+            unwind_objects: n(self.unwind_objects.len()),
+            queued_inputs: n(queued_inputs),
+            naming: n(naming),
+            pythons: n(self.pythons.len()),
+            own_rss_bytes: ProcMem::read(std::process::id()).map_or(0, |m| m.rss_bytes),
+        }
     }
 
     /// Explains the RSS of the main process and, with `per_process`, of every live traced

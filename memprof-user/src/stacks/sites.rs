@@ -194,6 +194,11 @@ impl Sites {
         self.ids(a).iter().map(key).cmp(self.ids(b).iter().map(key))
     }
 
+    /// Distinct frames, and raw stack keys mapped to a site.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.frames.len(), self.by_stack.len())
+    }
+
     /// Number of distinct sites.
     pub fn len(&self) -> usize {
         self.sites.len()

@@ -104,6 +104,15 @@ pub struct ObjectCache {
 }
 
 impl ObjectCache {
+    /// Objects read (or found unreadable).
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
     fn get(&mut self, path: &str) -> Option<Arc<Sections>> {
         self.objects
             .entry(path.to_string())

@@ -159,6 +159,12 @@ impl HeapBlocks {
         old
     }
 
+    /// When the block at `addr` was allocated, if one is there.
+    pub fn allocated_at(&self, addr: u64) -> Option<u64> {
+        let shard = self.shard_of(addr);
+        Some(self.shards.get(shard)?.get(&addr)?.ts_ns)
+    }
+
     /// Takes the block at `addr` out.
     pub fn remove(&mut self, addr: u64) -> Option<LiveAlloc> {
         let shard = self.shard_of(addr);

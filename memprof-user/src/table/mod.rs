@@ -168,6 +168,10 @@ impl Change {
     }
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 /// Counts for the malloc family.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct HeapTotals {
@@ -181,6 +185,10 @@ pub struct HeapTotals {
     pub peak_outstanding_bytes: u64,
     /// Frees of blocks not allocated during the trace (allocated before attach).
     pub unmatched_frees: u64,
+    /// Frees, in a forked process, of blocks its parent held when it forked (not counted in
+    /// `frees` nor in `unmatched_frees`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub inherited_frees: u64,
     /// Allocations returned at an address the table still held: the block's free was never seen.
     pub reused_addresses: u64,
 }
@@ -237,14 +245,69 @@ impl Tables {
             .or_insert_with(|| Table::with_sampling(mean));
         let before = (table.heap_totals, table.mmap_totals);
         table.apply_with(event, on);
-        let after = (table.heap_totals, table.mmap_totals);
+        let unmatched = table.last_unmatched.take();
+        let mut after = (table.heap_totals, table.mmap_totals);
+        if after.0.unmatched_frees != before.0.unmatched_frees
+            && let (Some(addr), Some((parent, at))) = (unmatched, table.forked_from)
+            && self.inherited(parent, at, addr)
+            && let Some(table) = self.procs.get_mut(&tgid)
+        {
+            let ts_ns = match *event {
+                Event::Alloc(a) => a.ts_ns,
+                Event::Free { ts_ns, .. } => ts_ns,
+                _ => 0,
+            };
+            table.inherited_freed.insert(addr, ts_ns);
+            table.heap_totals.unmatched_frees -= 1;
+            table.heap_totals.inherited_frees += 1;
+            after = (table.heap_totals, table.mmap_totals);
+        }
         self.account(before, after);
+    }
+
+    /// Process `child` was forked by `parent` at `ts_ns`: until it execs, its frees of blocks
+    /// `parent` (or the process that forked it, before) held then are frees of inherited
+    /// blocks.
+    pub fn fork(&mut self, child: u32, parent: u32, ts_ns: u64) {
+        let mean = self.sample_mean;
+        self.procs
+            .entry(child)
+            .or_insert_with(|| Table::with_sampling(mean))
+            .forked_from = Some((parent, ts_ns));
+    }
+
+    /// Whether a block at `addr` was held by process `pid` at `ts_ns`, or by the processes that
+    /// forked it, before they did.
+    fn inherited(&self, mut pid: u32, mut ts_ns: u64, addr: u64) -> bool {
+        /// Ancestors looked at, at most.
+        const DEPTH: usize = 64;
+        for _ in 0..DEPTH {
+            let Some(table) = self.procs.get(&pid) else {
+                return false;
+            };
+            if table.allocated_at(addr).is_some_and(|at| at <= ts_ns) {
+                return true;
+            }
+            // A block it inherited and freed before the fork is gone.
+            if table.inherited_freed.get(&addr).is_some_and(|at| *at <= ts_ns) {
+                return false;
+            }
+            let Some((parent, at)) = table.forked_from else {
+                return false;
+            };
+            (pid, ts_ns) = (parent, at.min(ts_ns));
+        }
+        false
     }
 
     /// Process `tgid` replaced its image: its blocks are released, but the kernel's (see
     /// [`Table::release_all`]).
     pub fn release_process(&mut self, tgid: u32, ts_ns: u64, on: &mut impl FnMut(Change)) {
         self.release(tgid, ts_ns, true, on);
+        if let Some(table) = self.procs.get_mut(&tgid) {
+            table.forked_from = None;
+            table.inherited_freed = Default::default();
+        }
     }
 
     fn release(&mut self, tgid: u32, ts_ns: u64, keep_kernel: bool, on: &mut impl FnMut(Change)) {
@@ -268,7 +331,7 @@ impl Tables {
         let (h1, m1) = after;
         let h = &mut self.heap_totals;
         add_changes!(h, h0, h1; allocs, frees, bytes_allocated, bytes_freed, outstanding_allocs,
-            outstanding_bytes, unmatched_frees, reused_addresses);
+            outstanding_bytes, unmatched_frees, inherited_frees, reused_addresses);
         h.peak_outstanding_bytes = h.peak_outstanding_bytes.max(h.outstanding_bytes);
         let m = &mut self.mmap_totals;
         add_changes!(m, m0, m1; maps, unmaps, bytes_mapped, bytes_unmapped, outstanding_maps,

@@ -29,6 +29,13 @@ pub struct Table {
     pub mmap_totals: MmapTotals,
     /// Mean sampling interval in bytes (0: every block is reported).
     sample_mean: u64,
+    /// The process that forked this one and when, until this one execs: a free of a block the
+    /// parent held at the fork is a free of an inherited block, not an unmatched one.
+    pub(super) forked_from: Option<(u32, u64)>,
+    /// The address of the last free that matched no block (see `Tables::apply_from`).
+    pub(super) last_unmatched: Option<u64>,
+    /// Inherited blocks this process freed, and when: gone for the processes it forks later.
+    pub(super) inherited_freed: HashMap<u64, u64>,
 }
 
 impl Table {
@@ -92,7 +99,7 @@ impl Table {
                         let count = self.count_free(&block);
                         on(freed(block, count, tid, ts_ns));
                     }
-                    None => self.heap_totals.unmatched_frees += 1,
+                    None => self.unmatched(addr),
                 },
             },
             Event::ReallocFailed { tid } => {
@@ -199,8 +206,8 @@ impl Table {
                 on(freed(old, count, tid, ts_ns));
                 Some(old)
             }
-            Some(Pending { block: None, .. }) => {
-                self.heap_totals.unmatched_frees += 1;
+            Some(Pending { addr, block: None }) => {
+                self.unmatched(addr);
                 None
             }
             None => None,
@@ -226,6 +233,17 @@ impl Table {
         t.outstanding_allocs += u64::from(count);
         t.outstanding_bytes += block.size * u64::from(count);
         t.peak_outstanding_bytes = t.peak_outstanding_bytes.max(t.outstanding_bytes);
+    }
+
+    /// A free of `addr`, which the table does not hold.
+    fn unmatched(&mut self, addr: u64) {
+        self.heap_totals.unmatched_frees += 1;
+        self.last_unmatched = Some(addr);
+    }
+
+    /// When the block at `addr` was allocated, if the table holds one there.
+    pub(super) fn allocated_at(&self, addr: u64) -> Option<u64> {
+        self.heap.allocated_at(addr)
     }
 
     fn remove_heap(&mut self, addr: u64) -> Option<LiveAlloc> {

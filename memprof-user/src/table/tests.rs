@@ -354,3 +354,66 @@ fn release_ends_a_realloc_in_flight() {
     assert!(matches!(seen[..], [Change::Free { bytes: 100, .. }]));
     assert_eq!(t.heap_blocks().count(), 0);
 }
+
+#[test]
+fn frees_of_blocks_held_at_the_fork_are_inherited_not_unmatched() {
+    let at = |ts_ns: u64, e: Event| match e {
+        Event::Alloc(a) => Event::Alloc(Alloc { ts_ns, ..a }),
+        Event::Free {
+            tid, func, addr, ..
+        } => Event::Free {
+            tid,
+            func,
+            addr,
+            ts_ns,
+        },
+        e => e,
+    };
+    let mut t = Tables::default();
+    let apply = |t: &mut Tables, pid: u32, e: Event| t.apply_from(pid, &e, &mut |_| {});
+    // The parent (100) holds 0x10 and 0x20 when it forks 200 at 50; 0x30 comes after.
+    apply(&mut t, 100, at(10, alloc(AllocFn::Malloc, 0x10, 64)));
+    apply(&mut t, 100, at(20, alloc(AllocFn::Malloc, 0x20, 32)));
+    t.fork(200, 100, 50);
+    apply(&mut t, 100, at(60, alloc(AllocFn::Malloc, 0x30, 16)));
+    // The child frees 0x10 (inherited), 0x30 (the parent's, but after the fork) and 0x40.
+    apply(&mut t, 200, at(70, free(AllocFn::Free, 0x10)));
+    apply(&mut t, 200, at(71, free(AllocFn::Free, 0x30)));
+    apply(&mut t, 200, at(72, free(AllocFn::Free, 0x40)));
+    // The grandchild (300, forked by 200 at 80) frees 0x20, which 100 held before 200's fork,
+    // and a realloc of the inherited 0x10 address (the child freed it: unmatched).
+    t.fork(300, 200, 80);
+    apply(&mut t, 300, at(90, free(AllocFn::Free, 0x20)));
+    apply(&mut t, 300, at(91, free(AllocFn::Realloc, 0x10)));
+    apply(&mut t, 300, at(92, alloc(AllocFn::Realloc, 0x50, 8)));
+    let child = t.process(200).unwrap().heap_totals;
+    assert_eq!(
+        (child.frees, child.unmatched_frees, child.inherited_frees),
+        (0, 2, 1)
+    );
+    let grandchild = t.process(300).unwrap().heap_totals;
+    assert_eq!(
+        (
+            grandchild.frees,
+            grandchild.unmatched_frees,
+            grandchild.inherited_frees,
+            grandchild.allocs
+        ),
+        (0, 1, 1, 1)
+    );
+    // The parent's own blocks are untouched; the totals add up.
+    let parent = t.process(100).unwrap().heap_totals;
+    assert_eq!((parent.outstanding_allocs, parent.outstanding_bytes), (3, 112));
+    assert_eq!(
+        (t.heap_totals.unmatched_frees, t.heap_totals.inherited_frees),
+        (3, 2)
+    );
+    // After an exec the child's frees are its own image's: nothing is inherited any more.
+    t.release_process(300, 100, &mut |_| {});
+    apply(&mut t, 300, at(110, free(AllocFn::Free, 0x20)));
+    let grandchild = t.process(300).unwrap().heap_totals;
+    assert_eq!(
+        (grandchild.unmatched_frees, grandchild.inherited_frees),
+        (2, 1)
+    );
+}

@@ -50,6 +50,7 @@ pub fn profile(sites: Vec<Site>) -> Profile {
         outstanding_bytes: 4000,
         peak_outstanding_bytes: 4500,
         unmatched_frees: 2,
+        inherited_frees: 1,
         reused_addresses: 0,
     };
     let report = Report {
@@ -135,6 +136,7 @@ fn profile_metrics() {
         ("memprof_lost_events_total", "7"),
         ("memprof_lost_stacks_total", "1"),
         ("memprof_unmatched_frees_total", "2"),
+        ("memprof_inherited_frees_total", "1"),
         ("memprof_leak_detected", "1"),
         ("memprof_rss_limit_bytes", "1073741824"),
         ("memprof_rss_limit_projected_seconds", "7200.0"),
