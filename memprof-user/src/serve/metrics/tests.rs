@@ -65,6 +65,12 @@ pub fn profile(sites: Vec<Site>) -> Profile {
         projected_limit_hours: Some(Some(2.0)),
         rss_bytes: Some(1 << 20),
         rss_explained: Some(sample::rss_explained(0)),
+        kept: Some(crate::report::Kept {
+            processes: 3,
+            blocks: 6,
+            own_rss_bytes: 1 << 22,
+            ..Default::default()
+        }),
         ..sample::report("snapshot", 42, heap, 7, 1)
     };
     Profile {
@@ -143,6 +149,16 @@ fn profile_metrics() {
     ];
     for (name, value) in expect {
         let series = format!("{name}{p}");
+        assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
+    }
+    // What memprof keeps: every table, zero or not.
+    for (what, value) in [
+        ("processes", "3"),
+        ("blocks", "6"),
+        ("stacks", "0"),
+        ("own_rss_bytes", "4194304"),
+    ] {
+        let series = format!("memprof_agent_kept{{pid=\"42\",what=\"{what}\"}}");
         assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
     }
     assert!(body.contains("# TYPE memprof_heap_allocated_bytes counter\n"));
