@@ -6,7 +6,7 @@ use std::{
     process::Command,
 };
 
-use super::{DEADLINE, patched_bytes, procs};
+use super::{DEADLINE, interrupt, patched_bytes, procs};
 use crate::common::{Checks, Driven, final_report, frame_fn, site_total, stack, start_trace};
 
 /// A root directory holding the fixture and the libraries it needs, at the paths the loader
@@ -97,6 +97,95 @@ fn process_in_its_own_mount_namespace_is_traced_and_named() {
         "module of leak_here, through the process's root",
         module.to_string(),
         format!("/proc/{pid}/root/app"),
+    );
+    c.finish(|| f.context());
+}
+
+/// `sh -c` text that runs `cmd` in a private mount namespace whose root is `root` (pivot_root,
+/// as container runtimes do).
+fn in_root(root: &Path, cmd: &str) -> String {
+    format!(
+        "set -e; mount --make-rprivate /; mount --bind {r} {r}; cd {r}; pivot_root . old; \
+         exec {cmd}",
+        r = root.display()
+    )
+}
+
+/// `--all --comm app` over short-lived processes that each run under their own root (a mount
+/// namespace of their own) and are gone before memprof could read it: each is named through
+/// the files an earlier one of the same image mapped, under one name per file, and memprof
+/// keeps one descriptor per file, not one per process.
+#[test]
+fn short_lived_container_processes_share_their_files() {
+    const RUNS: usize = 30;
+    let root = container_root();
+    // A container process running when memprof starts: its own libc (the copy) is probed
+    // from the start, for the processes of the same image after it.
+    let mut anchor = Driven::start(
+        "procs leak (own root)",
+        Command::new("unshare").args(["--mount", "sh", "-c", &in_root(&root, "/app leak 1 100")]),
+    );
+    let anchor_pid = anchor.proc.pid();
+    let mp = start_trace(
+        &["--json", "--all", "--comm", "app", "--unwind", "fp"],
+        String::new,
+    );
+    let fds = || fs::read_dir(format!("/proc/{}/fd", mp.pid())).map_or(0, |d| d.count());
+    anchor.go("leaked");
+    let anchor_done = anchor.finish(DEADLINE);
+    let before = fds();
+    for _ in 0..RUNS {
+        let out = Command::new("unshare")
+            .args(["--mount", "sh", "-c", &in_root(&root, "/app spin 0")])
+            .output()
+            .expect("unshare");
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Every run's records taken, its stacks read.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let after = fds();
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("short-lived processes under their own roots");
+    c.eq("anchor exit code", anchor_done.code(), Some(0));
+    let spins: Vec<&serde_json::Value> = r["processes"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| p["cmdline"] == serde_json::json!(["/app", "spin", "0"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    c.eq("spin processes reported", spins.len(), RUNS);
+    let whole = spins
+        .iter()
+        .filter(|p| site_total(p, "spin_leak") == (32000, 1000))
+        .count();
+    c.eq(
+        "spin processes with spin_leak 32000 B in 1000 blocks",
+        whole,
+        RUNS,
+    );
+    // One name for the fixture's file in every process: the first process's, which opens
+    // through memprof's descriptor of the file once that process is gone.
+    let mut modules: Vec<String> = spins
+        .iter()
+        .flat_map(|p| p["leaks"].as_array().cloned().unwrap_or_default())
+        .filter_map(|g| {
+            let f = stack(&g).first()?.clone();
+            (frame_fn(&f) == Some("spin_leak"))
+                .then(|| f["module"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    modules.sort();
+    modules.dedup();
+    c.eq(
+        "module of spin_leak",
+        modules,
+        vec![format!("/proc/{anchor_pid}/root/app")],
+    );
+    c.check(
+        after <= before + 8,
+        format!("memprof's descriptors: {before} before the {RUNS} runs, {after} after"),
     );
     c.finish(|| f.context());
 }

@@ -35,6 +35,7 @@ use crate::{
     sys::{
         elf,
         maps::AddressSpace,
+        printable::escape,
         process, shims,
         target::{self, PidFd},
     },
@@ -211,6 +212,25 @@ fn trace_all(
             {
                 allocators.push(a);
             }
+        }
+    }
+    // No process matches yet (an agent started before its workload): the system's C library,
+    // memprof's own, is probed for the processes that start later; other allocators are found
+    // as they come.
+    if allocators.is_empty()
+        && (args.comm.is_some() || cgroup.is_some())
+        && let Ok(found) = allocators::of_pid(own)
+    {
+        allocators.extend(
+            found
+                .into_iter()
+                .filter(|a| matches!(a.kind, allocators::Kind::Glibc | allocators::Kind::Musl)),
+        );
+        if let Some(a) = allocators.first() {
+            eprintln!(
+                "memprof: no running process matches yet; probing {} for those that start",
+                escape(&a.path.to_string_lossy())
+            );
         }
     }
     // Put a C library first: the report's `library` names the main one.

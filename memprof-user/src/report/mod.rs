@@ -79,13 +79,17 @@ pub struct Kept {
     pub naming: u64,
     /// CPython processes followed.
     pub pythons: u64,
+    /// Files of processes under another root (containers) kept open, one per file however
+    /// many processes map it; and those left out over the cap of 4096.
+    pub foreign_files: u64,
+    pub foreign_files_over_cap: u64,
     /// memprof's own resident memory (bytes).
     pub own_rss_bytes: u64,
 }
 
 impl Kept {
     /// Each count with its name (as serialized).
-    pub fn entries(&self) -> [(&'static str, u64); 20] {
+    pub fn entries(&self) -> [(&'static str, u64); 22] {
         [
             ("processes", self.processes),
             ("exited_processes", self.exited_processes),
@@ -106,6 +110,8 @@ impl Kept {
             ("queued_inputs", self.queued_inputs),
             ("naming", self.naming),
             ("pythons", self.pythons),
+            ("foreign_files", self.foreign_files),
+            ("foreign_files_over_cap", self.foreign_files_over_cap),
             ("own_rss_bytes", self.own_rss_bytes),
         ]
     }

@@ -231,8 +231,12 @@ pub(super) fn drain_mappings(
 /// Adds a mapping the kernel reported to process `pid`'s view.
 pub(super) fn apply_mapping(namer: &mut Namer, p: &mut Proc, pid: u32, mut m: Mapping) {
     if p.root.is_some() {
-        m.path = maps::file_of(pid, &m.path, &m.dev, m.inode);
+        m.path = maps::file_named(pid, &m.path, &m.dev, m.inode);
         namer.pin(&m.path);
+    } else if let Some(name) = maps::registered(&m.dev, m.inode) {
+        // A process under another root, gone before its root could be read: a file another
+        // process there mapped before.
+        m.path = name;
     }
     p.space.insert(m);
     p.space_gen += 1;
@@ -254,7 +258,7 @@ fn open_regular(path: &str) -> Option<std::fs::File> {
     let file = std::fs::File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
+        .open(maps::reachable(std::path::Path::new(path)))
         .ok()?;
     file.metadata().ok()?.is_file().then_some(file)
 }

@@ -142,6 +142,7 @@ impl Session {
         let (profile_processes, profile_groups) =
             self.process_sites.as_ref().map_or((0, 0), |p| p.sizes());
         let (queued_inputs, naming) = self.pending.sizes();
+        let (foreign_files, foreign_files_over_cap) = crate::sys::maps::foreign_files();
         report::Kept {
             processes: n(self.procs.len()),
             exited_processes: n(self.procs.values().filter(|p| p.exited).count()),
@@ -163,6 +164,8 @@ impl Session {
             queued_inputs: n(queued_inputs),
             naming: n(naming),
             pythons: n(self.pythons.len()),
+            foreign_files,
+            foreign_files_over_cap,
             own_rss_bytes: ProcMem::read(std::process::id()).map_or(0, |m| m.rss_bytes),
         }
     }

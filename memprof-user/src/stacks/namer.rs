@@ -84,7 +84,8 @@ impl Namer {
         if self.pinned.contains(path) {
             return;
         }
-        let Ok(file) = std::fs::File::open(path) else {
+        let Ok(file) = std::fs::File::open(crate::sys::maps::reachable(std::path::Path::new(path)))
+        else {
             return;
         };
         self.pinned.insert(path.to_string());

@@ -5,7 +5,113 @@
 //! path and a file offset stay valid after the process exits, so symbolization can happen at any
 //! later time.
 
-use std::{fs, io, path::Path};
+use std::{
+    borrow::Cow,
+    fs, io,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+/// Files of processes under another root (containers) memprof keeps open, at most.
+const FOREIGN_FILES_MAX: usize = 4096;
+
+/// Files of processes under another root, by (device, inode) as their maps give them: the name
+/// each was first reached by (its path from memprof's root when that names it, a chroot's
+/// file; else `/proc/PID/root/PATH`, with memprof's own descriptor of it). Every later process
+/// mapping the same file gets the same name, so that stacks, modules and symbolizers are kept
+/// once per file, not once per process (a node with containers starts processes without end);
+/// and the name stays readable through the descriptor once that PID is gone (see
+/// [`reachable`]).
+struct Foreign {
+    by_id: std::collections::HashMap<(String, u64), (String, Option<fs::File>)>,
+    by_name: std::collections::HashMap<String, i32>,
+}
+
+static FOREIGN: Mutex<Option<Foreign>> = Mutex::new(None);
+
+/// Files of processes under another root not kept because `FOREIGN_FILES_MAX` were.
+static FOREIGN_OVER_CAP: AtomicU64 = AtomicU64::new(0);
+
+/// Files of processes under another root kept open, and those left out over the cap.
+pub fn foreign_files() -> (u64, u64) {
+    let kept = FOREIGN
+        .lock()
+        .map_or(0, |f| f.as_ref().map_or(0, |f| f.by_id.len()));
+    (kept as u64, FOREIGN_OVER_CAP.load(Ordering::Relaxed))
+}
+
+/// Where `path` opens: a name [`file_named`] gave a file of a process under another root opens
+/// through memprof's descriptor of that file (the process may be gone); any other path as is.
+pub fn reachable(path: &Path) -> Cow<'_, Path> {
+    if !path.starts_with("/proc/") {
+        return Cow::Borrowed(path);
+    }
+    let fd = FOREIGN
+        .lock()
+        .ok()
+        .and_then(|f| f.as_ref()?.by_name.get(path.to_str()?).copied());
+    match fd {
+        Some(fd) => Cow::Owned(PathBuf::from(format!("/proc/self/fd/{fd}"))),
+        None => Cow::Borrowed(path),
+    }
+}
+
+/// [`file_of`] for the view memprof keeps of a process: a file under another root gets the name
+/// it was first reached by, the same for every process that maps it (see `Foreign`).
+pub fn file_named(pid: u32, path: &str, dev: &str, inode: u64) -> String {
+    if let Some(name) = registered(dev, inode) {
+        return name;
+    }
+    let name = file_of(pid, path, dev, inode);
+    let Ok(mut guard) = FOREIGN.lock() else {
+        return name;
+    };
+    let foreign = guard.get_or_insert_with(|| Foreign {
+        by_id: Default::default(),
+        by_name: Default::default(),
+    });
+    if foreign.by_id.len() >= FOREIGN_FILES_MAX {
+        FOREIGN_OVER_CAP.fetch_add(1, Ordering::Relaxed);
+        return name;
+    }
+    let key = (dev.to_string(), inode);
+    if !name.starts_with("/proc/") {
+        // Reachable by that path for as long as it names the file.
+        foreign.by_id.insert(key, (name.clone(), None));
+    } else if let Some(file) = open_same(&name, dev, inode) {
+        foreign.by_name.insert(name.clone(), file.as_raw_fd());
+        foreign.by_id.insert(key, (name.clone(), Some(file)));
+    }
+    name
+}
+
+/// The name [`file_named`] gave file `dev`/`inode`, if it did: a process that is gone before
+/// memprof could read its root still has its files named (the kernel's mapping records give
+/// their paths as the process saw them, under its own root).
+pub fn registered(dev: &str, inode: u64) -> Option<String> {
+    let guard = FOREIGN.lock().ok()?;
+    let (name, _) = guard.as_ref()?.by_id.get(&(dev.to_string(), inode))?;
+    Some(name.clone())
+}
+
+/// `path` opened for reading if it is the regular file `dev`/`inode`.
+fn open_same(path: &str, dev: &str, inode: u64) -> Option<fs::File> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let file = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let m = file.metadata().ok()?;
+    (m.is_file()
+        && m.ino() == inode
+        && format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())) == dev)
+        .then_some(file)
+}
 
 /// One file-backed mapping.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,7 +181,7 @@ impl AddressSpace {
             let key = (m.path.clone(), m.inode);
             let path = cache
                 .entry(key)
-                .or_insert_with(|| file_of(pid, &m.path, &m.dev, m.inode));
+                .or_insert_with(|| file_named(pid, &m.path, &m.dev, m.inode));
             m.path = path.clone();
         }
         self

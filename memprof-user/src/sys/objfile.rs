@@ -68,7 +68,7 @@ impl ObjectFile {
         let file = File::options()
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)?;
+            .open(crate::sys::maps::reachable(path))?;
         Self::from_file(file, path.display().to_string(), limit)
     }
 

@@ -289,7 +289,11 @@ impl Tables {
                 return true;
             }
             // A block it inherited and freed before the fork is gone.
-            if table.inherited_freed.get(&addr).is_some_and(|at| *at <= ts_ns) {
+            if table
+                .inherited_freed
+                .get(&addr)
+                .is_some_and(|at| *at <= ts_ns)
+            {
                 return false;
             }
             let Some((parent, at)) = table.forked_from else {

@@ -403,7 +403,10 @@ fn frees_of_blocks_held_at_the_fork_are_inherited_not_unmatched() {
     );
     // The parent's own blocks are untouched; the totals add up.
     let parent = t.process(100).unwrap().heap_totals;
-    assert_eq!((parent.outstanding_allocs, parent.outstanding_bytes), (3, 112));
+    assert_eq!(
+        (parent.outstanding_allocs, parent.outstanding_bytes),
+        (3, 112)
+    );
     assert_eq!(
         (t.heap_totals.unmatched_frees, t.heap_totals.inherited_frees),
         (3, 2)
