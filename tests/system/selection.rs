@@ -6,7 +6,7 @@ use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
 use serde_json::Value;
 
 use super::{DEADLINE, interrupt, leaker, process, procs, reported};
-use crate::common::{Checks, Proc, num, site_total, start_trace};
+use crate::common::{Checks, Driven, Proc, num, site_total, start_trace};
 
 /// `memprof trace --all --json OPTS`, once it traces.
 fn trace_all(opts: &[&str]) -> Proc {
@@ -106,6 +106,33 @@ fn comm_narrows_all_mode_to_one_name() {
         c.eq("leak_here", site_total(p, "leak_here"), (1500, 5));
     }
     drop(a.finish(DEADLINE));
+    c.finish(|| f.context());
+}
+
+#[test]
+fn comm_with_no_process_running_yet_traces_those_that_start() {
+    // The fixture under a name no other process has: none runs when memprof starts.
+    let bin = procs().with_file_name("latecomer");
+    fs::copy(procs(), &bin).unwrap();
+    let mp = trace_all(&["--comm", "latecomer", "--duration", "60s"]);
+    let mut a = Driven::start(
+        "latecomer leak",
+        Command::new(&bin).args(["leak", "7", "200"]),
+    );
+    a.go("leaked");
+    let done = a.finish(DEADLINE);
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("--all --comm latecomer, started before it");
+    c.check(
+        f.stderr
+            .lines()
+            .any(|l| l.starts_with("memprof: no running process matches yet; probing ")),
+        "memprof says it waits for matching processes",
+    );
+    c.eq("leaker exit code", done.code(), Some(0));
+    if let Some(p) = reported(&mut c, &r, done.pid, "the latecomer") {
+        c.eq("leak_here", site_total(p, "leak_here"), (1400, 7));
+    }
     c.finish(|| f.context());
 }
 
