@@ -221,7 +221,8 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_sample_bytes, value_name = "SIZE")]
     pub sample_bytes: Option<u64>,
     /// Size of the kernel ring buffer in bytes (a power of two, multiple of the page size).
-    /// [default: 16 MiB; 64 MiB with --unwind dwarf, whose records carry stack copies]
+    /// [default: 16 MiB; 64 MiB with --unwind dwarf, whose records carry stack copies, and with
+    /// --all, where each process that starts sends its first allocations with stack copies]
     #[arg(long, value_parser = parse_ring_bytes)]
     pub ring_bytes: Option<u32>,
     /// The command to spawn and trace from its first allocation.
