@@ -339,11 +339,13 @@ fn trace_pid(
     let attached = Tracer::attach(&Options {
         targets,
         allocators,
-        ring_bytes: args.ring_bytes.unwrap_or(if args.unwind == "dwarf" || args.all {
-            COPIES_RING_BYTES
-        } else {
-            DEFAULT_RING_BYTES
-        }),
+        ring_bytes: args
+            .ring_bytes
+            .unwrap_or(if args.unwind == "dwarf" || args.all {
+                COPIES_RING_BYTES
+            } else {
+                DEFAULT_RING_BYTES
+            }),
         phases,
         phase_objects: objects,
         python_frees: !py_phases.is_empty(),
