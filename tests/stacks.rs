@@ -4,6 +4,8 @@
 //!
 //! - sqlite3 building a 100,000-row table with an index: the bytes whose stack reaches the
 //!   program's entry, the walk's end of every stack, and no lost event.
+//! - sqlite3 on a workload that allocates the same in every run, against valgrind's DHAT: the
+//!   same number of allocations, bytes and peak, to the byte.
 //! - python3 running tests/fixtures/pyorder.py: Python frames in their place among native ones
 //!   (zlib, the `_json` accelerator, the `sqlite3` module, a ctypes call), whole stacks.
 //!
@@ -115,6 +117,63 @@ fn check_walks(c: &mut Checks, r: &Value, min_share: f64) {
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
     c.eq("ring full", num(&r["kernel"], "ring_full"), 0);
     c.eq("stacks lost", num(&r["kernel"], "stack_lost"), 0);
+}
+
+/// A sqlite3 workload whose allocations are the same in every run (no random keys).
+const SQL_FIXED: &str = "create table t(a integer primary key, b text, c real);
+with recursive n(i) as (select 1 union all select i + 1 from n where i < 20000)
+  insert into t select i, hex((i * 2654435761) % 4294967291), i * 1.5 from n;
+create index tb on t(b);
+select count(*), sum(c) from t where b like 'A%';";
+
+/// `N bytes in M blocks` after `label` in valgrind's DHAT summary on stderr.
+fn dhat_summary(stderr: &str, label: &str) -> Option<(u64, u64)> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.split_once(label).map(|(_, r)| r))?;
+    let digits = |s: &str| s.trim().replace(',', "").parse::<u64>().ok();
+    let (bytes, rest) = line.split_once(" bytes in ")?;
+    let blocks = rest.strip_suffix(" blocks")?;
+    Some((digits(bytes)?, digits(blocks)?))
+}
+
+/// Debian's sqlite3 (no frame pointers) in the default mode, against valgrind's DHAT on the
+/// same workload: the same allocations, bytes and peak, to the byte.
+#[test]
+fn sqlite3_totals_and_peak_equal_valgrind_dhat() {
+    require_root();
+    let vg = std::process::Command::new("valgrind")
+        .args([
+            "--tool=dhat",
+            "--dhat-out-file=/dev/null",
+            SQLITE3,
+            ":memory:",
+            SQL_FIXED,
+        ])
+        .output()
+        .expect("valgrind is missing: `cargo xtask setup` installs it");
+    let vg_err = String::from_utf8_lossy(&vg.stderr);
+    assert!(
+        vg.status.success(),
+        "valgrind --tool=dhat sqlite3 failed:\n{vg_err}"
+    );
+    let total = dhat_summary(&vg_err, "Total:");
+    let gmax = dhat_summary(&vg_err, "At t-gmax:");
+    let (run, r) = trace(&[SQLITE3, ":memory:", SQL_FIXED], None);
+    let t = &r["totals"];
+    let mut c = Checks::new("Debian sqlite3 against valgrind's DHAT");
+    c.eq("lost events", num(t, "lost_events"), 0);
+    c.eq(
+        "(bytes, allocations) = DHAT's Total",
+        Some((num(t, "bytes_allocated"), num(t, "allocs"))),
+        total,
+    );
+    c.eq(
+        "peak outstanding bytes = DHAT's t-gmax",
+        Some(num(t, "peak_outstanding_bytes")),
+        gmax.map(|g| g.0),
+    );
+    c.finish(|| format!("valgrind:\n{vg_err}\n{}", run.context()));
 }
 
 #[test]
