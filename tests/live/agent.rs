@@ -218,13 +218,19 @@ fn sites_over_the_cap_are_summed_and_counted() {
     let (mp, port) = agent(&["--comm", "sites", "--unwind", "fp"]);
     sites.go("allocated");
     let url = format!("http://127.0.0.1:{port}/debug/pprof/heap?pid={pid}");
+    // Every allocation taken: 4097 samples, and the last of the 8192 in the summed one (a
+    // scrape may come while the agent still takes them from the ring).
     let raw = poll(Duration::from_secs(30), || {
         let raw = RawProfile::parse(&go_pprof(&["-raw"], &url).ok()?);
-        (raw.of(pid).count() == 4097).then_some(raw)
+        let complete = raw.of(pid).count() == 4097
+            && raw
+                .of(pid)
+                .any(|s| s.function == "[sites" && s.values.first() == Some(&4096));
+        complete.then_some(raw)
     })
     .unwrap_or_else(|| {
         panic!(
-            "no 4097 samples of pid {pid}: {:?}\n{}",
+            "no complete profile of pid {pid} (4097 samples, 4096 summed): {:?}\n{}",
             go_pprof(&["-raw"], &url).map(|r| {
                 let raw = RawProfile::parse(&r);
                 (raw.of(pid).count(), raw.pids(), raw.samples.len())
