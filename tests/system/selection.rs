@@ -26,7 +26,10 @@ fn all_mode_reports_each_process_exactly() {
     let mut late = leaker(3, 4096);
     late.go("leaked");
     let (a_pid, b_pid, late_pid) = (a.proc.pid(), b.proc.pid(), late.proc.pid());
-    // One exits before the trace ends: reported as exited, its leak still named.
+    // One exits before the trace ends: reported as exited, its leak still named. It started
+    // before memprof, so no mapping record of the kernel names its code: the agent reads its
+    // view while it lives, which on a busy machine takes some of these 300 ms.
+    thread::sleep(Duration::from_millis(300));
     let a_done = a.finish(DEADLINE);
     // Give the agent time to drain the exit.
     thread::sleep(Duration::from_millis(300));
