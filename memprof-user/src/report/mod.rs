@@ -10,6 +10,8 @@ pub mod saved;
 
 use serde::Serialize;
 
+use crate::table::is_zero;
+
 pub use self::build::{Inputs, ProcessInfo, finish, process_report, profile, snapshot};
 pub use crate::{
     analysis::{
@@ -85,36 +87,6 @@ pub struct Kept {
     pub foreign_files_over_cap: u64,
     /// memprof's own resident memory (bytes).
     pub own_rss_bytes: u64,
-}
-
-impl Kept {
-    /// Each count with its name (as serialized).
-    pub fn entries(&self) -> [(&'static str, u64); 22] {
-        [
-            ("processes", self.processes),
-            ("exited_processes", self.exited_processes),
-            ("tables", self.tables),
-            ("blocks", self.blocks),
-            ("stacks", self.stacks),
-            ("stack_keys", self.stack_keys),
-            ("sites", self.sites),
-            ("frames", self.frames),
-            ("site_keys", self.site_keys),
-            ("modules", self.modules),
-            ("groups", self.groups),
-            ("peak_slots", self.peak_slots),
-            ("profile_processes", self.profile_processes),
-            ("profile_groups", self.profile_groups),
-            ("unwinders", self.unwinders),
-            ("unwind_objects", self.unwind_objects),
-            ("queued_inputs", self.queued_inputs),
-            ("naming", self.naming),
-            ("pythons", self.pythons),
-            ("foreign_files", self.foreign_files),
-            ("foreign_files_over_cap", self.foreign_files_over_cap),
-            ("own_rss_bytes", self.own_rss_bytes),
-        ]
-    }
 }
 
 /// How stacks were unwound with `--unwind dwarf` or `--unwind tables`.
@@ -209,10 +181,6 @@ pub struct Peak {
     pub other_bytes: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub other_allocs: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
 }
 
 /// One phase's accounting, and the sites holding something at the phase's own peak (the

@@ -400,15 +400,18 @@ fn encode_profile(
         )?;
     }
 
-    if let Some(kept) = &r.kept {
+    // Each field of `kept` by its JSON name.
+    if let Some(serde_json::Value::Object(kept)) =
+        r.kept.map(serde_json::to_value).and_then(Result::ok)
+    {
         let mut metric = encoder.encode_descriptor(
             "memprof_agent_kept",
             "What memprof itself keeps now, by table (entries; own_rss_bytes: its resident bytes)",
             None,
             MetricType::Gauge,
         )?;
-        for (what, value) in kept.entries() {
-            let labels: Labels = vec![("pid", profile.pid.to_string()), ("what", what.to_string())];
+        for (what, value) in kept.iter().filter_map(|(k, v)| Some((k, v.as_u64()?))) {
+            let labels: Labels = vec![("pid", profile.pid.to_string()), ("what", what.clone())];
             metric.encode_family(&labels)?.encode_gauge(&value)?;
         }
     }

@@ -7,11 +7,12 @@
 
 use std::{
     borrow::Cow,
+    collections::HashMap,
     fs, io,
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
-        Mutex,
+        LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -19,28 +20,28 @@ use std::{
 /// Files of processes under another root (containers) memprof keeps open, at most.
 const FOREIGN_FILES_MAX: usize = 4096;
 
-/// Files of processes under another root, by (device, inode) as their maps give them: the name
-/// each was first reached by (its path from memprof's root when that names it, a chroot's
-/// file; else `/proc/PID/root/PATH`, with memprof's own descriptor of it). Every later process
-/// mapping the same file gets the same name, so that stacks, modules and symbolizers are kept
-/// once per file, not once per process (a node with containers starts processes without end);
-/// and the name stays readable through the descriptor once that PID is gone (see
-/// [`reachable`]).
+/// Files of processes under another root, by (device, inode) as `stat` gives them (see
+/// [`Mapping::file_id`]): the name each was first reached by (its path from memprof's root when
+/// that names it, a chroot's file; else `/proc/PID/root/PATH`, with memprof's own descriptor of
+/// it). Every later process mapping the same file gets the same name, so that stacks, modules
+/// and symbolizers are kept once per file, not once per process (a node with containers starts
+/// processes without end); and the name stays readable through the descriptor once that PID is
+/// gone (see [`reachable`]).
+#[derive(Default)]
 struct Foreign {
-    by_id: std::collections::HashMap<(String, u64), (String, Option<fs::File>)>,
-    by_name: std::collections::HashMap<String, i32>,
+    by_id: HashMap<(u64, u64), (String, Option<fs::File>)>,
+    /// The descriptor behind each `/proc/PID/root/...` name.
+    by_name: HashMap<String, i32>,
 }
 
-static FOREIGN: Mutex<Option<Foreign>> = Mutex::new(None);
+static FOREIGN: LazyLock<Mutex<Foreign>> = LazyLock::new(Default::default);
 
 /// Files of processes under another root not kept because `FOREIGN_FILES_MAX` were.
 static FOREIGN_OVER_CAP: AtomicU64 = AtomicU64::new(0);
 
 /// Files of processes under another root kept open, and those left out over the cap.
 pub fn foreign_files() -> (u64, u64) {
-    let kept = FOREIGN
-        .lock()
-        .map_or(0, |f| f.as_ref().map_or(0, |f| f.by_id.len()));
+    let kept = FOREIGN.lock().map_or(0, |f| f.by_id.len());
     (kept as u64, FOREIGN_OVER_CAP.load(Ordering::Relaxed))
 }
 
@@ -53,7 +54,7 @@ pub fn reachable(path: &Path) -> Cow<'_, Path> {
     let fd = FOREIGN
         .lock()
         .ok()
-        .and_then(|f| f.as_ref()?.by_name.get(path.to_str()?).copied());
+        .and_then(|f| f.by_name.get(path.to_str()?).copied());
     match fd {
         Some(fd) => Cow::Owned(PathBuf::from(format!("/proc/self/fd/{fd}"))),
         None => Cow::Borrowed(path),
@@ -63,28 +64,26 @@ pub fn reachable(path: &Path) -> Cow<'_, Path> {
 /// [`file_of`] for the view memprof keeps of a process: a file under another root gets the name
 /// it was first reached by, the same for every process that maps it (see `Foreign`).
 pub fn file_named(pid: u32, path: &str, dev: &str, inode: u64) -> String {
-    if let Some(name) = registered(dev, inode) {
-        return name;
+    let Some(id) = file_id(dev, inode) else {
+        return file_of(pid, path, dev, inode);
+    };
+    let Ok(mut foreign) = FOREIGN.lock() else {
+        return file_of(pid, path, dev, inode);
+    };
+    if let Some((name, _)) = foreign.by_id.get(&id) {
+        return name.clone();
     }
     let name = file_of(pid, path, dev, inode);
-    let Ok(mut guard) = FOREIGN.lock() else {
-        return name;
-    };
-    let foreign = guard.get_or_insert_with(|| Foreign {
-        by_id: Default::default(),
-        by_name: Default::default(),
-    });
     if foreign.by_id.len() >= FOREIGN_FILES_MAX {
         FOREIGN_OVER_CAP.fetch_add(1, Ordering::Relaxed);
         return name;
     }
-    let key = (dev.to_string(), inode);
     if !name.starts_with("/proc/") {
         // Reachable by that path for as long as it names the file.
-        foreign.by_id.insert(key, (name.clone(), None));
-    } else if let Some(file) = open_same(&name, dev, inode) {
+        foreign.by_id.insert(id, (name.clone(), None));
+    } else if let Some(file) = open_same(&name, id) {
         foreign.by_name.insert(name.clone(), file.as_raw_fd());
-        foreign.by_id.insert(key, (name.clone(), Some(file)));
+        foreign.by_id.insert(id, (name.clone(), Some(file)));
     }
     name
 }
@@ -93,24 +92,30 @@ pub fn file_named(pid: u32, path: &str, dev: &str, inode: u64) -> String {
 /// memprof could read its root still has its files named (the kernel's mapping records give
 /// their paths as the process saw them, under its own root).
 pub fn registered(dev: &str, inode: u64) -> Option<String> {
-    let guard = FOREIGN.lock().ok()?;
-    let (name, _) = guard.as_ref()?.by_id.get(&(dev.to_string(), inode))?;
-    Some(name.clone())
+    let id = file_id(dev, inode)?;
+    let foreign = FOREIGN.lock().ok()?;
+    foreign.by_id.get(&id).map(|(name, _)| name.clone())
 }
 
-/// `path` opened for reading if it is the regular file `dev`/`inode`.
-fn open_same(path: &str, dev: &str, inode: u64) -> Option<fs::File> {
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+/// `path` opened for reading if it is the regular file `id` (device, inode).
+fn open_same(path: &str, id: (u64, u64)) -> Option<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let file = fs::File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
         .ok()?;
     let m = file.metadata().ok()?;
-    (m.is_file()
-        && m.ino() == inode
-        && format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())) == dev)
-        .then_some(file)
+    (m.is_file() && (m.dev(), m.ino()) == id).then_some(file)
+}
+
+/// (device, inode) of a mapped file from the `major:minor` (hex) and inode its maps line gives,
+/// as `stat` gives them.
+fn file_id(dev: &str, inode: u64) -> Option<(u64, u64)> {
+    let (major, minor) = dev.split_once(':')?;
+    let major = u32::from_str_radix(major, 16).ok()?;
+    let minor = u32::from_str_radix(minor, 16).ok()?;
+    Some((libc::makedev(major, minor), inode))
 }
 
 /// One file-backed mapping.
@@ -130,10 +135,7 @@ pub struct Mapping {
 impl Mapping {
     /// (device, inode) of the mapped file, as `stat` gives them (see `target::file_id`).
     pub fn file_id(&self) -> Option<(u64, u64)> {
-        let (major, minor) = self.dev.split_once(':')?;
-        let major = u32::from_str_radix(major, 16).ok()?;
-        let minor = u32::from_str_radix(minor, 16).ok()?;
-        Some((libc::makedev(major, minor), self.inode))
+        file_id(&self.dev, self.inode)
     }
 }
 
@@ -220,14 +222,8 @@ impl AddressSpace {
 /// preferred when it names that very file: it outlives the process. Otherwise the file is
 /// reached through `/proc/PID/root` while the process lives.
 pub fn file_of(pid: u32, path: &str, dev: &str, inode: u64) -> String {
-    use std::os::unix::fs::MetadataExt as _;
-    let same = |p: &str| {
-        fs::metadata(p).is_ok_and(|m| {
-            m.ino() == inode
-                && format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev())) == dev
-        })
-    };
-    if same(path) {
+    let id = file_id(dev, inode);
+    if fs::metadata(path).is_ok_and(|m| Some((m.dev(), m.ino())) == id) {
         return path.to_string();
     }
     format!("/proc/{pid}/root{path}")

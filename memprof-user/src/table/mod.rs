@@ -168,7 +168,8 @@ impl Change {
     }
 }
 
-fn is_zero(v: &u64) -> bool {
+/// For `skip_serializing_if`: counts that are left out of the JSON when 0.
+pub(crate) fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 

@@ -151,16 +151,24 @@ fn profile_metrics() {
         let series = format!("{name}{p}");
         assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
     }
+    // One series per label value of a family.
+    let family = |name: &str, label: &str, values: &[(&str, &str)]| {
+        for (key, value) in values {
+            let series = format!("{name}{{pid=\"42\",{label}=\"{key}\"}}");
+            assert_eq!(sample(&body, &series), Some(*value), "{series} in\n{body}");
+        }
+    };
     // What memprof keeps: every table, zero or not.
-    for (what, value) in [
-        ("processes", "3"),
-        ("blocks", "6"),
-        ("stacks", "0"),
-        ("own_rss_bytes", "4194304"),
-    ] {
-        let series = format!("memprof_agent_kept{{pid=\"42\",what=\"{what}\"}}");
-        assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
-    }
+    family(
+        "memprof_agent_kept",
+        "what",
+        &[
+            ("processes", "3"),
+            ("blocks", "6"),
+            ("stacks", "0"),
+            ("own_rss_bytes", "4194304"),
+        ],
+    );
     assert!(body.contains("# TYPE memprof_heap_allocated_bytes counter\n"));
     assert!(body.contains("# UNIT memprof_heap_outstanding_bytes bytes\n"));
     assert!(body.ends_with("# EOF\n"));
@@ -180,15 +188,16 @@ fn profile_metrics() {
     assert!(body.contains("site=\"big\""));
     assert!(!body.contains("site=\"gone\""));
     // RSS explained, and the sites' resident bytes (half of each: 500 of small's 1000).
-    for (part, value) in [
-        ("live", "300000"),
-        ("retained", "200000"),
-        ("other", "500000"),
-        ("untouched", "50000"),
-    ] {
-        let series = format!("memprof_rss_explained_bytes{{pid=\"42\",part=\"{part}\"}}");
-        assert_eq!(sample(&body, &series), Some(value), "{series} in\n{body}");
-    }
+    family(
+        "memprof_rss_explained_bytes",
+        "part",
+        &[
+            ("live", "300000"),
+            ("retained", "200000"),
+            ("other", "500000"),
+            ("untouched", "50000"),
+        ],
+    );
     assert_eq!(
         sample(&body, &format!("memprof_site_resident_bytes{small}")),
         Some("500")
