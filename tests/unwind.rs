@@ -159,6 +159,17 @@ fn tables_unwind_a_deep_chain_without_frame_pointers_by_default() {
     let mut c = Checks::new("default mode (tables), spawned");
     check_deep(&mut c, &r);
     check_whole(&mut c, &r);
+    // Four distinct stacks (two chains, the churn loop, stdio's buffer): each is walked at
+    // least once, and at most once per CPU that ran it; every other walk is reused. outer_b's
+    // first walk starts from the same return address and stack pointer as outer_a's (equal
+    // frames), so the chains' exact counts above say the reuse checks the stack's words.
+    let allocs = num(&r["unwind"], "allocations");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let reused = num(&r["unwind"]["tables"], "cached_walks");
+    c.check(
+        reused <= allocs - 4 && reused >= allocs - 4 * cpus,
+        format!("walks reused: {reused} of {allocs} (4 stacks, {cpus} CPUs)"),
+    );
     c.finish(|| run.context());
 }
 

@@ -33,7 +33,9 @@ pub enum Counter {
     OrphanReturn = 3,
     /// New processes not followed because the `TGIDS` map was full.
     TgidsFull = 4,
-    // 5 is reserved.
+    /// Table walks served from a CPU's cache of whole walks (not a loss: how often one read
+    /// of the stack, checked against the words an earlier walk read, stood for a walk).
+    WalkCached = 5,
     /// With byte sampling: sampled allocations dropped because the `SAMPLED` map of sampled
     /// live blocks was full (their frees could not have been matched).
     SampledFull = 6,

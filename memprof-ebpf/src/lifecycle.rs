@@ -13,7 +13,7 @@ use crate::{
     COMM, FOLLOW, PAUSE_CHILDREN,
     calls::forget_thread,
     emit::{count, emit_pausing, emit_with, header},
-    filter::{TGIDS, floor, mode, traced},
+    filter::{add_tgid, floor, mode, remove_tgid, traced},
     tables::{bump_epoch, pause_for_code},
 };
 
@@ -43,7 +43,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if flags & CLONE_THREAD != 0 || child == 0 {
         return 0;
     }
-    if mode() == mode::SET && TGIDS.insert(&child, &1, 0).is_err() {
+    if mode() == mode::SET && !add_tgid(child) {
         count(Counter::TgidsFull);
         warn!(
             &ctx,
@@ -76,7 +76,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         if mode() != mode::SET || !comm_matches() {
             return 0;
         }
-        if TGIDS.insert(&tgid, &1, 0).is_err() {
+        if !add_tgid(tgid) {
             count(Counter::TgidsFull);
             warn!(
                 &ctx,
@@ -157,7 +157,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if mode() == mode::SET {
-        let _ = TGIDS.remove(&tgid);
+        remove_tgid(tgid);
     }
     emit_with(header(EventKind::Exit, 0, id), true);
     0

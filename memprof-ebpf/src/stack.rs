@@ -139,11 +139,7 @@ pub fn store_stack(frames: u64) -> u64 {
     }
     // Zero is `NO_STACK`; the top bit is `STACK_NEW`.
     let key = (hash | 1) & !STACK_NEW;
-    let seen = STACKS_SEEN
-        .get_ptr_mut(0)
-        // SAFETY: this CPU's value; no other user while the program runs.
-        // (The key's low bit is always set.)
-        .and_then(|seen| unsafe { (*seen).get_mut((key >> 1) as usize % SEEN_STACKS) });
+    let seen = seen_slot(key);
     if let Some(seen) = &seen
         && **seen == key
     {
@@ -168,6 +164,23 @@ pub fn store_stack(frames: u64) -> u64 {
         *seen = key;
     }
     known
+}
+
+/// This CPU's `STACKS_SEEN` slot for `key`.
+#[inline(always)]
+fn seen_slot(key: u64) -> Option<&'static mut u64> {
+    STACKS_SEEN
+        .get_ptr_mut(0)
+        // SAFETY: this CPU's value; no other user while the program runs.
+        // (The key's low bit is always set.)
+        .and_then(|seen| unsafe { (*seen).get_mut((key >> 1) as usize % SEEN_STACKS) })
+}
+
+/// Whether `key` is one this CPU knows to be in `STACKS`: the agent empties that knowledge
+/// when it removes stacks, so a key remembered elsewhere is checked here before reuse.
+#[inline(always)]
+pub(crate) fn known_stack(key: u64) -> bool {
+    seen_slot(key).is_some_and(|seen| *seen == key)
 }
 
 /// The kernel's user stack walk into `buf`; the number of frames.

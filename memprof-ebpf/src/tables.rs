@@ -15,6 +15,8 @@
 //! while the list is older than the epoch is dropped for a stack copy the agent unwinds
 //! itself (`STACK_STALE`, `dwarf::emit_alloc_stack`). Start-up and `dlopen` keep whole stacks.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_ktime_get_ns,
@@ -31,7 +33,10 @@ use memprof_common::{
 use crate::{
     PAUSE_FOR_CODE, UNWIND,
     emit::count,
-    stack::{MAX_STACK_SPAN, STACK_SCRATCH, STACK_WINDOW, WINDOW_BYTES, copy_window, store_stack},
+    stack::{
+        MAX_STACK_SPAN, STACK_NEW, STACK_SCRATCH, STACK_WINDOW, WINDOW_BYTES, copy_stack,
+        copy_window, known_stack, store_stack,
+    },
 };
 
 #[map]
@@ -47,6 +52,11 @@ static MODULES: Array<ModuleInfo> = Array::with_max_entries(MAX_MODULES, 0);
 /// element, so a walk sees the old list or the new one, never half of each.
 #[map]
 static PROC_MAPS: HashMap<u32, ProcMaps> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// How many times the agent changed `PROC_MAPS` (slot 0; it counts after each change): a walk
+/// in `STACK_CACHE` from before a change is walked again.
+#[map]
+static MAPS_CHANGES: Array<u64> = Array::with_max_entries(1, 0);
 
 /// When each process last exec'd or mapped a file executable (see the module's notes).
 #[map]
@@ -106,15 +116,155 @@ struct Walk {
     pc: u64,
     sp: u64,
     bp: u64,
-    /// The first frame's stack pointer.
+    /// The first frame's return address, stack pointer and rbp.
+    pc0: u64,
     sp0: u64,
+    bp0: u64,
     /// The window copied in `STACK_WINDOW`: its start and length (0: none yet).
     win_base: u64,
     win_len: u64,
     /// tgid << 32 | mapping generation.
     tag: u64,
+    /// tgid << 32 | `MAPS_CHANGES` before the walk began.
+    cache_tag: u64,
     /// Nonzero while rbp holds the frame's value.
     bp_ok: u64,
+    /// Nonzero while rbp is still the first frame's register (no row restored it yet).
+    bp_first: u64,
+    /// Whether a row used the first frame's rbp.
+    used_bp: u64,
+    /// The words of stack the walk read (`CHECKS` at most; more make it not cacheable):
+    /// their offsets from `sp0` and values.
+    checks: u64,
+    offs: [u32; CHECKS],
+    vals: [u64; CHECKS],
+}
+
+/// Words of stack a walk kept in `STACK_CACHE` may have read.
+const CHECKS: usize = 32;
+
+/// Slots of each CPU's cache of whole walks (a power of two; a per-CPU value holds at most
+/// 32 KiB).
+const STACK_SLOTS: usize = 64;
+
+/// A whole walk: where it started, the words of stack it read, and the stack it stored.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct CachedWalk {
+    /// The stack's key in `STACKS` (0: empty slot).
+    key: u64,
+    /// tgid << 32 | the low half of `MAPS_CHANGES` when the walk began.
+    tag: u64,
+    pc: u64,
+    sp: u64,
+    /// The first frame's rbp, compared only when the walk used it.
+    bp: u64,
+    used_bp: u64,
+    checks: u64,
+    /// Bytes from `sp` that hold every word checked.
+    span: u64,
+    offs: [u32; CHECKS],
+    vals: [u64; CHECKS],
+}
+
+/// Per CPU, whole walks by first frame and stack pointer. A walk is a function of the rows of
+/// its return addresses and of the words of stack it reads: the same first frame, stack
+/// pointer (and rbp, if used) and the same values in those words give the same stack, so one
+/// read of the stack and a comparison replace a walk for a call site allocating in a loop.
+#[map]
+static STACK_CACHE: PerCpuArray<[CachedWalk; STACK_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `STACK_CACHE`'s slot for a walk from `pc` and `sp`.
+#[inline(always)]
+fn walk_slot(pc: u64, sp: u64) -> usize {
+    let h = (pc ^ sp.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 57) as usize & (STACK_SLOTS - 1)
+}
+
+/// The key of the walk from these registers if this CPU's cache holds it and the stack's
+/// words still say the same (0 otherwise). A global function.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn cached_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
+    let Some(cache) = STACK_CACHE.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's value, read only.
+    let e = unsafe { &(*cache)[walk_slot(pc, sp)] };
+    if e.key == 0
+        || e.tag != tag
+        || e.pc != pc
+        || e.sp != sp
+        || (e.used_bp != 0 && e.bp != bp)
+        || !known_stack(e.key)
+    {
+        return 0;
+    }
+    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    let span = e.span;
+    if span < 8 || span > WINDOW_BYTES as u64 || !copy_stack(window.cast(), span as u32, sp) {
+        return 0;
+    }
+    let n = e.checks;
+    let mut i = 0;
+    while i < CHECKS {
+        if i as u64 >= n {
+            return e.key;
+        }
+        let off = e.offs[i] as usize / 8 & (WINDOW_BYTES / 8 - 1);
+        // SAFETY: this CPU's window; `off` is within it (the walk kept it under `span`).
+        if unsafe { (*window)[off] } != e.vals[i] {
+            return 0;
+        }
+        i += 1;
+    }
+    e.key
+}
+
+/// Keeps the walk just done (`WALK`) in this CPU's cache with its stack's `key`.
+#[inline(always)]
+fn keep_walk(key: u64) {
+    let (Some(walk), Some(cache)) = (WALK.get_ptr(0), STACK_CACHE.get_ptr_mut(0)) else {
+        return;
+    };
+    // SAFETY: this CPU's values; no other user while the program runs.
+    unsafe {
+        let w = &*walk;
+        let n = w.checks;
+        if n > CHECKS as u64 {
+            return;
+        }
+        let mut span = 0;
+        let mut i = 0;
+        while i < CHECKS {
+            if i as u64 >= n {
+                break;
+            }
+            span = span.max(u64::from(w.offs[i]) + 8);
+            i += 1;
+        }
+        if span > WINDOW_BYTES as u64 {
+            return;
+        }
+        // The key goes last, and out while the rest changes: a program that preempts this one
+        // on this CPU finds the slot empty, never half of two walks.
+        let e = &mut (*cache)[walk_slot(w.pc0, w.sp0)];
+        core::ptr::write_volatile(&mut e.key, 0);
+        compiler_fence(Ordering::SeqCst);
+        e.tag = w.cache_tag;
+        e.pc = w.pc0;
+        e.sp = w.sp0;
+        e.bp = w.bp0;
+        e.used_bp = w.used_bp;
+        e.checks = n;
+        e.span = span;
+        e.offs = w.offs;
+        e.vals = w.vals;
+        compiler_fence(Ordering::SeqCst);
+        core::ptr::write_volatile(&mut e.key, key);
+    }
 }
 
 #[map]
@@ -133,6 +283,18 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
         return NO_STACK;
     };
     let tgid = id >> 32;
+    // The count of mapping updates first: a walk cached under it was made with mappings no
+    // newer than those it names.
+    // SAFETY: an aligned u64 in a map value; volatile, so it is read before the mappings.
+    let maps_changes = MAPS_CHANGES
+        .get_ptr(0)
+        .map_or(0, |p| unsafe { core::ptr::read_volatile(p) });
+    let cache_tag = tgid << 32 | (maps_changes & 0xffff_ffff);
+    let cached = cached_walk(ip, sp, bp, cache_tag);
+    if cached != 0 {
+        count(Counter::WalkCached);
+        return cached;
+    }
     // SAFETY: map values, read only.
     let Some((generation, known)) = PROC_MAPS
         .get_ptr(&(tgid as u32))
@@ -140,26 +302,28 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
     else {
         return STACK_STALE;
     };
-    // SAFETY: as above.
-    let epoch = EXEC_EPOCH
-        .get_ptr(&(tgid as u32))
-        .map_or(0, |p| unsafe { *p });
     let Some(walk) = WALK.get_ptr_mut(0) else {
         count(Counter::StackLost);
         return NO_STACK;
     };
+    let tag = tgid << 32 | u64::from(generation);
     // SAFETY: per-CPU values, no other user on this CPU while the program runs.
     unsafe {
-        *walk = Walk {
-            pc: ip,
-            sp,
-            bp,
-            sp0: sp,
-            win_base: 0,
-            win_len: 0,
-            tag: tgid << 32 | u64::from(generation),
-            bp_ok: 1,
-        };
+        let w = &mut *walk;
+        w.pc = ip;
+        w.sp = sp;
+        w.bp = bp;
+        w.pc0 = ip;
+        w.sp0 = sp;
+        w.bp0 = bp;
+        w.win_base = 0;
+        w.win_len = 0;
+        w.tag = tag;
+        w.cache_tag = cache_tag;
+        w.bp_ok = 1;
+        w.bp_first = 1;
+        w.used_bp = 0;
+        w.checks = 0;
         let ips = &mut (*buf).ips;
         let mut end = unwind_end::TRUNCATED;
         let mut frames = 0;
@@ -173,7 +337,11 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
                 break;
             }
         }
-        if end == unwind_end::NO_MAPPING && known != epoch {
+        // The epoch is asked only here: read after the walk, it is at least as new as one
+        // read before it, so a stale list is never missed.
+        if end == unwind_end::NO_MAPPING
+            && known != EXEC_EPOCH.get_ptr(&(tgid as u32)).map_or(0, |p| *p)
+        {
             return STACK_STALE;
         }
         if end == unwind_end::RA_ZERO || frames >= MAX_STACK_DEPTH {
@@ -182,7 +350,17 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
             *next = 0;
         }
         (*buf).end = end;
-        store_stack(frames as u64)
+        let key = store_stack(frames as u64);
+        // Walks that end where the rows say (not at a read, a mapping or a table still to
+        // come) are kept.
+        if key != NO_STACK
+            && (end == unwind_end::STOP
+                || end == unwind_end::RA_ZERO
+                || end == unwind_end::TRUNCATED)
+        {
+            keep_walk(key & !STACK_NEW);
+        }
+        key
     }
 }
 
@@ -206,6 +384,10 @@ pub fn table_step(id: u64) -> u64 {
     let cfa_off = ((row >> 32) & 0xffff) * 8;
     let rbp_off8 = ((row >> 48) & 0xff) as u8 as i8;
     let kind = ((row >> 56) & 0xff) as u8;
+    let uses_bp = matches!(kind & row_kind::KIND_MASK, row_kind::CFA_RBP | row_kind::FP);
+    if uses_bp && w.bp_first != 0 {
+        w.used_bp = 1;
+    }
     let cfa = match kind & row_kind::KIND_MASK {
         row_kind::STOP => return unwind_end::STOP,
         row_kind::CFA_RSP => w.sp.wrapping_add(cfa_off),
@@ -247,13 +429,30 @@ pub fn table_step(id: u64) -> u64 {
         // SAFETY: per-CPU value; `i` is within the window.
         unsafe { (*window)[i] }
     };
+    // Each word read is noted for `STACK_CACHE`: its offset from the first frame's stack
+    // pointer and its value.
+    let mut note = |addr: u64, value: u64| {
+        let n = w.checks;
+        if n < CHECKS as u64 {
+            w.offs[n as usize & (CHECKS - 1)] = addr.wrapping_sub(w.sp0) as u32;
+            w.vals[n as usize & (CHECKS - 1)] = value;
+        }
+        w.checks = n + 1;
+    };
     let ra = word(cfa - 8);
+    note(cfa - 8, ra);
     match saved_bp {
         Some(b) => {
-            w.bp = word(b);
+            let v = word(b);
+            note(b, v);
+            w.bp = v;
             w.bp_ok = 1;
+            w.bp_first = 0;
         }
-        None if kind & row_kind::RBP_LOST != 0 => w.bp_ok = 0,
+        None if kind & row_kind::RBP_LOST != 0 => {
+            w.bp_ok = 0;
+            w.bp_first = 0;
+        }
         None => {}
     }
     w.sp = cfa;

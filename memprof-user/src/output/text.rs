@@ -548,6 +548,13 @@ fn unwind_line(out: &mut String, u: &crate::report::UnwindStats) {
         if t.files_without_table > 0 {
             let _ = write!(out, "; {} files without a table", t.files_without_table);
         }
+        if t.cached_walks > 0 {
+            let _ = write!(
+                out,
+                "; {} of {} walks reused",
+                t.cached_walks, u.allocations
+            );
+        }
     }
     out.push('\n');
 }

@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result};
 
 use crate::sys::maps::AddressSpace;
 use aya::maps::PerCpuValues;
-use memprof_common::{COUNTER_SLOTS, Counter, MAX_TEXT_RANGES, PyWalk, SEEN_STACKS, TextRanges};
+use memprof_common::{Counter, MAX_TEXT_RANGES, PyWalk, SEEN_STACKS, TextRanges};
 
 use super::{
     LinkKind, Tracer,
@@ -108,15 +108,22 @@ impl Tracer {
         stats
     }
 
+    /// Kernel counter `c`, summed over CPUs.
+    fn counter(&self, c: Counter) -> u64 {
+        self.counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Table walks the kernel served from its cache of whole walks.
+    pub fn walks_cached(&self) -> u64 {
+        self.counter(Counter::WalkCached)
+    }
+
     /// The kernel's loss counters, summed over CPUs.
     pub fn losses(&self) -> KernelLosses {
-        let read = |c: Counter| -> u64 {
-            self.counters
-                .get(&(c as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0)
-        };
-        debug_assert_eq!(COUNTER_SLOTS, 7);
+        let read = |c: Counter| self.counter(c);
         KernelLosses {
             ring_full: read(Counter::RingFull),
             inflight_full: read(Counter::InflightFull),

@@ -42,6 +42,8 @@ pub struct KernelTables {
     modules: Array<MapData, ModuleInfo>,
     procs: AyaHashMap<MapData, u32, ProcMaps>,
     epochs: AyaHashMap<MapData, u32, u64>,
+    changes_map: Array<MapData, u64>,
+    changes: u64,
     row_blocks: u32,
     idx_blocks: u32,
     next_row_block: u32,
@@ -65,6 +67,8 @@ impl KernelTables {
             modules: Array::try_from(take("MODULES")?)?,
             procs: AyaHashMap::try_from(take("PROC_MAPS")?)?,
             epochs: AyaHashMap::try_from(take("EXEC_EPOCH")?)?,
+            changes_map: Array::try_from(take("MAPS_CHANGES")?)?,
+            changes: 0,
             row_blocks,
             idx_blocks,
             next_row_block: 0,
@@ -157,11 +161,20 @@ impl KernelTables {
         if self.procs.insert(&tgid, &value, 0).is_err() {
             self.counts.procs_refused += 1;
         }
+        self.count_change();
     }
 
     /// Forgets process `tgid` (it exited).
     pub fn forget_process(&mut self, tgid: u32) {
         let _ = self.procs.remove(&tgid);
         let _ = self.epochs.remove(&tgid);
+        self.count_change();
+    }
+
+    /// Tells the kernel's cache of whole walks that `PROC_MAPS` changed (after the change:
+    /// a walk cached under the old count is done again).
+    fn count_change(&mut self) {
+        self.changes = self.changes.wrapping_add(1);
+        let _ = self.changes_map.set(0, &self.changes, 0);
     }
 }

@@ -125,6 +125,9 @@ pub struct TableWalks {
     /// Processes whose mapping list found no room in the kernel (their allocations went out
     /// with stack copies).
     pub processes_without_maps: u64,
+    /// Walks the kernel took from its per-CPU cache of whole walks: the same first frame and
+    /// stack pointer, and the same values in every word of stack the walk had read.
+    pub cached_walks: u64,
 }
 
 /// The report's `totals`: the table's heap counts and what was lost on the way.

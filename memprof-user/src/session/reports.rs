@@ -377,6 +377,7 @@ impl Session {
         walks.rows = tables.counts.rows;
         walks.files_without_table = tables.counts.refused;
         walks.processes_without_maps = tables.counts.procs_refused;
+        walks.cached_walks = self.tracer.walks_cached();
         Some(report::UnwindStats {
             mode: "tables",
             allocations: self.table_allocations,
