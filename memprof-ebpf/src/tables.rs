@@ -9,6 +9,10 @@
 //! The walk ends at a row saying the return address is undefined (the program's or thread's
 //! entry) or at the first thing it cannot follow, and the stack keeps why (`unwind_end`).
 //!
+//! A call site allocating in a loop is walked once per CPU: `STACK_CACHE` keeps each walk with
+//! the words of stack it read, and a walk from the same return address and stack pointer whose
+//! words still hold the same values (one read of the stack) has the same stack.
+//!
 //! The agent writes a process's mappings after the kernel tells it of new code, so a walk can
 //! run ahead of them: each exec and each executable file mapping moves the process's
 //! `EXEC_EPOCH` on, and a walk that meets an unknown address (or a process without mappings)
@@ -191,12 +195,16 @@ pub fn cached_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
     };
     // SAFETY: this CPU's value, read only.
     let e = unsafe { &(*cache)[walk_slot(pc, sp)] };
-    if e.key == 0
+    // Read once here and again at the end: a program that preempted this one and rewrote the
+    // slot meanwhile changed it (see `keep_walk`).
+    // SAFETY: an aligned u64 of this CPU's value.
+    let key = unsafe { core::ptr::read_volatile(&e.key) };
+    if key == 0
         || e.tag != tag
         || e.pc != pc
         || e.sp != sp
         || (e.used_bp != 0 && e.bp != bp)
-        || !known_stack(e.key)
+        || !known_stack(key)
     {
         return 0;
     }
@@ -207,20 +215,23 @@ pub fn cached_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
     if span < 8 || span > WINDOW_BYTES as u64 || !copy_stack(window.cast(), span as u32, sp) {
         return 0;
     }
-    let n = e.checks;
-    let mut i = 0;
-    while i < CHECKS {
-        if i as u64 >= n {
-            return e.key;
+    let n = e.checks as usize;
+    for (i, (off, value)) in e.offs.iter().zip(e.vals.iter()).enumerate() {
+        if i >= n {
+            break;
         }
-        let off = e.offs[i] as usize / 8 & (WINDOW_BYTES / 8 - 1);
+        let off = *off as usize / 8 & (WINDOW_BYTES / 8 - 1);
         // SAFETY: this CPU's window; `off` is within it (the walk kept it under `span`).
-        if unsafe { (*window)[off] } != e.vals[i] {
+        if unsafe { (*window)[off] } != *value {
             return 0;
         }
-        i += 1;
     }
-    e.key
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(&e.key) } == key {
+        key
+    } else {
+        0
+    }
 }
 
 /// Keeps the walk just done (`WALK`) in this CPU's cache with its stack's `key`.
