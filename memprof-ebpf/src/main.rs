@@ -34,6 +34,7 @@ mod lifecycle;
 mod mmap;
 mod phases;
 mod python;
+mod reuse;
 mod stack;
 mod tables;
 

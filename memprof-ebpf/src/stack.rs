@@ -19,6 +19,7 @@ use crate::{
     KERNEL_STACKS, UNWIND,
     calls::{ThreadHints, thread_hints},
     emit::count,
+    reuse::{keep_walk, note, reused_walk, start_notes},
     tables::table_stack_key,
 };
 
@@ -108,10 +109,21 @@ pub fn fp_stack_key(ip: u64, fp: u64, sp: u64, id: u64) -> u64 {
         count(Counter::StackLost);
         return NO_STACK;
     };
-    let frames = walk_frames(ip, fp, sp, id, buf);
+    // A chain depends on nothing but the process, its registers and the words it reads.
+    let tag = id >> 32 << 32;
+    let reused = reused_walk(ip, sp, fp, tag);
+    if reused != 0 {
+        return reused;
+    }
+    start_notes(tag, ip, sp, fp, true);
+    let (frames, whole) = walk_frames(ip, fp, sp, id, buf);
     // SAFETY: per-CPU buffer, no other user on this CPU while the program runs.
     unsafe { (*buf).end = unwind_end::NONE };
-    store_stack(frames as u64)
+    let key = store_stack(frames as u64);
+    if whole && key != NO_STACK {
+        keep_walk(key & !STACK_NEW);
+    }
+    key
 }
 
 /// Stores the first `frames` frames of `STACK_SCRATCH` in `STACKS`: their key (`NO_STACK` if
@@ -200,7 +212,8 @@ fn kernel_stack(ctx: &RetProbeContext, buf: *mut StackTrace) -> usize {
 }
 
 /// Follows the frame-pointer chain from the probed thread's registers (`ip`, `fp`, `sp`) into
-/// `buf` (the frames, then a zero when there is room); the number of frames.
+/// `buf` (the frames, then a zero when there is room); the number of frames, and whether the
+/// chain ended by itself (not at a read that failed). Each word read is noted for `reuse`.
 ///
 /// A link is followed only when it points into the stack above the previous frame (8-aligned,
 /// at most `MAX_STACK_SPAN` above the stack pointer): the chain's end (a zero, or a register
@@ -213,9 +226,9 @@ pub(crate) fn walk_frames(
     sp: u64,
     id: u64,
     buf: *mut StackTrace,
-) -> usize {
+) -> (usize, bool) {
     let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
-        return 0;
+        return (0, false);
     };
     let high = sp.saturating_add(MAX_STACK_SPAN);
     let mut low = sp;
@@ -228,6 +241,7 @@ pub(crate) fn walk_frames(
     // read through its pointer: `copy_window` writes it.
     let ips = unsafe { &mut (*buf).ips };
     let mut frames = 0;
+    let mut whole = true;
     for slot in ips.iter_mut() {
         if ip == 0 {
             break;
@@ -243,6 +257,7 @@ pub(crate) fn walk_frames(
             // copying a kilobyte.
             let len = copy_window(fp, id, u64::from(copied));
             if !(16..=WINDOW_BYTES as u64).contains(&len) {
+                whole = false;
                 break;
             }
             last = len - 16;
@@ -254,13 +269,16 @@ pub(crate) fn walk_frames(
         // it in the copied part).
         let i = (off / 8) as usize & (WINDOW_BYTES / 8 - 1);
         // SAFETY: as above; `i + 1` is within the window's one extra word.
+        let at = base + off;
         (ip, fp) = unsafe { ((*window)[i + 1], (*window)[i]) };
-        low = base + off + 16;
+        note(at, fp);
+        note(at + 8, ip);
+        low = at + 16;
     }
     if let Some(end) = ips.get_mut(frames) {
         *end = 0;
     }
-    frames
+    (frames, whole)
 }
 
 /// Copies a window of thread `id`'s stack from `fp` into `STACK_WINDOW`: `FIRST_WINDOW` bytes for

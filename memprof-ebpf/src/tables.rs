@@ -9,17 +9,14 @@
 //! The walk ends at a row saying the return address is undefined (the program's or thread's
 //! entry) or at the first thing it cannot follow, and the stack keeps why (`unwind_end`).
 //!
-//! A call site allocating in a loop is walked once per CPU: `STACK_CACHE` keeps each walk with
-//! the words of stack it read, and a walk from the same return address and stack pointer whose
-//! words still hold the same values (one read of the stack) has the same stack.
+//! A call site allocating in a loop is walked once per CPU (`reuse`): each word of stack a walk
+//! reads is noted.
 //!
 //! The agent writes a process's mappings after the kernel tells it of new code, so a walk can
 //! run ahead of them: each exec and each executable file mapping moves the process's
 //! `EXEC_EPOCH` on, and a walk that meets an unknown address (or a process without mappings)
 //! while the list is older than the epoch is dropped for a stack copy the agent unwinds
 //! itself (`STACK_STALE`, `dwarf::emit_alloc_stack`). Start-up and `dlopen` keep whole stacks.
-
-use core::sync::atomic::{Ordering, compiler_fence};
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -37,9 +34,10 @@ use memprof_common::{
 use crate::{
     PAUSE_FOR_CODE, UNWIND,
     emit::count,
+    reuse::{keep_walk, note, note_first_bp, reused_walk, start_notes},
     stack::{
-        MAX_STACK_SPAN, STACK_NEW, STACK_SCRATCH, STACK_WINDOW, WINDOW_BYTES, copy_stack,
-        copy_window, known_stack, store_stack,
+        MAX_STACK_SPAN, STACK_NEW, STACK_SCRATCH, STACK_WINDOW, WINDOW_BYTES, copy_window,
+        store_stack,
     },
 };
 
@@ -58,7 +56,7 @@ static MODULES: Array<ModuleInfo> = Array::with_max_entries(MAX_MODULES, 0);
 static PROC_MAPS: HashMap<u32, ProcMaps> = HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
 /// How many times the agent changed `PROC_MAPS` (slot 0; it counts after each change): a walk
-/// in `STACK_CACHE` from before a change is walked again.
+/// `reuse` kept from before a change is walked again.
 #[map]
 static MAPS_CHANGES: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -120,162 +118,17 @@ struct Walk {
     pc: u64,
     sp: u64,
     bp: u64,
-    /// The first frame's return address, stack pointer and rbp.
-    pc0: u64,
+    /// The first frame's stack pointer.
     sp0: u64,
-    bp0: u64,
     /// The window copied in `STACK_WINDOW`: its start and length (0: none yet).
     win_base: u64,
     win_len: u64,
     /// tgid << 32 | mapping generation.
     tag: u64,
-    /// tgid << 32 | `MAPS_CHANGES` before the walk began.
-    cache_tag: u64,
     /// Nonzero while rbp holds the frame's value.
     bp_ok: u64,
     /// Nonzero while rbp is still the first frame's register (no row restored it yet).
     bp_first: u64,
-    /// Whether a row used the first frame's rbp.
-    used_bp: u64,
-    /// The words of stack the walk read (`CHECKS` at most; more make it not cacheable):
-    /// their offsets from `sp0` and values.
-    checks: u64,
-    offs: [u32; CHECKS],
-    vals: [u64; CHECKS],
-}
-
-/// Words of stack a walk kept in `STACK_CACHE` may have read.
-const CHECKS: usize = 32;
-
-/// Slots of each CPU's cache of whole walks (a power of two; a per-CPU value holds at most
-/// 32 KiB).
-const STACK_SLOTS: usize = 64;
-
-/// A whole walk: where it started, the words of stack it read, and the stack it stored.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct CachedWalk {
-    /// The stack's key in `STACKS` (0: empty slot).
-    key: u64,
-    /// tgid << 32 | the low half of `MAPS_CHANGES` when the walk began.
-    tag: u64,
-    pc: u64,
-    sp: u64,
-    /// The first frame's rbp, compared only when the walk used it.
-    bp: u64,
-    used_bp: u64,
-    checks: u64,
-    /// Bytes from `sp` that hold every word checked.
-    span: u64,
-    offs: [u32; CHECKS],
-    vals: [u64; CHECKS],
-}
-
-/// Per CPU, whole walks by first frame and stack pointer. A walk is a function of the rows of
-/// its return addresses and of the words of stack it reads: the same first frame, stack
-/// pointer (and rbp, if used) and the same values in those words give the same stack, so one
-/// read of the stack and a comparison replace a walk for a call site allocating in a loop.
-#[map]
-static STACK_CACHE: PerCpuArray<[CachedWalk; STACK_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
-
-/// `STACK_CACHE`'s slot for a walk from `pc` and `sp`.
-#[inline(always)]
-fn walk_slot(pc: u64, sp: u64) -> usize {
-    let h = (pc ^ sp.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (h >> 57) as usize & (STACK_SLOTS - 1)
-}
-
-/// The key of the walk from these registers if this CPU's cache holds it and the stack's
-/// words still say the same (0 otherwise). A global function.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub fn cached_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
-    let Some(cache) = STACK_CACHE.get_ptr(0) else {
-        return 0;
-    };
-    // SAFETY: this CPU's value, read only.
-    let e = unsafe { &(*cache)[walk_slot(pc, sp)] };
-    // Read once here and again at the end: a program that preempted this one and rewrote the
-    // slot meanwhile changed it (see `keep_walk`).
-    // SAFETY: an aligned u64 of this CPU's value.
-    let key = unsafe { core::ptr::read_volatile(&e.key) };
-    if key == 0
-        || e.tag != tag
-        || e.pc != pc
-        || e.sp != sp
-        || (e.used_bp != 0 && e.bp != bp)
-        || !known_stack(key)
-    {
-        return 0;
-    }
-    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
-        return 0;
-    };
-    let span = e.span;
-    if span < 8 || span > WINDOW_BYTES as u64 || !copy_stack(window.cast(), span as u32, sp) {
-        return 0;
-    }
-    let n = e.checks as usize;
-    for (i, (off, value)) in e.offs.iter().zip(e.vals.iter()).enumerate() {
-        if i >= n {
-            break;
-        }
-        let off = *off as usize / 8 & (WINDOW_BYTES / 8 - 1);
-        // SAFETY: this CPU's window; `off` is within it (the walk kept it under `span`).
-        if unsafe { (*window)[off] } != *value {
-            return 0;
-        }
-    }
-    // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(&e.key) } == key {
-        key
-    } else {
-        0
-    }
-}
-
-/// Keeps the walk just done (`WALK`) in this CPU's cache with its stack's `key`.
-#[inline(always)]
-fn keep_walk(key: u64) {
-    let (Some(walk), Some(cache)) = (WALK.get_ptr(0), STACK_CACHE.get_ptr_mut(0)) else {
-        return;
-    };
-    // SAFETY: this CPU's values; no other user while the program runs.
-    unsafe {
-        let w = &*walk;
-        let n = w.checks;
-        if n > CHECKS as u64 {
-            return;
-        }
-        let mut span = 0;
-        let mut i = 0;
-        while i < CHECKS {
-            if i as u64 >= n {
-                break;
-            }
-            span = span.max(u64::from(w.offs[i]) + 8);
-            i += 1;
-        }
-        if span > WINDOW_BYTES as u64 {
-            return;
-        }
-        // The key goes last, and out while the rest changes: a program that preempts this one
-        // on this CPU finds the slot empty, never half of two walks.
-        let e = &mut (*cache)[walk_slot(w.pc0, w.sp0)];
-        core::ptr::write_volatile(&mut e.key, 0);
-        compiler_fence(Ordering::SeqCst);
-        e.tag = w.cache_tag;
-        e.pc = w.pc0;
-        e.sp = w.sp0;
-        e.bp = w.bp0;
-        e.used_bp = w.used_bp;
-        e.checks = n;
-        e.span = span;
-        e.offs = w.offs;
-        e.vals = w.vals;
-        compiler_fence(Ordering::SeqCst);
-        core::ptr::write_volatile(&mut e.key, key);
-    }
 }
 
 #[map]
@@ -301,10 +154,9 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
         .get_ptr(0)
         .map_or(0, |p| unsafe { core::ptr::read_volatile(p) });
     let cache_tag = tgid << 32 | (maps_changes & 0xffff_ffff);
-    let cached = cached_walk(ip, sp, bp, cache_tag);
-    if cached != 0 {
-        count(Counter::WalkCached);
-        return cached;
+    let reused = reused_walk(ip, sp, bp, cache_tag);
+    if reused != 0 {
+        return reused;
     }
     // SAFETY: map values, read only.
     let Some((generation, known)) = PROC_MAPS
@@ -324,17 +176,13 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
         w.pc = ip;
         w.sp = sp;
         w.bp = bp;
-        w.pc0 = ip;
         w.sp0 = sp;
-        w.bp0 = bp;
         w.win_base = 0;
         w.win_len = 0;
         w.tag = tag;
-        w.cache_tag = cache_tag;
         w.bp_ok = 1;
         w.bp_first = 1;
-        w.used_bp = 0;
-        w.checks = 0;
+        start_notes(cache_tag, ip, sp, bp, false);
         let ips = &mut (*buf).ips;
         let mut end = unwind_end::TRUNCATED;
         let mut frames = 0;
@@ -397,7 +245,7 @@ pub fn table_step(id: u64) -> u64 {
     let kind = ((row >> 56) & 0xff) as u8;
     let uses_bp = matches!(kind & row_kind::KIND_MASK, row_kind::CFA_RBP | row_kind::FP);
     if uses_bp && w.bp_first != 0 {
-        w.used_bp = 1;
+        note_first_bp();
     }
     let cfa = match kind & row_kind::KIND_MASK {
         row_kind::STOP => return unwind_end::STOP,
@@ -440,16 +288,7 @@ pub fn table_step(id: u64) -> u64 {
         // SAFETY: per-CPU value; `i` is within the window.
         unsafe { (*window)[i] }
     };
-    // Each word read is noted for `STACK_CACHE`: its offset from the first frame's stack
-    // pointer and its value.
-    let mut note = |addr: u64, value: u64| {
-        let n = w.checks;
-        if n < CHECKS as u64 {
-            w.offs[n as usize & (CHECKS - 1)] = addr.wrapping_sub(w.sp0) as u32;
-            w.vals[n as usize & (CHECKS - 1)] = value;
-        }
-        w.checks = n + 1;
-    };
+    // Each word read is noted for `reuse`.
     let ra = word(cfa - 8);
     note(cfa - 8, ra);
     match saved_bp {
