@@ -176,6 +176,71 @@ fn sqlite3_totals_and_peak_equal_valgrind_dhat() {
     c.finish(|| format!("valgrind:\n{vg_err}\n{}", run.context()));
 }
 
+/// Debian's sqlite3 with walks reused (the default) and with every stack walked afresh: the same
+/// call sites, each with the same stack, bytes, counts, frees and peak, to the byte; and most
+/// walks were reused.
+#[test]
+fn sqlite3_reused_walks_give_the_stacks_of_fresh_walks() {
+    require_root();
+    let dir = common::work_dir("memprof-stacks-reuse");
+    let run = |opts: &[&str], name: &str| {
+        let csv = dir.join(name);
+        let mut all = vec![
+            "--json",
+            "--duration",
+            "100s",
+            "--csv",
+            csv.to_str().unwrap(),
+        ];
+        all.extend(opts);
+        all.extend(["--", SQLITE3, ":memory:", SQL_FIXED]);
+        let mp = Proc::spawn(
+            format!("memprof trace {}", all.join(" ")),
+            &mut memprof_trace(&all),
+        );
+        let run = mp.finish(DEADLINE);
+        let report = final_report(&run);
+        let text = std::fs::read_to_string(&csv).unwrap_or_default();
+        // Every column but the verdict, growth rate and resident bytes (timing and pages).
+        let mut rows: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let cols: Vec<&str> = l.split(',').collect();
+                let keep: Vec<&str> = cols
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !matches!(i, 10 | 11 | 13))
+                    .map(|(_, c)| *c)
+                    .collect();
+                keep.join(",")
+            })
+            .collect();
+        rows.sort();
+        (run, report, rows)
+    };
+    let (run_a, a, rows_a) = run(&[], "reused.csv");
+    let (run_b, b, rows_b) = run(&["--no-walk-reuse"], "fresh.csv");
+    let mut c = Checks::new("sqlite3: reused walks against fresh ones");
+    let reused = |r: &Value| num(&r["unwind"]["tables"], "cached_walks");
+    let allocs = num(&a["unwind"], "allocations");
+    c.check(
+        reused(&a) * 2 > allocs,
+        format!("most walks reused: {} of {allocs}", reused(&a)),
+    );
+    c.eq("walks reused with --no-walk-reuse", reused(&b), 0);
+    c.check(rows_a.len() > 100, format!("call sites: {}", rows_a.len()));
+    c.eq("call sites, stacks, bytes and counts", &rows_a, &rows_b);
+    c.eq(
+        "lost events",
+        (
+            num(&a["totals"], "lost_events"),
+            num(&b["totals"], "lost_events"),
+        ),
+        (0, 0),
+    );
+    c.finish(|| format!("{}\n{}", run_a.context(), run_b.context()));
+}
+
 #[test]
 fn sqlite3_stacks_reach_the_entry_without_frame_pointers() {
     let (run, r) = trace(&[SQLITE3, ":memory:", SQL], None);

@@ -93,6 +93,11 @@ static WAKEUP_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
 static FLOOR: u32 = 0;
 
+/// Nonzero: every stack is walked afresh, none reused (`reuse`; `memprof trace
+/// --no-walk-reuse`, for tests).
+#[unsafe(no_mangle)]
+static NO_WALK_REUSE: u32 = 0;
+
 /// Nonzero: each traced process has probes of its own, so a new child stops itself until the
 /// agent attached its probes (`lifecycle::fork_child`).
 #[unsafe(no_mangle)]

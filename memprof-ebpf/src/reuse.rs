@@ -14,6 +14,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use memprof_common::Counter;
 
 use crate::{
+    NO_WALK_REUSE,
     emit::count,
     stack::{STACK_WINDOW, WINDOW_BYTES, copy_stack, known_stack},
 };
@@ -23,6 +24,10 @@ const CHECKS: usize = 32;
 
 /// Slots of each CPU's walks (a power of two; a per-CPU value holds at most 32 KiB).
 const SLOTS: usize = 64;
+
+/// Reads of stack a kept walk's check may take: each covers the words within `WINDOW_BYTES` of
+/// its first one (a deep stack's outer frames lie kilobytes above its inner ones).
+const READS: usize = 4;
 
 /// A walk's first registers and the words of stack it read: its offsets from the first stack
 /// pointer, and their values.
@@ -43,13 +48,18 @@ struct Notes {
     vals: [u64; CHECKS],
 }
 
-/// A kept walk: its notes, and its stack's key in `STACKS` (0: an empty slot).
+/// A kept walk: its notes, the reads that check them, and its stack's key in `STACKS` (0: an
+/// empty slot).
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Kept {
     key: u64,
-    /// Bytes from `notes.sp` that hold every word read.
-    span: u64,
+    /// Each read: its start (offset from `notes.sp`), its length, and the index of the first
+    /// word after the ones it covers (the words are in the order of their addresses).
+    starts: [u32; READS],
+    lens: [u32; READS],
+    ends: [u32; READS],
+    reads: u64,
     notes: Notes,
 }
 
@@ -92,8 +102,14 @@ pub(crate) fn note(addr: u64, value: u64) {
         // SAFETY: as in `start_notes`.
         unsafe {
             let i = (*n).checks;
+            let off = addr.wrapping_sub((*n).sp);
+            if off >= 1 << 31 {
+                // Below the first stack pointer (or absurdly far): not a walk to keep.
+                (*n).checks = CHECKS as u64 + 1;
+                return;
+            }
             if i < CHECKS as u64 {
-                (*n).offs[i as usize & (CHECKS - 1)] = addr.wrapping_sub((*n).sp) as u32;
+                (*n).offs[i as usize & (CHECKS - 1)] = off as u32;
                 (*n).vals[i as usize & (CHECKS - 1)] = value;
             }
             (*n).checks = i + 1;
@@ -115,11 +131,16 @@ pub(crate) fn note_first_bp() {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub fn reused_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
+    // SAFETY: a read of a global the loader patches.
+    if unsafe { core::ptr::read_volatile(&NO_WALK_REUSE) } != 0 {
+        return 0;
+    }
     let Some(walks) = WALKS.get_ptr(0) else {
         return 0;
     };
+    let at = slot(pc, sp);
     // SAFETY: this CPU's value, read only.
-    let k = unsafe { &(*walks)[slot(pc, sp)] };
+    let k = unsafe { &(*walks)[at] };
     // Read once here and again at the end: a program that preempted this one and rewrote the
     // slot meanwhile changed it (see `keep_walk`).
     // SAFETY: an aligned u64 of this CPU's value.
@@ -134,23 +155,18 @@ pub fn reused_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
     {
         return 0;
     }
-    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
-        return 0;
-    };
-    let span = k.span;
-    if span < 8 || span > WINDOW_BYTES as u64 || !copy_stack(window.cast(), span as u32, sp) {
-        return 0;
-    }
-    let checks = n.checks as usize;
-    for (i, (off, value)) in n.offs.iter().zip(n.vals.iter()).enumerate() {
-        if i >= checks {
+    let reads = (k.reads as usize).min(READS);
+    for r in 0..READS {
+        if r >= reads {
             break;
         }
-        let off = *off as usize / 8 & (WINDOW_BYTES / 8 - 1);
-        // SAFETY: this CPU's window; `off` is within it (the walk kept it under `span`).
-        if unsafe { (*window)[off] } != *value {
+        if check_read(at as u64, r as u64, sp) == 0 {
             return 0;
         }
+    }
+    let checks = (n.checks as usize).min(CHECKS);
+    if reads == 0 || k.ends[(reads - 1) & (READS - 1)] as usize != checks {
+        return 0;
     }
     // SAFETY: as above.
     if unsafe { core::ptr::read_volatile(&k.key) } != key {
@@ -160,37 +176,100 @@ pub fn reused_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
     key
 }
 
-/// Keeps this CPU's walk just done, whose stack's key is `key`.
-#[inline(always)]
-pub(crate) fn keep_walk(key: u64) {
+/// Whether the words read `r` of the walk kept in slot `at` covers still hold the values the
+/// walk read, for the thread whose stack pointer is `sp` (1) or not (0). A global function:
+/// verified once, not for each read of each path through `reused_walk`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn check_read(at: u64, r: u64, sp: u64) -> u64 {
+    let (Some(walks), Some(window)) = (WALKS.get_ptr(0), STACK_WINDOW.get_ptr_mut(0)) else {
+        return 0;
+    };
+    // SAFETY: this CPU's value, read only.
+    let k = unsafe { &(*walks)[at as usize & (SLOTS - 1)] };
+    let r = r as usize & (READS - 1);
+    let (start, len) = (k.starts[r], k.lens[r]);
+    if len < 8
+        || len > WINDOW_BYTES as u32
+        || !copy_stack(window.cast(), len, sp + u64::from(start))
+    {
+        return 0;
+    }
+    let first = if r == 0 {
+        0
+    } else {
+        k.ends[(r - 1) & (READS - 1)] as usize
+    };
+    let end = k.ends[r] as usize;
+    for (i, (off, value)) in k.notes.offs.iter().zip(k.notes.vals.iter()).enumerate() {
+        if i >= end {
+            break;
+        }
+        if i < first {
+            continue;
+        }
+        let w = off.wrapping_sub(start) as usize / 8 & (WINDOW_BYTES / 8 - 1);
+        // SAFETY: this CPU's window; `w` is within the read (`keep_walk` made it so).
+        if unsafe { (*window)[w] } != *value {
+            return 0;
+        }
+    }
+    1
+}
+
+/// Keeps this CPU's walk just done, whose stack's key is `key`. A global function, as above.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn keep_walk(key: u64) -> u64 {
     let (Some(notes), Some(walks)) = (NOTES.get_ptr(0), WALKS.get_ptr_mut(0)) else {
-        return;
+        return 0;
     };
     // SAFETY: this CPU's values; no other user while the program runs.
     unsafe {
         let n = &*notes;
         let checks = n.checks as usize;
-        if checks > CHECKS {
-            return;
+        if checks == 0 || checks > CHECKS {
+            return 0;
         }
-        let mut span = 0;
+        // The reads: each from a word not covered yet to the last word within `WINDOW_BYTES`
+        // of it (the words come in the order of their addresses).
+        let mut starts = [0u32; READS];
+        let mut lens = [0u32; READS];
+        let mut ends = [0u32; READS];
+        let mut reads = 0usize;
+        let mut last = 0u32;
         for (i, off) in n.offs.iter().enumerate() {
             if i >= checks {
                 break;
             }
-            span = span.max(u64::from(*off) + 8);
-        }
-        if span > WINDOW_BYTES as u64 {
-            return;
+            let off = *off;
+            let r = reads.wrapping_sub(1) & (READS - 1);
+            if reads > 0 && off >= starts[r] && off + 8 - starts[r] <= WINDOW_BYTES as u32 {
+                lens[r] = lens[r].max(off + 8 - starts[r]);
+                ends[r] = i as u32 + 1;
+            } else {
+                if reads == READS || (reads > 0 && off < last) {
+                    return 0;
+                }
+                starts[reads & (READS - 1)] = off;
+                lens[reads & (READS - 1)] = 8;
+                ends[reads & (READS - 1)] = i as u32 + 1;
+                reads += 1;
+            }
+            last = off;
         }
         // The key goes last, and out while the rest changes: a program that preempts this one
         // on this CPU finds the slot empty, never half of two walks.
         let k = &mut (*walks)[slot(n.pc, n.sp)];
         core::ptr::write_volatile(&mut k.key, 0);
         compiler_fence(Ordering::SeqCst);
-        k.span = span;
+        k.starts = starts;
+        k.lens = lens;
+        k.ends = ends;
+        k.reads = reads as u64;
         k.notes = *n;
         compiler_fence(Ordering::SeqCst);
         core::ptr::write_volatile(&mut k.key, key);
     }
+    1
 }

@@ -121,7 +121,7 @@ pub fn fp_stack_key(ip: u64, fp: u64, sp: u64, id: u64) -> u64 {
     unsafe { (*buf).end = unwind_end::NONE };
     let key = store_stack(frames as u64);
     if whole && key != NO_STACK {
-        keep_walk(key & !STACK_NEW);
+        let _ = keep_walk(key & !STACK_NEW);
     }
     key
 }

@@ -217,7 +217,7 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
                 || end == unwind_end::RA_ZERO
                 || end == unwind_end::TRUNCATED)
         {
-            keep_walk(key & !STACK_NEW);
+            let _ = keep_walk(key & !STACK_NEW);
         }
         key
     }
@@ -288,9 +288,9 @@ pub fn table_step(id: u64) -> u64 {
         // SAFETY: per-CPU value; `i` is within the window.
         unsafe { (*window)[i] }
     };
-    // Each word read is noted for `reuse`.
+    // Each word read is noted for `reuse`, in the order of their addresses: the saved rbp
+    // lies below the return address, and both above the words of the frames before.
     let ra = word(cfa - 8);
-    note(cfa - 8, ra);
     match saved_bp {
         Some(b) => {
             let v = word(b);
@@ -305,6 +305,7 @@ pub fn table_step(id: u64) -> u64 {
         }
         None => {}
     }
+    note(cfa - 8, ra);
     w.sp = cfa;
     w.pc = ra;
     if ra == 0 {

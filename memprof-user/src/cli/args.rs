@@ -193,6 +193,10 @@ pub struct TraceArgs {
     /// whose slot is taken use a slower hash. For tests of that path.
     #[arg(long, hide = true, default_value_t = memprof_common::DEFAULT_CALL_SLOTS, value_parser = parse_call_slots)]
     pub call_slots: u32,
+    /// Walk every stack afresh: no walk is reused from the kernel's per-CPU cache of walks.
+    /// For tests that compare the two.
+    #[arg(long, hide = true)]
+    pub no_walk_reuse: bool,
     /// How probes are attached: `session` (uprobe sessions, 6.10+), `multi` (multi-uprobe
     /// links, 6.9+) or `classic` (one uprobe per function). Default: the first the kernel has.
     /// For tests and benchmarks.

@@ -352,6 +352,7 @@ fn trace_pid(
         floor: args.probe_floor,
         no_placement: args.no_placement,
         call_slots: args.call_slots,
+        no_walk_reuse: args.no_walk_reuse,
         kernel_log: kernel_log::level(&args.kernel_log).unwrap_or(0),
         kernel: args.kernel,
         links: args.links.as_deref().map(|l| match l {

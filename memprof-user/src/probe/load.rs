@@ -125,6 +125,8 @@ pub struct Options<'a> {
     pub no_placement: bool,
     /// Per-thread call slots in the kernel (a power of two; threads beyond share a hash).
     pub call_slots: u32,
+    /// Walk every stack afresh (no reuse of the kernel's kept walks).
+    pub no_walk_reuse: bool,
     /// Turn on the kernel's run-time statistics of the programs (`Tracer::probe_stats`).
     pub probe_stats: bool,
     /// Byte sampling: mean interval in bytes between sampled allocations (0: record all).
@@ -201,6 +203,7 @@ impl Tracer {
             .override_global("CGROUP_ID", &cgroup, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("FLOOR", &u32::from(opts.floor), true)
+            .override_global("NO_WALK_REUSE", &u32::from(opts.no_walk_reuse), true)
             .override_global(
                 "UNWIND",
                 &if opts.stack_copy.is_some() {
