@@ -1,7 +1,7 @@
 //! The ring buffer's records: the header every record starts with, the kinds and the bodies.
 
 /// Version of the ring-buffer record layout. Bump on any change to the types below.
-pub const EVENT_VERSION: u16 = 7;
+pub const EVENT_VERSION: u16 = 8;
 
 /// What a ring-buffer record describes. Stable values: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,14 +265,25 @@ pub struct ForkEvent {
     pub _pad: u32,
 }
 
+/// Bytes of a new image's command line an [`ExecEvent`] carries at most.
+pub const EXEC_ARGS: usize = 256;
+
 /// A traced process replaced its image (`EventKind::Exec`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecEvent {
     pub header: EventHeader,
     /// The new process name (the kernel's `comm`, NUL-padded): the process may be gone before
     /// the agent can read it.
     pub comm: [u8; 16],
+    /// Bytes of `args` filled (0: the kernel could not read them).
+    pub args_len: u32,
+    /// How many arguments the command line has (`args` may hold fewer, or more than them).
+    pub argc: u32,
+    /// The start of the command line the new image got (its arguments, each ending in a NUL,
+    /// as `/proc/PID/cmdline` has them), read from its stack at the exec: the process may be
+    /// gone, or have exec'd again, before the agent reads `/proc`.
+    pub args: [u8; EXEC_ARGS],
 }
 
 /// Largest copy of the user stack an [`UnwindEvent`] carries.

@@ -63,7 +63,7 @@ mod tests {
         assert_eq!(size_of::<RemapEvent>(), 56);
         assert_eq!(size_of::<PhaseEvent>(), 32);
         assert_eq!(size_of::<ForkEvent>(), 32);
-        assert_eq!(size_of::<ExecEvent>(), 40);
+        assert_eq!(size_of::<ExecEvent>(), 304);
         assert_eq!(size_of::<UnwindEvent>(), 80);
         assert_eq!(size_of::<PyWalk>(), 72);
         assert_eq!(size_of::<StackTrace>(), 1024);

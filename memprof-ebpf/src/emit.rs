@@ -64,6 +64,25 @@ pub(crate) fn emit_pausing<T: 'static>(mut event: T, pause: bool) {
     slot.submit(wakeup(true, size_of::<T>() as u64));
 }
 
+/// `emit_pausing` for a record too large for the BPF stack: `fill` writes it in its place in the
+/// ring.
+#[inline(always)]
+pub(crate) fn emit_pausing_in_place<T: 'static>(fill: impl FnOnce(*mut T), pause: bool) {
+    const SIGSTOP: u32 = 19;
+    let Some(mut slot) = EVENTS.reserve::<T>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    let record = slot.as_mut_ptr();
+    fill(record);
+    // SAFETY: signals the current task.
+    if pause && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+        // SAFETY: every record is #[repr(C)] and starts with its header, which `fill` wrote.
+        unsafe { (*record.cast::<EventHeader>()).func |= PAUSED };
+    }
+    slot.submit(wakeup(true, size_of::<T>() as u64));
+}
+
 /// Writes a record; `urgent` ones (a stack seen for the first time, a library load) wake the
 /// agent at once so it can read the process's address space while it still exists.
 #[inline(always)]

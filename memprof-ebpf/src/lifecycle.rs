@@ -2,17 +2,22 @@
 //! shrinks its set here).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    bindings::pt_regs,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        generated::bpf_probe_read_user as bpf_probe_read_user_raw,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use aya_log_ebpf::{debug, info, warn};
-use memprof_common::{Counter, EventKind, ExecEvent, ForkEvent, mode};
+use memprof_common::{Counter, EXEC_ARGS, EventKind, ExecEvent, ForkEvent, mode};
 
 use crate::{
     COMM, FOLLOW, PAUSE_CHILDREN,
     calls::forget_thread,
-    emit::{count, emit_pausing, emit_with, header},
+    emit::{count, emit_pausing, emit_pausing_in_place, emit_with, header},
     filter::{add_tgid, floor, mode, remove_tgid, traced},
     tables::{bump_epoch, pause_for_code},
 };
@@ -87,14 +92,60 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         info!(&ctx, "process {} joins the trace by its name", tgid);
     }
     bump_epoch(tgid);
-    emit_pausing(
-        ExecEvent {
-            header: header(EventKind::Exec, 0, id),
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    emit_pausing_in_place::<ExecEvent>(
+        |e| {
+            // SAFETY: the record's place in the ring, written field by field.
+            unsafe {
+                (*e).header = header(EventKind::Exec, 0, id);
+                (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+                let (len, argc) = exec_args(&raw mut (*e).args);
+                (*e).args_len = len;
+                (*e).argc = argc;
+            }
         },
         pause_for_code(),
     );
     0
+}
+
+/// Copies the start of the new image's command line into `dst`: the bytes copied (0: none) and
+/// the number of arguments.
+///
+/// At this tracepoint the exec is done: the thread's saved user registers (`bpf_task_pt_regs`)
+/// hold the new stack pointer, where the ABI's initial stack lies: argc, argv[], a null, envp[].
+/// The argument strings lie one after the other from argv[0] up to the first environment
+/// string (without an environment, the copy runs on into the strings after them).
+#[inline(always)]
+fn exec_args(dst: *mut [u8; EXEC_ARGS]) -> (u32, u32) {
+    // SAFETY: helpers without preconditions beyond their arguments, which the verifier checks;
+    // user and kernel memory is read through them.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        let Ok(sp) = bpf_probe_read_kernel(&raw const (*regs).rsp) else {
+            return (0, 0);
+        };
+        let word = |addr: u64| bpf_probe_read_user(addr as *const u64).ok();
+        let Some(argc) = word(sp) else {
+            return (0, 0);
+        };
+        if argc == 0 || argc > 1 << 20 {
+            return (0, 0);
+        }
+        let Some(argv0) = word(sp + 8) else {
+            return (0, argc as u32);
+        };
+        let want = match word(sp + 8 * (argc + 2)) {
+            Some(env) if env > argv0 => (env - argv0).min(EXEC_ARGS as u64),
+            _ => EXEC_ARGS as u64,
+        } as u32;
+        if want == 0 || want > EXEC_ARGS as u32 {
+            return (0, argc as u32);
+        }
+        if bpf_probe_read_user_raw(dst.cast(), want, argv0 as *const core::ffi::c_void) != 0 {
+            return (0, argc as u32);
+        }
+        (want, argc as u32)
+    }
 }
 
 /// Whether `COMM` is set and is the current process's name.

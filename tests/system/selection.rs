@@ -139,6 +139,53 @@ fn comm_with_no_process_running_yet_traces_those_that_start() {
     c.finish(|| f.context());
 }
 
+/// A burst of short-lived processes under `--all --comm`: each one's command line is the one it
+/// was started with, though most are gone before memprof could read their `/proc` (the kernel
+/// copies the command line at the exec).
+#[test]
+fn short_lived_processes_keep_their_command_lines() {
+    let bin = procs().with_file_name("burst");
+    fs::copy(procs(), &bin).unwrap();
+    let mp = trace_all(&["--comm", "burst", "--duration", "60s"]);
+    let children: Vec<(String, std::process::Child)> = (0..60)
+        .map(|i| {
+            let tag = format!("tag{i}");
+            let child = Command::new(&bin)
+                .args(["spin", "0", &tag])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            (tag, child)
+        })
+        .collect();
+    let mut started = Vec::new();
+    for (tag, mut child) in children {
+        let status = child.wait().unwrap();
+        started.push((tag, child.id(), status.code()));
+    }
+    // Give the agent time to drain the burst.
+    thread::sleep(Duration::from_millis(500));
+    let (f, r) = interrupt(mp);
+    let mut c = Checks::new("--all --comm burst, 60 short-lived processes");
+    let path = bin.to_str().unwrap();
+    for (tag, pid, code) in started {
+        c.eq(&format!("{tag}: exit code"), code, Some(0));
+        if let Some(p) = reported(&mut c, &r, pid, &tag) {
+            c.eq(
+                &format!("{tag}: cmdline"),
+                p["cmdline"].clone(),
+                serde_json::json!([path, "spin", "0", tag]),
+            );
+            c.eq(
+                &format!("{tag}: spin_leak"),
+                site_total(p, "spin_leak"),
+                (32000, 1000),
+            );
+        }
+    }
+    c.finish(|| f.context());
+}
+
 #[test]
 fn cgroup_narrows_all_mode_to_one_cgroup() {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();

@@ -4,8 +4,8 @@
 //! record this build does not understand is an error the caller counts, never a misread.
 
 use memprof_common::{
-    AllocEvent, AllocFn, EVENT_VERSION, EventHeader, EventKind, ExecEvent, ForkEvent, FreeEvent,
-    PhaseEvent, PyFreeEvent, RemapEvent, UnmapEvent, UnwindEvent,
+    AllocEvent, AllocFn, EVENT_VERSION, EXEC_ARGS, EventHeader, EventKind, ExecEvent, ForkEvent,
+    FreeEvent, PhaseEvent, PyFreeEvent, RemapEvent, UnmapEvent, UnwindEvent,
 };
 
 /// One decoded record.
@@ -118,6 +118,11 @@ pub struct Record<'a> {
     /// The process stopped itself for the agent to act on this record first (`PAUSED`): the
     /// agent continues it (SIGCONT) once it has.
     pub paused: bool,
+    /// An `Exec` record's start of the new command line, as the kernel read it: arguments each
+    /// ending in a NUL (empty when it could not), and how many the command line has
+    /// (`sys::process::exec_command_line` reads them).
+    pub exec_args: &'a [u8],
+    pub exec_argc: u32,
 }
 
 /// Decodes one ring-buffer record's event.
@@ -136,6 +141,8 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     let tid = header.tid;
     let mut py_stack = memprof_common::NO_STACK;
     let mut copy = None;
+    let mut exec_args: &[u8] = &[];
+    let mut exec_argc = 0;
     let event = match kind {
         EventKind::Alloc | EventKind::Mmap => {
             let e: AllocEvent = read(bytes)?;
@@ -234,6 +241,10 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         }
         EventKind::Exec => {
             let e: ExecEvent = read(bytes)?;
+            let from = std::mem::offset_of!(ExecEvent, args);
+            let len = (e.args_len as usize).min(EXEC_ARGS);
+            exec_args = &bytes[from..from + len];
+            exec_argc = e.argc;
             Event::Exec { comm: e.comm }
         }
         EventKind::Exit => Event::Exit,
@@ -257,6 +268,8 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         py_stack,
         copy,
         paused,
+        exec_args,
+        exec_argc,
     })
 }
 
@@ -311,6 +324,36 @@ mod tests {
                 stack: 3,
                 ts_ns: 99
             }))
+        );
+    }
+
+    #[test]
+    fn decodes_exec_with_its_command_line() {
+        let mut args = [0u8; EXEC_ARGS];
+        args[..12].copy_from_slice(b"ls\0-l\0/tmp\0x");
+        let e = ExecEvent {
+            header: header(EventKind::Exec, AllocFn::Malloc),
+            comm: *b"ls\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            args_len: 11,
+            argc: 3,
+            args,
+        };
+        let bytes = encode(&e);
+        let r = decode_record(&bytes).unwrap();
+        assert_eq!(r.exec_args, b"ls\0-l\0/tmp\0");
+        assert_eq!(r.exec_argc, 3);
+        // A length past the record's array is held to it.
+        let long = encode(&ExecEvent {
+            args_len: u32::MAX,
+            ..e
+        });
+        assert_eq!(decode_record(&long).unwrap().exec_args.len(), EXEC_ARGS);
+        assert_eq!(
+            decode(&bytes[..100]),
+            Err(DecodeError::Short {
+                got: 100,
+                need: 304
+            })
         );
     }
 

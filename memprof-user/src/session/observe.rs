@@ -14,7 +14,7 @@ use super::{
 use crate::{
     ingest::event::{Event, decode_record},
     probe::allocators,
-    sys::{clock::monotonic_ns, maps::Mapping, printable::escape, procmem::ProcMem},
+    sys::{clock::monotonic_ns, maps::Mapping, printable::escape, process, procmem::ProcMem},
 };
 
 /// How long one turn of the event loop drains the ring at most.
@@ -94,6 +94,9 @@ impl Session {
             };
             let (tgid, mut event, py_stack) = (record.tgid, record.event, record.py_stack);
             let paused = record.paused;
+            if matches!(event, Event::Exec { .. }) {
+                self.exec_args = process::exec_command_line(record.exec_args, record.exec_argc);
+            }
             // A process first seen through a stack copy: `unwind_copy` adds its view, and the
             // rest of its registration follows once the ring's record is let go.
             let newly = record.copy.is_some() && !self.procs.contains_key(&tgid);
@@ -236,8 +239,9 @@ impl Session {
                         self.tracer.remove_python_thread(*tid);
                     }
                 }
+                let args = std::mem::take(&mut self.exec_args);
                 if let Some(p) = self.procs.get_mut(&tgid) {
-                    p.exec(tgid, &comm);
+                    p.exec(tgid, &comm, args);
                     if first {
                         p.execs = 0;
                     }

@@ -120,12 +120,20 @@ impl Proc {
     }
 
     /// The process replaced its image and is now named `comm` (NUL-padded).
-    pub fn exec(&mut self, pid: u32, comm: &[u8]) {
+    /// The process exec'd, as `comm` with command line `args` (the kernel's copy, and whether
+    /// it is whole: if not, `/proc`'s is taken when the process is still there to give it).
+    pub fn exec(&mut self, pid: u32, comm: &[u8], (args, whole): (Vec<String>, bool)) {
         self.execs += 1;
         self.python_checked = None;
         let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
         self.comm = String::from_utf8_lossy(&comm[..len]).into_owned();
-        self.cmdline = process::command_line(pid);
+        self.cmdline = if whole {
+            args
+        } else {
+            Some(process::command_line(pid))
+                .filter(|c| !c.is_empty())
+                .unwrap_or(args)
+        };
         self.root = foreign_root(pid);
         self.cgroup = process::cgroup_of(pid).or(self.cgroup.take());
         // The new image's mappings replace the old ones as they are reported or read: records

@@ -6,13 +6,39 @@ use std::{fs, os::unix::fs::MetadataExt as _};
 /// The command line of process `pid` (empty if unreadable).
 pub fn command_line(pid: u32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|arg| !arg.is_empty())
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect()
-        })
+        .map(|raw| parse_command_line(&raw))
         .unwrap_or_default()
+}
+
+/// Arguments separated by NULs, as `/proc/PID/cmdline` has them.
+fn parse_command_line(raw: &[u8]) -> Vec<String> {
+    raw.split(|b| *b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+/// The command line an exec record carries (`raw`, a bounded copy of the start of the
+/// arguments, each ending in a NUL, and possibly more strings after them; `argc` the number of
+/// arguments): its first `argc` arguments, or as many as the copy holds, the last one cut short
+/// as far as it goes; and whether they are all there, whole.
+pub fn exec_command_line(raw: &[u8], argc: u32) -> (Vec<String>, bool) {
+    let mut args = Vec::new();
+    let mut rest = raw;
+    while args.len() < argc as usize && !rest.is_empty() {
+        match rest.iter().position(|b| *b == 0) {
+            Some(end) => {
+                args.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+                rest = &rest[end + 1..];
+            }
+            None => {
+                args.push(String::from_utf8_lossy(rest).into_owned());
+                return (args, false);
+            }
+        }
+    }
+    let whole = argc > 0 && args.len() == argc as usize;
+    (args, whole)
 }
 
 /// Every process id in /proc, in order.
@@ -113,6 +139,33 @@ pub fn foreign_root(pid: u32) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exec_command_lines_whole_cut_and_followed_by_other_strings() {
+        use super::exec_command_line;
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            exec_command_line(b"ls\0-l\0/tmp\0", 3),
+            (owned(&["ls", "-l", "/tmp"]), true)
+        );
+        // Without an environment the copy runs on into the executable's name: argc bounds it.
+        assert_eq!(
+            exec_command_line(b"ls\0-l\0/usr/bin/ls\0\0\0", 2),
+            (owned(&["ls", "-l"]), true)
+        );
+        // Cut short by the copy's size: the last argument as far as it goes.
+        assert_eq!(
+            exec_command_line(b"cc\0-o\0a-very-lo", 4),
+            (owned(&["cc", "-o", "a-very-lo"]), false)
+        );
+        assert_eq!(exec_command_line(b"", 2), (Vec::new(), false));
+        assert_eq!(exec_command_line(b"x\0", 0), (Vec::new(), false));
+        // An empty argument stays one.
+        assert_eq!(
+            exec_command_line(b"sh\0\0-c\0", 3),
+            (owned(&["sh", "", "-c"]), true)
+        );
+    }
+
     use super::*;
 
     #[test]
