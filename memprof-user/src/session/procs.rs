@@ -119,9 +119,9 @@ impl Proc {
         }
     }
 
-    /// The process replaced its image and is now named `comm` (NUL-padded).
-    /// The process exec'd, as `comm` with command line `args` (the kernel's copy, and whether
-    /// it is whole: if not, `/proc`'s is taken when the process is still there to give it).
+    /// The process replaced its image and is now named `comm` (NUL-padded), with command line
+    /// `args` (the kernel's copy, and whether it is whole: if not, `/proc`'s is taken when the
+    /// process is still there to give it).
     pub fn exec(&mut self, pid: u32, comm: &[u8], (args, whole): (Vec<String>, bool)) {
         self.execs += 1;
         self.python_checked = None;
