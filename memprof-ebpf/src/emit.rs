@@ -49,23 +49,13 @@ pub(crate) fn header(kind: EventKind, func: u32, id: u64) -> EventHeader {
 /// header's `func` then says `PAUSED`. The stop comes only once the record has its place in the
 /// ring, so the agent always learns of a stop it must end.
 #[inline(always)]
-pub(crate) fn emit_pausing<T: 'static>(mut event: T, pause: bool) {
-    const SIGSTOP: u32 = 19;
-    let Some(mut slot) = EVENTS.reserve::<T>(0) else {
-        count(Counter::RingFull);
-        return;
-    };
-    // SAFETY: signals the current task.
-    if pause && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
-        // SAFETY: every record is #[repr(C)] and starts with its header.
-        unsafe { (*(&raw mut event).cast::<EventHeader>()).func |= PAUSED };
-    }
-    slot.write(event);
-    slot.submit(wakeup(true, size_of::<T>() as u64));
+pub(crate) fn emit_pausing<T: 'static>(event: T, pause: bool) {
+    // SAFETY: the record's place in the ring, sized for a `T`.
+    emit_pausing_in_place(|record: *mut T| unsafe { record.write(event) }, pause);
 }
 
-/// `emit_pausing` for a record too large for the BPF stack: `fill` writes it in its place in the
-/// ring.
+/// `emit_pausing` for a record written in its place in the ring by `fill` (one too large for
+/// the BPF stack).
 #[inline(always)]
 pub(crate) fn emit_pausing_in_place<T: 'static>(fill: impl FnOnce(*mut T), pause: bool) {
     const SIGSTOP: u32 = 19;

@@ -6,7 +6,6 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-        generated::bpf_probe_read_user as bpf_probe_read_user_raw,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -19,6 +18,7 @@ use crate::{
     calls::forget_thread,
     emit::{count, emit_pausing, emit_pausing_in_place, emit_with, header},
     filter::{add_tgid, floor, mode, remove_tgid, traced},
+    stack::copy_stack,
     tables::{bump_epoch, pause_for_code},
 };
 
@@ -114,7 +114,8 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 /// At this tracepoint the exec is done: the thread's saved user registers (`bpf_task_pt_regs`)
 /// hold the new stack pointer, where the ABI's initial stack lies: argc, argv[], a null, envp[].
 /// The argument strings lie one after the other from argv[0] up to the first environment
-/// string (without an environment, the copy runs on into the strings after them).
+/// string (without an environment, the copy runs on into the strings after them). They lie on
+/// the new stack, so `copy_stack` reads them.
 #[inline(always)]
 fn exec_args(dst: *mut [u8; EXEC_ARGS]) -> (u32, u32) {
     // SAFETY: helpers without preconditions beyond their arguments, which the verifier checks;
@@ -141,7 +142,7 @@ fn exec_args(dst: *mut [u8; EXEC_ARGS]) -> (u32, u32) {
         if want == 0 || want > EXEC_ARGS as u32 {
             return (0, argc as u32);
         }
-        if bpf_probe_read_user_raw(dst.cast(), want, argv0 as *const core::ffi::c_void) != 0 {
+        if !copy_stack(dst.cast(), want, argv0) {
             return (0, argc as u32);
         }
         (want, argc as u32)

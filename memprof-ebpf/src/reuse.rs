@@ -155,7 +155,12 @@ pub fn reused_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
     {
         return 0;
     }
+    // The reads must cover every word noted: checked before any of them is made.
     let reads = (k.reads as usize).min(READS);
+    let checks = (n.checks as usize).min(CHECKS);
+    if reads == 0 || k.ends[(reads - 1) & (READS - 1)] as usize != checks {
+        return 0;
+    }
     for r in 0..READS {
         if r >= reads {
             break;
@@ -163,10 +168,6 @@ pub fn reused_walk(pc: u64, sp: u64, bp: u64, tag: u64) -> u64 {
         if check_read(at as u64, r as u64, sp) == 0 {
             return 0;
         }
-    }
-    let checks = (n.checks as usize).min(CHECKS);
-    if reads == 0 || k.ends[(reads - 1) & (READS - 1)] as usize != checks {
-        return 0;
     }
     // SAFETY: as above.
     if unsafe { core::ptr::read_volatile(&k.key) } != key {

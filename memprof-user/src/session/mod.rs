@@ -132,9 +132,6 @@ pub struct Session {
     stacks: StackStore,
     /// Every process seen, by pid.
     procs: foldhash::HashMap<u32, Proc>,
-    /// The command line of the exec record being observed, as the kernel copied it, and
-    /// whether it is whole.
-    exec_args: (Vec<String>, bool),
     /// `--unwind dwarf`: per-process unwinders, the objects they read, and counts.
     unwinders: foldhash::HashMap<u32, ProcessUnwinder>,
     unwind_objects: ObjectCache,
@@ -254,7 +251,6 @@ impl Session {
             stacks: StackStore::new(),
             // A running process is read now (it may exit before its first stack is seen); a
             // spawned command has not executed yet, so it is read at its first library load.
-            exec_args: (Vec::new(), false),
             procs: if pid == 0 {
                 Default::default()
             } else {

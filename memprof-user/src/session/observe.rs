@@ -94,9 +94,9 @@ impl Session {
             };
             let (tgid, mut event, py_stack) = (record.tgid, record.event, record.py_stack);
             let paused = record.paused;
-            if matches!(event, Event::Exec { .. }) {
-                self.exec_args = process::exec_command_line(record.exec_args, record.exec_argc);
-            }
+            // An exec's command line, as the kernel copied it, and whether it is whole.
+            let exec_args = matches!(event, Event::Exec { .. })
+                .then(|| process::exec_command_line(record.exec_args, record.exec_argc));
             // A process first seen through a stack copy: `unwind_copy` adds its view, and the
             // rest of its registration follows once the ring's record is let go.
             let newly = record.copy.is_some() && !self.procs.contains_key(&tgid);
@@ -142,7 +142,7 @@ impl Session {
                 a.stack = self.with_python(tgid, a.stack, py_stack);
             }
             self.python_phase_turns(tgid, &event, py_stack);
-            self.observe(tgid, &event);
+            self.observe(tgid, &event, exec_args);
             if paused {
                 resume(tgid);
             }
@@ -154,7 +154,13 @@ impl Session {
         left
     }
 
-    pub(super) fn observe(&mut self, tgid: u32, event: &Event) {
+    /// Applies one record's event; `exec_args` is an exec's command line (see the loop above).
+    pub(super) fn observe(
+        &mut self,
+        tgid: u32,
+        event: &Event,
+        exec_args: Option<(Vec<String>, bool)>,
+    ) {
         // A process's first record: its view, its files kept open, its allocator text and its
         // mappings for the kernel's walks.
         if !self.procs.contains_key(&tgid) {
@@ -239,9 +245,8 @@ impl Session {
                         self.tracer.remove_python_thread(*tid);
                     }
                 }
-                let args = std::mem::take(&mut self.exec_args);
                 if let Some(p) = self.procs.get_mut(&tgid) {
-                    p.exec(tgid, &comm, args);
+                    p.exec(tgid, &comm, exec_args.unwrap_or_default());
                     if first {
                         p.execs = 0;
                     }

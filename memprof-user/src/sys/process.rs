@@ -10,11 +10,12 @@ pub fn command_line(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Arguments separated by NULs, as `/proc/PID/cmdline` has them.
+/// Arguments separated by NULs, as `/proc/PID/cmdline` has them (empty ones left out: a
+/// process that rewrites its command line pads it with NULs).
 fn parse_command_line(raw: &[u8]) -> Vec<String> {
     raw.split(|b| *b == 0)
         .filter(|arg| !arg.is_empty())
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .map(text)
         .collect()
 }
 
@@ -23,22 +24,24 @@ fn parse_command_line(raw: &[u8]) -> Vec<String> {
 /// arguments): its first `argc` arguments, or as many as the copy holds, the last one cut short
 /// as far as it goes; and whether they are all there, whole.
 pub fn exec_command_line(raw: &[u8], argc: u32) -> (Vec<String>, bool) {
-    let mut args = Vec::new();
-    let mut rest = raw;
-    while args.len() < argc as usize && !rest.is_empty() {
-        match rest.iter().position(|b| *b == 0) {
-            Some(end) => {
-                args.push(String::from_utf8_lossy(&rest[..end]).into_owned());
-                rest = &rest[end + 1..];
-            }
+    let mut whole = argc > 0;
+    let args: Vec<String> = raw
+        .split_inclusive(|b| *b == 0)
+        .take(argc as usize)
+        .map(|arg| match arg.strip_suffix(&[0]) {
+            Some(arg) => text(arg),
             None => {
-                args.push(String::from_utf8_lossy(rest).into_owned());
-                return (args, false);
+                whole = false;
+                text(arg)
             }
-        }
-    }
-    let whole = argc > 0 && args.len() == argc as usize;
+        })
+        .collect();
+    let whole = whole && args.len() == argc as usize;
     (args, whole)
+}
+
+fn text(arg: &[u8]) -> String {
+    String::from_utf8_lossy(arg).into_owned()
 }
 
 /// Every process id in /proc, in order.
@@ -157,6 +160,7 @@ mod tests {
             exec_command_line(b"cc\0-o\0a-very-lo", 4),
             (owned(&["cc", "-o", "a-very-lo"]), false)
         );
+        assert_eq!(exec_command_line(b"a\0b\0", 3), (owned(&["a", "b"]), false));
         assert_eq!(exec_command_line(b"", 2), (Vec::new(), false));
         assert_eq!(exec_command_line(b"x\0", 0), (Vec::new(), false));
         // An empty argument stays one.
