@@ -132,7 +132,7 @@ fn check_deep(c: &mut Checks, r: &Value) {
     c.eq("no churn group", site_groups(r, "churn").len(), 0);
     c.eq("lost events", num(&r["totals"], "lost_events"), 0);
     c.check(
-        r["unwind"]["allocations"].as_u64().unwrap_or(0) >= 10017,
+        r["unwind"]["allocations"].as_u64().unwrap_or(0) >= 12017,
         format!("every allocation unwound: {}", r["unwind"]),
     );
 }
@@ -159,16 +159,18 @@ fn tables_unwind_a_deep_chain_without_frame_pointers_by_default() {
     let mut c = Checks::new("default mode (tables), spawned");
     check_deep(&mut c, &r);
     check_whole(&mut c, &r);
-    // Four distinct stacks (two chains, the churn loop, stdio's buffer): each is walked at
-    // least once, and at most once per CPU that ran it; every other walk is reused. outer_b's
-    // first walk starts from the same return address and stack pointer as outer_a's (equal
-    // frames), so the chains' exact counts above say the reuse checks the stack's words.
+    // Five distinct stacks (two chains, the churn loop, held's chain, stdio's buffer): each is
+    // walked at least once, and at most once per CPU that ran it; every other walk is reused.
+    // outer_b's first walk starts from the same return address and stack pointer as outer_a's
+    // (equal frames), so the chains' exact counts above say the reuse checks the stack's words.
+    // held_leaf saves a different rbp in each of its 2000 calls, which no row computes from:
+    // its walks are reused too (a check of every word read would refuse all 2000).
     let allocs = num(&r["unwind"], "allocations");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let reused = num(&r["unwind"]["tables"], "cached_walks");
     c.check(
-        reused <= allocs - 4 && reused >= allocs - 4 * cpus,
-        format!("walks reused: {reused} of {allocs} (4 stacks, {cpus} CPUs)"),
+        reused <= allocs - 5 && reused >= allocs - 5 * cpus,
+        format!("walks reused: {reused} of {allocs} (5 stacks, {cpus} CPUs)"),
     );
     c.finish(|| run.context());
 }

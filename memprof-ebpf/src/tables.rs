@@ -10,7 +10,7 @@
 //! entry) or at the first thing it cannot follow, and the stack keeps why (`unwind_end`).
 //!
 //! A call site allocating in a loop is walked once per CPU (`reuse`): each word of stack a walk
-//! reads is noted.
+//! reads is noted, a saved rbp as needed only once a later row computes from it.
 //!
 //! The agent writes a process's mappings after the kernel tells it of new code, so a walk can
 //! run ahead of them: each exec and each executable file mapping moves the process's
@@ -34,7 +34,7 @@ use memprof_common::{
 use crate::{
     PAUSE_FOR_CODE, UNWIND,
     emit::count,
-    reuse::{keep_walk, note, note_first_bp, reused_walk, start_notes},
+    reuse::{keep_walk, need, note, note_first_bp, note_unneeded, reused_walk, start_notes},
     stack::{
         MAX_STACK_SPAN, STACK_NEW, STACK_SCRATCH, STACK_WINDOW, WINDOW_BYTES, copy_window,
         store_stack,
@@ -129,6 +129,8 @@ struct Walk {
     bp_ok: u64,
     /// Nonzero while rbp is still the first frame's register (no row restored it yet).
     bp_first: u64,
+    /// 1 + the index of the note of the stack word rbp was restored from (0: none).
+    bp_note: u64,
 }
 
 #[map]
@@ -182,6 +184,7 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
         w.tag = tag;
         w.bp_ok = 1;
         w.bp_first = 1;
+        w.bp_note = 0;
         start_notes(cache_tag, ip, sp, bp, false);
         let ips = &mut (*buf).ips;
         let mut end = unwind_end::TRUNCATED;
@@ -246,6 +249,8 @@ pub fn table_step(id: u64) -> u64 {
     let uses_bp = matches!(kind & row_kind::KIND_MASK, row_kind::CFA_RBP | row_kind::FP);
     if uses_bp && w.bp_first != 0 {
         note_first_bp();
+    } else if uses_bp && w.bp_note != 0 {
+        need(w.bp_note - 1);
     }
     let cfa = match kind & row_kind::KIND_MASK {
         row_kind::STOP => return unwind_end::STOP,
@@ -294,7 +299,8 @@ pub fn table_step(id: u64) -> u64 {
     match saved_bp {
         Some(b) => {
             let v = word(b);
-            note(b, v);
+            // A saved rbp decides the walk only if a later row computes from it.
+            w.bp_note = note_unneeded(b, v) + 1;
             w.bp = v;
             w.bp_ok = 1;
             w.bp_first = 0;
@@ -302,6 +308,7 @@ pub fn table_step(id: u64) -> u64 {
         None if kind & row_kind::RBP_LOST != 0 => {
             w.bp_ok = 0;
             w.bp_first = 0;
+            w.bp_note = 0;
         }
         None => {}
     }
