@@ -245,7 +245,9 @@ fn tables_unwind_a_library_loaded_mid_run() {
 
 /// The same, attached by pid: memprof does not stop a process it did not start, so the walks
 /// that meet the new library before its table is in go out as stack copies; either way every
-/// stack is whole.
+/// stack is whole. deepopen lives on until the trace ends: memprof unwinds a copy with the
+/// process's mappings, which a process that exits at once takes with it (such stacks end early,
+/// and the report counts them).
 #[test]
 fn tables_unwind_a_library_loaded_mid_run_by_pid() {
     let f = fixtures();
