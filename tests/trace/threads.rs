@@ -95,7 +95,46 @@ fn threads_pid_probe_stats_count_every_call() {
                 .all(|s| s["ns_per_run"].as_f64().unwrap_or(0.0) > 0.0),
         format!("time per run measured: {allocators:?}"),
     );
+    c.check(
+        allocators
+            .iter()
+            .all(|s| num(s, "instructions") > 0 && num(s, "verified_instructions") > 0),
+        format!("size as loaded and the verifier's work given: {allocators:?}"),
+    );
     c.finish(|| summary(&report));
+}
+
+/// `--kernel-log`: off, the default, the verifier removes the logging code when it loads the
+/// programs; with `trace` the allocator programs hold it (and log each call), and the
+/// accounting is the same.
+#[test]
+fn threads_pid_kernel_log_off_leaves_no_logging_code() {
+    let size = |report: &Value| -> u64 {
+        report["probe_stats"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .filter(|s| {
+                s["program"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("alloc_"))
+            })
+            .map(|s| num(s, "instructions"))
+            .sum()
+    };
+    let off = size(&threads_pid_exact_with(&["--probe-stats"]));
+    let on = size(&threads_pid_exact_with(&[
+        "--probe-stats",
+        "--kernel-log",
+        "trace",
+    ]));
+    let mut c = Checks::new("pid mode, threads Fp --wait --kernel-log off and trace");
+    c.check(
+        off > 0 && on > off,
+        format!("allocator programs: {off} instructions with logs off, {on} with trace"),
+    );
+    c.finish(|| String::new());
 }
 
 fn threads_pid_exact_with(opts: &[&str]) -> Value {

@@ -221,6 +221,20 @@ fn render_raw(r: &Report) -> String {
             .map(|p| format!("{} {:.0} ns x {}", p.program, p.ns_per_run, p.runs))
             .collect();
         let _ = writeln!(out, "  programs     {}", programs.join(", "));
+        let code: Vec<String> = r
+            .probe_stats
+            .iter()
+            .filter(|p| p.instructions > 0)
+            .map(|p| {
+                format!(
+                    "{} {} instructions ({} verified)",
+                    p.program, p.instructions, p.verified_instructions
+                )
+            })
+            .collect();
+        if !code.is_empty() {
+            let _ = writeln!(out, "  loaded       {}", code.join(", "));
+        }
     }
     if let Some(rss) = r.rss_bytes {
         let _ = write!(out, "  process      RSS {}", human_bytes(rss));

@@ -28,19 +28,34 @@ pub struct KernelLosses {
 }
 
 /// One kernel program's runs and its mean time per run (`--probe-stats`): the work of memprof's
-/// programs, without the trap that enters them.
+/// programs, without the trap that enters them. With its size as loaded (the instructions left
+/// once the verifier removed the code the loader's settings make dead: `--kernel-log off`
+/// removes the logging) and the instructions the verifier processed to accept it (the load
+/// time's largest part).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProbeStat {
     pub program: String,
     pub runs: u64,
     pub ns_per_run: f64,
+    pub instructions: u64,
+    pub verified_instructions: u64,
 }
 
 impl ProbeStat {
-    pub fn new(program: &str, runs: u64, run_time_ns: u64) -> Self {
+    /// From the kernel's statistics and program information (`xlated_prog_len` bytes,
+    /// `verified_insns`).
+    pub fn new(
+        program: &str,
+        runs: u64,
+        run_time_ns: u64,
+        xlated_bytes: u64,
+        verified: u64,
+    ) -> Self {
         Self {
             program: program.to_string(),
             runs,
+            instructions: xlated_bytes / 8,
+            verified_instructions: verified,
             ns_per_run: if runs == 0 {
                 0.0
             } else {

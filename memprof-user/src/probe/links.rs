@@ -29,7 +29,7 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 
-use super::session::SessionProgram;
+use super::{counters::ProbeStat, session::SessionProgram};
 
 /// How probes are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,10 +138,9 @@ impl Links {
         Ok(links)
     }
 
-    /// The session program's runs and run time, with sessions.
-    pub fn session_stats(&self) -> Option<(&'static str, u64, u64)> {
-        let s = self.session.as_ref()?;
-        s.stats().map(|(runs, ns)| (s.name, runs, ns))
+    /// The session program's statistics, with sessions.
+    pub fn session_stats(&self) -> Option<ProbeStat> {
+        self.session.as_ref()?.stats()
     }
 
     /// Loads the programs of `family` (once per trace; objects probed later reuse them).

@@ -95,13 +95,11 @@ impl Tracer {
                     name,
                     info.run_count(),
                     info.run_time().as_nanos() as u64,
+                    info.size_translated().map_or(0, u64::from),
+                    info.verified_instruction_count().map_or(0, u64::from),
                 ))
             })
-            .chain(
-                self.links
-                    .session_stats()
-                    .map(|(name, runs, ns)| ProbeStat::new(name, runs, ns)),
-            )
+            .chain(self.links.session_stats())
             .filter(|s| s.runs > 0)
             .collect();
         stats.sort_by(|a, b| a.program.cmp(&b.program));

@@ -32,6 +32,8 @@ use aya_obj::{
 };
 use memprof_common::session::KFUNCS;
 
+use super::counters::ProbeStat;
+
 /// `BPF_JMP | BPF_CALL`.
 const CALL: u8 = 0x85;
 
@@ -215,8 +217,9 @@ impl SessionProgram {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    /// The program's runs and total run time (while the kernel's statistics are on).
-    pub fn stats(&self) -> Option<(u64, u64)> {
+    /// The program's runs and total run time (while the kernel's statistics are on), its size
+    /// and the verifier's work.
+    pub fn stats(&self) -> Option<ProbeStat> {
         let mut info: bpf_prog_info = unsafe { mem::zeroed() };
         // SAFETY: zeroed is a valid bpf_attr; the union member is the OBJ_GET_INFO one.
         let mut attr: bpf_attr = unsafe { mem::zeroed() };
@@ -225,7 +228,13 @@ impl SessionProgram {
         get.info_len = mem::size_of::<bpf_prog_info>() as u32;
         get.info = &raw mut info as u64;
         sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-        Some((info.run_cnt, info.run_time_ns))
+        Some(ProbeStat::new(
+            self.name,
+            info.run_cnt,
+            info.run_time_ns,
+            u64::from(info.xlated_prog_len),
+            u64::from(info.verified_insns),
+        ))
     }
 }
 

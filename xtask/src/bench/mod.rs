@@ -60,6 +60,8 @@ enum Mode {
     Sampled,
     Dwarf,
     FullAtEntry,
+    /// `--kernel-log trace` (only for the programs' size: it logs every allocation).
+    FullLogTrace,
     Bpftrace,
     /// `--kernel` (bench/pipes.c only: `kernel`).
     Kernel,
@@ -86,6 +88,7 @@ impl Mode {
             Self::Sampled => "memprof --sample-bytes 512K",
             Self::Dwarf => "memprof --unwind dwarf",
             Self::FullAtEntry => "memprof, free probed at +0",
+            Self::FullLogTrace => "memprof --kernel-log trace",
             Self::Bpftrace => "bpftrace memleak-like",
             Self::Kernel => "memprof --kernel",
         }
@@ -102,6 +105,7 @@ impl Mode {
             Self::Sampled => Some(&["--sample-bytes", SAMPLE_BYTES]),
             Self::Dwarf => Some(&["--unwind", "dwarf"]),
             Self::FullAtEntry => Some(&["--no-placement"]),
+            Self::FullLogTrace => Some(&["--kernel-log", "trace"]),
             Self::Kernel => Some(&["--kernel"]),
             Self::Untraced | Self::Bpftrace => None,
         }
@@ -125,12 +129,13 @@ struct Run {
     probe_stats: Vec<ProbeStat>,
 }
 
-/// One kernel program's runs and mean time per run (`--probe-stats`).
+/// One kernel program's runs, mean time per run and size as loaded (`--probe-stats`).
 #[derive(Clone, Debug, PartialEq)]
 struct ProbeStat {
     program: String,
     runs: u64,
     ns_per_run: f64,
+    instructions: u64,
 }
 
 impl Run {
@@ -506,6 +511,35 @@ pub fn bench(ws: &Workspace, args: &[OsString]) -> Result<()> {
             r.alloc_ns_per_op()
         ));
     }
+    // aya-log: with logs off (every row above) the verifier drops the logging code; the
+    // programs' size as loaded, off and with every level on (a short run: `trace` logs each
+    // allocation).
+    let short: Vec<OsString> = vec![churn.command[0].clone(), "100".into()];
+    let off = run_once(&memprof, None, Mode::Full, &short, false, true)?;
+    let on = run_once(&memprof, None, Mode::FullLogTrace, &short, false, true)?;
+    let all = |r: &Run| r.probe_stats.iter().map(|s| s.instructions).sum::<u64>();
+    let alloc = |r: &Run| r.alloc_programs().map(|s| s.instructions).sum::<u64>();
+    let _ = writeln!(
+        md,
+        "\nKernel logs (aya-log): with `--kernel-log off`, the default and every row above, the \
+         verifier removes the logging code at load, so it costs nothing: the programs that ran \
+         hold {} instructions as loaded ({} in the allocator program), against {} ({}) with \
+         `--kernel-log trace`.",
+        all(&off),
+        alloc(&off),
+        all(&on),
+        alloc(&on)
+    );
+    json_rows.push(format!(
+        "{{\"kernel_log\":\"off\",\"instructions\":{},\"alloc_instructions\":{}}}",
+        all(&off),
+        alloc(&off)
+    ));
+    json_rows.push(format!(
+        "{{\"kernel_log\":\"trace\",\"instructions\":{},\"alloc_instructions\":{}}}",
+        all(&on),
+        alloc(&on)
+    ));
     // The stack walk on a deep stack, with tables and with frame pointers: one full run with
     // statistics each.
     let deep_cmd: Vec<OsString> = vec![deep.into(), scale("200000", "20000")];

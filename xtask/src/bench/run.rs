@@ -250,6 +250,7 @@ fn probe_stats_of(report: &str) -> Vec<ProbeStat> {
                 program: name.to_string(),
                 runs: number(entry, "\"runs\":")? as u64,
                 ns_per_run: number(entry, "\"ns_per_run\":")?,
+                instructions: number(entry, "\"instructions\":").unwrap_or(0.0) as u64,
             })
         })
         .collect()
@@ -288,19 +289,21 @@ mod tests {
 
     #[test]
     fn reads_probe_stats_from_report_json() {
-        let report = r#"{"type":"report","kernel":{"ring_full":0},"probe_stats":[{"program":"alloc_return","runs":12,"ns_per_run":437.5},{"program":"free_entry","runs":9,"ns_per_run":201.0}],"min_age_s":0.0}"#;
+        let report = r#"{"type":"report","kernel":{"ring_full":0},"probe_stats":[{"program":"alloc_return","runs":12,"ns_per_run":437.5,"instructions":6058,"verified_instructions":40088},{"program":"free_entry","runs":9,"ns_per_run":201.0}],"min_age_s":0.0}"#;
         assert_eq!(
             probe_stats_of(report),
             vec![
                 ProbeStat {
                     program: "alloc_return".to_string(),
                     runs: 12,
-                    ns_per_run: 437.5
+                    ns_per_run: 437.5,
+                    instructions: 6058
                 },
                 ProbeStat {
                     program: "free_entry".to_string(),
                     runs: 9,
-                    ns_per_run: 201.0
+                    ns_per_run: 201.0,
+                    instructions: 0
                 }
             ]
         );

@@ -33,12 +33,15 @@ fn text_mentions_losses_and_sites() {
     assert!(!text.contains("programs"), "{text}");
     let mut probed = inputs(&table, &sites, &tracker, 0);
     probed.probe_stats = vec![
-        ProbeStat::new("alloc_return", 4, 1802),
-        ProbeStat::new("free_entry", 2, 401),
+        ProbeStat::new("alloc_return", 4, 1802, 8 * 5688, 39672),
+        ProbeStat::new("free_entry", 2, 401, 0, 0),
     ];
     let text = render(&snapshot(&probed));
     assert!(
-        text.contains("  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n"),
+        text.contains(
+            "  programs     alloc_return 450 ns x 4, free_entry 200 ns x 2\n  \
+             loaded       alloc_return 5688 instructions (39672 verified)\n"
+        ),
         "{text}"
     );
 }
