@@ -134,7 +134,7 @@ fn threads_pid_kernel_log_off_leaves_no_logging_code() {
         off > 0 && on > off,
         format!("allocator programs: {off} instructions with logs off, {on} with trace"),
     );
-    c.finish(|| String::new());
+    c.finish(String::new);
 }
 
 fn threads_pid_exact_with(opts: &[&str]) -> Value {
