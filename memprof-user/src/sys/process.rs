@@ -1,22 +1,31 @@
 //! Facts about processes from `/proc`: command lines, names, cgroups, the root a process lives
 //! under, the list of processes.
 
-use std::{fs, os::unix::fs::MetadataExt as _};
+use std::{fs, io::Read as _, os::unix::fs::MetadataExt as _};
 
-/// The command line of process `pid` (empty if unreadable).
+/// Bytes of a command line read from `/proc` (the process sets its size: a command line of
+/// megabytes is cut here).
+const MAX_COMMAND_LINE: u64 = 64 << 10;
+
+/// The command line of process `pid` (empty if unreadable; its first `MAX_COMMAND_LINE` bytes).
 pub fn command_line(pid: u32) -> Vec<String> {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| parse_command_line(&raw))
-        .unwrap_or_default()
+    let mut raw = Vec::new();
+    match fs::File::open(format!("/proc/{pid}/cmdline"))
+        .and_then(|f| f.take(MAX_COMMAND_LINE).read_to_end(&mut raw))
+    {
+        Ok(_) => parse_command_line(&raw),
+        Err(_) => Vec::new(),
+    }
 }
 
-/// Arguments separated by NULs, as `/proc/PID/cmdline` has them (empty ones left out: a
-/// process that rewrites its command line pads it with NULs).
+/// Arguments separated by NULs, as `/proc/PID/cmdline` has them. Empty arguments are kept,
+/// except at the end: a process that rewrites its command line pads it with NULs.
 fn parse_command_line(raw: &[u8]) -> Vec<String> {
-    raw.split(|b| *b == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(text)
-        .collect()
+    let end = raw.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    if end == 0 {
+        return Vec::new();
+    }
+    raw[..end].split(|b| *b == 0).map(text).collect()
 }
 
 /// The command line an exec record carries (`raw`, a bounded copy of the start of the
@@ -142,6 +151,23 @@ pub fn foreign_root(pid: u32) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn proc_command_lines_keep_empty_arguments_but_not_padding() {
+        use super::parse_command_line;
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_command_line(b"sh\0-c\0\0x\0"),
+            owned(&["sh", "-c", "", "x"])
+        );
+        // A rewritten command line, padded with NULs to the size of the old one.
+        assert_eq!(
+            parse_command_line(b"nginx: worker process\0\0\0\0\0"),
+            owned(&["nginx: worker process"])
+        );
+        assert_eq!(parse_command_line(b"\0\0"), Vec::<String>::new());
+        assert_eq!(parse_command_line(b""), Vec::<String>::new());
+    }
+
     #[test]
     fn exec_command_lines_whole_cut_and_followed_by_other_strings() {
         use super::exec_command_line;
