@@ -15,6 +15,54 @@ fn trace_tree(opts: &[&str]) -> (Finished, Value) {
     (f, r)
 }
 
+/// A forked worker that retitles itself (its command line and its name, as servers' workers
+/// do) is reported under the title it gave itself, read while it ran, not its parent's.
+#[test]
+fn a_forked_worker_is_reported_under_its_own_title() {
+    let args = [
+        "--json",
+        "--duration",
+        "60s",
+        "--",
+        procs().to_str().unwrap(),
+        "retitle",
+    ];
+    let f = run_trace(&args, DEADLINE);
+    let r = final_report(&f);
+    let worker = role_pid(&f.stderr, "worker");
+    let mut c = Checks::new("procs retitle");
+    c.eq("exit code", f.code(), Some(0));
+    if let Some(p) = reported(&mut c, &r, worker, "the worker") {
+        c.eq(
+            "worker: cmdline",
+            p["cmdline"].clone(),
+            serde_json::json!(["procs: worker"]),
+        );
+        c.eq("worker: comm", p["comm"].as_str(), Some("procs-worker"));
+        c.eq("worker: execs", p["execs"].as_u64(), Some(0));
+        c.eq(
+            "worker: leak_child",
+            site_total(p, "leak_child"),
+            (2000, 20),
+        );
+    }
+    if let Some(p) = process(&r, role_pid_of(&r, worker)) {
+        c.eq(
+            "parent: cmdline",
+            p["cmdline"].clone(),
+            serde_json::json!([procs().to_str().unwrap(), "retitle"]),
+        );
+    }
+    c.finish(|| f.context());
+}
+
+/// The parent of `pid` in `report`'s processes (0 if not found).
+fn role_pid_of(report: &Value, pid: u32) -> u32 {
+    process(report, pid)
+        .and_then(|p| p["parent"].as_u64())
+        .map_or(0, |p| p as u32)
+}
+
 #[test]
 fn follows_forks_and_execs_of_a_spawned_command() {
     let (f, r) = trace_tree(&[]);

@@ -412,6 +412,9 @@ impl Session {
             if *pid != self.pid && table.is_none() {
                 continue;
             }
+            if p.execs == 0 && p.parent.is_some() {
+                p.retitle(*pid);
+            }
             if let Ok(mem) = ProcMem::read(*pid) {
                 p.last_mem = Some(mem);
                 if *pid == self.pid {

@@ -102,6 +102,19 @@ impl Proc {
         }
     }
 
+    /// A forked process that has not exec'd (it started with its parent's command line and
+    /// name) as `/proc` shows it now: servers' workers retitle themselves (`nginx: worker
+    /// process`, postgres backends, setproctitle). Kept as it was if the process is gone.
+    pub fn retitle(&mut self, pid: u32) {
+        let cmdline = process::command_line(pid);
+        if !cmdline.is_empty() {
+            self.cmdline = cmdline;
+        }
+        if let Some(comm) = process::comm(pid).filter(|c| !c.is_empty()) {
+            self.comm = comm;
+        }
+    }
+
     /// Re-reads the address space; keeps the old view if the process is gone.
     pub fn reread(&mut self, pid: u32, now_ns: u64) -> bool {
         match AddressSpace::read(pid) {
