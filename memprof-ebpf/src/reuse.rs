@@ -260,38 +260,26 @@ pub fn keep_walk(key: u64) -> u64 {
     };
     // SAFETY: this CPU's values; no other user while the program runs.
     unsafe {
-        let n = &*notes;
-        let checks = n.checks as usize;
-        if checks == 0 || checks > CHECKS {
-            return 0;
-        }
+        let at = slot((*notes).pc, (*notes).sp);
+        let k = &mut (*walks)[at];
         // The key goes out while the rest changes, and back last: a program that preempts
         // this one on this CPU finds the slot empty, never half of two walks.
-        let at = slot(n.pc, n.sp);
-        let k = &mut (*walks)[at];
         core::ptr::write_volatile(&mut k.key, 0);
         compiler_fence(Ordering::SeqCst);
         let kept = keep_words(at as u64);
         if kept == 0 || plan_reads(at as u64, kept) == 0 {
             return 0;
         }
-        k.notes.tag = n.tag;
-        k.notes.pc = n.pc;
-        k.notes.sp = n.sp;
-        k.notes.bp = n.bp;
-        k.notes.used_bp = n.used_bp;
-        k.notes.checks = kept;
-        k.notes.unneeded = 0;
         compiler_fence(Ordering::SeqCst);
         core::ptr::write_volatile(&mut k.key, key);
     }
     1
 }
 
-/// Copies the words this CPU's walk depended on into slot `at`: their count, or 0 if more than
-/// `CHECKS`. A global function (verified apart from `plan_reads`: one loop each). The count
-/// under way lives in the slot, not in a register: the verifier then meets one state per word
-/// instead of one per word and count.
+/// Copies this CPU's walk into slot `at`: its registers and the words it depended on. Their
+/// count, or 0 if the walk read none or more than `CHECKS`. A global function (verified apart
+/// from `plan_reads`: one loop each). The count under way lives in the slot, not in a
+/// register: the verifier then meets one state per word instead of one per word and count.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub fn keep_words(at: u64) -> u64 {
@@ -303,6 +291,15 @@ pub fn keep_words(at: u64) -> u64 {
         let n = &*notes;
         let k = &mut (*walks)[at as usize & (SLOTS - 1)];
         let checks = n.checks as usize;
+        if checks == 0 || checks > CHECKS {
+            return 0;
+        }
+        k.notes.tag = n.tag;
+        k.notes.pc = n.pc;
+        k.notes.sp = n.sp;
+        k.notes.bp = n.bp;
+        k.notes.used_bp = n.used_bp;
+        k.notes.unneeded = 0;
         core::ptr::write_volatile(&mut k.notes.checks, 0);
         for (i, (off, value)) in n.offs.iter().zip(n.vals.iter()).enumerate() {
             if i >= checks {
