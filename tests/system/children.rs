@@ -46,7 +46,7 @@ fn a_forked_worker_is_reported_under_its_own_title() {
             (2000, 20),
         );
     }
-    if let Some(p) = process(&r, role_pid_of(&r, worker)) {
+    if let Some(p) = process(&r, parent_of(&r, worker)) {
         c.eq(
             "parent: cmdline",
             p["cmdline"].clone(),
@@ -57,7 +57,7 @@ fn a_forked_worker_is_reported_under_its_own_title() {
 }
 
 /// The parent of `pid` in `report`'s processes (0 if not found).
-fn role_pid_of(report: &Value, pid: u32) -> u32 {
+fn parent_of(report: &Value, pid: u32) -> u32 {
     process(report, pid)
         .and_then(|p| p["parent"].as_u64())
         .map_or(0, |p| p as u32)
