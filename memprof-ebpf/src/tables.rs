@@ -125,16 +125,19 @@ struct Walk {
     win_len: u64,
     /// tgid << 32 | mapping generation.
     tag: u64,
-    /// Nonzero while rbp holds the frame's value.
-    bp_ok: u64,
-    /// Nonzero while rbp is still the first frame's register (no row restored it yet).
-    bp_first: u64,
-    /// 1 + the index of the note of the stack word rbp was restored from (0: none).
-    bp_note: u64,
+    /// Where rbp's value came from: `BP_FIRST` (the first frame's register), `BP_LOST` (no
+    /// row restored it after a frame that changed it), else the index of the note of the stack
+    /// word it was restored from (for `reuse::need`).
+    bp_src: u64,
 }
 
 #[map]
 static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// `Walk::bp_src`: rbp is still the first frame's register.
+const BP_FIRST: u64 = u64::MAX;
+/// `Walk::bp_src`: rbp's value is lost.
+const BP_LOST: u64 = u64::MAX - 1;
 
 /// `find_row`'s error bit; the low bits are an `unwind_end` value.
 const ROW_ERROR: u64 = 1 << 63;
@@ -182,9 +185,7 @@ pub fn table_stack_key(ip: u64, sp: u64, bp: u64, id: u64) -> u64 {
         w.win_base = 0;
         w.win_len = 0;
         w.tag = tag;
-        w.bp_ok = 1;
-        w.bp_first = 1;
-        w.bp_note = 0;
+        w.bp_src = BP_FIRST;
         start_notes(cache_tag, ip, sp, bp, false);
         let ips = &mut (*buf).ips;
         let mut end = unwind_end::TRUNCATED;
@@ -247,15 +248,16 @@ pub fn table_step(id: u64) -> u64 {
     let rbp_off8 = ((row >> 48) & 0xff) as u8 as i8;
     let kind = ((row >> 56) & 0xff) as u8;
     let uses_bp = matches!(kind & row_kind::KIND_MASK, row_kind::CFA_RBP | row_kind::FP);
-    if uses_bp && w.bp_first != 0 {
+    if uses_bp && w.bp_src == BP_FIRST {
         note_first_bp();
-    } else if uses_bp && w.bp_note != 0 {
-        need(w.bp_note - 1);
+    } else if uses_bp {
+        // (`need` ignores `BP_LOST`, which ends the walk below.)
+        need(w.bp_src);
     }
     let cfa = match kind & row_kind::KIND_MASK {
         row_kind::STOP => return unwind_end::STOP,
         row_kind::CFA_RSP => w.sp.wrapping_add(cfa_off),
-        row_kind::CFA_RBP | row_kind::FP if w.bp_ok == 0 => return unwind_end::RBP_LOST,
+        row_kind::CFA_RBP | row_kind::FP if w.bp_src == BP_LOST => return unwind_end::RBP_LOST,
         row_kind::CFA_RBP => w.bp.wrapping_add(cfa_off),
         row_kind::FP => w.bp.wrapping_add(16),
         _ => return unwind_end::NO_CFI,
@@ -300,16 +302,10 @@ pub fn table_step(id: u64) -> u64 {
         Some(b) => {
             let v = word(b);
             // A saved rbp decides the walk only if a later row computes from it.
-            w.bp_note = note_unneeded(b, v) + 1;
+            w.bp_src = note_unneeded(b, v);
             w.bp = v;
-            w.bp_ok = 1;
-            w.bp_first = 0;
         }
-        None if kind & row_kind::RBP_LOST != 0 => {
-            w.bp_ok = 0;
-            w.bp_first = 0;
-            w.bp_note = 0;
-        }
+        None if kind & row_kind::RBP_LOST != 0 => w.bp_src = BP_LOST,
         None => {}
     }
     note(cfa - 8, ra);
